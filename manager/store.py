@@ -15,6 +15,7 @@ treat them as read-only and copy (`Message.CopyFrom`) before changing one for an
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 import threading
 import time
@@ -111,6 +112,14 @@ def labels_of(kind: str, obj: Any) -> Any:
     return obj.spec.annotations.labels
 
 
+def network_subnet(net: objects_pb2.Network) -> ipaddress.IPv4Network | None:
+    """The allocated (or else requested) subnet of a network."""
+    cfgs = net.ipam.configs or net.spec.ipam.configs
+    if not cfgs or not cfgs[0].subnet:
+        return None
+    return ipaddress.ip_network(cfgs[0].subnet, strict=False)  # type: ignore[return-value]
+
+
 def describe(kind: str, obj: Any) -> str:
     name = name_of(kind, obj)
     return f"{kind} {name!r}" if name else f"{kind} {obj.id}"
@@ -160,6 +169,7 @@ class StateMachine:
             if old is not None:
                 raise AlreadyExists(f"{describe(kind, old)} already exists with id {src.id}")
             self._check_name(kind, src, None)
+            self._check_network(kind, src)
             obj = type(src)()
             obj.CopyFrom(src)
             obj.meta.version = version
@@ -175,6 +185,7 @@ class StateMachine:
                     f"(version {old.meta.version}, request had {src.meta.version}); read it again and retry"
                 )
             self._check_name(kind, src, old)
+            self._check_network(kind, src)
             obj = type(src)()
             obj.CopyFrom(src)
             obj.meta.version = version
@@ -208,6 +219,22 @@ class StateMachine:
         holder = self._names[kind].get(name)
         if holder is not None and holder != new.id:
             raise AlreadyExists(f"{kind} name {name!r} is already in use by {kind} {holder}; choose another name")
+
+    def _check_network(self, kind: str, net: Any) -> None:
+        """Networks keep unique VXLAN ids and non-overlapping subnets, on every replica alike."""
+        if kind != "network":
+            return
+        subnet = network_subnet(net)
+        for other in self.tables["network"].values():
+            if other.id == net.id:
+                continue
+            if net.driver_state.vni and other.driver_state.vni == net.driver_state.vni:
+                raise Conflict(f"VXLAN id {net.driver_state.vni} is already used by {describe(kind, other)}; retry")
+            theirs = network_subnet(other)
+            if subnet is not None and theirs is not None and theirs.overlaps(subnet):
+                raise InvalidArgument(
+                    f"subnet {subnet} overlaps {theirs} of {describe(kind, other)}: choose another subnet"
+                )
 
     def _put(self, kind: str, oid: str, obj: Any) -> None:
         """Set or remove one object, keeping every index in step."""
