@@ -18,31 +18,35 @@ class GetRootCACertificateResponse(_message.Message):
     def __init__(self, certificate: _Optional[bytes] = ...) -> None: ...
 
 class IssueNodeCertificateRequest(_message.Message):
-    __slots__ = ("csr", "token", "hostname", "advertise_addr", "node_id")
+    __slots__ = ("csr", "token", "hostname", "advertise_addr", "node_id", "raft_addr")
     CSR_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     ADVERTISE_ADDR_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    RAFT_ADDR_FIELD_NUMBER: _ClassVar[int]
     csr: bytes
     token: str
     hostname: str
     advertise_addr: str
     node_id: str
-    def __init__(self, csr: _Optional[bytes] = ..., token: _Optional[str] = ..., hostname: _Optional[str] = ..., advertise_addr: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+    raft_addr: str
+    def __init__(self, csr: _Optional[bytes] = ..., token: _Optional[str] = ..., hostname: _Optional[str] = ..., advertise_addr: _Optional[str] = ..., node_id: _Optional[str] = ..., raft_addr: _Optional[str] = ...) -> None: ...
 
 class IssueNodeCertificateResponse(_message.Message):
-    __slots__ = ("node_id", "certificate", "root_ca", "role", "raft_key", "raft_peers")
+    __slots__ = ("node_id", "certificate", "root_ca", "role", "raft_key", "raft_peers", "cluster_id")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     ROOT_CA_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     RAFT_KEY_FIELD_NUMBER: _ClassVar[int]
     RAFT_PEERS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     certificate: bytes
     root_ca: bytes
     role: _types_pb2.NodeRole
     raft_key: bytes
     raft_peers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[str] = ..., certificate: _Optional[bytes] = ..., root_ca: _Optional[bytes] = ..., role: _Optional[_Union[_types_pb2.NodeRole, str]] = ..., raft_key: _Optional[bytes] = ..., raft_peers: _Optional[_Iterable[str]] = ...) -> None: ...
+    cluster_id: str
+    def __init__(self, node_id: _Optional[str] = ..., certificate: _Optional[bytes] = ..., root_ca: _Optional[bytes] = ..., role: _Optional[_Union[_types_pb2.NodeRole, str]] = ..., raft_key: _Optional[bytes] = ..., raft_peers: _Optional[_Iterable[str]] = ..., cluster_id: _Optional[str] = ...) -> None: ...
