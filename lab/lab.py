@@ -24,11 +24,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from shoal.lab.provision import swarmd_argv
 
 log = logging.getLogger("shoal.lab")
 
@@ -37,7 +38,6 @@ UNDERLAY_SUBNET = "198.18.0.0/24"
 UNDERLAY_GW = "198.18.0.254"
 OVERLAY_POOL = "198.19.0.0/16"
 REGISTRY_PORT = 5000
-SWARM_PORT = 2377
 
 Progress = Callable[[str], None]
 
@@ -112,11 +112,6 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except OSError:
         return False
-
-
-def _venv_bin(tool: str) -> str:
-    cand = Path(sys.executable).parent / tool
-    return str(cand) if cand.exists() else (shutil.which(tool) or tool)
 
 
 def _ns_inode(pid: int, kind: str) -> int | None:
@@ -282,21 +277,12 @@ class Lab:
         return ["nsenter", "-t", str(h.holder_pid), "--net", "--mount", "--uts"]
 
     def swarmd_argv(self, h: Host, *, init: bool = False, token: str = "", join: str = "") -> list[str]:
-        argv = [
-            _venv_bin("swarmd"), "-d", h.state_dir,
-            "--listen-remote-api", f"{h.addr}:{SWARM_PORT}",
-            "--listen-control-api", h.socket,
-            "--hostname", h.name,
-            "--registry-mirror", f"http://{UNDERLAY_GW}:{REGISTRY_PORT}",
-            "--insecure-registry", f"{UNDERLAY_GW}:{REGISTRY_PORT}",
-        ]
-        if init:
-            argv += ["--default-addr-pool", OVERLAY_POOL]
-        if join:
-            argv += ["--join-addr", f"{join}:{SWARM_PORT}", "--join-token", token]
-        if h.role == "manager":
-            argv += ["--manager"]
-        return argv
+        return swarmd_argv(
+            h.state_dir, h.addr, h.name, h.role, socket=h.socket, init=init, join_addr=join, token=token,
+            addr_pool=OVERLAY_POOL if init else "",
+            registry_mirrors=[f"http://{UNDERLAY_GW}:{REGISTRY_PORT}"],
+            insecure_registries=[f"{UNDERLAY_GW}:{REGISTRY_PORT}"],
+        )
 
     def _start_swarmd(self, state: LabState, h: Host, *, init: bool = False, token: str = "", join: str = "") -> None:
         logf = open(Path(h.state_dir) / "swarmd.log", "ab")
