@@ -1,0 +1,654 @@
+"""SWIM membership (probe, indirect probe, suspicion, incarnation refutation, piggybacked
+dissemination, push-pull state sync over TCP) on one UDP and one TCP socket (port 7946).
+
+Semantics follow hashicorp/memberlist (written here from its documented behaviour), with faster
+defaults (see :class:`GossipConfig`): every ``probe_interval`` a node probes the next member of a
+shuffled round-robin list; no ack within ``probe_timeout`` → ``indirect_checks`` random members
+are asked to probe it; no ack by the end of the interval → the member is *suspect*. A suspect
+that does not refute (by gossiping ``alive`` with a higher incarnation) within
+``suspicion_mult * max(1, log10(n)) * probe_interval`` is declared *dead*. Membership changes are
+piggybacked on probes/acks and gossiped to ``gossip_nodes`` random members every
+``gossip_interval``, each up to ``retransmit_mult * ceil(log10(n + 1))`` times. Incarnations start
+at the wall clock in milliseconds, so a restarted node supersedes its previous (dead) life.
+
+Used by :class:`shoal.netdriver.gossip.Gossip`, which adds network tables through the
+:class:`Delegate` hooks. Public pieces::
+
+    GossipConfig (dataclass of intervals), Member (dataclass), MemberState (proto enum values)
+    Memberlist(node_id, bind_addr, advertise_addr, port, keyring, config, delegate)
+        await start() / stop() / join(seeds) -> int / leave()
+        members() -> list[Member]; alive_members() -> list[Member]; member(node_id)
+        queue_broadcast(key, Message); send_packet(addr, port, messages)
+        await stream_request(addr, port, Stream) -> Stream
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import random
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from shoal.netdriver.keyring import OVERHEAD, Keyring, KeyringError
+from shoal.proto import gossip_pb2 as pb
+
+log = logging.getLogger("shoal.netdriver.swim")
+
+ALIVE, SUSPECT, DEAD, LEFT = pb.ALIVE, pb.SUSPECT, pb.DEAD, pb.LEFT
+STATE_NAMES = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
+MAX_FRAME = 64 << 20
+
+
+@dataclass
+class GossipConfig:
+    probe_interval: float = 0.5
+    probe_timeout: float = 0.25
+    indirect_checks: int = 3
+    suspicion_mult: float = 4.0          # suspicion timeout = mult * max(1, log10 n) * probe_interval
+    retransmit_mult: int = 4             # each broadcast sent mult * ceil(log10(n + 1)) times
+    gossip_interval: float = 0.2         # membership and table retransmits
+    gossip_nodes: int = 3                # fan-out
+    push_pull_interval: float = 30.0     # membership anti-entropy (TCP) with one random member
+    table_sync_interval: float = 7.5     # per-network table anti-entropy (TCP), jittered ±25 %
+    tombstone_ttl: float = 300.0         # deleted entries are forgotten after this long
+    dead_reclaim_time: float = 30.0      # dead/left members are forgotten after this long
+    udp_buffer_size: int = 1400          # max datagram size (plaintext + crypto overhead)
+    tcp_timeout: float = 5.0
+    leave_timeout: float = 1.0           # how long leave() waits for its broadcasts to go out
+
+
+@dataclass
+class Member:
+    node_id: str
+    addr: str
+    port: int
+    state: int = ALIVE
+    incarnation: int = 0
+    state_change: float = field(default_factory=time.monotonic)
+
+    @property
+    def state_name(self) -> str:
+        return STATE_NAMES[self.state]
+
+
+class Delegate:
+    """Hooks for the layer above (network tables)."""
+
+    def notify_alive(self, member: Member, rejoined: bool) -> None: ...
+
+    def notify_gone(self, member: Member) -> None: ...  # dead or left
+
+    def handle_message(self, msg: pb.Message, source: str) -> None: ...
+
+    def local_state(self, pp: pb.PushPull, remote: pb.PushPull | None) -> None: ...
+
+    def merge_remote_state(self, pp: pb.PushPull) -> None: ...
+
+    def refuted_dead(self) -> None: ...
+
+
+class TransmitQueue:
+    """Broadcasts waiting to be sent, each at most ``limit`` times; a newer broadcast with the
+    same key replaces the older one (e.g. a later state of the same member)."""
+
+    def __init__(self) -> None:
+        self._items: dict[object, list] = {}  # key -> [transmits, order, msg, size]
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def queue(self, key: object, msg: pb.Message) -> None:
+        self._items[key] = [0, next(self._order), msg, msg.ByteSize() + 3]
+
+    def fresh(self) -> int:
+        return sum(1 for it in self._items.values() if it[0] == 0)
+
+    def get(self, budget: int, limit: int) -> list[pb.Message]:
+        """Messages fitting in ``budget`` bytes, least-sent first (newest first among equals)."""
+        batches = self.batches(budget, limit, max_packets=1, sends=1)
+        return batches[0] if batches else []
+
+    def batches(self, budget: int, limit: int, max_packets: int, sends: int) -> list[list[pb.Message]]:
+        """Pack queued messages (least-sent first) into at most ``max_packets`` lists of at most
+        ``budget`` bytes each; every packed message counts ``sends`` transmissions."""
+        if not self._items:
+            return []
+        out: list[list[pb.Message]] = []
+        cur: list[pb.Message] = []
+        left = budget
+        for key, it in sorted(self._items.items(), key=lambda kv: (kv[1][0], -kv[1][1])):
+            if it[3] > left:
+                if it[3] > budget:
+                    continue  # can never fit
+                out.append(cur)
+                if len(out) >= max_packets:
+                    return out
+                cur, left = [], budget
+            left -= it[3]
+            cur.append(it[2])
+            it[0] += sends
+            if it[0] >= limit:
+                del self._items[key]
+        if cur:
+            out.append(cur)
+        return out
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+def retransmit_limit(mult: int, n: int) -> int:
+    return mult * max(1, math.ceil(math.log10(n + 1)))
+
+
+def parse_seed(seed: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = seed.rpartition(":")
+    if not sep:
+        return seed, default_port
+    try:
+        return host, int(port)
+    except ValueError:
+        raise ValueError(f"gossip seed {seed!r} has a bad port; use HOST or HOST:PORT") from None
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    (n,) = struct.unpack("!I", await reader.readexactly(4))
+    if n > MAX_FRAME:
+        raise ValueError(f"gossip frame of {n} bytes is too large")
+    return await reader.readexactly(n)
+
+
+def write_frame(writer: asyncio.StreamWriter, blob: bytes) -> None:
+    writer.write(struct.pack("!I", len(blob)) + blob)
+
+
+class _UDP(asyncio.DatagramProtocol):
+    def __init__(self, owner: Memberlist) -> None:
+        self.owner = owner
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.owner._on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("node=%s udp error: %s", self.owner.node_id, exc)
+
+
+class Memberlist:
+    def __init__(
+        self,
+        node_id: str,
+        bind_addr: str,
+        advertise_addr: str,
+        port: int,
+        keyring: Keyring,
+        config: GossipConfig,
+        delegate: Delegate,
+    ) -> None:
+        self.node_id = node_id
+        self.bind_addr = bind_addr
+        self.advertise_addr = advertise_addr or bind_addr
+        self.port = port
+        self.keyring = keyring
+        self.config = config
+        self.delegate = delegate
+        self.incarnation = time.time_ns() // 1_000_000
+        self._members: dict[str, Member] = {}
+        self._queue = TransmitQueue()
+        self._acks: dict[int, Callable[[pb.Ack], None]] = {}
+        self._seq = itertools.count(random.randrange(1 << 30))
+        self._probe_list: list[str] = []
+        self._probe_index = 0
+        self._suspicion: dict[str, asyncio.TimerHandle] = {}
+        self._transport: asyncio.DatagramTransport | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._leaving = False
+        self.dropped = 0          # packets that failed authentication/decoding
+        self.stats = {"udp_sent": 0, "udp_recv": 0, "tcp_sent": 0}
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._members[self.node_id] = Member(self.node_id, self.advertise_addr, self.port, ALIVE, self.incarnation)
+        try:
+            self._transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UDP(self), local_addr=(self.bind_addr, self.port)
+            )
+            self._server = await asyncio.start_server(self._on_stream, self.bind_addr, self.port)
+        except OSError as e:
+            if self._transport is not None:
+                self._transport.close()
+            raise OSError(
+                e.errno, f"gossip cannot bind {self.bind_addr}:{self.port} ({e.strerror}); free the port or set another one"
+            ) from e
+        self._tasks = [
+            asyncio.create_task(self._probe_loop(), name=f"swim-probe-{self.node_id}"),
+            asyncio.create_task(self._gossip_loop(), name=f"swim-gossip-{self.node_id}"),
+            asyncio.create_task(self._push_pull_loop(), name=f"swim-pushpull-{self.node_id}"),
+            asyncio.create_task(self._reap_loop(), name=f"swim-reap-{self.node_id}"),
+        ]
+        log.info("node=%s gossip listening on %s:%d (advertise %s)", self.node_id, self.bind_addr, self.port,
+                 self.advertise_addr)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks = []
+        for h in self._suspicion.values():
+            h.cancel()
+        self._suspicion.clear()
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        log.info("node=%s gossip stopped", self.node_id)
+
+    async def join(self, seeds: Sequence[str]) -> int:
+        """Push-pull with each seed over TCP; returns how many answered."""
+        ok = 0
+        for seed in seeds:
+            host, port = parse_seed(seed, self.port)
+            if (host, port) == (self.advertise_addr, self.port):
+                continue
+            try:
+                await self.push_pull(host, port, join=True)
+                ok += 1
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, KeyringError, ValueError) as e:
+                log.warning("node=%s join via %s:%d failed: %s", self.node_id, host, port, e or type(e).__name__)
+        log.info("node=%s joined via %d of %d seeds, %d members", self.node_id, ok, len(seeds),
+                 len(self.alive_members()))
+        return ok
+
+    async def leave(self) -> None:
+        """Tell the cluster we leave (state left, higher incarnation) and give it time to spread."""
+        self._leaving = True
+        self.incarnation += 1
+        me = self._members[self.node_id]
+        me.incarnation, me.state = self.incarnation, LEFT
+        self.queue_broadcast(("member", self.node_id), pb.Message(member=self._update_of(me)))
+        others = [m for m in self.alive_members() if m.node_id != self.node_id]
+        if others:
+            # send at once to a few members, then let the gossip loop drain the queue
+            for m in random.sample(others, min(len(others), self.config.gossip_nodes)):
+                self.send_packet(m.addr, m.port, [])
+            deadline = asyncio.get_running_loop().time() + self.config.leave_timeout
+            while len(self._queue) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(self.config.gossip_interval / 2)
+        log.info("node=%s left the cluster", self.node_id)
+
+    # ----- members ---------------------------------------------------------------------------
+
+    def members(self) -> list[Member]:
+        return [Member(m.node_id, m.addr, m.port, m.state, m.incarnation, m.state_change)
+                for m in self._members.values()]
+
+    def member(self, node_id: str) -> Member | None:
+        return self._members.get(node_id)
+
+    def alive_members(self) -> list[Member]:
+        return [m for m in self._members.values() if m.state in (ALIVE, SUSPECT)]
+
+    def num_alive(self) -> int:
+        return sum(1 for m in self._members.values() if m.state in (ALIVE, SUSPECT))
+
+    def _update_of(self, m: Member, frm: str = "") -> pb.MemberUpdate:
+        return pb.MemberUpdate(node=m.node_id, addr=m.addr, port=m.port, incarnation=m.incarnation,
+                               state=m.state, **{"from": frm})
+
+    def _set_state(self, m: Member, state: int) -> None:
+        if m.state != state:
+            log.info("node=%s member=%s %s -> %s incarnation=%d", self.node_id, m.node_id,
+                     STATE_NAMES[m.state], STATE_NAMES[state], m.incarnation)
+            m.state = state
+            m.state_change = time.monotonic()
+
+    def _refute(self, inc: int) -> None:
+        self.incarnation = max(self.incarnation, inc) + 1
+        me = self._members[self.node_id]
+        me.incarnation = self.incarnation
+        log.info("node=%s refutes suspicion, incarnation=%d", self.node_id, self.incarnation)
+        self.queue_broadcast(("member", self.node_id), pb.Message(member=self._update_of(me)))
+
+    def _on_alive(self, u: pb.MemberUpdate) -> None:
+        if u.node == self.node_id:
+            return
+        m = self._members.get(u.node)
+        if m is None:
+            m = Member(u.node, u.addr, u.port, ALIVE, u.incarnation)
+            self._members[u.node] = m
+            log.info("node=%s member=%s joined (%s:%d) incarnation=%d", self.node_id, u.node, u.addr, u.port,
+                     u.incarnation)
+            self.queue_broadcast(("member", u.node), pb.Message(member=u))
+            self.delegate.notify_alive(m, rejoined=False)
+            return
+        if u.incarnation <= m.incarnation:
+            return
+        was = m.state
+        m.incarnation, m.addr, m.port = u.incarnation, u.addr, u.port
+        self._cancel_suspicion(u.node)
+        self._set_state(m, ALIVE)
+        self.queue_broadcast(("member", u.node), pb.Message(member=self._update_of(m)))
+        if was in (DEAD, LEFT):
+            self.delegate.notify_alive(m, rejoined=True)
+
+    def _on_suspect(self, u: pb.MemberUpdate) -> None:
+        m = self._members.get(u.node)
+        if m is None or u.incarnation < m.incarnation or m.state != ALIVE:
+            return
+        if u.node == self.node_id:
+            if not self._leaving:
+                self._refute(u.incarnation)
+            return
+        m.incarnation = u.incarnation
+        self._set_state(m, SUSPECT)
+        self.queue_broadcast(("member", u.node), pb.Message(member=self._update_of(m, getattr(u, "from"))))
+        n = self.num_alive()
+        timeout = self.config.suspicion_mult * max(1.0, math.log10(max(1, n))) * self.config.probe_interval
+        self._cancel_suspicion(u.node)
+        self._suspicion[u.node] = asyncio.get_running_loop().call_later(
+            timeout, self._suspicion_timeout, u.node, u.incarnation
+        )
+
+    def _suspicion_timeout(self, node: str, inc: int) -> None:
+        self._suspicion.pop(node, None)
+        m = self._members.get(node)
+        if m is not None and m.state == SUSPECT and m.incarnation == inc:
+            log.info("node=%s member=%s suspicion timed out", self.node_id, node)
+            self._on_dead(pb.MemberUpdate(node=node, addr=m.addr, port=m.port, incarnation=inc, state=DEAD,
+                                          **{"from": self.node_id}))
+
+    def _cancel_suspicion(self, node: str) -> None:
+        h = self._suspicion.pop(node, None)
+        if h is not None:
+            h.cancel()
+
+    def _on_dead(self, u: pb.MemberUpdate) -> None:
+        m = self._members.get(u.node)
+        if m is None or u.incarnation < m.incarnation:
+            return
+        if m.state in (DEAD, LEFT) and not (m.state == DEAD and u.state == LEFT):
+            return
+        if u.node == self.node_id:
+            if not self._leaving:
+                self._refute(u.incarnation)
+                self.delegate.refuted_dead()
+            return
+        m.incarnation = u.incarnation
+        self._cancel_suspicion(u.node)
+        was = m.state
+        self._set_state(m, LEFT if u.state == LEFT else DEAD)
+        self.queue_broadcast(("member", u.node), pb.Message(member=self._update_of(m, getattr(u, "from"))))
+        if was in (ALIVE, SUSPECT):
+            self.delegate.notify_gone(m)
+
+    def _on_member_update(self, u: pb.MemberUpdate) -> None:
+        if u.state == ALIVE:
+            self._on_alive(u)
+        elif u.state == SUSPECT:
+            self._on_suspect(u)
+        else:
+            self._on_dead(u)
+
+    # ----- UDP -------------------------------------------------------------------------------
+
+    def queue_broadcast(self, key: object, msg: pb.Message) -> None:
+        self._queue.queue(key, msg)
+
+    def _limit(self) -> int:
+        return retransmit_limit(self.config.retransmit_mult, self.num_alive())
+
+    def send_raw(self, addr: str, port: int, packet: pb.Packet) -> None:
+        if self._transport is None:
+            return
+        try:
+            self._transport.sendto(self.keyring.seal(packet.SerializeToString(), b"udp"), (addr, port))
+            self.stats["udp_sent"] += 1
+        except OSError as e:
+            log.debug("node=%s send to %s:%d failed: %s", self.node_id, addr, port, e)
+
+    def send_packet(self, addr: str, port: int, messages: list[pb.Message], piggyback: bool = True) -> None:
+        """Send ``messages`` plus as many queued membership broadcasts as fit in one datagram."""
+        pkt = pb.Packet(source=self.node_id, messages=messages)
+        if piggyback:
+            budget = self.config.udp_buffer_size - OVERHEAD - pkt.ByteSize()
+            pkt.messages.extend(self._queue.get(budget, self._limit()))
+        if pkt.messages:
+            self.send_raw(addr, port, pkt)
+
+    def _on_datagram(self, data: bytes, addr) -> None:
+        try:
+            pkt = pb.Packet.FromString(self.keyring.open(data, b"udp"))
+        except Exception as e:  # KeyringError or DecodeError
+            self.dropped += 1
+            log.debug("node=%s dropped packet from %s: %s", self.node_id, addr, e)
+            return
+        self.stats["udp_recv"] += 1
+        for msg in pkt.messages:
+            try:
+                self._handle(msg, pkt.source, addr)
+            except Exception:
+                log.exception("node=%s failed to handle %s from %s", self.node_id, msg.WhichOneof("body"), pkt.source)
+
+    def _handle(self, msg: pb.Message, source: str, addr) -> None:
+        kind = msg.WhichOneof("body")
+        if kind == "ping":
+            if msg.ping.target and msg.ping.target != self.node_id:
+                return
+            self.send_packet(addr[0], addr[1], [pb.Message(ack=pb.Ack(seq=msg.ping.seq, source=self.node_id))])
+        elif kind == "ack":
+            cb = self._acks.get(msg.ack.seq)
+            if cb is not None:
+                cb(msg.ack)
+        elif kind == "indirect_ping":
+            self._indirect(msg.indirect_ping)
+        elif kind == "member":
+            self._on_member_update(msg.member)
+        else:
+            self.delegate.handle_message(msg, source)
+
+    def _indirect(self, ip: pb.IndirectPing) -> None:
+        seq = next(self._seq)
+        loop = asyncio.get_running_loop()
+
+        def on_ack(ack: pb.Ack) -> None:
+            self._acks.pop(seq, None)
+            handle.cancel()
+            self.send_packet(ip.source_addr, ip.source_port, [pb.Message(ack=pb.Ack(seq=ip.seq, source=ip.target))])
+
+        handle = loop.call_later(self.config.probe_timeout * 2, lambda: self._acks.pop(seq, None))
+        self._acks[seq] = on_ack
+        self.send_packet(ip.target_addr, ip.target_port, [pb.Message(ping=pb.Ping(
+            seq=seq, target=ip.target, source=self.node_id, source_addr=self.advertise_addr, source_port=self.port))])
+
+    # ----- probing ---------------------------------------------------------------------------
+
+    def _next_probe_target(self) -> Member | None:
+        for _ in range(2):
+            while self._probe_index < len(self._probe_list):
+                m = self._members.get(self._probe_list[self._probe_index])
+                self._probe_index += 1
+                if m is not None and m.node_id != self.node_id and m.state in (ALIVE, SUSPECT):
+                    return m
+            self._probe_list = [n for n in self._members if n != self.node_id]
+            random.shuffle(self._probe_list)
+            self._probe_index = 0
+        return None
+
+    async def _probe_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(random.random() * self.config.probe_interval)
+        while True:
+            t0 = loop.time()
+            m = self._next_probe_target()
+            if m is not None and not self._leaving:
+                try:
+                    await self._probe(m)
+                except Exception:
+                    log.exception("node=%s probe of %s failed", self.node_id, m.node_id)
+            await asyncio.sleep(max(0.0, self.config.probe_interval - (loop.time() - t0)))
+
+    async def _probe(self, m: Member) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        seq = next(self._seq)
+        got = loop.create_future()
+        self._acks[seq] = lambda ack: got.done() or got.set_result(ack)
+        try:
+            msgs = [pb.Message(ping=pb.Ping(seq=seq, target=m.node_id, source=self.node_id,
+                                            source_addr=self.advertise_addr, source_port=self.port))]
+            if m.state == SUSPECT:  # let it hear it is suspected, so it can refute at once
+                msgs.append(pb.Message(member=self._update_of(m, self.node_id)))
+            self.send_packet(m.addr, m.port, msgs)
+            try:
+                await asyncio.wait_for(asyncio.shield(got), self.config.probe_timeout)
+                return
+            except TimeoutError:
+                pass
+            helpers = [h for h in self._members.values()
+                       if h.state == ALIVE and h.node_id not in (self.node_id, m.node_id)]
+            for h in random.sample(helpers, min(len(helpers), self.config.indirect_checks)):
+                self.send_packet(h.addr, h.port, [pb.Message(indirect_ping=pb.IndirectPing(
+                    seq=seq, target=m.node_id, target_addr=m.addr, target_port=m.port, source=self.node_id,
+                    source_addr=self.advertise_addr, source_port=self.port))])
+            remaining = self.config.probe_interval - (loop.time() - t0)
+            try:
+                await asyncio.wait_for(asyncio.shield(got), max(0.01, remaining))
+                return
+            except TimeoutError:
+                pass
+            cur = self._members.get(m.node_id)
+            if cur is not None and cur.state == ALIVE and not self._leaving:
+                log.info("node=%s member=%s did not answer probe, suspecting", self.node_id, m.node_id)
+                self._on_suspect(pb.MemberUpdate(node=m.node_id, addr=m.addr, port=m.port,
+                                                 incarnation=cur.incarnation, state=SUSPECT,
+                                                 **{"from": self.node_id}))
+        finally:
+            self._acks.pop(seq, None)
+            if not got.done():
+                got.cancel()
+
+    # ----- gossip ----------------------------------------------------------------------------
+
+    def _gossip_targets(self, k: int) -> list[Member]:
+        now = time.monotonic()
+        cands = [m for m in self._members.values() if m.node_id != self.node_id and (
+            m.state in (ALIVE, SUSPECT) or now - m.state_change < self.config.dead_reclaim_time)]
+        return random.sample(cands, min(k, len(cands)))
+
+    async def _gossip_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.gossip_interval)
+            if not len(self._queue):
+                continue
+            for m in self._gossip_targets(self.config.gossip_nodes):
+                self.send_packet(m.addr, m.port, [])
+
+    async def _push_pull_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.push_pull_interval * random.uniform(0.75, 1.25))
+            others = [m for m in self.alive_members() if m.node_id != self.node_id]
+            if not others or self._leaving:
+                continue
+            m = random.choice(others)
+            try:
+                await self.push_pull(m.addr, m.port, join=False)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, KeyringError, ValueError) as e:
+                log.info("node=%s push-pull with %s failed: %s", self.node_id, m.node_id, e or type(e).__name__)
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self.config.dead_reclaim_time / 4))
+            now = time.monotonic()
+            for node, m in list(self._members.items()):
+                if m.state in (DEAD, LEFT) and now - m.state_change > self.config.dead_reclaim_time:
+                    del self._members[node]
+                    log.info("node=%s forgot member=%s (%s)", self.node_id, node, m.state_name)
+
+    # ----- TCP -------------------------------------------------------------------------------
+
+    def local_state(self, join: bool, remote: pb.PushPull | None) -> pb.PushPull:
+        pp = pb.PushPull(source=self.node_id, join=join)
+        pp.members.extend(self._update_of(m) for m in self._members.values())
+        self.delegate.local_state(pp, remote)
+        return pp
+
+    def merge_remote_state(self, pp: pb.PushPull) -> None:
+        for u in pp.members:
+            if u.state == ALIVE:
+                self._on_alive(u)
+            elif u.state == LEFT:
+                self._on_dead(u)
+            else:  # dead or suspect: give the node a chance to refute
+                self._on_suspect(pb.MemberUpdate(node=u.node, addr=u.addr, port=u.port,
+                                                 incarnation=u.incarnation, state=SUSPECT,
+                                                 **{"from": getattr(u, "from")}))
+        self.delegate.merge_remote_state(pp)
+
+    async def stream_request(self, addr: str, port: int, req: pb.Stream) -> pb.Stream:
+        async def go() -> pb.Stream:
+            reader, writer = await asyncio.open_connection(addr, port)
+            try:
+                write_frame(writer, self.keyring.seal(req.SerializeToString(), b"tcp"))
+                await writer.drain()
+                self.stats["tcp_sent"] += 1
+                return pb.Stream.FromString(self.keyring.open(await read_frame(reader), b"tcp"))
+            finally:
+                writer.close()
+                try:
+                    await writer.wait_closed()
+                except OSError:
+                    pass
+
+        return await asyncio.wait_for(go(), self.config.tcp_timeout)
+
+    async def push_pull(self, addr: str, port: int, join: bool, state: pb.PushPull | None = None) -> pb.PushPull:
+        pp = state if state is not None else self.local_state(join, None)
+        resp = await self.stream_request(addr, port, pb.Stream(push_pull=pp))
+        if resp.WhichOneof("body") != "push_pull":
+            raise ValueError("unexpected push-pull reply")
+        self.merge_remote_state(resp.push_pull)
+        return resp.push_pull
+
+    async def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            blob = await asyncio.wait_for(read_frame(reader), self.config.tcp_timeout)
+            try:
+                req = pb.Stream.FromString(self.keyring.open(blob, b"tcp"))
+            except Exception as e:
+                self.dropped += 1
+                log.debug("node=%s dropped stream from %s: %s", self.node_id, peer, e)
+                return
+            kind = req.WhichOneof("body")
+            if kind == "push_pull":
+                # compute our reply before merging so the requester gets what it lacks
+                reply = self.local_state(False, req.push_pull)
+                self.merge_remote_state(req.push_pull)
+                resp = pb.Stream(push_pull=reply)
+            elif kind == "ping":
+                resp = pb.Stream(ack=pb.Ack(seq=req.ping.seq, source=self.node_id))
+            else:
+                return
+            write_frame(writer, self.keyring.seal(resp.SerializeToString(), b"tcp"))
+            await writer.drain()
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as e:
+            log.debug("node=%s stream from %s failed: %s", self.node_id, peer, e)
+        except Exception:
+            log.exception("node=%s stream from %s failed", self.node_id, peer)
+        finally:
+            writer.close()
