@@ -38,7 +38,10 @@ class Registry:
     """One ``docker-registry serve`` process bound to ``addr:port`` with its own storage dir."""
 
     def __init__(self, addr: str = "127.0.0.1", port: int = 0, *, storage: Path | None = None,
-                 users: dict[str, str] | None = None, realm: str = "shoal-registry") -> None:
+                 users: dict[str, str] | None = None, realm: str = "shoal-registry",
+                 netns: str | None = None) -> None:
+        """``netns``: a network namespace path (``/run/netns/NAME``) to serve in (via ``nsenter --net``,
+        which execs the registry, so ``proc.pid`` is the registry's own PID)."""
         self.addr = addr
         self.port = port or free_port(addr)
         self.users = dict(users or {})
@@ -46,6 +49,7 @@ class Registry:
         self._own_dir = storage is None
         self.dir = Path(tempfile.mkdtemp(prefix="shoal-registry-")) if storage is None else Path(storage)
         self.proc: subprocess.Popen | None = None
+        self.netns = netns
 
     @property
     def host(self) -> str:
@@ -90,7 +94,10 @@ class Registry:
         cfg.write_text(self._config())
         logf = open(self.dir / "registry.log", "ab")
         try:
-            self.proc = subprocess.Popen([REGISTRY_BIN, "serve", str(cfg)], stdout=logf, stderr=logf,
+            argv = [REGISTRY_BIN, "serve", str(cfg)]
+            if self.netns:
+                argv = ["nsenter", f"--net={self.netns}", *argv]
+            self.proc = subprocess.Popen(argv, stdout=logf, stderr=logf,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             logf.close()
@@ -99,10 +106,18 @@ class Registry:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"docker-registry exited with {self.proc.returncode}: {self.log_tail()}")
             try:
-                c = http.client.HTTPConnection(self.addr, self.port, timeout=1)
-                c.request("GET", "/v2/")
-                c.getresponse().read()
-                c.close()
+                if self.netns:
+                    probe = subprocess.run(["nsenter", f"--net={self.netns}", "python3", "-c",
+                                            "import socket,sys; socket.create_connection((sys.argv[1], "
+                                            "int(sys.argv[2])), 1).close()", self.addr, str(self.port)],
+                                           capture_output=True)
+                    if probe.returncode != 0:
+                        raise OSError("not yet")
+                else:
+                    c = http.client.HTTPConnection(self.addr, self.port, timeout=1)
+                    c.request("GET", "/v2/")
+                    c.getresponse().read()
+                    c.close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
