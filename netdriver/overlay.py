@@ -1,0 +1,845 @@
+"""Overlay network data path: VXLAN sandboxes, task interfaces, peers, service VIPs, published ports.
+
+One `OverlayDriver` per node, in the process that runs in the node's ("host") network namespace, or
+pointed at it with `host_netns=` (tests run several hosts from one process). Everything is sync
+(netlink calls are fast); the agent calls it through `asyncio.to_thread`. All public methods hold
+one lock, are idempotent, and leave nothing half-built when they raise.
+
+API for the agent
+-----------------
+    d = OverlayDriver(node_id, advertise_addr, ns_prefix, underlay_mtu=None,
+                      gw_subnet="172.18.0.0/16", host_netns=None, gw_bridge="shoal_gwbridge")
+    d.restore() -> set[str]                     # after an agent restart: adopt sandboxes, peers,
+                                                # gateway addresses; returns task ids found here
+    d.ensure_network(net: objects_pb2.Network)  # needs driver_state.vni, ipam.configs[0].subnet
+    d.remove_network(network_id)                # refuses while tasks are attached here
+    d.attach(task_id, container_netns, attachments: Sequence[objects_pb2.NetworkAttachment])
+        -> list[Interface]                      # eth0, eth1 … in the order given, then the
+                                                # gateway-bridge interface unless all are internal
+    d.detach(task_id)                           # also drops the task's host-mode published ports
+    d.add_peer(network_id, ip, mac, vtep) / d.remove_peer(network_id, ip, mac, vtep)
+                                                # remote endpoint: FDB MAC->VTEP + neigh IP->MAC;
+                                                # peers for a network not yet created are kept and
+                                                # programmed by ensure_network
+    d.set_service_backends(network_id, vip, backend_ips, ports=())
+    d.remove_service(network_id, vip)           # VIP load balancing in every local container of
+                                                # the network; ports: [("tcp", 80), …], () = all
+    d.publish_host_port(task_id, protocol, published_port, target_port)
+    d.unpublish_host_port(protocol, published_port)
+    d.ensure_ingress(ingress_net, sbox_address, sbox_mac="") -> Interface
+                                                # routing-mesh sandbox; its (ip, mac, vtep) must be
+                                                # announced in the ingress network's endpoint table
+    d.set_ingress_backends(protocol, published_port, target_port, backend_ips)
+    d.unpublish_ingress(protocol, published_port)
+    d.cleanup()                                 # removes everything this driver made
+
+Layout on a host (prefix = ns_prefix)
+-------------------------------------
+* network sandbox: netns `<prefix>-ov-<network id[:12]>` holding bridge `br0` (gateway address,
+  MTU = underlay − 50) and `vxlan0` (VNI, dstport 4789, local = advertise address, nolearning,
+  proxy). vxlan0 is created in the host namespace as `vx-<vni>` and moved in, so its UDP socket
+  stays in the host namespace. br0's ifalias keeps the network's metadata for restore().
+* task interface: veth `ve<hash>` (port of br0, ifalias = task id) ↔ `ethN` in the container
+  with the attachment's address, MAC (derived 02:42:<ip> when empty) and the overlay MTU.
+* gateway bridge `shoal_gwbridge` in the host namespace (first address of `gw_subnet`), veth
+  `gw<hash>` ↔ container `ethN`; default route through it; nft masquerade for egress. Networks
+  with spec.internal get no gateway interface (a container only on internal networks gets its
+  default route via its first network's gateway, which goes nowhere).
+* nft table `ip shoal` in each container with VIPs (output-hook nat, `numgen inc` round robin),
+  `ip shoal` in the host namespace (published ports, egress masquerade), and `ip shoal` in the
+  ingress sandbox `<prefix>-ingress-sbox` (published port → task IP:target port, masquerade).
+  Each table is rewritten as a whole in one nft transaction; existing connections keep their
+  conntrack NAT mapping, so connections to live backends survive backend changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import ipaddress
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from pyroute2 import IPRoute, NetlinkError, netns
+
+from shoal.proto import objects_pb2
+
+from . import nft
+from .nslab import ns_path
+
+log = logging.getLogger(__name__)
+
+VXLAN_PORT = 4789
+VXLAN_OVERHEAD = 50
+ESP_OVERHEAD = 76  # 1500 -> 1424, as Docker
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+TABLE = "shoal"
+INGRESS_TASK = "ingress-sbox"
+
+
+class OverlayError(RuntimeError):
+    """A problem the caller (or the user's spec) can fix; the message names the field and the fix."""
+
+
+class PortConflictError(OverlayError):
+    pass
+
+
+@dataclass
+class Interface:
+    network_id: str  # "" for the gateway-bridge interface
+    ifname: str  # name inside the container
+    address: str  # CIDR
+    mac: str
+    mtu: int
+
+
+@dataclass
+class _Service:
+    backends: list[str]
+    ports: list[tuple[str, int]]
+
+
+@dataclass
+class _Network:
+    id: str
+    vni: int
+    subnet: ipaddress.IPv4Network
+    gateway: str
+    internal: bool
+    ingress: bool
+    mtu: int
+    sandbox: str  # netns name
+    peers: dict[str, tuple[str, str]] = field(default_factory=dict)  # ip -> (mac, vtep)
+    services: dict[str, _Service] = field(default_factory=dict)  # vip -> service
+
+
+@dataclass
+class _Endpoint:
+    task_id: str
+    netns: str | None  # container netns path (None: restored, not yet re-attached)
+    interfaces: list[Interface] = field(default_factory=list)
+    links: list[tuple[str, str]] = field(default_factory=list)  # (network id, sandbox veth name)
+    gw_ip: str | None = None
+    gw_link: str | None = None
+
+
+@dataclass
+class _Published:
+    owner: str  # task id, or "ingress"
+    target: str  # ip:port for host mode, target port for ingress
+    backends: list[str] = field(default_factory=list)
+
+
+def mac_from_ip(ip: str) -> str:
+    b = ipaddress.ip_address(ip).packed
+    return "02:42:" + ":".join(f"{x:02x}" for x in b)
+
+
+def _h(*parts: str) -> str:
+    return hashlib.sha1("/".join(parts).encode()).hexdigest()[:10]
+
+
+def _strip(ip: str) -> str:
+    return ip.split("/")[0]
+
+
+class OverlayDriver:
+    def __init__(
+        self,
+        node_id: str,
+        advertise_addr: str,
+        ns_prefix: str,
+        *,
+        underlay_mtu: int | None = None,
+        gw_subnet: str = "172.18.0.0/16",
+        host_netns: str | None = None,
+        gw_bridge: str = "shoal_gwbridge",
+    ) -> None:
+        if len(gw_bridge) > 15:
+            raise OverlayError(f"gw_bridge name {gw_bridge!r} is longer than 15 characters; pick a shorter one")
+        self.node_id = node_id
+        self.advertise_addr = advertise_addr
+        self.prefix = ns_prefix
+        self.host_netns = ns_path(host_netns) if host_netns else None
+        self.gw_bridge = gw_bridge
+        self.gw_net = ipaddress.ip_network(gw_subnet)
+        self.gw_gateway = str(self.gw_net.network_address + 1)
+        self._lock = threading.RLock()
+        self._nets: dict[str, _Network] = {}
+        self._pending_peers: dict[str, dict[str, tuple[str, str]]] = {}
+        self._eps: dict[str, _Endpoint] = {}
+        self._gw_alloc: dict[str, str] = {}  # gw ip -> task id
+        self._host_ports: dict[tuple[str, int], _Published] = {}
+        self._ingress: Interface | None = None
+        self._ingress_gw_ip: str | None = None
+        self.underlay_mtu = underlay_mtu or self._detect_mtu()
+
+    # ------------------------------------------------------------------ helpers
+    def _log(self, event: str, **kv: object) -> None:
+        log.info("overlay node=%s %s %s", self.node_id, event, " ".join(f"{k}={v}" for k, v in kv.items()))
+
+    @contextmanager
+    def _ipr(self, path: str | None) -> Iterator[IPRoute]:
+        ipr = IPRoute(groups=0) if path is None else IPRoute(netns=path, groups=0, flags=0)
+        try:
+            yield ipr
+        finally:
+            ipr.close()
+
+    def _host(self) -> IPRoute:
+        return self._ipr(self.host_netns)  # type: ignore[return-value]
+
+    def _detect_mtu(self) -> int:
+        with self._host() as ipr:
+            for a in ipr.get_addr(family=2):
+                if a.get_attr("IFA_ADDRESS") == self.advertise_addr:
+                    return ipr.get_links(a["index"])[0].get_attr("IFLA_MTU")
+        return 1500
+
+    def _sandbox_name(self, network_id: str) -> str:
+        return f"{self.prefix}-ov-{network_id[:12]}"
+
+    @property
+    def ingress_sbox(self) -> str:
+        return f"{self.prefix}-ingress-sbox"
+
+    def _owned_netns(self) -> list[str]:
+        return [n for n in netns.listnetns() if n.startswith(f"{self.prefix}-ov-") or n == self.ingress_sbox]
+
+    @staticmethod
+    def _idx(ipr: IPRoute, name: str) -> int | None:
+        r = ipr.link_lookup(ifname=name)
+        return r[0] if r else None
+
+    @staticmethod
+    def _del_link(ipr: IPRoute, name: str) -> None:
+        idx = OverlayDriver._idx(ipr, name)
+        if idx is not None:
+            try:
+                ipr.link("del", index=idx)
+            except NetlinkError as e:
+                if e.code != errno.ENODEV:
+                    raise
+
+    # ------------------------------------------------------------------ networks
+    def ensure_network(self, net: objects_pb2.Network) -> None:
+        with self._lock:
+            self._ensure_network(net)
+
+    def _ensure_network(self, net: objects_pb2.Network) -> _Network:
+        nid = net.id
+        if not nid:
+            raise OverlayError("network.id is empty; pass the allocated Network object")
+        vni = net.driver_state.vni
+        if not vni:
+            raise OverlayError(f"network {nid}: driver_state.vni is 0; the network is not allocated yet")
+        if not net.ipam.configs or not net.ipam.configs[0].subnet:
+            raise OverlayError(f"network {nid}: ipam.configs[0].subnet is empty; the network is not allocated yet")
+        subnet = ipaddress.ip_network(net.ipam.configs[0].subnet, strict=False)
+        gateway = net.ipam.configs[0].gateway or str(subnet.network_address + 1)
+        gateway = _strip(gateway)
+        if "encrypted" in net.spec.driver_config.options:
+            raise OverlayError(
+                f"network {nid}: encrypted overlays are not supported by this node's driver yet; "
+                "create the network without --opt encrypted")
+        mtu = self.underlay_mtu - VXLAN_OVERHEAD
+        n = _Network(id=nid, vni=vni, subnet=subnet, gateway=gateway, internal=net.spec.internal,
+                     ingress=net.spec.ingress, mtu=mtu, sandbox=self._sandbox_name(nid))
+        old = self._nets.get(nid)
+        if old is not None:
+            n.peers, n.services = old.peers, old.services
+        n.peers.update(self._pending_peers.pop(nid, {}))
+        created = n.sandbox not in netns.listnetns()
+        try:
+            self._build_sandbox(n, created)
+        except BaseException:
+            if created:
+                self._destroy_sandbox(n.sandbox, vni)
+            raise
+        self._nets[nid] = n
+        for ip, (mac, vtep) in n.peers.items():
+            self._program_peer(n, ip, mac, vtep)
+        return n
+
+    def _build_sandbox(self, n: _Network, created: bool) -> None:
+        sb = ns_path(n.sandbox)
+        if created:
+            netns.create(n.sandbox)
+        meta = f"{n.id}|{n.vni}|{n.subnet}|{n.gateway}|{int(n.internal)}{int(n.ingress)}"
+        with self._ipr(sb) as ipr:
+            ipr.link("set", index=self._idx(ipr, "lo"), state="up")
+            br = self._idx(ipr, "br0")
+            if br is None:
+                ipr.link("add", ifname="br0", kind="bridge", br_stp_state=0, br_forward_delay=0)
+                br = self._idx(ipr, "br0")
+            ipr.link("set", index=br, mtu=n.mtu, ifalias=meta)
+            have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=br, family=2)}
+            if (n.gateway, n.subnet.prefixlen) not in have:
+                ipr.addr("add", index=br, address=n.gateway, prefixlen=n.subnet.prefixlen)
+            ipr.link("set", index=br, state="up")
+            vx = self._idx(ipr, "vxlan0")
+            if vx is not None and self._vxlan_vni(ipr, vx) != n.vni:
+                ipr.link("del", index=vx)
+                vx = None
+        if vx is None:
+            tmp = f"vx-{n.vni}"
+            with self._host() as h:
+                self._del_link(h, tmp)  # a leftover of a crash between create and move
+                try:
+                    h.link("add", ifname=tmp, kind="vxlan", vxlan_id=n.vni, vxlan_port=VXLAN_PORT,
+                           vxlan_local=self.advertise_addr, vxlan_learning=0, vxlan_proxy=1, mtu=n.mtu)
+                except NetlinkError as e:
+                    if e.code == errno.EEXIST:
+                        raise OverlayError(
+                            f"network {n.id}: a VXLAN device with VNI {n.vni} already exists on this host; "
+                            "remove the other network or give this one another VNI") from e
+                    raise
+                try:
+                    h.link("set", index=self._idx(h, tmp), net_ns_fd=sb)
+                except BaseException:
+                    self._del_link(h, tmp)
+                    raise
+            with self._ipr(sb) as ipr:
+                vx = self._idx(ipr, tmp)
+                ipr.link("set", index=vx, ifname="vxlan0", mtu=n.mtu, master=self._idx(ipr, "br0"))
+                try:
+                    ipr.link("set", index=vx, state="up")
+                except NetlinkError as e:
+                    if e.code == errno.EADDRINUSE:
+                        raise OverlayError(
+                            f"network {n.id}: UDP port {VXLAN_PORT} on {self.advertise_addr} is already bound by "
+                            "another program; stop it (see `ss -ulpn sport = {VXLAN_PORT}`)") from e
+                    raise
+        self._log("network.ready", network=n.id, vni=n.vni, sandbox=n.sandbox, mtu=n.mtu,
+                  created=created)
+
+    @staticmethod
+    def _vxlan_vni(ipr: IPRoute, idx: int) -> int | None:
+        info = ipr.get_links(idx)[0].get_attr("IFLA_LINKINFO")
+        data = info.get_attr("IFLA_INFO_DATA") if info else None
+        return data.get_attr("IFLA_VXLAN_ID") if data else None
+
+    def _destroy_sandbox(self, name: str, vni: int | None = None) -> None:
+        if name in netns.listnetns():
+            with self._ipr(ns_path(name)) as ipr:
+                # delete the vxlan first: a dying netns frees its devices asynchronously
+                self._del_link(ipr, "vxlan0")
+                self._del_link(ipr, "br0")
+            netns.remove(name)
+        if vni is not None:
+            with self._host() as h:
+                self._del_link(h, f"vx-{vni}")
+
+    def remove_network(self, network_id: str) -> None:
+        with self._lock:
+            users = [t for t, ep in self._eps.items() if any(nid == network_id for nid, _ in ep.links)]
+            if users:
+                raise OverlayError(
+                    f"network {network_id} still has tasks attached on this node ({', '.join(users[:3])}); "
+                    "detach them first")
+            n = self._nets.pop(network_id, None)
+            self._pending_peers.pop(network_id, None)
+            self._destroy_sandbox(self._sandbox_name(network_id), n.vni if n else None)
+            self._log("network.removed", network=network_id)
+
+    # ------------------------------------------------------------------ peers
+    def add_peer(self, network_id: str, ip: str, mac: str, vtep: str) -> None:
+        ip = _strip(ip)
+        with self._lock:
+            n = self._nets.get(network_id)
+            if n is None:
+                self._pending_peers.setdefault(network_id, {})[ip] = (mac, vtep)
+                self._log("peer.pending", network=network_id, ip=ip, mac=mac, vtep=vtep)
+                return
+            if vtep == self.advertise_addr:
+                return  # a local endpoint: the bridge already knows it
+            n.peers[ip] = (mac, vtep)
+            self._program_peer(n, ip, mac, vtep)
+            self._log("peer.added", network=network_id, ip=ip, mac=mac, vtep=vtep)
+
+    def _program_peer(self, n: _Network, ip: str, mac: str, vtep: str) -> None:
+        if vtep == self.advertise_addr:
+            return
+        with self._ipr(ns_path(n.sandbox)) as ipr:
+            vx = self._idx(ipr, "vxlan0")
+            ipr.fdb("replace", ifindex=vx, lladdr=mac, dst=vtep, state=NUD_PERMANENT, flags=NTF_SELF)
+            ipr.neigh("replace", ifindex=vx, dst=ip, lladdr=mac, state=NUD_PERMANENT)
+
+    def remove_peer(self, network_id: str, ip: str, mac: str, vtep: str) -> None:
+        ip = _strip(ip)
+        with self._lock:
+            pend = self._pending_peers.get(network_id)
+            if pend is not None:
+                pend.pop(ip, None)
+            n = self._nets.get(network_id)
+            if n is None:
+                return
+            n.peers.pop(ip, None)
+            if vtep == self.advertise_addr:
+                return
+            still_used = any(m == mac and v == vtep for m, v in n.peers.values())
+            with self._ipr(ns_path(n.sandbox)) as ipr:
+                vx = self._idx(ipr, "vxlan0")
+                if vx is None:
+                    return
+                for kind, kw in (("neigh", {"dst": ip, "lladdr": mac}),
+                                 ("fdb", None if still_used else {"lladdr": mac, "dst": vtep,
+                                                                  "flags": NTF_SELF})):
+                    if kw is None:
+                        continue
+                    try:
+                        getattr(ipr, kind)("del", ifindex=vx, **kw)
+                    except NetlinkError as e:
+                        if e.code not in (errno.ENOENT, errno.ESRCH):
+                            raise
+            self._log("peer.removed", network=network_id, ip=ip, mac=mac, vtep=vtep)
+
+    def peer_entries(self, network_id: str) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+        """What the kernel holds on the network's vxlan0: ({(mac, vtep)}, {(ip, mac)}) (permanent only)."""
+        with self._lock, self._ipr(ns_path(self._sandbox_name(network_id))) as ipr:
+            vx = self._idx(ipr, "vxlan0")
+            fdb = {(e.get_attr("NDA_LLADDR"), e.get_attr("NDA_DST"))
+                   for e in ipr.fdb("dump", ifindex=vx) if e.get_attr("NDA_DST")
+                   and e["ifindex"] == vx}
+            neigh = {(e.get_attr("NDA_DST"), e.get_attr("NDA_LLADDR"))
+                     for e in ipr.get_neighbours(ifindex=vx, family=2) if e["state"] & NUD_PERMANENT}
+            return fdb, neigh
+
+    # ------------------------------------------------------------------ gateway bridge
+    def _ensure_gw(self) -> None:
+        with self._host() as h:
+            br = self._idx(h, self.gw_bridge)
+            if br is None:
+                h.link("add", ifname=self.gw_bridge, kind="bridge", br_stp_state=0, br_forward_delay=0)
+                br = self._idx(h, self.gw_bridge)
+            have = {a.get_attr("IFA_ADDRESS") for a in h.get_addr(index=br, family=2)}
+            if self.gw_gateway not in have:
+                h.addr("add", index=br, address=self.gw_gateway, prefixlen=self.gw_net.prefixlen)
+            h.link("set", index=br, state="up")
+        nft.set_sysctl(self.host_netns, "net.ipv4.ip_forward", "1")
+        self._sync_host_nft()
+
+    def _alloc_gw_ip(self, task_id: str) -> str:
+        for ip in self.gw_net.hosts():
+            s = str(ip)
+            if s != self.gw_gateway and s not in self._gw_alloc:
+                self._gw_alloc[s] = task_id
+                return s
+        raise OverlayError(f"gw_subnet {self.gw_net} has no free address left; configure a larger gw_subnet")
+
+    # ------------------------------------------------------------------ attach / detach
+    def attach(self, task_id: str, container_netns: str,
+               attachments: Sequence[objects_pb2.NetworkAttachment]) -> list[Interface]:
+        with self._lock:
+            path = ns_path(container_netns)
+            old = self._eps.get(task_id)
+            if old is not None and old.netns == path and old.interfaces and self._still_there(old):
+                return list(old.interfaces)
+            ep = _Endpoint(task_id=task_id, netns=path)
+            if old is not None:  # restored, moved or broken: adopt nothing, rebuild
+                self._teardown(old)
+            try:
+                self._build_endpoint(ep, attachments)
+            except BaseException:
+                self._teardown(ep)
+                raise
+            self._eps[task_id] = ep
+            self._log("task.attached", task=task_id, netns=path,
+                      ifaces=",".join(f"{i.ifname}={i.address}" for i in ep.interfaces))
+            return list(ep.interfaces)
+
+    def _still_there(self, ep: _Endpoint) -> bool:
+        try:
+            with self._ipr(ep.netns) as ipr:
+                return all(self._idx(ipr, i.ifname) is not None for i in ep.interfaces)
+        except (OSError, NetlinkError):
+            return False
+
+    def _build_endpoint(self, ep: _Endpoint, attachments: Sequence[objects_pb2.NetworkAttachment]) -> None:
+        path = ep.netns
+        assert path is not None
+        if not os.path.exists(path):
+            raise OverlayError(f"task {ep.task_id}: container network namespace {path} does not exist")
+        with self._ipr(path) as c:
+            used = {link.get_attr("IFLA_IFNAME") for link in c.get_links()}
+        names = (f"eth{i}" for i in range(1000) if f"eth{i}" not in used)
+        egress = False
+        first_gw: str | None = None
+        for att in attachments:
+            n = self._nets.get(att.network.id) or self._ensure_network(att.network)
+            if not att.addresses:
+                raise OverlayError(f"task {ep.task_id}: attachment to network {n.id} has no address; "
+                                   "the allocator must fill addresses")
+            iface = ipaddress.ip_interface(att.addresses[0])
+            if iface.network.prefixlen == 32:
+                iface = ipaddress.ip_interface(f"{iface.ip}/{n.subnet.prefixlen}")
+            mac = att.mac or mac_from_ip(str(iface.ip))
+            ifname = next(names)
+            h = _h(ep.task_id, n.id)
+            sb_end, c_end = f"ve{h}", f"vc{h}"
+            ep.links.append((n.id, sb_end))
+            with self._ipr(ns_path(n.sandbox)) as s:
+                self._del_link(s, sb_end)
+                s.link("add", ifname=sb_end, kind="veth", peer={"ifname": c_end})
+                s.link("set", index=self._idx(s, c_end), net_ns_fd=path)
+                s.link("set", index=self._idx(s, sb_end), mtu=n.mtu, master=self._idx(s, "br0"),
+                       ifalias=ep.task_id, state="up")
+            self._setup_container_if(path, c_end, ifname, str(iface), mac, n.mtu)
+            ep.interfaces.append(Interface(n.id, ifname, str(iface), mac, n.mtu))
+            egress = egress or not n.internal
+            first_gw = first_gw or n.gateway
+        if egress:
+            self._ensure_gw()
+            ip = self._alloc_gw_ip(ep.task_id)
+            ep.gw_ip = ip
+            h = _h(ep.task_id, "gw")
+            host_end, c_end = f"gw{h}", f"gc{h}"
+            ep.gw_link = host_end
+            ifname = next(names)
+            mac = mac_from_ip(ip)
+            with self._host() as hr:
+                self._del_link(hr, host_end)
+                hr.link("add", ifname=host_end, kind="veth", peer={"ifname": c_end})
+                hr.link("set", index=self._idx(hr, c_end), net_ns_fd=path)
+                hr.link("set", index=self._idx(hr, host_end), mtu=self.underlay_mtu,
+                        master=self._idx(hr, self.gw_bridge), ifalias=f"{ep.task_id} {ip}", state="up")
+            addr = f"{ip}/{self.gw_net.prefixlen}"
+            self._setup_container_if(path, c_end, ifname, addr, mac, self.underlay_mtu)
+            ep.interfaces.append(Interface("", ifname, addr, mac, self.underlay_mtu))
+        default_gw = self.gw_gateway if egress else first_gw
+        if default_gw:
+            with self._ipr(path) as c:
+                c.route("replace", dst="0.0.0.0/0", gateway=default_gw)
+        self._sync_container_nft(ep)
+
+    def _setup_container_if(self, path: str, tmp: str, ifname: str, cidr: str, mac: str, mtu: int) -> None:
+        iface = ipaddress.ip_interface(cidr)
+        with self._ipr(path) as c:
+            c.link("set", index=self._idx(c, "lo"), state="up")
+            idx = self._idx(c, tmp)
+            c.link("set", index=idx, ifname=ifname, address=mac, mtu=mtu)
+            c.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            c.link("set", index=idx, state="up")
+
+    def detach(self, task_id: str) -> None:
+        with self._lock:
+            ep = self._eps.pop(task_id, None)
+            for key, p in list(self._host_ports.items()):
+                if p.owner == task_id:
+                    del self._host_ports[key]
+                    self._sync_host_nft()
+            if ep is None:
+                return
+            self._teardown(ep)
+            self._log("task.detached", task=task_id)
+
+    def _teardown(self, ep: _Endpoint) -> None:
+        for nid, link in ep.links:
+            sb = self._sandbox_name(nid)
+            if sb in netns.listnetns():
+                with self._ipr(ns_path(sb)) as s:
+                    self._del_link(s, link)  # its container end goes with it
+        if ep.gw_link:
+            with self._host() as h:
+                self._del_link(h, ep.gw_link)
+        if ep.gw_ip:
+            self._gw_alloc.pop(ep.gw_ip, None)
+        if ep.netns and os.path.exists(ep.netns):
+            try:
+                nft.delete_table(ep.netns, "ip", TABLE)
+            except nft.NftError as e:
+                log.warning("overlay node=%s task=%s nft cleanup failed: %s", self.node_id, ep.task_id, e)
+
+    # ------------------------------------------------------------------ service VIPs
+    def set_service_backends(self, network_id: str, vip: str, backend_ips: Sequence[str],
+                             ports: Sequence[tuple[str, int]] = ()) -> None:
+        """Balance connections to `vip` (on `network_id`) over `backend_ips`, round robin, in every
+        local container attached to the network. `ports` limits it to ("tcp"|"udp", port) pairs;
+        empty means every packet to the VIP. No backends: connections are refused at once."""
+        with self._lock:
+            n = self._nets.get(network_id)
+            if n is None:
+                raise OverlayError(f"network {network_id} is not set up on this node; call ensure_network first")
+            for proto, _ in ports:
+                if proto not in ("tcp", "udp"):
+                    raise OverlayError(f"service port protocol {proto!r} is not supported; use tcp or udp")
+            n.services[_strip(vip)] = _Service([_strip(b) for b in backend_ips], list(ports))
+            self._sync_network_containers(network_id)
+            self._log("service.backends", network=network_id, vip=vip, backends=",".join(backend_ips) or "-")
+
+    def remove_service(self, network_id: str, vip: str) -> None:
+        with self._lock:
+            n = self._nets.get(network_id)
+            if n is None or n.services.pop(_strip(vip), None) is None:
+                return
+            self._sync_network_containers(network_id)
+            self._log("service.removed", network=network_id, vip=vip)
+
+    def _sync_network_containers(self, network_id: str) -> None:
+        for ep in self._eps.values():
+            if any(nid == network_id for nid, _ in ep.links):
+                self._sync_container_nft(ep)
+
+    def _sync_container_nft(self, ep: _Endpoint) -> None:
+        if ep.netns is None:
+            return
+        nat: list[str] = []
+        flt: list[str] = []
+        for nid in dict.fromkeys(nid for nid, _ in ep.links):
+            n = self._nets.get(nid)
+            for vip, svc in (n.services.items() if n else ()):
+                if not svc.backends:
+                    flt.append(f"ip daddr {vip} meta l4proto tcp reject with tcp reset")
+                    flt.append(f"ip daddr {vip} reject")
+                    continue
+                target = _numgen(svc.backends, None)
+                if not svc.ports:
+                    nat.append(f"ip daddr {vip} dnat to {target}")
+                for proto in ("tcp", "udp"):
+                    pl = sorted({p for pr, p in svc.ports if pr == proto})
+                    if pl:
+                        nat.append(f"ip daddr {vip} {proto} dport {{ {', '.join(map(str, pl))} }} dnat to {target}")
+        if not nat and not flt:
+            nft.delete_table(ep.netns, "ip", TABLE)
+            return
+        body = ("  chain vip { type nat hook output priority -100; policy accept;\n"
+                + "".join(f"    {r}\n" for r in nat) + "  }\n"
+                "  chain novip { type filter hook output priority 0; policy accept;\n"
+                + "".join(f"    {r}\n" for r in flt) + "  }")
+        nft.replace_table(ep.netns, "ip", TABLE, body)
+
+    # ------------------------------------------------------------------ published ports
+    def _check_port(self, proto: str, port: int, owner: str) -> None:
+        if proto not in ("tcp", "udp"):
+            raise OverlayError(f"published port protocol {proto!r} is not supported; use tcp or udp")
+        if not 1 <= port <= 65535:
+            raise OverlayError(f"published_port {port} is out of range; use 1-65535")
+        cur = self._host_ports.get((proto, port))
+        if cur is not None and cur.owner != owner:
+            who = "the ingress routing mesh" if cur.owner == "ingress" else f"task {cur.owner}"
+            raise PortConflictError(
+                f"published_port {port}/{proto} is already in use on this node by {who}; "
+                "choose another published_port")
+
+    def publish_host_port(self, task_id: str, protocol: str, published_port: int, target_port: int) -> None:
+        """mode=host: DNAT <any local address>:published_port → the task's gateway-bridge address."""
+        with self._lock:
+            self._check_port(protocol, published_port, task_id)
+            ep = self._eps.get(task_id)
+            if ep is None:
+                raise OverlayError(f"task {task_id} is not attached on this node; attach it before publishing")
+            if ep.gw_ip is None:
+                raise OverlayError(
+                    f"task {task_id}: publish_mode=host needs the task on at least one non-internal network; "
+                    "attach it to one or use mode=ingress")
+            self._host_ports[(protocol, published_port)] = _Published(task_id, f"{ep.gw_ip}:{target_port}")
+            try:
+                self._sync_host_nft()
+            except BaseException:
+                del self._host_ports[(protocol, published_port)]
+                raise
+            self._log("port.published", mode="host", task=task_id, port=f"{published_port}/{protocol}",
+                      target=f"{ep.gw_ip}:{target_port}")
+
+    def unpublish_host_port(self, protocol: str, published_port: int) -> None:
+        with self._lock:
+            p = self._host_ports.get((protocol, published_port))
+            if p is None or p.owner == "ingress":
+                return
+            del self._host_ports[(protocol, published_port)]
+            self._sync_host_nft()
+            self._log("port.unpublished", mode="host", port=f"{published_port}/{protocol}")
+
+    def ensure_ingress(self, ingress_net: objects_pb2.Network, sbox_address: str, sbox_mac: str = "") -> Interface:
+        """Build this node's routing-mesh sandbox on the ingress network (spec.ingress) with the
+        node's ingress address (CIDR, allocated by the managers). Returns its interface on the
+        ingress network: announce (ip, mac, this node's VTEP) in the ingress endpoint table."""
+        with self._lock:
+            if not ingress_net.spec.ingress:
+                raise OverlayError(f"network {ingress_net.id} is not the ingress network (spec.ingress is false)")
+            if ingress_net.spec.internal:
+                raise OverlayError("the ingress network cannot be internal; recreate it without --internal")
+            created = self.ingress_sbox not in netns.listnetns()
+            try:
+                if created:
+                    netns.create(self.ingress_sbox)
+                att = objects_pb2.NetworkAttachment(addresses=[sbox_address], mac=sbox_mac)
+                att.network.CopyFrom(ingress_net)
+                ifaces = self.attach(INGRESS_TASK, ns_path(self.ingress_sbox), [att])
+                nft.set_sysctl(ns_path(self.ingress_sbox), "net.ipv4.ip_forward", "1")
+            except BaseException:
+                if created:
+                    self._remove_ingress()
+                raise
+            self._ingress = ifaces[0]
+            self._ingress_gw_ip = self._eps[INGRESS_TASK].gw_ip
+            self._sync_ingress_nft()
+            self._sync_host_nft()
+            return ifaces[0]
+
+    def set_ingress_backends(self, protocol: str, published_port: int, target_port: int,
+                             backend_ips: Sequence[str]) -> None:
+        """mode=ingress: every node accepts published_port and forwards it over the ingress network
+        to backend_ips:target_port (round robin), whichever node runs them."""
+        with self._lock:
+            if self._ingress is None:
+                raise OverlayError("the ingress sandbox is not set up on this node; call ensure_ingress first")
+            self._check_port(protocol, published_port, "ingress")
+            key = (protocol, published_port)
+            old = self._host_ports.get(key)
+            self._host_ports[key] = _Published("ingress", str(target_port), [_strip(b) for b in backend_ips])
+            try:
+                self._sync_ingress_nft()
+                self._sync_host_nft()
+            except BaseException:
+                if old is None:
+                    del self._host_ports[key]
+                else:
+                    self._host_ports[key] = old
+                raise
+            self._log("port.published", mode="ingress", port=f"{published_port}/{protocol}",
+                      target=target_port, backends=",".join(backend_ips) or "-")
+
+    def unpublish_ingress(self, protocol: str, published_port: int) -> None:
+        with self._lock:
+            p = self._host_ports.get((protocol, published_port))
+            if p is None or p.owner != "ingress":
+                return
+            del self._host_ports[(protocol, published_port)]
+            self._sync_ingress_nft()
+            self._sync_host_nft()
+            self._log("port.unpublished", mode="ingress", port=f"{published_port}/{protocol}")
+
+    def _sync_host_nft(self) -> None:
+        with self._host() as h:
+            if self._idx(h, self.gw_bridge) is None:
+                return
+        rules = []
+        for (proto, port), p in sorted(self._host_ports.items()):
+            if p.owner == "ingress":
+                if self._ingress_gw_ip is None:
+                    continue
+                rules.append(f"fib daddr type local {proto} dport {port} dnat to {self._ingress_gw_ip}:{port}")
+            else:
+                rules.append(f"fib daddr type local {proto} dport {port} dnat to {p.target}")
+        r = "".join(f"    {x}\n" for x in rules)
+        body = (
+            f"  chain pre {{ type nat hook prerouting priority -100; policy accept;\n{r}  }}\n"
+            f"  chain out {{ type nat hook output priority -100; policy accept;\n{r}  }}\n"
+            "  chain post { type nat hook postrouting priority 100; policy accept;\n"
+            f"    ip saddr {self.gw_net} oifname != \"{self.gw_bridge}\" masquerade\n  }}")
+        nft.replace_table(self.host_netns, "ip", TABLE, body)
+
+    def _sync_ingress_nft(self) -> None:
+        if self._ingress is None:
+            return
+        rules = []
+        for (proto, port), p in sorted(self._host_ports.items()):
+            if p.owner == "ingress" and p.backends:
+                rules.append(f"{proto} dport {port} dnat ip to {_numgen(p.backends, int(p.target))}")
+        r = "".join(f"    {x}\n" for x in rules)
+        body = (
+            f"  chain pre {{ type nat hook prerouting priority -100; policy accept;\n{r}  }}\n"
+            "  chain post { type nat hook postrouting priority 100; policy accept;\n"
+            f"    ct status dnat oifname \"{self._ingress.ifname}\" masquerade\n  }}")
+        nft.replace_table(ns_path(self.ingress_sbox), "ip", TABLE, body)
+
+    def _remove_ingress(self) -> None:
+        ep = self._eps.pop(INGRESS_TASK, None)
+        if ep is not None:
+            self._teardown(ep)
+        if self.ingress_sbox in netns.listnetns():
+            netns.remove(self.ingress_sbox)
+        self._ingress = None
+        self._ingress_gw_ip = None
+
+    # ------------------------------------------------------------------ restore / cleanup
+    def restore(self) -> set[str]:
+        """Adopt what an earlier run of this driver left in the kernel (same ns_prefix): network
+        sandboxes (from br0's ifalias), their FDB/neighbour entries, gateway-bridge addresses.
+        Returns the task ids that still have interfaces here; the agent re-attach()es the ones it
+        still runs (that rebuilds their interfaces and VIP rules) and detach()es the others. It
+        then re-sends service backends and published ports."""
+        with self._lock:
+            tasks: set[str] = set()
+            for name in self._owned_netns():
+                if name == self.ingress_sbox:
+                    continue
+                with self._ipr(ns_path(name)) as ipr:
+                    br = self._idx(ipr, "br0")
+                    meta = ipr.get_links(br)[0].get_attr("IFLA_IFALIAS") if br is not None else None
+                    if not meta or meta.count("|") != 4:
+                        log.warning("overlay node=%s sandbox=%s has no metadata; removing it", self.node_id, name)
+                        ipr.close()
+                        self._destroy_sandbox(name)
+                        continue
+                    nid, vni, subnet, gw, flags = meta.split("|")
+                    n = _Network(id=nid, vni=int(vni), subnet=ipaddress.ip_network(subnet), gateway=gw,
+                                 internal=flags[0] == "1", ingress=flags[1] == "1",
+                                 mtu=ipr.get_links(br)[0].get_attr("IFLA_MTU"), sandbox=name)
+                    for link in ipr.get_links():
+                        if link.get_attr("IFLA_MASTER") == br and link.get_attr("IFLA_IFNAME").startswith("ve"):
+                            task = link.get_attr("IFLA_IFALIAS") or ""
+                            tasks.add(task)
+                            ep = self._eps.setdefault(task, _Endpoint(task_id=task, netns=None))
+                            ep.links.append((nid, link.get_attr("IFLA_IFNAME")))
+                self._nets[nid] = n
+                fdb, neigh = self.peer_entries(nid)
+                vtep_of = dict(fdb)
+                for ip, mac in neigh:
+                    if mac in vtep_of:
+                        n.peers[ip] = (mac, vtep_of[mac])
+            with self._host() as h:
+                br = self._idx(h, self.gw_bridge)
+                links = h.get_links() if br is not None else []
+                for link in links:
+                    if link.get_attr("IFLA_MASTER") == br and (alias := link.get_attr("IFLA_IFALIAS")):
+                        task, _, ip = alias.partition(" ")
+                        self._gw_alloc[ip] = task
+                        tasks.add(task)
+                        ep = self._eps.setdefault(task, _Endpoint(task_id=task, netns=None))
+                        ep.gw_ip, ep.gw_link = ip, link.get_attr("IFLA_IFNAME")
+            if INGRESS_TASK in self._eps and self.ingress_sbox in netns.listnetns():
+                self._eps[INGRESS_TASK].netns = ns_path(self.ingress_sbox)
+            tasks.discard(INGRESS_TASK)
+            self._log("restored", networks=len(self._nets), tasks=len(tasks))
+            return tasks
+
+    def cleanup(self) -> None:
+        """Remove everything this driver made: namespaces, links, FDB/neighbour entries, nft tables."""
+        with self._lock:
+            for task in list(self._eps):
+                if task != INGRESS_TASK:
+                    self.detach(task)
+            self._remove_ingress()
+            for nid in list(self._nets):
+                self.remove_network(nid)
+            for name in self._owned_netns():
+                self._destroy_sandbox(name)
+            self._pending_peers.clear()
+            self._host_ports.clear()
+            with self._host() as h:
+                for link in h.get_links():
+                    name = link.get_attr("IFLA_IFNAME")
+                    if name.startswith("vx-") or (name.startswith("gw") and len(name) == 12
+                                                  and link.get_attr("IFLA_IFALIAS")):
+                        self._del_link(h, name)
+                self._del_link(h, self.gw_bridge)
+            nft.delete_table(self.host_netns, "ip", TABLE)
+            self._gw_alloc.clear()
+            self._log("cleaned")
+
+
+def _numgen(backends: Sequence[str], port: int | None) -> str:
+    items = ", ".join(f"{i} : {b}" + (f" . {port}" if port is not None else "") for i, b in enumerate(backends))
+    if len(backends) == 1 and port is None:
+        return backends[0]
+    if len(backends) == 1:
+        return f"{backends[0]}:{port}"
+    return f"numgen inc mod {len(backends)} map {{ {items} }}"
