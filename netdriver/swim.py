@@ -171,6 +171,11 @@ def write_frame(writer: asyncio.StreamWriter, blob: bytes) -> None:
 class _UDP(asyncio.DatagramProtocol):
     def __init__(self, owner: Memberlist) -> None:
         self.owner = owner
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def datagram_received(self, data: bytes, addr) -> None:
         self.owner._on_datagram(data, addr)
@@ -206,6 +211,7 @@ class Memberlist:
         self._probe_index = 0
         self._suspicion: dict[str, asyncio.TimerHandle] = {}
         self._transport: asyncio.DatagramTransport | None = None
+        self._protocol: _UDP | None = None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self._leaving = False
@@ -218,7 +224,7 @@ class Memberlist:
         loop = asyncio.get_running_loop()
         self._members[self.node_id] = Member(self.node_id, self.advertise_addr, self.port, ALIVE, self.incarnation)
         try:
-            self._transport, _ = await loop.create_datagram_endpoint(
+            self._transport, self._protocol = await loop.create_datagram_endpoint(
                 lambda: _UDP(self), local_addr=(self.bind_addr, self.port)
             )
             self._server = await asyncio.start_server(self._on_stream, self.bind_addr, self.port)
@@ -252,6 +258,7 @@ class Memberlist:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+            await self._protocol.closed  # the socket is really closed (the port can be bound again)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

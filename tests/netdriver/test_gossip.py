@@ -1,0 +1,322 @@
+"""Gossip: SWIM membership and network tables between real nodes on loopback UDP/TCP sockets.
+
+Several nodes live in one process (one event loop) on 127.0.x.y addresses; one test runs a node
+as a separate process and SIGKILLs it. Waits poll for a condition with a generous deadline; they
+assert outcomes, never speed (that is bench/gossip.py's job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from shoal.netdriver.gossip import ENDPOINT_TABLE, EventKind, Gossip, GossipConfig, TableEvent
+from shoal.netdriver.keyring import Keyring, KeyringError
+from shoal.proto import gossip_pb2
+
+PORT = 20000 + os.getpid() % 20000
+_NET = 10 + os.getpid() % 200
+_seq = iter(range(1, 250))
+
+KEY1 = bytes(range(32))
+KEY2 = bytes(range(100, 132))
+
+
+def aiotest(fn):
+    """Run an async test function on a fresh event loop (no pytest plugin needed)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def fresh_addrs(n: int) -> list[str]:
+    """n unused loopback addresses for this test (unique per test run and per call)."""
+    block = next(_seq)
+    return [f"127.{_NET}.{block}.{i + 1}" for i in range(n)]
+
+
+async def until(pred: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"gave up waiting for: {what}")
+        await asyncio.sleep(0.05)
+
+
+def states(g: Gossip) -> dict[str, str]:
+    return {m.node_id: m.state_name for m in g.members()}
+
+
+@contextlib.asynccontextmanager
+async def cluster(n: int, keys=(KEY1,), config: GossipConfig | None = None, join: bool = True,
+                  prefix: str = "n") -> AsyncIterator[list[Gossip]]:
+    addrs = fresh_addrs(n)
+    nodes = [Gossip(f"{prefix}{i}", a, a, port=PORT, keys=keys, config=config) for i, a in enumerate(addrs)]
+    started: list[Gossip] = []
+    try:
+        for g in nodes:
+            await g.start()
+            started.append(g)
+        if join:
+            for g in nodes[1:]:
+                assert await g.join([f"{addrs[0]}:{PORT}"]) == 1
+            await until(lambda: all(list(states(g).values()).count("alive") == n for g in nodes),
+                        f"{n} nodes see each other alive")
+        yield nodes
+    finally:
+        for g in started:
+            await g.stop()
+
+
+def record(task: str, ip: str, **kw) -> bytes:
+    return gossip_pb2.EndpointRecord(task_id=task, ip=ip, **kw).SerializeToString()
+
+
+# ----- keyring ---------------------------------------------------------------------------------
+
+
+def test_keyring_seal_open_rotation_and_rejection():
+    a = Keyring([KEY1])
+    blob = a.seal(b"hello", b"udp")
+    assert b"hello" not in blob
+    assert a.open(blob, b"udp") == b"hello"
+    with pytest.raises(KeyringError):
+        a.open(blob, b"tcp")  # label is authenticated
+    with pytest.raises(KeyringError):
+        Keyring([KEY2]).open(blob, b"udp")  # unknown key id
+    tampered = bytearray(blob)
+    tampered[-1] ^= 1
+    with pytest.raises(KeyringError):
+        a.open(bytes(tampered), b"udp")
+    with pytest.raises(KeyringError):
+        a.open(Keyring().seal(b"plain", b"udp"), b"udp")  # plaintext refused when keys are set
+    # rotation: b accepts both and sends with the new primary; a (old key only) cannot read it
+    b = Keyring([KEY1, KEY2], primary=KEY2)
+    assert b.open(blob, b"udp") == b"hello"
+    new = b.seal(b"x", b"udp")
+    with pytest.raises(KeyringError):
+        a.open(new, b"udp")
+    a.add(KEY2)
+    assert a.open(new, b"udp") == b"x"
+    with pytest.raises(ValueError, match="16, 24 or 32 bytes"):
+        Keyring([b"short"])
+    with pytest.raises(ValueError, match="primary"):
+        b.remove(KEY2)
+
+
+# ----- membership ------------------------------------------------------------------------------
+
+
+@aiotest
+async def test_join_stop_detected_dead_and_entries_purged():
+    async with cluster(4) as nodes:
+        for g in nodes:
+            await g.join_network("netA")
+        nodes[3].put(ENDPOINT_TABLE, "netA", "ep3", record("t3", "198.19.0.3"))
+        await until(lambda: all("ep3" in g.entries(ENDPOINT_TABLE, "netA") for g in nodes), "ep3 everywhere")
+        sub = nodes[0].subscribe()
+        await nodes[3].stop()  # no leave: looks like a crash to the others
+        await until(lambda: all(states(g)["n3"] == "dead" for g in nodes[:3]), "n3 declared dead")
+        await until(lambda: not any(g.entries(ENDPOINT_TABLE, "netA") for g in nodes[:3]), "n3's entries purged")
+        ev = await asyncio.wait_for(anext(sub), 10)
+        assert (ev.kind, ev.key, ev.owner) == (EventKind.DELETE, "ep3", "n3")
+        assert gossip_pb2.EndpointRecord.FromString(ev.value).ip == "198.19.0.3"
+        assert all(states(g)[x] == "alive" for g in nodes[:3] for x in ("n0", "n1", "n2"))
+
+
+@aiotest
+async def test_graceful_leave_marks_left_and_purges():
+    async with cluster(3) as nodes:
+        for g in nodes:
+            await g.join_network("netL")
+        nodes[2].put("t", "netL", "k", b"v")
+        await until(lambda: all(g.entries("t", "netL") == {"k": b"v"} for g in nodes), "entry everywhere")
+        await nodes[2].leave()
+        await until(lambda: all(states(g)["n2"] == "left" for g in nodes[:2]), "n2 left")
+        assert all(g.entries("t", "netL") == {} for g in nodes[:2])
+
+
+@aiotest
+async def test_suspected_node_refutes_with_higher_incarnation():
+    async with cluster(3) as nodes:
+        victim = nodes[2]
+        inc = victim.ml.incarnation
+        # n0 wrongly suspects n2 (as after a lost ack); n2 must hear it and refute
+        m = nodes[0].ml.member("n2")
+        nodes[0].ml._on_suspect(gossip_pb2.MemberUpdate(node="n2", addr=m.addr, port=m.port,
+                                                        incarnation=m.incarnation, state=gossip_pb2.SUSPECT))
+        assert states(nodes[0])["n2"] == "suspect"
+        await until(lambda: victim.ml.incarnation > inc, "n2 refutes")
+        await until(lambda: all(states(g)["n2"] == "alive" for g in nodes), "n2 alive again everywhere")
+        # past the suspicion timeout nobody declares it dead
+        await asyncio.sleep(1.5 * nodes[0].config.probe_interval * nodes[0].config.suspicion_mult)
+        assert all(states(g)["n2"] == "alive" for g in nodes)
+
+
+@aiotest
+async def test_wrong_key_packets_dropped_and_rotation():
+    addrs = fresh_addrs(3)
+    good = [Gossip(f"k{i}", addrs[i], addrs[i], port=PORT, keys=[KEY1]) for i in range(2)]
+    bad = Gossip("bad", addrs[2], addrs[2], port=PORT, keys=[KEY2])
+    plain = None
+    try:
+        for g in [*good, bad]:
+            await g.start()
+        assert await good[1].join([f"{addrs[0]}:{PORT}"]) == 1
+        assert await bad.join([f"{addrs[0]}:{PORT}"]) == 0
+        # UDP from the wrong key: send a ping straight at k0
+        bad.ml.send_packet(addrs[0], PORT, [gossip_pb2.Message(ping=gossip_pb2.Ping(seq=1, target="k0"))])
+        await until(lambda: good[0].dropped_packets >= 2, "k0 dropped the bad stream and datagram")
+        assert "bad" not in states(good[0]) and "bad" not in states(good[1])
+        assert set(states(bad)) == {"bad"}
+        # rotation: bad gets KEY1 added (still sending with KEY2) → still refused; then uses KEY1 → joins
+        bad.keyring.add(KEY1)
+        assert await bad.join([f"{addrs[0]}:{PORT}"]) == 0
+        bad.keyring.use(KEY1)
+        assert await bad.join([f"{addrs[0]}:{PORT}"]) == 1
+        await until(lambda: all(states(g).get("bad") == "alive" for g in good), "bad joined after rotation")
+        await bad.stop()
+        bad = None
+        # a node without any key cannot talk to keyed nodes either
+        plain = Gossip("plain", addrs[2], addrs[2], port=PORT)
+        await plain.start()
+        assert await plain.join([f"{addrs[0]}:{PORT}"]) == 0
+    finally:
+        for g in [*good, bad, plain]:
+            if g is not None:
+                await g.stop()
+
+
+# ----- network tables --------------------------------------------------------------------------
+
+
+@aiotest
+async def test_tables_only_network_members_and_full_sync_on_join():
+    async with cluster(4) as nodes:
+        n0, n1, n2, n3 = nodes
+        events: list[TableEvent] = []
+        n2.add_listener(events.append)
+        for g in (n0, n1):
+            await g.join_network("netX")
+        await n2.join_network("netY")
+        n0.put(ENDPOINT_TABLE, "netX", "a", record("ta", "198.19.1.1"))
+        n1.put(ENDPOINT_TABLE, "netX", "b", record("tb", "198.19.1.2"))
+        n2.put(ENDPOINT_TABLE, "netY", "c", record("tc", "198.19.2.1"))
+        await until(lambda: set(n0.entries(ENDPOINT_TABLE, "netX")) == {"a", "b"}
+                    and set(n1.entries(ENDPOINT_TABLE, "netX")) == {"a", "b"}, "netX on n0, n1")
+        # let gossip and retransmits settle; non-members hold nothing of netX
+        await asyncio.sleep(1.0)
+        assert n2.entries(ENDPOINT_TABLE, "netX") == {} and n3.entries(ENDPOINT_TABLE, "netX") == {}
+        assert n2.store.network_entries("netX") == [] and n3.store.network_entries("netX") == []
+        assert n0.entries(ENDPOINT_TABLE, "netY") == {} and n3.entries(ENDPOINT_TABLE, "netY") == {}
+        assert [e.network_id for e in events] == ["netY"]
+        with pytest.raises(ValueError, match="join_network"):
+            n3.put(ENDPOINT_TABLE, "netX", "z", b"")
+        # n3 joins netX later: full sync brings what is already there
+        await n3.join_network("netX")
+        assert set(n3.entries(ENDPOINT_TABLE, "netX")) == {"a", "b"}
+        n3.put(ENDPOINT_TABLE, "netX", "d", record("td", "198.19.1.4"))
+        await until(lambda: all(set(g.entries(ENDPOINT_TABLE, "netX")) == {"a", "b", "d"} for g in (n0, n1, n3)),
+                    "d on netX members")
+        # n1 leaves netX: its entry vanishes on the others, and its own table of netX is dropped
+        await n1.leave_network("netX")
+        assert n1.entries(ENDPOINT_TABLE, "netX") == {}
+        await until(lambda: all(set(g.entries(ENDPOINT_TABLE, "netX")) == {"a", "d"} for g in (n0, n3)),
+                    "b purged after n1 left netX")
+        assert n2.entries(ENDPOINT_TABLE, "netX") == {}
+
+
+@aiotest
+async def test_update_and_tombstone_delete_propagate():
+    cfg = GossipConfig(tombstone_ttl=2.0)
+    async with cluster(3, config=cfg) as nodes:
+        for g in nodes:
+            await g.join_network("netD")
+        subs = [g.subscribe() for g in nodes[1:]]
+        nodes[0].put("t", "netD", "k", b"v1")
+        await until(lambda: all(g.entries("t", "netD") == {"k": b"v1"} for g in nodes), "v1 everywhere")
+        nodes[0].put("t", "netD", "k", b"v2")
+        await until(lambda: all(g.entries("t", "netD") == {"k": b"v2"} for g in nodes), "v2 everywhere")
+        nodes[0].delete("t", "netD", "k")
+        await until(lambda: all(g.entries("t", "netD") == {} for g in nodes), "delete everywhere")
+        for s in subs:
+            got = [await asyncio.wait_for(anext(s), 5) for _ in range(3)]
+            assert [(e.kind, e.value) for e in got] == [
+                (EventKind.CREATE, b"v1"), (EventKind.UPDATE, b"v2"), (EventKind.DELETE, b"v2")]
+            assert all(e.owner == "n0" and e.network_id == "netD" for e in got)
+            s.close()
+        # the tombstone exists for a while, then is reaped
+        assert all(g.store.get("t", "netD", "k").deleted for g in nodes)
+        await until(lambda: all(g.store.get("t", "netD", "k") is None for g in nodes), "tombstone reaped")
+        with pytest.raises(KeyError):
+            nodes[0].delete("t", "netD", "k")
+
+
+@aiotest
+async def test_anti_entropy_repairs_a_lost_broadcast():
+    cfg = GossipConfig(table_sync_interval=1.0)
+    async with cluster(3, config=cfg) as nodes:
+        for g in nodes:
+            await g.join_network("netE")
+        # n0 writes the entry into its store without broadcasting (as if every datagram was lost)
+        nodes[0].store.merge(gossip_pb2.TableEntry(table="t", network_id="netE", key="k", value=b"v",
+                                                   owner="n0", ltime=nodes[0].table_clock.next()))
+        await until(lambda: all(g.entries("t", "netE") == {"k": b"v"} for g in nodes), "push-pull repaired it")
+
+
+@aiotest
+async def test_ten_nodes_converge():
+    async with cluster(10) as nodes:
+        for g in nodes:
+            await g.join_network("net10")
+        for i, g in enumerate(nodes):
+            g.put(ENDPOINT_TABLE, "net10", f"ep{i}", record(f"t{i}", f"198.19.10.{i + 1}"))
+        want = {f"ep{i}" for i in range(10)}
+        await until(lambda: all(set(g.entries(ENDPOINT_TABLE, "net10")) == want for g in nodes), "10x10 entries")
+        await until(lambda: all(len(g.network_nodes("net10")) == 9 for g in nodes), "network membership")
+
+
+# ----- a node in another process, killed with SIGKILL --------------------------------------------
+
+
+@aiotest
+async def test_killed_process_is_detected_dead_and_purged():
+    addrs = fresh_addrs(4)
+    async with cluster(3, join=False) as nodes:
+        # the in-process nodes use addrs of their own block; the child joins through n0
+        seed = f"{nodes[0].advertise_addr}:{PORT}"
+        for g in nodes[1:]:
+            assert await g.join([seed]) == 1
+        for g in nodes:
+            await g.join_network("netK")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shoal.netdriver.gossip", "--node-id", "child", "--bind", addrs[3],
+             "--port", str(PORT), "--join", seed, "--key-hex", KEY1.hex(), "--network", "netK",
+             "--put", f"{ENDPOINT_TABLE}/netK/child-ep=hello"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+            assert line.strip() == "ready"
+            await until(lambda: all(g.entries(ENDPOINT_TABLE, "netK") == {"child-ep": b"hello"} for g in nodes),
+                        "child's entry everywhere")
+            await until(lambda: all(states(g).get("child") == "alive" for g in nodes), "child alive everywhere")
+            os.kill(proc.pid, signal.SIGKILL)
+            await until(lambda: all(states(g)["child"] == "dead" for g in nodes), "child declared dead")
+            await until(lambda: all(g.entries(ENDPOINT_TABLE, "netK") == {} for g in nodes), "child's entry purged")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdout.close()
