@@ -1,0 +1,573 @@
+"""The dispatcher: the only part of the manager that talks to agents.
+
+Each agent keeps one session with the leader's dispatcher (`Session` stream), heartbeats on it,
+receives its assignments (`Assignments` stream: tasks plus exactly the secrets and configs they
+use) and reports task status (`UpdateTaskStatus`, batched into store transactions).
+
+Only the leader's dispatcher serves. On a follower every call fails with UNAVAILABLE and the
+leader's address in the trailing metadata key `shoal-leader-addr`, so the agent moves there.
+
+The caller's node id comes from the CN of its mTLS client certificate. Unit tests without TLS set
+`insecure_node_id_from_metadata=True`, and the node id is then read from metadata `shoal-node-id`.
+
+`run()` is a leader loop: it marks nodes whose heartbeats stopped DOWN (grace ≈ 3 heartbeat
+periods; with the default 1 s period a dead node is DOWN in under 3 s), and, when this manager
+has just become leader, gives every node one grace period to open a session here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from shoal.manager.store import Conflict, Store, StoreError, Tx, new_id
+from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_pb2, types_pb2
+
+log = logging.getLogger("shoal.dispatcher")
+
+DEFAULT_HEARTBEAT_PERIOD = 1.0
+# A node is DOWN when no heartbeat came for GRACE_MULTIPLIER periods: an agent heartbeats every
+# period, so two missed heartbeats plus most of a third period (2.8 s at the 1 s default, < 3 s).
+GRACE_MULTIPLIER = 2.8
+LEADER_ADDR_KEY = "shoal-leader-addr"
+NODE_ID_KEY = "shoal-node-id"
+API_PORT = 2377
+# Incremental assignment changes arriving within this window go out as one message.
+ASSIGNMENT_BATCH_WINDOW = 0.02
+# Status updates arriving while a commit is in flight (or within this window) share a transaction.
+STATUS_BATCH_WINDOW = 0.005
+# How often long-lived streams check that the session is alive and this manager still leads.
+STREAM_CHECK_PERIOD = 0.25
+MAX_CONFLICT_RETRIES = 8
+
+
+def heartbeat_period(cluster: objects_pb2.Cluster | None) -> float:
+    if cluster is not None and cluster.spec.dispatcher.HasField("heartbeat_period"):
+        p = cluster.spec.dispatcher.heartbeat_period.ToNanoseconds() / 1e9
+        if p > 0:
+            return p
+    return DEFAULT_HEARTBEAT_PERIOD
+
+
+def node_id_from_auth_context(context: grpc.aio.ServicerContext) -> str | None:
+    """The CN of the verified client certificate, or None on a connection without mTLS."""
+    try:
+        auth = context.auth_context()
+    except Exception:  # pragma: no cover - defensive
+        return None
+    cns = auth.get("x509_common_name") or []
+    return cns[0].decode() if cns else None
+
+
+def tasks_equal_stable(a: objects_pb2.Task, b: objects_pb2.Task) -> bool:
+    """Equal except for status and meta: a change the agent does not need to hear about."""
+    x, y = objects_pb2.Task(), objects_pb2.Task()
+    x.CopyFrom(a)
+    y.CopyFrom(b)
+    for t in (x, y):
+        t.ClearField("status")
+        t.ClearField("meta")
+    return x == y
+
+
+def task_dependencies(tasks: Iterable[objects_pb2.Task]) -> tuple[set[str], set[str]]:
+    """Ids of the secrets and configs needed by the tasks that may still start or run."""
+    secrets: set[str] = set()
+    configs: set[str] = set()
+    for t in tasks:
+        if t.status.state > types_pb2.RUNNING or t.desired_state > types_pb2.RUNNING:
+            continue
+        secrets.update(r.secret_id for r in t.spec.container.secrets if r.secret_id)
+        configs.update(r.config_id for r in t.spec.container.configs if r.config_id)
+    return secrets, configs
+
+
+@dataclass
+class _Session:
+    id: str
+    node_id: str
+    expires: float
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _StatusBatch:
+    updates: dict[str, tuple[str, types_pb2.TaskStatus]] = field(default_factory=dict)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
+    """gRPC servicer of `shoal.Dispatcher`, plus `run()` as a leader loop.
+
+    `manager` (optional) may provide `leader_api_addr() -> str | None` (the leader's host:2377) and
+    `api_peers() -> list[tuple[node_id, addr]]` (every manager's API address). Without them both are
+    derived from the store: the Raft leader's host with port 2377, and the manager nodes.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        manager: Any = None,
+        *,
+        insecure_node_id_from_metadata: bool = False,
+        auto_register: bool = False,
+    ) -> None:
+        self.store = store
+        self.manager = manager
+        self.insecure = insecure_node_id_from_metadata
+        # Create the Node object for an unknown caller (single-node setups and tests); normally the
+        # CA creates it when it issues the node certificate, and an unknown node is refused.
+        self.auto_register = auto_register
+        self._sessions: dict[str, _Session] = {}
+        # Nodes not yet seen by this leader: node id -> deadline to open a session here.
+        self._unconfirmed: dict[str, float] = {}
+        self._batch = _StatusBatch()
+        self._flusher: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Event | None = None
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def period(self) -> float:
+        return heartbeat_period(self.store.cluster())
+
+    def grace(self) -> float:
+        return self.period() * GRACE_MULTIPLIER
+
+    def leader_addr(self) -> str:
+        fn = getattr(self.manager, "leader_api_addr", None)
+        if fn is not None:
+            addr = fn()
+            if addr:
+                return str(addr)
+        raft_addr = getattr(self.store, "leader_addr", lambda: None)()
+        if raft_addr:
+            return f"{str(raft_addr).rsplit(':', 1)[0]}:{API_PORT}"
+        return ""
+
+    def managers(self) -> list[dispatcher_pb2.WeightedPeer]:
+        fn = getattr(self.manager, "api_peers", None)
+        if fn is not None:
+            return [dispatcher_pb2.WeightedPeer(node_id=n, addr=a, weight=1) for n, a in fn()]
+        peers = []
+        for n in self.store.find("node"):
+            if n.role == types_pb2.MANAGER and n.manager_status.addr:
+                host = n.manager_status.addr.rsplit(":", 1)[0]
+                peers.append(dispatcher_pb2.WeightedPeer(node_id=n.id, addr=f"{host}:{API_PORT}", weight=1))
+        return peers
+
+    async def _check_leader(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.store.is_leader():
+            leader = self.leader_addr()
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"this manager is not the leader; the leader is at {leader or 'unknown (election under way)'}",
+                trailing_metadata=((LEADER_ADDR_KEY, leader),),
+            )
+
+    async def _caller(self, context: grpc.aio.ServicerContext) -> str:
+        node_id = node_id_from_auth_context(context)
+        if node_id is None and self.insecure:
+            node_id = dict(context.invocation_metadata() or ()).get(NODE_ID_KEY)
+        if not node_id:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "no node identity: connect with the node's TLS certificate (mutual TLS)",
+            )
+        return str(node_id)
+
+    async def _session_for(self, context: grpc.aio.ServicerContext, session_id: str) -> _Session:
+        await self._check_leader(context)
+        node_id = await self._caller(context)
+        s = self._sessions.get(node_id)
+        if s is None or s.id != session_id or s.closed.is_set():
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"session {session_id!r} of node {node_id} is not open; open a new session"
+            )
+        assert s is not None
+        return s
+
+    def _ensure_flag(self) -> asyncio.Event:
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        return self._wakeup
+
+    # ---- Session -----------------------------------------------------------------------------
+    async def Session(  # noqa: N802
+        self, request: dispatcher_pb2.SessionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[dispatcher_pb2.SessionMessage]:
+        await self._check_leader(context)
+        node_id = await self._caller(context)
+        peer_host = _peer_host(context.peer())
+        try:
+            node = await self._register(node_id, request.description, peer_host)
+        except StoreError as e:
+            await context.abort(_status_code(e), str(e))
+        old = self._sessions.get(node_id)
+        if old is not None:
+            old.closed.set()
+        session = _Session(id=new_id(), node_id=node_id, expires=time.monotonic() + self.grace())
+        self._sessions[node_id] = session
+        self._unconfirmed.pop(node_id, None)
+        self._ensure_flag().set()
+        log.info("session opened node=%s session=%s addr=%s", node_id, session.id, node.status.addr)
+
+        last: dispatcher_pb2.SessionMessage | None = None
+        with self.store.watch(("node", "cluster")) as watcher:
+            try:
+                while True:
+                    msg = self._session_message(session)
+                    if msg != last:
+                        yield msg
+                        last = msg
+                    try:
+                        await asyncio.wait_for(watcher.queue.get(), STREAM_CHECK_PERIOD)
+                        while not watcher.queue.empty():
+                            watcher.queue.get_nowait()
+                    except TimeoutError:
+                        pass
+                    if session.closed.is_set():
+                        await context.abort(grpc.StatusCode.NOT_FOUND, f"session {session.id} was closed; open a new one")
+                    await self._check_leader(context)
+            finally:
+                log.info("session stream ended node=%s session=%s", node_id, session.id)
+
+    def _session_message(self, session: _Session) -> dispatcher_pb2.SessionMessage:
+        cluster = self.store.cluster()
+        msg = dispatcher_pb2.SessionMessage(session_id=session.id, managers=self.managers())
+        node = self.store.get("node", session.node_id)
+        if node is not None:
+            msg.node.CopyFrom(node)
+            msg.node.ClearField("meta")
+        if cluster is not None:
+            msg.network_bootstrap_keys.extend(cluster.network_bootstrap_keys)
+        return msg
+
+    async def _register(
+        self, node_id: str, desc: types_pb2.NodeDescription, peer_host: str
+    ) -> objects_pb2.Node:
+        addr = desc.addr or peer_host
+
+        def fn(tx: Tx) -> objects_pb2.Node:
+            cur = tx.get("node", node_id)
+            node = objects_pb2.Node()
+            if cur is None:
+                if not self.auto_register:
+                    raise _NotRegistered(
+                        f"node {node_id} is not registered in the cluster (it may have been removed); "
+                        "join the node again with a join token"
+                    )
+                node.id = node_id
+                node.spec.membership = specs_pb2.NodeSpec.ACCEPTED
+                node.description.CopyFrom(desc)
+                node.status.state = types_pb2.NodeStatus.READY
+                node.status.addr = addr
+                return tx.create(node)
+            node.CopyFrom(cur)
+            node.description.CopyFrom(desc)
+            node.status.CopyFrom(types_pb2.NodeStatus(state=types_pb2.NodeStatus.READY, addr=addr))
+            return tx.update(node)
+
+        return await _retry_conflicts(self.store, fn)
+
+    # ---- Heartbeat ---------------------------------------------------------------------------
+    async def Heartbeat(  # noqa: N802
+        self, request: dispatcher_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> dispatcher_pb2.HeartbeatResponse:
+        s = await self._session_for(context, request.session_id)
+        period = self.period()
+        s.expires = time.monotonic() + period * GRACE_MULTIPLIER
+        resp = dispatcher_pb2.HeartbeatResponse()
+        resp.period.FromNanoseconds(int(period * 1e9))
+        return resp
+
+    # ---- leader loop: heartbeat expiry ---------------------------------------------------------
+    async def run(self) -> None:
+        """Leader loop: mark nodes DOWN when their heartbeats stop. Cancel it on leadership loss."""
+        wake = self._ensure_flag()
+        now = time.monotonic()
+        grace = self.grace()
+        for n in self.store.find("node"):
+            if n.status.state != types_pb2.NodeStatus.DOWN and n.id not in self._sessions:
+                self._unconfirmed[n.id] = now + grace
+        log.info("dispatcher leader loop started nodes_awaited=%d grace=%.1fs", len(self._unconfirmed), grace)
+        try:
+            while True:
+                now = time.monotonic()
+                expired: list[tuple[str, str]] = []
+                for node_id, s in list(self._sessions.items()):
+                    if s.expires <= now:
+                        del self._sessions[node_id]
+                        s.closed.set()
+                        expired.append((node_id, "heartbeat failure"))
+                for node_id, deadline in list(self._unconfirmed.items()):
+                    if deadline <= now:
+                        del self._unconfirmed[node_id]
+                        expired.append((node_id, "heartbeat failure for node not seen by this leader"))
+                for node_id, why in expired:
+                    try:
+                        await self._mark_down(node_id, why)
+                    except StoreError as e:
+                        log.warning("marking node down failed node=%s err=%s", node_id, e)
+                deadlines = [s.expires for s in self._sessions.values()] + list(self._unconfirmed.values())
+                timeout = min(deadlines) - time.monotonic() if deadlines else self.period()
+                wake.clear()
+                try:
+                    await asyncio.wait_for(wake.wait(), max(0.005, timeout))
+                except TimeoutError:
+                    pass
+        finally:
+            # A new leader starts from scratch; streams here end with UNAVAILABLE on their next check.
+            for s in self._sessions.values():
+                s.closed.set()
+            self._sessions.clear()
+            self._unconfirmed.clear()
+
+    async def _mark_down(self, node_id: str, why: str) -> None:
+        def fn(tx: Tx) -> None:
+            cur = tx.get("node", node_id)
+            if cur is None or cur.status.state == types_pb2.NodeStatus.DOWN:
+                return
+            node = objects_pb2.Node()
+            node.CopyFrom(cur)
+            node.status.state = types_pb2.NodeStatus.DOWN
+            node.status.message = why
+            tx.update(node)
+
+        await _retry_conflicts(self.store, fn)
+        log.warning("node down node=%s reason=%r", node_id, why)
+
+    # ---- Assignments ---------------------------------------------------------------------------
+    async def Assignments(  # noqa: N802
+        self, request: dispatcher_pb2.AssignmentsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[dispatcher_pb2.AssignmentsMessage]:
+        session = await self._session_for(context, request.session_id)
+        node_id = session.node_id
+        sm = self.store.sm
+        with sm.lock:
+            watcher = self.store.watch(("task", "secret", "config"))
+            base_version = sm.version
+            tasks = {t.id: t for t in sm.tasks_by_node(node_id) if t.status.state >= types_pb2.ASSIGNED}
+        sent_secrets: set[str] = set()
+        sent_configs: set[str] = set()
+        with watcher:
+            msg = dispatcher_pb2.AssignmentsMessage(
+                type=dispatcher_pb2.AssignmentsMessage.COMPLETE, results_in=str(base_version)
+            )
+            self._dependency_changes(tasks, sent_secrets, sent_configs, msg, set(), set())
+            for t in tasks.values():
+                msg.changes.add().assignment.task.CopyFrom(t)
+            log.info(
+                "assignments complete node=%s tasks=%d secrets=%d configs=%d",
+                node_id, len(tasks), len(sent_secrets), len(sent_configs),
+            )
+            yield msg
+            applies_to = str(base_version)
+            while True:
+                events = []
+                try:
+                    first = await asyncio.wait_for(watcher.queue.get(), STREAM_CHECK_PERIOD)
+                except TimeoutError:
+                    first = None
+                if session.closed.is_set():
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"session {session.id} was closed; open a new one")
+                await self._check_leader(context)
+                if first is None:
+                    continue
+                batch = [first]
+                deadline = time.monotonic() + ASSIGNMENT_BATCH_WINDOW
+                while (left := deadline - time.monotonic()) > 0:
+                    try:
+                        batch.append(await asyncio.wait_for(watcher.queue.get(), left))
+                    except TimeoutError:
+                        break
+                version = base_version
+                for wm in batch:
+                    if wm is None:
+                        return
+                    if wm.version <= base_version:
+                        continue
+                    version = max(version, wm.version)
+                    events.extend(wm.events)
+                if not events:
+                    continue
+                msg = dispatcher_pb2.AssignmentsMessage(
+                    type=dispatcher_pb2.AssignmentsMessage.INCREMENTAL, applies_to=applies_to, results_in=str(version)
+                )
+                changed_secrets: set[str] = set()
+                changed_configs: set[str] = set()
+                task_changes: dict[str, dispatcher_pb2.AssignmentChange] = {}
+                for ev in events:
+                    kind = ev.object.WhichOneof("object")
+                    if kind == "task":
+                        self._task_event(node_id, ev, tasks, task_changes)
+                    elif kind == "secret":
+                        changed_secrets.add(ev.object.secret.id)
+                    elif kind == "config":
+                        changed_configs.add(ev.object.config.id)
+                self._dependency_changes(tasks, sent_secrets, sent_configs, msg, changed_secrets, changed_configs)
+                msg.changes.extend(task_changes.values())
+                if msg.changes:
+                    log.debug("assignments incremental node=%s changes=%d", node_id, len(msg.changes))
+                    yield msg
+                    applies_to = str(version)
+
+    @staticmethod
+    def _task_event(
+        node_id: str,
+        ev: Any,
+        tasks: dict[str, objects_pb2.Task],
+        changes: dict[str, dispatcher_pb2.AssignmentChange],
+    ) -> None:
+        t = ev.object.task
+        deleted = ev.action == ev.DELETE
+        mine = t.node_id == node_id and t.status.state >= types_pb2.ASSIGNED
+        if deleted or not mine:
+            if t.id in tasks:
+                del tasks[t.id]
+                ch = dispatcher_pb2.AssignmentChange(action=dispatcher_pb2.AssignmentChange.REMOVE)
+                ch.assignment.task.id = t.id
+                changes[t.id] = ch
+            return
+        old = tasks.get(t.id)
+        copy = objects_pb2.Task()
+        copy.CopyFrom(t)
+        tasks[t.id] = copy
+        # ASSIGNED and below are written by the manager, so they are news even when the rest is equal;
+        # later states come from the agent itself and need not be echoed back.
+        if old is not None and t.status.state > types_pb2.ASSIGNED and tasks_equal_stable(old, t):
+            return
+        ch = dispatcher_pb2.AssignmentChange(action=dispatcher_pb2.AssignmentChange.UPDATE)
+        ch.assignment.task.CopyFrom(copy)
+        changes[t.id] = ch
+
+    def _dependency_changes(
+        self,
+        tasks: dict[str, objects_pb2.Task],
+        sent_secrets: set[str],
+        sent_configs: set[str],
+        msg: dispatcher_pb2.AssignmentsMessage,
+        changed_secrets: set[str],
+        changed_configs: set[str],
+    ) -> None:
+        want_secrets, want_configs = task_dependencies(tasks.values())
+        for kind, want, sent, changed in (
+            ("secret", want_secrets, sent_secrets, changed_secrets),
+            ("config", want_configs, sent_configs, changed_configs),
+        ):
+            for oid in sorted(want - sent | (want & sent & changed)):
+                obj = self.store.get(kind, oid)
+                if obj is None:
+                    continue
+                ch = msg.changes.add(action=dispatcher_pb2.AssignmentChange.UPDATE)
+                getattr(ch.assignment, kind).CopyFrom(obj)
+                sent.add(oid)
+            for oid in sorted(sent - want):
+                ch = msg.changes.add(action=dispatcher_pb2.AssignmentChange.REMOVE)
+                getattr(ch.assignment, kind).id = oid
+                sent.discard(oid)
+
+    # ---- UpdateTaskStatus ---------------------------------------------------------------------
+    async def UpdateTaskStatus(  # noqa: N802
+        self, request: dispatcher_pb2.UpdateTaskStatusRequest, context: grpc.aio.ServicerContext
+    ) -> dispatcher_pb2.UpdateTaskStatusResponse:
+        session = await self._session_for(context, request.session_id)
+        node_id = session.node_id
+        for u in request.updates:
+            t = self.store.get("task", u.task_id)
+            if t is not None and t.node_id != node_id:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"task {u.task_id} is not assigned to node {node_id}: a node reports only its own tasks",
+                )
+        if not request.updates:
+            return dispatcher_pb2.UpdateTaskStatusResponse()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        batch = self._batch
+        for u in request.updates:
+            prev = batch.updates.get(u.task_id)
+            if prev is None or u.status.state >= prev[1].state:
+                batch.updates[u.task_id] = (node_id, u.status)
+        batch.waiters.append(fut)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        try:
+            await fut
+        except StoreError as e:
+            await context.abort(_status_code(e), f"task status not saved: {e}")
+        return dispatcher_pb2.UpdateTaskStatusResponse()
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(STATUS_BATCH_WINDOW)
+        while self._batch.updates or self._batch.waiters:
+            batch, self._batch = self._batch, _StatusBatch()
+            try:
+                applied = await _retry_conflicts(self.store, lambda tx, b=batch: _apply_statuses(tx, b.updates))
+                log.debug("task status batch committed updates=%d applied=%d", len(batch.updates), applied)
+                for f in batch.waiters:
+                    if not f.done():
+                        f.set_result(None)
+            except Exception as e:  # noqa: BLE001 - handed to every waiting caller
+                log.warning("task status batch failed updates=%d err=%s", len(batch.updates), e)
+                err = e if isinstance(e, StoreError) else _Unavailable(str(e))
+                for f in batch.waiters:
+                    if not f.done():
+                        f.set_exception(err)
+
+
+def _apply_statuses(tx: Tx, updates: dict[str, tuple[str, types_pb2.TaskStatus]]) -> int:
+    n = 0
+    for task_id, (node_id, status) in updates.items():
+        cur = tx.get("task", task_id)
+        if cur is None or cur.node_id != node_id:
+            continue
+        if status.state < cur.status.state:
+            log.info(
+                "stale task status ignored task=%s node=%s state=%s current=%s",
+                task_id, node_id, types_pb2.TaskState.Name(status.state), types_pb2.TaskState.Name(cur.status.state),
+            )
+            continue
+        if status == cur.status:
+            continue
+        t = objects_pb2.Task()
+        t.CopyFrom(cur)
+        t.status.CopyFrom(status)
+        tx.update(t)
+        n += 1
+    return n
+
+
+class _NotRegistered(StoreError):
+    code = "NOT_FOUND"
+
+
+class _Unavailable(StoreError):
+    code = "UNAVAILABLE"
+
+
+def _status_code(e: StoreError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN)
+
+
+async def _retry_conflicts(store: Store, fn: Callable[[Tx], Any]) -> Any:
+    for attempt in range(MAX_CONFLICT_RETRIES):
+        try:
+            return await store.update(fn)
+        except Conflict:
+            if attempt == MAX_CONFLICT_RETRIES - 1:
+                raise
+            await asyncio.sleep(0.001 * (attempt + 1))
+
+
+def _peer_host(peer: str) -> str:
+    """The host part of a grpc peer string: 'ipv4:1.2.3.4:5' -> '1.2.3.4', 'ipv6:[::1]:5' -> '::1'."""
+    if peer.startswith("ipv4:"):
+        return peer[5:].rsplit(":", 1)[0]
+    if peer.startswith("ipv6:"):
+        return peer[5:].rsplit(":", 1)[0].strip("[]")
+    return ""

@@ -1,0 +1,374 @@
+"""Dispatcher over a LocalStore, served by an in-process grpc.aio server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shoal.manager.dispatcher import LEADER_ADDR_KEY, NODE_ID_KEY, Dispatcher
+from shoal.manager.store import LocalStore, Store, Tx
+from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_pb2, types_pb2
+
+AM = dispatcher_pb2.AssignmentsMessage
+AC = dispatcher_pb2.AssignmentChange
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@contextlib.asynccontextmanager
+async def serve(store: Store, **kw) -> AsyncIterator[tuple[Dispatcher, str]]:
+    disp = Dispatcher(store, insecure_node_id_from_metadata=True, **kw)
+    server = grpc.aio.server()
+    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(disp, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield disp, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+class Client:
+    def __init__(self, addr: str, node_id: str) -> None:
+        self.channel = grpc.aio.insecure_channel(addr)
+        self.stub = dispatcher_pb2_grpc.DispatcherStub(self.channel)
+        self.md = ((NODE_ID_KEY, node_id),)
+        self.session_call = None
+        self.session_id = ""
+
+    async def open(self, hostname: str = "h") -> dispatcher_pb2.SessionMessage:
+        desc = types_pb2.NodeDescription(hostname=hostname, platform=types_pb2.Platform(os="linux", architecture="x86_64"))
+        self.session_call = self.stub.Session(dispatcher_pb2.SessionRequest(description=desc), metadata=self.md)
+        first = await self.session_call.read()
+        self.session_id = first.session_id
+        return first
+
+    async def heartbeat(self) -> dispatcher_pb2.HeartbeatResponse:
+        return await self.stub.Heartbeat(dispatcher_pb2.HeartbeatRequest(session_id=self.session_id), metadata=self.md)
+
+    def assignments(self):
+        return self.stub.Assignments(dispatcher_pb2.AssignmentsRequest(session_id=self.session_id), metadata=self.md)
+
+    async def status(self, *updates: tuple[str, int]) -> None:
+        req = dispatcher_pb2.UpdateTaskStatusRequest(session_id=self.session_id)
+        for tid, state in updates:
+            req.updates.add(task_id=tid, status=types_pb2.TaskStatus(state=state, message=types_pb2.TaskState.Name(state)))
+        await self.stub.UpdateTaskStatus(req, metadata=self.md)
+
+    async def close(self) -> None:
+        if self.session_call is not None:
+            self.session_call.cancel()
+        await self.channel.close()
+
+
+async def add_node(store: Store, node_id: str) -> None:
+    await store.update(lambda tx: tx.create(objects_pb2.Node(id=node_id, spec=specs_pb2.NodeSpec())))
+
+
+async def add_cluster(store: Store, period_s: float | None = None) -> None:
+    c = objects_pb2.Cluster(id="c1", spec=specs_pb2.ClusterSpec(annotations=types_pb2.Annotations(name="default")))
+    if period_s is not None:
+        c.spec.dispatcher.heartbeat_period.FromNanoseconds(int(period_s * 1e9))
+    c.network_bootstrap_keys.add(subsystem="networking:gossip", key=b"k" * 16, lamport_time=1)
+    await store.update(lambda tx: tx.create(c))
+
+
+def task(node_id: str, state: int, secrets=(), configs=(), desired: int = types_pb2.RUNNING) -> objects_pb2.Task:
+    t = objects_pb2.Task(node_id=node_id, service_id="svc", desired_state=desired)
+    t.status.state = state
+    t.spec.container.image = "busybox"
+    for s in secrets:
+        t.spec.container.secrets.add(secret_id=s, secret_name=s)
+    for c in configs:
+        t.spec.container.configs.add(config_id=c, config_name=c)
+    return t
+
+
+async def put(store: Store, obj) -> None:
+    await store.update(lambda tx: tx.create(obj))
+
+
+async def change_task(store: Store, tid: str, **fields) -> None:
+    def fn(tx: Tx) -> None:
+        t = objects_pb2.Task()
+        t.CopyFrom(tx.get("task", tid))
+        for k, v in fields.items():
+            if k == "state":
+                t.status.state = v
+            else:
+                setattr(t, k, v)
+        tx.update(t)
+
+    await store.update(fn)
+
+
+async def wait_for(pred, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+def kinds(msg: dispatcher_pb2.AssignmentsMessage) -> list[tuple[str, str, int]]:
+    out = []
+    for ch in msg.changes:
+        k = ch.assignment.WhichOneof("item")
+        out.append((k, getattr(ch.assignment, k).id, ch.action))
+    return sorted(out)
+
+
+def test_session_registers_node_and_sends_managers_and_keys() -> None:
+    async def main() -> None:
+        st = LocalStore()
+        await add_cluster(st)
+        await add_node(st, "n1")
+        async with serve(st) as (_, addr):
+            c = Client(addr, "n1")
+            try:
+                first = await c.open(hostname="alpha")
+                assert first.session_id
+                assert first.node.status.state == types_pb2.NodeStatus.READY
+                assert [k.subsystem for k in first.network_bootstrap_keys] == ["networking:gossip"]
+                node = st.get("node", "n1")
+                assert node.description.hostname == "alpha"
+                assert node.status.state == types_pb2.NodeStatus.READY
+                assert node.status.addr == "127.0.0.1"
+                hb = await c.heartbeat()
+                assert hb.period.ToNanoseconds() == 1_000_000_000
+            finally:
+                await c.close()
+
+            # An unknown node is refused; a caller without identity too.
+            stranger = Client(addr, "nobody")
+            try:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stranger.open()
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND
+                assert "not registered" in e.value.details()
+            finally:
+                await stranger.close()
+            anon = grpc.aio.insecure_channel(addr)
+            try:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await dispatcher_pb2_grpc.DispatcherStub(anon).Heartbeat(dispatcher_pb2.HeartbeatRequest())
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            finally:
+                await anon.close()
+
+    run(main())
+
+
+def test_without_insecure_flag_metadata_identity_is_ignored() -> None:
+    async def main() -> None:
+        st = LocalStore()
+        await add_node(st, "n1")
+        disp = Dispatcher(st)
+        server = grpc.aio.server()
+        dispatcher_pb2_grpc.add_DispatcherServicer_to_server(disp, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        c = Client(f"127.0.0.1:{port}", "n1")
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await c.open()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            await c.close()
+            await server.stop(0)
+
+    run(main())
+
+
+def test_follower_refuses_with_leader_address(tmp_path: Path) -> None:
+    """A real Raft member that cannot win an election (its only peer is absent) is not the leader."""
+    from shoal.manager.raft import RaftStore
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    async def main() -> None:
+        st = RaftStore(tmp_path, f"127.0.0.1:{free_port()}", [f"127.0.0.1:{free_port()}"], "pw")
+
+        class Mgr:
+            @staticmethod
+            def leader_api_addr() -> str:
+                return "127.0.0.9:2377"
+
+        try:
+            async with serve(st, manager=Mgr()) as (_, addr):
+                c = Client(addr, "n1")
+                try:
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await c.open()
+                    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert dict(e.value.trailing_metadata())[LEADER_ADDR_KEY] == "127.0.0.9:2377"
+                finally:
+                    await c.close()
+        finally:
+            st.close()
+
+    run(main())
+
+
+def test_heartbeat_expiry_marks_node_down_and_session_reopens() -> None:
+    async def main() -> None:
+        st = LocalStore()
+        await add_cluster(st, period_s=0.1)
+        await add_node(st, "n1")
+        await add_node(st, "n2")  # never connects: DOWN after one grace period of the new leader
+        async with serve(st) as (disp, addr):
+            loop_task = asyncio.create_task(disp.run())
+            c = Client(addr, "n1")
+            try:
+                await c.open()
+                assert (await c.heartbeat()).period.ToNanoseconds() == 100_000_000
+
+                async def beat() -> None:
+                    while True:
+                        await c.heartbeat()
+                        await asyncio.sleep(0.05)
+
+                beater = asyncio.create_task(beat())
+                await wait_for(lambda: st.get("node", "n2").status.state == types_pb2.NodeStatus.DOWN)
+                # Heartbeats keep n1 READY across many grace periods.
+                await asyncio.sleep(1.0)
+                assert st.get("node", "n1").status.state == types_pb2.NodeStatus.READY
+                beater.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beater
+                # Heartbeats stop: DOWN, and the old session is gone.
+                await wait_for(lambda: st.get("node", "n1").status.state == types_pb2.NodeStatus.DOWN)
+                assert st.get("node", "n1").status.message == "heartbeat failure"
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await c.heartbeat()
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND
+                # A new session makes it READY again.
+                c.session_call.cancel()
+                await c.open()
+                assert st.get("node", "n1").status.state == types_pb2.NodeStatus.READY
+            finally:
+                await c.close()
+                loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop_task
+
+    run(main())
+
+
+def test_assignments_complete_then_incremental_with_only_own_secrets() -> None:
+    async def main() -> None:
+        st = LocalStore()
+        await add_cluster(st)
+        for n in ("a", "b"):
+            await add_node(st, n)
+        for sid in ("s1", "s2", "s3"):
+            await put(st, objects_pb2.Secret(id=sid, spec=specs_pb2.SecretSpec(
+                annotations=types_pb2.Annotations(name=sid), data=b"secret-" + sid.encode())))
+        await put(st, objects_pb2.Config(id="c1", spec=specs_pb2.ConfigSpec(
+            annotations=types_pb2.Annotations(name="c1"), data=b"cfg")))
+        ta = task("a", types_pb2.ASSIGNED, secrets=["s1"])
+        tb = task("b", types_pb2.ASSIGNED, secrets=["s2"])
+        pending = task("a", types_pb2.PENDING, secrets=["s3"], configs=["c1"])
+        for t in (ta, tb, pending):
+            await put(st, t)
+
+        async with serve(st) as (_, addr):
+            ca, cb = Client(addr, "a"), Client(addr, "b")
+            try:
+                await ca.open()
+                await cb.open()
+                sa, sb = ca.assignments(), cb.assignments()
+                m = await sa.read()
+                assert m.type == AM.COMPLETE
+                assert kinds(m) == [("secret", "s1", AC.UPDATE), ("task", ta.id, AC.UPDATE)]
+                assert [ch.assignment.secret.spec.data for ch in m.changes if ch.assignment.HasField("secret")] == [b"secret-s1"]
+                m = await sb.read()
+                assert kinds(m) == [("secret", "s2", AC.UPDATE), ("task", tb.id, AC.UPDATE)]
+
+                # The scheduler assigns the pending task: it arrives with its secret and config.
+                await change_task(st, pending.id, state=types_pb2.ASSIGNED)
+                m = await sa.read()
+                assert m.type == AM.INCREMENTAL
+                assert kinds(m) == [("config", "c1", AC.UPDATE), ("secret", "s3", AC.UPDATE), ("task", pending.id, AC.UPDATE)]
+
+                # Status written by the agent is not echoed back; a desired-state change is sent,
+                # and the secrets of a task that is shut down are withdrawn.
+                await ca.status((ta.id, types_pb2.RUNNING))
+                await change_task(st, ta.id, desired_state=types_pb2.SHUTDOWN)
+                m = await sa.read()
+                assert kinds(m) == [("secret", "s1", AC.REMOVE), ("task", ta.id, AC.UPDATE)]
+                upd = [ch.assignment.task for ch in m.changes if ch.assignment.HasField("task")][0]
+                assert upd.desired_state == types_pb2.SHUTDOWN and upd.status.state == types_pb2.RUNNING
+
+                # The reaper deletes the task: REMOVE.
+                await st.update(lambda tx: tx.delete(st.get("task", ta.id)))
+                m = await sa.read()
+                assert kinds(m) == [("task", ta.id, AC.REMOVE)]
+                assert m.applies_to and m.results_in and int(m.results_in) > int(m.applies_to)
+
+                # Node b heard nothing of node a's secrets (its next message is its own change).
+                await change_task(st, tb.id, desired_state=types_pb2.SHUTDOWN)
+                m = await sb.read()
+                assert kinds(m) == [("secret", "s2", AC.REMOVE), ("task", tb.id, AC.UPDATE)]
+            finally:
+                await ca.close()
+                await cb.close()
+
+    run(main())
+
+
+def test_status_updates_batched_forward_only_and_own_tasks_only() -> None:
+    async def main() -> None:
+        st = LocalStore()
+        for n in ("a", "b"):
+            await add_node(st, n)
+        tasks = [task("a", types_pb2.ASSIGNED) for _ in range(40)]
+        other = task("b", types_pb2.ASSIGNED)
+        for t in [*tasks, other]:
+            await put(st, t)
+        async with serve(st) as (_, addr):
+            ca = Client(addr, "a")
+            try:
+                await ca.open()
+                v0 = st.sm.version
+                await asyncio.gather(*(ca.status((t.id, types_pb2.ACCEPTED)) for t in tasks))
+                assert all(st.get("task", t.id).status.state == types_pb2.ACCEPTED for t in tasks)
+                commits = st.sm.version - v0
+                assert commits < len(tasks), f"{len(tasks)} status calls took {commits} transactions"
+
+                # Forward only: a late PREPARING after RUNNING is ignored.
+                t0 = tasks[0].id
+                await ca.status((t0, types_pb2.RUNNING))
+                await ca.status((t0, types_pb2.PREPARING))
+                assert st.get("task", t0).status.state == types_pb2.RUNNING
+                # Within one request the later (higher) state wins.
+                await ca.status((tasks[1].id, types_pb2.RUNNING), (tasks[1].id, types_pb2.FAILED))
+                assert st.get("task", tasks[1].id).status.state == types_pb2.FAILED
+
+                # Another node's task: refused, nothing applied.
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await ca.status((tasks[2].id, types_pb2.RUNNING), (other.id, types_pb2.RUNNING))
+                assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert st.get("task", other.id).status.state == types_pb2.ASSIGNED
+                assert st.get("task", tasks[2].id).status.state == types_pb2.ACCEPTED
+
+                # A stale session id is refused.
+                ca.session_id = "bogus"
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await ca.status((tasks[2].id, types_pb2.RUNNING))
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            finally:
+                await ca.close()
+
+    run(main())
