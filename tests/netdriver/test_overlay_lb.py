@@ -1,0 +1,134 @@
+"""Service VIP load balancing and published ports (host mode, ingress routing mesh) on namespace hosts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from test_overlay import att, cleanup_all, drivers_for, make_net, snapshot
+
+from shoal.netdriver.nslab import NsLab
+from shoal.netdriver.overlay import OverlayDriver, OverlayError, PortConflictError, mac_from_ip
+
+pytestmark = pytest.mark.integration
+
+
+def mesh(lab: NsLab, drivers: list[OverlayDriver], net_id: str, endpoints: list[tuple[int, str]]) -> None:
+    """What the gossip does: every host learns every endpoint (host index, ip) of the network."""
+    for d in drivers:
+        for host, ip in endpoints:
+            d.add_peer(net_id, ip, mac_from_ip(ip), lab.hosts[host].addr)
+
+
+def test_vip_balances_over_three_hosts_and_keeps_live_connections(nslab, netprogs):
+    lab = nslab(3)
+    before = snapshot(lab, netprogs)
+    drivers = drivers_for(lab)
+    try:
+        net = make_net("netvip", 4600, "198.19.6.0/24")
+        backends = {"b1": (0, "198.19.6.11"), "b2": (1, "198.19.6.12"), "b3": (2, "198.19.6.13")}
+        for tag, (host, ip) in backends.items():
+            c = lab.add_netns(f"c{tag}")
+            drivers[host].attach(f"task-{tag}", c, [att(net, ip)])
+            lab.spawn_ready(c, netprogs.tag_server(tag, 8080))
+        client = lab.add_netns("c1")
+        drivers[0].attach("task-client", client, [att(net, "198.19.6.20")])
+        mesh(lab, drivers, net.id, [*backends.values(), (0, "198.19.6.20")])
+        vip = "198.19.6.100"
+        for d in drivers:
+            d.set_service_backends(net.id, vip + "/24", [ip for _, ip in backends.values()], [("tcp", 8080)])
+
+        counts = json.loads(lab.run(client, netprogs.tag_client(vip, 8080, 100)).stdout)
+        assert set(counts) == {"b1", "b2", "b3"} and sum(counts.values()) == 100
+        assert min(counts.values()) >= 30, counts  # round robin: 33/33/34
+
+        # a connection held open across a backend change survives if its backend stays
+        hold = lab.spawn(client, netprogs.hold_client(vip, 8080), stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+        first = hold.stdout.readline().strip()
+        assert first in backends
+        gone = next(t for t in backends if t != first)
+        left = [ip for t, (_, ip) in backends.items() if t != gone]
+        for d in drivers:
+            d.set_service_backends(net.id, vip, left, [("tcp", 8080)])
+        hold.stdin.write("still-there\n")
+        hold.stdin.flush()
+        assert hold.stdout.readline().strip() == "still-there"
+        counts = json.loads(lab.run(client, netprogs.tag_client(vip, 8080, 20)).stdout)
+        assert set(counts) == set(backends) - {gone}
+
+        # a container attached later gets the service too
+        late = lab.add_netns("c2")
+        drivers[1].attach("task-late", late, [att(net, "198.19.6.21")])
+        mesh(lab, drivers, net.id, [(1, "198.19.6.21")])
+        counts = json.loads(lab.run(late, netprogs.tag_client(vip, 8080, 4)).stdout)
+        assert sum(counts.values()) == 4
+
+        # no backends: refused at once; service removed: the nft table goes away
+        drivers[0].set_service_backends(net.id, vip, [], [("tcp", 8080)])
+        r = lab.run(client, netprogs.tag_client(vip, 8080, 1), check=False)
+        assert r.returncode != 0 and "ConnectionRefused" in r.stderr
+        drivers[0].remove_service(net.id, vip)
+        assert "table ip shoal" not in lab.run(client, ["nft", "list", "ruleset"]).stdout
+        with pytest.raises(OverlayError, match="protocol"):
+            drivers[0].set_service_backends(net.id, vip, ["198.19.6.11"], [("sctp", 1)])
+    finally:
+        cleanup_all(drivers)
+    assert snapshot(lab, netprogs) == before
+    for name in ("cb1", "cb2", "cb3", "c1", "c2"):  # containers keep nothing of ours
+        path = f"/run/netns/{lab.prefix}-{name}"
+        assert lab.run(path, ["nft", "list", "ruleset"]).stdout.strip() == ""
+        assert lab.run(path, ["ip", "-o", "link"]).stdout.count("\n") == 1
+
+
+def test_published_ports_host_mode_and_ingress_mesh(nslab, netprogs):
+    lab = nslab(3)
+    before = snapshot(lab, netprogs)
+    drivers = drivers_for(lab)
+    outside = lab.underlay.path
+    try:
+        # mode=host: DNAT on the node that runs the task
+        app = make_net("netapp", 4700, "198.19.8.0/24")
+        c1 = lab.add_netns("c1")
+        drivers[0].attach("task-host", c1, [att(app, "198.19.8.2")])
+        lab.spawn_ready(c1, netprogs.tag_server("hostmode", 8080))
+        drivers[0].publish_host_port("task-host", "tcp", 30001, 8080)
+        out = lab.run(outside, netprogs.tag_client(lab.hosts[0].addr, 30001, 2)).stdout
+        assert json.loads(out) == {"hostmode": 2}
+        with pytest.raises(PortConflictError, match="published_port 30001/tcp"):
+            drivers[0].publish_host_port("task-other", "tcp", 30001, 80)
+
+        # mode=ingress: every node accepts 30080 and forwards over the ingress network
+        ingress = make_net("ingress", 4701, "198.19.9.0/24", ingress=True)
+        sboxes = [(i, f"198.19.9.{200 + i}") for i in range(3)]
+        for (_, ip), d in zip(sboxes, drivers, strict=True):
+            iface = d.ensure_ingress(ingress, f"{ip}/24")
+            assert iface.address == f"{ip}/24" and iface.mac == mac_from_ip(ip)
+        c2 = lab.add_netns("c2")
+        drivers[1].attach("task-ing", c2, [att(ingress, "198.19.9.10")])
+        lab.spawn_ready(c2, netprogs.tag_server("ingress-task", 8080))
+        mesh(lab, drivers, ingress.id, [*sboxes, (1, "198.19.9.10")])
+        for d in drivers:
+            d.set_ingress_backends("tcp", 30080, 8080, ["198.19.9.10"])
+        for h in lab.hosts:  # hosts 1 and 3 run no task
+            out = lab.run(outside, netprogs.tag_client(h.addr, 30080, 2)).stdout
+            assert json.loads(out) == {"ingress-task": 2}, h
+        # from a host itself, too
+        out = lab.run(lab.hosts[2].path, netprogs.tag_client(lab.hosts[2].addr, 30080, 1)).stdout
+        assert json.loads(out) == {"ingress-task": 1}
+        with pytest.raises(PortConflictError, match="routing mesh"):
+            drivers[1].publish_host_port("task-ing", "tcp", 30080, 8080)
+        with pytest.raises(PortConflictError, match="task task-host"):
+            drivers[0].set_ingress_backends("tcp", 30001, 8080, ["198.19.9.10"])
+
+        # unpublish / detach take the rules away
+        for d in drivers:
+            d.unpublish_ingress("tcp", 30080)
+        r = lab.run(outside, netprogs.tag_client(lab.hosts[0].addr, 30080, 1), check=False)
+        assert r.returncode != 0
+        drivers[0].detach("task-host")
+        assert "30001" not in lab.run(lab.hosts[0].path, ["nft", "list", "table", "ip", "shoal"]).stdout
+    finally:
+        cleanup_all(drivers)
+    assert snapshot(lab, netprogs) == before
