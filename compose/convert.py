@@ -117,7 +117,8 @@ def _network(stack: str, full: str, cfg: m.Network) -> specs_pb2.NetworkSpec:
         attachable=bool(cfg.attachable),
     )
     if cfg.ipam is not None and (cfg.ipam.driver or cfg.ipam.config):
-        ns.ipam.driver.name = cfg.ipam.driver or ""
+        if cfg.ipam.driver:
+            ns.ipam.driver.name = cfg.ipam.driver
         for c in cfg.ipam.config:
             ns.ipam.configs.add(subnet=c.subnet or "", range=c.ip_range or "", gateway=c.gateway or "")
     return ns
