@@ -186,7 +186,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         s = self._sessions.get(node_id)
         if s is None or s.id != session_id or s.closed.is_set():
             await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"session {session_id!r} of node {node_id} is not open; open a new session"
+                grpc.StatusCode.NOT_FOUND,
+                f"session {session_id!r} of node {node_id} is not open; open a new session",
             )
         assert s is not None
         return s
@@ -231,7 +232,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                     except TimeoutError:
                         pass
                     if session.closed.is_set():
-                        await context.abort(grpc.StatusCode.NOT_FOUND, f"session {session.id} was closed; open a new one")
+                        await context.abort(
+                            grpc.StatusCode.NOT_FOUND, f"session {session.id} was closed; open a new one"
+                        )
                     await self._check_leader(context)
             finally:
                 log.info("session stream ended node=%s session=%s", node_id, session.id)
@@ -363,7 +366,10 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 msg.changes.add().assignment.task.CopyFrom(t)
             log.info(
                 "assignments complete node=%s tasks=%d secrets=%d configs=%d",
-                node_id, len(tasks), len(sent_secrets), len(sent_configs),
+                node_id,
+                len(tasks),
+                len(sent_secrets),
+                len(sent_configs),
             )
             yield msg
             applies_to = str(base_version)
@@ -374,7 +380,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 except TimeoutError:
                     first = None
                 if session.closed.is_set():
-                    await context.abort(grpc.StatusCode.NOT_FOUND, f"session {session.id} was closed; open a new one")
+                    await context.abort(
+                        grpc.StatusCode.NOT_FOUND, f"session {session.id} was closed; open a new one"
+                    )
                 await self._check_leader(context)
                 if first is None:
                     continue
@@ -396,7 +404,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 if not events:
                     continue
                 msg = dispatcher_pb2.AssignmentsMessage(
-                    type=dispatcher_pb2.AssignmentsMessage.INCREMENTAL, applies_to=applies_to, results_in=str(version)
+                    type=dispatcher_pb2.AssignmentsMessage.INCREMENTAL,
+                    applies_to=applies_to,
+                    results_in=str(version),
                 )
                 changed_secrets: set[str] = set()
                 changed_configs: set[str] = set()
@@ -409,7 +419,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                         changed_secrets.add(ev.object.secret.id)
                     elif kind == "config":
                         changed_configs.add(ev.object.config.id)
-                self._dependency_changes(tasks, sent_secrets, sent_configs, msg, changed_secrets, changed_configs)
+                self._dependency_changes(
+                    tasks, sent_secrets, sent_configs, msg, changed_secrets, changed_configs
+                )
                 msg.changes.extend(task_changes.values())
                 if msg.changes:
                     log.debug("assignments incremental node=%s changes=%d", node_id, len(msg.changes))
@@ -507,7 +519,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         while self._batch.updates or self._batch.waiters:
             batch, self._batch = self._batch, _StatusBatch()
             try:
-                applied = await _retry_conflicts(self.store, lambda tx, b=batch: _apply_statuses(tx, b.updates))
+                applied = await _retry_conflicts(
+                    self.store, lambda tx, b=batch: _apply_statuses(tx, b.updates)
+                )
                 log.debug("task status batch committed updates=%d applied=%d", len(batch.updates), applied)
                 for f in batch.waiters:
                     if not f.done():
@@ -529,7 +543,10 @@ def _apply_statuses(tx: Tx, updates: dict[str, tuple[str, types_pb2.TaskStatus]]
         if status.state < cur.status.state:
             log.info(
                 "stale task status ignored task=%s node=%s state=%s current=%s",
-                task_id, node_id, types_pb2.TaskState.Name(status.state), types_pb2.TaskState.Name(cur.status.state),
+                task_id,
+                node_id,
+                types_pb2.TaskState.Name(status.state),
+                types_pb2.TaskState.Name(cur.status.state),
             )
             continue
         if status == cur.status:

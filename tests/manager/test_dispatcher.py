@@ -45,22 +45,32 @@ class Client:
         self.session_id = ""
 
     async def open(self, hostname: str = "h") -> dispatcher_pb2.SessionMessage:
-        desc = types_pb2.NodeDescription(hostname=hostname, platform=types_pb2.Platform(os="linux", architecture="x86_64"))
-        self.session_call = self.stub.Session(dispatcher_pb2.SessionRequest(description=desc), metadata=self.md)
+        desc = types_pb2.NodeDescription(
+            hostname=hostname, platform=types_pb2.Platform(os="linux", architecture="x86_64")
+        )
+        self.session_call = self.stub.Session(
+            dispatcher_pb2.SessionRequest(description=desc), metadata=self.md
+        )
         first = await self.session_call.read()
         self.session_id = first.session_id
         return first
 
     async def heartbeat(self) -> dispatcher_pb2.HeartbeatResponse:
-        return await self.stub.Heartbeat(dispatcher_pb2.HeartbeatRequest(session_id=self.session_id), metadata=self.md)
+        return await self.stub.Heartbeat(
+            dispatcher_pb2.HeartbeatRequest(session_id=self.session_id), metadata=self.md
+        )
 
     def assignments(self):
-        return self.stub.Assignments(dispatcher_pb2.AssignmentsRequest(session_id=self.session_id), metadata=self.md)
+        return self.stub.Assignments(
+            dispatcher_pb2.AssignmentsRequest(session_id=self.session_id), metadata=self.md
+        )
 
     async def status(self, *updates: tuple[str, int]) -> None:
         req = dispatcher_pb2.UpdateTaskStatusRequest(session_id=self.session_id)
         for tid, state in updates:
-            req.updates.add(task_id=tid, status=types_pb2.TaskStatus(state=state, message=types_pb2.TaskState.Name(state)))
+            req.updates.add(
+                task_id=tid, status=types_pb2.TaskStatus(state=state, message=types_pb2.TaskState.Name(state))
+            )
         await self.stub.UpdateTaskStatus(req, metadata=self.md)
 
     async def close(self) -> None:
@@ -74,14 +84,18 @@ async def add_node(store: Store, node_id: str) -> None:
 
 
 async def add_cluster(store: Store, period_s: float | None = None) -> None:
-    c = objects_pb2.Cluster(id="c1", spec=specs_pb2.ClusterSpec(annotations=types_pb2.Annotations(name="default")))
+    c = objects_pb2.Cluster(
+        id="c1", spec=specs_pb2.ClusterSpec(annotations=types_pb2.Annotations(name="default"))
+    )
     if period_s is not None:
         c.spec.dispatcher.heartbeat_period.FromNanoseconds(int(period_s * 1e9))
     c.network_bootstrap_keys.add(subsystem="networking:gossip", key=b"k" * 16, lamport_time=1)
     await store.update(lambda tx: tx.create(c))
 
 
-def task(node_id: str, state: int, secrets=(), configs=(), desired: int = types_pb2.RUNNING) -> objects_pb2.Task:
+def task(
+    node_id: str, state: int, secrets=(), configs=(), desired: int = types_pb2.RUNNING
+) -> objects_pb2.Task:
     t = objects_pb2.Task(node_id=node_id, service_id="svc", desired_state=desired)
     t.status.state = state
     t.spec.container.image = "busybox"
@@ -159,7 +173,9 @@ def test_session_registers_node_and_sends_managers_and_keys() -> None:
             anon = grpc.aio.insecure_channel(addr)
             try:
                 with pytest.raises(grpc.aio.AioRpcError) as e:
-                    await dispatcher_pb2_grpc.DispatcherStub(anon).Heartbeat(dispatcher_pb2.HeartbeatRequest())
+                    await dispatcher_pb2_grpc.DispatcherStub(anon).Heartbeat(
+                        dispatcher_pb2.HeartbeatRequest()
+                    )
                 assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
             finally:
                 await anon.close()
@@ -273,10 +289,21 @@ def test_assignments_complete_then_incremental_with_only_own_secrets() -> None:
         for n in ("a", "b"):
             await add_node(st, n)
         for sid in ("s1", "s2", "s3"):
-            await put(st, objects_pb2.Secret(id=sid, spec=specs_pb2.SecretSpec(
-                annotations=types_pb2.Annotations(name=sid), data=b"secret-" + sid.encode())))
-        await put(st, objects_pb2.Config(id="c1", spec=specs_pb2.ConfigSpec(
-            annotations=types_pb2.Annotations(name="c1"), data=b"cfg")))
+            await put(
+                st,
+                objects_pb2.Secret(
+                    id=sid,
+                    spec=specs_pb2.SecretSpec(
+                        annotations=types_pb2.Annotations(name=sid), data=b"secret-" + sid.encode()
+                    ),
+                ),
+            )
+        await put(
+            st,
+            objects_pb2.Config(
+                id="c1", spec=specs_pb2.ConfigSpec(annotations=types_pb2.Annotations(name="c1"), data=b"cfg")
+            ),
+        )
         ta = task("a", types_pb2.ASSIGNED, secrets=["s1"])
         tb = task("b", types_pb2.ASSIGNED, secrets=["s2"])
         pending = task("a", types_pb2.PENDING, secrets=["s3"], configs=["c1"])
@@ -292,7 +319,9 @@ def test_assignments_complete_then_incremental_with_only_own_secrets() -> None:
                 m = await sa.read()
                 assert m.type == AM.COMPLETE
                 assert kinds(m) == [("secret", "s1", AC.UPDATE), ("task", ta.id, AC.UPDATE)]
-                assert [ch.assignment.secret.spec.data for ch in m.changes if ch.assignment.HasField("secret")] == [b"secret-s1"]
+                assert [
+                    ch.assignment.secret.spec.data for ch in m.changes if ch.assignment.HasField("secret")
+                ] == [b"secret-s1"]
                 m = await sb.read()
                 assert kinds(m) == [("secret", "s2", AC.UPDATE), ("task", tb.id, AC.UPDATE)]
 
@@ -300,7 +329,11 @@ def test_assignments_complete_then_incremental_with_only_own_secrets() -> None:
                 await change_task(st, pending.id, state=types_pb2.ASSIGNED)
                 m = await sa.read()
                 assert m.type == AM.INCREMENTAL
-                assert kinds(m) == [("config", "c1", AC.UPDATE), ("secret", "s3", AC.UPDATE), ("task", pending.id, AC.UPDATE)]
+                assert kinds(m) == [
+                    ("config", "c1", AC.UPDATE),
+                    ("secret", "s3", AC.UPDATE),
+                    ("task", pending.id, AC.UPDATE),
+                ]
 
                 # Status written by the agent is not echoed back; a desired-state change is sent,
                 # and the secrets of a task that is shut down are withdrawn.
