@@ -1,17 +1,76 @@
-"""Root CA, node certificates and join tokens (work in progress; full module follows)."""
+"""Root CA, node certificates, join tokens, TLS credentials and the CA gRPC service.
+
+Identity. Every node has a key pair and a certificate signed by the cluster's root CA (EC P-256):
+CN = node id, OU = role ("swarm-manager" | "swarm-worker"), O = cluster id. Manager certificates
+carry the DNS names "swarm-manager" and "swarm-ca" (what clients check / use to route), worker
+certificates "swarm-worker"; all carry the node id.
+
+Join tokens are Swarm's: `SWMTKN-1-<digest>-<secret>`, where digest is the base-36 sha256 of the
+root CA certificate (DER) and secret is 25 base-36 characters of randomness. The worker and manager
+tokens differ in the secret; rotating one replaces its secret. A joining node checks that the root
+CA certificate it is handed has the token's digest before trusting it.
+
+Port 2377 (see `shoal.manager.manager.RemoteFront`): Python's gRPC cannot ask for an *optional*
+client certificate (`require_client_auth=False` does not request one at all), so one gRPC server
+cannot both accept a node that has no certificate yet (join) and verify the certificate of every
+other caller. 2377 is therefore a small TCP front that looks at the first bytes of each connection
+(without terminating TLS) and splices it to one of three internal gRPC listeners on unix sockets:
+
+- TLS with SNI "swarm-ca" (a joining node): server-only TLS, CA service only (`join_server_credentials`);
+- any other TLS: mutual TLS required (`server_credentials`): Control, Dispatcher, CA;
+- plaintext HTTP/2: `GetRootCACertificate` only -- public data, checked by the joiner against the
+  digest in its token before it opens the TLS channel that carries the token.
+
+Servicers learn who calls with `peer_identity(context)` (node id, role, cluster id from the verified
+client certificate; None on the join/plain listeners and on the local unix control socket).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import hashlib
+import hmac
+import logging
+import os
 import secrets
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 
+import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shoal.proto import ca_pb2, ca_pb2_grpc, types_pb2
+
+log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "SWMTKN"
 TOKEN_VERSION = "1"
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+MANAGER_OU = "swarm-manager"
+WORKER_OU = "swarm-worker"
+MANAGER_NAME = "swarm-manager"  # DNS name clients verify on a manager's certificate
+JOIN_NAME = "swarm-ca"  # SNI of a joining node's TLS connection to 2377
+CA_VALIDITY = datetime.timedelta(days=20 * 365)
+NODE_VALIDITY = datetime.timedelta(days=90)
+_ROLE_OU = {types_pb2.MANAGER: MANAGER_OU, types_pb2.WORKER: WORKER_OU}
+_OU_ROLE = {v: k for k, v in _ROLE_OU.items()}
 
 
+class JoinError(Exception):
+    """A join the CA or the joining node refuses; the message says what to do."""
+
+
+def invalid_token_message(role: str = "worker") -> str:
+    return f"join token is invalid or was rotated: get a current one with `swarmctl swarm join-token {role}`"
+
+
+# ---- tokens ------------------------------------------------------------------------------------
 def base36(data: bytes, width: int) -> str:
     """`data` as a big-endian number in base 36, zero-padded to `width` digits (Swarm's encoding)."""
     n = int.from_bytes(data, "big")
@@ -22,16 +81,510 @@ def base36(data: bytes, width: int) -> str:
     return "".join(reversed(out)).rjust(width, "0")
 
 
+def _pem(data: bytes | str) -> bytes:
+    return data.encode() if isinstance(data, str) else data
+
+
 def ca_digest(ca_cert_pem: bytes | str) -> str:
     """The digest of a root CA certificate as it appears in join tokens: base 36 of sha256 of the DER."""
-    if isinstance(ca_cert_pem, str):
-        ca_cert_pem = ca_cert_pem.encode()
-    der = x509.load_pem_x509_certificate(ca_cert_pem).public_bytes(
-        __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER
-    )
+    der = x509.load_pem_x509_certificate(_pem(ca_cert_pem)).public_bytes(serialization.Encoding.DER)
     return base36(hashlib.sha256(der).digest(), 50)
 
 
 def generate_join_token(ca_cert_pem: bytes | str) -> str:
     """A new join token `SWMTKN-1-<CA digest>-<secret>` for the cluster whose root CA is `ca_cert_pem`."""
     return f"{TOKEN_PREFIX}-{TOKEN_VERSION}-{ca_digest(ca_cert_pem)}-{base36(secrets.token_bytes(16), 25)}"
+
+
+@dataclass(frozen=True)
+class JoinToken:
+    digest: str
+    secret: str
+    raw: str
+
+
+def parse_join_token(token: str) -> JoinToken:
+    parts = token.strip().split("-")
+    if (
+        len(parts) != 4
+        or parts[0] != TOKEN_PREFIX
+        or parts[1] != TOKEN_VERSION
+        or len(parts[2]) != 50
+        or len(parts[3]) != 25
+        or any(c not in _B36 for c in parts[2] + parts[3])
+    ):
+        raise JoinError(
+            "join token is malformed: expected SWMTKN-1-<50 characters>-<25 characters>; "
+            "get one with `swarmctl swarm join-token worker` on a manager"
+        )
+    return JoinToken(parts[2], parts[3], token.strip())
+
+
+def role_for_token(token: str, join_tokens: types_pb2.JoinTokens, ca_cert_pem: bytes) -> int:
+    """The role (types_pb2.WORKER/MANAGER) a join token grants, or JoinError."""
+    t = parse_join_token(token)
+    if not hmac.compare_digest(t.digest, ca_digest(ca_cert_pem)):
+        raise JoinError(
+            "join token belongs to another cluster (its CA digest does not match this cluster's root CA): "
+            "get a token from this cluster with `swarmctl swarm join-token worker`"
+        )
+    if join_tokens.manager and hmac.compare_digest(t.raw, join_tokens.manager):
+        return types_pb2.MANAGER
+    if join_tokens.worker and hmac.compare_digest(t.raw, join_tokens.worker):
+        return types_pb2.WORKER
+    raise JoinError(invalid_token_message())
+
+
+def verify_root_ca(token: str, ca_cert_pem: bytes) -> None:
+    """The joining node's check: the root CA it received is the one the token names."""
+    t = parse_join_token(token)
+    if not hmac.compare_digest(t.digest, ca_digest(ca_cert_pem)):
+        raise JoinError(
+            "the root CA certificate sent by the manager does not match the digest in the join token: "
+            "the address is not a manager of the token's cluster, or the connection is being intercepted"
+        )
+
+
+# ---- keys and certificates ---------------------------------------------------------------------
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def new_key() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key, _key_pem(key)
+
+
+def make_csr(key_pem: bytes) -> bytes:
+    """A certificate request for `key_pem`; the CA decides the subject, so it carries none."""
+    key = serialization.load_pem_private_key(key_pem, None)
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass
+class RootCA:
+    cert_pem: bytes
+    key_pem: bytes | None = None  # only managers hold it (in the replicated store)
+
+    @classmethod
+    def create(cls, cluster_id: str) -> RootCA:
+        key, key_pem = new_key()
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, "swarm-ca"),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, cluster_id),
+            ]
+        )
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + CA_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(cert.public_bytes(serialization.Encoding.PEM), key_pem)
+
+    @property
+    def digest(self) -> str:
+        return ca_digest(self.cert_pem)
+
+    def issue(
+        self,
+        csr_pem: bytes,
+        node_id: str,
+        role: int,
+        cluster_id: str,
+        validity: datetime.timedelta = NODE_VALIDITY,
+    ) -> bytes:
+        """Sign a node certificate for the public key in `csr_pem` (the CSR's subject is ignored)."""
+        if self.key_pem is None:
+            raise JoinError("this node does not hold the root CA key and cannot issue certificates")
+        try:
+            csr = x509.load_pem_x509_csr(_pem(csr_pem))
+        except ValueError as e:
+            raise JoinError(f"certificate request is not a PEM CSR: {e}") from None
+        if not csr.is_signature_valid:
+            raise JoinError("certificate request signature is invalid: send a CSR signed with the node's key")
+        ca_key = serialization.load_pem_private_key(self.key_pem, None)
+        ca_cert = x509.load_pem_x509_certificate(self.cert_pem)
+        names: list[x509.GeneralName] = [x509.DNSName(node_id)]
+        if role == types_pb2.MANAGER:
+            names += [x509.DNSName(MANAGER_NAME), x509.DNSName(JOIN_NAME)]
+        else:
+            names.append(x509.DNSName(WORKER_OU))
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.COMMON_NAME, node_id),
+                        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, _ROLE_OU[role]),
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, cluster_id),
+                    ]
+                )
+            )
+            .issuer_name(ca_cert.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(min(now + validity, ca_cert.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+        )
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    node_id: str
+    role: int  # types_pb2.WORKER | MANAGER
+    cluster_id: str
+
+
+def cert_info(cert_pem: bytes | str, ca_cert_pem: bytes | None = None) -> CertInfo:
+    """Node id, role and cluster id of a node certificate (checked against `ca_cert_pem` if given)."""
+    cert = x509.load_pem_x509_certificate(_pem(cert_pem))
+    if ca_cert_pem is not None:
+        ca = x509.load_pem_x509_certificate(ca_cert_pem)
+        cert.verify_directly_issued_by(ca)
+
+    def attr(oid: x509.ObjectIdentifier) -> str:
+        vals = cert.subject.get_attributes_for_oid(oid)
+        return str(vals[0].value) if vals else ""
+
+    ou = attr(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if ou not in _OU_ROLE:
+        raise ValueError(f"certificate OU {ou!r} is not a node role")
+    return CertInfo(attr(NameOID.COMMON_NAME), _OU_ROLE[ou], attr(NameOID.ORGANIZATION_NAME))
+
+
+# ---- a node's TLS identity on disk -------------------------------------------------------------
+@dataclass
+class TLSIdentity:
+    """A node's key, certificate and the root CA certificate, kept in `<state dir>/certificates`."""
+
+    key_pem: bytes
+    cert_pem: bytes
+    ca_pem: bytes
+
+    @property
+    def info(self) -> CertInfo:
+        return cert_info(self.cert_pem)
+
+    @property
+    def node_id(self) -> str:
+        return self.info.node_id
+
+    @property
+    def role(self) -> int:
+        return self.info.role
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name, data, mode in (
+            ("node.key", self.key_pem, 0o600),
+            ("node.crt", self.cert_pem, 0o644),
+            ("swarm-root-ca.crt", self.ca_pem, 0o644),
+        ):
+            tmp = d / (name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, d / name)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> TLSIdentity | None:
+        d = Path(directory)
+        try:
+            return cls(
+                (d / "node.key").read_bytes(), (d / "node.crt").read_bytes(), (d / "swarm-root-ca.crt").read_bytes()
+            )
+        except FileNotFoundError:
+            return None
+
+
+# ---- gRPC credentials and caller identity ------------------------------------------------------
+def server_credentials(identity: TLSIdentity) -> grpc.ServerCredentials:
+    """Mutual TLS: the client must present a certificate signed by the cluster's root CA."""
+    return grpc.ssl_server_credentials(
+        [(identity.key_pem, identity.cert_pem)], root_certificates=identity.ca_pem, require_client_auth=True
+    )
+
+
+def join_server_credentials(identity: TLSIdentity) -> grpc.ServerCredentials:
+    """Server-only TLS for joining nodes (they have no certificate yet)."""
+    return grpc.ssl_server_credentials([(identity.key_pem, identity.cert_pem)])
+
+
+def channel_credentials(identity: TLSIdentity) -> grpc.ChannelCredentials:
+    """Client side of mutual TLS to a manager. Use with `channel_options()` (server name check)."""
+    return grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem)
+
+
+def channel_options(server_name: str = MANAGER_NAME) -> list[tuple[str, str]]:
+    """Channel options that make a TLS channel check (and send as SNI) the managers' common name:
+    managers are dialled by IP address, their certificates name "swarm-manager"."""
+    return [("grpc.ssl_target_name_override", server_name), ("grpc.default_authority", server_name)]
+
+
+def secure_channel(addr: str, identity: TLSIdentity) -> grpc.aio.Channel:
+    """An mTLS grpc.aio channel to a manager's remote API (host:2377)."""
+    return grpc.aio.secure_channel(addr, channel_credentials(identity), options=channel_options())
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    node_id: str
+    role: int  # types_pb2.WORKER | MANAGER
+    cluster_id: str
+
+    @property
+    def is_manager(self) -> bool:
+        return self.role == types_pb2.MANAGER
+
+
+def peer_identity(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> PeerIdentity | None:
+    """The verified node identity of the caller (mTLS listener), None for unauthenticated callers:
+    the local unix control socket (root on this host: full access) and the join listeners."""
+    auth = context.auth_context()
+    pems = auth.get("x509_pem_cert") or []
+    if not pems:
+        return None
+    try:
+        info = cert_info(pems[0])
+    except ValueError:
+        return None
+    return PeerIdentity(info.node_id, info.role, info.cluster_id)
+
+
+def is_local_caller(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> bool:
+    """True on the local unix control socket: no transport security (the socket is mode 0600, root
+    only). Callers on the remote port always come with TLS."""
+    kinds = context.auth_context().get("transport_security_type") or []
+    return not kinds or kinds[0] != b"ssl"
+
+
+# ---- the CA service ----------------------------------------------------------------------------
+@dataclass
+class IssuedNode:
+    """What `CAServicer`'s issue hook returns: the new node's id and, for managers, Raft details."""
+
+    node_id: str
+    certificate: bytes
+    role: int
+    raft_key: bytes = b""
+    raft_peers: tuple[str, ...] = ()
+    cluster_id: str = ""
+
+
+# (csr, token, hostname, advertise_addr, raft_addr, authenticated caller or None) -> IssuedNode
+IssueHook = Callable[[ca_pb2.IssueNodeCertificateRequest, PeerIdentity | None], Awaitable[IssuedNode]]
+
+
+class CAServicer(ca_pb2_grpc.CAServicer):
+    """The CA gRPC service. Root CA from `get_root_ca()`; issuing (store writes, Raft membership)
+    is the manager's `issue` hook; JoinError becomes INVALID_ARGUMENT/PERMISSION_DENIED."""
+
+    def __init__(self, get_root_ca: Callable[[], bytes], issue: IssueHook, *, plain: bool = False) -> None:
+        self._get_root_ca = get_root_ca
+        self._issue = issue
+        self._plain = plain  # the plaintext listener: root CA only
+
+    async def GetRootCACertificate(self, request, context):  # noqa: N802
+        return ca_pb2.GetRootCACertificateResponse(certificate=self._get_root_ca())
+
+    async def IssueNodeCertificate(self, request, context):  # noqa: N802
+        if self._plain:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "certificates are issued over TLS only: connect with TLS after checking the root CA",
+            )
+        try:
+            issued = await self._issue(request, peer_identity(context))
+        except JoinError as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        return ca_pb2.IssueNodeCertificateResponse(
+            node_id=issued.node_id,
+            certificate=issued.certificate,
+            root_ca=self._get_root_ca(),
+            role=issued.role,
+            raft_key=issued.raft_key,
+            raft_peers=list(issued.raft_peers),
+            cluster_id=issued.cluster_id,
+        )
+
+
+# ---- the joining side --------------------------------------------------------------------------
+@dataclass
+class JoinResult:
+    identity: TLSIdentity
+    response: ca_pb2.IssueNodeCertificateResponse
+
+
+async def join_cluster(
+    addr: str,
+    token: str,
+    *,
+    hostname: str = "",
+    advertise_addr: str = "",
+    raft_addr: str = "",
+    timeout: float = 15.0,
+) -> JoinResult:
+    """Join through the manager at `addr` (host:2377): fetch the root CA over plaintext, check it
+    against the token's digest, then send a CSR and the token over TLS (server verified against
+    that CA). Raises JoinError with a clear message."""
+    parse_join_token(token)
+    try:
+        async with grpc.aio.insecure_channel(addr) as ch:
+            resp = await ca_pb2_grpc.CAStub(ch).GetRootCACertificate(
+                ca_pb2.GetRootCACertificateRequest(), timeout=timeout, wait_for_ready=True
+            )
+    except grpc.aio.AioRpcError as e:
+        raise JoinError(f"cannot reach a manager at {addr}: {e.details()}") from None
+    ca_pem = resp.certificate
+    verify_root_ca(token, ca_pem)
+    _, key_pem = new_key()
+    req = ca_pb2.IssueNodeCertificateRequest(
+        csr=make_csr(key_pem),
+        token=token,
+        hostname=hostname,
+        advertise_addr=advertise_addr,
+        raft_addr=raft_addr,
+    )
+    creds = grpc.ssl_channel_credentials(ca_pem)
+    try:
+        async with grpc.aio.secure_channel(addr, creds, options=channel_options(JOIN_NAME)) as ch:
+            issued = await ca_pb2_grpc.CAStub(ch).IssueNodeCertificate(req, timeout=timeout, wait_for_ready=True)
+    except grpc.aio.AioRpcError as e:
+        if e.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT):
+            raise JoinError(e.details()) from None
+        raise JoinError(f"join through {addr} failed: {e.details()}") from None
+    if issued.root_ca != ca_pem:
+        raise JoinError("the manager changed its root CA during the join; retry")
+    ident = TLSIdentity(key_pem, issued.certificate, ca_pem)
+    info = cert_info(ident.cert_pem, ca_pem)
+    if info.node_id != issued.node_id or info.role != issued.role:
+        raise JoinError("the issued certificate does not match the node id and role the manager sent")
+    return JoinResult(ident, issued)
+
+
+# ---- the 2377 front ----------------------------------------------------------------------------
+def _client_hello_sni(data: bytes) -> str | None:
+    """The server name of a TLS ClientHello record (None if absent or not parseable)."""
+    try:
+        if data[0] != 0x16 or data[5] != 0x01:
+            return None
+        p = 9 + 2 + 32  # record(5) + handshake header(4) + version + random
+        p += 1 + data[p]  # session id
+        p += 2 + int.from_bytes(data[p : p + 2], "big")  # cipher suites
+        p += 1 + data[p]  # compression methods
+        end = p + 2 + int.from_bytes(data[p : p + 2], "big")
+        p += 2
+        while p + 4 <= min(end, len(data)):
+            etype = int.from_bytes(data[p : p + 2], "big")
+            elen = int.from_bytes(data[p + 2 : p + 4], "big")
+            body = data[p + 4 : p + 4 + elen]
+            if etype == 0:  # server_name: list len(2), type(1), name len(2), name
+                nlen = int.from_bytes(body[3:5], "big")
+                return body[5 : 5 + nlen].decode("ascii", "replace")
+            p += 4 + elen
+    except IndexError:
+        return None
+    return None
+
+
+class RemoteAPIFront:
+    """The manager's remote API port (2377): routes each TCP connection, by its first bytes and
+    without terminating TLS, to the mTLS, join (server TLS) or plaintext (root CA only) gRPC
+    listener on unix sockets, then copies bytes both ways. See the module docstring for why."""
+
+    def __init__(self, listen: str, mtls_path: str, join_path: str, plain_path: str) -> None:
+        host, _, port = listen.rpartition(":")
+        self.host = host.strip("[]") or "0.0.0.0"
+        self.port = int(port)
+        self.paths = {"mtls": mtls_path, "join": join_path, "plain": plain_path}
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, self.host, self.port, reuse_address=True)
+        log.info("remote API listening on %s:%d", self.host, self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._conns):
+            t.cancel()
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        try:
+            await self._route(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, OSError):
+            pass
+        finally:
+            self._conns.discard(task)
+            writer.close()
+
+    async def _route(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        head = await asyncio.wait_for(reader.readexactly(5), 10)
+        if head[0] == 0x16:  # TLS handshake record: read the whole ClientHello record
+            body = await asyncio.wait_for(reader.readexactly(int.from_bytes(head[3:5], "big")), 10)
+            head += body
+            route = "join" if _client_hello_sni(head) == JOIN_NAME else "mtls"
+        else:
+            route = "plain"
+        up_r, up_w = await asyncio.open_unix_connection(self.paths[route])
+        try:
+            up_w.write(head)
+            await asyncio.gather(_pump(reader, up_w), _pump(up_r, writer))
+        finally:
+            up_w.close()
+
+
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    try:
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+    finally:
+        if dst.can_write_eof():
+            try:
+                dst.write_eof()
+            except OSError:
+                pass
