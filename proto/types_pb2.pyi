@@ -641,7 +641,7 @@ class NodeStatus(_message.Message):
     def __init__(self, state: _Optional[_Union[NodeStatus.State, str]] = ..., message: _Optional[str] = ..., addr: _Optional[str] = ...) -> None: ...
 
 class ManagerStatus(_message.Message):
-    __slots__ = ("raft_id", "addr", "leader", "reachability")
+    __slots__ = ("raft_id", "addr", "leader", "reachability", "api_addr")
     class Reachability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         UNKNOWN: _ClassVar[ManagerStatus.Reachability]
@@ -654,11 +654,13 @@ class ManagerStatus(_message.Message):
     ADDR_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
     REACHABILITY_FIELD_NUMBER: _ClassVar[int]
+    API_ADDR_FIELD_NUMBER: _ClassVar[int]
     raft_id: int
     addr: str
     leader: bool
     reachability: ManagerStatus.Reachability
-    def __init__(self, raft_id: _Optional[int] = ..., addr: _Optional[str] = ..., leader: _Optional[bool] = ..., reachability: _Optional[_Union[ManagerStatus.Reachability, str]] = ...) -> None: ...
+    api_addr: str
+    def __init__(self, raft_id: _Optional[int] = ..., addr: _Optional[str] = ..., leader: _Optional[bool] = ..., reachability: _Optional[_Union[ManagerStatus.Reachability, str]] = ..., api_addr: _Optional[str] = ...) -> None: ...
 
 class JoinTokens(_message.Message):
     __slots__ = ("worker", "manager")
