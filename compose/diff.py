@@ -87,7 +87,7 @@ def _diff_paths(a: object, b: object, prefix: str = "") -> list[str]:
         if va == vb:
             continue
         path = f"{prefix}{fd.name}"
-        if fd.message_type is not None and fd.label != fd.LABEL_REPEATED and prefix.count(".") < 1:
+        if fd.message_type is not None and not fd.is_repeated and prefix.count(".") < 2:
             sub = _diff_paths(va, vb, path + ".")
             out.extend(sub or [path])
         else:
