@@ -1,0 +1,171 @@
+"""The loop both orchestrators share: watch, batch events, reconcile the services they touched."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from shoal.manager.orchestrator.common import (
+    RUNNING,
+    TaskWaiters,
+    commit_chunks,
+    copy_task,
+    drain_events,
+    restart_delay,
+)
+from shoal.manager.orchestrator.restart import DEFAULT_OLD_TASK_TIMEOUT, DelayedStart, RestartSupervisor
+from shoal.manager.orchestrator.update import UpdateSupervisor
+from shoal.manager.store import Store, Tx
+from shoal.proto import objects_pb2, types_pb2, watch_pb2
+
+log = logging.getLogger("shoal.orchestrator")
+
+WE = watch_pb2.WatchEvent
+
+
+class OrchestratorBase:
+    """Subclasses say which services are theirs and how to reconcile one."""
+
+    name = "orchestrator"
+
+    def __init__(self, store: Store, debounce: float = 0.02, old_task_timeout: float = DEFAULT_OLD_TASK_TIMEOUT):
+        self.store = store
+        self.debounce = debounce
+        self.old_task_timeout = old_task_timeout
+        self.waiters = TaskWaiters()
+        self._dirty: set[str] = set()
+        self._tg: asyncio.TaskGroup | None = None
+        self.restarts: RestartSupervisor
+        self.updates: UpdateSupervisor
+        self.reconciles = 0  # for tests and logs
+        self.idle = asyncio.Event()
+
+    # ---- subclass hooks ----------------------------------------------------------------------
+    def owns(self, svc: objects_pb2.Service) -> bool:
+        raise NotImplementedError
+
+    async def reconcile(self, service_id: str) -> None:
+        raise NotImplementedError
+
+    def on_node_event(self, ev: watch_pb2.WatchEvent, node: objects_pb2.Node, old: objects_pb2.Node | None) -> None:
+        raise NotImplementedError
+
+    # ---- loop --------------------------------------------------------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        assert self._tg is not None
+        return self._tg.create_task(coro)
+
+    async def run(self) -> None:
+        log.info("%s started", self.name)
+        with self.store.watch(["service", "task", "node", "cluster"]) as w:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self.restarts = RestartSupervisor(self.store, self.waiters, self._spawn, self.old_task_timeout)
+                self.updates = UpdateSupervisor(self.store, self.restarts, self.waiters, self._spawn)
+                try:
+                    self._startup()
+                    while True:
+                        await self._reconcile_dirty()
+                        self.idle.set()
+                        ok = await drain_events(w.queue, self._on_message, self.debounce)
+                        self.idle.clear()
+                        if not ok:
+                            break
+                finally:
+                    self.updates.cancel_all()
+                    self.restarts.cancel_all()
+                    log.info("%s stopped", self.name)
+
+    def _startup(self) -> None:
+        sm = self.store.sm
+        now = time.time()
+        for svc in sm.list("service"):
+            if svc.pending_delete or not self.owns(svc):
+                continue
+            self._dirty.add(svc.id)
+            # Replacements that were waiting for their restart delay when the last leader stopped.
+            for t in sm.tasks_by_service(svc.id):
+                if t.desired_state < RUNNING and t.status.state <= RUNNING and t.desired_state != types_pb2.NEW:
+                    created = t.meta.created_at.seconds + t.meta.created_at.nanos / 1e9
+                    remaining = max(0.0, created + restart_delay(t.spec) - now)
+                    self.restarts.delay_start(DelayedStart(t.id, remaining))
+
+    async def _reconcile_dirty(self) -> None:
+        while self._dirty:
+            sid = self._dirty.pop()
+            try:
+                self.reconciles += 1
+                await self.reconcile(sid)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s: reconcile of service %s failed", self.name, sid)
+
+    def _on_message(self, msg: watch_pb2.WatchMessage) -> None:
+        for ev in msg.events:
+            self.waiters.notify_event(ev)
+            kind = ev.object.WhichOneof("object")
+            obj = getattr(ev.object, kind)
+            old = getattr(ev.old_object, kind) if ev.HasField("old_object") else None
+            if kind == "service":
+                if ev.action == WE.DELETE or obj.pending_delete:
+                    self.updates.cancel(obj.id)
+                    self.restarts.forget_service(obj.id)
+                    self._dirty.discard(obj.id)
+                elif self.owns(obj):
+                    self._dirty.add(obj.id)
+            elif kind == "task":
+                self.updates.on_task(obj)
+                if ev.action == WE.CREATE:
+                    continue
+                if ev.action == WE.DELETE or old is None:
+                    self._dirty.add(obj.service_id)
+                elif (
+                    old.desired_state != obj.desired_state
+                    or old.node_id != obj.node_id
+                    or (obj.status.state > RUNNING and old.status.state != obj.status.state)
+                ):
+                    self._dirty.add(obj.service_id)
+            elif kind == "node":
+                self.on_node_event(ev, obj, old)
+
+    # ---- helpers for subclasses --------------------------------------------------------------
+    def services_on_node(self, node_id: str) -> set[str]:
+        return {t.service_id for t in self.store.sm.tasks_by_node(node_id)}
+
+    async def shutdown_and_restart(
+        self, svc: objects_pb2.Service, restart_ids: list[str], shutdown_ids: list[str]
+    ) -> bool:
+        """Restart ended tasks (by policy) and shut down tasks that must go; True when anything was written."""
+        if not restart_ids and not shutdown_ids:
+            return False
+        plans: list[DelayedStart | None] = []
+
+        def restart_one(tid: str) -> Callable[[Tx], None]:
+            return lambda tx: plans.append(self.restarts.restart(tx, svc, tid))
+
+        def shutdown_one(tid: str) -> Callable[[Tx], None]:
+            def fn(tx: Tx) -> None:
+                t = tx.get("task", tid)
+                if t is None or t.desired_state > RUNNING:
+                    return
+                t = copy_task(t)
+                t.desired_state = types_pb2.SHUTDOWN
+                tx.update(t)
+
+            return fn
+
+        builders = [restart_one(t) for t in restart_ids] + [shutdown_one(t) for t in shutdown_ids]
+        await commit_chunks(self.store, builders, f"restart tasks of service {svc.id}")
+        for tid in shutdown_ids:
+            self.restarts.cancel(tid)
+            log.info("%s: task %s of service %s shut down (node lost or unfit), replacing it", self.name, tid, svc.id)
+        self.restarts.after_commit(plans)
+        return True
+
+    async def wait_idle(self) -> None:
+        """For tests: until the loop has handled everything queued so far."""
+        await self.idle.wait()

@@ -1,0 +1,639 @@
+"""The scheduler: PENDING tasks get a node (ASSIGNED), decided in batches and committed in big transactions.
+
+Filters, in the order a pending task's message reports them: node ready and active, platform,
+placement constraints, networks available on the node, resources (CPU, memory, generic) against what
+the node advertises minus what its tasks reserve, max replicas per node, host-mode published ports.
+Strategy: spread -- among the nodes that pass, the one with the fewest tasks of the same service, then
+the fewest tasks overall; placement preferences (`spread=node.labels.X`, applied in order) first
+spread the service's tasks evenly over the label's values (nodes without the label form one group).
+
+Tasks of a moment are decided together: the loop waits until no new event came for `debounce`
+(50 ms) but never more than `max_delay` (1 s) after the first, groups pending tasks by service and
+spec version, filters nodes once per group, then places the group's tasks from a heap keyed by those
+counts (one heap per preference branch), and commits the assignments in transactions of `chunk`
+actions. A task no node fits stays PENDING with a message summing up why, node by node, and is tried
+again whenever nodes or tasks change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shoal.manager.scheduler.constraint import (
+    Constraint,
+    first_unmet,
+    node_attribute,
+    normalize_arch,
+    parse_constraints,
+    parse_spread,
+)
+from shoal.manager.store import Store, StoreError
+from shoal.proto import objects_pb2, store_pb2, types_pb2, watch_pb2
+
+log = logging.getLogger("shoal.scheduler")
+
+WE = watch_pb2.WatchEvent
+PENDING = types_pb2.PENDING
+ASSIGNED = types_pb2.ASSIGNED
+RUNNING = types_pb2.RUNNING
+READY = types_pb2.NodeStatus.READY
+BUILTIN_NET_DRIVERS = frozenset({"", "overlay"})
+NET_DRIVERS_LABEL = "shoal.network.drivers"
+ASSIGNED_MESSAGE = "scheduler assigned task to node"
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    id: str
+    node: objects_pb2.Node
+    index: int
+    usable: bool = False
+    cpu: int = 0
+    mem: int = 0
+    generic: dict[str, int] = field(default_factory=dict)
+    res_cpu: int = 0
+    res_mem: int = 0
+    res_generic: Counter[str] = field(default_factory=Counter)
+    total: int = 0  # tasks that should run here
+    by_service: Counter[str] = field(default_factory=Counter)
+    ports: Counter[tuple[int, int]] = field(default_factory=Counter)
+    ghost: bool = False  # tasks point at a node the store no longer has
+
+    def refresh(self, node: objects_pb2.Node) -> None:
+        self.node = node
+        self.ghost = False
+        self.usable = node.status.state == READY and node.spec.availability == types_pb2.ACTIVE
+        r = node.description.resources
+        self.cpu = r.nano_cpus
+        self.mem = r.memory_bytes
+        self.generic = {g.kind: g.value for g in r.generic}
+
+
+@dataclass(slots=True)
+class _Rec:
+    """What one task holds on its node."""
+
+    node_id: str
+    service_id: str
+    active: bool
+    cpu: int
+    mem: int
+    generic: tuple[tuple[str, int], ...]
+    ports: tuple[tuple[int, int], ...]
+    version: int
+
+
+def _host_ports(t: objects_pb2.Task) -> tuple[tuple[int, int], ...]:
+    ports = t.endpoint.ports or t.endpoint.spec.ports
+    if not ports:
+        return ()
+    return tuple(
+        (p.protocol, p.published_port)
+        for p in ports
+        if p.publish_mode == types_pb2.PortConfig.HOST and p.published_port
+    )
+
+
+def _network_ids(t: objects_pb2.Task) -> list[str]:
+    if t.networks:
+        return [a.network.id for a in t.networks if a.network.id]
+    return [n.target for n in t.spec.networks]
+
+
+@dataclass
+class _Group:
+    """Pending tasks that share a service and spec: one filter pass, one placement heap."""
+
+    service_id: str
+    tasks: list[objects_pb2.Task]
+    constraints: list[Constraint]
+    cpu: int
+    mem: int
+    generic: tuple[tuple[str, int], ...]
+    ports: tuple[tuple[int, int], ...]
+    max_replicas: int
+    platforms: list[tuple[str, str]]
+    networks: list[objects_pb2.Network | None]
+    spreads: list[str]
+
+
+class _Leaf:
+    __slots__ = ("heap", "dead")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, int, int, NodeInfo]] = []
+        self.dead = False
+
+
+class _Branch:
+    __slots__ = ("heap", "children", "dead")
+
+    def __init__(self) -> None:
+        self.heap: list[list[Any]] = []
+        self.children: dict[str, Any] = {}
+        self.dead = False
+
+
+class Scheduler:
+    """Leader loop. `Scheduler(store, debounce=0.05, max_delay=1.0, chunk=2000)`; `await run()` until cancelled."""
+
+    def __init__(self, store: Store, debounce: float = 0.05, max_delay: float = 1.0, chunk: int = 2000) -> None:
+        self.store = store
+        self.debounce = debounce
+        self.max_delay = max_delay
+        self.chunk = chunk
+        self.nodes: dict[str, NodeInfo] = {}
+        self._recs: dict[str, _Rec] = {}
+        self._pending: dict[str, int] = {}  # task id -> version seen
+        self._dirty = True
+        self._order = 0
+        self.idle = asyncio.Event()
+        self.placed = 0  # assignments committed, for benchmarks and logs
+        self.passes = 0
+
+    # ---- state -------------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        sm = self.store.sm
+        self.nodes = {}
+        self._recs = {}
+        self._pending = {}
+        for n in sm.list("node"):
+            self._node_update(n)
+        for t in sm.list("task"):
+            self._task_update(t)
+        self._dirty = True
+
+    def _node_update(self, node: objects_pb2.Node) -> None:
+        info = self.nodes.get(node.id)
+        if info is None:
+            self._order += 1
+            info = self.nodes[node.id] = NodeInfo(node.id, node, self._order)
+        info.refresh(node)
+
+    def _task_update(self, t: objects_pb2.Task, deleted: bool = False) -> bool:
+        """Account one task's state; True when a pending task may fit somewhere now."""
+        tid = t.id
+        old = self._recs.get(tid)
+        if old is not None and t.meta.version < old.version:
+            return False  # an event older than what we already know
+        changed = False
+        new = None
+        if not deleted and t.node_id and ASSIGNED <= t.status.state <= RUNNING:
+            new = self._rec_of(t, t.meta.version)
+        if old is not None:
+            self._release(old)
+            del self._recs[tid]
+            changed = new is None or new.node_id != old.node_id or new.active != old.active
+        if new is not None:
+            self._recs[tid] = new
+            self._hold(new)
+        if not deleted and t.status.state == PENDING and t.desired_state <= RUNNING:
+            if tid not in self._pending:
+                changed = True
+            self._pending[tid] = t.meta.version
+        else:
+            self._pending.pop(tid, None)
+        return changed
+
+    @staticmethod
+    def _rec_of(t: objects_pb2.Task, version: int, node_id: str | None = None) -> _Rec:
+        r = t.spec.resources.reservations
+        return _Rec(
+            node_id=node_id or t.node_id,
+            service_id=t.service_id,
+            active=t.desired_state <= RUNNING,
+            cpu=r.nano_cpus,
+            mem=r.memory_bytes,
+            generic=tuple((g.kind, g.value) for g in r.generic),
+            ports=_host_ports(t),
+            version=version,
+        )
+
+    def _hold(self, rec: _Rec) -> None:
+        info = self.nodes.get(rec.node_id)
+        if info is None:
+            self._order += 1
+            info = self.nodes[rec.node_id] = NodeInfo(rec.node_id, objects_pb2.Node(id=rec.node_id), self._order)
+            info.ghost = True
+        info.res_cpu += rec.cpu
+        info.res_mem += rec.mem
+        for k, v in rec.generic:
+            info.res_generic[k] += v
+        for p in rec.ports:
+            info.ports[p] += 1
+        if rec.active:
+            info.total += 1
+            info.by_service[rec.service_id] += 1
+
+    def _release(self, rec: _Rec) -> None:
+        info = self.nodes.get(rec.node_id)
+        if info is None:
+            return
+        info.res_cpu -= rec.cpu
+        info.res_mem -= rec.mem
+        for k, v in rec.generic:
+            info.res_generic[k] -= v
+        for p in rec.ports:
+            info.ports[p] -= 1
+            if info.ports[p] <= 0:
+                del info.ports[p]
+        if rec.active:
+            info.total -= 1
+            info.by_service[rec.service_id] -= 1
+            if info.by_service[rec.service_id] <= 0:
+                del info.by_service[rec.service_id]
+
+    def _on_message(self, msg: watch_pb2.WatchMessage) -> None:
+        for ev in msg.events:
+            kind = ev.object.WhichOneof("object")
+            if kind == "task":
+                if self._task_update(ev.object.task, ev.action == WE.DELETE):
+                    self._dirty = True
+            elif kind == "node":
+                node = ev.object.node
+                if ev.action == WE.DELETE:
+                    info = self.nodes.get(node.id)
+                    if info is not None:
+                        info.usable = False
+                        info.ghost = True
+                        if not any(r.node_id == node.id for r in self._recs.values()):
+                            del self.nodes[node.id]
+                else:
+                    self._node_update(node)
+                self._dirty = True
+            elif kind == "network":
+                self._dirty = True
+
+    # ---- loop --------------------------------------------------------------------------------
+    async def run(self) -> None:
+        log.info("scheduler started")
+        loop = asyncio.get_running_loop()
+        with self.store.watch(["task", "node", "network"]) as w:
+            self._rebuild()
+            while True:
+                if self._dirty and self._pending:
+                    self._dirty = False
+                    try:
+                        await self.schedule_pending()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("scheduling pass failed")
+                self.idle.set()
+                msg = await w.queue.get()
+                self.idle.clear()
+                if msg is None:
+                    return
+                self._on_message(msg)
+                first = loop.time()
+                while True:
+                    while not w.queue.empty():
+                        msg = w.queue.get_nowait()
+                        if msg is None:
+                            return
+                        self._on_message(msg)
+                    left = min(self.debounce, first + self.max_delay - loop.time())
+                    if left <= 0 or not (self._dirty and self._pending):
+                        break
+                    try:
+                        msg = await asyncio.wait_for(w.queue.get(), left)
+                    except TimeoutError:
+                        break
+                    if msg is None:
+                        return
+                    self._on_message(msg)
+
+    async def wait_idle(self) -> None:
+        await self.idle.wait()
+
+    # ---- one pass ----------------------------------------------------------------------------
+    async def schedule_pending(self) -> int:
+        """Decide every pending task now and commit; returns how many were assigned."""
+        sm = self.store.sm
+        self.passes += 1
+        groups: dict[tuple[Any, ...], list[objects_pb2.Task]] = {}
+        for tid in list(self._pending):
+            t = sm.get("task", tid)
+            if t is None or t.status.state != PENDING or t.desired_state > RUNNING:
+                self._pending.pop(tid, None)
+                continue
+            key: tuple[Any, ...] = (t.service_id, t.spec_version)
+            if not t.spec_version:
+                key = (t.service_id, 0, t.spec.SerializeToString(deterministic=True))
+            groups.setdefault(key, []).append(t)
+        actions: list[store_pb2.StoreAction] = []
+        decided: list[tuple[objects_pb2.Task, str]] = []
+        messages: list[tuple[objects_pb2.Task, str]] = []
+        now_ns = time.time_ns()
+        for tasks in groups.values():
+            g = self._group(tasks)
+            placed, unplaced = self._place_group(g)
+            decided.extend(placed)
+            if unplaced:
+                for t in g.tasks:
+                    m = unplaced.get(t.id)
+                    if m is not None and t.status.message != m:
+                        messages.append((t, m))
+        for t, nid in decided:
+            a = store_pb2.StoreAction(kind=store_pb2.StoreAction.UPDATE)
+            nt = a.object.task
+            nt.CopyFrom(t)
+            nt.node_id = nid
+            st = nt.status
+            st.state = ASSIGNED
+            st.message = ASSIGNED_MESSAGE
+            st.timestamp.FromNanoseconds(now_ns)
+            st.err = ""
+            r = t.spec.resources.reservations
+            if r.generic:
+                del nt.assigned_generic_resources[:]
+                nt.assigned_generic_resources.extend(r.generic)
+            actions.append(a)
+        for t, m in messages:
+            a = store_pb2.StoreAction(kind=store_pb2.StoreAction.UPDATE)
+            nt = a.object.task
+            nt.CopyFrom(t)
+            nt.status.message = m
+            nt.status.timestamp.FromNanoseconds(now_ns)
+            actions.append(a)
+        if not actions:
+            return 0
+        n = await self._commit(actions)
+        if decided:
+            log.info("scheduler pass %d: %d tasks assigned, %d pending", self.passes, n, len(self._pending))
+        return n
+
+    def _group(self, tasks: list[objects_pb2.Task]) -> _Group:
+        t = tasks[0]
+        spec = t.spec
+        try:
+            cons = parse_constraints(spec.placement.constraints)
+        except ValueError as e:
+            log.warning("service %s: bad placement constraints ignored: %s", t.service_id, e)
+            cons = []
+        spreads = []
+        for p in spec.placement.preferences:
+            try:
+                spreads.append(parse_spread(p.spread_descriptor))
+            except ValueError as e:
+                log.warning("service %s: bad placement preference ignored: %s", t.service_id, e)
+        r = spec.resources.reservations
+        sm = self.store.sm
+        nets = [sm.get("network", nid) for nid in _network_ids(t)]
+        return _Group(
+            service_id=t.service_id,
+            tasks=tasks,
+            constraints=cons,
+            cpu=r.nano_cpus,
+            mem=r.memory_bytes,
+            generic=tuple((g.kind, g.value) for g in r.generic),
+            ports=_host_ports(t),
+            max_replicas=spec.placement.max_replicas,
+            platforms=[(p.os.lower(), normalize_arch(p.architecture)) for p in spec.placement.platforms],
+            networks=nets,
+            spreads=spreads,
+        )
+
+    # ---- filters -----------------------------------------------------------------------------
+    @staticmethod
+    def _static_reason(g: _Group, info: NodeInfo) -> str | None:
+        """Why the node can never take a task of the group as things stand (None: it can)."""
+        node = info.node
+        if not info.usable:
+            if node.spec.availability == types_pb2.DRAIN:
+                return "node drained"
+            if node.spec.availability == types_pb2.PAUSE:
+                return "node paused"
+            return "node not ready"
+        if g.platforms:
+            nos = node.description.platform.os.lower()
+            narch = normalize_arch(node.description.platform.architecture)
+            if not any((not o or o == nos) and (not a or a == narch) for o, a in g.platforms):
+                return f"platform {nos or '?'}/{narch or '?'} not supported"
+        if g.constraints:
+            c = first_unmet(g.constraints, node)
+            if c is not None:
+                return f"constraint {c} not met"
+        for net in g.networks:
+            if net is None or net.pending_delete:
+                return "network not available"
+            drv = net.spec.driver_config.name
+            if drv not in BUILTIN_NET_DRIVERS:
+                have = node.description.engine.labels.get(NET_DRIVERS_LABEL, "")
+                if drv not in {d.strip() for d in have.split(",")}:
+                    return f"network driver {drv} not available"
+        return None
+
+    @staticmethod
+    def _dynamic_reason(g: _Group, info: NodeInfo) -> str | None:
+        if g.cpu and info.cpu - info.res_cpu < g.cpu:
+            return "insufficient cpu"
+        if g.mem and info.mem - info.res_mem < g.mem:
+            return "insufficient memory"
+        for k, v in g.generic:
+            if info.generic.get(k, 0) - info.res_generic.get(k, 0) < v:
+                return f"insufficient generic resource {k}"
+        if g.max_replicas and info.by_service.get(g.service_id, 0) >= g.max_replicas:
+            return f"max replicas per node ({g.max_replicas}) reached"
+        for p in g.ports:
+            if p in info.ports:
+                proto = types_pb2.PortConfig.Protocol.Name(p[0]).lower()
+                return f"host port {p[1]}/{proto} already in use"
+        return None
+
+    def _assign(self, g: _Group, t: objects_pb2.Task, info: NodeInfo) -> None:
+        rec = _Rec(info.id, g.service_id, t.desired_state <= RUNNING, g.cpu, g.mem, g.generic, g.ports, 1 << 62)
+        old = self._recs.get(t.id)
+        if old is not None:
+            self._release(old)
+        self._recs[t.id] = rec
+        self._hold(rec)
+        self._pending.pop(t.id, None)
+
+    def _explain(self, g: _Group) -> str:
+        reasons: Counter[str] = Counter()
+        order: dict[str, int] = {}
+        for info in self.nodes.values():
+            if info.ghost:
+                continue
+            r = self._static_reason(g, info) or self._dynamic_reason(g, info) or "no capacity left in this pass"
+            reasons[r] += 1
+            order.setdefault(r, len(order))
+        if not reasons:
+            return "no suitable node (no nodes in the cluster)"
+        parts = [f"{r} on {n} node{'s' if n != 1 else ''}" for r, n in sorted(reasons.items(), key=lambda x: order[x[0]])]
+        return f"no suitable node ({'; '.join(parts)})"
+
+    # ---- placement ---------------------------------------------------------------------------
+    def _place_group(self, g: _Group) -> tuple[list[tuple[objects_pb2.Task, str]], dict[str, str]]:
+        """Place what fits; the second result maps each task left pending to its message."""
+        placed: list[tuple[objects_pb2.Task, str]] = []
+        unplaced: dict[str, str] = {}
+        free = []
+        for t in g.tasks:
+            if not t.node_id:
+                free.append(t)
+                continue
+            info = self.nodes.get(t.node_id)
+            if info is None or info.ghost:
+                why: str | None = "node not found"
+            else:
+                why = self._static_reason(g, info) or self._dynamic_reason(g, info)
+            if why is None:
+                self._assign(g, t, info)  # type: ignore[arg-type]
+                placed.append((t, t.node_id))
+            else:
+                unplaced[t.id] = f"no suitable node ({why} on 1 node)"
+        if free:
+            root = self._build_tree(g)
+            left = free
+            if root is not None:
+                left = []
+                for i, t in enumerate(free):
+                    info = self._pick(g, root)
+                    if info is None:
+                        left = free[i:]
+                        break
+                    self._assign(g, t, info)
+                    placed.append((t, info.id))
+            if left:
+                msg = self._explain(g)
+                for t in left:
+                    unplaced[t.id] = msg
+        return placed, unplaced
+
+    def _build_tree(self, g: _Group) -> Any:
+        sid = g.service_id
+        cands = [i for i in self.nodes.values() if self._static_reason(g, i) is None]
+        if not cands:
+            return None
+        if not g.spreads:
+            leaf = _Leaf()
+            leaf.heap = [(i.by_service.get(sid, 0), i.total, i.index, i) for i in cands]
+            heapq.heapify(leaf.heap)
+            return leaf
+        root = _Branch()
+        counts: dict[int, int] = {}
+        tie = 0
+        for info in cands:
+            cur = root
+            path = [root]
+            for depth, key in enumerate(g.spreads):
+                val = node_attribute(info.node, key) or ""
+                last = depth == len(g.spreads) - 1
+                child = cur.children.get(val)
+                if child is None:
+                    child = _Leaf() if last else _Branch()
+                    cur.children[val] = child
+                    counts[id(child)] = 0
+                cur = child
+                path.append(child)
+            n = info.by_service.get(sid, 0)
+            for p in path[1:]:
+                counts[id(p)] += n
+            cur.heap.append((n, info.total, info.index, info))
+
+        def finish(br: _Branch) -> None:
+            nonlocal tie
+            for _val, child in sorted(br.children.items(), key=lambda kv: kv[0]):
+                tie += 1
+                if isinstance(child, _Branch):
+                    finish(child)
+                else:
+                    heapq.heapify(child.heap)
+                br.heap.append([counts[id(child)], tie, child])
+            heapq.heapify(br.heap)
+
+        finish(root)
+        return root
+
+    def _leaf_pick(self, g: _Group, leaf: _Leaf) -> NodeInfo | None:
+        heap = leaf.heap
+        while heap:
+            _, _, _, info = heapq.heappop(heap)
+            if self._dynamic_reason(g, info) is None:
+                return info
+        leaf.dead = True
+        return None
+
+    def _pick(self, g: _Group, root: Any) -> NodeInfo | None:
+        sid = g.service_id
+        while True:
+            cur = root
+            path: list[tuple[_Branch, list[Any]]] = []
+            while isinstance(cur, _Branch):
+                if not cur.heap:
+                    return None
+                entry = heapq.heappop(cur.heap)
+                path.append((cur, entry))
+                cur = entry[2]
+            info = self._leaf_pick(g, cur)
+            if info is not None:
+                heapq.heappush(cur.heap, (info.by_service.get(sid, 0) + 1, info.total + 1, info.index, info))
+                for br, entry in path:
+                    entry[0] += 1
+                    heapq.heappush(br.heap, entry)
+                return info
+            # The leaf is exhausted: drop it, and every branch left empty above it.
+            exhausted = True
+            for br, entry in reversed(path):
+                if not exhausted:
+                    heapq.heappush(br.heap, entry)
+                    continue
+                exhausted = not br.heap
+            if not path:
+                return None
+
+    # ---- commit ------------------------------------------------------------------------------
+    async def _commit(self, actions: list[store_pb2.StoreAction]) -> int:
+        done = 0
+        for i in range(0, len(actions), self.chunk):
+            part = actions[i : i + self.chunk]
+            txn = store_pb2.StoreTransaction(actions=part, timestamp_unix_nano=time.time_ns())
+            try:
+                version = await self.store.propose(txn)
+            except StoreError:
+                # Some task changed under us (a concurrent writer): commit the rest one by one.
+                for a in part:
+                    try:
+                        v = await self.store.propose(
+                            store_pb2.StoreTransaction(actions=[a], timestamp_unix_nano=time.time_ns())
+                        )
+                    except StoreError as e:
+                        tid = a.object.task.id
+                        log.info("assignment of task %s dropped: %s", tid, e)
+                        self._resync(tid)
+                        continue
+                    done += self._committed([a], v)
+                continue
+            done += self._committed(part, version)
+        return done
+
+    def _committed(self, part: Iterable[store_pb2.StoreAction], version: int) -> int:
+        n = 0
+        for a in part:
+            t = a.object.task
+            rec = self._recs.get(t.id)
+            if rec is not None and rec.version > version:
+                rec.version = version
+            if t.status.state == ASSIGNED:
+                n += 1
+        self.placed += n
+        return n
+
+    def _resync(self, tid: str) -> None:
+        """Forget what we assumed about a task and take the store's word for it."""
+        rec = self._recs.pop(tid, None)
+        if rec is not None:
+            self._release(rec)
+        cur = self.store.get("task", tid)
+        if cur is not None:
+            self._task_update(cur)
+        self._dirty = True
