@@ -233,9 +233,15 @@ def _tmpfs_mount(svc: m.Service, entry: str) -> types_pb2.Mount:
         key, _, value = opt.partition("=")
         try:
             if key == "size":
-                mount.tmpfs_options.size_bytes = parse_bytes(value)
+                size = parse_bytes(value)
+                if size > 2**63 - 1:
+                    raise ValueError(value)
+                mount.tmpfs_options.size_bytes = size
             elif key == "mode":
-                mount.tmpfs_options.mode = int(value, 8)
+                mode = int(value, 8)
+                if not 0 <= mode <= 0o7777:
+                    raise ValueError(value)
+                mount.tmpfs_options.mode = mode
             elif key in ("ro", "readonly"):
                 mount.readonly = True
             elif key in ("rw", "exec", "noexec", "nosuid", "nodev", "suid", "dev"):

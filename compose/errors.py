@@ -20,6 +20,9 @@ class ComposeError(Exception):
     """A stack file problem a user can fix; the message names file, line and key path."""
 
     def __init__(self, message: str, loc: Loc | None = None, path: str = "") -> None:
+        # One line, whatever a stack file holds (keys and values may contain newlines).
+        message = message.replace("\r", "\\r").replace("\n", "\\n")
+        path = path.replace("\r", "\\r").replace("\n", "\\n")
         self.loc = loc
         self.path = path
         self.detail = message

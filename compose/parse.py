@@ -181,7 +181,17 @@ def as_nonempty_str(v: V, what: str = "a non-empty string") -> str:
     return s
 
 
-def as_int(v: V, *, minimum: int | None = 0, what: str | None = None) -> int:
+INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
+MAX_DURATION_NS = 315_576_000_000 * 10**9      # what a protobuf Duration holds (10,000 years)
+
+
+def _too_large(v: V, x: int, maximum: int) -> None:
+    if x > maximum:
+        v.fail(f"{x} is too large; at most {maximum} is allowed here")
+
+
+def as_int(v: V, *, minimum: int | None = 0, what: str | None = None, maximum: int = INT64_MAX) -> int:
     what = what or ("a non-negative integer" if minimum == 0 else "an integer" if minimum is None
                     else f"an integer of at least {minimum}")
     x = v.value
@@ -195,6 +205,9 @@ def as_int(v: V, *, minimum: int | None = 0, what: str | None = None) -> int:
         v.expected(what)
     if minimum is not None and x < minimum:
         v.expected(what)
+    if minimum is None and x < -INT64_MAX:
+        v.expected(what)
+    _too_large(v, x, maximum)
     return x
 
 
@@ -228,9 +241,12 @@ def as_duration(v: V) -> int:
     what = 'a duration such as "10s", "1m30s" or "1h"'
     if isinstance(x, str):
         try:
-            return parse_duration(x)
+            ns = parse_duration(x)
         except ValueError:
             v.expected(what)
+        if ns > MAX_DURATION_NS:
+            v.fail(f'duration "{x}" is too long; at most 87600000h is allowed')
+        return ns
     if isinstance(x, int) and not isinstance(x, bool) and x == 0:
         return 0
     v.expected(what)
@@ -239,7 +255,9 @@ def as_duration(v: V) -> int:
 def as_bytes(v: V) -> int:
     try:
         if isinstance(v.value, (int, str)):
-            return parse_bytes(v.value)
+            n = parse_bytes(v.value)
+            _too_large(v, n, INT64_MAX)
+            return n
     except ValueError:
         pass
     v.expected('a size in bytes such as 1024, "100k", "512m" or "1gb"')
@@ -248,7 +266,9 @@ def as_bytes(v: V) -> int:
 def as_cpus(v: V) -> int:
     try:
         if isinstance(v.value, (int, float, str)) and not isinstance(v.value, bool):
-            return parse_cpus(v.value)
+            n = parse_cpus(v.value)
+            _too_large(v, n, INT64_MAX)
+            return n
     except ValueError as e:
         if "precise" in str(e):
             v.fail(str(e))
@@ -635,7 +655,7 @@ def _healthcheck(svc: m.Service, v: V, ctx: FileContext) -> None:
         if (d := v.get(key)) is not None:
             setattr(hc, key, as_duration(d))
     if (r := v.get("retries")) is not None:
-        hc.retries = as_int(r)
+        hc.retries = as_int(r, maximum=INT32_MAX)
     if (d := v.get("disable")) is not None:
         hc.disable = as_bool(d)
         if hc.disable and hc.test and hc.test != ["NONE"]:
@@ -726,10 +746,11 @@ _PORT_SHORT = re.compile(
 
 
 def _port_range(v: V, text: str) -> list[int]:
-    if "-" in text:
-        a, b = (int(x) for x in text.split("-", 1))
-    else:
-        a = b = int(text)
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if m is None:
+        v.fail(f'invalid port "{text}"; expected a port number 1-65535 or a range such as "8000-8010"')
+    a = int(m.group(1))
+    b = int(m.group(2)) if m.group(2) else a
     if not (1 <= a <= 65535 and 1 <= b <= 65535) or b < a:
         v.fail(f'port "{text}" is out of range; ports are 1-65535 and ranges are written low-high')
     return list(range(a, b + 1))
