@@ -468,7 +468,8 @@ class Scheduler:
             order.setdefault(r, len(order))
         if not reasons:
             return "no suitable node (no nodes in the cluster)"
-        parts = [f"{r} on {n} node{'s' if n != 1 else ''}" for r, n in sorted(reasons.items(), key=lambda x: order[x[0]])]
+        ranked = sorted(reasons.items(), key=lambda x: (-x[1], order[x[0]]))
+        parts = [f"{r} on {n} node{'s' if n != 1 else ''}" for r, n in ranked]
         return f"no suitable node ({'; '.join(parts)})"
 
     # ---- placement ---------------------------------------------------------------------------
