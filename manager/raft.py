@@ -184,7 +184,7 @@ class RaftStore(Store):
             deserializer=self._deserialize,
             logCompactionMinEntries=c.compaction_min_entries,
             logCompactionMinTime=c.compaction_min_time,
-            bindAddress=bind_addr,
+            bindAddress=bind_addr or self_addr,  # not pysyncobj's default 0.0.0.0
             tcp_keepalive=(1, 1, 3),
             onReady=self._on_ready,
         )

@@ -1,0 +1,434 @@
+"""swarmd: the node daemon. Every node runs the agent role; managers also run `Manager`.
+
+    swarmd -d STATE_DIR --listen-remote-api ADDR:2377 [--advertise-remote-api ADDR:2377]
+           [--listen-control-api SOCKET] [--hostname NAME] [--listen-raft ADDR:PORT]
+           [--join-addr ADDR:2377 --join-token TOKEN] [--manager] [--default-addr-pool CIDR]
+
+First start without --join-addr creates a cluster (root CA, join tokens, raft key, gossip key) with
+this node as its first manager. With --join-addr it joins with the token (a worker token makes a
+worker, a manager token a manager and Raft member). Started again with the same -d it resumes its
+identity and state (the join flags are then ignored). SIGTERM/SIGINT: clean shutdown.
+
+State dir: `node.json` (identity and addresses), `certificates/` (node key 0600, certificate, root
+CA), `raft-key` (0600, managers), `raft/` (journal, snapshot), `swarmd.sock` (control API, 0600).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+
+from shoal.manager import ca
+from shoal.manager.manager import Manager, ManagerConfig
+from shoal.manager.store import new_id
+from shoal.proto import ca_pb2, ca_pb2_grpc, objects_pb2, specs_pb2, types_pb2
+
+log = logging.getLogger("shoal.swarmd")
+
+DEFAULT_API_PORT = 2377
+DEFAULT_RAFT_PORT = 2378
+ROLE_CHECK_PERIOD = 2.0
+
+
+@dataclass
+class NodeState:
+    """What `node.json` in the state dir remembers between starts."""
+
+    node_id: str
+    cluster_id: str
+    role: str  # "manager" | "worker"
+    hostname: str
+    listen_api: str
+    advertise_api: str
+    raft_addr: str = ""
+    raft_listen: str = ""
+    managers: list[str] = field(default_factory=list)  # remote API addresses of managers
+    bootstrapped: bool = True
+
+    @classmethod
+    def load(cls, state_dir: Path) -> NodeState | None:
+        try:
+            return cls(**json.loads((state_dir / "node.json").read_text()))
+        except FileNotFoundError:
+            return None
+
+    def save(self, state_dir: Path) -> None:
+        tmp = state_dir / "node.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, state_dir / "node.json")
+
+
+@dataclass
+class AgentContext:
+    """Everything the agent needs from the node daemon."""
+
+    node_id: str
+    cluster_id: str
+    hostname: str
+    state_dir: Path
+    identity: ca.TLSIdentity  # mTLS to managers: ca.secure_channel(addr, identity)
+    managers: list[str]  # remote API addresses (host:port) to find the dispatcher at
+    advertise_addr: str  # this node's address (data path / gossip)
+    is_manager: bool
+
+
+async def start_agent(ctx: AgentContext) -> asyncio.Task[None] | None:
+    """The agent role's hook (every node). Return a task running the agent, or None.
+
+    The agent engineer fills this in (e.g. `Agent(ctx...).run()` from `shoal.agent.agent`); swarmd
+    cancels the task on shutdown. Until then the node runs no agent."""
+    try:
+        from shoal.agent.agent import Agent  # noqa: F401
+    except ImportError:
+        return None
+    return None
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def _split(addr: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        return addr, default_port
+    return host.strip("[]"), int(port)
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _default_advertise_host(listen_host: str) -> str:
+    if listen_host not in ("", "0.0.0.0", "::"):
+        return listen_host
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("198.18.0.1", 9))  # no packet is sent; picks the outgoing interface
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+class NodeIdFilter(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.node_id = "-"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node = self.node_id
+        return True
+
+
+class Swarmd:
+    def __init__(self, args: argparse.Namespace, idfilter: NodeIdFilter) -> None:
+        self.args = args
+        self.dir = Path(args.state_dir).resolve()
+        self.idfilter = idfilter
+        self.state: NodeState | None = None
+        self.identity: ca.TLSIdentity | None = None
+        self.manager: Manager | None = None
+        self.agent: asyncio.Task[None] | None = None
+        self.role_task: asyncio.Task[None] | None = None
+        self.stop_event = asyncio.Event()
+
+    # ---- init / join / resume ----------------------------------------------------------------
+    def _addresses(self) -> tuple[str, str, str, str]:
+        a = self.args
+        lhost, lport = _split(a.listen_remote_api, DEFAULT_API_PORT)
+        if a.advertise_remote_api:
+            ahost, aport = _split(a.advertise_remote_api, lport)
+        else:
+            ahost, aport = _default_advertise_host(lhost), lport
+        if a.listen_raft:
+            rhost, rport = _split(a.listen_raft, DEFAULT_RAFT_PORT)
+            raft_listen = _fmt(rhost, rport)
+            raft_addr = _fmt(ahost if rhost in ("0.0.0.0", "::", "") else rhost, rport)
+        else:
+            raft_addr = _fmt(ahost, DEFAULT_RAFT_PORT)
+            raft_listen = ""
+        return _fmt(lhost, lport), _fmt(ahost, aport), raft_addr, raft_listen
+
+    async def setup(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = NodeState.load(self.dir)
+        if st is not None:
+            self.state = st
+            self.identity = ca.TLSIdentity.load(self.dir / "certificates")
+            if self.identity is None:
+                raise SystemExit(f"state dir {self.dir} has node.json but no certificates: remove it and join again")
+            self.idfilter.node_id = st.node_id
+            if self.args.join_addr:
+                log.info("resuming node %s from %s; --join-addr/--join-token ignored", st.node_id, self.dir)
+            else:
+                log.info("resuming node %s (%s) from %s", st.node_id, st.role, self.dir)
+            return
+        listen, advertise, raft_addr, raft_listen = self._addresses()
+        hostname = self.args.hostname or socket.gethostname()
+        if self.args.join_addr:
+            await self._join(hostname, listen, advertise, raft_addr, raft_listen)
+        else:
+            self._init(hostname, listen, advertise, raft_addr, raft_listen)
+
+    def _init(self, hostname: str, listen: str, advertise: str, raft_addr: str, raft_listen: str) -> None:
+        node_id, cluster_id = new_id(), new_id()
+        self.idfilter.node_id = node_id
+        root = ca.RootCA.create(cluster_id)
+        _, key = ca.new_key()
+        self.identity = ca.TLSIdentity(key, root.issue(ca.make_csr(key), node_id, types_pb2.MANAGER, cluster_id), root.cert_pem)
+        self.identity.save(self.dir / "certificates")
+        raft_key = secrets.token_bytes(32)
+        self._save_raft_key(raft_key)
+        pool = self.args.default_addr_pool or "10.0.0.0/8"
+        try:
+            ipaddress.ip_network(pool)
+        except ValueError:
+            raise SystemExit(f"--default-addr-pool {pool!r} is not a CIDR network (e.g. 10.0.0.0/8)") from None
+        assert root.key_pem is not None
+        self._bootstrap = (
+            objects_pb2.Cluster(
+                id=cluster_id,
+                spec=specs_pb2.ClusterSpec(
+                    annotations=types_pb2.Annotations(name="default"),
+                    orchestration=specs_pb2.ClusterSpec.Orchestration(task_history_retention_limit=5),
+                    dispatcher=specs_pb2.ClusterSpec.Dispatcher(heartbeat_period={"seconds": 1}),
+                    default_address_pool=[pool],
+                    subnet_size=24,
+                ),
+                root_ca=objects_pb2.RootCA(
+                    ca_key=root.key_pem,
+                    ca_cert=root.cert_pem,
+                    ca_cert_hash=root.digest,
+                    join_tokens=types_pb2.JoinTokens(
+                        worker=ca.generate_join_token(root.cert_pem), manager=ca.generate_join_token(root.cert_pem)
+                    ),
+                ),
+                network_bootstrap_keys=[
+                    types_pb2.EncryptionKey(subsystem="networking:gossip", key=secrets.token_bytes(16), lamport_time=1)
+                ],
+                raft_key=raft_key,
+            ),
+            objects_pb2.Node(
+                id=node_id,
+                spec=specs_pb2.NodeSpec(
+                    desired_role=types_pb2.MANAGER,
+                    membership=specs_pb2.NodeSpec.ACCEPTED,
+                    availability=types_pb2.ACTIVE,
+                ),
+                description=types_pb2.NodeDescription(hostname=hostname, addr=_split(advertise, 0)[0]),
+                status=types_pb2.NodeStatus(state=types_pb2.NodeStatus.READY, addr=_split(advertise, 0)[0]),
+                manager_status=types_pb2.ManagerStatus(
+                    addr=raft_addr, api_addr=advertise, leader=True, reachability=types_pb2.ManagerStatus.REACHABLE
+                ),
+                role=types_pb2.MANAGER,
+                certificate=self.identity.cert_pem,
+            ),
+        )
+        self.state = NodeState(
+            node_id, cluster_id, "manager", hostname, listen, advertise, raft_addr, raft_listen,
+            [advertise], bootstrapped=False,
+        )
+        self.state.save(self.dir)
+        log.info("initialized a new cluster %s; this node %s is its first manager", cluster_id, node_id)
+
+    async def _join(self, hostname: str, listen: str, advertise: str, raft_addr: str, raft_listen: str) -> None:
+        a = self.args
+        if not a.join_token:
+            raise SystemExit("--join-addr needs --join-token: get one with `swarmctl swarm join-token worker` on a manager")
+        try:
+            res = await ca.join_cluster(
+                a.join_addr, a.join_token, hostname=hostname, advertise_addr=advertise, raft_addr=raft_addr
+            )
+        except ca.JoinError as e:
+            raise SystemExit(f"cannot join the swarm through {a.join_addr}: {e}") from None
+        resp = res.response
+        if a.manager and resp.role != types_pb2.MANAGER:
+            raise SystemExit("--manager needs a manager join token: get one with `swarmctl swarm join-token manager`")
+        self.idfilter.node_id = resp.node_id
+        self.identity = res.identity
+        self.identity.save(self.dir / "certificates")
+        role = "manager" if resp.role == types_pb2.MANAGER else "worker"
+        if role == "manager":
+            self._save_raft_key(resp.raft_key)
+            self._raft_peers = list(resp.raft_peers)
+        self.state = NodeState(
+            resp.node_id, resp.cluster_id, role, hostname, listen, advertise,
+            raft_addr if role == "manager" else "", raft_listen if role == "manager" else "",
+            [a.join_addr] + ([advertise] if role == "manager" else []),
+        )
+        self.state.save(self.dir)
+        log.info("joined cluster %s through %s as %s %s", resp.cluster_id, a.join_addr, role, resp.node_id)
+
+    def _save_raft_key(self, key: bytes) -> None:
+        path = self.dir / "raft-key"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+
+    # ---- roles ---------------------------------------------------------------------------------
+    async def start_manager(self, peers: list[str] | None = None) -> None:
+        st, ident = self.state, self.identity
+        assert st is not None and ident is not None
+        self.manager = Manager(
+            ManagerConfig(
+                state_dir=self.dir,
+                identity=ident,
+                cluster_id=st.cluster_id,
+                remote_listen=st.listen_api,
+                advertise_api=st.advertise_api,
+                raft_addr=st.raft_addr,
+                raft_listen=st.raft_listen or None,
+                raft_key=(self.dir / "raft-key").read_bytes(),
+                raft_peers=peers or [],
+                control_socket=Path(self.args.listen_control_api) if self.args.listen_control_api else None,
+                hostname=st.hostname,
+            )
+        )
+        await self.manager.start()
+
+    async def stop_manager(self) -> None:
+        if self.manager is not None:
+            await self.manager.stop()
+            self.manager = None
+
+    async def _role_watch(self) -> None:
+        """Ask a manager, every few seconds, whether this node's role changed (promote/demote);
+        switch the manager role on or off with a renewed certificate when it did."""
+        assert self.state is not None and self.identity is not None
+        csr = ca.make_csr(self.identity.key_pem)
+        while True:
+            await asyncio.sleep(ROLE_CHECK_PERIOD)
+            resp = await self._check_role(csr)
+            if resp is None or not resp.certificate or resp.role == self.identity.role:
+                continue
+            new_role = "manager" if resp.role == types_pb2.MANAGER else "worker"
+            log.info("role changed to %s: switching", new_role)
+            self.identity = ca.TLSIdentity(self.identity.key_pem, resp.certificate, self.identity.ca_pem)
+            self.identity.save(self.dir / "certificates")
+            if new_role == "manager":
+                self._save_raft_key(resp.raft_key)
+                self.state.role = "manager"
+                self.state.save(self.dir)
+                await self.start_manager(list(resp.raft_peers))
+            else:
+                await self.stop_manager()
+                shutil.rmtree(self.dir / "raft", ignore_errors=True)
+                (self.dir / "raft-key").unlink(missing_ok=True)
+                self.state.role = "worker"
+                self.state.save(self.dir)
+            log.info("now a %s", new_role)
+
+    def _manager_addrs(self) -> list[str]:
+        assert self.state is not None
+        addrs: list[str] = []
+        if self.manager is not None:
+            try:
+                addrs = [a for _, a in self.manager.api_peers() if a != self.state.advertise_api]
+                addrs.append(self.state.advertise_api)
+            except Exception:
+                addrs = []
+        for a in self.state.managers:
+            if a not in addrs:
+                addrs.append(a)
+        return addrs
+
+    async def _check_role(self, csr: bytes) -> ca_pb2.IssueNodeCertificateResponse | None:
+        assert self.state is not None and self.identity is not None
+        st = self.state
+        raft_addr = st.raft_addr or self._addresses()[2]
+        if not st.raft_addr:
+            st.raft_addr = raft_addr
+            st.raft_listen = self._addresses()[3]
+        req = ca_pb2.IssueNodeCertificateRequest(
+            csr=csr, node_id=st.node_id, hostname=st.hostname, advertise_addr=st.advertise_api, raft_addr=raft_addr
+        )
+        for addr in self._manager_addrs():
+            try:
+                async with ca.secure_channel(addr, self.identity) as ch:
+                    return await ca_pb2_grpc.CAStub(ch).IssueNodeCertificate(req, timeout=5)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    log.warning("role check refused by %s: %s", addr, e.details())
+                continue
+        return None
+
+    # ---- run -----------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        await self.setup()
+        st = self.state
+        assert st is not None and self.identity is not None
+        try:
+            if st.role == "manager":
+                await self.start_manager(getattr(self, "_raft_peers", None))
+                if not st.bootstrapped:
+                    cluster, node = self._bootstrap
+                    assert self.manager is not None
+                    await self.manager.bootstrap(cluster, node)
+                    st.bootstrapped = True
+                    st.save(self.dir)
+            self.agent = await start_agent(
+                AgentContext(
+                    st.node_id, st.cluster_id, st.hostname, self.dir, self.identity, self._manager_addrs(),
+                    _split(st.advertise_api, 0)[0], st.role == "manager",
+                )
+            )
+            self.role_task = asyncio.create_task(self._role_watch())
+            log.info("swarmd ready: node %s, %s, remote API %s", st.node_id, st.role, st.advertise_api)
+            await self.stop_event.wait()
+            log.info("SIGTERM: shutting down")
+        finally:
+            for t in (self.role_task, self.agent):
+                if t is not None:
+                    t.cancel()
+                    await asyncio.gather(t, return_exceptions=True)
+            await self.stop_manager()
+        log.info("swarmd stopped")
+        return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="swarmd", description="Shoal node daemon (agent, and manager on managers).")
+    p.add_argument("-d", "--state-dir", required=True, help="state directory (identity, Raft journal, sockets)")
+    p.add_argument("--listen-remote-api", default=f"0.0.0.0:{DEFAULT_API_PORT}", help="ADDR:PORT of the manager API")
+    p.add_argument("--advertise-remote-api", default="", help="ADDR:PORT other nodes reach the manager API at")
+    p.add_argument("--listen-control-api", default="", help="unix socket of the local control API (default STATE_DIR/swarmd.sock)")
+    p.add_argument("--listen-raft", default="", help="ADDR:PORT of Raft (default advertise address, port 2378)")
+    p.add_argument("--hostname", default="", help="node name (default: the host name)")
+    p.add_argument("--join-addr", default="", help="ADDR:PORT of a manager to join through")
+    p.add_argument("--join-token", default="", help="join token (swarmctl swarm join-token worker|manager)")
+    p.add_argument("--manager", action="store_true", help="join as a manager (needs a manager token)")
+    p.add_argument("--default-addr-pool", default="", help="CIDR of overlay subnets for a new cluster (default 10.0.0.0/8)")
+    p.add_argument("--log-level", default=os.environ.get("SWARMD_LOG_LEVEL", "info"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    idfilter = NodeIdFilter()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(idfilter)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s node=%(node)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    logging.getLogger("pysyncobj").setLevel(logging.WARNING)
+    try:
+        code = asyncio.run(Swarmd(args, idfilter).run())
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
