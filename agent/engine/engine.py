@@ -205,6 +205,7 @@ class Engine:
         self._locks: dict[str, asyncio.Lock] = {}
         self._health: dict[str, HealthMonitor] = {}
         self._adopted = False
+        self._creating = 0
 
     # -- images -------------------------------------------------------------------------------
     async def pull(self, ref: str, auth: RegistryAuth | None = None) -> Image:
@@ -307,6 +308,7 @@ class Engine:
             except FileExistsError:
                 raise ContainerExists(f"container {cfg.id} already exists; remove it first") from None
             t0 = time.monotonic()
+            self._creating += 1
             try:
                 img = await self.image(cfg.spec.image) if cfg.spec.image else None
                 if not cfg.spec.image:
@@ -320,6 +322,8 @@ class Engine:
                 log.info("create failed cid=%s err=%s", cfg.id, e)
                 await asyncio.shield(self._cleanup(cfg.id))
                 raise
+            finally:
+                self._creating -= 1
             log.info("container created cid=%s name=%s image=%s pid=%d in %.0f ms", cfg.id, cfg.name,
                      cfg.spec.image, meta.pid, (time.monotonic() - t0) * 1000)
 
@@ -598,6 +602,11 @@ class Engine:
                 shutil.rmtree(self.vdir / v, ignore_errors=True)
         shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(self.sock_dir / cid, ignore_errors=True)
+        if not self._creating and not any(self.cdir.iterdir()):
+            # the engine's parent cgroup, once it holds no container (runc makes it again on create)
+            for p in self._cgroup_dirs(f"/shoal-{self.tag}"):
+                with contextlib.suppress(OSError):
+                    os.rmdir(p)
 
     def _cgroup_dirs(self, cg: str) -> list[str]:
         rel = cg.lstrip("/")

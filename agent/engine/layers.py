@@ -39,11 +39,11 @@ def classify(name: str) -> tuple[str, str]:
     Paths come back normalised and relative ("" is the layer root). Raises InvalidImage on a path
     escaping the layer (``..``) or on a whiteout of the root.
     """
-    p = posixpath.normpath("/" + name.replace("\\", "/")).lstrip("/")
+    p = posixpath.normpath(name.lstrip("/") or ".")
+    if p == ".." or p.startswith("../"):
+        raise InvalidImage(f"layer entry {name!r} points outside the layer")
     if p == ".":
         p = ""
-    if p.startswith("../") or p == ".." or "/../" in p:
-        raise InvalidImage(f"layer entry {name!r} points outside the layer")
     d, base = posixpath.split(p)
     if base == WH_OPAQUE:
         return "opaque", d

@@ -341,9 +341,8 @@ def resources_spec(res: types_pb2.ResourceRequirements | None, *, swap_files: bo
 def file_target(target: types_pb2.FileTarget, default_dir: str, name: str, field_name: str) -> tuple[str, int, int, int]:
     """(container path, uid, gid, mode) of a secret or config file."""
     fname = target.name or name
-    path = fname if fname.startswith("/") else posixpath.join(default_dir, fname)
-    path = posixpath.normpath(path)
-    if path == "/" or ".." in path.split("/"):
+    path = posixpath.normpath(fname if fname.startswith("/") else posixpath.join(default_dir, fname))
+    if path == "/" or ".." in fname.split("/"):
         raise InvalidSpec(f"{field_name}: target {fname!r} is not a valid file path")
     try:
         uid = int(target.uid or "0")
