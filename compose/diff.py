@@ -8,12 +8,15 @@ one recorded in ``com.docker.stack.image``), registry auth and ``force_update``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from shoal.compose.convert import LABEL_IMAGE, LABEL_NAMESPACE, StackSpec
 from shoal.compose.errors import ComposeError
 from shoal.proto import objects_pb2, specs_pb2
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -147,6 +150,11 @@ def plan(
         if have is None:
             p.create_services.append(spec)
             continue
+        owner = have.spec.annotations.labels.get(LABEL_NAMESPACE)
+        if owner != stack.name:
+            whose = f'stack "{owner}"' if owner else "no stack"
+            raise ComposeError(f'service "{name}" already exists and belongs to {whose}; remove it or deploy '
+                               "the stack under another name")
         want = specs_pb2.ServiceSpec()
         want.CopyFrom(spec)
         # Keep what the cluster pinned or bumped itself, as docker stack deploy does.
@@ -166,4 +174,7 @@ def plan(
             labels = s.spec.annotations.labels
             if labels.get(LABEL_NAMESPACE) == stack.name and s.spec.annotations.name not in stack.services:
                 p.remove_services.append(s)
+    log.info("stack plan stack=%s create=%d update=%d unchanged=%d remove=%d networks=%d secrets=%d configs=%d",
+             stack.name, len(p.create_services), len(p.update_services), len(p.unchanged_services),
+             len(p.remove_services), len(p.create_networks), len(p.create_secrets), len(p.create_configs))
     return p

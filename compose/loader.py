@@ -101,7 +101,7 @@ def _warnings(col: Collector, missing: Mapping[str, tuple[str, Loc]]) -> list[st
     if col.deprecated:
         lines = sorted(f"{k}: {v}" for k, v in col.deprecated.items())
         out.append("Ignoring deprecated options:\n\n" + "\n\n".join(lines))
-    out.extend(col.notes)
+    out.extend(dict.fromkeys(col.notes))
     return out
 
 

@@ -1126,6 +1126,7 @@ def parse_network(name: str, v: V, ctx: FileContext) -> m.Network:
     if (x := v.get("external")) is not None:
         n.external, ext_name = _external(x)
         if ext_name is not None:
+            ctx.col.notes.append(f"network {name}: network.external.name is deprecated in favor of network.name")
             if n.name is not None:
                 x.fail("external.name and name conflict; only use name:")
             n.name = ext_name
@@ -1169,6 +1170,7 @@ def parse_volume(name: str, v: V, ctx: FileContext) -> m.Volume:
     if (x := v.get("external")) is not None:
         vol.external, ext_name = _external(x)
         if ext_name is not None:
+            ctx.col.notes.append(f"volume {name}: volume.external.name is deprecated in favor of volume.name")
             if vol.name is not None:
                 x.fail("external.name and name conflict; only use name:")
             vol.name = ext_name
@@ -1203,6 +1205,7 @@ def _file_object(kind: str, name: str, v: V, ctx: FileContext) -> m.FileObject:
     if (x := v.get("external")) is not None:
         obj.external, ext_name = _external(x)
         if ext_name is not None:
+            ctx.col.notes.append(f"{kind} {name}: {kind}.external.name is deprecated in favor of {kind}.name")
             if obj.name is not None:
                 x.fail("external.name and name conflict; only use name:")
             obj.name = ext_name

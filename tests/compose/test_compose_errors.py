@@ -164,3 +164,24 @@ def test_ignored_options_warn_like_docker(load_text) -> None:
         "expose: Exposing ports is unnecessary - services on the same network can access each other's "
         "containers on any port.",
     ]
+
+
+def test_other_warnings(load_text) -> None:
+    p = load_text("""
+        services:
+          web:
+            image: nginx
+            networks:
+              front: {ipv4_address: 10.0.0.9}
+        networks:
+          front: {enable_ipv6: true}
+          old: {external: {name: legacy}}
+        volumes:
+          v: {external: {name: legacy-vol}}
+        """)
+    assert p.warnings == [
+        "Ignoring unsupported options: networks.front.enable_ipv6, networks.ipv4_address",
+        "network old: network.external.name is deprecated in favor of network.name",
+        "volume v: volume.external.name is deprecated in favor of volume.name",
+    ]
+    assert p.networks["old"].name == "legacy" and p.volumes["v"].name == "legacy-vol"

@@ -131,3 +131,13 @@ def test_docker_warnings_for_ignored_options() -> None:
         "Ignoring deprecated options:\n\nexpose: Exposing ports is unnecessary - services on the same network "
         "can access each other's containers on any port.",
     ]
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n not in EXPECTED_ERRORS])
+def test_normalised_output_loads_to_the_same_project(name: str, tmp_path: Path) -> None:
+    import yaml
+
+    first = to_dict(load([EXAMPLES / name], environment=ENVIRONMENT))
+    again = tmp_path / "normalised.yml"
+    again.write_text(yaml.safe_dump(first, sort_keys=False))
+    assert to_dict(load([again], environment={})) == first

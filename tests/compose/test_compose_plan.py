@@ -190,3 +190,12 @@ def test_network_order_and_ids_do_not_matter(make) -> None:
     del web.spec.task.networks[:]
     web.spec.task.networks.extend(reversed(nets))
     assert plan(make(), cluster.services, cluster.networks, cluster.secrets, cluster.configs).is_noop
+
+
+def test_foreign_service_with_the_same_name(make) -> None:
+    cluster = Cluster()
+    foreign = objects_pb2.Service(id="x1", spec=specs_pb2.ServiceSpec(annotations={"name": "app_web"}))
+    with pytest.raises(ComposeError) as info:
+        plan(make(), [foreign], cluster.networks, cluster.secrets, cluster.configs)
+    assert str(info.value) == ('service "app_web" already exists and belongs to no stack; remove it or deploy the '
+                               "stack under another name")
