@@ -328,10 +328,8 @@ class Scheduler:
             if not t.spec_version:
                 key = (t.service_id, 0, t.spec.SerializeToString(deterministic=True))
             groups.setdefault(key, []).append(t)
-        actions: list[store_pb2.StoreAction] = []
         decided: list[tuple[objects_pb2.Task, str]] = []
         messages: list[tuple[objects_pb2.Task, str]] = []
-        now_ns = time.time_ns()
         for tasks in groups.values():
             g = self._group(tasks)
             placed, unplaced = self._place_group(g)
@@ -341,34 +339,48 @@ class Scheduler:
                     m = unplaced.get(t.id)
                     if m is not None and t.status.message != m:
                         messages.append((t, m))
-        for t, nid in decided:
-            a = store_pb2.StoreAction(kind=store_pb2.StoreAction.UPDATE)
-            nt = a.object.task
-            nt.CopyFrom(t)
-            nt.node_id = nid
-            st = nt.status
-            st.state = ASSIGNED
-            st.message = ASSIGNED_MESSAGE
-            st.timestamp.FromNanoseconds(now_ns)
-            st.err = ""
-            r = t.spec.resources.reservations
-            if r.generic:
-                del nt.assigned_generic_resources[:]
-                nt.assigned_generic_resources.extend(r.generic)
-            actions.append(a)
-        for t, m in messages:
-            a = store_pb2.StoreAction(kind=store_pb2.StoreAction.UPDATE)
-            nt = a.object.task
-            nt.CopyFrom(t)
-            nt.status.message = m
-            nt.status.timestamp.FromNanoseconds(now_ns)
-            actions.append(a)
-        if not actions:
+        if not decided and not messages:
             return 0
-        n = await self._commit(actions)
+        n = await self._commit(decided, messages)
         if decided:
             log.info("scheduler pass %d: %d tasks assigned, %d pending", self.passes, n, len(self._pending))
         return n
+
+    def _transactions(
+        self, decided: list[tuple[objects_pb2.Task, str]], messages: list[tuple[objects_pb2.Task, str]]
+    ) -> list[store_pb2.StoreTransaction]:
+        """The assignments (and new pending messages), `chunk` actions per transaction, each Task built once."""
+        now_ns = time.time_ns()
+        secs, nanos = divmod(now_ns, 10**9)
+        txns: list[store_pb2.StoreTransaction] = []
+        txn = None
+        update = store_pb2.StoreAction.UPDATE
+        items: list[tuple[objects_pb2.Task, str, bool]] = [(t, nid, True) for t, nid in decided]
+        items += [(t, m, False) for t, m in messages]
+        for i, (t, val, assign) in enumerate(items):
+            if i % self.chunk == 0:
+                txn = store_pb2.StoreTransaction(timestamp_unix_nano=now_ns)
+                txns.append(txn)
+            a = txn.actions.add()  # type: ignore[union-attr]
+            a.kind = update
+            nt = a.object.task
+            nt.CopyFrom(t)
+            st = nt.status
+            ts = st.timestamp
+            ts.seconds = secs
+            ts.nanos = nanos
+            if assign:
+                nt.node_id = val
+                st.state = ASSIGNED
+                st.message = ASSIGNED_MESSAGE
+                st.err = ""
+                r = t.spec.resources.reservations
+                if r.generic:
+                    del nt.assigned_generic_resources[:]
+                    nt.assigned_generic_resources.extend(r.generic)
+            else:
+                st.message = val
+        return txns
 
     def _group(self, tasks: list[objects_pb2.Task]) -> _Group:
         t = tasks[0]
@@ -593,16 +605,16 @@ class Scheduler:
                 return None
 
     # ---- commit ------------------------------------------------------------------------------
-    async def _commit(self, actions: list[store_pb2.StoreAction]) -> int:
+    async def _commit(
+        self, decided: list[tuple[objects_pb2.Task, str]], messages: list[tuple[objects_pb2.Task, str]]
+    ) -> int:
         done = 0
-        for i in range(0, len(actions), self.chunk):
-            part = actions[i : i + self.chunk]
-            txn = store_pb2.StoreTransaction(actions=part, timestamp_unix_nano=time.time_ns())
+        for txn in self._transactions(decided, messages):
             try:
                 version = await self.store.propose(txn)
             except StoreError:
                 # Some task changed under us (a concurrent writer): commit the rest one by one.
-                for a in part:
+                for a in txn.actions:
                     try:
                         v = await self.store.propose(
                             store_pb2.StoreTransaction(actions=[a], timestamp_unix_nano=time.time_ns())
@@ -614,7 +626,7 @@ class Scheduler:
                         continue
                     done += self._committed([a], v)
                 continue
-            done += self._committed(part, version)
+            done += self._committed(txn.actions, version)
         return done
 
     def _committed(self, part: Iterable[store_pb2.StoreAction], version: int) -> int:
