@@ -361,15 +361,23 @@ class Manager:
                     self._leading.set()
                 elif not st.is_leader and lead is not None:
                     log.info("node=%s lost leadership: stopping control loops", self.node_id)
-                    lead.cancel()
-                    await asyncio.gather(lead, return_exceptions=True)
+                    await self._stop_loops(lead)
                     lead = None
                     self._leading.clear()
         finally:
             self.raft.unsubscribe(q)
             if lead is not None:
-                lead.cancel()
-                await asyncio.gather(lead, return_exceptions=True)
+                await self._stop_loops(lead)
+
+    async def _stop_loops(self, lead: asyncio.Task[None]) -> None:
+        lead.cancel()
+        done, _ = await asyncio.wait({lead}, timeout=5)
+        if not done:
+            stuck = [t.get_name() for t in asyncio.all_tasks() if t.get_coro().__qualname__.startswith("Manager._supervise")]
+            log.error(
+                "node=%s leader loops did not stop within 5 s of cancellation (one swallows CancelledError): %s",
+                self.node_id, ", ".join(stuck),
+            )
 
     async def _lead(self) -> None:
         while True:  # a barrier: the replica holds everything committed before this term
@@ -427,7 +435,8 @@ def _optional_servicer(module: str, name: str, store: Store, manager: Manager) -
 # ---- the manager's own leader loops ----------------------------------------------------------
 async def _events_or_tick(q: asyncio.Queue[Any], period: float) -> None:
     try:
-        await asyncio.wait_for(q.get(), period)
+        async with asyncio.timeout(period):
+            await q.get()
     except TimeoutError:
         return
     while not q.empty():

@@ -371,7 +371,10 @@ class RaftStore(Store):
 
         start(done)
         try:
-            res, err = await asyncio.wait_for(fut, max(0.05, deadline - time.monotonic()))
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that arrives
+            # as the write completes, and a leader loop must stop when it is cancelled.
+            async with asyncio.timeout(max(0.05, deadline - time.monotonic())):
+                res, err = await fut
         except TimeoutError:
             st = self.status()
             if not st.has_quorum:
@@ -462,7 +465,8 @@ class RaftStore(Store):
         while time.monotonic() < deadline:
             self._node.transferLeadership(callback=done)
             try:
-                await asyncio.wait_for(asyncio.shield(fut), 0.5)
+                async with asyncio.timeout(0.5):
+                    await asyncio.shield(fut)
             except TimeoutError:
                 pass
             for _ in range(50):
