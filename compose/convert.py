@@ -349,6 +349,10 @@ def _service(stack: str, svc: m.Service, project: m.Project, warnings: list[str]
         task.restart.CopyFrom(rp)
     if deploy.placement is not None:
         pl = deploy.placement
+        if pl.max_replicas_per_node and deploy.mode == "global":
+            raise ComposeError("max_replicas_per_node can only be used with replicated mode; a global service runs "
+                               "one task per node already", pl.where("max_replicas_per_node"),
+                               f"{path}.deploy.placement.max_replicas_per_node")
         task.placement.constraints[:] = pl.constraints
         for pref in pl.preferences:
             task.placement.preferences.add(spread_descriptor=pref)

@@ -54,6 +54,16 @@ class Plan:
     unchanged_services: list[str] = field(default_factory=list)
     remove_services: list[objects_pb2.Service] = field(default_factory=list)
 
+    def check_immutable(self) -> None:
+        """Raise ComposeError if the file changes the data of an existing secret or config (a swarm
+        cannot; the user has to give the new version a new name)."""
+        for kind, ups in (("secret", self.update_secrets), ("config", self.update_configs)):
+            for u in ups:
+                if u.data_changed:
+                    raise ComposeError(
+                        f'{kind} "{u.name}" already exists with other data, and a swarm {kind} cannot change its '
+                        f"data; give the new version a new name (name: under the {kind}) and deploy again")
+
     @property
     def is_noop(self) -> bool:
         return not (self.create_networks or self.create_secrets or self.update_secrets or self.create_configs

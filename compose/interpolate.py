@@ -119,20 +119,30 @@ def _braced(
 
 
 def interpolate_tree(value: Any, env: Mapping[str, str], path: str, loc: Loc,
-                     missing: Callable[[str, str, Loc], None] | None = None) -> Any:
-    """Return a copy of a YAML tree with every string value interpolated (keys are left alone)."""
+                     missing: Callable[[str, str, Loc], None] | None = None,
+                     _memo: dict[int, Any] | None = None) -> Any:
+    """Return a copy of a YAML tree with every string value interpolated (keys are left alone).
+
+    A mapping or list reached several times through YAML aliases is copied once, so alias-heavy
+    documents stay cheap.
+    """
+    memo = {} if _memo is None else _memo
+    if isinstance(value, (CMap, CList)) and id(value) in memo:
+        return memo[id(value)]
     if isinstance(value, CMap):
         out = CMap(loc=value.loc)
+        memo[id(value)] = out
         for k, v in value.items():
             kloc = value.locs.get(k, loc)
-            out[k] = interpolate_tree(v, env, f"{path}.{k}" if path else str(k), kloc, missing)
+            out[k] = interpolate_tree(v, env, f"{path}.{k}" if path else str(k), kloc, missing, memo)
             out.locs[k] = kloc
         return out
     if isinstance(value, CList):
         out_l = CList(loc=value.loc)
+        memo[id(value)] = out_l
         for i, v in enumerate(value):
             iloc = value.locs[i] if i < len(value.locs) else loc
-            out_l.append(interpolate_tree(v, env, f"{path}[{i}]", iloc, missing))
+            out_l.append(interpolate_tree(v, env, f"{path}[{i}]", iloc, missing, memo))
             out_l.locs.append(iloc)
         return out_l
     if isinstance(value, str) and "$" in value:

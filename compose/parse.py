@@ -492,7 +492,7 @@ def _env_files(v: V, ctx: FileContext) -> dict[str, str | None]:
         path = _resolve(ctx, p)
         if not path.exists() and not required:
             continue
-        out.update(read_env_file(path, None, loc=ev.loc, key_path=ev.path))
+        out.update(read_env_file(path, ctx.environment, loc=ev.loc, key_path=ev.path))
     return out
 
 
@@ -510,12 +510,19 @@ def _set(attr: str, reader: Any) -> Any:
     return apply
 
 
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_RE = re.compile(
+    rf"^(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
+)
+
+
 def _image(svc: m.Service, v: V, ctx: FileContext) -> None:
     image = as_str(v).strip()
     if not image:
         v.fail("expected an image reference such as nginx:1.25 or registry:5000/app@sha256:…, got an empty string")
-    if not re.fullmatch(r"[a-z0-9]+(?:[._-]+[a-z0-9]+|[:/][A-Za-z0-9_.-]+|@[A-Za-z0-9]+:[0-9a-fA-F]{32,}|/)*",
-                        image) or image.endswith("/") or "//" in image:
+    if len(image) > 255 or not _IMAGE_RE.match(image):
         v.fail(f'invalid image reference "{image}"; use [registry/]repository[:tag][@digest] '
                "with a lower-case repository")
     svc.image = image

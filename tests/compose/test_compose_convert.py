@@ -296,3 +296,13 @@ def test_compose_does_not_import_grpc() -> None:
 
     code = "import sys, shoal.compose; sys.exit(1 if any(m.startswith('grpc') for m in sys.modules) else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_max_replicas_with_global(load_text) -> None:
+    p = load_text("services:\n  a:\n    image: x\n    deploy:\n      mode: global\n      placement:\n"
+                  "        max_replicas_per_node: 1\n")
+    with pytest.raises(ComposeError) as info:
+        convert(p, "st")
+    assert str(info.value).endswith("stack.yml:7 services.a.deploy.placement.max_replicas_per_node: "
+                                    "max_replicas_per_node can only be used with replicated mode; a global service "
+                                    "runs one task per node already")

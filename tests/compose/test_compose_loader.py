@@ -478,3 +478,26 @@ def test_merge_errors_point_at_the_overriding_file(write) -> None:
         load([base, over], environment={})
     assert str(info.value) == (f'{over}:3 services.web.networks: network "nowhere" is not defined; declare it '
                                "under the top-level networks:")
+
+
+def test_alias_heavy_documents_stay_shared() -> None:
+    levels = ['x-a: &a ["$$x", "$$x", "$$x", "$$x", "$$x", "$$x", "$$x", "$$x", "$$x"]']
+    for prev, cur in zip("abcdef", "bcdefg", strict=True):
+        levels.append(f"x-{cur}: &{cur} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    text = "\n".join(levels) + "\nservices: {a: {image: x, x-big: *g}}\n"
+    p = load([ComposeSource("s.yml", text)], environment={})
+    big = p.services["a"].extensions["x-big"]
+    assert big[0] is big[1]                 # copied once, not 9**7 strings
+    assert big[0][0][0][0][0][0][0] == "$x"
+
+
+@pytest.mark.parametrize("image", ["nginx", "library/nginx:1.25", "registry.local:5000/team/app:v1",
+                                   "localhost:5000/app@sha256:" + "a" * 64, "Registry.IO/app"])
+def test_image_references(load_text, image: str) -> None:
+    assert load_text(f"services: {{a: {{image: '{image}'}}}}\n").services["a"].image == image
+
+
+@pytest.mark.parametrize("image", ["Nginx", "app/Repo", "app:", "/app", "a//b", "app@sha256:zz"])
+def test_bad_image_references(load_text, image: str) -> None:
+    with pytest.raises(ComposeError, match="invalid image reference"):
+        load_text(f"services: {{a: {{image: '{image}'}}}}\n")

@@ -179,6 +179,8 @@ def test_changed_secret_data(make, stackdir: Path) -> None:
     p = plan(make(), cluster.services, cluster.networks, cluster.secrets, cluster.configs)
     assert [(u.name, u.data_changed) for u in p.update_secrets] == [("app_token", True)]
     assert p.update_secrets[0].spec.data == b"rotated"
+    with pytest.raises(ComposeError, match='secret "app_token" already exists with other data'):
+        p.check_immutable()
     assert p.unchanged_services == ["app_db", "app_ext", "app_web"]
 
 
