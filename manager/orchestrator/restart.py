@@ -139,7 +139,7 @@ class RestartSupervisor:
         node = tx.get("node", cur.node_id) if cur.node_id else None
         drained = node is not None and node.spec.availability == types_pb2.DRAIN
         delay = 0.0 if drained else restart_delay(cur.spec)
-        wait_stop = cur.status.state <= RUNNING and not (
+        wait_stop = types_pb2.ASSIGNED <= cur.status.state <= RUNNING and not (
             node is None or node.status.state == types_pb2.NodeStatus.DOWN
         )
         log.info(
@@ -169,7 +169,7 @@ class RestartSupervisor:
         try:
             if p.delay > 0:
                 await asyncio.sleep(p.delay)
-            if p.wait_stop and p.old is not None and p.old.status.state <= RUNNING:
+            if p.wait_stop and p.old is not None and types_pb2.ASSIGNED <= p.old.status.state <= RUNNING:
                 await self._wait_stopped(p.old)
 
             def start_now(tx: Tx) -> None:
@@ -193,7 +193,7 @@ class RestartSupervisor:
         """Until the old task stopped, its node went down or away, or the timeout passed."""
         waits = [
             asyncio.ensure_future(
-                self.waiters.wait(self.store, "task", old.id, lambda t: t.status.state > RUNNING, self.old_task_timeout)
+                self.waiters.wait(self.store, "task", old.id, _stopped, self.old_task_timeout)
             )
         ]
         if old.node_id:
@@ -223,3 +223,8 @@ class RestartSupervisor:
 
     def pending_starts(self) -> set[str]:
         return set(self._delays)
+
+
+def _stopped(t: objects_pb2.Task) -> bool:
+    """Nothing runs for the task any more: it ended, or no agent ever got it."""
+    return t.status.state > RUNNING or t.status.state < types_pb2.ASSIGNED or not t.node_id

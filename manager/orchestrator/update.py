@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.manager.orchestrator.common import (
+    ENDED_BY_ITSELF,
     RUNNING,
     TaskWaiters,
     commit,
@@ -129,7 +130,8 @@ class Updater:
 
     # ---- failure monitoring ------------------------------------------------------------------
     def on_task(self, t: objects_pb2.Task) -> None:
-        if t.id not in self._updated or t.id in self._failed or t.status.state <= RUNNING:
+        # Only a task that ended by itself counts; one shut down on purpose (drain, node lost) does not.
+        if t.id not in self._updated or t.id in self._failed or t.status.state not in ENDED_BY_ITSELF:
             return
         started = self._updated[t.id]
         if started and time.monotonic() - started > self.monitor:
