@@ -56,13 +56,11 @@ def heartbeat_period(cluster: objects_pb2.Cluster | None) -> float:
 
 
 def node_id_from_auth_context(context: grpc.aio.ServicerContext) -> str | None:
-    """The CN of the verified client certificate, or None on a connection without mTLS."""
-    try:
-        auth = context.auth_context()
-    except Exception:  # pragma: no cover - defensive
-        return None
-    cns = auth.get("x509_common_name") or []
-    return cns[0].decode() if cns else None
+    """The node id of the verified client certificate, or None on a connection without mTLS."""
+    from shoal.manager.ca import peer_identity
+
+    peer = peer_identity(context)
+    return peer.node_id if peer is not None else None
 
 
 def tasks_equal_stable(a: objects_pb2.Task, b: objects_pb2.Task) -> bool:
@@ -155,7 +153,11 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             return [dispatcher_pb2.WeightedPeer(node_id=n, addr=a, weight=1) for n, a in fn()]
         peers = []
         for n in self.store.find("node"):
-            if n.role == types_pb2.MANAGER and n.manager_status.addr:
+            if n.role == types_pb2.MANAGER and n.manager_status.api_addr:
+                peers.append(
+                    dispatcher_pb2.WeightedPeer(node_id=n.id, addr=n.manager_status.api_addr, weight=1)
+                )
+            elif n.role == types_pb2.MANAGER and n.manager_status.addr:
                 host = n.manager_status.addr.rsplit(":", 1)[0]
                 peers.append(dispatcher_pb2.WeightedPeer(node_id=n.id, addr=f"{host}:{API_PORT}", weight=1))
         return peers
@@ -254,6 +256,10 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self, node_id: str, desc: types_pb2.NodeDescription, peer_host: str
     ) -> objects_pb2.Node:
         addr = desc.addr or peer_host
+        if not desc.addr:
+            cur = self.store.get("node", node_id)
+            if cur is not None and cur.description.addr:
+                addr = cur.description.addr
 
         def fn(tx: Tx) -> objects_pb2.Node:
             cur = tx.get("node", node_id)
@@ -271,7 +277,10 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 node.status.addr = addr
                 return tx.create(node)
             node.CopyFrom(cur)
+            keep_addr = cur.description.addr
             node.description.CopyFrom(desc)
+            if not desc.addr and keep_addr:
+                node.description.addr = keep_addr
             node.status.CopyFrom(types_pb2.NodeStatus(state=types_pb2.NodeStatus.READY, addr=addr))
             return tx.update(node)
 

@@ -1,0 +1,391 @@
+"""The agent: one session with the leader's dispatcher, and the worker that runs what it assigns.
+
+`Agent.run()` keeps a session open with the leader: it registers the node's description,
+heartbeats at the period the dispatcher asks for, feeds assignments to the worker, sends task
+status changes in batches, and serves log subscriptions from the manager's log broker. When the
+session breaks (the leader died, stepped down or is partitioned away) it tries the leader named in
+the refusal, then the other managers it heard of, so a leader change is followed within about 2 s.
+
+Credentials: `grpc.ChannelCredentials` for mutual TLS (the node certificate); None for tests on
+an insecure channel, where the node id travels in metadata (`shoal-node-id`) and the manager's
+servicers must have their insecure test flag set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import platform
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from shoal.agent.worker import NetworkHooks, Worker, container_name
+from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, logs_pb2, logs_pb2_grpc, types_pb2
+
+log = logging.getLogger("shoal.agent")
+
+LEADER_ADDR_KEY = "shoal-leader-addr"
+NODE_ID_KEY = "shoal-node-id"
+ENGINE_VERSION = "shoal-0.1.0"
+RECONNECT_DELAY = 0.1  # first retry after a broken session; doubles up to MAX_RECONNECT_DELAY
+MAX_RECONNECT_DELAY = 1.0
+STATUS_BATCH = 500
+LOG_BATCH = 100
+
+
+class _Redirect(Exception):
+    def __init__(self, addr: str) -> None:
+        super().__init__(f"redirected to leader {addr}")
+        self.addr = addr
+
+
+def describe_node(
+    hostname: str | None, addr: str, labels: dict[str, str] | None
+) -> types_pb2.NodeDescription:
+    """This host as the scheduler sees it: hostname, platform, CPUs, memory, engine labels, data-path address."""
+    mem = 0
+    with contextlib.suppress(OSError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = int(line.split()[1]) * 1024
+                    break
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return types_pb2.NodeDescription(
+        hostname=hostname or socket.gethostname(),
+        platform=types_pb2.Platform(os=platform.system().lower(), architecture=platform.machine()),
+        resources=types_pb2.Resources(nano_cpus=cpus * 1_000_000_000, memory_bytes=mem),
+        engine=types_pb2.NodeDescription.EngineDescription(
+            engine_version=ENGINE_VERSION, labels=labels or {}
+        ),
+        addr=addr,
+    )
+
+
+def _rpc_errors(exc: BaseException) -> list[grpc.aio.AioRpcError]:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return [exc]
+    if isinstance(exc, BaseExceptionGroup):
+        return [e for sub in exc.exceptions for e in _rpc_errors(sub)]
+    return []
+
+
+def _redirect_of(exc: BaseException) -> str | None:
+    if isinstance(exc, _Redirect):
+        return exc.addr
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            r = _redirect_of(sub)
+            if r:
+                return r
+    for e in _rpc_errors(exc):
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            md = dict(e.trailing_metadata() or ())
+            if md.get(LEADER_ADDR_KEY):
+                return str(md[LEADER_ADDR_KEY])
+    return None
+
+
+class Agent:
+    def __init__(
+        self,
+        node_id: str,
+        state_dir: str | os.PathLike[str],
+        managers: Sequence[str],
+        credentials: grpc.ChannelCredentials | None,
+        engine: Any,
+        *,
+        hostname: str | None = None,
+        addr: str = "",
+        labels: dict[str, str] | None = None,
+        network: NetworkHooks | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        on_session: Callable[[dispatcher_pb2.SessionMessage], None] | None = None,
+    ) -> None:
+        if not managers:
+            raise ValueError("managers is empty: give at least one manager address host:port")
+        self.node_id = node_id
+        self.state_dir = os.fspath(state_dir)
+        self.managers: list[str] = list(dict.fromkeys(managers))
+        self.credentials = credentials
+        self.hostname = hostname
+        self.addr = addr
+        self.labels = labels or {}
+        self.channel_options = list(channel_options)
+        self.on_session = on_session
+        self.worker = Worker(engine, node_id, self._report, network=network)
+        self.session_id = ""
+        self.manager_addr = ""  # the manager of the current session
+        self.connected = asyncio.Event()
+        self._next: str | None = None
+        self._rr = 0
+        self._pending: dict[str, types_pb2.TaskStatus] = {}
+        self._status_wake = asyncio.Event()
+        self._subs: dict[str, asyncio.Task[None]] = {}
+        self._period = 1.0
+
+    @property
+    def _md(self) -> tuple[tuple[str, str], ...]:
+        return ((NODE_ID_KEY, self.node_id),) if self.credentials is None else ()
+
+    # ---- status reports from the worker -----------------------------------------------------------
+    def _report(self, task_id: str, status: types_pb2.TaskStatus) -> None:
+        prev = self._pending.get(task_id)
+        if prev is None or status.state >= prev.state:
+            self._pending[task_id] = status
+        self._status_wake.set()
+
+    # ---- session loop ---------------------------------------------------------------------------------
+    def _pick(self) -> str:
+        if self._next:
+            addr, self._next = self._next, None
+            return addr
+        addr = self.managers[self._rr % len(self.managers)]
+        self._rr += 1
+        return addr
+
+    def _channel(self, addr: str) -> grpc.aio.Channel:
+        opts = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 1000), *self.channel_options]
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(addr, options=opts)
+        return grpc.aio.secure_channel(addr, self.credentials, options=opts)
+
+    async def run(self) -> None:
+        """Run until cancelled: keep a session with the leader and drive the worker."""
+        await self.worker.start()
+        delay = RECONNECT_DELAY
+        try:
+            while True:
+                addr = self._pick()
+                try:
+                    await self._session(addr)
+                    delay = RECONNECT_DELAY
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as e:  # noqa: BLE001 - any failure ends the session; start again
+                    if isinstance(e, KeyboardInterrupt | SystemExit):
+                        raise
+                    leader = _redirect_of(e)
+                    errs = _rpc_errors(e)
+                    why = f"{errs[0].code().name}: {errs[0].details()}" if errs else repr(e)
+                    if leader and leader != addr:
+                        log.info("session moved node=%s from=%s to leader=%s", self.node_id, addr, leader)
+                        self._next = leader
+                        if leader not in self.managers:
+                            self.managers.append(leader)
+                        continue
+                    log.warning("session ended node=%s manager=%s err=%s", self.node_id, addr, why)
+                finally:
+                    self.connected.clear()
+                    self.session_id = ""
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RECONNECT_DELAY)
+        finally:
+            for t in self._subs.values():
+                t.cancel()
+            await self.worker.close()
+
+    async def _session(self, addr: str) -> None:
+        channel = self._channel(addr)
+        try:
+            stub = dispatcher_pb2_grpc.DispatcherStub(channel)
+            desc = describe_node(self.hostname, self.addr, self.labels)
+            call = stub.Session(dispatcher_pb2.SessionRequest(description=desc), metadata=self._md)
+            first = await asyncio.wait_for(call.read(), 5.0)
+            if first is grpc.aio.EOF:
+                raise ConnectionError(f"manager {addr} closed the session at once")
+            self.session_id = first.session_id
+            self.manager_addr = addr
+            self._on_session_message(first)
+            log.info("session opened node=%s manager=%s session=%s", self.node_id, addr, self.session_id)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._session_messages(call))
+                tg.create_task(self._heartbeats(stub))
+                tg.create_task(self._assignments(stub))
+                tg.create_task(self._send_statuses(stub))
+                tg.create_task(self._log_subscriptions(channel))
+        finally:
+            for t in self._subs.values():
+                t.cancel()
+            self._subs.clear()
+            await channel.close(grace=None)
+
+    def _on_session_message(self, msg: dispatcher_pb2.SessionMessage) -> None:
+        addrs = [p.addr for p in msg.managers if p.addr]
+        if addrs:
+            self.managers = list(dict.fromkeys(addrs + [a for a in self.managers if a not in addrs]))
+        if self.on_session is not None:
+            try:
+                self.on_session(msg)
+            except Exception:
+                log.exception("session message hook failed node=%s", self.node_id)
+
+    async def _session_messages(self, call: Any) -> None:
+        while True:
+            msg = await call.read()
+            if msg is grpc.aio.EOF:
+                raise ConnectionError("the dispatcher ended the session")
+            self._on_session_message(msg)
+
+    async def _heartbeats(self, stub: dispatcher_pb2_grpc.DispatcherStub) -> None:
+        req = dispatcher_pb2.HeartbeatRequest(session_id=self.session_id)
+        while True:
+            sent = time.monotonic()
+            resp = await stub.Heartbeat(req, metadata=self._md, timeout=max(0.5, self._period))
+            if resp.HasField("period") and resp.period.ToNanoseconds() > 0:
+                self._period = resp.period.ToNanoseconds() / 1e9
+            await asyncio.sleep(max(0.0, self._period - (time.monotonic() - sent)))
+
+    async def _assignments(self, stub: dispatcher_pb2_grpc.DispatcherStub) -> None:
+        call = stub.Assignments(
+            dispatcher_pb2.AssignmentsRequest(session_id=self.session_id), metadata=self._md
+        )
+        first = True
+        while True:
+            msg = await call.read()
+            if msg is grpc.aio.EOF:
+                raise ConnectionError("the dispatcher ended the assignments stream")
+            if first:
+                self.connected.set()
+                first = False
+            log.debug(
+                "assignments node=%s type=%s changes=%d",
+                self.node_id,
+                dispatcher_pb2.AssignmentsMessage.Type.Name(msg.type),
+                len(msg.changes),
+            )
+            self.worker.apply(msg)
+
+    async def _send_statuses(self, stub: dispatcher_pb2_grpc.DispatcherStub) -> None:
+        while True:
+            if not self._pending:
+                self._status_wake.clear()
+                await self._status_wake.wait()
+            batch = dict(list(self._pending.items())[:STATUS_BATCH])
+            for tid in batch:
+                del self._pending[tid]
+            req = dispatcher_pb2.UpdateTaskStatusRequest(session_id=self.session_id)
+            for tid, st in batch.items():
+                req.updates.add(task_id=tid, status=st)
+            try:
+                await stub.UpdateTaskStatus(req, metadata=self._md, timeout=10.0)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    log.warning("task status refused node=%s err=%s", self.node_id, e.details())
+                    continue
+                for tid, st in batch.items():  # keep them for the next session unless newer arrived
+                    self._pending.setdefault(tid, st)
+                raise
+
+    # ---- logs ------------------------------------------------------------------------------------------
+    async def _log_subscriptions(self, channel: grpc.aio.Channel) -> None:
+        stub = logs_pb2_grpc.LogBrokerStub(channel)
+        call = stub.ListenSubscriptions(logs_pb2.ListenSubscriptionsRequest(), metadata=self._md)
+        try:
+            while True:
+                sub = await call.read()
+                if sub is grpc.aio.EOF:
+                    return  # the broker is optional: the session goes on without it
+                if sub.close:
+                    t = self._subs.pop(sub.id, None)
+                    if t is not None:
+                        t.cancel()
+                    continue
+                if sub.id in self._subs:
+                    continue
+                t = asyncio.create_task(self._publish(stub, sub), name=f"logs-{sub.id}")
+                self._subs[sub.id] = t
+                t.add_done_callback(lambda _t, sid=sub.id: self._subs.pop(sid, None))
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                log.info("manager has no log broker node=%s", self.node_id)
+                await asyncio.Event().wait()
+            raise
+
+    def _matching_tasks(self, sel: logs_pb2.LogSelector) -> list[Any]:
+        out = []
+        for t in list(self.worker.tasks.values()):
+            if (
+                (sel.task_ids and t.id in sel.task_ids)
+                or (sel.service_ids and t.service_id in sel.service_ids)
+                or (sel.node_ids and self.node_id in sel.node_ids)
+            ):
+                ctl = self.worker.controllers.get(t.id)
+                if ctl is not None and ctl.has_container:
+                    out.append(t)
+        return out
+
+    async def _publish(self, stub: logs_pb2_grpc.LogBrokerStub, sub: logs_pb2.SubscriptionMessage) -> None:
+        call = stub.PublishLogs(metadata=self._md)
+        queue: asyncio.Queue[logs_pb2.LogMessage | None] = asyncio.Queue(maxsize=1000)
+        opts = sub.options
+        since = (
+            opts.since.ToDatetime().replace(tzinfo=__import__("datetime").timezone.utc)
+            if opts.HasField("since")
+            else None
+        )
+
+        async def one(t: Any) -> None:
+            ctx = logs_pb2.LogContext(service_id=t.service_id, node_id=self.node_id, task_id=t.id)
+            try:
+                async for line in self.worker.engine.logs(
+                    t.id, follow=opts.follow, tail=opts.tail if opts.tail else -1, since=since
+                ):
+                    m = logs_pb2.LogMessage(
+                        context=ctx,
+                        stream=logs_pb2.LogMessage.STDERR
+                        if line.stream == "stderr"
+                        else logs_pb2.LogMessage.STDOUT,
+                        data=line.line.encode(),
+                    )
+                    m.timestamp.FromDatetime(line.timestamp)
+                    await queue.put(m)
+            except Exception as e:
+                log.warning("reading logs failed task=%s name=%s err=%s", t.id, container_name(t), e)
+
+        async def readers() -> None:
+            seen: set[str] = set()
+            async with asyncio.TaskGroup() as tg:
+                while True:
+                    for t in self._matching_tasks(sub.selector):
+                        if t.id not in seen:
+                            seen.add(t.id)
+                            tg.create_task(one(t))
+                    if not opts.follow:
+                        break
+                    changed = self.worker.changed
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), 1.0)
+            await queue.put(None)
+
+        reader = asyncio.create_task(readers())
+        try:
+            done = False
+            while not done:
+                m = await queue.get()
+                batch = []
+                while m is not None:
+                    batch.append(m)
+                    if len(batch) >= LOG_BATCH or queue.empty():
+                        break
+                    m = queue.get_nowait()
+                done = m is None
+                if batch:
+                    await call.write(logs_pb2.PublishLogsMessage(subscription_id=sub.id, messages=batch))
+            await call.write(logs_pb2.PublishLogsMessage(subscription_id=sub.id, close=True))
+            await call.done_writing()
+            await call
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            call.cancel()

@@ -1,0 +1,182 @@
+"""The agent and its worker on the real engine (runc under conmon, images from a real registry),
+talking to a real dispatcher over gRPC on loopback. Needs root."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+from agent_helpers import add_node, make_task, manager_side, new_engine, run, set_task, task_state, wait_for
+
+from shoal.agent.agent import Agent
+from shoal.agent.worker import Worker
+from shoal.proto import dispatcher_pb2, logs_pb2, logs_pb2_grpc, objects_pb2, specs_pb2, types_pb2
+
+pytestmark = pytest.mark.integration
+S = types_pb2
+
+
+@contextlib.asynccontextmanager
+async def running_agent(node_id: str, addr: str, engine, tmp_path):
+    agent = Agent(node_id, tmp_path, [addr], None, engine, hostname=node_id)
+    t = asyncio.create_task(agent.run())
+    try:
+        yield agent
+    finally:
+        t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+
+
+def test_worker_walks_a_task_to_running_then_shutdown_and_remove(engine_root, registry) -> None:
+    """The worker alone: every state in order, then desired SHUTDOWN and removal."""
+
+    async def main() -> None:
+        engine = new_engine(engine_root, registry)
+        seen: list[tuple[int, types_pb2.TaskStatus]] = []
+        w = Worker(engine, "n1", lambda tid, st: seen.append((st.state, st)))
+        await w.start()
+        t = make_task("n1", "sleep", "60", grace_s=5)
+        msg = dispatcher_pb2.AssignmentsMessage(type=dispatcher_pb2.AssignmentsMessage.COMPLETE)
+        msg.changes.add().assignment.task.CopyFrom(t)
+        w.apply(msg)
+        await wait_for(lambda: seen and seen[-1][0] == S.RUNNING, what="RUNNING")
+        assert [s for s, _ in seen] == [S.ACCEPTED, S.PREPARING, S.READY, S.STARTING, S.RUNNING]
+        running = seen[-1][1]
+        assert running.container.container_id == t.id and running.container.pid > 0
+        info = await engine.inspect(t.id)
+        assert info.status == "running" and info.labels["com.docker.swarm.task.id"] == t.id
+        assert info.name == t.annotations.name
+
+        down = objects_pb2.Task()
+        down.CopyFrom(t)
+        down.desired_state = S.SHUTDOWN
+        w.update([dispatcher_pb2.AssignmentChange(assignment=dispatcher_pb2.Assignment(task=down))])
+        await wait_for(lambda: seen[-1][0] == S.SHUTDOWN, what="SHUTDOWN")
+        assert (await engine.inspect(t.id)).status == "exited"  # stopped, kept for logs
+
+        rm = dispatcher_pb2.AssignmentChange(action=dispatcher_pb2.AssignmentChange.REMOVE)
+        rm.assignment.task.id = t.id
+        w.update([rm])
+        await wait_for(lambda: t.id not in w.controllers, what="controller gone")
+        assert [c.id for c in await engine.list()] == []
+        await w.close()
+        await engine.close()
+
+    run(main())
+
+
+def test_exit_codes_bad_image_and_secrets_through_the_dispatcher(engine_root, registry, tmp_path) -> None:
+    async def main() -> None:
+        engine = new_engine(engine_root, registry)
+        async with manager_side() as (st, _disp, _broker, addr):
+            await add_node(st, "n1")
+            sec = objects_pb2.Secret(
+                id="sec1",
+                spec=specs_pb2.SecretSpec(annotations=types_pb2.Annotations(name="pw"), data=b"hunter2"),
+            )
+            await st.update(lambda tx: tx.create(sec))
+            svc = objects_pb2.Service(
+                id="svc-id", spec=specs_pb2.ServiceSpec(annotations=types_pb2.Annotations(name="svc"))
+            )
+            await st.update(lambda tx: tx.create(svc))
+            ok = make_task("n1", "sh", "-c", "cat /run/secrets/pw; echo; exit 0", secrets=[sec])
+            bad = make_task("n1", "sh", "-c", "exit 3", slot=2)
+            noimg = make_task("n1", image="nosuchimage:1", slot=3)
+            for t in (ok, bad, noimg):
+                await st.update(lambda tx, t=t: tx.create(t))
+            async with running_agent("n1", addr, engine, tmp_path):
+                for t in (ok, bad, noimg):
+                    await wait_for(
+                        lambda t=t: task_state(st, t.id) >= S.COMPLETE, what=f"task {t.id} finished"
+                    )
+                assert st.get("node", "n1").status.state == types_pb2.NodeStatus.READY
+                assert st.get("node", "n1").description.hostname == "n1"
+                assert st.get("node", "n1").description.resources.nano_cpus > 0
+
+                s_ok, s_bad, s_noimg = (st.get("task", t.id).status for t in (ok, bad, noimg))
+                assert s_ok.state == S.COMPLETE and s_ok.container.exit_code == 0
+                assert s_bad.state == S.FAILED and s_bad.container.exit_code == 3
+                assert s_bad.err == "task: non-zero exit (3)"
+                assert s_noimg.state == S.REJECTED
+                assert "nosuchimage" in s_noimg.err and "\n" not in s_noimg.err
+                # The secret reached the container (on its tmpfs) and nothing of it is in the engine root.
+                lines = [ln.line async for ln in engine.logs(ok.id)]
+                assert lines == ["hunter2"]
+                # Nothing is left of the rejected task.
+                assert {c.id for c in await engine.list()} == {ok.id, bad.id}
+
+                # Logs through the broker, like `swarmctl task logs`.
+                import grpc
+
+                async with grpc.aio.insecure_channel(addr) as ch:
+                    req = logs_pb2.SubscribeLogsRequest(
+                        selector=logs_pb2.LogSelector(service_ids=["svc"]),
+                        options=logs_pb2.LogSubscriptionOptions(),
+                    )
+                    got = [m async for r in logs_pb2_grpc.LogsStub(ch).SubscribeLogs(req) for m in r.messages]
+                assert [(m.context.task_id, m.data) for m in got] == [(ok.id, b"hunter2")]
+                assert got[0].context.node_id == "n1" and got[0].timestamp.seconds > 0
+
+                # The reaper deletes finished tasks: their containers go.
+                for t in (ok, bad):
+                    await st.update(lambda tx, t=t: tx.delete(st.get("task", t.id)))
+                await wait_for(lambda: not engine._metas(), what="containers removed")
+        await engine.close()
+
+    run(main())
+
+
+def test_agent_restart_readopts_running_containers_without_duplicates(
+    engine_root, registry, tmp_path
+) -> None:
+    async def main() -> None:
+        async with manager_side() as (st, _disp, _broker, addr):
+            await add_node(st, "n1")
+            keep = make_task("n1", "sleep", "600")
+            gone = make_task("n1", "sleep", "600", slot=2)
+            for t in (keep, gone):
+                await st.update(lambda tx, t=t: tx.create(t))
+            engine = new_engine(engine_root, registry)
+            async with running_agent("n1", addr, engine, tmp_path):
+                await wait_for(
+                    lambda: all(task_state(st, t.id) == S.RUNNING for t in (keep, gone)), what="RUNNING"
+                )
+            await engine.close()
+            pid = (await new_engine(engine_root, registry).inspect(keep.id)).pid
+            assert pid > 0
+
+            # While the agent is away the task `gone` is deleted from the store (e.g. service removed).
+            await st.update(lambda tx: tx.delete(st.get("task", gone.id)))
+
+            engine = new_engine(engine_root, registry)
+            async with running_agent("n1", addr, engine, tmp_path) as agent:
+                await wait_for(agent.connected.is_set, what="session")
+                await wait_for(lambda: [c.id for c in engine._metas()] == [keep.id], what="orphan removed")
+                info = await engine.inspect(keep.id)
+                assert info.status == "running" and info.pid == pid  # the same process, not a new one
+                assert task_state(st, keep.id) == S.RUNNING
+
+                # Shut down through the store: stopped within its grace period.
+                await set_task(st, keep.id, desired_state=S.SHUTDOWN)
+                await wait_for(lambda: task_state(st, keep.id) == S.SHUTDOWN, what="SHUTDOWN")
+            await engine.close()
+
+    run(main())
+
+
+def test_unhealthy_container_fails_its_task(engine_root, registry, tmp_path) -> None:
+    async def main() -> None:
+        engine = new_engine(engine_root, registry)
+        async with manager_side() as (st, _disp, _broker, addr):
+            await add_node(st, "n1")
+            t = make_task("n1", "sleep", "600", image=f"{registry.host}/hc:latest")
+            await st.update(lambda tx: tx.create(t))
+            async with running_agent("n1", addr, engine, tmp_path):
+                await wait_for(lambda: task_state(st, t.id) >= S.FAILED, what="FAILED")
+                status = st.get("task", t.id).status
+                assert status.state == S.FAILED and status.err == "task: container is unhealthy"
+        await engine.close()
+
+    run(main())
