@@ -182,7 +182,10 @@ class _Meta:
 class Engine:
     def __init__(self, root: Path, *, registry_mirrors: Sequence[str] = (),
                  insecure_registries: Sequence[str] = (), log_size_max: int = 10 << 20,
-                 on_health_change: Callable[[str, str], None] | None = None) -> None:
+                 on_health_change: Callable[[str, str], None] | None = None,
+                 spawn_parallel: int | None = None) -> None:
+        """``spawn_parallel``: how many creates prepare rootfs and run ``runc create`` at once (default
+        2 per CPU); more only makes them fight for the CPUs."""
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
         self.images = ImageStore(self.root, registry_mirrors=registry_mirrors,
@@ -206,6 +209,9 @@ class Engine:
         self._health: dict[str, HealthMonitor] = {}
         self._adopted = False
         self._creating = 0
+        self.spawn_parallel = spawn_parallel or max(2, 2 * (os.cpu_count() or 1))
+        self._sem: asyncio.Semaphore | None = None
+        self._sem_loop: asyncio.AbstractEventLoop | None = None
 
     # -- images -------------------------------------------------------------------------------
     async def pull(self, ref: str, auth: RegistryAuth | None = None) -> Image:
@@ -277,6 +283,12 @@ class Engine:
         except (FileNotFoundError, ValueError):
             return {}
 
+    def _spawn_sem(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._sem is None or self._sem_loop is not loop:
+            self._sem, self._sem_loop = asyncio.Semaphore(self.spawn_parallel), loop
+        return self._sem
+
     def _lock(self, cid: str) -> asyncio.Lock:
         return self._locks.setdefault(cid, asyncio.Lock())
 
@@ -316,8 +328,9 @@ class Engine:
                 if img is None:
                     auth = RegistryAuth.from_b64(cfg.spec.pull_options.registry_auth)
                     img = await self.pull(cfg.spec.image, auth)
-                meta = await asyncio.to_thread(self._prepare, cfg, img)
-                await self._spawn(cfg, meta)
+                async with self._spawn_sem():
+                    meta = await asyncio.to_thread(self._prepare, cfg, img)
+                    await self._spawn(cfg, meta)
             except BaseException as e:
                 log.info("create failed cid=%s err=%s", cfg.id, e)
                 await asyncio.shield(self._cleanup(cfg.id))
@@ -479,9 +492,18 @@ class Engine:
         reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
                                                     os.fdopen(r, "rb", 0))
-        try:
+        async def result() -> tuple[int, bytes]:
             rc = await proc.wait()
-            line = await asyncio.wait_for(reader.readline(), 60)
+            return rc, await asyncio.wait_for(reader.readline(), 60)
+
+        done = asyncio.ensure_future(result())
+        try:
+            # a cancelled create still waits for runc create to finish, so that cleanup can undo it
+            rc, line = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(done, 60)
+            raise
         except TimeoutError:
             raise RuntimeFailed(f"runc create of {cfg.id} did not finish in 60 s") from None
         finally:
