@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.manager.store import InvalidArgument, StateMachine, Store, Tx, is_terminal, network_subnet
+from shoal.manager.store import InvalidArgument, StateMachine, Store, Tx, is_terminal, network_subnet, wrap
 from shoal.proto import objects_pb2, specs_pb2, types_pb2
 
 log = logging.getLogger("shoal.allocator")
@@ -148,7 +148,7 @@ class Allocator:
         self.debounce = debounce
 
     async def run(self) -> None:
-        with self.store.watch(["task", "service", "network"]) as w:
+        with self.store.watch(["task", "service", "network", "node"]) as w:
             await self._ensure_ingress()
             while True:
                 try:
@@ -200,6 +200,10 @@ class Allocator:
         if service_updates:
             written += len(service_updates)
             await self._commit(service_updates)
+        node_updates = self._node_attachments(sm, pools)
+        if node_updates:
+            written += len(node_updates)
+            await self._commit(node_updates)
         task_updates = []
         for task in sm.list("task"):
             if task.status.state != types_pb2.NEW or task.desired_state > types_pb2.RUNNING:
@@ -228,7 +232,7 @@ class Allocator:
         actions = []
         for o in objs:
             a = store_pb2.StoreAction(kind=store_pb2.StoreAction.UPDATE)
-            getattr(a.object, "service" if isinstance(o, objects_pb2.Service) else "task").CopyFrom(o)
+            a.object.MergeFrom(wrap(o))
             actions.append(a)
         # One object whose version moved on (e.g. a concurrent update) must not block the others:
         # commit in one go, and fall back to one by one when the batch is refused.
@@ -256,15 +260,37 @@ class Allocator:
             for vip in svc.endpoint.virtual_ips:
                 if vip.network_id in pools and vip.addr:
                     pools[vip.network_id].used.add(ipaddress.ip_address(vip.addr.split("/")[0]))  # type: ignore[arg-type]
+        attached = [att for node in sm.list("node") for att in node.attachments]
         for task in sm.list("task"):
-            if is_terminal(task.status.state) or task.status.state == types_pb2.NEW:
-                continue
-            for att in task.networks:
-                pool = pools.get(att.network.id)
-                for addr in att.addresses:
-                    if pool is not None:
-                        pool.used.add(ipaddress.ip_address(addr.split("/")[0]))  # type: ignore[arg-type]
+            if not is_terminal(task.status.state) and task.status.state != types_pb2.NEW:
+                attached.extend(task.networks)
+        for att in attached:
+            pool = pools.get(att.network.id)
+            if pool is not None:
+                pool.used.update(ipaddress.ip_address(a.split("/")[0]) for a in att.addresses)  # type: ignore[misc]
         return pools
+
+    def _node_attachments(self, sm: StateMachine, pools: dict[str, _Pool]) -> list[objects_pb2.Node]:
+        """Every node gets an address on the ingress network, for its routing-mesh sandbox."""
+        ingress = sm.get_by_name("network", INGRESS_NAME)
+        pool = pools.get(ingress.id) if ingress is not None else None
+        updates = []
+        for node in sm.list("node"):
+            if pool is None or any(a.network.id == ingress.id for a in node.attachments):
+                continue
+            n = objects_pb2.Node()
+            n.CopyFrom(node)
+            try:
+                ip = pool.take()
+            except InvalidArgument as e:
+                log.warning("node %s gets no ingress address: %s", node.id, e)
+                continue
+            att = n.attachments.add()
+            att.network.CopyFrom(ingress)
+            att.addresses.append(f"{ip}/{pool.subnet.prefixlen}")
+            att.mac = mac_for(ip)
+            updates.append(n)
+        return updates
 
     @staticmethod
     def _published_ports(sm: StateMachine) -> set[tuple[int, int]]:

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Node(_message.Message):
-    __slots__ = ("id", "meta", "spec", "description", "status", "manager_status", "role", "certificate")
+    __slots__ = ("id", "meta", "spec", "description", "status", "manager_status", "role", "certificate", "attachments")
     ID_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class Node(_message.Message):
     MANAGER_STATUS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    ATTACHMENTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     meta: _types_pb2.Meta
     spec: _specs_pb2.NodeSpec
@@ -26,7 +27,8 @@ class Node(_message.Message):
     manager_status: _types_pb2.ManagerStatus
     role: _types_pb2.NodeRole
     certificate: bytes
-    def __init__(self, id: _Optional[str] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., spec: _Optional[_Union[_specs_pb2.NodeSpec, _Mapping]] = ..., description: _Optional[_Union[_types_pb2.NodeDescription, _Mapping]] = ..., status: _Optional[_Union[_types_pb2.NodeStatus, _Mapping]] = ..., manager_status: _Optional[_Union[_types_pb2.ManagerStatus, _Mapping]] = ..., role: _Optional[_Union[_types_pb2.NodeRole, str]] = ..., certificate: _Optional[bytes] = ...) -> None: ...
+    attachments: _containers.RepeatedCompositeFieldContainer[NetworkAttachment]
+    def __init__(self, id: _Optional[str] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., spec: _Optional[_Union[_specs_pb2.NodeSpec, _Mapping]] = ..., description: _Optional[_Union[_types_pb2.NodeDescription, _Mapping]] = ..., status: _Optional[_Union[_types_pb2.NodeStatus, _Mapping]] = ..., manager_status: _Optional[_Union[_types_pb2.ManagerStatus, _Mapping]] = ..., role: _Optional[_Union[_types_pb2.NodeRole, str]] = ..., certificate: _Optional[bytes] = ..., attachments: _Optional[_Iterable[_Union[NetworkAttachment, _Mapping]]] = ...) -> None: ...
 
 class Service(_message.Message):
     __slots__ = ("id", "meta", "spec", "spec_version", "previous_spec", "previous_spec_version", "endpoint", "update_status", "pending_delete")

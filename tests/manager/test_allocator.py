@@ -214,3 +214,28 @@ def test_allocator_loop_follows_events() -> None:
                 await loop
 
     run(main())
+
+
+def test_every_node_gets_one_ingress_address() -> None:
+    async def main() -> None:
+        st = await new_store()
+        alloc = Allocator(st)
+        await alloc._ensure_ingress()
+        for i in range(3):
+            await st.update(lambda tx, i=i: tx.create(objects_pb2.Node(
+                description=types_pb2.NodeDescription(hostname=f"h{i}"))))
+        await alloc.allocate_once()
+        ingress = st.sm.get_by_name("network", INGRESS_NAME)
+        addrs = []
+        for n in st.sm.list("node"):
+            [att] = n.attachments
+            assert att.network.id == ingress.id and att.mac == mac_for(ipaddress.ip_interface(att.addresses[0]).ip)
+            addrs.append(att.addresses[0])
+        assert len(set(addrs)) == 3
+        svc = await add_service(st, "p", ports=[types_pb2.PortConfig(target_port=80, published_port=8080)], replicas=2)
+        await alloc.allocate_once()
+        task_addrs = {t.networks[0].addresses[0] for t in st.sm.tasks_by_service(svc.id)}
+        assert not task_addrs & set(addrs)
+        assert await alloc.allocate_once() == 0
+
+    run(main())
