@@ -503,7 +503,8 @@ async def _serve_lines(store: RaftStore) -> None:
 
     status | wait-leader | barrier | compact | add ADDR | remove ADDR | transfer
     create NAME (a secret) | read NAME (its version or 0) | update NAME VERSION | count | names
-    batch N PREFIX (N tasks in transactions of 2000) | time-writes N PREFIX (latencies in s)"""
+    batch N PREFIX (N tasks in transactions of 2000) | time-writes N PREFIX (latencies in s)
+    first-write PREFIX (retry until a write is accepted; answers time.monotonic() then)"""
     from shoal.proto import objects_pb2, specs_pb2, types_pb2
 
     loop = asyncio.get_running_loop()
@@ -591,6 +592,16 @@ async def _serve_lines(store: RaftStore) -> None:
                     await store.propose(Tx_create(store, secret(f"{prefix}{i}")))
                     lat.append(time.perf_counter() - t0)
                 out = lat
+            elif cmd == "first-write":  # retry until a write is accepted; answer its monotonic time
+                prefix, i = args[0], 0
+                while True:
+                    i += 1
+                    try:
+                        await store.propose(Tx_create(store, secret(f"{prefix}{i}")))
+                        out = time.monotonic()
+                        break
+                    except Unavailable:
+                        await asyncio.sleep(0.001)
             else:
                 raise InvalidArgument(f"unknown command {cmd!r}")
             answer = {"ok": out}
