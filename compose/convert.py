@@ -106,6 +106,17 @@ def convert(project: m.Project, stack_name: str) -> StackSpec:
                 f'service name "{full}" is not valid in a swarm; service and stack names use letters and digits '
                 'with "-" or "_" between them, together at most 63 characters', svc.loc, f"services.{name}")
         spec.services[full] = _service(stack_name, svc, project, spec.warnings)
+    ingress: dict[tuple[int, int], str] = {}
+    for name, svc in sorted(project.services.items()):
+        for port in spec.services[scope(stack_name, name)].endpoint.ports:
+            if port.publish_mode != types_pb2.PortConfig.INGRESS or not port.published_port:
+                continue
+            other = ingress.setdefault((port.published_port, port.protocol), name)
+            if other != name:
+                proto = types_pb2.PortConfig.Protocol.Name(port.protocol).lower()
+                raise ComposeError(f"published port {port.published_port}/{proto} is already published by service "
+                                   f'"{other}"; publish each port once per stack', svc.where("ports"),
+                                   f"services.{name}.ports")
     return spec
 
 

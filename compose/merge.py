@@ -1,9 +1,10 @@
 """Merging of several stack files with Compose's override rules.
 
 Mappings merge key by key; scalars of a later file replace earlier ones; ``command``,
-``entrypoint`` and ``healthcheck.test`` are replaced whole; ports merge by (target, protocol),
-volumes by target, secrets and configs by their target in the container; other lists are appended
-without duplicates.
+``entrypoint`` and ``healthcheck.test`` are replaced whole; the unique resources merge by their
+Compose Specification key — ports by (host IP, target, published, protocol), volumes by target,
+secrets and configs by their target in the container (an entry of a later file replaces the earlier
+entry with the same key); other lists are appended without duplicates.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def _ref_target(r: m.FileRef) -> str:
 
 
 _KEYED: dict[str, Callable[[Any], Any]] = {
-    "ports": lambda p: (p.target, p.protocol),
+    "ports": lambda p: (p.host_ip, p.target, p.published, p.protocol),
     "volumes": lambda v: v.target,
     "secrets": _ref_target,
     "configs": _ref_target,

@@ -306,3 +306,12 @@ def test_max_replicas_with_global(load_text) -> None:
     assert str(info.value).endswith("stack.yml:7 services.a.deploy.placement.max_replicas_per_node: "
                                     "max_replicas_per_node can only be used with replicated mode; a global service "
                                     "runs one task per node already")
+
+
+def test_port_published_by_two_services(load_text) -> None:
+    p = load_text("services:\n  a:\n    image: x\n    ports: ['80:80']\n  b:\n    image: x\n    ports: ['80:8080']\n"
+                  "  c:\n    image: x\n    ports: ['80:80/udp']\n")
+    with pytest.raises(ComposeError) as info:
+        convert(p, "st")
+    assert str(info.value).endswith('stack.yml:7 services.b.ports: published port 80/tcp is already published by '
+                                    'service "a"; publish each port once per stack')

@@ -429,7 +429,7 @@ def test_merge_two_files(write) -> None:
             image: web:2
             command: serve
             environment: {B: "2", C: "3"}
-            ports: ["9090:80"]
+            ports: ["9090:80", {target: 53, published: 53, protocol: udp, mode: host}]
             volumes: ["./b:/a"]
             secrets: [{source: s2, target: s1}]
             cap_add: [SYS_TIME, NET_ADMIN]
@@ -450,7 +450,10 @@ def test_merge_two_files(write) -> None:
     assert web.command == ["serve"]
     assert web.environment == {"A": "1", "B": "2", "C": "3"}
     assert web.labels == {"x": "1"}
-    assert [(x.published, x.target, x.protocol) for x in web.ports] == [(53, 53, "udp"), (9090, 80, "tcp")]
+    # ports are unique by (host IP, target, published, protocol): a new published port is added,
+    # the same one is replaced by the later file's entry.
+    assert [(x.published, x.target, x.protocol, x.mode) for x in web.ports] == [
+        (8080, 80, "tcp", "ingress"), (9090, 80, "tcp", "ingress"), (53, 53, "udp", "host")]
     assert [(v.source, v.target) for v in web.volumes] == [("data", "/data"), (str(base.parent / "b"), "/a")]
     assert [(s.source, s.target) for s in web.secrets] == [("s2", "s1")]
     assert web.cap_add == ["NET_ADMIN", "SYS_TIME"]
