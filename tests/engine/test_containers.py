@@ -437,3 +437,47 @@ def test_start_latency_is_recorded(engine):
     assert [s.status for s in sts] == ["running"] * 5
     for i in ids:
         assert_gone(engine, i)
+
+
+def test_cancelled_create_leaves_nothing(engine):
+    """A create cancelled at any point (the worker gave up on the task) leaves no trace."""
+    ids = [cid(f"cancel{i}") for i in range(5)]
+
+    async def main():
+        for i, c in enumerate(ids):
+            t = asyncio.create_task(engine.create(ContainerConfig(c, c, spec("sleep", "100"))))
+            await asyncio.sleep(0.01 * i)
+            t.cancel()
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+            else:           # finished before the cancel: a normal container, removed as usual
+                await engine.remove(c)
+
+    run(main())
+    for c in ids:
+        assert_gone(engine, c)
+
+
+def test_states_and_wrong_transitions(engine):
+    from shoal.agent.engine import ContainerExists, ContainerNotFound, InvalidState
+    c = cid("states")
+
+    async def main():
+        await engine.create(ContainerConfig(c, c, spec("sleep", "100")))
+        with pytest.raises(ContainerExists):
+            await engine.create(ContainerConfig(c, c, spec("sleep", "100")))
+        created = await engine.inspect(c)
+        await engine.stop(c)                     # a created container is killed at once
+        stopped = await engine.inspect(c)
+        with pytest.raises(InvalidState):
+            await engine.start(c)
+        await engine.remove(c)
+        with pytest.raises(ContainerNotFound):
+            await engine.inspect(c)
+        return created, stopped
+
+    created, stopped = run(main())
+    assert created.status == "created" and created.pid > 0 and created.started_at is None
+    assert stopped.status == "exited" and stopped.exit.exit_code == 137
