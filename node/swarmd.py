@@ -80,7 +80,9 @@ class AgentContext:
     hostname: str
     state_dir: Path
     identity: ca.TLSIdentity  # mTLS to managers: ca.secure_channel(addr, identity)
-    managers: list[str]  # remote API addresses (host:port) to find the dispatcher at
+    # Remote API addresses (host:port) of managers. The agent may update this list in place with
+    # the managers its dispatcher session announces; swarmd's role checks use it too.
+    managers: list[str]
     advertise_addr: str  # this node's address (data path / gossip)
     is_manager: bool
 
@@ -139,6 +141,7 @@ class Swarmd:
         self.identity: ca.TLSIdentity | None = None
         self.manager: Manager | None = None
         self.agent: asyncio.Task[None] | None = None
+        self.agent_ctx: AgentContext | None = None
         self.role_task: asyncio.Task[None] | None = None
         self.stop_event = asyncio.Event()
 
@@ -337,7 +340,7 @@ class Swarmd:
                 addrs.append(self.state.advertise_api)
             except Exception:
                 addrs = []
-        for a in self.state.managers:
+        for a in self.state.managers + (self.agent_ctx.managers if self.agent_ctx is not None else []):
             if a not in addrs:
                 addrs.append(a)
         return addrs
@@ -372,19 +375,25 @@ class Swarmd:
         assert st is not None and self.identity is not None
         try:
             if st.role == "manager":
-                await self.start_manager(getattr(self, "_raft_peers", None))
+                try:
+                    await self.start_manager(getattr(self, "_raft_peers", None))
+                except OSError as e:
+                    log.error("cannot start the manager role: %s", e)
+                    raise SystemExit(
+                        f"cannot listen on {st.listen_api} or the control socket: {e.strerror or e}; "
+                        "is another swarmd running with these addresses?"
+                    ) from None
                 if not st.bootstrapped:
                     cluster, node = self._bootstrap
                     assert self.manager is not None
                     await self.manager.bootstrap(cluster, node)
                     st.bootstrapped = True
                     st.save(self.dir)
-            self.agent = await start_agent(
-                AgentContext(
-                    st.node_id, st.cluster_id, st.hostname, self.dir, self.identity, self._manager_addrs(),
-                    _split(st.advertise_api, 0)[0], st.role == "manager",
-                )
+            self.agent_ctx = AgentContext(
+                st.node_id, st.cluster_id, st.hostname, self.dir, self.identity, self._manager_addrs(),
+                _split(st.advertise_api, 0)[0], st.role == "manager",
             )
+            self.agent = await start_agent(self.agent_ctx)
             self.role_task = asyncio.create_task(self._role_watch())
             log.info("swarmd ready: node %s, %s, remote API %s", st.node_id, st.role, st.advertise_api)
             await self.stop_event.wait()

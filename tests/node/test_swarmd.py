@@ -212,7 +212,17 @@ def test_cluster_init_join_restart_failover_and_roles(daemons):
     wait(lambda: managers_reachable(m2, 3) and not (m3.dir / "raft").exists(), "m3 to be demoted")
     assert {m.node_id for m in m2.info().members} == {m1_id, m2.info().node_id, w1_id}
     create_secret(w1, "from-promoted-w1")
-    for d in (m1, m2, w1, m3):
+
+    # A majority of managers down: writes are refused with the quorum error, reads still answer.
+    wait(lambda: managers_reachable(m2, 3), "3 reachable managers before the quorum loss")
+    m1.kill()
+    w1.kill()
+    with pytest.raises(grpc.RpcError) as e:
+        create_secret(m2, "no-quorum")
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no quorum: 1 of 3 managers reachable; writes are refused until a majority is back" in e.value.details()
+    assert "from-promoted-w1" in secret_names(m2)
+    for d in (m2, m3):
         assert d.term() == 0
 
 
