@@ -489,14 +489,16 @@ def _env_files(v: V, ctx: FileContext) -> dict[str, str | None]:
         v.expected("a path or a list of paths")
     out: dict[str, str | None] = {}
     for ev, p, required in entries:
-        path = _resolve(ctx, p)
+        path = _resolve(ctx, p, ev)
         if not path.exists() and not required:
             continue
         out.update(read_env_file(path, ctx.environment, loc=ev.loc, key_path=ev.path))
     return out
 
 
-def _resolve(ctx: FileContext, p: str) -> Path:
+def _resolve(ctx: FileContext, p: str, v: V) -> Path:
+    if "\x00" in p:
+        v.fail("a path cannot contain a NUL character")
     if p.startswith("~"):
         home = ctx.environment.get("HOME") or os.path.expanduser("~")
         p = home + p[1:]
@@ -885,7 +887,7 @@ def parse_service_volume(v: V, ctx: FileContext) -> m.ServiceVolume:
     if vtype == "bind":
         if not vol.source:
             v.fail("a bind mount needs source: (a path on the host)")
-        vol.source = str(_resolve(ctx, vol.source))
+        vol.source = str(_resolve(ctx, vol.source, v))
     if vtype == "tmpfs" and vol.source:
         v.child("source").fail("a tmpfs mount takes no source:")
     return vol
@@ -930,7 +932,7 @@ def _short_volume(v: V, ctx: FileContext) -> m.ServiceVolume:
                    f'{", ".join(_PROPAGATIONS)}, consistent, cached, delegated')
     if source and (source.startswith((".", "/", "~"))):
         vol.type = "bind"
-        vol.source = str(_resolve(ctx, source))
+        vol.source = str(_resolve(ctx, source, v))
         if vol.volume is not None:
             v.fail(f'"nocopy" in "{spec}" only applies to named volumes')
     else:
@@ -1204,7 +1206,7 @@ def _file_object(kind: str, name: str, v: V, ctx: FileContext) -> m.FileObject:
     if (x := v.get("labels")) is not None:
         obj.labels = as_kv(x)
     if (x := v.get("file")) is not None:
-        obj.file = str(_resolve(ctx, as_nonempty_str(x)))
+        obj.file = str(_resolve(ctx, as_nonempty_str(x), x))
     if (x := v.get("environment")) is not None:
         obj.environment = as_nonempty_str(x)
     if (x := v.get("content")) is not None:

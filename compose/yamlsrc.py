@@ -15,6 +15,8 @@ import yaml
 
 from shoal.compose.errors import ComposeError, Loc
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 class CMap(dict):
     """A mapping read from YAML; ``loc`` is where it starts, ``locs[key]`` where each key is."""
@@ -101,11 +103,19 @@ def _loader_class(filename: str) -> type[yaml.SafeLoader]:
             result.append(loader.construct_object(item, deep=True))
             result.locs.append(loc_of(item))
 
+    def construct_str(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> str:
+        value = loader.construct_scalar(node)
+        if _SURROGATE.search(value):
+            raise ComposeError("the text holds an invalid character (a lone UTF-16 surrogate such as \\ud800)",
+                               loc_of(node))
+        return value
+
+    Loader.add_constructor("tag:yaml.org,2002:str", construct_str)
     Loader.add_constructor("tag:yaml.org,2002:map", construct_map)
     Loader.add_constructor("tag:yaml.org,2002:seq", construct_seq)
     Loader.add_constructor("tag:yaml.org,2002:int", construct_int)
     # Timestamps and binary stay strings/bytes as yaml.v3 would not turn them into dates.
-    Loader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+    Loader.add_constructor("tag:yaml.org,2002:timestamp", construct_str)
     Loader.add_constructor("tag:yaml.org,2002:set", construct_map)
     Loader.add_constructor("tag:yaml.org,2002:omap", construct_seq)
     Loader.add_constructor("tag:yaml.org,2002:pairs", construct_seq)

@@ -185,3 +185,29 @@ def test_other_warnings(load_text) -> None:
         "volume v: volume.external.name is deprecated in favor of volume.name",
     ]
     assert p.networks["old"].name == "legacy" and p.volumes["v"].name == "legacy-vol"
+
+
+@pytest.mark.parametrize("text", [
+    'services: {a: {image: x, env_file: "a\\0b"}}\n',
+    'services: {a: {image: x, volumes: ["./a\\0b:/x"]}}\n',
+    'services: {a: {image: x}}\nsecrets: {s: {file: "a\\0b"}}\n',
+])
+def test_nul_in_paths(load_text, text: str) -> None:
+    assert "a path cannot contain a NUL character" in _err(load_text, text)
+
+
+@pytest.mark.parametrize("text", [
+    'services: {a: {image: x, hostname: "\\ud800"}}\n',
+    'services: {a: {image: x, labels: {"\\udc00": b}}}\n',
+])
+def test_lone_surrogates_are_refused(load_text, text: str) -> None:
+    assert "invalid character (a lone UTF-16 surrogate" in _err(load_text, text)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("services: {a: {image: !!binary aGVsbG8=}}\n", 'services.a.image: expected a string, got bytes'),
+    ("services: {a: {image: !Ref x}}\n", "invalid YAML: could not determine a constructor for the tag '!Ref'"),
+    ("a: 1\n---\nb: 2\n", "a stack file holds one YAML document; found several (---)"),
+])
+def test_unusual_yaml(load_text, text: str, fragment: str) -> None:
+    assert fragment in _err(load_text, text)
