@@ -39,9 +39,10 @@ class Registry:
 
     def __init__(self, addr: str = "127.0.0.1", port: int = 0, *, storage: Path | None = None,
                  users: dict[str, str] | None = None, realm: str = "shoal-registry",
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, token_auth: dict[str, str] | None = None) -> None:
         """``netns``: a network namespace path (``/run/netns/NAME``) to serve in (via ``nsenter --net``,
-        which execs the registry, so ``proc.pid`` is the registry's own PID)."""
+        which execs the registry, so ``proc.pid`` is the registry's own PID). ``token_auth``: bearer-token
+        auth instead of htpasswd, keys ``realm``, ``service``, ``issuer``, ``rootcertbundle`` (PEM path)."""
         self.addr = addr
         self.port = port or free_port(addr)
         self.users = dict(users or {})
@@ -50,6 +51,7 @@ class Registry:
         self.dir = Path(tempfile.mkdtemp(prefix="shoal-registry-")) if storage is None else Path(storage)
         self.proc: subprocess.Popen | None = None
         self.netns = netns
+        self.token_auth = dict(token_auth or {})
 
     @property
     def host(self) -> str:
@@ -75,7 +77,9 @@ class Registry:
             f"  addr: {self.host}",
             "  secret: shoal-lab-registry",
         ]
-        if self.users:
+        if self.token_auth:
+            lines += ["auth:", "  token:"] + [f"    {k}: {v}" for k, v in sorted(self.token_auth.items())]
+        elif self.users:
             lines += ["auth:", "  htpasswd:", f"    realm: {self.realm}", f"    path: {self.dir / 'htpasswd'}"]
         return "\n".join(lines) + "\n"
 
@@ -88,7 +92,7 @@ class Registry:
 
     def start(self, timeout: float = 20.0) -> None:
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
-        if self.users:
+        if self.users and not self.token_auth:
             self._write_htpasswd()
         cfg = self.dir / "config.yml"
         cfg.write_text(self._config())

@@ -138,3 +138,27 @@ def fresh_engine(registry):
         yield Engine(root, registry_mirrors=[registry.url])
     finally:
         _cleanup_root(root)
+
+
+@pytest.fixture(scope="session")
+def token_registry(images):
+    """A registry with bearer-token auth (Docker Hub's flow) holding ``private/busybox:v1``; yields
+    (registry, token server). Seeded through a no-auth instance on the same storage."""
+    _need_root()
+    from .token_server import TokenServer
+
+    work = Path(tempfile.mkdtemp(prefix="shoal-token-"))
+    ts = TokenServer({AUTH_USER: AUTH_PASSWORD}, work)
+    ts.start()
+    try:
+        with Registry("127.0.0.1", storage=work / "reg") as seeder:
+            push_image(seeder.url, "private/busybox", "v1", images["busybox"])
+        reg = Registry("127.0.0.1", storage=work / "reg", token_auth=ts.registry_config())
+        reg.start()
+        try:
+            yield reg, ts
+        finally:
+            reg.stop()
+    finally:
+        ts.stop()
+        shutil.rmtree(work, ignore_errors=True)

@@ -186,3 +186,16 @@ def test_engines_on_separate_roots_do_not_see_each_other(fresh_engine, engine):
     other, mine = run(main())
     assert other == [] and f"{PREFIX}-sep" in mine
     assert isinstance(engine, Engine)
+
+
+def test_pull_with_bearer_token(fresh_engine, token_registry, images):
+    reg, ts = token_registry
+    ref = f"{reg.host}/private/busybox:v1"
+    img = run(fresh_engine.pull(ref, RegistryAuth(AUTH_USER, AUTH_PASSWORD)))
+    assert img.id == images["busybox"].id
+    assert (AUTH_USER, "repository:private/busybox:pull") in ts.requests
+    with pytest.raises(AuthenticationFailed):
+        run(fresh_engine.pull(ref, RegistryAuth(AUTH_USER, "wrong")))
+    with pytest.raises(ImageNotFound) as e:     # anonymous token grants nothing: "pull access denied"
+        run(fresh_engine.pull(ref))
+    assert "pull access denied" in str(e.value)
