@@ -19,7 +19,7 @@ DEAD: MemberState
 LEFT: MemberState
 
 class EndpointRecord(_message.Message):
-    __slots__ = ("task_id", "task_name", "service_name", "service_id", "ip", "mac", "vtep", "vip", "aliases", "stack", "endpoint_mode", "node_id", "container_id")
+    __slots__ = ("task_id", "task_name", "service_name", "service_id", "ip", "mac", "vtep", "vip", "aliases", "stack", "endpoint_mode", "node_id", "container_id", "ingress_ports")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_NAME_FIELD_NUMBER: _ClassVar[int]
     SERVICE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class EndpointRecord(_message.Message):
     ENDPOINT_MODE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    INGRESS_PORTS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     task_name: str
     service_name: str
@@ -46,7 +47,18 @@ class EndpointRecord(_message.Message):
     endpoint_mode: str
     node_id: str
     container_id: str
-    def __init__(self, task_id: _Optional[str] = ..., task_name: _Optional[str] = ..., service_name: _Optional[str] = ..., service_id: _Optional[str] = ..., ip: _Optional[str] = ..., mac: _Optional[str] = ..., vtep: _Optional[str] = ..., vip: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., stack: _Optional[str] = ..., endpoint_mode: _Optional[str] = ..., node_id: _Optional[str] = ..., container_id: _Optional[str] = ...) -> None: ...
+    ingress_ports: _containers.RepeatedCompositeFieldContainer[PublishedPort]
+    def __init__(self, task_id: _Optional[str] = ..., task_name: _Optional[str] = ..., service_name: _Optional[str] = ..., service_id: _Optional[str] = ..., ip: _Optional[str] = ..., mac: _Optional[str] = ..., vtep: _Optional[str] = ..., vip: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., stack: _Optional[str] = ..., endpoint_mode: _Optional[str] = ..., node_id: _Optional[str] = ..., container_id: _Optional[str] = ..., ingress_ports: _Optional[_Iterable[_Union[PublishedPort, _Mapping]]] = ...) -> None: ...
+
+class PublishedPort(_message.Message):
+    __slots__ = ("protocol", "published_port", "target_port")
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_PORT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PORT_FIELD_NUMBER: _ClassVar[int]
+    protocol: str
+    published_port: int
+    target_port: int
+    def __init__(self, protocol: _Optional[str] = ..., published_port: _Optional[int] = ..., target_port: _Optional[int] = ...) -> None: ...
 
 class Ping(_message.Message):
     __slots__ = ("seq", "target", "source", "source_addr", "source_port")

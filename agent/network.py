@@ -1,0 +1,309 @@
+"""Networking of one node's tasks: ties the overlay data path, the gossip tables and the DNS together.
+
+`NetworkAgent` is what the worker calls around a container's life:
+
+    net = NetworkAgent(node_id, advertise_addr, state_dir, ns_prefix)
+    await net.start(keys)                     # gossip up, sandboxes of an earlier life adopted
+    await net.join(["198.18.0.1:7946"])       # the managers' gossip ports
+    tn = await net.prepare(task)              # container netns + interfaces + endpoint records + DNS
+    ...engine create/start with tn.netns_path and tn.resolv_conf...
+    await net.release(task.id)                # everything above undone
+    await net.stop()
+
+and it runs one control loop (`run`) that follows the gossip endpoint tables: a remote endpoint
+becomes an FDB + neighbour entry on this node's VXLAN device (and goes when it goes), every
+service VIP on a local network is balanced over the endpoints that carry it, and every port a
+service publishes in ingress mode is accepted on this node and routed to that service's endpoints
+on the ingress network, wherever they run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import netns as pr_netns
+
+from shoal.netdriver.dns import DNSServer
+from shoal.netdriver.gossip import ENDPOINT_TABLE, EventKind, Gossip
+from shoal.netdriver.overlay import OverlayDriver
+from shoal.proto import gossip_pb2, objects_pb2, types_pb2
+
+log = logging.getLogger("shoal.agent.network")
+
+STACK_LABEL = "com.docker.stack.namespace"
+RESOLV_CONF = "nameserver 127.0.0.11\noptions ndots:0\n"
+PROTOCOLS = {types_pb2.PortConfig.TCP: "tcp", types_pb2.PortConfig.UDP: "udp", types_pb2.PortConfig.SCTP: "sctp"}
+
+
+@dataclass
+class TaskNetworking:
+    netns_path: str
+    resolv_conf: str | None
+    addresses: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Local:
+    netns: str
+    networks: list[str]
+    host_ports: list[tuple[str, int]]
+
+
+def _ip(cidr: str) -> str:
+    return cidr.split("/")[0]
+
+
+class NetworkAgent:
+    def __init__(
+        self,
+        node_id: str,
+        advertise_addr: str,
+        state_dir: Path,
+        ns_prefix: str,
+        *,
+        gossip_port: int = 7946,
+        gw_subnet: str = "172.18.0.0/16",
+        upstream_dns: Sequence[str] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.addr = advertise_addr
+        self.prefix = ns_prefix
+        self.state_dir = Path(state_dir)
+        self.driver = OverlayDriver(node_id, advertise_addr, ns_prefix, gw_subnet=gw_subnet)
+        self.gossip_port = gossip_port
+        self.gossip: Gossip | None = None
+        self.dns: DNSServer | None = None
+        self.upstream_dns = upstream_dns
+        self._tasks: dict[str, _Local] = {}
+        self._dirty: asyncio.Queue[str] = asyncio.Queue()
+        self._vips: dict[str, set[str]] = defaultdict(set)       # network -> VIPs programmed here
+        self._ingress_ports: set[tuple[str, int]] = set()
+        self._ingress_id = ""
+        self._lock = asyncio.Lock()
+
+    # ---- life ------------------------------------------------------------------------------
+    async def start(self, keys: Sequence[bytes]) -> None:
+        self.gossip = Gossip(self.node_id, self.addr, self.addr, port=self.gossip_port, keys=list(keys))
+        await self.gossip.start()
+        self.dns = DNSServer(self.gossip, upstreams=self.upstream_dns)
+        found = await asyncio.to_thread(self.driver.restore)
+        log.info("node=%s network agent started gossip=%s:%d adopted=%d", self.node_id, self.addr,
+                 self.gossip_port, len(found))
+
+    def set_keys(self, keys: Sequence[bytes]) -> None:
+        if self.gossip is None or not keys:
+            return
+        ring = self.gossip.keyring
+        for k in keys:
+            ring.add(k)
+        ring.use(keys[-1])
+
+    async def join(self, seeds: Sequence[str]) -> int:
+        assert self.gossip is not None
+        seeds = [s for s in seeds if s and not s.startswith(f"{self.addr}:")]
+        if not seeds:
+            return 0
+        return await self.gossip.join(seeds)
+
+    async def stop(self) -> None:
+        if self.dns is not None:
+            await self.dns.close()
+        if self.gossip is not None:
+            with contextlib.suppress(Exception):
+                await self.gossip.leave()
+            await self.gossip.stop()
+
+    async def run(self) -> None:
+        """Follow the endpoint tables; program peers, VIP backends and ingress ports."""
+        assert self.gossip is not None
+        sub = self.gossip.subscribe()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._sync_loop())
+                async for ev in sub:
+                    if ev.table != ENDPOINT_TABLE:
+                        continue
+                    if ev.owner != self.node_id:
+                        await self._peer(ev.kind, ev.network_id, ev.value)
+                    self._dirty.put_nowait(ev.network_id)
+        finally:
+            sub.close()
+
+    async def _peer(self, kind: EventKind, network_id: str, value: bytes) -> None:
+        rec = gossip_pb2.EndpointRecord.FromString(value)
+        if not rec.ip or not rec.mac or not rec.vtep or rec.vtep == self.addr:
+            return
+        try:
+            if kind == EventKind.DELETE:
+                await asyncio.to_thread(self.driver.remove_peer, network_id, rec.ip, rec.mac, rec.vtep)
+            else:
+                await asyncio.to_thread(self.driver.add_peer, network_id, rec.ip, rec.mac, rec.vtep)
+        except Exception as e:
+            log.warning("node=%s network=%s peer %s@%s not programmed: %s", self.node_id, network_id, rec.ip,
+                        rec.vtep, e)
+
+    async def _sync_loop(self) -> None:
+        while True:
+            nid = await self._dirty.get()
+            await asyncio.sleep(0.02)  # gather a burst of changes
+            nets = {nid}
+            while not self._dirty.empty():
+                nets.add(self._dirty.get_nowait())
+            for n in nets:
+                try:
+                    await self._sync_network(n)
+                except Exception as e:
+                    log.warning("node=%s network=%s load balancing not updated: %s", self.node_id, n, e)
+
+    def _records(self, network_id: str) -> list[gossip_pb2.EndpointRecord]:
+        assert self.gossip is not None
+        out = []
+        for raw in self.gossip.entries(ENDPOINT_TABLE, network_id).values():
+            try:
+                out.append(gossip_pb2.EndpointRecord.FromString(raw))
+            except Exception:
+                continue
+        return out
+
+    async def _sync_network(self, network_id: str) -> None:
+        async with self._lock:
+            records = self._records(network_id)
+            here = any(network_id in t.networks for t in self._tasks.values())
+            if here:
+                backends: dict[str, list[str]] = defaultdict(list)
+                for r in records:
+                    if r.vip and r.ip:
+                        backends[_ip(r.vip)].append(r.ip)
+                for vip, ips in backends.items():
+                    await asyncio.to_thread(self.driver.set_service_backends, network_id, vip, sorted(ips))
+                for vip in self._vips[network_id] - set(backends):
+                    await asyncio.to_thread(self.driver.remove_service, network_id, vip)
+                self._vips[network_id] = set(backends)
+            if network_id == self._ingress_id:
+                ports: dict[tuple[str, int], tuple[int, list[str]]] = {}
+                for r in records:
+                    for p in r.ingress_ports:
+                        key = (p.protocol, p.published_port)
+                        ports.setdefault(key, (p.target_port, []))[1].append(r.ip)
+                for (proto, pub), (target, ips) in ports.items():
+                    await asyncio.to_thread(self.driver.set_ingress_backends, proto, pub, target, sorted(ips))
+                for proto, pub in self._ingress_ports - set(ports):
+                    await asyncio.to_thread(self.driver.unpublish_ingress, proto, pub)
+                self._ingress_ports = set(ports)
+
+    # ---- the node's ingress sandbox ------------------------------------------------------------
+    async def set_node(self, node: objects_pb2.Node) -> None:
+        """Build the routing-mesh sandbox from the node's ingress attachment (once it has one)."""
+        assert self.gossip is not None
+        for att in node.attachments:
+            if not att.network.spec.ingress or not att.addresses:
+                continue
+            if self._ingress_id == att.network.id:
+                return
+            iface = await asyncio.to_thread(self.driver.ensure_ingress, att.network, att.addresses[0], att.mac)
+            self._ingress_id = att.network.id
+            await self.gossip.join_network(att.network.id)
+            rec = gossip_pb2.EndpointRecord(ip=_ip(iface.address), mac=iface.mac, vtep=self.addr, node_id=self.node_id)
+            self.gossip.put(ENDPOINT_TABLE, att.network.id, f"sbox-{self.node_id}", rec.SerializeToString())
+            self._dirty.put_nowait(att.network.id)
+            log.info("node=%s ingress sandbox up addr=%s", self.node_id, iface.address)
+
+    # ---- tasks -------------------------------------------------------------------------------
+    def _netns_name(self, task_id: str) -> str:
+        return f"{self.prefix}-c{task_id[:12]}"
+
+    async def prepare(self, task: objects_pb2.Task) -> TaskNetworking:
+        """Make the task's network namespace and everything in it; undone by release().
+
+        Idempotent: after an agent restart, call it again for a re-adopted running task -- its
+        namespace and interfaces are kept, its endpoint records and DNS server come back."""
+        assert self.gossip is not None and self.dns is not None
+        name = self._netns_name(task.id)
+        path = f"/run/netns/{name}"
+        if not os.path.exists(path):
+            await asyncio.to_thread(pr_netns.create, name)
+        nets = [att.network.id for att in task.networks]
+        local = _Local(path, nets, [])
+        self._tasks[task.id] = local
+        try:
+            ifaces = await asyncio.to_thread(self.driver.attach, task.id, path, list(task.networks))
+            for nid in nets:
+                await self.gossip.join_network(nid)
+            by_net = {i.network_id: i for i in ifaces}
+            stack = task.service_annotations.labels.get(STACK_LABEL, "")
+            dnsrr = task.endpoint.spec.mode == types_pb2.EndpointSpec.DNSRR
+            vips = {v.network_id: v.addr for v in task.endpoint.virtual_ips}
+            ingress = [
+                gossip_pb2.PublishedPort(protocol=PROTOCOLS[p.protocol], published_port=p.published_port,
+                                         target_port=p.target_port)
+                for p in task.endpoint.ports
+                if p.publish_mode == types_pb2.PortConfig.INGRESS and p.published_port
+            ]
+            for att in task.networks:
+                iface = by_net.get(att.network.id)
+                if iface is None:
+                    continue
+                rec = gossip_pb2.EndpointRecord(
+                    task_id=task.id, task_name=task.annotations.name, service_name=task.service_annotations.name,
+                    service_id=task.service_id, ip=_ip(iface.address), mac=iface.mac, vtep=self.addr,
+                    vip="" if dnsrr else _ip(vips.get(att.network.id, "")), aliases=list(att.aliases),
+                    stack=stack, endpoint_mode="dnsrr" if dnsrr else "vip", node_id=self.node_id,
+                    container_id=task.id,
+                )
+                if att.network.spec.ingress:
+                    rec.ingress_ports.extend(ingress)
+                self.gossip.put(ENDPOINT_TABLE, att.network.id, task.id, rec.SerializeToString())
+            for p in task.endpoint.ports:
+                if p.publish_mode == types_pb2.PortConfig.HOST and p.published_port:
+                    proto = PROTOCOLS[p.protocol]
+                    await asyncio.to_thread(self.driver.publish_host_port, task.id, proto, p.published_port,
+                                            p.target_port)
+                    local.host_ports.append((proto, p.published_port))
+            user_nets = [a.network.id for a in task.networks if not a.network.spec.ingress]
+            if user_nets:
+                await self.dns.serve_in(task.id, path, user_nets, stack or None)
+            for nid in nets:
+                self._dirty.put_nowait(nid)
+        except BaseException:
+            await self.release(task.id)
+            raise
+        return TaskNetworking(path, RESOLV_CONF if task.networks else None,
+                              [i.address for i in ifaces])
+
+    async def release(self, task_id: str) -> None:
+        """Undo prepare(): endpoint records, DNS, interfaces, published ports, the namespace."""
+        assert self.gossip is not None and self.dns is not None
+        local = self._tasks.pop(task_id, None)
+        await self.dns.stop_serving(task_id)
+        nets = local.networks if local else []
+        for nid in nets:
+            with contextlib.suppress(Exception):
+                self.gossip.delete(ENDPOINT_TABLE, nid, task_id)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.driver.detach, task_id)
+        name = self._netns_name(task_id)
+        if os.path.exists(f"/run/netns/{name}"):
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(pr_netns.remove, name)
+        still = {n for t in self._tasks.values() for n in t.networks}
+        for nid in nets:
+            self._dirty.put_nowait(nid)
+            if nid in still or nid == self._ingress_id:
+                continue
+            with contextlib.suppress(Exception):
+                await self.gossip.leave_network(nid)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.driver.remove_network, nid)
+
+    async def cleanup(self) -> None:
+        """Remove everything this node's networking made (tests, lab down)."""
+        for tid in list(self._tasks):
+            await self.release(tid)
+        await asyncio.to_thread(self.driver.cleanup)
