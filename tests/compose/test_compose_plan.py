@@ -201,3 +201,69 @@ def test_foreign_service_with_the_same_name(make) -> None:
         plan(make(), [foreign], cluster.networks, cluster.secrets, cluster.configs)
     assert str(info.value) == ('service "app_web" already exists and belongs to no stack; remove it or deploy the '
                                "stack under another name")
+
+
+# ---------------------------------------------------------------- property: deploy twice is a no-op
+
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from shoal.compose import ComposeSource  # noqa: E402
+
+_NAMES = st.sampled_from(["web", "api", "db", "cache", "worker"])
+_SERVICE = st.fixed_dictionaries(
+    {"image": st.sampled_from(["nginx:1.25", "redis", "busybox:1.36", "registry.local:5000/app:v2"])},
+    optional={
+        "ports": st.lists(st.sampled_from(["80", "8080:80", "53:53/udp", "9000-9001:9000-9001"]), max_size=2,
+                          unique=True),
+        "environment": st.dictionaries(st.from_regex(r"[A-Z]{1,4}", fullmatch=True), st.text(max_size=5),
+                                       max_size=3),
+        "labels": st.dictionaries(st.sampled_from(["a", "b.c"]), st.sampled_from(["1", "x"]), max_size=2),
+        "command": st.lists(st.sampled_from(["run", "--x", "1"]), max_size=3),
+        "networks": st.lists(st.sampled_from(["front", "back", "shared"]), unique=True, max_size=3),
+        "secrets": st.lists(st.sampled_from(["token", "outside"]), unique=True, max_size=2),
+        "configs": st.lists(st.sampled_from(["conf"]), unique=True, max_size=1),
+        "deploy": st.one_of(
+            st.fixed_dictionaries({"replicas": st.integers(0, 5)}),
+            st.just({"mode": "global"}),
+            st.fixed_dictionaries({"update_config": st.fixed_dictionaries({"parallelism": st.integers(0, 3)}),
+                                   "resources": st.just({"limits": {"cpus": "0.5", "memory": "64m"}})}),
+        ),
+        "healthcheck": st.just({"test": ["CMD", "true"], "interval": "5s"}),
+    },
+)
+_STACKS = st.dictionaries(_NAMES, _SERVICE, min_size=1, max_size=3)
+_TOP = {"networks": {"front": None, "back": None, "shared": {"external": True}},
+        "secrets": {"token": {"file": "token.txt"}, "outside": {"external": True}},
+        "configs": {"conf": {"content": "a=1"}}}
+
+
+@pytest.fixture(scope="module")
+def propdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("planprops")
+    (d / "token.txt").write_text("t0ken")
+    return d
+
+
+def _stack(services: dict, d: Path) -> StackSpec:
+    import yaml
+
+    text = yaml.safe_dump({"services": services, **_TOP})
+    try:
+        return convert(load([ComposeSource("stack.yml", text)], environment={}, working_dir=d), "app")
+    except ComposeError:
+        assume(False)
+        raise
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(first=_STACKS, second=_STACKS)
+def test_redeploy_is_noop_and_updates_converge(first: dict, second: dict, propdir: Path) -> None:
+    a, b = _stack(first, propdir), _stack(second, propdir)
+    cluster = Cluster()
+    cluster.apply(a)
+    assert plan(a, cluster.services, cluster.networks, cluster.secrets, cluster.configs, prune=True).is_noop
+    cluster.apply(b, prune=True)
+    again = plan(b, cluster.services, cluster.networks, cluster.secrets, cluster.configs, prune=True)
+    assert again.is_noop, again
+    assert sorted(s.spec.annotations.name for s in cluster.services) == sorted(b.services)
