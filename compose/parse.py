@@ -416,6 +416,7 @@ def parse_file(doc: Any, ctx: FileContext) -> m.Project:
         for name, item in sec.items():
             if name.startswith("x-"):
                 continue
+            _name(V(name, item.path, item.loc), section[:-1])
             target[name] = fn(name, item, ctx)
     return project
 

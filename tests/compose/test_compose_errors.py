@@ -211,3 +211,9 @@ def test_lone_surrogates_are_refused(load_text, text: str) -> None:
 ])
 def test_unusual_yaml(load_text, text: str, fragment: str) -> None:
     assert fragment in _err(load_text, text)
+
+
+def test_object_names_are_checked(load_text) -> None:
+    assert _err(load_text, "services: {a: {image: x}}\nnetworks:\n  'my net':\n") == (
+        '3 networks.my net: invalid network name "my net"; use letters, digits, "_", "." and "-", starting with '
+        "a letter or digit")
