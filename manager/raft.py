@@ -65,10 +65,12 @@ class RaftConfig:
     Election timeouts must stay > 3x the heartbeat (pysyncobj checks)."""
 
     append_entries_period: float = 0.02
-    min_timeout: float = 0.25
-    max_timeout: float = 0.5
-    leader_fallback_timeout: float = 1.0  # a leader without a majority steps down after this
-    connection_timeout: float = 1.0
+    # Elections: a dead leader is replaced in ~0.3-0.9 s; not lower, so that a busy 2-core machine
+    # (the GIL, other daemons) does not cause spurious elections.
+    min_timeout: float = 0.3
+    max_timeout: float = 0.6
+    leader_fallback_timeout: float = 1.5  # a leader without a majority steps down after this
+    connection_timeout: float = 1.5
     connection_retry: float = 0.1
     propose_timeout: float = 4.0  # writes fail with Unavailable after this (< 5 s)
     compaction_min_entries: int = 5000
