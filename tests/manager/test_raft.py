@@ -295,3 +295,48 @@ def test_kill_follower_restarts_and_catches_up(cluster):
     f2.ok("barrier")
     assert f2.ok("count") == 31
     assert os.path.getsize(f2.dir / "raft" / "journal.bin") > 0
+
+
+def test_in_process_api_status_subscribe_and_transfer(tmp_path: Path):
+    """The asyncio API of three RaftStores in one process: status, leadership notifications,
+    barrier, follower writes and a leadership hand-over."""
+    import asyncio
+
+    from shoal.manager.raft import RaftStore
+    from shoal.manager.store import Tx
+    from shoal.proto import objects_pb2, specs_pb2, types_pb2
+
+    async def main() -> None:
+        addrs = [f"127.0.0.{i + 1}:{free_port(f'127.0.0.{i + 1}')}" for i in range(3)]
+        stores = [
+            RaftStore(tmp_path / f"s{i}", a, [x for x in addrs if x != a], b"k" * 32) for i, a in enumerate(addrs)
+        ]
+        try:
+            q = stores[0].subscribe()
+            st = await stores[0].wait_leader(10)
+            while not (st.leader_addr and st.total == 3 and st.reachable == 3):
+                st = await q.get()
+            leader = next(s for s in stores if s.self_addr == st.leader_addr)
+            follower = next(s for s in stores if s is not leader)
+            assert leader.is_leader() and not follower.is_leader()
+            assert follower.leader_addr() == leader.self_addr
+            assert {m.addr for m in follower.members()} == set(addrs)
+
+            tx = Tx(follower.sm)
+            tx.create(objects_pb2.Config(spec=specs_pb2.ConfigSpec(annotations=types_pb2.Annotations(name="c"), data=b"1")))
+            version = await follower.propose(tx.transaction())
+            for s in stores:
+                assert await s.barrier() >= version
+                assert s.sm.get_by_name("config", "c") is not None
+
+            assert await leader.transfer_leadership()
+            st = await stores[0].wait_leader(10)
+            while st.leader_addr in (None, leader.self_addr):
+                st = await q.get()
+            assert not leader.is_leader()
+            stores[0].unsubscribe(q)
+        finally:
+            for s in stores:
+                s.close()
+
+    asyncio.run(main())
