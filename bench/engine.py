@@ -38,11 +38,12 @@ async def one(e: Engine, cid: str) -> float:
     return dt
 
 
-async def bench(runs: int, many: int, parallel: int, spawn_parallel: int | None) -> dict:
+async def bench(runs: int, many: int, parallel: int, spawn_parallel: int | None, run_dir: str | None) -> dict:
     root = Path(tempfile.mkdtemp(prefix="shoal-bench-engine-", dir="/var/tmp"))
     reg = Registry("127.0.0.1")
     reg.start()
-    e = Engine(root, registry_mirrors=[reg.url], spawn_parallel=spawn_parallel)
+    e = Engine(root, registry_mirrors=[reg.url], spawn_parallel=spawn_parallel,
+               run_dir=Path(run_dir) if run_dir else None)
     try:
         seed_busybox(reg.url)
         t = time.perf_counter()
@@ -75,7 +76,7 @@ async def bench(runs: int, many: int, parallel: int, spawn_parallel: int | None)
             "many": many, "many_running": running, "many_s": round(many_s, 3),
             "many_per_container_p50_s": round(statistics.median(per), 4),
             "remove_many_s": round(remove_s, 3), "parallel": parallel,
-            "spawn_parallel": e.spawn_parallel, "runs": runs, "cpus": os.cpu_count(),
+            "spawn_parallel": e.spawn_parallel, "run_dir": run_dir or "", "runs": runs, "cpus": os.cpu_count(),
         }
     finally:
         for c in await e.list():
@@ -94,8 +95,9 @@ def main() -> None:
     ap.add_argument("--many", type=int, default=100)
     ap.add_argument("--parallel", type=int, default=100, help="creates in flight (the engine itself limits spawns)")
     ap.add_argument("--spawn-parallel", type=int, default=None, help="Engine(spawn_parallel=...)")
+    ap.add_argument("--run-dir", default=None, help="Engine(run_dir=...), e.g. a dir on a tmpfs")
     a = ap.parse_args()
-    r = asyncio.run(bench(a.runs, a.many, a.parallel, a.spawn_parallel))
+    r = asyncio.run(bench(a.runs, a.many, a.parallel, a.spawn_parallel, a.run_dir))
     rows = [
         ("pull busybox (local registry)", f"{r['pull_s']:.3f} s", ""),
         (f"one container create+start, p50 of {a.runs}", f"{r['one_p50_s'] * 1000:.1f} ms", "≤ 200 ms"),

@@ -37,12 +37,18 @@ On disk under ROOT (everything needed to re-adopt containers after the agent pro
     images/…                      content-addressed store (see images.py)
     containers/<id>/meta.json     what create decided (image, user, env, cgroup path, pids, health spec)
     containers/<id>/state.json    started_at, exit code, OOM flag, reason
-    containers/<id>/bundle/       config.json + rootfs (overlay of the image layers and upper/, work/)
-    containers/<id>/ctr.log       conmon's k8s-file log; exit/<id> conmon's exit file; persist/oom
-    containers/<id>/secrets/      a tmpfs holding secret and config files (never on disk)
+    containers/<id>/upper, work/  the container's writable overlay layer
+    containers/<id>/ctr.log       conmon's k8s-file log (rotated at log_size_max)
     containers/<id>/health.json   health status and the last probe results
-    runc/                         runc --root: this engine's runc state, separate from other engines
     volumes/<name>/_data          named local volumes
+    runc/                         runc --root: this engine's runc state, separate from other engines
+    RUN/<id>/bundle/              config.json + rootfs (overlay of the image layers and upper/, work/)
+    RUN/<id>/exit/<id>, persist/  conmon's exit file and OOM marker; ctr.pid, conmon.pid
+    RUN/<id>/hosts, hostname, resolv.conf   bind-mounted into the container
+    RUN/<id>/secrets/             a tmpfs holding secret and config files (never on disk)
+
+RUN is ``ROOT/containers`` unless ``Engine(run_dir=...)`` puts runtime files elsewhere (a tmpfs is
+faster; then runc's state goes to RUN/runc too).
 
 Each container runs under conmon (its shim, in its own session) so it survives the agent; its cgroup
 is ``/shoal-<hash of ROOT>/<id>`` (cgroupfs driver, v1 or v2, runc creates and deletes it).

@@ -183,18 +183,22 @@ class Engine:
     def __init__(self, root: Path, *, registry_mirrors: Sequence[str] = (),
                  insecure_registries: Sequence[str] = (), log_size_max: int = 10 << 20,
                  on_health_change: Callable[[str, str], None] | None = None,
-                 spawn_parallel: int | None = None) -> None:
+                 spawn_parallel: int | None = None, run_dir: Path | None = None) -> None:
         """``spawn_parallel``: how many creates prepare rootfs and run ``runc create`` at once (default
-        2 per CPU); more only makes them fight for the CPUs."""
+        2 per CPU); more only makes them fight for the CPUs. ``run_dir``: where runtime files go (bundle,
+        runc state, pid and exit files, hosts/resolv.conf, the secrets tmpfs mount point); default
+        ``ROOT/containers`` (next to meta.json). A tmpfs such as ``/run/shoal`` is faster; it must be the
+        same for every Engine on this ROOT, and a reboot empties it (its containers then read as exited)."""
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
         self.images = ImageStore(self.root, registry_mirrors=registry_mirrors,
                                  insecure_registries=insecure_registries)
         self.cdir = self.root / "containers"
         self.vdir = self.root / "volumes"
-        self.runc_root = self.root / "runc"
-        self.sock_dir = self.root / "sock"
-        for d in (self.cdir, self.vdir, self.runc_root, self.sock_dir):
+        self.run_dir = Path(run_dir).absolute() if run_dir else self.cdir
+        self.runc_root = self.run_dir / "runc" if self.run_dir != self.cdir else self.root / "runc"
+        self.sock_dir = self.run_dir / "sock" if self.run_dir != self.cdir else self.root / "sock"
+        for d in (self.cdir, self.vdir, self.run_dir, self.runc_root, self.sock_dir):
             d.mkdir(exist_ok=True)
         self.empty_layer = self.root / "images" / "empty"
         self.empty_layer.mkdir(exist_ok=True)
@@ -256,6 +260,10 @@ class Engine:
     # -- paths and metadata --------------------------------------------------------------------
     def _dir(self, cid: str) -> Path:
         return self.cdir / cid
+
+    def _rdir(self, cid: str) -> Path:
+        """Runtime files of a container (bundle, pid/exit files, hosts...): under run_dir."""
+        return self.run_dir / cid
 
     def _meta(self, cid: str) -> _Meta:
         try:
@@ -343,10 +351,10 @@ class Engine:
     def _prepare(self, cfg: ContainerConfig, img: Image) -> _Meta:
         """Blocking part of create: overlay mount, user lookup, files, secrets tmpfs, config.json."""
         s = cfg.spec
-        d = self._dir(cfg.id)
-        bundle, rootfs = d / "bundle", d / "bundle" / "rootfs"
-        for p in (d / "upper", d / "work", rootfs, d / "exit", d / "persist"):
-            p.mkdir(parents=True)
+        d, rd = self._dir(cfg.id), self._rdir(cfg.id)
+        bundle, rootfs = rd / "bundle", rd / "bundle" / "rootfs"
+        for p in (d / "upper", d / "work", rootfs, rd / "exit", rd / "persist"):
+            p.mkdir(parents=True, exist_ok=p.parent == rd)
         lowers = self.images.layer_dirs(img) or [str(self.empty_layer)]
         opts = f"lowerdir={':'.join(lowers)},upperdir={d / 'upper'},workdir={d / 'work'}"
         if len(opts) > 4000:
@@ -361,7 +369,7 @@ class Engine:
         anon: list[str] = []
         for i, m in enumerate(s.mounts):
             mounts.append(self._mount_spec(m, i, str(rootfs), anon))
-        sec_dir = d / "secrets"
+        sec_dir = rd / "secrets"
         files: list[tuple[str, bytes, int, int, int]] = []
         for ref in s.secrets:
             if ref.secret_id not in cfg.secrets:
@@ -392,14 +400,14 @@ class Engine:
                 mounts.append({"destination": path, "type": "bind", "source": str(src),
                                "options": ["rbind", "rprivate", "ro"]})
         hostname = merged.hostname
-        (d / "hostname").write_text(hostname + "\n")
-        (d / "hosts").write_text(specmod.hosts_file(hostname, list(s.hosts) + list(cfg.extra_hosts)))
-        (d / "resolv.conf").write_text(specmod.resolv_conf(cfg.resolv_conf, s.dns_config if s.HasField(
+        (rd / "hostname").write_text(hostname + "\n")
+        (rd / "hosts").write_text(specmod.hosts_file(hostname, list(s.hosts) + list(cfg.extra_hosts)))
+        (rd / "resolv.conf").write_text(specmod.resolv_conf(cfg.resolv_conf, s.dns_config if s.HasField(
             "dns_config") else None))
         targets = {m["destination"] for m in mounts}
         for name in ("hostname", "hosts", "resolv.conf"):
             if f"/etc/{name}" not in targets:
-                mounts.append({"destination": f"/etc/{name}", "type": "bind", "source": str(d / name),
+                mounts.append({"destination": f"/etc/{name}", "type": "bind", "source": str(rd / name),
                                "options": ["rbind", "rprivate"]})
         argv = list(merged.argv)
         specmod.find_executable(str(rootfs), argv[0], env, merged.workdir, [m["destination"] for m in mounts])
@@ -474,16 +482,16 @@ class Engine:
         raise InvalidSpec(f"mounts[{i}].type {m.type} is not supported")
 
     async def _spawn(self, cfg: ContainerConfig, meta: _Meta) -> None:
-        d = self._dir(cfg.id)
+        d, rd = self._dir(cfg.id), self._rdir(cfg.id)
         r, w = os.pipe()
         argv = [CONMON, "--api-version", "1", "-c", cfg.id, "-u", cfg.id, "-n", cfg.name, "-r", RUNC,
-                "-b", str(d / "bundle"), "-p", str(d / "ctr.pid"), "-P", str(d / "conmon.pid"),
+                "-b", str(rd / "bundle"), "-p", str(rd / "ctr.pid"), "-P", str(rd / "conmon.pid"),
                 "-l", f"k8s-file:{d / 'ctr.log'}", "--log-size-max", str(self.log_size_max),
-                "--exit-dir", str(d / "exit"), "-0", str(d / "persist"), "--socket-dir-path", str(self.sock_dir),
+                "--exit-dir", str(rd / "exit"), "-0", str(rd / "persist"), "--socket-dir-path", str(self.sock_dir),
                 "--runtime-arg", f"--root={self.runc_root}", "--log-level", "error"]
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "_OCI_SYNCPIPE": str(w)}
         try:
-            with open(d / "conmon.log", "ab") as logf:
+            with open(rd / "conmon.log", "ab") as logf:
                 proc = await asyncio.create_subprocess_exec(*argv, env=env, pass_fds=(w,), stdin=subprocess.DEVNULL,
                                                             stdout=logf, stderr=logf, start_new_session=True)
         finally:
@@ -510,7 +518,7 @@ class Engine:
             transport.close()
         if rc != 0 and not line:
             raise RuntimeFailed(f"conmon failed for {cfg.id} (exit {rc}): "
-                                f"{(d / 'conmon.log').read_text(errors='replace').strip()[-300:]}")
+                                f"{(rd / 'conmon.log').read_text(errors='replace').strip()[-300:]}")
         try:
             res = json.loads(line)
         except ValueError:
@@ -520,7 +528,7 @@ class Engine:
             raise _create_error(res.get("message", ""), cfg.id)
         meta.pid, meta.pid_start = pid, _pid_start(pid)
         try:
-            meta.conmon_pid = int((d / "conmon.pid").read_text().strip())
+            meta.conmon_pid = int((rd / "conmon.pid").read_text().strip())
             meta.conmon_start = _pid_start(meta.conmon_pid)
         except (OSError, ValueError):
             pass
@@ -611,8 +619,8 @@ class Engine:
         await asyncio.to_thread(self._cleanup_files, cid, meta)
 
     def _cleanup_files(self, cid: str, meta: _Meta | None) -> None:
-        d = self._dir(cid)
-        for mp in (d / "secrets", d / "bundle" / "rootfs"):
+        d, rd = self._dir(cid), self._rdir(cid)
+        for mp in (rd / "secrets", rd / "bundle" / "rootfs"):
             if mp.exists() and _is_mountpoint(str(mp)):
                 _umount(str(mp))
         cg = meta.cgroups_path if meta else f"/shoal-{self.tag}/{cid}"
@@ -623,6 +631,7 @@ class Engine:
             for v in meta.anon_volumes:
                 shutil.rmtree(self.vdir / v, ignore_errors=True)
         shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(rd, ignore_errors=True)
         shutil.rmtree(self.sock_dir / cid, ignore_errors=True)
         if not self._creating and not any(self.cdir.iterdir()):
             # the engine's parent cgroup, once it holds no container (runc makes it again on create)
@@ -647,8 +656,7 @@ class Engine:
         st = self._state(meta.id)
         if "exit_code" in st:
             return "exited", _exit_from(st)
-        d = self._dir(meta.id)
-        exit_file = d / "exit" / meta.id
+        exit_file = self._rdir(meta.id) / "exit" / meta.id
         if exit_file.exists():
             try:
                 code = int(exit_file.read_text().strip() or "-1")
@@ -673,7 +681,7 @@ class Engine:
         return _exit_from(st)
 
     def _oom_killed(self, meta: _Meta) -> bool:
-        if (self._dir(meta.id) / "persist" / "oom").exists():
+        if (self._rdir(meta.id) / "persist" / "oom").exists():
             return True
         rel = meta.cgroups_path.lstrip("/")
         try:
@@ -768,7 +776,7 @@ class Engine:
         self._adopted = True
         n = 0
         for meta in self._metas():
-            if not (self._dir(meta.id) / "bundle" / "config.json").exists() or meta.pid == 0:
+            if not (self._rdir(meta.id) / "bundle" / "config.json").exists() or meta.pid == 0:
                 continue
             status, _ = self._status(meta)
             if status == "running":

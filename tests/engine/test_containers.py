@@ -58,15 +58,15 @@ def mounts_under(root: Path) -> list[str]:
         return [ln.split()[4] for ln in f if ln.split()[4].startswith(str(root) + "/")]
 
 
-def runc_ids(root: Path) -> list[str]:
-    r = subprocess.run(["runc", "--root", str(root / "runc"), "list", "-q"], capture_output=True, text=True)
+def runc_ids(runc_root: Path) -> list[str]:
+    r = subprocess.run(["runc", "--root", str(runc_root), "list", "-q"], capture_output=True, text=True)
     return r.stdout.split()
 
 
 def assert_gone(e: Engine, c: str) -> None:
-    assert not (e.root / "containers" / c).exists()
-    assert c not in runc_ids(e.root)
-    assert not [m for m in mounts_under(e.root) if f"/{c}/" in m + "/"]
+    assert not (e.root / "containers" / c).exists() and not (e.run_dir / c).exists()
+    assert c not in runc_ids(e.runc_root)
+    assert not [m for m in mounts_under(e.root) + mounts_under(e.run_dir) if f"/{c}/" in m + "/"]
     assert not e._cgroup_dirs(f"/shoal-{e.tag}/{c}")
 
 
@@ -406,7 +406,7 @@ def test_create_start_stop_remove_leaves_nothing(engine):
         await engine.create(ContainerConfig(c, "clean.1", s, secrets={"x": b"1"},
                                             resources=types_pb2.ResourceRequirements(pids_limit=50)))
         await engine.start(c)
-        during = (mounts_under(engine.root), runc_ids(engine.root), engine._cgroup_dirs(f"/shoal-{engine.tag}/{c}"))
+        during = (mounts_under(engine.root), runc_ids(engine.runc_root), engine._cgroup_dirs(f"/shoal-{engine.tag}/{c}"))
         await engine.remove(c)   # kills the running container
         return during
 
@@ -481,3 +481,32 @@ def test_states_and_wrong_transitions(engine):
     created, stopped = run(main())
     assert created.status == "created" and created.pid > 0 and created.started_at is None
     assert stopped.status == "exited" and stopped.exit.exit_code == 137
+
+
+def test_run_dir_on_tmpfs(shared_root, registry):
+    """Runtime files on a separate (tmpfs) run_dir: the container runs, is re-adopted, and is cleaned."""
+    import tempfile
+    run_dir = Path(tempfile.mkdtemp(prefix=f"shoal-{PREFIX}-run-", dir="/dev/shm"))
+    c = cid("rundir")
+    try:
+        e1 = Engine(shared_root, registry_mirrors=[registry.url], run_dir=run_dir)
+
+        async def first():
+            await e1.create(ContainerConfig(c, c, spec("sleep", "100")))
+            await e1.start(c)
+            await e1.close()
+        run(first())
+        assert (run_dir / c / "bundle" / "config.json").exists() and c in runc_ids(run_dir / "runc")
+        e2 = Engine(shared_root, registry_mirrors=[registry.url], run_dir=run_dir)
+
+        async def second():
+            st = await e2.inspect(c)
+            await e2.remove(c)
+            return st
+        st = run(second())
+        assert st.status == "running"
+        assert not (run_dir / c).exists() and c not in runc_ids(run_dir / "runc")
+        assert_gone(e2, c)
+    finally:
+        import shutil
+        shutil.rmtree(run_dir, ignore_errors=True)
