@@ -430,7 +430,7 @@ class Engine:
             netns_path=cfg.netns_path, caps=specmod.capabilities(list(s.capability_add), list(s.capability_drop)),
             sysctls=dict(s.sysctls), rlimit_list=specmod.rlimits(list(s.ulimits)),
             resources=specmod.resources_spec(cfg.resources, swap_files=self.swap_files),
-            cgroups_path=cgroups_path, mounts=mounts, cgroup_v2=self.v2)
+            cgroups_path=cgroups_path, mounts=mounts, cgroup_v2=self.v2, terminal=s.tty)
         (bundle / "config.json").write_text(json.dumps(doc))
         meta = _Meta(id=cfg.id, name=cfg.name, image=s.image, image_id=img.id,
                      labels={**merged.labels, **cfg.labels}, created=_now(), hostname=hostname,
@@ -489,6 +489,8 @@ class Engine:
                 "-l", f"k8s-file:{d / 'ctr.log'}", "--log-size-max", str(self.log_size_max),
                 "--exit-dir", str(rd / "exit"), "-0", str(rd / "persist"), "--socket-dir-path", str(self.sock_dir),
                 "--runtime-arg", f"--root={self.runc_root}", "--log-level", "error"]
+        if cfg.spec.tty:
+            argv.append("-t")   # conmon allocates the pty (console socket) and logs its output as stdout
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "_OCI_SYNCPIPE": str(w)}
         try:
             with open(rd / "conmon.log", "ab") as logf:

@@ -355,7 +355,8 @@ def file_target(target: types_pb2.FileTarget, default_dir: str, name: str, field
 
 def base_spec(*, args: list[str], env: list[str], cwd: str, user: ResolvedUser, hostname: str, readonly: bool,
               netns_path: str | None, caps: list[str], sysctls: dict[str, str], rlimit_list: list[dict],
-              resources: dict, cgroups_path: str, mounts: list[dict], cgroup_v2: bool) -> dict:
+              resources: dict, cgroups_path: str, mounts: list[dict], cgroup_v2: bool,
+              terminal: bool = False) -> dict:
     namespaces = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
                   {"type": "network", "path": netns_path} if netns_path else {"type": "network"}]
     if cgroup_v2:
@@ -377,7 +378,7 @@ def base_spec(*, args: list[str], env: list[str], cwd: str, user: ResolvedUser, 
     return {
         "ociVersion": "1.0.2",
         "process": {
-            "terminal": False,
+            "terminal": terminal,
             "user": {"uid": user.uid, "gid": user.gid, "additionalGids": user.additional_gids},
             "args": args,
             "env": env,

@@ -510,3 +510,9 @@ def test_run_dir_on_tmpfs(shared_root, registry):
     finally:
         import shutil
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_tty(engine):
+    c = cid("tty")
+    ex, lines = run(run_to_exit(engine, ContainerConfig(c, c, spec("sh", "-c", "tty; exit 4", tty=True))))
+    assert ex.exit_code == 4 and out(lines) == ["/dev/pts/0\r"]    # a pty, as `docker run -t` logs it
