@@ -389,3 +389,56 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             call.cancel()
+
+
+MANAGER_NAME = "swarm-manager"  # the DNS name in every manager certificate (managers are dialled by IP)
+
+
+def start_agent_task(
+    ctx: Any,
+    *,
+    registry_mirrors: Sequence[str] = (),
+    insecure_registries: Sequence[str] = (),
+    network: NetworkHooks | None = None,
+    labels: dict[str, str] | None = None,
+    on_session: Callable[[dispatcher_pb2.SessionMessage], None] | None = None,
+) -> asyncio.Task[None]:
+    """swarmd's agent hook: the engine under `<state dir>/engine` and an agent on mutual TLS.
+
+    `ctx` is swarmd's `AgentContext` (node_id, hostname, state_dir, identity with key_pem/cert_pem/
+    ca_pem, managers, advertise_addr). Cancel the task to stop the agent; containers keep running
+    and the next start re-adopts them."""
+    from pathlib import Path
+
+    from shoal.agent.engine import Engine
+
+    engine = Engine(
+        Path(ctx.state_dir) / "engine",
+        registry_mirrors=list(registry_mirrors),
+        insecure_registries=list(insecure_registries),
+    )
+    ident = ctx.identity
+    creds = grpc.ssl_channel_credentials(ident.ca_pem, ident.key_pem, ident.cert_pem)
+    agent = Agent(
+        ctx.node_id,
+        ctx.state_dir,
+        list(ctx.managers),
+        creds,
+        engine,
+        hostname=ctx.hostname or None,
+        addr=ctx.advertise_addr,
+        labels=labels,
+        network=network,
+        channel_options=[("grpc.ssl_target_name_override", MANAGER_NAME), ("grpc.default_authority", MANAGER_NAME)],
+        on_session=on_session,
+    )
+
+    async def main() -> None:
+        try:
+            await agent.run()
+        finally:
+            await engine.close()
+
+    task = asyncio.create_task(main(), name=f"agent-{ctx.node_id}")
+    task.agent = agent  # type: ignore[attr-defined]  # for swarmd and tests: the Agent object
+    return task
