@@ -157,9 +157,10 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     @staticmethod
     def _check_demote(tx: Tx, node: objects_pb2.Node) -> None:
         managers = [n for n in tx.sm.list("node") if n.spec.desired_role == types_pb2.MANAGER]
+        name = node.description.hostname or node.id
         if len(managers) <= 1:
             raise Conflict(
-                f"node {node.id} is the last manager of the swarm and cannot be demoted: promote another node first"
+                f"node {name} is the last manager of the swarm and cannot be demoted: promote another node first"
             )
         # Demoting a manager removes a Raft member; refuse when the rest could not keep a quorum.
         reachable = [n for n in managers if n.id != node.id
@@ -167,7 +168,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         remaining = len(managers) - 1
         if len(reachable) < remaining // 2 + 1:
             raise Conflict(
-                f"demoting node {node.id} would leave {len(reachable)} reachable managers of {remaining}, "
+                f"demoting node {name} would leave {len(reachable)} reachable managers of {remaining}, "
                 "less than a quorum: bring the unreachable managers back first"
             )
 

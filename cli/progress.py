@@ -1,0 +1,205 @@
+"""Waiting for a service change to converge, like the docker CLI's progress loop (polling every 200 ms).
+
+A create/update/scale/rollback has converged when, for the service's current spec version, every
+replica slot (replicated) or every node with a task (global) has a RUNNING task whose desired state
+is RUNNING, and no task of the service is still running past its desired state (scale down). A
+removal has converged when no task of the service is still live on a ready node. Tasks on nodes
+that are not READY are ignored, as docker ignores tasks on down nodes.
+
+The wait ends early, successfully, when no node is READY and ACTIVE: nothing can run the tasks yet,
+so the store having the change is all there is to wait for. It fails clearly when the service's
+update pauses (or its rollback pauses), when up-to-date tasks keep failing (as many failed or
+rejected tasks as desired replicas, at least 3: the last error is shown), and at the timeout.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from shoal.cli.client import Client, CliError
+from shoal.cli.output import state_name
+from shoal.proto import control_pb2, objects_pb2, types_pb2
+
+POLL_INTERVAL = 0.2
+NO_TASKS_GRACE = 5.0
+NO_TASKS_TIMEOUT = 15.0  # seconds without any up-to-date task of a replicated service: no orchestrator  # seconds without any up-to-date task before a global service counts as placed nowhere
+RUNNING = types_pb2.RUNNING
+FAILED_STATES = (types_pb2.FAILED, types_pb2.REJECTED)
+
+
+@dataclass
+class Snapshot:
+    """One poll's view of the cluster, as far as the wait needs it."""
+
+    service: objects_pb2.Service | None
+    tasks: list[objects_pb2.Task]
+    nodes: list[objects_pb2.Node]
+    ready_nodes: set[str] = field(default_factory=set)
+    active_ready: int = 0
+
+    def __post_init__(self) -> None:
+        self.ready_nodes = {n.id for n in self.nodes if n.status.state == types_pb2.NodeStatus.READY}
+        self.active_ready = sum(1 for n in self.nodes if n.id in self.ready_nodes
+                                and n.spec.availability == types_pb2.ACTIVE)
+
+
+def up_to_date(task: objects_pb2.Task, svc: objects_pb2.Service) -> bool:
+    if task.spec_version:
+        return task.spec_version == svc.spec_version
+    return task.spec == svc.spec.task
+
+
+def _pick(current: objects_pb2.Task | None, task: objects_pb2.Task) -> bool:
+    """Docker's choice of the task that represents a slot: lowest desired state, then highest state."""
+    if current is None:
+        return True
+    if task.desired_state != current.desired_state:
+        return task.desired_state < current.desired_state
+    return task.status.state > current.status.state
+
+
+@dataclass
+class Progress:
+    running: int
+    desired: int
+    slots: list[tuple[str, objects_pb2.Task]]
+    stopping: int
+
+
+def measure(svc: objects_pb2.Service, snap: Snapshot) -> Progress:
+    visible = [t for t in snap.tasks if not t.node_id or t.node_id in snap.ready_nodes]
+    current = [t for t in visible if up_to_date(t, svc)]
+    chosen: dict[Any, objects_pb2.Task] = {}
+    glob = svc.spec.WhichOneof("mode") == "global"
+    for t in current:
+        key = t.node_id if glob else t.slot
+        if glob and not t.node_id:
+            continue
+        if _pick(chosen.get(key), t):
+            chosen[key] = t
+    if glob:
+        desired = sum(1 for t in chosen.values() if t.desired_state <= RUNNING)
+        keys = sorted(chosen)
+        slots = [(k[:12], chosen[k]) for k in keys]
+    else:
+        desired = svc.spec.replicated.replicas
+        slots = [(f"{k}/{desired}", chosen[k]) for k in sorted(chosen) if k <= desired]
+    running = sum(1 for _, t in slots if t.status.state == RUNNING and t.desired_state <= RUNNING)
+    stopping = sum(1 for t in visible if t.desired_state > RUNNING and t.status.state == RUNNING and t.node_id)
+    return Progress(running, desired, slots, stopping)
+
+
+class Waiter:
+    def __init__(self, client: Client, out: IO[str] | None = None, timeout: float = 300.0,
+                 interval: float = POLL_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.out = out or sys.stdout
+        self.timeout = timeout
+        self.interval = interval
+        self.clock = clock
+        self._last = ""
+
+    def _say(self, line: str) -> None:
+        if line != self._last:
+            self.out.write(line + "\n")
+            self.out.flush()
+            self._last = line
+
+    def _snapshot(self, service_id: str, with_service: bool = True) -> Snapshot:
+        svc = None
+        if with_service:
+            svc = self.client.call("GetService", control_pb2.GetServiceRequest(service_id=service_id)).service
+        tasks = self.client.call("ListTasks", control_pb2.ListTasksRequest(
+            filters=control_pb2.ListFilters(service_ids=[service_id]))).tasks
+        nodes = self.client.call("ListNodes", control_pb2.ListNodesRequest()).nodes
+        return Snapshot(svc, list(tasks), list(nodes))
+
+    def converge(self, service_id: str, name: str) -> None:
+        start = self.clock()
+        failed: dict[str, str] = {}
+        said_rollback = False
+        while True:
+            snap = self._snapshot(service_id)
+            svc = snap.service
+            assert svc is not None
+            if snap.active_ready == 0:
+                self._say(f"{name}: stored; no node is ready and active to run its tasks yet, so there is nothing "
+                          "more to wait for")
+                return
+            us = svc.update_status
+            if us.state in (types_pb2.UpdateStatus.PAUSED, types_pb2.UpdateStatus.ROLLBACK_PAUSED):
+                what = "update" if us.state == types_pb2.UpdateStatus.PAUSED else "rollback"
+                raise CliError(f"service {name} {what} paused: {us.message or 'tasks failed'}")
+            if us.state == types_pb2.UpdateStatus.ROLLBACK_STARTED and not said_rollback:
+                self._say(f"rollback: {us.message or 'rolling back'}")
+                said_rollback = True
+            prog = measure(svc, snap)
+            for t in snap.tasks:
+                if up_to_date(t, svc) and t.status.state in FAILED_STATES:
+                    failed[t.id] = t.status.err or t.status.message or state_name(t.status.state).lower()
+            detail = ", ".join(f"{k}: {_task_state(t)}" for k, t in prog.slots[:10])
+            line = f"overall progress: {prog.running} out of {prog.desired} tasks"
+            if prog.stopping:
+                line += f", {prog.stopping} stopping"
+            self._say(line + (f" [{detail}]" if detail else ""))
+            elapsed = self.clock() - start
+            if prog.running == prog.desired and not prog.stopping:
+                if prog.desired or svc.spec.WhichOneof("mode") != "global" or elapsed >= NO_TASKS_GRACE:
+                    note = "" if prog.desired or not _is_global(svc) else " (no node runs a task of it)"
+                    self._say(f"verify: Service {name} converged{note}")
+                    return
+            if prog.desired and not any(up_to_date(t, svc) for t in snap.tasks) and elapsed >= NO_TASKS_TIMEOUT:
+                raise CliError(f"no task of service {name} was created within {NO_TASKS_TIMEOUT:g}s: is a leader "
+                               "running the orchestrator? (swarmctl info shows the leader)")
+            if len(failed) >= max(3, prog.desired):
+                last = list(failed.values())[-1]
+                raise CliError(f"service {name} is not converging: {len(failed)} tasks failed or were rejected; "
+                               f"last error: {last}")
+            if elapsed >= self.timeout:
+                raise CliError(f"service {name} did not converge within {self.timeout:g}s: {prog.running} of "
+                               f"{prog.desired} tasks running{_why(snap.tasks, svc, failed)}")
+            time.sleep(self.interval)
+
+    def removed(self, service_id: str, name: str) -> None:
+        start = self.clock()
+        while True:
+            snap = self._snapshot(service_id, with_service=False)
+            if snap.active_ready == 0 and not snap.ready_nodes:
+                return
+            live = [t for t in snap.tasks if t.node_id in snap.ready_nodes
+                    and types_pb2.ASSIGNED <= t.status.state <= RUNNING]
+            if not live:
+                if self._last:
+                    self._say(f"{name}: all tasks stopped")
+                return
+            self._say(f"{name}: waiting for {len(live)} task{'s' if len(live) > 1 else ''} to stop")
+            if self.clock() - start >= self.timeout:
+                raise CliError(f"service {name} was removed, but {len(live)} of its tasks were still running after "
+                               f"{self.timeout:g}s")
+            time.sleep(self.interval)
+
+
+def _is_global(svc: objects_pb2.Service) -> bool:
+    return svc.spec.WhichOneof("mode") == "global"
+
+
+def _task_state(t: objects_pb2.Task) -> str:
+    if t.status.err:
+        return f"{state_name(t.status.state).lower()} ({t.status.err})"
+    return state_name(t.status.state).lower()
+
+
+def _why(tasks: list[objects_pb2.Task], svc: objects_pb2.Service, failed: dict[str, str]) -> str:
+    if failed:
+        return f"; last error: {list(failed.values())[-1]}"
+    msgs = [t.status.err or t.status.message for t in tasks
+            if up_to_date(t, svc) and t.status.state < RUNNING and (t.status.err or t.status.message)]
+    if msgs:
+        return f"; a waiting task says: {msgs[-1]}"
+    if not tasks:
+        return "; no task was created (is a leader running the orchestrator?)"
+    return ""
