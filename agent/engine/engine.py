@@ -588,7 +588,7 @@ class Engine:
         log.info("container killed cid=%s after %.1f s grace", cid, grace)
 
     async def remove(self, cid: str) -> None:
-        """Kills the container if it still runs and removes everything it had (idempotent)."""
+        """Kills the container if it still runs and removes everything it had; ContainerNotFound if unknown."""
         async with self._lock(cid):
             if not self._dir(cid).exists():
                 raise ContainerNotFound(f"no such container {cid}")
@@ -777,6 +777,16 @@ class Engine:
             return
         self._adopted = True
         n = 0
+        for d in list(self.cdir.iterdir()):
+            # a create that an earlier process did not finish (it died in between): undo it
+            try:
+                meta_ok = _Meta(**json.loads((d / "meta.json").read_text())).pid > 0
+            except (OSError, ValueError, TypeError):
+                meta_ok = False
+            if not meta_ok and d.is_dir() and time.time() - d.stat().st_mtime > 60:
+                log.info("removing unfinished container cid=%s", d.name)
+                async with self._lock(d.name):
+                    await self._cleanup(d.name)
         for meta in self._metas():
             if not (self._rdir(meta.id) / "bundle" / "config.json").exists() or meta.pid == 0:
                 continue
