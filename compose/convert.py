@@ -353,9 +353,25 @@ def _service(stack: str, svc: m.Service, project: m.Project, warnings: list[str]
         obj = project.configs[ref.source]
         c.configs.add(config_name=obj.name or scope(stack, ref.source), file=_file_target(ref))
 
+    targets: set[str] = set()
+    for mount in c.mounts:
+        if mount.target in targets:
+            raise ComposeError(f'mount target "{mount.target}" is used twice; mount one thing per path',
+                               svc.where("volumes") if "volumes" in svc.locs else svc.where("tmpfs"),
+                               f"{path}.volumes")
+        targets.add(mount.target)
+
     task = types_pb2.TaskSpec(container=c)
     if (res := _resources(deploy.resources)) is not None:
         task.resources.CopyFrom(res)
+        r = deploy.resources
+        assert r is not None
+        for what, lim, rsv in (("memory", res.limits.memory_bytes, res.reservations.memory_bytes),
+                               ("cpus", res.limits.nano_cpus, res.reservations.nano_cpus)):
+            if lim and rsv > lim:
+                where = r.reservations.where(what) if r.reservations is not None else r.loc
+                raise ComposeError(f"the {what} reservation is larger than the {what} limit; reserve at most the "
+                                   "limit", where, f"{path}.deploy.resources.reservations.{what}")
     if (rp := _restart(svc)) is not None:
         task.restart.CopyFrom(rp)
     if deploy.placement is not None:
@@ -381,6 +397,10 @@ def _service(stack: str, svc: m.Service, project: m.Project, warnings: list[str]
         nets.append(types_pb2.NetworkAttachmentConfig(
             target=target, aliases=aliases, driver_attachment_opts=sn.driver_opts if sn is not None else {}))
     task.networks.extend(sorted(nets, key=lambda n: n.target))
+    for a, b in zip(task.networks, task.networks[1:], strict=False):
+        if a.target == b.target:
+            raise ComposeError(f'network "{a.target}" is attached twice (two stack networks have that name); '
+                               "attach it once", svc.where("networks"), f"{path}.networks")
 
     spec = specs_pb2.ServiceSpec(
         annotations=types_pb2.Annotations(name=scope(stack, svc.name), labels=_labels(stack, deploy.labels)),

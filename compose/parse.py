@@ -8,9 +8,11 @@ loader can print Docker's warnings; options it rejects are rejected.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import shlex
+import signal
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +69,15 @@ ALL_SERVICE_KEYS = SERVICE_KEYS | UNSUPPORTED | set(DEPRECATED) | set(FORBIDDEN)
 TOP_KEYS = ("version", "name", "services", "networks", "volumes", "secrets", "configs")
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
-_SIGNAL_RE = re.compile(r"^(SIG[A-Z0-9+-]+|[0-9]+|[A-Z][A-Z0-9+-]*)$")
+_LABEL_KEY_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9._/:-]*[a-zA-Z0-9])?$")
+_HOST_LABEL_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9_-]{0,61}[a-zA-Z0-9])?$")
+_SIGNALS = {s.name for s in signal.Signals} | {"SIGRTMIN", "SIGRTMAX"}
+_PLACEMENT_KEYS = ("node.id", "node.hostname", "node.role", "node.platform.os", "node.platform.arch")
+_PLACEMENT_HELP = ("node.id, node.hostname, node.role, node.platform.os, node.platform.arch, node.labels.NAME or "
+                   "engine.labels.NAME")
+MIN_NANO_CPUS = 1_000_000
+MIN_MEMORY = 4 * 1024 * 1024
+MIN_HEALTH_NS = 1_000_000
 
 
 @dataclass
@@ -335,6 +345,34 @@ def as_kv(v: V, *, sep: str = "=", none_ok: bool = False, what: str = "a mapping
     v.expected(what)
 
 
+def as_labels(v: V) -> dict[str, str]:
+    labels = as_kv(v)
+    for key in labels:
+        if len(key) > 255 or not _LABEL_KEY_RE.match(key):
+            v.fail(f'invalid label key "{key}"; use letters, digits, ".", "_", "-", "/" and ":", starting and '
+                   "ending with a letter or digit")
+    return labels
+
+
+def as_ip(v: V, what: str = "an IP address") -> str:
+    s = as_str(v).strip()
+    try:
+        ipaddress.ip_address(s)
+    except ValueError:
+        v.expected(what)
+    return s
+
+
+def as_hostname(v: V, s: str | None = None, what: str = "host name") -> str:
+    s = as_str(v) if s is None else s
+    if "{{" in s:          # Go templates ({{.Node.Hostname}}) are expanded per task
+        return s
+    if not s or len(s) > 253 or not all(_HOST_LABEL_RE.match(part) for part in s.split(".")):
+        v.fail(f'"{s}" is not a valid {what}; use letters, digits and "-" in dot-separated parts of at most '
+               "63 characters")
+    return s
+
+
 def as_str_map(v: V) -> dict[str, str]:
     out: dict[str, str] = {}
     if v.value is None:
@@ -457,8 +495,20 @@ def parse_service(name: str, v: V, ctx: FileContext) -> m.Service:
         env.update(_env_files(v.child("env_file"), ctx))
     if "environment" in v.value:
         env.update(as_kv(v.child("environment"), none_ok=True))
-    # A bare KEY takes its value from the environment the stack is deployed from (as Docker does).
-    svc.environment = {k: (ctx.environment.get(k) if val is None else val) for k, val in env.items()}
+    # A bare KEY takes its value from the environment the stack is deployed from (as Docker does);
+    # when that does not have it either, it is left out (as docker compose does).
+    where = v.child("environment") if "environment" in v.value else v.child("env_file") if "env_file" in v.value else v
+    svc.environment = {}
+    for k, val in env.items():
+        if not k or any(ch.isspace() for ch in k) or "\x00" in k:
+            where.fail(f'invalid variable name "{k}"; use KEY=VALUE with a KEY without spaces')
+        if val is None:
+            val = ctx.environment.get(k)
+            if val is None:
+                ctx.col.notes.append(f'{where.loc} {where.path}: "{k}" has no value and is not set in the '
+                                     "environment; it is left out")
+                continue
+        svc.environment[k] = val
     return svc
 
 
@@ -532,13 +582,31 @@ def _image(svc: m.Service, v: V, ctx: FileContext) -> None:
 
 
 def _hostname(svc: m.Service, v: V, ctx: FileContext) -> None:
-    svc.hostname = as_str(v)
+    svc.hostname = as_hostname(v)
+
+
+def _working_dir(svc: m.Service, v: V, ctx: FileContext) -> None:
+    d = as_str(v)
+    if d and not d.startswith("/"):
+        v.expected("an absolute path in the container")
+    svc.working_dir = d
+
+
+def _dns(svc: m.Service, v: V, ctx: FileContext) -> None:
+    if isinstance(v.value, str):
+        svc.dns = [as_ip(v, "an IP address of a DNS server")]
+    elif v.is_list():
+        svc.dns = [as_ip(e, "an IP address of a DNS server") for e in v.elems()]
+    else:
+        v.expected("an IP address or a list of them")
 
 
 def _stop_signal(svc: m.Service, v: V, ctx: FileContext) -> None:
     sig = as_str(v)
-    if not _SIGNAL_RE.match(sig):
-        v.expected('a signal name such as "SIGTERM" or a number')
+    name = sig.upper() if sig.upper().startswith("SIG") else "SIG" + sig.upper()
+    ok = (sig.isdigit() and 1 <= int(sig) <= 64) or name in _SIGNALS or re.match(r"^SIGRTM(IN|AX)[+-]\d+$", name)
+    if not ok:
+        v.expected('a signal name such as "SIGTERM" or a number 1-64')
     svc.stop_signal = sig
 
 
@@ -570,13 +638,24 @@ def _file_refs(attr: str) -> Any:
             ref = _located(m.FileRef(source=as_nonempty_str(e.child("source"))), e)
             if (t := e.get("target")) is not None:
                 ref.target = as_nonempty_str(t)
-            if (u := e.get("uid")) is not None:
-                ref.uid = as_str(u)
-            if (g := e.get("gid")) is not None:
-                ref.gid = as_str(g)
+                if ".." in ref.target.split("/"):
+                    t.fail(f'"{ref.target}" contains ".."; give a plain file name or path')
+            for key in ("uid", "gid"):
+                if (u := e.get(key)) is not None:
+                    setattr(ref, key, as_str(u))
+                    if not getattr(ref, key).isdigit():
+                        u.expected("a numeric id")
             if (mo := e.get("mode")) is not None:
                 ref.mode = as_mode(mo)
+                if ref.mode > 0o777:
+                    mo.expected("a file mode of at most 0777")
             refs.append(ref)
+        seen: dict[str, V] = {}
+        for ref, e in zip(refs, v.elems(), strict=True):
+            target = ref.target or ref.source
+            if target in seen:
+                e.fail(f'target "{target}" is used twice; give each {attr[:-1]} its own file')
+            seen[target] = e
         setattr(svc, attr, refs)
     return apply
 
@@ -598,6 +677,8 @@ def _networks(svc: m.Service, v: V, ctx: FileContext) -> None:
             sn = _located(m.ServiceNetwork(), nv)
             if (a := nv.get("aliases")) is not None:
                 sn.aliases = as_str_list(a, single=False)
+                for alias, av in zip(sn.aliases, a.elems(), strict=True):
+                    as_hostname(av, alias, "network alias")
             if (a := nv.get("driver_opts")) is not None:
                 sn.driver_opts = as_str_map(a)
             nets[name] = sn
@@ -610,7 +691,7 @@ def _extra_hosts(svc: m.Service, v: V, ctx: FileContext) -> None:
     hosts: list[str] = []
     if v.is_map():
         for host, hv in v.items():
-            ips = as_str_list(hv)
+            ips = [as_ip(e) for e in (hv.elems() if hv.is_list() else [hv])]
             hosts.extend(f"{host}:{ip}" for ip in ips)
     elif v.is_list():
         for e in v.elems():
@@ -622,6 +703,7 @@ def _extra_hosts(svc: m.Service, v: V, ctx: FileContext) -> None:
             host, ip = s[:cut], s[cut + 1:]
             if ip.startswith("[") and ip.endswith("]"):
                 ip = ip[1:-1]
+            as_ip(V(ip, e.path, e.loc), f'"HOST:IP" with an IP address (got "{s}")')
             hosts.append(f"{host}:{ip}")
     else:
         v.expected('a list of "HOST:IP" strings or a mapping of hosts to IPs')
@@ -632,6 +714,8 @@ def _ulimits(svc: m.Service, v: V, ctx: FileContext) -> None:
     as_map(v, "a mapping of ulimit names to a number or to soft:/hard:")
     out: dict[str, m.Ulimit] = {}
     for name, uv in v.items():
+        if not re.fullmatch(r"[a-z]+", name):
+            uv.fail(f'unknown ulimit "{name}"; use a name such as nofile, nproc or memlock')
         if uv.is_map():
             check_keys(uv, ("soft", "hard"))
             if "soft" not in uv.value or "hard" not in uv.value:
@@ -663,7 +747,10 @@ def _healthcheck(svc: m.Service, v: V, ctx: FileContext) -> None:
             t.expected("a string or a list such as [\"CMD\", \"curl\", \"-f\", \"http://localhost\"]")
     for key in ("interval", "timeout", "start_period", "start_interval"):
         if (d := v.get(key)) is not None:
-            setattr(hc, key, as_duration(d))
+            ns = as_duration(d)
+            if 0 < ns < MIN_HEALTH_NS:
+                d.fail("too short; give 0 (the default) or at least 1ms")
+            setattr(hc, key, ns)
     if (r := v.get("retries")) is not None:
         hc.retries = as_int(r, maximum=INT32_MAX)
     if (d := v.get("disable")) is not None:
@@ -671,6 +758,22 @@ def _healthcheck(svc: m.Service, v: V, ctx: FileContext) -> None:
         if hc.disable and hc.test and hc.test != ["NONE"]:
             d.fail("disable: true and test: cannot be set together; remove one of them")
     svc.healthcheck = hc
+
+
+def _sysctls(svc: m.Service, v: V) -> None:
+    out = {k: ("" if x is None else x) for k, x in as_kv(v).items()}
+    for key in out:
+        if not re.fullmatch(r"[a-z0-9_.\-/]+", key):
+            v.fail(f'invalid sysctl "{key}"; use a dotted kernel parameter such as net.core.somaxconn')
+    svc.sysctls = out
+
+
+def _caps(svc: m.Service, attr: str, v: V) -> None:
+    caps = as_str_list(v, single=False)
+    for cap, e in zip(caps, v.elems(), strict=True):
+        if not re.fullmatch(r"(CAP_)?[A-Z_]+", cap, re.IGNORECASE):
+            e.expected("a capability such as NET_ADMIN, CAP_SYS_TIME or ALL")
+    setattr(svc, attr, caps)
 
 
 def _logging(svc: m.Service, v: V, ctx: FileContext) -> None:
@@ -716,17 +819,17 @@ _SERVICE_FIELDS: dict[str, Any] = {
     "environment": lambda svc, v, ctx: as_kv(v, none_ok=True),   # applied after env_file
     "env_file": lambda svc, v, ctx: None,                        # applied in parse_service
     "user": _set("user", as_str),
-    "working_dir": _set("working_dir", as_str),
+    "working_dir": _working_dir,
     "hostname": _hostname,
     "healthcheck": _healthcheck,
     "stop_grace_period": _set("stop_grace_period", as_duration),
     "stop_signal": _stop_signal,
     "tmpfs": _tmpfs,
-    "cap_add": _set("cap_add", lambda v: as_str_list(v, single=False)),
-    "cap_drop": _set("cap_drop", lambda v: as_str_list(v, single=False)),
-    "sysctls": _set("sysctls", lambda v: {k: ("" if x is None else x) for k, x in as_kv(v).items()}),
+    "cap_add": lambda svc, v, ctx: _caps(svc, "cap_add", v),
+    "cap_drop": lambda svc, v, ctx: _caps(svc, "cap_drop", v),
+    "sysctls": lambda svc, v, ctx: _sysctls(svc, v),
     "ulimits": _ulimits,
-    "dns": _set("dns", as_str_list),
+    "dns": _dns,
     "dns_search": _set("dns_search", as_str_list),
     "dns_opt": _set("dns_opt", lambda v: as_str_list(v, single=False)),
     "extra_hosts": _extra_hosts,
@@ -735,7 +838,7 @@ _SERVICE_FIELDS: dict[str, Any] = {
     "read_only": _set("read_only", as_bool),
     "tty": _set("tty", as_bool),
     "stdin_open": _set("stdin_open", as_bool),
-    "labels": _set("labels", lambda v: as_kv(v)),
+    "labels": _set("labels", as_labels),
     "logging": _logging,
     "ports": _ports,
     "volumes": _volumes,
@@ -967,7 +1070,7 @@ def parse_deploy(v: V, ctx: FileContext) -> m.Deploy:
             x.fail(f'unknown endpoint_mode "{em}"; allowed: vip, dnsrr')
         d.endpoint_mode = em
     if (x := v.get("labels")) is not None:
-        d.labels = as_kv(x)
+        d.labels = as_labels(x)
     if (x := v.get("placement")) is not None:
         d.placement = _placement(x)
     if (x := v.get("resources")) is not None:
@@ -990,6 +1093,9 @@ def parse_deploy(v: V, ctx: FileContext) -> m.Deploy:
     for key in ("update_config", "rollback_config"):
         if (x := v.get(key)) is not None:
             setattr(d, key, _update_config(x))
+    if d.rollback_config is not None and d.rollback_config.failure_action == "rollback":
+        v.child("rollback_config").child("failure_action").fail(
+            'a rollback cannot roll back; allowed here: pause, continue')
     return d
 
 
@@ -1005,6 +1111,15 @@ def _placement(v: V) -> m.Placement:
             if not _CONSTRAINT.match(s):
                 e.fail(f'invalid constraint "{s}"; expected KEY==VALUE or KEY!=VALUE such as '
                        '"node.role==manager" or "node.labels.zone==a"')
+            op = "==" if "==" in s else "!="
+            key, _, value = s.partition(op)
+            key, value = key.strip(), value.strip()
+            if not _placement_key(key):
+                e.fail(f'unknown constraint key "{key}"; allowed: {_PLACEMENT_HELP}')
+            if "==" in value or "!=" in value:
+                e.fail(f'constraint "{s}" has more than one operator; give one KEY==VALUE per entry')
+            if key.lower() == "node.role" and value.lower() not in ("manager", "worker"):
+                e.fail(f'node.role is manager or worker, got "{value}"')
             p.constraints.append(s.strip())
     if (c := v.get("preferences")) is not None:
         if not c.is_list():
@@ -1013,10 +1128,21 @@ def _placement(v: V) -> m.Placement:
             check_keys(e, ("spread",))
             if "spread" not in e.value:
                 e.fail("a placement preference needs spread: (such as node.labels.zone)")
-            p.preferences.append(as_nonempty_str(e.child("spread")))
+            spread = as_nonempty_str(e.child("spread"))
+            if not _placement_key(spread):
+                e.child("spread").fail(f'cannot spread over "{spread}"; allowed: {_PLACEMENT_HELP}')
+            p.preferences.append(spread)
     if (c := v.get("max_replicas_per_node")) is not None:
         p.max_replicas_per_node = as_int(c)
     return p
+
+
+def _placement_key(key: str) -> bool:
+    low = key.lower()
+    if not re.fullmatch(r"[a-z_][a-z0-9\-_.]+", low):
+        return False
+    return low in _PLACEMENT_KEYS or any(
+        low.startswith(prefix) and len(low) > len(prefix) for prefix in ("node.labels.", "engine.labels."))
 
 
 def _resources(v: V, ctx: FileContext) -> m.Resources:
@@ -1041,7 +1167,8 @@ def _resources(v: V, ctx: FileContext) -> m.Resources:
                 if "kind" not in spec.value or "value" not in spec.value:
                     spec.fail("discrete_resource_spec needs kind: and value:")
                 r.reservations.generic_resources.append(_located(
-                    m.GenericResource(kind=as_nonempty_str(spec.child("kind")), value=as_int(spec.child("value"))),
+                    m.GenericResource(kind=as_nonempty_str(spec.child("kind")),
+                                      value=as_int(spec.child("value"), minimum=1)),
                     e))
     return r
 
@@ -1050,8 +1177,12 @@ def _resource_set(v: V) -> m.ResourceSet:
     rs = _located(m.ResourceSet(), v)
     if (c := v.get("cpus")) is not None:
         rs.cpus = as_cpus(c)
+        if 0 < rs.cpus < MIN_NANO_CPUS:
+            c.fail("too small; give at least 0.001 CPU")
     if (c := v.get("memory")) is not None:
         rs.memory = as_bytes(c)
+        if 0 < rs.memory < MIN_MEMORY:
+            c.fail("too small; give at least 4MiB (\"4m\")")
     if (c := v.get("pids")) is not None:
         rs.pids = as_int(c)
     return rs
@@ -1116,7 +1247,7 @@ def parse_network(name: str, v: V, ctx: FileContext) -> m.Network:
     if (x := v.get("attachable")) is not None:
         n.attachable = as_bool(x)
     if (x := v.get("labels")) is not None:
-        n.labels = as_kv(x)
+        n.labels = as_labels(x)
     if (x := v.get("ipam")) is not None:
         check_keys(x, ("driver", "config", "options"))
         ipam = _located(m.Ipam(), x)
@@ -1176,7 +1307,7 @@ def parse_volume(name: str, v: V, ctx: FileContext) -> m.Volume:
     if (x := v.get("driver_opts")) is not None:
         vol.driver_opts = as_str_map(x)
     if (x := v.get("labels")) is not None:
-        vol.labels = as_kv(x)
+        vol.labels = as_labels(x)
     if (x := v.get("external")) is not None:
         vol.external, ext_name = _external(x)
         if ext_name is not None:
@@ -1205,7 +1336,7 @@ def _file_object(kind: str, name: str, v: V, ctx: FileContext) -> m.FileObject:
     if (x := v.get("name")) is not None:
         obj.name = as_nonempty_str(x)
     if (x := v.get("labels")) is not None:
-        obj.labels = as_kv(x)
+        obj.labels = as_labels(x)
     if (x := v.get("file")) is not None:
         obj.file = str(_resolve(ctx, as_nonempty_str(x), x))
     if (x := v.get("environment")) is not None:

@@ -75,7 +75,7 @@ services:
         limits: {cpus: '0.5', memory: 512m, pids: 100}
         reservations:
           cpus: 0.25
-          memory: 1gb
+          memory: 256m
           generic_resources: [{discrete_resource_spec: {kind: gpu, value: 2}}]
       restart_policy: {condition: on-failure, delay: 5s, max_attempts: 3, window: 2m}
       update_config: {parallelism: 2, delay: 10s, failure_action: rollback, monitor: 30s,
@@ -181,7 +181,8 @@ def test_service_spec(stack, stackdir: Path) -> None:
     t = web.task
     assert (t.resources.limits.nano_cpus, t.resources.limits.memory_bytes, t.resources.pids_limit) == (
         500_000_000, 512 * 1024**2, 100)
-    assert (t.resources.reservations.nano_cpus, t.resources.reservations.memory_bytes) == (250_000_000, 1024**3)
+    assert (t.resources.reservations.nano_cpus, t.resources.reservations.memory_bytes) == (250_000_000,
+                                                                                      256 * 1024**2)
     assert [(g.kind, g.value) for g in t.resources.reservations.generic] == [("gpu", 2)]
     assert (t.restart.condition, t.restart.delay.ToSeconds(), t.restart.max_attempts,
             t.restart.window.ToSeconds()) == (types_pb2.RestartPolicy.ON_FAILURE, 5, 3, 120)
@@ -315,3 +316,47 @@ def test_port_published_by_two_services(load_text) -> None:
         convert(p, "st")
     assert str(info.value).endswith('stack.yml:7 services.b.ports: published port 80/tcp is already published by '
                                     'service "a"; publish each port once per stack')
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("services:\n  a:\n    image: x\n    deploy:\n      resources:\n        limits: {memory: 64m}\n"
+     "        reservations: {memory: 128m}\n",
+     "7 services.a.deploy.resources.reservations.memory: the memory reservation is larger than the memory limit; "
+     "reserve at most the limit"),
+    ("services:\n  a:\n    image: x\n    volumes: ['v:/d', '/host:/d']\nvolumes: {v: }\n",
+     '4 services.a.volumes: mount target "/d" is used twice; mount one thing per path'),
+    ("services:\n  a:\n    image: x\n    networks: [n1, n2]\nnetworks:\n  n1: {name: same}\n  n2: {name: same}\n",
+     '4 services.a.networks: network "same" is attached twice (two stack networks have that name); attach it '
+     "once"),
+])
+def test_conversion_errors(load_text, text: str, expected: str) -> None:
+    p = load_text(text)
+    with pytest.raises(ComposeError) as info:
+        convert(p, "st")
+    assert str(info.value).split("/stack.yml:", 1)[1] == expected
+
+
+def test_specs_pass_the_control_api_validation(write, stackdir: Path) -> None:
+    """Cross-check with the manager's own validation of incoming specs (tests only: compose does not
+    import the manager)."""
+    from shoal.manager import validation
+
+    (stackdir / "db_pass.txt").write_text("s3cret\n")
+    (stackdir / "nginx.conf").write_text("server {}\n")
+    stacks = [convert(load([write("stack.yml", FULL)], environment={"FROM_SHELL": "sh", "API_KEY": "k"}), "demo")]
+    examples = Path("/work/shared/compose/examples")
+    for f in sorted(examples.iterdir()):
+        try:
+            stacks.append(convert(load([f], environment={"PLEX_MEDIA_PATH": "/srv", "HOME": "/home/u"}), "st"))
+        except ComposeError:
+            continue
+    assert len(stacks) > 10
+    for stack in stacks:
+        for spec in stack.services.values():
+            validation.validate_service_spec(spec)
+        for net in stack.networks.values():
+            validation.validate_network_spec(net)
+        for sec in stack.secrets.values():
+            validation.validate_secret_spec(sec)
+        for cfg in stack.configs.values():
+            validation.validate_config_spec(cfg)

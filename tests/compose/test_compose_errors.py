@@ -217,3 +217,59 @@ def test_object_names_are_checked(load_text) -> None:
     assert _err(load_text, "services: {a: {image: x}}\nnetworks:\n  'my net':\n") == (
         '3 networks.my net: invalid network name "my net"; use letters, digits, "_", "." and "-", starting with '
         "a letter or digit")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("services:\n  a:\n    image: x\n    deploy:\n      placement:\n        constraints: [node.zone==a]\n",
+     '6 services.a.deploy.placement.constraints[0]: unknown constraint key "node.zone"; allowed: node.id, '
+     "node.hostname, node.role, node.platform.os, node.platform.arch, node.labels.NAME or engine.labels.NAME"),
+    ("services:\n  a:\n    image: x\n    deploy:\n      placement:\n        constraints: [node.role==boss]\n",
+     '6 services.a.deploy.placement.constraints[0]: node.role is manager or worker, got "boss"'),
+    ("services:\n  a:\n    image: x\n    deploy:\n      placement:\n        preferences:\n          - spread: zone\n",
+     '7 services.a.deploy.placement.preferences[0].spread: cannot spread over "zone"; allowed: node.id, '
+     "node.hostname, node.role, node.platform.os, node.platform.arch, node.labels.NAME or engine.labels.NAME"),
+    ("services:\n  a:\n    image: x\n    deploy:\n      rollback_config:\n        failure_action: rollback\n",
+     "6 services.a.deploy.rollback_config.failure_action: a rollback cannot roll back; allowed here: pause, "
+     "continue"),
+    ("services:\n  a:\n    image: x\n    secrets: [s, {source: s, target: s}]\nsecrets: {s: {file: f}}\n",
+     '4 services.a.secrets[1]: target "s" is used twice; give each secret its own file'),
+    ("services:\n  a:\n    image: x\n    configs:\n      - {source: c, target: ../etc/passwd}\n"
+     "configs: {c: {content: x}}\n",
+     '5 services.a.configs[0].target: "../etc/passwd" contains ".."; give a plain file name or path'),
+    ("services:\n  a:\n    image: x\n    secrets:\n      - {source: s, uid: root}\nsecrets: {s: {file: f}}\n",
+     '5 services.a.secrets[0].uid: expected a numeric id, got "root"'),
+    ("services:\n  a:\n    image: x\n    environment:\n      'MY VAR': 1\n",
+     '4 services.a.environment: invalid variable name "MY VAR"; use KEY=VALUE with a KEY without spaces'),
+    ("services:\n  a:\n    image: x\n    hostname: web_01!\n",
+     '4 services.a.hostname: "web_01!" is not a valid host name; use letters, digits and "-" in dot-separated '
+     "parts of at most 63 characters"),
+    ("services:\n  a:\n    image: x\n    working_dir: srv\n",
+     '4 services.a.working_dir: expected an absolute path in the container, got "srv"'),
+    ("services:\n  a:\n    image: x\n    stop_signal: SIGNOPE\n",
+     '4 services.a.stop_signal: expected a signal name such as "SIGTERM" or a number 1-64, got "SIGNOPE"'),
+    ("services:\n  a:\n    image: x\n    dns: [8.8.8]\n",
+     '4 services.a.dns[0]: expected an IP address of a DNS server, got "8.8.8"'),
+    ("services:\n  a:\n    image: x\n    extra_hosts: ['db:not-an-ip']\n",
+     '4 services.a.extra_hosts[0]: expected "HOST:IP" with an IP address (got "db:not-an-ip"), got "not-an-ip"'),
+    ("services:\n  a:\n    image: x\n    cap_add: ['NET ADMIN']\n",
+     '4 services.a.cap_add[0]: expected a capability such as NET_ADMIN, CAP_SYS_TIME or ALL, got "NET ADMIN"'),
+    ("services:\n  a:\n    image: x\n    labels: {'-bad': x}\n",
+     '4 services.a.labels: invalid label key "-bad"; use letters, digits, ".", "_", "-", "/" and ":", starting '
+     "and ending with a letter or digit"),
+    ("services:\n  a:\n    image: x\n    healthcheck:\n      test: [CMD, 'true']\n      interval: 10us\n",
+     "6 services.a.healthcheck.interval: too short; give 0 (the default) or at least 1ms"),
+    ("services:\n  a:\n    image: x\n    deploy:\n      resources:\n        limits: {memory: 1m}\n",
+     '6 services.a.deploy.resources.limits.memory: too small; give at least 4MiB ("4m")'),
+    ("services:\n  a:\n    image: x\n    networks:\n      n: {aliases: [web_01!]}\nnetworks: {n: }\n",
+     '5 services.a.networks.n.aliases[0]: "web_01!" is not a valid network alias; use letters, digits and "-" '
+     "in dot-separated parts of at most 63 characters"),
+])
+def test_checks_the_control_api_would_make(load_text, text: str, expected: str) -> None:
+    assert _err(load_text, text) == expected
+
+
+def test_bare_variable_without_value_is_left_out(load_text) -> None:
+    p = load_text("services:\n  a:\n    image: x\n    environment: [SET, UNSET, EMPTY=]\n", environment={"SET": "1"})
+    assert p.services["a"].environment == {"SET": "1", "EMPTY": ""}
+    assert p.warnings[-1].endswith('stack.yml:4 services.a.environment: "UNSET" has no value and is not set in the '
+                                   "environment; it is left out")
