@@ -34,7 +34,7 @@ LEADER_ADDR_KEY = "shoal-leader-addr"
 NODE_ID_KEY = "shoal-node-id"
 ENGINE_VERSION = "shoal-0.1.0"
 RECONNECT_DELAY = 0.1  # first retry after a broken session; doubles up to MAX_RECONNECT_DELAY
-MAX_RECONNECT_DELAY = 1.0
+MAX_RECONNECT_DELAY = 0.5
 STATUS_BATCH = 500
 LOG_BATCH = 100
 

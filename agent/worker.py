@@ -407,7 +407,7 @@ class TaskController:
         grace = c.stop_grace_period.ToNanoseconds() / 1e9 if c.HasField("stop_grace_period") else None
         try:
             info = await self.w.engine.inspect(self.id)
-            if info is not None and _status_of(info) == "running":
+            if info is not None and _status_of(info) in ("running", "created"):
                 await self.w.engine.stop(self.id, grace)
         except Exception as e:
             log.warning("stopping container failed task=%s err=%s", self.id, one_line(e))
@@ -572,7 +572,7 @@ class Worker:
     async def _reap_orphan(self, tid: str, info: Any) -> None:
         log.info("container of unassigned task stopped and removed task=%s", tid)
         try:
-            if _status_of(info) == "running":
+            if _status_of(info) in ("running", "created"):
                 await self.engine.stop(info.id, None)
             await self.engine.remove(info.id)
         except Exception as e:

@@ -238,6 +238,12 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                             grpc.StatusCode.NOT_FOUND, f"session {session.id} was closed; open a new one"
                         )
                     await self._check_leader(context)
+                    if self.store.get("node", node_id) is None:
+                        session.closed.set()
+                        await context.abort(
+                            grpc.StatusCode.NOT_FOUND,
+                            f"node {node_id} was removed from the cluster; join it again with a join token",
+                        )
             finally:
                 log.info("session stream ended node=%s session=%s", node_id, session.id)
 

@@ -405,3 +405,25 @@ def test_status_updates_batched_forward_only_and_own_tasks_only() -> None:
                 await ca.close()
 
     run(main())
+
+
+def test_removed_node_loses_its_session() -> None:
+    async def main() -> None:
+        st = LocalStore()
+        await add_node(st, "n1")
+        async with serve(st) as (_, addr):
+            c = Client(addr, "n1")
+            try:
+                await c.open()
+                await st.update(lambda tx: tx.delete(st.get("node", "n1")))
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    while True:
+                        await c.session_call.read()
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND and "removed" in e.value.details()
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await c.heartbeat()
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            finally:
+                await c.close()
+
+    run(main())
