@@ -24,6 +24,7 @@ import posixpath
 import shutil
 import tarfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -126,8 +127,10 @@ class ImageStore:
         self.tmp = self.root / "tmp"
         for d in (self.blobs, self.layers, self.records, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)  # leftovers of a crashed unpack
-        self.tmp.mkdir(exist_ok=True)
+        for p in self.tmp.iterdir():   # leftovers of a crashed unpack (not one running right now)
+            with contextlib.suppress(OSError):
+                if time.time() - p.stat().st_mtime > 600:
+                    shutil.rmtree(p, ignore_errors=True)
         self.mirrors = [m.rstrip("/") for m in registry_mirrors]
         self.insecure = list(insecure_registries)
         self._meta = threading.RLock()

@@ -199,3 +199,31 @@ def test_pull_with_bearer_token(fresh_engine, token_registry, images):
     with pytest.raises(ImageNotFound) as e:     # anonymous token grants nothing: "pull access denied"
         run(fresh_engine.pull(ref))
     assert "pull access denied" in str(e.value)
+
+
+def test_corrupted_registry_storage_is_detected(fresh_engine, tmp_path):
+    """A registry serving bytes that do not match their digests (its storage corrupted on disk)."""
+    from shoal.lab.images import Entry, tar_layer
+    img = busybox_image(config={"Cmd": ["echo", "corrupt"]})
+    small = busybox_image(config={"Cmd": ["echo", "small"]}, extra_layers=[tar_layer([Entry("f", data=b"1")])])
+    with Registry("127.0.0.1", storage=tmp_path / "reg") as reg:
+        push_image(reg.url, "cfg", "1", img)
+        push_image(reg.url, "layer", "1", small)
+        blobs = tmp_path / "reg" / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256"
+
+        def blob(digest: str) -> os.PathLike:
+            h = digest.split(":")[1]
+            return blobs / h[:2] / h / "data"
+        # same length, different bytes: the config no longer matches its digest
+        p = blob(img.config_digest)
+        p.write_bytes(p.read_bytes().replace(b"corrupt", b"CORRUPT"))
+        with pytest.raises(DigestMismatch) as e:
+            run(fresh_engine.pull(f"{reg.host}/cfg:1"))
+        assert "config" in str(e.value)
+        # a valid gzip tar, but not the layer the manifest names
+        other = tar_layer([Entry("g", data=b"2")])
+        blob(small.layers[1].digest).write_bytes(other.gz)
+        with pytest.raises(DigestMismatch):
+            run(fresh_engine.pull(f"{reg.host}/layer:1"))
+    layers = os.listdir(fresh_engine.root / "images" / "layers")
+    assert small.layers[1].diff_id.split(":")[1] not in layers and os.listdir(fresh_engine.root / "images" / "tmp") == []
