@@ -86,12 +86,24 @@ class OrchestratorBase:
             if svc.pending_delete or not self.owns(svc):
                 continue
             self._dirty.add(svc.id)
-            # Replacements that were waiting for their restart delay when the last leader stopped.
-            for t in sm.tasks_by_service(svc.id):
+            # Replacements that were waiting (restart delay, old task stopping) when the last leader stopped.
+            tasks = sm.tasks_by_service(svc.id)
+            for t in tasks:
                 if t.desired_state < RUNNING and t.status.state <= RUNNING and t.desired_state != types_pb2.NEW:
                     created = t.meta.created_at.seconds + t.meta.created_at.nanos / 1e9
                     remaining = max(0.0, created + restart_delay(t.spec) - now)
-                    self.restarts.delay_start(DelayedStart(t.id, remaining))
+                    old = next(
+                        (
+                            o
+                            for o in tasks
+                            if o.id != t.id
+                            and (o.node_id == t.node_id if not t.slot else o.slot == t.slot)
+                            and o.desired_state > RUNNING
+                            and types_pb2.ASSIGNED <= o.status.state <= RUNNING
+                        ),
+                        None,
+                    )
+                    self.restarts.delay_start(DelayedStart(t.id, remaining, old, wait_stop=old is not None))
 
     async def _reconcile_dirty(self) -> None:
         while self._dirty:

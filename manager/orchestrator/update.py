@@ -124,12 +124,17 @@ class Updater:
         self.cfg = update_config(svc, self.rollback)
         self.monitor = monitor_period(self.cfg)
         self._updated: dict[str, float] = {}  # task id -> time it reached RUNNING (0 = not yet)
+        # slot (or node id, for global services) -> ids of the service's tasks there; kept up to date
+        # from task events so a slot's step does not scan every task of the service.
+        self._index: dict[int | str, set[str]] | None = None
         self._failed: set[str] = set()
         self._dirty_count = 0
         self._stop = asyncio.Event()
 
     # ---- failure monitoring ------------------------------------------------------------------
     def on_task(self, t: objects_pb2.Task) -> None:
+        if self._index is not None:
+            self._index.setdefault(t.node_id if self.glob else t.slot, set()).add(t.id)
         # Only a task that ended by itself counts; one shut down on purpose (drain, node lost) does not.
         if t.id not in self._updated or t.id in self._failed or t.status.state not in ENDED_BY_ITSELF:
             return
@@ -175,7 +180,8 @@ class Updater:
                 if not self._stop.is_set():
                     # Watch the last tasks for one more monitor period.
                     try:
-                        await asyncio.wait_for(self._stop.wait(), self.monitor)
+                        async with asyncio.timeout(self.monitor):
+                            await self._stop.wait()
                     except TimeoutError:
                         pass
             finally:
@@ -204,11 +210,18 @@ class Updater:
 
     def _current(self, s: Slot) -> list[objects_pb2.Task]:
         """The slot's live tasks now (the orchestrator may have restarted or removed some meanwhile)."""
-        tasks = self.store.sm.tasks_by_service(self.svc.id)
-        if self.glob:
-            mine = [t for t in tasks if t.node_id == s.node_id]
-        else:
-            mine = [t for t in tasks if t.slot == s.slot]
+        if self._index is None:
+            self._index = {}
+            for t in self.store.sm.tasks_by_service(self.svc.id):
+                self._index.setdefault(t.node_id if self.glob else t.slot, set()).add(t.id)
+        ids = self._index.get(s.node_id if self.glob else s.slot, set())
+        mine = []
+        for tid in list(ids):
+            t = self.store.get("task", tid)
+            if t is None:
+                ids.discard(tid)
+            elif (t.node_id == s.node_id) if self.glob else (t.slot == s.slot):
+                mine.append(t)
         live = [t for t in mine if t.desired_state <= RUNNING]
         if live:
             return live

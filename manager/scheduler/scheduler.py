@@ -303,7 +303,9 @@ class Scheduler:
                     if left <= 0 or not (self._dirty and self._pending):
                         break
                     try:
-                        msg = await asyncio.wait_for(w.queue.get(), left)
+                        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+                        async with asyncio.timeout(left):
+                            msg = await w.queue.get()
                     except TimeoutError:
                         break
                     if msg is None:

@@ -331,7 +331,8 @@ class Sim:
             while True:
                 await self._agent_pass()
                 try:  # also look again now and then: tests change what agents do without an event
-                    msg = await asyncio.wait_for(w.queue.get(), 0.05)
+                    async with asyncio.timeout(0.05):
+                        msg = await w.queue.get()
                 except TimeoutError:
                     continue
                 if msg is None:
@@ -384,11 +385,10 @@ class Sim:
             await asyncio.sleep(0)
             yield self
             for t in tasks:
-                if t.done() and t.exception() is not None:
+                if t.done() and not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
         finally:
             for t in tasks:
                 t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            done, stuck = await asyncio.wait(tasks, timeout=5)
+            assert not stuck, f"loops that ignored cancellation: {[t.get_name() for t in stuck]}"

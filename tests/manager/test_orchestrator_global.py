@@ -10,7 +10,11 @@ from shoal.proto import types_pb2
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
+    async def bounded():
+        async with asyncio.timeout(60):
+            return await coro
+
+    return asyncio.run(bounded())
 
 
 def test_global_on_5_nodes_with_1_drained() -> None:

@@ -65,4 +65,8 @@ async def scenario(replicas: int, parallelism: int, ops: list[tuple[str, int]]) 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(replicas=st.integers(0, 6), parallelism=st.integers(0, 2), ops=st.lists(OPS, max_size=6))
 def test_orchestrator_converges(replicas: int, parallelism: int, ops: list[tuple[str, int]]) -> None:
-    asyncio.run(asyncio.wait_for(scenario(replicas, parallelism, ops), 60))
+    async def bounded() -> None:
+        async with asyncio.timeout(60):
+            await scenario(replicas, parallelism, ops)
+
+    asyncio.run(bounded())

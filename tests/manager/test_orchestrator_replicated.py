@@ -10,7 +10,11 @@ from shoal.proto import types_pb2
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
+    async def bounded():
+        async with asyncio.timeout(60):
+            return await coro
+
+    return asyncio.run(bounded())
 
 
 def test_scale_3_10_2() -> None:
@@ -218,5 +222,77 @@ def test_history_retention_limit_from_cluster() -> None:
             tasks = sim.tasks(svc.id)
             dead = [t for t in tasks if t.status.state > types_pb2.RUNNING]
             assert len(dead) == 2 and len(tasks) == 3, sim.dump()
+
+    run(main())
+
+
+def test_restart_window_counts_only_recent_restarts() -> None:
+    """max_attempts within a window: restarts older than the window no longer count."""
+    import time as _time
+
+    from shoal.manager.orchestrator.common import TaskWaiters
+    from shoal.manager.orchestrator.restart import RestartSupervisor
+    from shoal.manager.store import LocalStore
+    from shoal.proto import objects_pb2
+
+    rs = RestartSupervisor(LocalStore(), TaskWaiters(), spawn=lambda c: c.close())  # type: ignore[arg-type,return-value]
+    svc = objects_pb2.Service(id="s")
+    svc.spec.replicated.replicas = 1
+    t = objects_pb2.Task(id="t", service_id="s", slot=1, spec_version=1)
+    t.spec.restart.CopyFrom(types_pb2.RestartPolicy(max_attempts=2, window=dur(10)))
+    t.status.state = types_pb2.FAILED
+    now = _time.time()
+    t.status.timestamp.FromNanoseconds(int(now * 1e9))
+    assert rs.should_restart(t, svc)
+    rs._record(t, False)
+    rs._record(t, False)
+    assert not rs.should_restart(t, svc)  # two restarts within the last 10 s
+    # The same failure seen 20 s later: both restarts fell out of the window.
+    t.status.timestamp.FromNanoseconds(int((now + 20) * 1e9))
+    assert rs.should_restart(t, svc)
+    # Another template starts a fresh count.
+    t.status.timestamp.FromNanoseconds(int(now * 1e9))
+    t.spec_version = 2
+    assert rs.should_restart(t, svc)
+    # on-failure does not restart a task that completed; none never restarts.
+    t.spec.restart.condition = types_pb2.RestartPolicy.ON_FAILURE
+    t.status.state = types_pb2.COMPLETE
+    assert not rs.should_restart(t, svc)
+    t.spec.restart.condition = types_pb2.RestartPolicy.NONE
+    t.status.state = types_pb2.FAILED
+    assert not rs.should_restart(t, svc)
+
+
+def test_new_leader_resumes_delayed_restart() -> None:
+    """The orchestrator loop is cancelled (leadership lost) during a restart delay; the next one starts the task."""
+    async def main() -> None:
+        sim = Sim()
+        await sim.add_nodes(2)
+        slow = types_pb2.RestartPolicy(delay=dur(0.4))
+        async with sim.running():
+            svc = await sim.create_service(service_spec("web", replicas=2, image="crash:1", restart=slow))
+            await sim.until(lambda: len(sim.live(svc.id)) == 2)
+            sim.crash_images.add("crash:1")
+            await sim.until(lambda: sum(t.desired_state == types_pb2.READY for t in sim.tasks(svc.id)) == 2)
+            sim.crash_images.clear()
+            # Leadership lost: the loop and its timers are cancelled.
+            old = sim.loops["replicated"]
+            runner = next(t for t in asyncio.all_tasks() if t.get_name() == "replicated")
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+            assert not old.restarts.pending_starts() or all(
+                t.done() for t in old.restarts._delays.values()
+            )
+            from shoal.manager.orchestrator import ReplicatedOrchestrator
+
+            new = ReplicatedOrchestrator(sim.store, debounce=0.005)
+            task = asyncio.create_task(new.run())
+            try:
+                await sim.until(lambda: len(sim.live(svc.id)) == 2, what="restarts resumed by the new leader")
+                await sim.settle()
+                assert len([t for t in sim.tasks(svc.id) if t.desired_state <= types_pb2.RUNNING]) == 2
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     run(main())

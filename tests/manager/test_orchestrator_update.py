@@ -13,7 +13,11 @@ UC = types_pb2.UpdateConfig
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
+    async def bounded():
+        async with asyncio.timeout(60):
+            return await coro
+
+    return asyncio.run(bounded())
 
 
 def set_image(image: str):

@@ -16,7 +16,11 @@ from shoal.proto import objects_pb2, types_pb2
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
+    async def bounded():
+        async with asyncio.timeout(60):
+            return await coro
+
+    return asyncio.run(bounded())
 
 
 def pending_task(
