@@ -730,6 +730,8 @@ class Engine:
     def logs(self, cid: str, *, follow: bool = False, tail: int = -1,
              since: datetime | None = None) -> AsyncIterator[LogLine]:
         meta = self._meta(cid)
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
         return read_log(str(self._dir(cid) / "ctr.log"), follow=follow, tail=tail, since=since,
                         running=lambda: self._status(meta, settle=True)[0] != "exited")
 
