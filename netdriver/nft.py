@@ -46,6 +46,16 @@ def list_tables(netns: str | None) -> list[tuple[str, str]]:
     return out
 
 
+def rule_comments(netns: str | None, family: str, table: str, chain: str) -> list[str]:
+    """Comments of the rules of a chain ([] when the table does not exist)."""
+    r = subprocess.run(nsenter(netns, ["nft", "-j", "list", "chain", family, table, chain]),
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return []
+    return [item["rule"]["comment"] for item in json.loads(r.stdout)["nftables"]
+            if "rule" in item and item["rule"].get("comment")]
+
+
 def set_sysctl(netns: str | None, key: str, value: str) -> None:
     """Write /proc/sys/<key with dots as slashes> inside the namespace (net.* keys are per-netns)."""
     path = "/proc/sys/" + key.replace(".", "/")

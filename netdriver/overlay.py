@@ -43,8 +43,8 @@ Layout on a host (prefix = ns_prefix)
   with the attachment's address, MAC (derived 02:42:<ip> when empty) and the overlay MTU.
 * gateway bridge `shoal_gwbridge` in the host namespace (first address of `gw_subnet`), veth
   `gw<hash>` ↔ container `ethN`; default route through it; nft masquerade for egress. Networks
-  with spec.internal get no gateway interface (a container only on internal networks gets its
-  default route via its first network's gateway, which goes nowhere).
+  with spec.internal get no gateway interface; a container only on internal networks gets no
+  default route (as Docker: "Network unreachable" at once).
 * nft table `ip shoal` in each container with VIPs (output-hook nat, `numgen inc` round robin),
   `ip shoal` in the host namespace (published ports, egress masquerade), and `ip shoal` in the
   ingress sandbox `<prefix>-ingress-sbox` (published port → task IP:target port, masquerade).
@@ -59,6 +59,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -441,8 +442,13 @@ class OverlayDriver:
             old = self._eps.get(task_id)
             if old is not None and old.netns == path and old.interfaces and self._still_there(old):
                 return list(old.interfaces)
+            if old is not None and not old.interfaces and old.netns in (None, path):
+                adopted = self._adopt(old, path, attachments)  # restored after an agent restart
+                if adopted is not None:
+                    self._log("task.adopted", task=task_id, netns=path)
+                    return adopted
             ep = _Endpoint(task_id=task_id, netns=path)
-            if old is not None:  # restored, moved or broken: adopt nothing, rebuild
+            if old is not None:  # moved or broken: rebuild
                 self._teardown(old)
             try:
                 self._build_endpoint(ep, attachments)
@@ -453,6 +459,46 @@ class OverlayDriver:
             self._log("task.attached", task=task_id, netns=path,
                       ifaces=",".join(f"{i.ifname}={i.address}" for i in ep.interfaces))
             return list(ep.interfaces)
+
+    def _adopt(self, ep: _Endpoint, path: str, attachments: Sequence[objects_pb2.NetworkAttachment]
+               ) -> list[Interface] | None:
+        """Take over interfaces an earlier run built, if they are all still in place."""
+        if not os.path.exists(path):
+            return None
+        try:
+            with self._ipr(path) as c:
+                by_mac = {link.get_attr("IFLA_ADDRESS"): link for link in c.get_links()}
+                addrs = {(a["index"], a.get_attr("IFA_ADDRESS")) for a in c.get_addr(family=2)}
+            ifaces: list[Interface] = []
+            links: list[tuple[str, str]] = []
+            egress = False
+            for att in attachments:
+                n = self._nets.get(att.network.id)
+                if n is None or not att.addresses:
+                    return None
+                iface = ipaddress.ip_interface(att.addresses[0])
+                mac = att.mac or mac_from_ip(str(iface.ip))
+                link = by_mac.get(mac)
+                sb_end = f"ve{_h(ep.task_id, n.id)}"
+                if link is None or (link["index"], str(iface.ip)) not in addrs or (n.id, sb_end) not in ep.links:
+                    return None
+                ifaces.append(Interface(n.id, link.get_attr("IFLA_IFNAME"),
+                                        f"{iface.ip}/{n.subnet.prefixlen}", mac, link.get_attr("IFLA_MTU")))
+                links.append((n.id, sb_end))
+                egress = egress or not n.internal
+            if egress:
+                link = by_mac.get(mac_from_ip(ep.gw_ip)) if ep.gw_ip else None
+                if link is None:
+                    return None
+                ifaces.append(Interface("", link.get_attr("IFLA_IFNAME"), f"{ep.gw_ip}/{self.gw_net.prefixlen}",
+                                        mac_from_ip(ep.gw_ip), link.get_attr("IFLA_MTU")))
+        except (OSError, NetlinkError):
+            return None
+        if set(links) != set(ep.links):
+            return None
+        ep.netns, ep.interfaces, ep.links = path, ifaces, links
+        self._sync_container_nft(ep)
+        return list(ifaces)
 
     def _still_there(self, ep: _Endpoint) -> bool:
         try:
@@ -470,15 +516,12 @@ class OverlayDriver:
             used = {link.get_attr("IFLA_IFNAME") for link in c.get_links()}
         names = (f"eth{i}" for i in range(1000) if f"eth{i}" not in used)
         egress = False
-        first_gw: str | None = None
         for att in attachments:
             n = self._nets.get(att.network.id) or self._ensure_network(att.network)
             if not att.addresses:
                 raise OverlayError(f"task {ep.task_id}: attachment to network {n.id} has no address; "
                                    "the allocator must fill addresses")
-            iface = ipaddress.ip_interface(att.addresses[0])
-            if iface.network.prefixlen == 32:
-                iface = ipaddress.ip_interface(f"{iface.ip}/{n.subnet.prefixlen}")
+            iface = ipaddress.ip_interface(f"{_strip(att.addresses[0])}/{n.subnet.prefixlen}")
             mac = att.mac or mac_from_ip(str(iface.ip))
             ifname = next(names)
             h = _h(ep.task_id, n.id)
@@ -493,7 +536,6 @@ class OverlayDriver:
             self._setup_container_if(path, c_end, ifname, str(iface), mac, n.mtu)
             ep.interfaces.append(Interface(n.id, ifname, str(iface), mac, n.mtu))
             egress = egress or not n.internal
-            first_gw = first_gw or n.gateway
         if egress:
             self._ensure_gw()
             ip = self._alloc_gw_ip(ep.task_id)
@@ -512,10 +554,9 @@ class OverlayDriver:
             addr = f"{ip}/{self.gw_net.prefixlen}"
             self._setup_container_if(path, c_end, ifname, addr, mac, self.underlay_mtu)
             ep.interfaces.append(Interface("", ifname, addr, mac, self.underlay_mtu))
-        default_gw = self.gw_gateway if egress else first_gw
-        if default_gw:
+        if egress:  # as Docker: only internal networks -> no default route ("Network unreachable")
             with self._ipr(path) as c:
-                c.route("replace", dst="0.0.0.0/0", gateway=default_gw)
+                c.route("replace", dst="0.0.0.0/0", gateway=self.gw_gateway)
         self._sync_container_nft(ep)
 
     def _setup_container_if(self, path: str, tmp: str, ifname: str, cidr: str, mac: str, mtu: int) -> None:
@@ -626,6 +667,27 @@ class OverlayDriver:
             raise PortConflictError(
                 f"published_port {port}/{proto} is already in use on this node by {who}; "
                 "choose another published_port")
+        if cur is None and self._port_bound(proto, port):
+            raise PortConflictError(
+                f"published_port {port}/{proto} is already bound by a program on this node; "
+                "stop that program or choose another published_port")
+
+    def _port_bound(self, proto: str, port: int) -> bool:
+        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        if self.host_netns is None:
+            s = socket.socket(socket.AF_INET, kind)
+        else:
+            s = netns.create_socket(self.host_netns, socket.AF_INET, kind, flags=0)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("0.0.0.0", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
+            raise
+        finally:
+            s.close()
+        return False
 
     def publish_host_port(self, task_id: str, protocol: str, published_port: int, target_port: int) -> None:
         """mode=host: DNAT <any local address>:published_port → the task's gateway-bridge address."""
@@ -725,9 +787,11 @@ class OverlayDriver:
             if p.owner == "ingress":
                 if self._ingress_gw_ip is None:
                     continue
-                rules.append(f"fib daddr type local {proto} dport {port} dnat to {self._ingress_gw_ip}:{port}")
+                rules.append(f"fib daddr type local {proto} dport {port} dnat to {self._ingress_gw_ip}:{port}"
+                             f' comment "ingress {proto} {port} {p.target}"')
             else:
-                rules.append(f"fib daddr type local {proto} dport {port} dnat to {p.target}")
+                rules.append(f"fib daddr type local {proto} dport {port} dnat to {p.target}"
+                             f' comment "{p.owner} {proto} {port} {p.target}"')
         r = "".join(f"    {x}\n" for x in rules)
         body = (
             f"  chain pre {{ type nat hook prerouting priority -100; policy accept;\n{r}  }}\n"
@@ -807,6 +871,10 @@ class OverlayDriver:
                         ep.gw_ip, ep.gw_link = ip, link.get_attr("IFLA_IFNAME")
             if INGRESS_TASK in self._eps and self.ingress_sbox in netns.listnetns():
                 self._eps[INGRESS_TASK].netns = ns_path(self.ingress_sbox)
+            # published ports, from the comments of the host table (ingress backends are re-sent)
+            for comment in nft.rule_comments(self.host_netns, "ip", TABLE, "pre"):
+                owner, proto, port, target = comment.split()
+                self._host_ports[(proto, int(port))] = _Published(owner, target)
             tasks.discard(INGRESS_TASK)
             self._log("restored", networks=len(self._nets), tasks=len(tasks))
             return tasks

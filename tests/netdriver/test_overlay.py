@@ -162,7 +162,7 @@ def test_egress_and_internal(nslab, netprogs):
         out = lab.run(c1, netprogs.tag_client(lab.underlay.addr, 9000, 1)).stdout
         assert json.loads(out) == {"outside": 1}
         r = lab.run(c2, netprogs.tag_client(lab.underlay.addr, 9000, 1), check=False)
-        assert r.returncode != 0
+        assert r.returncode != 0 and "Network is unreachable" in r.stderr
         # the local gateway bridge is not a path between containers of different networks
         r = ping(lab, c2, "198.19.2.2")
         assert r.returncode != 0
@@ -190,11 +190,37 @@ def test_vxlan_port_in_use_is_a_clear_error_and_leaves_nothing(nslab, netprogs):
     assert snapshot(lab, netprogs) == before
 
 
+def test_failed_attach_leaves_nothing(nslab, netprogs):
+    lab = nslab(1)
+    before = snapshot(lab, netprogs)
+    (d1,) = drivers_for(lab)
+    try:
+        net = make_net("netfail", 4550, "198.19.5.0/24")
+        c1 = lab.add_netns("c1")
+        bad = objects_pb2.NetworkAttachment()
+        bad.network.CopyFrom(make_net("netfail2", 4551, "198.19.6.0/24"))
+        with pytest.raises(OverlayError, match="no address"):
+            d1.attach("task1", c1, [att(net, "198.19.5.2"), bad])
+        assert lab.run(c1, ["ip", "-o", "link"]).stdout.count("\n") == 1  # lo only
+        with pytest.raises(OverlayError, match="does not exist"):
+            d1.attach("task2", "/run/netns/no-such-netns-here", [att(net, "198.19.5.3")])
+        assert d1._gw_alloc == {} and d1._eps == {}
+        # a program holding the port: clear error, nothing published
+        d1.attach("task3", c1, [att(net, "198.19.5.4")])
+        blocker = lab.spawn_ready(lab.hosts[0].path, netprogs.tag_server("x", 30007))
+        with pytest.raises(OverlayError, match="30007/tcp is already bound by a program"):
+            d1.publish_host_port("task3", "tcp", 30007, 80)
+        blocker.kill()
+    finally:
+        cleanup_all([d1])
+    assert snapshot(lab, netprogs) == before
+
+
 def test_restore_after_restart(nslab, netprogs):
     lab = nslab(2)
     before = snapshot(lab, netprogs)
     d1, d2 = drivers_for(lab)
-    d1b = None
+    d1b = d1c = None
     try:
         net = make_net("netrestore", 4500, "198.19.5.0/24")
         c1, c2 = lab.add_netns("c1"), lab.add_netns("c2")
@@ -208,11 +234,19 @@ def test_restore_after_restart(nslab, netprogs):
                             gw_subnet=GW_SUBNET)
         assert d1b.restore() == {"task1"}
         assert d1b._nets[net.id].peers == {"198.19.5.3": (mac_from_ip("198.19.5.3"), lab.hosts[1].addr)}
+        index_before = lab.run(c1, ["ip", "-o", "link", "show", "eth1"]).stdout.split(":")[0]
         ifs = d1b.attach("task1", c1, [att(net, "198.19.5.2")])
         assert [i.ifname for i in ifs] == ["eth0", "eth1"]
+        # adopted, not rebuilt: same interface, same gateway-bridge address
+        assert lab.run(c1, ["ip", "-o", "link", "show", "eth1"]).stdout.split(":")[0] == index_before
+        assert ifs[1].address == "198.19.250.2/24"
         assert ping(lab, c1, "198.19.5.3").returncode == 0
-        # a task that is gone after the restart is detached
-        assert d1b._gw_alloc  # gateway address of task1 known again
+        d1b.publish_host_port("task1", "tcp", 30005, 80)
+        d1c = OverlayDriver("node1", lab.hosts[0].addr, d1.prefix, host_netns=lab.hosts[0].path,
+                            gw_subnet=GW_SUBNET)
+        d1c.restore()
+        with pytest.raises(OverlayError, match="30005/tcp is already in use on this node by task task1"):
+            d1c.publish_host_port("task1b", "tcp", 30005, 80)
     finally:
-        cleanup_all([d for d in (d1b, d1, d2) if d is not None])
+        cleanup_all([d for d in (d1c, d1b, d1, d2) if d is not None])
     assert snapshot(lab, netprogs) == before
