@@ -35,6 +35,7 @@ API::
         entries(table, network_id) -> dict[str, bytes]
         subscribe() -> Subscription (AsyncIterator[TableEvent]; .close())
         add_listener(cb: Callable[[TableEvent], None]) / remove_listener(cb)
+        add_member_listener(cb: Callable[[Member], None])  # a member appeared or changed state
         keyring -> Keyring (add/use/remove keys for rotation)
 
 The endpoint table is ``ENDPOINT_TABLE`` with ``shoal.proto.gossip_pb2.EndpointRecord`` values.
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import random
 import signal
@@ -137,6 +139,7 @@ class Gossip(Delegate):
         self._flush_pending: set[str] = set()
         self._subs: set[Subscription] = set()
         self._listeners: list[Callable[[TableEvent], None]] = []
+        self._member_listeners: list[Callable[[Member], None]] = []
         self._tasks: list[asyncio.Task] = []
         self._bg: set[asyncio.Task] = set()
 
@@ -354,6 +357,18 @@ class Gossip(Delegate):
     def remove_listener(self, cb: Callable[[TableEvent], None]) -> None:
         self._listeners.remove(cb)
 
+    def add_member_listener(self, cb: Callable[[Member], None]) -> None:
+        self._member_listeners.append(cb)
+
+    def notify_state(self, member: Member) -> None:
+        snap = Member(member.node_id, member.addr, member.port, member.state, member.incarnation,
+                      member.state_change)
+        for cb in list(self._member_listeners):
+            try:
+                cb(snap)
+            except Exception:
+                log.exception("node=%s member listener failed", self.node_id)
+
     def _emit(self, ev: TableEvent) -> None:
         log.debug("node=%s network=%s %s %s/%s owner=%s", self.node_id, ev.network_id, ev.kind, ev.table, ev.key,
                   ev.owner)
@@ -474,6 +489,12 @@ async def _run(args: argparse.Namespace) -> None:
         cfg.probe_timeout = args.probe_interval / 2
     g = Gossip(args.node_id, args.bind, args.advertise or args.bind, port=args.port,
                keys=[bytes.fromhex(k) for k in args.key_hex], config=cfg)
+    if args.events:
+        def out(**kw) -> None:
+            print(json.dumps({"t": time.time(), **kw}), flush=True)
+
+        g.add_listener(lambda ev: out(kind=str(ev.kind), net=ev.network_id, key=ev.key, owner=ev.owner))
+        g.add_member_listener(lambda m: out(member=m.node_id, state=m.state_name))
     await g.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -506,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--network", action="append", default=[])
     ap.add_argument("--put", action="append", default=[], help="TABLE/NETWORK/KEY=VALUE")
     ap.add_argument("--probe-interval", type=float, default=0.0)
+    ap.add_argument("--events", action="store_true", help="print table and member events as JSON lines")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,

@@ -91,6 +91,8 @@ class Delegate:
 
     def refuted_dead(self) -> None: ...
 
+    def notify_state(self, member: Member) -> None: ...  # any state change (incl. first alive)
+
 
 class TransmitQueue:
     """Broadcasts waiting to be sent, each at most ``limit`` times; a newer broadcast with the
@@ -323,6 +325,7 @@ class Memberlist:
                      STATE_NAMES[m.state], STATE_NAMES[state], m.incarnation)
             m.state = state
             m.state_change = time.monotonic()
+            self.delegate.notify_state(m)
 
     def _refute(self, inc: int) -> None:
         self.incarnation = max(self.incarnation, inc) + 1
@@ -340,6 +343,7 @@ class Memberlist:
             self._members[u.node] = m
             log.info("node=%s member=%s joined (%s:%d) incarnation=%d", self.node_id, u.node, u.addr, u.port,
                      u.incarnation)
+            self.delegate.notify_state(m)
             self.queue_broadcast(("member", u.node), pb.Message(member=u))
             self.delegate.notify_alive(m, rejoined=False)
             return
