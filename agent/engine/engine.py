@@ -369,6 +369,12 @@ class Engine:
         anon: list[str] = []
         for i, m in enumerate(s.mounts):
             mounts.append(self._mount_spec(m, i, str(rootfs), anon))
+        covered = {m["destination"].rstrip("/") or "/" for m in mounts}
+        for path in sorted(img.config.get("Volumes") or {}):
+            # the image's VOLUMEs not given a mount become anonymous volumes, removed with the container
+            if path.startswith("/") and (path.rstrip("/") or "/") not in covered:
+                mounts.append(self._mount_spec(types_pb2.Mount(type=types_pb2.Mount.VOLUME, target=path),
+                                               len(mounts), str(rootfs), anon))
         sec_dir = rd / "secrets"
         files: list[tuple[str, bytes, int, int, int]] = []
         for ref in s.secrets:

@@ -336,7 +336,8 @@ def test_whiteouts_and_opaque_dirs_through_overlay(fresh_engine, tmp_path):
                        Entry("opq", "dir", mode=0o755), Entry("opq/old1", data=b"1"), Entry("opq/old2", data=b"2")])
     top = tar_layer([whiteout("data/a"), Entry("opq", "dir", mode=0o755), opaque("opq"),
                      Entry("opq/new", data=b"N")])
-    img = busybox_image(config={"Cmd": ["sh", "-c", "ls /data; ls /opq"]}, extra_layers=[upper, top])
+    img = busybox_image(config={"Cmd": ["sh", "-c", "ls /data; ls /opq; grep -c ' /data ' /proc/mounts"],
+                                "Volumes": {"/data": {}}}, extra_layers=[upper, top])
     tar = tmp_path / "wh.tar"
     write_oci_tar(img, tar, name=f"{PREFIX}/wh:1")
     c = cid("wh")
@@ -348,7 +349,10 @@ def test_whiteouts_and_opaque_dirs_through_overlay(fresh_engine, tmp_path):
 
     loaded, ex, lines = run(main())
     assert loaded.id == img.id and len(loaded.layers) == 3
-    assert ex.exit_code == 0 and out(lines) == ["b", "new"]
+    # /data is the image's VOLUME: an anonymous volume, filled from the image, removed with the container
+    assert ex.exit_code == 0 and out(lines) == ["b", "new", "1"]
+    run(fresh_engine.remove(c))
+    assert os.listdir(fresh_engine.root / "volumes") == []
 
 
 def test_new_engine_readopts_after_agent_killed(shared_root, registry):
@@ -516,3 +520,27 @@ def test_tty(engine):
     c = cid("tty")
     ex, lines = run(run_to_exit(engine, ContainerConfig(c, c, spec("sh", "-c", "tty; exit 4", tty=True))))
     assert ex.exit_code == 4 and out(lines) == ["/dev/pts/0\r"]    # a pty, as `docker run -t` logs it
+
+
+def test_log_rotation_by_size(shared_root, registry):
+    e = Engine(shared_root, registry_mirrors=[registry.url], log_size_max=8192)
+    c = cid("rotate")
+    s = spec("sh", "-c", "i=0; while [ $i -lt 2000 ]; do echo line$i; i=$((i+1)); done")
+
+    async def main():
+        try:
+            await e.create(ContainerConfig(c, c, s))
+            await e.start(c)
+            followed = [x.line async for x in e.logs(c, follow=True)]
+            after = [x.line async for x in e.logs(c)]
+            size = (e.root / "containers" / c / "ctr.log").stat().st_size
+            return followed, after, size
+        finally:
+            await e.remove(c)
+            await e.close()
+
+    followed, after, size = run(main())
+    assert size <= 8192 and 0 < len(after) < 2000 and after[-1] == "line1999"
+    assert followed[-1] == "line1999"
+    nums = [int(x[4:]) for x in followed]
+    assert nums == sorted(nums)           # a follower never goes back across a rotation
