@@ -554,6 +554,8 @@ class RemoteAPIFront:
             await self._route(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, OSError):
             pass
+        except asyncio.CancelledError:  # close(): this handler task ends here (asyncio logs a
+            pass  # cancelled connection handler as an error otherwise)
         finally:
             self._conns.discard(task)
             writer.close()

@@ -88,15 +88,17 @@ class AgentContext:
 
 
 async def start_agent(ctx: AgentContext) -> asyncio.Task[None] | None:
-    """The agent role's hook (every node). Return a task running the agent, or None.
+    """The agent role's hook (every node): a task running the agent, or None.
 
-    The agent engineer fills this in (e.g. `Agent(ctx...).run()` from `shoal.agent.agent`); swarmd
-    cancels the task on shutdown. Until then the node runs no agent."""
+    `shoal.agent.agent.start_agent_task(ctx)` builds the engine under `<state dir>/engine` and the
+    agent's mTLS session with the dispatcher; swarmd cancels the task on shutdown (containers keep
+    running and are adopted on the next start)."""
     try:
-        from shoal.agent.agent import Agent  # noqa: F401
-    except ImportError:
+        from shoal.agent.agent import start_agent_task
+    except ImportError as e:
+        log.warning("no agent available (%s): this node runs no tasks", e)
         return None
-    return None
+    return start_agent_task(ctx)
 
 
 # ---- helpers ----------------------------------------------------------------------------------

@@ -127,12 +127,21 @@ def managers_reachable(d: Daemon, n: int) -> bool:
 
 
 def set_role(d: Daemon, node_id: str, role: int) -> None:
+    """Read, change, write; read again when the agent's status updates raced the write."""
     c = d.control()
-    node = c.GetNode(control_pb2.GetNodeRequest(node_id=node_id), timeout=5).node
-    spec = specs_pb2.NodeSpec()
-    spec.CopyFrom(node.spec)
-    spec.desired_role = role
-    c.UpdateNode(control_pb2.UpdateNodeRequest(node_id=node.id, node_version=node.meta.version, spec=spec), timeout=10)
+    for _ in range(50):
+        node = c.GetNode(control_pb2.GetNodeRequest(node_id=node_id), timeout=5).node
+        spec = specs_pb2.NodeSpec()
+        spec.CopyFrom(node.spec)
+        spec.desired_role = role
+        req = control_pb2.UpdateNodeRequest(node_id=node.id, node_version=node.meta.version, spec=spec)
+        try:
+            c.UpdateNode(req, timeout=10)
+            return
+        except grpc.RpcError as e:
+            if "out of sequence" not in (e.details() or ""):
+                raise
+    raise AssertionError("node update kept conflicting")
 
 
 def create_secret(d: Daemon, name: str) -> None:
