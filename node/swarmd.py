@@ -342,7 +342,12 @@ class Swarmd:
                 addrs.append(self.state.advertise_api)
             except Exception:
                 addrs = []
-        for a in self.state.managers + (self.agent_ctx.managers if self.agent_ctx is not None else []):
+        known = list(self.state.managers)
+        if self.agent_ctx is not None:
+            known += self.agent_ctx.managers
+        agent = getattr(self.agent, "agent", None)  # the Agent object start_agent_task attaches
+        known += list(getattr(agent, "managers", None) or [])
+        for a in known:
             if a not in addrs:
                 addrs.append(a)
         return addrs
