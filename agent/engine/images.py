@@ -312,6 +312,12 @@ class ImageStore:
             raise RegistryError(f"image {display} uses Docker schema 1 manifests, which are not supported; "
                                 "push it again with a current Docker")
         cfg_desc = doc.get("config") or {}
+        names = [str(ref.with_tag(None).with_digest(top_digest))]
+        if ref.tag and not ref.digest:
+            names.append(str(ref.with_digest(None)))
+        have = self._record(cfg_desc["digest"]) if cfg_desc.get("digest", "").startswith("sha256:") else None
+        if have is not None and have.manifest_digest == digest and all(self._has_layer(x) for x in have.layers):
+            return self._save(have, names, {})   # up to date: only the names may be new
         cfg_bytes = client.get_blob(repo, cfg_desc.get("digest", ""), display)
         if sha256(cfg_bytes) != cfg_desc.get("digest"):
             raise DigestMismatch(f"config of {display} has digest {sha256(cfg_bytes)}, "
@@ -355,9 +361,6 @@ class ImageStore:
                         architecture=cfg.get("architecture", ""), os=cfg.get("os", "linux"),
                         created=cfg.get("created", ""), size=sum(int(d.get("size", 0)) for d in layers),
                         manifest_digest=digest)
-            names = [str(ref.with_tag(None).with_digest(top_digest))]
-            if ref.tag and not ref.digest:
-                names.append(str(ref.with_digest(None)))
             return self._save(img, names, {digest: body, img.id: cfg_bytes})
 
     # -- load --------------------------------------------------------------------------------
