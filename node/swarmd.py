@@ -34,7 +34,7 @@ import grpc
 from shoal.manager import ca
 from shoal.manager.manager import Manager, ManagerConfig
 from shoal.manager.store import new_id
-from shoal.proto import ca_pb2, ca_pb2_grpc, objects_pb2, specs_pb2, types_pb2
+from shoal.proto import ca_pb2, ca_pb2_grpc, objects_pb2, specs_pb2, store_pb2, types_pb2
 
 log = logging.getLogger("shoal.swarmd")
 
@@ -239,6 +239,14 @@ class Swarmd:
                 certificate=self.identity.cert_pem,
             ),
         )
+        # Until the first write commits, the new cluster (root CA key included) lives in this file
+        # (0600), so that a crash in between resumes instead of losing the CA.
+        pending = store_pb2.StoreSnapshot()
+        pending.objects.add().cluster.CopyFrom(self._bootstrap[0])
+        pending.objects.add().node.CopyFrom(self._bootstrap[1])
+        fd = os.open(self.dir / "bootstrap.pb", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pending.SerializeToString())
         self.state = NodeState(
             node_id, cluster_id, "manager", hostname, listen, advertise, raft_addr, raft_listen,
             [advertise], bootstrapped=False,
@@ -391,11 +399,12 @@ class Swarmd:
                         "is another swarmd running with these addresses?"
                     ) from None
                 if not st.bootstrapped:
-                    cluster, node = self._bootstrap
+                    pending = store_pb2.StoreSnapshot.FromString((self.dir / "bootstrap.pb").read_bytes())
                     assert self.manager is not None
-                    await self.manager.bootstrap(cluster, node)
+                    await self.manager.bootstrap(pending.objects[0].cluster, pending.objects[1].node)
                     st.bootstrapped = True
                     st.save(self.dir)
+                    (self.dir / "bootstrap.pb").unlink()
             self.agent_ctx = AgentContext(
                 st.node_id, st.cluster_id, st.hostname, self.dir, self.identity, self._manager_addrs(),
                 _split(st.advertise_api, 0)[0], st.role == "manager",
