@@ -128,6 +128,7 @@ class Gossip(Delegate):
             raise ValueError("gossip node_id is empty; pass the node's id")
         self.node_id = node_id
         self.config = config or GossipConfig()
+        self.config.validate()
         self.keyring = Keyring(keys)
         self.ml = Memberlist(node_id, bind_addr, advertise_addr, port, self.keyring, self.config, self)
         self.store = TableStore()
@@ -175,8 +176,24 @@ class Gossip(Delegate):
             s.close()
 
     async def join(self, seeds: Sequence[str]) -> int:
-        """Join the cluster through ``seeds`` ("host" or "host:port"); returns how many answered."""
-        return await self.ml.join(seeds)
+        """Join the cluster through ``seeds`` ("host" or "host:port"); returns how many answered.
+        Networks joined before are then synced with a node of each."""
+        n = await self.ml.join(seeds)
+        if n and self._networks:
+            await self._anti_entropy_once()
+        return n
+
+    def set_keys(self, keys: Sequence[bytes]) -> None:
+        """Replace the keyring with ``keys`` as distributed by the managers (first = primary):
+        new keys are accepted at once, packets go out with the primary, dropped keys stop working."""
+        if not keys:
+            raise ValueError("gossip keys are empty; the managers must distribute at least one key")
+        for k in keys:
+            self.keyring.add(k)
+        self.keyring.use(keys[0])
+        for old in self.keyring.keys:
+            if old not in keys:
+                self.keyring.remove(old)
 
     async def leave(self) -> None:
         """Leave the cluster gracefully: the others purge this node's entries."""
@@ -339,6 +356,11 @@ class Gossip(Delegate):
         targets = random.sample(peers, min(len(peers), self.config.gossip_nodes))
         limit = retransmit_limit(self.config.retransmit_mult, len(peers) + 1)
         budget = self.config.udp_buffer_size - OVERHEAD - len(self.node_id) - 8
+        if q.pop_oversize(budget):
+            # too big for a datagram: push the network's table over TCP to the fan-out peers
+            log.info("node=%s network=%s entry too large for UDP, syncing over TCP", self.node_id, network_id)
+            for t in targets:
+                self._spawn(self._sync_quietly(t, [network_id]))
         for batch in q.batches(budget, limit, _MAX_PACKETS_PER_FLUSH, sends=len(targets)):
             pkt = pb.Packet(source=self.node_id, messages=batch)
             for t in targets:
@@ -410,7 +432,8 @@ class Gossip(Delegate):
         pp.networks.extend(self._node_networks.values())
         pp.network_ltime = self.network_clock.time
         pp.table_ltime = self.table_clock.time
-        nets = sorted(self._networks) if remote is None else [n for n in remote.sync_networks if n in self._networks]
+        # as requester (join, membership anti-entropy) we send no tables: _sync() adds the ones it wants
+        nets = [] if remote is None else [n for n in remote.sync_networks if n in self._networks]
         pp.sync_networks.extend(nets)
         for n in nets:
             pp.entries.extend(self.store.network_entries(n))

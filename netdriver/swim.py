@@ -61,6 +61,19 @@ class GossipConfig:
     tcp_timeout: float = 5.0
     leave_timeout: float = 1.0           # how long leave() waits for its broadcasts to go out
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        for name in ("probe_interval", "probe_timeout", "suspicion_mult", "gossip_interval", "push_pull_interval",
+                     "table_sync_interval", "tombstone_ttl", "dead_reclaim_time", "tcp_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GossipConfig.{name} must be > 0")
+        if self.probe_timeout >= self.probe_interval:
+            raise ValueError("GossipConfig.probe_timeout must be shorter than probe_interval (e.g. half of it)")
+        if self.gossip_nodes < 1 or self.retransmit_mult < 1 or self.indirect_checks < 0:
+            raise ValueError("GossipConfig.gossip_nodes and retransmit_mult must be >= 1, indirect_checks >= 0")
+        if self.udp_buffer_size < 512:
+            raise ValueError("GossipConfig.udp_buffer_size must be at least 512 bytes")
+
 
 @dataclass
 class Member:
@@ -140,6 +153,11 @@ class TransmitQueue:
         if cur:
             out.append(cur)
         return out
+
+    def pop_oversize(self, budget: int) -> list[pb.Message]:
+        """Remove and return messages that can never fit in one datagram of ``budget`` bytes."""
+        big = [k for k, it in self._items.items() if it[3] > budget]
+        return [self._items.pop(k)[2] for k in big]
 
     def clear(self) -> None:
         self._items.clear()

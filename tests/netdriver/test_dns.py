@@ -270,6 +270,19 @@ async def test_dns_in_container_namespaces(netns_pair):
         rc, out = await run_in(ns_demo, [sys.executable, "-c", CLIENT, "web", "1", "tcp"])
         assert rc != 0 and "Connection refused" in out, out
         assert dns.serving() == ["c-plain"]
+
+        # a namespace known only as /proc/PID/ns/net (a container's process), not by name
+        sleeper = await asyncio.create_subprocess_exec("nsenter", f"--net=/run/netns/{ns_demo}", "sleep", "60")
+        try:
+            want = os.stat(f"/run/netns/{ns_demo}").st_ino
+            while os.stat(f"/proc/{sleeper.pid}/ns/net").st_ino != want:  # nsenter has not entered yet
+                await asyncio.sleep(0.01)
+            await dns.serve_in("c-proc", f"/proc/{sleeper.pid}/ns/net", ["netA"], "demo")
+            assert await query(ns_demo, "web") == (RCODE_OK, ["198.19.5.2"])
+            await dns.stop_serving("c-proc")
+        finally:
+            sleeper.kill()
+            await sleeper.wait()
     finally:
         await dns.close()
         await b.stop()

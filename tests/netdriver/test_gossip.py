@@ -320,3 +320,52 @@ async def test_killed_process_is_detected_dead_and_purged():
                 proc.kill()
             proc.wait()
             proc.stdout.close()
+
+
+@aiotest
+async def test_oversize_entry_goes_over_tcp_and_network_joined_before_cluster_join():
+    async with cluster(2) as nodes:
+        for g in nodes:
+            await g.join_network("netO")
+        big = os.urandom(4000)
+        nodes[0].put("t", "netO", "big", big)
+        await until(lambda: nodes[1].entries("t", "netO") == {"big": big}, "big entry on n1")
+        # a node that joined the network (and wrote) before joining the cluster syncs on join
+        addr = fresh_addrs(1)[0]
+        late = Gossip("late", addr, addr, port=PORT, keys=[KEY1])
+        try:
+            await late.start()
+            await late.join_network("netO")
+            late.put("t", "netO", "early", b"e")
+            assert await late.join([f"{nodes[0].advertise_addr}:{PORT}"]) == 1
+            assert late.entries("t", "netO") == {"big": big, "early": b"e"}
+            await until(lambda: all(g.entries("t", "netO").get("early") == b"e" for g in nodes), "early everywhere")
+        finally:
+            await late.stop()
+
+
+@aiotest
+async def test_live_key_rotation_keeps_the_cluster_together():
+    async with cluster(3) as nodes:
+        for g in nodes:
+            await g.join_network("netR")
+        # managers distribute [KEY2, KEY1]: every node accepts both, sends with KEY2; then KEY1 is dropped
+        for g in nodes:
+            g.set_keys([KEY2, KEY1])
+        nodes[0].put("t", "netR", "a", b"1")
+        await until(lambda: all(g.entries("t", "netR") == {"a": b"1"} for g in nodes), "a with KEY2")
+        for g in nodes:
+            g.set_keys([KEY2])
+        assert all(g.keyring.keys == [KEY2] for g in nodes)
+        nodes[1].put("t", "netR", "b", b"2")
+        await until(lambda: all(g.entries("t", "netR") == {"a": b"1", "b": b"2"} for g in nodes), "b after rotation")
+        assert all(list(states(g).values()).count("alive") == 3 for g in nodes)
+        with pytest.raises(ValueError, match="empty"):
+            nodes[0].set_keys([])
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="probe_timeout"):
+        Gossip("x", "127.0.0.1", "127.0.0.1", config=GossipConfig(probe_interval=0.2, probe_timeout=0.3))
+    with pytest.raises(ValueError, match="gossip_interval"):
+        Gossip("x", "127.0.0.1", "127.0.0.1", config=GossipConfig(gossip_interval=0))
