@@ -69,7 +69,7 @@ from pyroute2 import IPRoute, NetlinkError, netns
 
 from shoal.proto import objects_pb2
 
-from . import nft
+from . import nft, xfrm
 from .nslab import ns_path
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,7 @@ class OverlayDriver:
         self._host_ports: dict[tuple[str, int], _Published] = {}
         self._ingress: Interface | None = None
         self._ingress_gw_ip: str | None = None
+        self._esp: bool | None = None
         self.underlay_mtu = underlay_mtu or self._detect_mtu()
 
     # ------------------------------------------------------------------ helpers
@@ -246,6 +247,11 @@ class OverlayDriver:
         gateway = net.ipam.configs[0].gateway or str(subnet.network_address + 1)
         gateway = _strip(gateway)
         if "encrypted" in net.spec.driver_config.options:
+            if not self._esp_supported():
+                raise OverlayError(
+                    f"network {nid}: --opt encrypted needs IPsec ESP with AES-GCM in the kernel "
+                    "(CONFIG_INET_ESP, CONFIG_CRYPTO_GCM), which this node's kernel lacks; "
+                    "create the network without --opt encrypted or run the node on such a kernel")
             raise OverlayError(
                 f"network {nid}: encrypted overlays are not supported by this node's driver yet; "
                 "create the network without --opt encrypted")
@@ -336,6 +342,20 @@ class OverlayDriver:
         if vni is not None:
             with self._host() as h:
                 self._del_link(h, f"vx-{vni}")
+
+    def _esp_supported(self) -> bool:
+        """Probe: can the kernel hold an ESP rfc4106(gcm(aes)) SA? (adds one to 127.0.0.2, removes it)"""
+        if self._esp is None:
+            with xfrm.Xfrm(self.host_netns) as x:
+                try:
+                    x.add_sa("127.0.0.1", "127.0.0.2", 0xD0C4FFFF, bytes(20), 0xD0C4)
+                    x.del_sa("127.0.0.2", 0xD0C4FFFF)
+                    self._esp = True
+                except xfrm.XfrmError as e:
+                    if e.errno not in (errno.ENOSYS, errno.EPROTONOSUPPORT, errno.ENOENT):
+                        raise
+                    self._esp = False
+        return self._esp
 
     def remove_network(self, network_id: str) -> None:
         with self._lock:

@@ -216,6 +216,33 @@ def test_failed_attach_leaves_nothing(nslab, netprogs):
     assert snapshot(lab, netprogs) == before
 
 
+def test_encrypted_network_is_refused_clearly_and_xfrm_policies_work(nslab, netprogs):
+    """This kernel has no ESP/GCM: an encrypted network is a clear error with nothing built. The
+    xfrm netlink structures (policies with a mark, as the encrypted data path would use) are
+    checked against the kernel all the same."""
+    from shoal.netdriver.xfrm import Xfrm
+
+    lab = nslab(1)
+    before = snapshot(lab, netprogs)
+    (d1,) = drivers_for(lab)
+    try:
+        net = make_net("netenc", 4560, "198.19.5.0/24")
+        net.spec.driver_config.options["encrypted"] = ""
+        with pytest.raises(OverlayError, match="encrypted"):
+            d1.ensure_network(net)
+        assert snapshot(lab, netprogs) == before
+        with Xfrm(lab.hosts[0].path) as x:
+            x.set_out_policy("198.18.0.1", "198.18.0.2", 4789, 0xD0C4E3, 7)
+            x.set_out_policy("198.18.0.1", "198.18.0.2", 4789, 0xD0C4E3, 7)  # update, not a second one
+            shown = lab.run(lab.hosts[0].path, ["ip", "xfrm", "policy"]).stdout
+            assert "dport 4789" in shown and "mark 0xd0c4e3/0xffffffff" in shown and "mode transport" in shown
+            assert [(p.src, p.dst, p.mark) for p in x.list_policies()] == [("198.18.0.1", "198.18.0.2", 0xD0C4E3)]
+            x.del_out_policy("198.18.0.1", "198.18.0.2", 4789, 0xD0C4E3)
+            assert x.list_policies() == [] and x.list_sas() == []
+    finally:
+        cleanup_all([d1])
+
+
 def test_restore_after_restart(nslab, netprogs):
     lab = nslab(2)
     before = snapshot(lab, netprogs)
