@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import ipaddress
 import json
 import logging
@@ -342,10 +343,14 @@ class ImageStore:
                 if self._has_layer(diff_id):
                     return
                 _hex(desc["digest"])
-                unpack_into(str(self.layers / _hex(diff_id)), str(self.tmp),
-                            lambda: client.open_blob(repo, desc["digest"], display).body,
-                            compression=comp, expect_digest=desc["digest"], expect_diff_id=diff_id,
-                            size=desc.get("size"))
+                try:
+                    unpack_into(str(self.layers / _hex(diff_id)), str(self.tmp),
+                                lambda: client.open_blob(repo, desc["digest"], display),  # type: ignore
+                                compression=comp, expect_digest=desc["digest"], expect_diff_id=diff_id,
+                                size=desc.get("size"))
+                except (http.client.HTTPException, ConnectionError, TimeoutError) as e:
+                    raise RegistryUnreachable(f"registry {client.host} broke off while sending layer "
+                                              f"{desc['digest'][:19]} of {display}: {e or type(e).__name__}") from e
                 log.info("layer unpacked diff_id=%s ref=%s", diff_id[:19], display)
 
         with self._pin(diff_ids):
