@@ -229,6 +229,13 @@ class Manager:
 
     async def stop(self) -> None:
         log.info("node=%s manager stopping", self.node_id)
+        if self.store is not None and self.store.is_leader() and len(self.store.members()) > 1:
+            # Hand leadership over first: the others need not wait for an election timeout.
+            try:
+                moved = await self.store.transfer_leadership(timeout=1.0)
+                log.info("node=%s leadership %s before stopping", self.node_id, "handed over" if moved else "kept")
+            except Exception:
+                log.exception("node=%s leadership hand-over failed", self.node_id)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
