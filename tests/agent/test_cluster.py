@@ -5,112 +5,17 @@ its containers and stops them (their tasks were replaced). Needs root."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
-import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from agent_helpers import PREFIX
-
-from shoal.lab.registry import free_port
+from cluster_helpers import Node, cleanup_cluster, ctl, dump_logs, free_port, running_containers, wait_until
 
 pytestmark = pytest.mark.integration
-HERE = Path(__file__).resolve().parent
-SWARMCTL = [sys.executable, "-m", "shoal.cli.swarmctl"]
-
-
-class Node:
-    def __init__(self, base: Path, name: str) -> None:
-        self.name = name
-        self.dir = base / name
-        self.api = f"127.0.0.1:{free_port()}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, *extra: str) -> None:
-        self.dir.mkdir(exist_ok=True)
-        log = open(self.dir.parent / f"{self.name}.log", "ab")
-        argv = [
-            sys.executable,
-            str(HERE / "run_swarmd.py"),
-            "-d",
-            str(self.dir),
-            "--listen-remote-api",
-            self.api,
-            "--hostname",
-            self.name,
-            *extra,
-        ]
-        self.proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-        log.close()
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(sig)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def ctl(sock: Path, *args: str, check: bool = True, timeout: float = 120) -> str:
-    r = subprocess.run(
-        [*SWARMCTL, "--socket", str(sock), *args], capture_output=True, text=True, timeout=timeout
-    )
-    if check and r.returncode != 0:
-        raise AssertionError(f"swarmctl {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r.stdout
-
-
-def wait_until(pred, timeout: float = 60, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.2)
-
-
-def running_containers(node: Node) -> list[str]:
-    from shoal.agent.engine import Engine
-
-    async def main() -> list[str]:
-        e = Engine(node.dir / "engine")
-        try:
-            return sorted(c.id for c in await e.list() if c.status == "running")
-        finally:
-            await e.close()
-
-    return asyncio.run(main())
-
-
-def cleanup_engine(root: Path) -> None:
-    from shoal.agent.engine import Engine
-
-    async def main() -> None:
-        e = Engine(root)
-        for c in await e.list():
-            with contextlib.suppress(Exception):
-                await e.remove(c.id)
-        await e.close()
-
-    if (root / "containers").is_dir():
-        asyncio.run(main())
 
 
 def test_one_manager_two_workers_run_six_replicas_spread_two_each(registry) -> None:
@@ -201,20 +106,7 @@ def test_one_manager_two_workers_run_six_replicas_spread_two_each(registry) -> N
                 what=f"containers removed on {n.name}",
             )
     except BaseException:
-        for n in nodes:
-            log = base / f"{n.name}.log"
-            if log.exists():
-                sys.stderr.write(
-                    f"---- {n.name} log tail\n" + "\n".join(log.read_text().splitlines()[-30:]) + "\n"
-                )
+        dump_logs(base, nodes)
         raise
     finally:
-        for n in (w2, w1, m1):
-            n.stop()
-        for n in nodes:
-            cleanup_engine(n.dir / "engine")
-        with open("/proc/self/mountinfo") as f:
-            mps = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(base))]
-        for mp in sorted(mps, reverse=True):
-            os.system(f"umount -l {mp!r} 2>/dev/null")
-        shutil.rmtree(base, ignore_errors=True)
+        cleanup_cluster(base, nodes)
