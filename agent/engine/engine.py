@@ -494,7 +494,7 @@ class Engine:
                 "-b", str(rd / "bundle"), "-p", str(rd / "ctr.pid"), "-P", str(rd / "conmon.pid"),
                 "-l", f"k8s-file:{d / 'ctr.log'}", "--log-size-max", str(self.log_size_max),
                 "--exit-dir", str(rd / "exit"), "-0", str(rd / "persist"), "--socket-dir-path", str(self.sock_dir),
-                "--runtime-arg", f"--root={self.runc_root}", "--log-level", "error"]
+                "--runtime-arg", f"--root={self.runc_root}", "--log-level", "error", "--no-sync-log"]
         if cfg.spec.tty:
             argv.append("-t")   # conmon allocates the pty (console socket) and logs its output as stdout
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "_OCI_SYNCPIPE": str(w)}
