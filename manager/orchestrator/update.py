@@ -274,8 +274,11 @@ class Updater:
         )
         if not start_first:
             await asyncio.shield(self.restarts.delay_start(DelayedStart(repl.id, 0.0, old, wait_stop=old is not None)))
-        got = await self.waiters.wait(self.store, "task", repl.id, lambda t: t.status.state >= RUNNING)
-        if got is None:
+        # Until it runs or ended -- or was shut down by someone else (its node was lost, the slot removed).
+        got = await self.waiters.wait(
+            self.store, "task", repl.id, lambda t: t.status.state >= RUNNING or t.desired_state > RUNNING
+        )
+        if got is None or got.status.state < RUNNING:
             return
         if got.status.state == RUNNING:
             self._updated[repl.id] = time.monotonic()
