@@ -301,9 +301,12 @@ class Engine:
         return self._locks.setdefault(cid, asyncio.Lock())
 
     async def _runc(self, *args: str, check: bool = True) -> tuple[int, str]:
-        p = await asyncio.create_subprocess_exec(RUNC, "--root", str(self.runc_root), *args,
-                                                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                                                 stderr=asyncio.subprocess.PIPE)
+        try:
+            p = await asyncio.create_subprocess_exec(RUNC, "--root", str(self.runc_root), *args,
+                                                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                     stderr=asyncio.subprocess.PIPE)
+        except FileNotFoundError:
+            raise RuntimeFailed(f"{RUNC} is not installed on this node (Debian package runc)") from None
         out, err = await p.communicate()
         rc = p.returncode or 0
         msg = _runc_error(err.decode(errors="replace")) or out.decode(errors="replace").strip()
@@ -502,6 +505,9 @@ class Engine:
             with open(rd / "conmon.log", "ab") as logf:
                 proc = await asyncio.create_subprocess_exec(*argv, env=env, pass_fds=(w,), stdin=subprocess.DEVNULL,
                                                             stdout=logf, stderr=logf, start_new_session=True)
+        except FileNotFoundError:
+            os.close(r)
+            raise RuntimeFailed(f"{CONMON} is not installed on this node (Debian package conmon)") from None
         finally:
             os.close(w)
         loop = asyncio.get_running_loop()
