@@ -84,10 +84,12 @@ def test_exit_codes_bad_image_and_secrets_through_the_dispatcher(engine_root, re
             ok = make_task("n1", "sh", "-c", "cat /run/secrets/pw; echo; exit 0", secrets=[sec])
             bad = make_task("n1", "sh", "-c", "exit 3", slot=2)
             noimg = make_task("n1", image="nosuchimage:1", slot=3)
-            for t in (ok, bad, noimg):
+            oom = make_task("n1", "dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1", slot=4)
+            oom.spec.resources.limits.memory_bytes = 32 << 20
+            for t in (ok, bad, noimg, oom):
                 await st.update(lambda tx, t=t: tx.create(t))
             async with running_agent("n1", addr, engine, tmp_path):
-                for t in (ok, bad, noimg):
+                for t in (ok, bad, noimg, oom):
                     await wait_for(
                         lambda t=t: task_state(st, t.id) >= S.COMPLETE, what=f"task {t.id} finished"
                     )
@@ -99,13 +101,16 @@ def test_exit_codes_bad_image_and_secrets_through_the_dispatcher(engine_root, re
                 assert s_ok.state == S.COMPLETE and s_ok.container.exit_code == 0
                 assert s_bad.state == S.FAILED and s_bad.container.exit_code == 3
                 assert s_bad.err == "task: non-zero exit (3)"
+                s_oom = st.get("task", oom.id).status
+                assert s_oom.state == S.FAILED and s_oom.container.exit_code == 137
+                assert "OOM" in s_oom.err and "out of memory" in s_oom.err
                 assert s_noimg.state == S.REJECTED
                 assert "nosuchimage" in s_noimg.err and "\n" not in s_noimg.err
                 # The secret reached the container (on its tmpfs) and nothing of it is in the engine root.
                 lines = [ln.line async for ln in engine.logs(ok.id)]
                 assert lines == ["hunter2"]
                 # Nothing is left of the rejected task.
-                assert {c.id for c in await engine.list()} == {ok.id, bad.id}
+                assert {c.id for c in await engine.list()} == {ok.id, bad.id, oom.id}
 
                 # Logs through the broker, like `swarmctl task logs`.
                 import grpc
@@ -120,7 +125,7 @@ def test_exit_codes_bad_image_and_secrets_through_the_dispatcher(engine_root, re
                 assert got[0].context.node_id == "n1" and got[0].timestamp.seconds > 0
 
                 # The reaper deletes finished tasks: their containers go.
-                for t in (ok, bad):
+                for t in (ok, bad, oom):
                     await st.update(lambda tx, t=t: tx.delete(st.get("task", t.id)))
                 await wait_for(lambda: not engine._metas(), what="containers removed")
         await engine.close()
