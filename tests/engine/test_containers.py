@@ -371,6 +371,9 @@ def test_new_engine_readopts_after_agent_killed(shared_root, registry):
                                         "while true; do sleep 0.1; done"], healthcheck=hc)
             await e.create(ContainerConfig({c!r}, "adopt.1", s))
             await e.start({c!r})
+            await e.create(ContainerConfig({c + "x"!r}, "adopt.2", types_pb2.ContainerSpec(
+                image="busybox", args=["sh", "-c", "exit 5"])))
+            await e.start({c + "x"!r})
             print("started", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         asyncio.run(main())
@@ -389,12 +392,15 @@ def test_new_engine_readopts_after_agent_killed(shared_root, registry):
                     break
                 await asyncio.sleep(0.05)
             await e.stop(c, timeout=10)
-            return listed, st, await e.inspect(c)
+            exited_meanwhile = await e.wait(c + "x")     # it exited while no engine process was alive
+            return listed, st, await e.inspect(c), exited_meanwhile
         finally:
             await e.remove(c)
+            await e.remove(c + "x")
             await e.close()
 
-    listed, st, after = run(main())
+    listed, st, after, exited_meanwhile = run(main())
+    assert exited_meanwhile.exit_code == 5 and exited_meanwhile.reason == "Error"
     assert len(listed) == 1 and listed[0].status == "running" and listed[0].pid > 0
     assert st.health.status == "healthy"
     assert after.status == "exited" and after.exit.exit_code == 42
