@@ -405,10 +405,11 @@ class Gossip(Delegate):
     # ----- Delegate hooks (called by Memberlist) ---------------------------------------------
 
     def notify_alive(self, member: Member, rejoined: bool) -> None:
-        if rejoined:
-            nets = [n for n in self._networks if self._in_network(member.node_id, n)]
-            if nets:
-                self._spawn(self._sync_quietly(member, nets))
+        # a member back from the dead (or forgotten, after a partition) whose networks we know:
+        # its entries were purged here, so fetch them (and give it ours) at once
+        nets = [n for n in self._networks if self._in_network(member.node_id, n)]
+        if nets:
+            self._spawn(self._sync_quietly(member, nets))
 
     def notify_gone(self, member: Member) -> None:
         events = self.store.purge_owner(member.node_id)

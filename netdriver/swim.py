@@ -60,6 +60,8 @@ class GossipConfig:
     udp_buffer_size: int = 1400          # max datagram size (plaintext + crypto overhead)
     tcp_timeout: float = 5.0
     leave_timeout: float = 1.0           # how long leave() waits for its broadcasts to go out
+    reconnect_interval: float = 10.0     # try to rejoin one random failed (dead) member this often,
+    reconnect_timeout: float = 3600.0    # for this long after it failed (heals partitions)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -230,6 +232,7 @@ class Memberlist:
         self._probe_list: list[str] = []
         self._probe_index = 0
         self._suspicion: dict[str, asyncio.TimerHandle] = {}
+        self._failed: dict[str, tuple[str, int, float]] = {}  # dead members to reconnect: addr, port, since
         self._transport: asyncio.DatagramTransport | None = None
         self._protocol: _UDP | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -259,6 +262,7 @@ class Memberlist:
             asyncio.create_task(self._gossip_loop(), name=f"swim-gossip-{self.node_id}"),
             asyncio.create_task(self._push_pull_loop(), name=f"swim-pushpull-{self.node_id}"),
             asyncio.create_task(self._reap_loop(), name=f"swim-reap-{self.node_id}"),
+            asyncio.create_task(self._reconnect_loop(), name=f"swim-reconnect-{self.node_id}"),
         ]
         log.info("node=%s gossip listening on %s:%d (advertise %s)", self.node_id, self.bind_addr, self.port,
                  self.advertise_addr)
@@ -368,6 +372,7 @@ class Memberlist:
         if u.incarnation <= m.incarnation:
             return
         was = m.state
+        self._failed.pop(u.node, None)
         m.incarnation, m.addr, m.port = u.incarnation, u.addr, u.port
         self._cancel_suspicion(u.node)
         self._set_state(m, ALIVE)
@@ -421,6 +426,10 @@ class Memberlist:
         self._cancel_suspicion(u.node)
         was = m.state
         self._set_state(m, LEFT if u.state == LEFT else DEAD)
+        if u.state == LEFT:
+            self._failed.pop(u.node, None)
+        else:
+            self._failed[u.node] = (m.addr, m.port, time.monotonic())
         self.queue_broadcast(("member", u.node), pb.Message(member=self._update_of(m, getattr(u, "from"))))
         if was in (ALIVE, SUSPECT):
             self.delegate.notify_gone(m)
@@ -598,6 +607,26 @@ class Memberlist:
                 await self.push_pull(m.addr, m.port, join=False)
             except (TimeoutError, OSError, asyncio.IncompleteReadError, KeyringError, ValueError) as e:
                 log.info("node=%s push-pull with %s failed: %s", self.node_id, m.node_id, e or type(e).__name__)
+
+    async def _reconnect_loop(self) -> None:
+        """Like Serf/NetworkDB: now and then push-pull with a failed member, so that the two sides
+        of a healed partition find each other again (probes and gossip skip dead members)."""
+        while True:
+            await asyncio.sleep(self.config.reconnect_interval * random.uniform(0.75, 1.25))
+            now = time.monotonic()
+            for node, (_, _, since) in list(self._failed.items()):
+                m = self._members.get(node)
+                if now - since > self.config.reconnect_timeout or (m is not None and m.state in (ALIVE, SUSPECT, LEFT)):
+                    del self._failed[node]
+            if not self._failed or self._leaving:
+                continue
+            node = random.choice(list(self._failed))
+            addr, port, _ = self._failed[node]
+            try:
+                await self.push_pull(addr, port, join=True)
+                log.info("node=%s reconnected to failed member=%s", self.node_id, node)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, KeyringError, ValueError) as e:
+                log.debug("node=%s reconnect to %s failed: %s", self.node_id, node, e or type(e).__name__)
 
     async def _reap_loop(self) -> None:
         while True:

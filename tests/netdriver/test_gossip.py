@@ -369,3 +369,26 @@ def test_config_errors_name_the_field():
         Gossip("x", "127.0.0.1", "127.0.0.1", config=GossipConfig(probe_interval=0.2, probe_timeout=0.3))
     with pytest.raises(ValueError, match="gossip_interval"):
         Gossip("x", "127.0.0.1", "127.0.0.1", config=GossipConfig(gossip_interval=0))
+
+
+@aiotest
+async def test_partition_heals_through_reconnect():
+    cfg = GossipConfig(dead_reclaim_time=2.0, reconnect_interval=1.0)
+    async with cluster(4, config=cfg) as nodes:
+        for g in nodes:
+            await g.join_network("netP")
+        nodes[3].put("t", "netP", "k3", b"3")
+        nodes[0].put("t", "netP", "k0", b"0")
+        await until(lambda: all(len(g.entries("t", "netP")) == 2 for g in nodes), "entries everywhere")
+        # partition: n3 only speaks KEY2 now, so every packet across is dropped both ways
+        nodes[3].set_keys([KEY2])
+        await until(lambda: all(states(g)["n3"] == "dead" for g in nodes[:3]), "n3 dead on the majority")
+        await until(lambda: all(states(nodes[3]).get(f"n{i}") in ("dead", None) for i in range(3)),
+                    "the majority dead on n3")
+        assert all(g.entries("t", "netP") == {"k0": b"0"} for g in nodes[:3])
+        assert nodes[3].entries("t", "netP") == {"k3": b"3"}
+        # let the dead be forgotten by gossip (only reconnects can find them now), then heal
+        await asyncio.sleep(2 * cfg.dead_reclaim_time)
+        nodes[3].set_keys([KEY1])
+        await until(lambda: all(list(states(g).values()).count("alive") == 4 for g in nodes), "healed")
+        await until(lambda: all(len(g.entries("t", "netP")) == 2 for g in nodes), "tables merged again")
