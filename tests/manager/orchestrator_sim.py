@@ -365,8 +365,11 @@ class Sim:
                 await self._set_state(t.id, types_pb2.READY, "prepared")
 
     @contextlib.asynccontextmanager
-    async def running(self, scheduler_debounce: float = 0.005, **names: bool) -> AsyncIterator[Sim]:
-        """Run the leader loops (all, or those named True) plus the simulated allocator and agents."""
+    async def running(
+        self, scheduler_debounce: float = 0.005, real_allocator: bool = False, **names: bool
+    ) -> AsyncIterator[Sim]:
+        """Run the leader loops (all, or those named True) plus the allocator (the real one, or a stand-in
+        that only moves NEW tasks to PENDING) and the simulated agents."""
         all_loops = {
             "replicated": lambda: ReplicatedOrchestrator(self.store, debounce=0.005, old_task_timeout=2.0),
             "global_": lambda: GlobalOrchestrator(self.store, debounce=0.005, old_task_timeout=2.0),
@@ -380,7 +383,13 @@ class Sim:
             for k, make in chosen.items():
                 self.loops[k] = make()
                 tasks.append(asyncio.create_task(self.loops[k].run(), name=k))
-            tasks.append(asyncio.create_task(self._allocator(), name="allocator"))
+            if real_allocator:
+                from shoal.manager.allocator import Allocator
+
+                self.loops["allocator"] = Allocator(self.store)
+                tasks.append(asyncio.create_task(self.loops["allocator"].run(), name="allocator"))
+            else:
+                tasks.append(asyncio.create_task(self._allocator(), name="allocator"))
             tasks.append(asyncio.create_task(self._agents(), name="agents"))
             await asyncio.sleep(0)
             yield self
