@@ -21,7 +21,15 @@ DEFAULT_RPC_TIMEOUT = 30.0
 
 
 class CliError(Exception):
-    """An error shown to the user as `Error: <message>` with exit status 1."""
+    """An error shown to the user as `Error: <message>` with exit status 1 (`code`: the gRPC status name)."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def out_of_sequence(self) -> bool:
+        return self.code == "FAILED_PRECONDITION" and "out of sequence" in str(self)
 
 
 def tls_files(tls_dir: str) -> tuple[Path, Path, Path]:
@@ -69,7 +77,7 @@ class Client:
         try:
             return getattr(self.stub, method)(request, timeout=timeout or self.timeout)
         except grpc.RpcError as e:
-            raise CliError(self._message(e, timeout or self.timeout)) from None
+            raise CliError(self._message(e, timeout or self.timeout), e.code().name) from None
 
     def _message(self, e: Any, timeout: float) -> str:
         code, details = e.code(), e.details() or ""

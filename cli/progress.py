@@ -48,9 +48,11 @@ class Snapshot:
 
 
 def up_to_date(task: objects_pb2.Task, svc: objects_pb2.Service) -> bool:
-    if task.spec_version:
-        return task.spec_version == svc.spec_version
-    return task.spec == svc.spec.task
+    """Made from the service's current task template and endpoint (the orchestrator's notion of a task that
+    is not dirty): a scale changes the spec version but leaves the running tasks current."""
+    if task.spec_version and task.spec_version == svc.spec_version:
+        return True
+    return task.spec == svc.spec.task and task.endpoint.spec == svc.spec.endpoint
 
 
 def _pick(current: objects_pb2.Task | None, task: objects_pb2.Task) -> bool:

@@ -217,6 +217,11 @@ def cluster_inspect(c: Client, args: argparse.Namespace) -> None:
 
 
 def cluster_update(c: Client, args: argparse.Namespace) -> None:
+    cl = _retrying(lambda: _cluster_update_once(c, args))
+    print(cl.spec.annotations.name or cl.id)
+
+
+def _cluster_update_once(c: Client, args: argparse.Namespace) -> objects_pb2.Cluster:
     cl = c.call("GetCluster", control_pb2.GetClusterRequest()).cluster
     spec = specs_pb2.ClusterSpec()
     spec.CopyFrom(cl.spec)
@@ -234,18 +239,21 @@ def cluster_update(c: Client, args: argparse.Namespace) -> None:
     spec.annotations.labels.update(_labels(args.label_add))
     for k in args.label_rm or ():
         spec.annotations.labels.pop(k, None)
-    c.call("UpdateCluster", control_pb2.UpdateClusterRequest(
+    return c.call("UpdateCluster", control_pb2.UpdateClusterRequest(
         cluster_version=cl.meta.version, spec=spec, rotate_worker_token=args.rotate_worker_token,
-        rotate_manager_token=args.rotate_manager_token))
-    print(cl.spec.annotations.name or cl.id)
+        rotate_manager_token=args.rotate_manager_token)).cluster
 
 
 def swarm_join_token(c: Client, args: argparse.Namespace) -> None:
     cl = c.call("GetCluster", control_pb2.GetClusterRequest()).cluster
     if args.rotate:
-        req = control_pb2.UpdateClusterRequest(cluster_version=cl.meta.version, spec=cl.spec)
-        setattr(req, f"rotate_{args.role}_token", True)
-        cl = c.call("UpdateCluster", req).cluster
+        def rotate() -> objects_pb2.Cluster:
+            cur = c.call("GetCluster", control_pb2.GetClusterRequest()).cluster
+            req = control_pb2.UpdateClusterRequest(cluster_version=cur.meta.version, spec=cur.spec)
+            setattr(req, f"rotate_{args.role}_token", True)
+            return c.call("UpdateCluster", req).cluster
+
+        cl = _retrying(rotate)
         if not args.quiet:
             print(f"Successfully rotated {args.role} join token.\n")
     token = getattr(cl.root_ca.join_tokens, args.role)
@@ -256,10 +264,10 @@ def swarm_join_token(c: Client, args: argparse.Namespace) -> None:
     try:
         info = _info(c)
         node = _get(c, "node", info.node_id) if info.node_id else None
-        host = ""
-        if node is not None:
-            host = node.status.addr or node.description.addr or node.manager_status.addr.rpartition(":")[0]
-        addr = f"{host}:2377" if host else ""
+        if node is not None and node.manager_status.api_addr:
+            addr = node.manager_status.api_addr
+        elif node is not None and (node.status.addr or node.description.addr):
+            addr = f"{node.status.addr or node.description.addr}:2377"
     except CliError:
         pass
     print(f"To add a {args.role} to this swarm, run the following command:\n")
@@ -335,13 +343,31 @@ def node_inspect(c: Client, args: argparse.Namespace) -> None:
     _inspect(args, c, "node", args.nodes, _node_pretty)
 
 
+UPDATE_ATTEMPTS = 5
+
+
+def _retrying(fn: Callable[[], Any]) -> Any:
+    """Run a read-modify-write again when something else changed the object in between (a control
+    loop writing status, say): the change is re-applied to what is current."""
+    for attempt in range(UPDATE_ATTEMPTS):
+        try:
+            return fn()
+        except CliError as e:
+            if not e.out_of_sequence or attempt == UPDATE_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _update_node(c: Client, ref: str, change: Callable[[specs_pb2.NodeSpec], None]) -> objects_pb2.Node:
-    node = _get(c, "node", _node_ref(c, ref))
-    spec = specs_pb2.NodeSpec()
-    spec.CopyFrom(node.spec)
-    change(spec)
-    return c.call("UpdateNode", control_pb2.UpdateNodeRequest(
-        node_id=node.id, node_version=node.meta.version, spec=spec)).node
+    def once() -> objects_pb2.Node:
+        node = _get(c, "node", _node_ref(c, ref))
+        spec = specs_pb2.NodeSpec()
+        spec.CopyFrom(node.spec)
+        change(spec)
+        return c.call("UpdateNode", control_pb2.UpdateNodeRequest(
+            node_id=node.id, node_version=node.meta.version, spec=spec)).node
+
+    return _retrying(once)
 
 
 def node_update(c: Client, args: argparse.Namespace) -> None:
@@ -706,14 +732,17 @@ def service_create(c: Client, args: argparse.Namespace) -> None:
 
 def _service_update_request(c: Client, ref: str, change: Callable[[specs_pb2.ServiceSpec], None],
                             rollback: bool = False) -> objects_pb2.Service:
-    svc = _get(c, "service", ref)
-    spec = specs_pb2.ServiceSpec()
-    spec.CopyFrom(svc.spec)
-    change(spec)
-    req = control_pb2.UpdateServiceRequest(service_id=svc.id, service_version=svc.meta.version, spec=spec)
-    if rollback:
-        req.rollback = control_pb2.UpdateServiceRequest.PREVIOUS
-    return c.call("UpdateService", req).service
+    def once() -> objects_pb2.Service:
+        svc = _get(c, "service", ref)
+        spec = specs_pb2.ServiceSpec()
+        spec.CopyFrom(svc.spec)
+        change(spec)
+        req = control_pb2.UpdateServiceRequest(service_id=svc.id, service_version=svc.meta.version, spec=spec)
+        if rollback:
+            req.rollback = control_pb2.UpdateServiceRequest.PREVIOUS
+        return c.call("UpdateService", req).service
+
+    return _retrying(once)
 
 
 def service_update(c: Client, args: argparse.Namespace) -> None:

@@ -68,6 +68,14 @@ def rpc(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
 
     @functools.wraps(fn)
     async def wrapper(self: ControlServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        peer = _peer(context)
+        if peer is not None and not peer.is_manager:
+            log.warning("control %s refused: caller node=%s is a worker", fn.__name__, peer.node_id)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"node {peer.node_id} is a worker: the control API answers managers only; use a manager's "
+                "TLS identity or its local socket",
+            )
         try:
             return await fn(self, request, context)
         except StoreError as e:
@@ -631,6 +639,18 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         if cluster is not None and not resp.cluster_id:
             resp.cluster_id = cluster.id
         return resp
+
+
+def _peer(context: Any) -> Any:
+    """The verified node identity of an mTLS caller (None on the local socket and in tests)."""
+    try:
+        from shoal.manager.ca import peer_identity
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return peer_identity(context)
+    except Exception:  # no auth context (e.g. a test double)
+        return None
 
 
 def _labels_match(have: Any, want: dict[str, str]) -> bool:

@@ -81,6 +81,15 @@ def test_scale_to_zero_converges_when_nothing_runs() -> None:
     assert (p.running, p.desired, p.stopping) == (0, 0, 0)
 
 
+def test_scaling_keeps_tasks_of_the_same_template_current() -> None:
+    s = svc(3, version=3)
+    t = task(1, "n1", RUN, version=2)
+    t.spec.CopyFrom(s.spec.task)
+    assert up_to_date(t, s)
+    p = measure(s, Snapshot(s, [t, task(2, "n1", RUN, version=3)], [node("n1")]))
+    assert (p.running, p.desired) == (2, 3)
+
+
 def test_up_to_date_falls_back_to_spec_comparison() -> None:
     s = svc(1)
     t = objects_pb2.Task(spec=s.spec.task)

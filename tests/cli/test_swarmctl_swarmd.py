@@ -1,0 +1,206 @@
+"""Real `swarmctl` processes against a real single-manager `swarmd` (Raft store, mTLS remote API, its
+own agent running runc containers) and a real registry on loopback. Needs root."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shoal.lab.registry import Registry, free_port, seed_busybox
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent.parent
+VENV_SWARMCTL = ROOT / ".venv" / "bin" / "swarmctl"
+SWARMCTL = [str(VENV_SWARMCTL)] if VENV_SWARMCTL.exists() else [sys.executable, "-m", "shoal.cli.swarmctl"]
+PREFIX = f"st{os.getpid() % 10000}"
+
+
+class Manager:
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix=f"{PREFIX}c-", dir="/var/tmp"))
+        self.dir = self.base / "m1"
+        self.api = f"127.0.0.1:{free_port()}"
+        self.log = self.base / "m1.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def sock(self) -> Path:
+        return self.dir / "swarmd.sock"
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "shoal.node.swarmd", "-d", str(self.dir), "--listen-remote-api", self.api,
+                 "--listen-raft", f"127.0.0.1:{free_port()}", "--hostname", f"{PREFIX}m1"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.sock.exists():
+                r = self.run("node", "ls", "--format", "json")
+                if r.returncode == 0 and any(n.get("status", {}).get("state") == "READY"
+                                             for n in json.loads(r.stdout)):
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"swarmd did not come up: {self.log.read_text()[-3000:]}")
+
+    def run(self, *args: str, input: str | None = None, timeout: float = 180,
+            remote: bool = False) -> subprocess.CompletedProcess[str]:
+        conn = ["--host", self.api, "--tls-dir", str(self.dir)] if remote else ["--socket", str(self.sock)]
+        return subprocess.run(SWARMCTL + conn + list(args), capture_output=True, text=True, input=input,
+                              timeout=timeout)
+
+    def ok(self, *args: str, **kw: object) -> str:
+        r = self.run(*args, **kw)  # type: ignore[arg-type]
+        assert r.returncode == 0, f"swarmctl {' '.join(args)} failed ({r.returncode}): {r.stderr}\n{r.stdout}"
+        return r.stdout
+
+    def fails(self, *args: str, match: str, **kw: object) -> str:
+        r = self.run(*args, **kw)  # type: ignore[arg-type]
+        assert r.returncode == 1, f"swarmctl {' '.join(args)}: rc {r.returncode} {r.stdout!r} {r.stderr!r}"
+        assert r.stderr.startswith("Error: ") and match.lower() in r.stderr.lower(), r.stderr
+        return r.stderr
+
+    def stop(self) -> None:
+        p, self.proc = self.proc, None
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def cleanup(self) -> None:
+        root = self.dir / "engine"
+        if (root / "containers").is_dir():
+            from shoal.agent.engine import Engine
+
+            async def remove_all() -> None:
+                e = Engine(root)
+                for c in await e.list():
+                    with contextlib.suppress(Exception):
+                        await e.remove(c.id)
+                await e.close()
+
+            asyncio.run(remove_all())
+        with open("/proc/self/mountinfo") as f:
+            mps = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(self.base))]
+        for mp in sorted(mps, reverse=True):
+            subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[Registry]:
+    if os.geteuid() != 0:
+        pytest.fail("swarmd tests need root (or deselect with -m 'not integration')")
+    reg = Registry("127.0.0.1")
+    reg.start()
+    try:
+        seed_busybox(reg.url)
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="module")
+def mgr(registry: Registry) -> Iterator[Manager]:
+    m = Manager()
+    try:
+        m.start()
+        yield m
+    except BaseException:
+        if m.log.exists():
+            sys.stderr.write("---- swarmd log tail\n" + "\n".join(m.log.read_text().splitlines()[-40:]) + "\n")
+        raise
+    finally:
+        m.stop()
+        m.cleanup()
+
+
+def test_control_and_validation_through_raft(mgr: Manager) -> None:
+    lines = mgr.ok("node", "ls").splitlines()
+    row = lines[1].split()
+    assert row[1:6] == ["*", f"{PREFIX}m1", "Ready", "Active", "Leader"]
+    info = mgr.ok("info")
+    assert "Is Manager: true" in info and "Managers: 1" in info
+    tok = mgr.ok("swarm", "join-token", "-q", "worker").strip()
+    assert tok.startswith("SWMTKN-1-")
+    assert f"--join-addr {mgr.api}" in mgr.ok("swarm", "join-token", "manager")
+    rotated = mgr.ok("swarm", "join-token", "--rotate", "-q", "worker").strip()
+    assert rotated != tok
+
+    before = mgr.ok("service", "ls", "--format", "json")
+    mgr.fails("service", "create", "-d", "--name", "bad", "--constraint", "node.colour==x", "busybox",
+              match="unknown key 'node.colour'")
+    mgr.fails("service", "create", "-d", "--name", "bad", "-p", "70000:80", "busybox", match="out of range")
+    mgr.fails("service", "create", "-d", "--name", "bad", "--network", "nosuch", "busybox", match="not found")
+    assert mgr.ok("service", "ls", "--format", "json") == before
+
+    mgr.ok("network", "create", f"{PREFIX}net")
+    mgr.fails("network", "create", f"{PREFIX}net", match="already in use")
+    mgr.ok("secret", "create", f"{PREFIX}s", "-", input="pw")
+    [sec] = json.loads(mgr.ok("secret", "inspect", f"{PREFIX}s"))
+    assert "data" not in sec["spec"]
+    cl = json.loads(mgr.ok("cluster", "inspect"))
+    assert "ca_key" not in cl["root_ca"] and "raft_key" not in cl and cl["root_ca"]["ca_cert"]
+    mgr.ok("secret", "rm", f"{PREFIX}s")
+    mgr.ok("network", "rm", f"{PREFIX}net")
+
+    # The remote API with the node's own (manager) TLS identity, over mutual TLS.
+    assert json.loads(mgr.ok("info", "--format", "json", remote=True))["is_manager"]
+    assert mgr.ok("node", "ls", "-q", remote=True).split() == mgr.ok("node", "ls", "-q").split()
+
+
+def test_service_converges_scales_updates_rolls_back_and_is_removed(mgr: Manager, registry: Registry) -> None:
+    image = f"{registry.host}/library/busybox:latest"
+    name = f"{PREFIX}web"
+    out = mgr.ok("service", "create", "--name", name, "--replicas", "2", "--stop-grace-period", "1s",
+                 "--update-monitor", "500ms", image, "sleep", "600")
+    assert f"verify: Service {name} converged" in out and "overall progress: 2 out of 2 tasks" in out
+    row = next(r for r in mgr.ok("service", "ls").splitlines() if f" {name} " in r)
+    assert row.split()[2:4] == ["replicated", "2/2"]
+    ps = mgr.ok("service", "ps", name).splitlines()
+    assert ps[0].split()[:5] == ["ID", "NAME", "IMAGE", "NODE", "DESIRED"]
+    assert sum(1 for r in ps[1:] if " Running " in r and "ago" in r) == 2
+
+    assert "converged" in mgr.ok("service", "scale", f"{name}=3")
+    assert mgr.ok("service", "ls").count("3/3") == 1
+
+    out = mgr.ok("service", "update", "--env-add", "V=2", name)
+    assert f"verify: Service {name} converged" in out
+    [svc] = json.loads(mgr.ok("service", "inspect", name))
+    running = [t for t in json.loads(mgr.ok("service", "ps", name, "--format", "json"))
+               if t["status"].get("state") == "RUNNING" and t.get("desired_state") == "RUNNING"]
+    assert len(running) == 3 and all(t.get("spec_version") == svc["spec_version"] for t in running)
+
+    out = mgr.ok("service", "rollback", name)
+    assert "converged" in out
+    [svc] = json.loads(mgr.ok("service", "inspect", name))
+    assert "env" not in svc["spec"]["task"]["container"]
+
+    out = mgr.ok("service", "rm", name)
+    assert out.startswith(name)
+    live = [t for t in json.loads(mgr.ok("task", "ls", "--format", "json"))
+            if t.get("service_id") == svc["id"] and t["status"].get("state") == "RUNNING"]
+    assert live == []
+
+
+def test_failing_service_is_reported_clearly(mgr: Manager, registry: Registry) -> None:
+    name = f"{PREFIX}bad"
+    err = mgr.fails("service", "create", "--name", name, "--timeout", "2m", f"{registry.host}/library/nosuch:1",
+                    match="is not converging")
+    assert "last error:" in err
+    mgr.ok("service", "rm", "-d", name)
