@@ -46,7 +46,8 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench/overlay.py needs root (network namespaces)")
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # still clean up
+    main_pid = os.getpid()  # forked helpers must not run our cleanup: only the main process exits so
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated") if os.getpid() == main_pid else os._exit(1))
     lab = NsLab(f"bo{os.getpid() % 10000}", 2)
     drivers = [OverlayDriver(f"node{i}", h.addr, f"{lab.prefix}n{i}", host_netns=h.path,
                              gw_subnet="198.19.250.0/24") for i, h in enumerate(lab.hosts, 1)]

@@ -26,9 +26,16 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import pyroute2.config
 from pyroute2 import IPRoute, netns
 
 log = logging.getLogger(__name__)
+
+# pyroute2 forks short-lived helpers (netns sockets, netns creation) and stops them with SIGTERM.
+# A child that inherited a Python SIGTERM handler (sys.exit, or asyncio's wakeup fd shared with
+# the parent) would unwind the parent's stack or signal the parent's loop. Default dispositions
+# in those children:
+pyroute2.config.disable_mp_signal = True
 
 NETNS_DIR = "/run/netns"
 
@@ -48,6 +55,16 @@ def ns_path(name: str) -> str:
 def nsenter(path: str | None, argv: Sequence[str]) -> list[str]:
     """argv prefixed to run in the network namespace at `path` (None: the current one)."""
     return list(argv) if path is None else ["nsenter", f"--net={ns_path(path)}", *argv]
+
+
+def move_link(ipr: IPRoute, index: int, path: str) -> None:
+    """Move a link into the namespace at `path`. The fd is ours to open and close: pyroute2 closes
+    an fd it opened for a name from a callback that may run late (and hit a reused fd number)."""
+    fd = os.open(ns_path(path), os.O_RDONLY)
+    try:
+        ipr.link("set", index=index, net_ns_fd=fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -90,7 +107,7 @@ class NsLab:
         ul = self.underlay.path if self.underlay else ""
         with IPRoute(netns=ul, groups=0) as ipr:
             ipr.link("add", ifname=f"h{i}", kind="veth", peer={"ifname": f"u{i}"})
-            ipr.link("set", index=ipr.link_lookup(ifname=f"u{i}")[0], net_ns_fd=path)
+            move_link(ipr, ipr.link_lookup(ifname=f"u{i}")[0], path)
             idx = ipr.link_lookup(ifname=f"h{i}")[0]
             ipr.link("set", index=idx, master=ipr.link_lookup(ifname="br0")[0], mtu=self.mtu, state="up")
         with IPRoute(netns=path, groups=0, flags=0) as ipr:

@@ -70,7 +70,7 @@ from pyroute2 import IPRoute, NetlinkError, netns
 from shoal.proto import objects_pb2
 
 from . import nft, xfrm
-from .nslab import ns_path
+from .nslab import move_link, ns_path
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ class OverlayDriver:
                             "remove the other network or give this one another VNI") from e
                     raise
                 try:
-                    h.link("set", index=self._idx(h, tmp), net_ns_fd=sb)
+                    move_link(h, self._idx(h, tmp), sb)
                 except BaseException:
                     self._del_link(h, tmp)
                     raise
@@ -550,7 +550,7 @@ class OverlayDriver:
             with self._ipr(ns_path(n.sandbox)) as s:
                 self._del_link(s, sb_end)
                 s.link("add", ifname=sb_end, kind="veth", peer={"ifname": c_end})
-                s.link("set", index=self._idx(s, c_end), net_ns_fd=path)
+                move_link(s, self._idx(s, c_end), path)
                 s.link("set", index=self._idx(s, sb_end), mtu=n.mtu, master=self._idx(s, "br0"),
                        ifalias=ep.task_id, state="up")
             self._setup_container_if(path, c_end, ifname, str(iface), mac, n.mtu)
@@ -568,7 +568,7 @@ class OverlayDriver:
             with self._host() as hr:
                 self._del_link(hr, host_end)
                 hr.link("add", ifname=host_end, kind="veth", peer={"ifname": c_end})
-                hr.link("set", index=self._idx(hr, c_end), net_ns_fd=path)
+                move_link(hr, self._idx(hr, c_end), path)
                 hr.link("set", index=self._idx(hr, host_end), mtu=self.underlay_mtu,
                         master=self._idx(hr, self.gw_bridge), ifalias=f"{ep.task_id} {ip}", state="up")
             addr = f"{ip}/{self.gw_net.prefixlen}"
