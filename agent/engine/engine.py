@@ -503,8 +503,10 @@ class Engine:
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "_OCI_SYNCPIPE": str(w)}
         try:
             with open(rd / "conmon.log", "ab") as logf:
+                # cwd: conmon writes an "oom" marker into its working directory (besides persist/)
                 proc = await asyncio.create_subprocess_exec(*argv, env=env, pass_fds=(w,), stdin=subprocess.DEVNULL,
-                                                            stdout=logf, stderr=logf, start_new_session=True)
+                                                            stdout=logf, stderr=logf, start_new_session=True,
+                                                            cwd=str(rd))
         except FileNotFoundError:
             os.close(r)
             raise RuntimeFailed(f"{CONMON} is not installed on this node (Debian package conmon)") from None
@@ -695,7 +697,8 @@ class Engine:
         return _exit_from(st)
 
     def _oom_killed(self, meta: _Meta) -> bool:
-        if (self._rdir(meta.id) / "persist" / "oom").exists():
+        rd = self._rdir(meta.id)
+        if (rd / "persist" / "oom").exists() or (rd / "oom").exists():
             return True
         rel = meta.cgroups_path.lstrip("/")
         try:
