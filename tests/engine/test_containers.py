@@ -220,7 +220,7 @@ def test_health_check_unhealthy_and_healthy(engine, registry):
                                                                    image=f"{registry.host}/hc:latest")))
         await engine.start(good)
         states = {}
-        for _ in range(200):
+        for _ in range(600):   # a deadline (30 s) for a loaded CI machine, not a timing assertion
             states = {x: (await engine.inspect(x)).health for x in (bad, good)}
             if states[bad].status == "unhealthy" and states[good].status == "healthy":
                 break
@@ -386,7 +386,7 @@ def test_new_engine_readopts_after_agent_killed(shared_root, registry):
         try:
             listed = [x for x in await e.list() if x.id == c]
             st = None
-            for _ in range(100):   # the adopted health monitor probes again
+            for _ in range(600):   # the adopted health monitor probes again (deadline 30 s)
                 st = await e.inspect(c)
                 if st.health and st.health.status == "healthy":
                     break
