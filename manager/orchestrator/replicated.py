@@ -108,10 +108,11 @@ class ReplicatedOrchestrator(OrchestratorBase):
                      svc.id, svc.spec.annotations.name, len(live), want, _fmt(new_slots))
         elif len(live) > want:
             remove = self._choose_removals(live, len(live) - want)
+            gone = set(remove)
+            for t in tasks:
+                if t.slot in gone and t.desired_state < types_pb2.REMOVE:
+                    builders.append(self._set_desired(t.id, types_pb2.REMOVE))
             for s in remove:
-                for t in tasks:
-                    if t.slot == s and t.desired_state < types_pb2.REMOVE:
-                        builders.append(self._set_desired(t.id, types_pb2.REMOVE))
                 del live[s]
             log.info("service %s (%s): scaling down to %d, removing slots %s",
                      svc.id, svc.spec.annotations.name, want, _fmt(sorted(remove)))
