@@ -35,6 +35,8 @@ NODE_ID_KEY = "shoal-node-id"
 ENGINE_VERSION = "shoal-0.1.0"
 RECONNECT_DELAY = 0.1  # first retry after a broken session; doubles up to MAX_RECONNECT_DELAY
 MAX_RECONNECT_DELAY = 0.5
+UNREGISTERED_DELAY = 10.0
+CONNECT_TIMEOUT = 1.5
 STATUS_BATCH = 500
 LOG_BATCH = 100
 
@@ -184,6 +186,11 @@ class Agent:
                             self.managers.append(leader)
                         continue
                     log.warning("session ended node=%s manager=%s err=%s", self.node_id, addr, why)
+                    if any(
+                        x.code() == grpc.StatusCode.NOT_FOUND and "not registered" in (x.details() or "")
+                        for x in errs
+                    ):
+                        delay = UNREGISTERED_DELAY  # removed from the cluster: retry, but slowly
                 finally:
                     self.connected.clear()
                     self.session_id = ""
@@ -197,6 +204,10 @@ class Agent:
     async def _session(self, addr: str) -> None:
         channel = self._channel(addr)
         try:
+            try:  # an unreachable (partitioned) manager: move on quickly
+                await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
+            except TimeoutError:
+                raise ConnectionError(f"manager {addr} unreachable within {CONNECT_TIMEOUT:g} s") from None
             stub = dispatcher_pb2_grpc.DispatcherStub(channel)
             desc = describe_node(self.hostname, self.addr, self.labels)
             call = stub.Session(dispatcher_pb2.SessionRequest(description=desc), metadata=self._md)
@@ -338,7 +349,7 @@ class Agent:
             ctx = logs_pb2.LogContext(service_id=t.service_id, node_id=self.node_id, task_id=t.id)
             try:
                 async for line in self.worker.engine.logs(
-                    t.id, follow=opts.follow, tail=opts.tail if opts.tail else -1, since=since
+                    t.id, follow=opts.follow, tail=opts.tail, since=since
                 ):
                     m = logs_pb2.LogMessage(
                         context=ctx,
@@ -429,7 +440,10 @@ def start_agent_task(
         addr=ctx.advertise_addr,
         labels=labels,
         network=network,
-        channel_options=[("grpc.ssl_target_name_override", MANAGER_NAME), ("grpc.default_authority", MANAGER_NAME)],
+        channel_options=[
+            ("grpc.ssl_target_name_override", MANAGER_NAME),
+            ("grpc.default_authority", MANAGER_NAME),
+        ],
         on_session=on_session,
     )
 

@@ -50,7 +50,12 @@ class NetworkSetup:
 
 
 class NetworkHooks(Protocol):
-    """Where the overlay driver plugs in (wired by swarmd): attachments before create, release after remove."""
+    """Where the overlay driver plugs in (wired by swarmd).
+
+    `prepare(task)` runs before the container is created (sandbox netns, veth into each of
+    `task.networks`, addresses, DNS) and says what the container joins; `release(task)` runs after
+    the container is removed (or its creation failed). An optional `adopt(task)` is called for a
+    container that survived an agent restart (no `prepare` then)."""
 
     async def prepare(self, task: objects_pb2.Task) -> NetworkSetup: ...
 
@@ -297,6 +302,13 @@ class TaskController:
     async def _adopt(self, info: Any) -> None:
         status = _status_of(info)
         log.info("container re-adopted task=%s status=%s", self.id, status)
+        adopt = getattr(self.w.network, "adopt", None)
+        if adopt is not None and status != "exited":
+            try:
+                await adopt(self.task)  # the driver re-learns the attachments of a running container
+                self._netns_prepared = True
+            except Exception as e:
+                log.warning("network re-adoption failed task=%s err=%s", self.id, one_line(e))
         if status == "running":
             self.report(S.RUNNING, "started", pid=_pid_of(info))
         elif status == "exited":

@@ -118,7 +118,7 @@ def test_exit_codes_bad_image_and_secrets_through_the_dispatcher(engine_root, re
                 async with grpc.aio.insecure_channel(addr) as ch:
                     req = logs_pb2.SubscribeLogsRequest(
                         selector=logs_pb2.LogSelector(service_ids=["svc"]),
-                        options=logs_pb2.LogSubscriptionOptions(),
+                        options=logs_pb2.LogSubscriptionOptions(tail=-1),
                     )
                     got = [m async for r in logs_pb2_grpc.LogsStub(ch).SubscribeLogs(req) for m in r.messages]
                 assert [(m.context.task_id, m.data) for m in got] == [(ok.id, b"hunter2")]
