@@ -87,6 +87,8 @@ class TaskReaper:
                     for t in self.store.sm.tasks_by_node(obj.id):
                         if t.desired_state == types_pb2.REMOVE:
                             self._remove_candidates.add(t.id)
+                        elif ev.action == WE.DELETE:
+                            self._keys.add(history_key(t))
             elif kind == "cluster":
                 self._full = True
 
@@ -97,7 +99,7 @@ class TaskReaper:
         if self._full:
             self._full = False
             all_tasks = sm.list("task")
-            self._keys = {history_key(t) for t in all_tasks if is_dead(t)}
+            self._keys = {history_key(t) for t in all_tasks if is_dead(t) or _orphaned(sm, t)}
             self._remove_candidates = {t.id for t in all_tasks if t.desired_state == types_pb2.REMOVE}
             self._services = {t.service_id for t in all_tasks} | {s.id for s in sm.list("service") if s.pending_delete}
         keys, self._keys = self._keys, set()
@@ -131,7 +133,7 @@ class TaskReaper:
             for sid in {k[0] for k in keys}:
                 for t in sm.tasks_by_service(sid):
                     k = history_key(t)
-                    if k in keys and is_dead(t) and t.desired_state != types_pb2.REMOVE:
+                    if k in keys and t.desired_state != types_pb2.REMOVE and (is_dead(t) or _orphaned(sm, t)):
                         by_key[k].append(t)
             for dead in by_key.values():
                 if len(dead) > limit:
@@ -146,6 +148,11 @@ class TaskReaper:
 
     async def wait_idle(self) -> None:
         await self.idle.wait()
+
+
+def _orphaned(sm: object, t: objects_pb2.Task) -> bool:
+    """Told to stop on a node that was removed from the cluster: nobody will ever report it stopped."""
+    return t.desired_state > RUNNING and bool(t.node_id) and sm.get("node", t.node_id) is None  # type: ignore[attr-defined]
 
 
 def _removable(sm: object, t: objects_pb2.Task) -> bool:

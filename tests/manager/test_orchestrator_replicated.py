@@ -296,3 +296,35 @@ def test_new_leader_resumes_delayed_restart() -> None:
                 await asyncio.gather(task, return_exceptions=True)
 
     run(main())
+
+
+def test_node_removed_tasks_replaced_and_orphans_count_as_history() -> None:
+    async def main() -> None:
+        sim = Sim()
+        nodes = await sim.add_nodes(2)
+        from shoal.proto import objects_pb2
+
+        cluster = objects_pb2.Cluster()
+        cluster.spec.annotations.name = "default"
+        cluster.spec.orchestration.task_history_retention_limit = 1
+        await sim.store.update(lambda tx: tx.create(cluster))
+        async with sim.running():
+            svc = await sim.create_service(service_spec("web", replicas=2, image="crash:1"))
+            await sim.until(lambda: len(sim.live(svc.id)) == 2)
+            slot = next(t.slot for t in sim.live(svc.id) if t.node_id == nodes[0].id)
+            # The slot on n0 crashes once (one dead task), then n0 is removed from the cluster: its
+            # running task can never report again and counts as dead history of the slot too.
+            sim.crash_images.add("crash:1")
+            await sim.until(lambda: any(t.status.state == types_pb2.FAILED for t in sim.tasks(svc.id)))
+            sim.crash_images.clear()
+            await sim.until(lambda: len(sim.live(svc.id)) == 2)
+            await sim.store.update(lambda tx: tx.delete(tx.get("node", nodes[0].id)))
+            await sim.until(lambda: len(sim.live(svc.id)) == 2 and all(
+                t.node_id == nodes[1].id for t in sim.live(svc.id)), what="replaced on the remaining node")
+            await sim.settle()
+            for s in {t.slot for t in sim.tasks(svc.id)}:
+                dead = [t for t in sim.tasks(svc.id) if t.slot == s and t.desired_state > types_pb2.RUNNING]
+                assert len(dead) <= 1, sim.dump()
+            assert slot in {t.slot for t in sim.live(svc.id)}
+
+    run(main())
