@@ -48,7 +48,7 @@ class RegistryAuth:
 
     username: str = ""
     password: str = ""
-    identity_token: str = ""     # an OAuth2 refresh token, used instead of the password when set
+    identity_token: str = ""  # an OAuth2 refresh token, used instead of the password when set
 
     @classmethod
     def from_b64(cls, data: str) -> RegistryAuth | None:
@@ -60,8 +60,9 @@ class RegistryAuth:
             doc = json.loads(raw)
         except (binascii.Error, ValueError) as e:
             raise AuthenticationFailed(
-                "pull_options.registry_auth is not base64 of a JSON {\"username\",\"password\"} object; "
-                "re-create the service with --with-registry-auth") from e
+                'pull_options.registry_auth is not base64 of a JSON {"username","password"} object; '
+                "re-create the service with --with-registry-auth"
+            ) from e
         return cls(doc.get("username", ""), doc.get("password", ""), doc.get("identitytoken", ""))
 
     def __repr__(self) -> str:  # never print the password
@@ -105,8 +106,15 @@ class Response:
 
 
 class RegistryClient:
-    def __init__(self, endpoint: str, host: str, auth: RegistryAuth | None = None, *,
-                 verify_tls: bool = True, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        host: str,
+        auth: RegistryAuth | None = None,
+        *,
+        verify_tls: bool = True,
+        timeout: float = 30.0,
+    ) -> None:
         """``endpoint`` is a base URL (``https://registry-1.docker.io``, ``http://127.0.0.1:5000``);
         ``host`` is the registry name used in messages (``docker.io``)."""
         u = urllib.parse.urlsplit(endpoint)
@@ -141,8 +149,9 @@ class RegistryClient:
             return Response(conn, conn.getresponse())
         except (OSError, http.client.HTTPException) as e:
             conn.close()
-            raise RegistryUnreachable(f"registry {self.host} is unreachable at {self.endpoint}: "
-                                      f"{_reason(e)}") from e
+            raise RegistryUnreachable(
+                f"registry {self.host} is unreachable at {self.endpoint}: {_reason(e)}"
+            ) from e
 
     def _auth_headers(self, scope: str) -> dict[str, str]:
         tok = self._tokens.get(scope)
@@ -183,13 +192,24 @@ class RegistryClient:
 
     def _bad_creds(self) -> str:
         if self.auth and self.auth.username:
-            return (f"registry {self.host} rejected the credentials of user {self.auth.username!r}; "
-                    "check the registry auth sent with the service")
-        return (f"registry {self.host} requires authentication; "
-                "send credentials with the service (--with-registry-auth)")
+            return (
+                f"registry {self.host} rejected the credentials of user {self.auth.username!r}; "
+                "check the registry auth sent with the service"
+            )
+        return (
+            f"registry {self.host} requires authentication; "
+            "send credentials with the service (--with-registry-auth)"
+        )
 
-    def request(self, method: str, path: str, *, scope: str, headers: dict[str, str] | None = None,
-                follow: bool = True) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        scope: str,
+        headers: dict[str, str] | None = None,
+        follow: bool = True,
+    ) -> Response:
         """Sends ``method path`` answering one auth challenge; follows redirects; returns the final response
         open (the caller reads and closes it). 401 after authenticating raises AuthenticationFailed."""
         headers = dict(headers or {})
@@ -245,23 +265,28 @@ class RegistryClient:
         try:
             r = self.request("GET", f"/v2/{repo}/manifests/{ref}", scope=scope, headers={"Accept": ACCEPT})
         except _Denied:
-            raise ImageNotFound(f"pull access denied for {display}: the repository does not exist or needs "
-                                f"credentials (registry {self.host})") from None
+            raise ImageNotFound(
+                f"pull access denied for {display}: the repository does not exist or needs "
+                f"credentials (registry {self.host})"
+            ) from None
         try:
             if r.status == 404:
                 raise ImageNotFound(f"image {display} not found: registry {self.host} has no manifest for it")
             if r.status == 403:
                 raise AuthenticationFailed(self._bad_creds())
             if r.status != 200:
-                raise RegistryError(f"registry {self.host} answered HTTP {r.status} for manifest of {display}")
+                raise RegistryError(
+                    f"registry {self.host} answered HTTP {r.status} for manifest of {display}"
+                )
             body = r.read(MAX_MANIFEST + 1)
             if len(body) > MAX_MANIFEST:
                 raise RegistryError(f"manifest of {display} from {self.host} is larger than 4 MiB")
             mt = (r.header("Content-Type") or "").split(";")[0].strip()
             return body, mt, r.header("Docker-Content-Digest")
         except (OSError, http.client.HTTPException) as e:
-            raise RegistryUnreachable(f"registry {self.host} broke off while sending the manifest of "
-                                      f"{display}: {_reason(e)}") from e
+            raise RegistryUnreachable(
+                f"registry {self.host} broke off while sending the manifest of {display}: {_reason(e)}"
+            ) from e
         finally:
             r.close()
 
@@ -274,8 +299,12 @@ class RegistryClient:
         if r.status != 200:
             r.close()
             if r.status == 404:
-                raise ImageNotFound(f"image {display} is incomplete: registry {self.host} has no blob {digest}")
-            raise RegistryError(f"registry {self.host} answered HTTP {r.status} for blob {digest} of {display}")
+                raise ImageNotFound(
+                    f"image {display} is incomplete: registry {self.host} has no blob {digest}"
+                )
+            raise RegistryError(
+                f"registry {self.host} answered HTTP {r.status} for blob {digest} of {display}"
+            )
         return r
 
     def get_blob(self, repo: str, digest: str, display: str, limit: int = 64 << 20) -> bytes:
@@ -283,8 +312,9 @@ class RegistryClient:
         try:
             data = r.read(limit + 1)
         except (OSError, http.client.HTTPException) as e:
-            raise RegistryUnreachable(f"registry {self.host} broke off while sending blob {digest}: "
-                                      f"{_reason(e)}") from e
+            raise RegistryUnreachable(
+                f"registry {self.host} broke off while sending blob {digest}: {_reason(e)}"
+            ) from e
         finally:
             r.close()
         if len(data) > limit:

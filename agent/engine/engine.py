@@ -45,8 +45,14 @@ log = logging.getLogger(__name__)
 
 RUNC = shutil.which("runc", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/runc"
 CONMON = shutil.which("conmon", path="/usr/bin:/usr/libexec/podman:/usr/sbin") or "/usr/bin/conmon"
-TINI = next((p for p in ("/usr/bin/tini-static", "/usr/bin/catatonit", "/usr/libexec/podman/catatonit")
-             if os.path.exists(p)), "/usr/bin/tini-static")
+TINI = next(
+    (
+        p
+        for p in ("/usr/bin/tini-static", "/usr/bin/catatonit", "/usr/libexec/podman/catatonit")
+        if os.path.exists(p)
+    ),
+    "/usr/bin/tini-static",
+)
 _ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 _VOLUME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
@@ -88,7 +94,7 @@ def _pid_start(pid: int) -> int | None:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rindex(b")") + 2:].split()
+    fields = data[data.rindex(b")") + 2 :].split()
     if fields[0] == b"Z":
         return None
     return int(fields[19])
@@ -111,16 +117,16 @@ def _dt(ts: float | None) -> datetime | None:
 
 @dataclass
 class ContainerConfig:
-    id: str                                    # the task id (letters, digits, _ . -)
-    name: str                                  # e.g. web.1.<taskid>
+    id: str  # the task id (letters, digits, _ . -)
+    name: str  # e.g. web.1.<taskid>
     spec: types_pb2.ContainerSpec
     resources: types_pb2.ResourceRequirements | None = None
-    netns_path: str | None = None              # join this netns; None = new netns with only loopback
-    secrets: dict[str, bytes] = field(default_factory=dict)   # secret_id -> data
-    configs: dict[str, bytes] = field(default_factory=dict)   # config_id -> data
+    netns_path: str | None = None  # join this netns; None = new netns with only loopback
+    secrets: dict[str, bytes] = field(default_factory=dict)  # secret_id -> data
+    configs: dict[str, bytes] = field(default_factory=dict)  # config_id -> data
     labels: dict[str, str] = field(default_factory=dict)
-    resolv_conf: str | None = None             # whole /etc/resolv.conf; None = from dns_config or the host
-    extra_hosts: list[str] = field(default_factory=list)      # "IP name..." lines for /etc/hosts
+    resolv_conf: str | None = None  # whole /etc/resolv.conf; None = from dns_config or the host
+    extra_hosts: list[str] = field(default_factory=list)  # "IP name..." lines for /etc/hosts
 
 
 @dataclass
@@ -128,14 +134,14 @@ class ExitStatus:
     exit_code: int
     oom_killed: bool
     finished_at: datetime | None
-    reason: str = ""                           # "OOMKilled" | "Completed" | "Error" | "Lost"
+    reason: str = ""  # "OOMKilled" | "Completed" | "Error" | "Lost"
 
 
 @dataclass
 class ContainerState:
     id: str
     name: str
-    status: str                                # created | running | exited
+    status: str  # created | running | exited
     pid: int
     image: str
     image_id: str
@@ -143,7 +149,7 @@ class ContainerState:
     created_at: datetime | None
     started_at: datetime | None
     exit: ExitStatus | None = None
-    health: HealthState | None = None          # None when the container has no health check
+    health: HealthState | None = None  # None when the container has no health check
 
     @property
     def health_status(self) -> str | None:
@@ -166,7 +172,7 @@ class _Meta:
     health: dict | None
     exec_env: list[str]
     exec_cwd: str
-    exec_user: str                             # "uid:gid"
+    exec_user: str  # "uid:gid"
     exec_groups: list[int]
     cgroups_path: str
     pid: int = 0
@@ -180,10 +186,17 @@ class _Meta:
 
 
 class Engine:
-    def __init__(self, root: Path, *, registry_mirrors: Sequence[str] = (),
-                 insecure_registries: Sequence[str] = (), log_size_max: int = 10 << 20,
-                 on_health_change: Callable[[str, str], None] | None = None,
-                 spawn_parallel: int | None = None, run_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        registry_mirrors: Sequence[str] = (),
+        insecure_registries: Sequence[str] = (),
+        log_size_max: int = 10 << 20,
+        on_health_change: Callable[[str, str], None] | None = None,
+        spawn_parallel: int | None = None,
+        run_dir: Path | None = None,
+    ) -> None:
         """``spawn_parallel``: how many creates prepare rootfs and run ``runc create`` at once (default
         2 per CPU); more only makes them fight for the CPUs. ``run_dir``: where runtime files go (bundle,
         runc state, pid and exit files, hosts/resolv.conf, the secrets tmpfs mount point); default
@@ -191,8 +204,9 @@ class Engine:
         same for every Engine on this ROOT, and a reboot empties it (its containers then read as exited)."""
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.images = ImageStore(self.root, registry_mirrors=registry_mirrors,
-                                 insecure_registries=insecure_registries)
+        self.images = ImageStore(
+            self.root, registry_mirrors=registry_mirrors, insecure_registries=insecure_registries
+        )
         self.cdir = self.root / "containers"
         self.vdir = self.root / "volumes"
         self.run_dir = Path(run_dir).absolute() if run_dir else self.cdir
@@ -204,8 +218,11 @@ class Engine:
         self.empty_layer.mkdir(exist_ok=True)
         self.tag = hashlib.sha256(str(self.root).encode()).hexdigest()[:10]
         self.v2 = cgroup_v2()
-        self.swap_files = (os.path.exists("/sys/fs/cgroup/memory.swap.max") if self.v2 else
-                           os.path.exists("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes"))
+        self.swap_files = (
+            os.path.exists("/sys/fs/cgroup/memory.swap.max")
+            if self.v2
+            else os.path.exists("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes")
+        )
         self.log_size_max = log_size_max
         self.on_health_change = on_health_change
         self._pulls: dict[str, asyncio.Future[Image]] = {}
@@ -231,6 +248,7 @@ class Engine:
                 self._pulls.pop(key, None)
                 if not f.cancelled():
                     f.exception()  # mark retrieved: callers may all have been cancelled
+
             fut.add_done_callback(done)
         return await asyncio.shield(fut)
 
@@ -302,9 +320,15 @@ class Engine:
 
     async def _runc(self, *args: str, check: bool = True) -> tuple[int, str]:
         try:
-            p = await asyncio.create_subprocess_exec(RUNC, "--root", str(self.runc_root), *args,
-                                                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                                                     stderr=asyncio.subprocess.PIPE)
+            p = await asyncio.create_subprocess_exec(
+                RUNC,
+                "--root",
+                str(self.runc_root),
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
         except FileNotFoundError:
             raise RuntimeFailed(f"{RUNC} is not installed on this node (Debian package runc)") from None
         out, err = await p.communicate()
@@ -348,8 +372,14 @@ class Engine:
                 raise
             finally:
                 self._creating -= 1
-            log.info("container created cid=%s name=%s image=%s pid=%d in %.0f ms", cfg.id, cfg.name,
-                     cfg.spec.image, meta.pid, (time.monotonic() - t0) * 1000)
+            log.info(
+                "container created cid=%s name=%s image=%s pid=%d in %.0f ms",
+                cfg.id,
+                cfg.name,
+                cfg.spec.image,
+                meta.pid,
+                (time.monotonic() - t0) * 1000,
+            )
 
     def _prepare(self, cfg: ContainerConfig, img: Image) -> _Meta:
         """Blocking part of create: overlay mount, user lookup, files, secrets tmpfs, config.json."""
@@ -376,27 +406,40 @@ class Engine:
         for path in sorted(img.config.get("Volumes") or {}):
             # the image's VOLUMEs not given a mount become anonymous volumes, removed with the container
             if path.startswith("/") and (path.rstrip("/") or "/") not in covered:
-                mounts.append(self._mount_spec(types_pb2.Mount(type=types_pb2.Mount.VOLUME, target=path),
-                                               len(mounts), str(rootfs), anon))
+                mounts.append(
+                    self._mount_spec(
+                        types_pb2.Mount(type=types_pb2.Mount.VOLUME, target=path),
+                        len(mounts),
+                        str(rootfs),
+                        anon,
+                    )
+                )
         sec_dir = rd / "secrets"
         files: list[tuple[str, bytes, int, int, int]] = []
         for ref in s.secrets:
             if ref.secret_id not in cfg.secrets:
                 raise InvalidSpec(f"secret {ref.secret_name} ({ref.secret_id}) was not sent with the task")
-            path, uid, gid, mode = specmod.file_target(ref.file, "/run/secrets", ref.secret_name,
-                                                       f"secrets[{ref.secret_name}]")
+            path, uid, gid, mode = specmod.file_target(
+                ref.file, "/run/secrets", ref.secret_name, f"secrets[{ref.secret_name}]"
+            )
             files.append((path, cfg.secrets[ref.secret_id], uid, gid, mode))
         for ref in s.configs:
             if ref.config_id not in cfg.configs:
                 raise InvalidSpec(f"config {ref.config_name} ({ref.config_id}) was not sent with the task")
-            path, uid, gid, mode = specmod.file_target(ref.file, "/", ref.config_name,
-                                                       f"configs[{ref.config_name}]")
+            path, uid, gid, mode = specmod.file_target(
+                ref.file, "/", ref.config_name, f"configs[{ref.config_name}]"
+            )
             files.append((path, cfg.configs[ref.config_id], uid, gid, mode))
         if files:
             sec_dir.mkdir()
             size = sum(len(f[1]) + 4096 for f in files) + 65536
-            _mount("shoal-secrets", str(sec_dir), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                   f"size={size},mode=0700")
+            _mount(
+                "shoal-secrets",
+                str(sec_dir),
+                "tmpfs",
+                MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                f"size={size},mode=0700",
+            )
             for i, (path, data, uid, gid, mode) in enumerate(files):
                 src = sec_dir / f"{i}"
                 fd = os.open(src, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -406,26 +449,45 @@ class Engine:
                     os.fchmod(fd, mode)
                 finally:
                     os.close(fd)
-                mounts.append({"destination": path, "type": "bind", "source": str(src),
-                               "options": ["rbind", "rprivate", "ro"]})
+                mounts.append(
+                    {
+                        "destination": path,
+                        "type": "bind",
+                        "source": str(src),
+                        "options": ["rbind", "rprivate", "ro"],
+                    }
+                )
         hostname = merged.hostname
         (rd / "hostname").write_text(hostname + "\n")
         (rd / "hosts").write_text(specmod.hosts_file(hostname, list(s.hosts) + list(cfg.extra_hosts)))
-        (rd / "resolv.conf").write_text(specmod.resolv_conf(cfg.resolv_conf, s.dns_config if s.HasField(
-            "dns_config") else None))
+        (rd / "resolv.conf").write_text(
+            specmod.resolv_conf(cfg.resolv_conf, s.dns_config if s.HasField("dns_config") else None)
+        )
         targets = {m["destination"] for m in mounts}
         for name in ("hostname", "hosts", "resolv.conf"):
             if f"/etc/{name}" not in targets:
-                mounts.append({"destination": f"/etc/{name}", "type": "bind", "source": str(rd / name),
-                               "options": ["rbind", "rprivate"]})
+                mounts.append(
+                    {
+                        "destination": f"/etc/{name}",
+                        "type": "bind",
+                        "source": str(rd / name),
+                        "options": ["rbind", "rprivate"],
+                    }
+                )
         argv = list(merged.argv)
         specmod.find_executable(str(rootfs), argv[0], env, merged.workdir, [m["destination"] for m in mounts])
         init = s.init if s.HasField("init") else False
         if init:
             if not os.path.exists(TINI):
                 raise InvalidSpec("init is set but no static tini/catatonit is installed on this node")
-            mounts.append({"destination": specmod.INIT_PATH, "type": "bind", "source": TINI,
-                           "options": ["rbind", "rprivate", "ro"]})
+            mounts.append(
+                {
+                    "destination": specmod.INIT_PATH,
+                    "type": "bind",
+                    "source": TINI,
+                    "options": ["rbind", "rprivate", "ro"],
+                }
+            )
             argv = [specmod.INIT_PATH, "--", *argv]
         wd = specmod.resolve_in_root(str(rootfs), merged.workdir)
         if not os.path.isdir(wd):
@@ -435,18 +497,41 @@ class Engine:
         specmod.check_sysctls(dict(s.sysctls), cfg.netns_path is None)
         cgroups_path = f"/shoal-{self.tag}/{cfg.id}"
         doc = specmod.base_spec(
-            args=argv, env=env, cwd=merged.workdir, user=user, hostname=hostname, readonly=s.read_only,
-            netns_path=cfg.netns_path, caps=specmod.capabilities(list(s.capability_add), list(s.capability_drop)),
-            sysctls=dict(s.sysctls), rlimit_list=specmod.rlimits(list(s.ulimits)),
+            args=argv,
+            env=env,
+            cwd=merged.workdir,
+            user=user,
+            hostname=hostname,
+            readonly=s.read_only,
+            netns_path=cfg.netns_path,
+            caps=specmod.capabilities(list(s.capability_add), list(s.capability_drop)),
+            sysctls=dict(s.sysctls),
+            rlimit_list=specmod.rlimits(list(s.ulimits)),
             resources=specmod.resources_spec(cfg.resources, swap_files=self.swap_files),
-            cgroups_path=cgroups_path, mounts=mounts, cgroup_v2=self.v2, terminal=s.tty)
+            cgroups_path=cgroups_path,
+            mounts=mounts,
+            cgroup_v2=self.v2,
+            terminal=s.tty,
+        )
         (bundle / "config.json").write_text(json.dumps(doc))
-        meta = _Meta(id=cfg.id, name=cfg.name, image=s.image, image_id=img.id,
-                     labels={**merged.labels, **cfg.labels}, created=_now(), hostname=hostname,
-                     stop_signal=merged.stop_signal, stop_grace=merged.stop_grace,
-                     health=asdict(merged.health) if merged.health else None, exec_env=env,
-                     exec_cwd=merged.workdir, exec_user=f"{user.uid}:{user.gid}",
-                     exec_groups=user.additional_gids, cgroups_path=cgroups_path, anon_volumes=anon)
+        meta = _Meta(
+            id=cfg.id,
+            name=cfg.name,
+            image=s.image,
+            image_id=img.id,
+            labels={**merged.labels, **cfg.labels},
+            created=_now(),
+            hostname=hostname,
+            stop_signal=merged.stop_signal,
+            stop_grace=merged.stop_grace,
+            health=asdict(merged.health) if merged.health else None,
+            exec_env=env,
+            exec_cwd=merged.workdir,
+            exec_user=f"{user.uid}:{user.gid}",
+            exec_groups=user.additional_gids,
+            cgroups_path=cgroups_path,
+            anon_volumes=anon,
+        )
         self._write_json(d / "meta.json", asdict(meta))
         return meta
 
@@ -461,7 +546,12 @@ class Engine:
             prop = m.bind_options.propagation or "rprivate"
             if prop not in ("private", "rprivate", "shared", "rshared", "slave", "rslave"):
                 raise InvalidSpec(f"mounts[{i}].bind_options.propagation {prop!r} is not a propagation mode")
-            return {"destination": target, "type": "bind", "source": m.source, "options": ["rbind", prop, *ro]}
+            return {
+                "destination": target,
+                "type": "bind",
+                "source": m.source,
+                "options": ["rbind", prop, *ro],
+            }
         if m.type == types_pb2.Mount.TMPFS:
             opts = ["nosuid", "nodev"]
             if m.tmpfs_options.size_bytes:
@@ -471,8 +561,10 @@ class Engine:
             return {"destination": target, "type": "tmpfs", "source": "tmpfs", "options": opts + ro}
         if m.type == types_pb2.Mount.VOLUME:
             if m.volume_options.driver_config.name not in ("", "local"):
-                raise InvalidSpec(f"mounts[{i}]: volume driver {m.volume_options.driver_config.name!r} is not "
-                                  "supported; use the local driver")
+                raise InvalidSpec(
+                    f"mounts[{i}]: volume driver {m.volume_options.driver_config.name!r} is not "
+                    "supported; use the local driver"
+                )
             name = m.source
             if not name:
                 name = "anon-" + os.urandom(12).hex()
@@ -486,27 +578,67 @@ class Engine:
                 if not m.volume_options.nocopy and os.path.isdir(src):
                     subprocess.run(["cp", "-a", f"{src}/.", f"{data}/"], check=False)
                 log.info("volume created name=%s", name)
-            return {"destination": target, "type": "bind", "source": str(data),
-                    "options": ["rbind", "rprivate", *ro]}
+            return {
+                "destination": target,
+                "type": "bind",
+                "source": str(data),
+                "options": ["rbind", "rprivate", *ro],
+            }
         raise InvalidSpec(f"mounts[{i}].type {m.type} is not supported")
 
     async def _spawn(self, cfg: ContainerConfig, meta: _Meta) -> None:
         d, rd = self._dir(cfg.id), self._rdir(cfg.id)
         r, w = os.pipe()
-        argv = [CONMON, "--api-version", "1", "-c", cfg.id, "-u", cfg.id, "-n", cfg.name, "-r", RUNC,
-                "-b", str(rd / "bundle"), "-p", str(rd / "ctr.pid"), "-P", str(rd / "conmon.pid"),
-                "-l", f"k8s-file:{d / 'ctr.log'}", "--log-size-max", str(self.log_size_max),
-                "--exit-dir", str(rd / "exit"), "-0", str(rd / "persist"), "--socket-dir-path", str(self.sock_dir),
-                "--runtime-arg", f"--root={self.runc_root}", "--log-level", "error", "--no-sync-log"]
+        argv = [
+            CONMON,
+            "--api-version",
+            "1",
+            "-c",
+            cfg.id,
+            "-u",
+            cfg.id,
+            "-n",
+            cfg.name,
+            "-r",
+            RUNC,
+            "-b",
+            str(rd / "bundle"),
+            "-p",
+            str(rd / "ctr.pid"),
+            "-P",
+            str(rd / "conmon.pid"),
+            "-l",
+            f"k8s-file:{d / 'ctr.log'}",
+            "--log-size-max",
+            str(self.log_size_max),
+            "--exit-dir",
+            str(rd / "exit"),
+            "-0",
+            str(rd / "persist"),
+            "--socket-dir-path",
+            str(self.sock_dir),
+            "--runtime-arg",
+            f"--root={self.runc_root}",
+            "--log-level",
+            "error",
+            "--no-sync-log",
+        ]
         if cfg.spec.tty:
-            argv.append("-t")   # conmon allocates the pty (console socket) and logs its output as stdout
+            argv.append("-t")  # conmon allocates the pty (console socket) and logs its output as stdout
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "_OCI_SYNCPIPE": str(w)}
         try:
             with open(rd / "conmon.log", "ab") as logf:
                 # cwd: conmon writes an "oom" marker into its working directory (besides persist/)
-                proc = await asyncio.create_subprocess_exec(*argv, env=env, pass_fds=(w,), stdin=subprocess.DEVNULL,
-                                                            stdout=logf, stderr=logf, start_new_session=True,
-                                                            cwd=str(rd))
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    env=env,
+                    pass_fds=(w,),
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=logf,
+                    start_new_session=True,
+                    cwd=str(rd),
+                )
         except FileNotFoundError:
             os.close(r)
             raise RuntimeFailed(f"{CONMON} is not installed on this node (Debian package conmon)") from None
@@ -514,8 +646,10 @@ class Engine:
             os.close(w)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                                    os.fdopen(r, "rb", 0))
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(r, "rb", 0)
+        )
+
         async def result() -> tuple[int, bytes]:
             rc = await proc.wait()
             return rc, await asyncio.wait_for(reader.readline(), 60)
@@ -533,8 +667,10 @@ class Engine:
         finally:
             transport.close()
         if rc != 0 and not line:
-            raise RuntimeFailed(f"conmon failed for {cfg.id} (exit {rc}): "
-                                f"{(rd / 'conmon.log').read_text(errors='replace').strip()[-300:]}")
+            raise RuntimeFailed(
+                f"conmon failed for {cfg.id} (exit {rc}): "
+                f"{(rd / 'conmon.log').read_text(errors='replace').strip()[-300:]}"
+            )
         try:
             res = json.loads(line)
         except ValueError:
@@ -589,7 +725,9 @@ class Engine:
         if status == "exited":
             return
         grace = meta.stop_grace if timeout is None else timeout
-        sig = "KILL" if status == "created" or grace <= 0 else str(int(specmod.parse_signal(meta.stop_signal)))
+        sig = (
+            "KILL" if status == "created" or grace <= 0 else str(int(specmod.parse_signal(meta.stop_signal)))
+        )
         await self._runc("kill", cid, sig, check=False)
         try:
             await asyncio.wait_for(self.wait(cid), grace if sig != "KILL" else 10)
@@ -687,11 +825,17 @@ class Engine:
             return "running", None
         return "exited", self._record_exit(meta, -1, lost=True)
 
-    def _record_exit(self, meta: _Meta, code: int, *, finished: float | None = None, lost: bool = False) -> ExitStatus:
+    def _record_exit(
+        self, meta: _Meta, code: int, *, finished: float | None = None, lost: bool = False
+    ) -> ExitStatus:
         oom = self._oom_killed(meta)
         st = self._state(meta.id)
-        st.update(exit_code=code, oom_killed=oom, finished_at=finished or _now(),
-                  reason="OOMKilled" if oom else "Lost" if lost else "Completed" if code == 0 else "Error")
+        st.update(
+            exit_code=code,
+            oom_killed=oom,
+            finished_at=finished or _now(),
+            reason="OOMKilled" if oom else "Lost" if lost else "Completed" if code == 0 else "Error",
+        )
         self._write_json(self._dir(meta.id) / "state.json", st)
         log.info("container exited cid=%s code=%d reason=%s", meta.id, code, st["reason"])
         return _exit_from(st)
@@ -727,10 +871,19 @@ class Engine:
                     health = HealthState.from_json((self._dir(meta.id) / "health.json").read_text())
                 except (OSError, ValueError):
                     health = HealthState()
-        return ContainerState(id=meta.id, name=meta.name, status=status,
-                              pid=meta.pid if status != "exited" else 0, image=meta.image, image_id=meta.image_id,
-                              labels=meta.labels, created_at=_dt(meta.created), started_at=_dt(st.get("started_at")),
-                              exit=ex, health=health)
+        return ContainerState(
+            id=meta.id,
+            name=meta.name,
+            status=status,
+            pid=meta.pid if status != "exited" else 0,
+            image=meta.image,
+            image_id=meta.image_id,
+            labels=meta.labels,
+            created_at=_dt(meta.created),
+            started_at=_dt(st.get("started_at")),
+            exit=ex,
+            health=health,
+        )
 
     async def inspect(self, cid: str) -> ContainerState:
         await self._ensure_adopted()
@@ -742,13 +895,19 @@ class Engine:
         return [self._container_state(m) for m in self._metas()]
 
     # -- logs, exec, health ---------------------------------------------------------------------
-    def logs(self, cid: str, *, follow: bool = False, tail: int = -1,
-             since: datetime | None = None) -> AsyncIterator[LogLine]:
+    def logs(
+        self, cid: str, *, follow: bool = False, tail: int = -1, since: datetime | None = None
+    ) -> AsyncIterator[LogLine]:
         meta = self._meta(cid)
         if since is not None and since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
-        return read_log(str(self._dir(cid) / "ctr.log"), follow=follow, tail=tail, since=since,
-                        running=lambda: self._status(meta, settle=True)[0] != "exited")
+        return read_log(
+            str(self._dir(cid) / "ctr.log"),
+            follow=follow,
+            tail=tail,
+            since=since,
+            running=lambda: self._status(meta, settle=True)[0] != "exited",
+        )
 
     def _exec_argv(self, meta: _Meta, argv: list[str], pidfile: str | None = None) -> list[str]:
         out = [RUNC, "--root", str(self.runc_root), "exec", "--cwd", meta.exec_cwd, "--user", meta.exec_user]
@@ -765,8 +924,12 @@ class Engine:
         meta = self._meta(cid)
         if self._status(meta)[0] != "running":
             raise InvalidState(f"container {cid} is not running")
-        p = await asyncio.create_subprocess_exec(*self._exec_argv(meta, argv), stdin=subprocess.DEVNULL,
-                                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        p = await asyncio.create_subprocess_exec(
+            *self._exec_argv(meta, argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         try:
             out, _ = await asyncio.wait_for(p.communicate(), timeout)
         except TimeoutError:
@@ -783,8 +946,15 @@ class Engine:
         async def alive() -> bool:
             return self._status(meta)[0] == "running"
 
-        mon = HealthMonitor(meta.id, hs, lambda argv, pidfile: self._exec_argv(meta, argv, pidfile),
-                            self._dir(meta.id) / "health.json", started_at, alive, self.on_health_change)
+        mon = HealthMonitor(
+            meta.id,
+            hs,
+            lambda argv, pidfile: self._exec_argv(meta, argv, pidfile),
+            self._dir(meta.id) / "health.json",
+            started_at,
+            alive,
+            self.on_health_change,
+        )
         self._health[meta.id] = mon
         mon.start()
 
@@ -822,8 +992,9 @@ class Engine:
 
 
 def _exit_from(st: dict) -> ExitStatus:
-    return ExitStatus(int(st["exit_code"]), bool(st.get("oom_killed")), _dt(st.get("finished_at")),
-                      st.get("reason", ""))
+    return ExitStatus(
+        int(st["exit_code"]), bool(st.get("oom_killed")), _dt(st.get("finished_at")), st.get("reason", "")
+    )
 
 
 async def _wait_pid(pid: int, start: int | None) -> None:

@@ -35,7 +35,7 @@ class ProbeResult:
 
 @dataclass
 class HealthState:
-    status: str = "starting"            # starting | healthy | unhealthy
+    status: str = "starting"  # starting | healthy | unhealthy
     failing_streak: int = 0
     log: list[ProbeResult] = field(default_factory=list)
 
@@ -45,16 +45,26 @@ class HealthState:
     @classmethod
     def from_json(cls, text: str) -> HealthState:
         d = json.loads(text)
-        return cls(d.get("status", "starting"), d.get("failing_streak", 0),
-                   [ProbeResult(**r) for r in d.get("log", [])])
+        return cls(
+            d.get("status", "starting"),
+            d.get("failing_streak", 0),
+            [ProbeResult(**r) for r in d.get("log", [])],
+        )
 
 
 class HealthMonitor:
     """Runs the probes of one container until cancelled or ``alive()`` turns false."""
 
-    def __init__(self, cid: str, spec: HealthSpec, exec_argv: Callable[[list[str], str], list[str]],
-                 state_file: Path, started_at: float, alive: Callable[[], Awaitable[bool]],
-                 on_change: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cid: str,
+        spec: HealthSpec,
+        exec_argv: Callable[[list[str], str], list[str]],
+        state_file: Path,
+        started_at: float,
+        alive: Callable[[], Awaitable[bool]],
+        on_change: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.cid, self.spec = cid, spec
         self.exec_argv = exec_argv
         self.state_file = state_file
@@ -106,8 +116,13 @@ class HealthMonitor:
         tmp.write_text(st.to_json())
         os.replace(tmp, self.state_file)
         if st.status != before:
-            log.info("container health cid=%s status=%s streak=%d output=%r", self.cid, st.status,
-                     st.failing_streak, res.output[:200])
+            log.info(
+                "container health cid=%s status=%s streak=%d output=%r",
+                self.cid,
+                st.status,
+                st.failing_streak,
+                res.output[:200],
+            )
             if self.on_change:
                 try:
                     self.on_change(self.cid, st.status)
@@ -119,9 +134,12 @@ class HealthMonitor:
         pidfile = str(self.state_file.with_name(f"probe-{os.urandom(4).hex()}.pid"))
         argv = self.exec_argv(self.spec.argv, pidfile)
         try:
-            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                        stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.STDOUT)
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
         except OSError as e:
             return ProbeResult(start, time.time(), -1, f"cannot run probe: {e}")
         try:

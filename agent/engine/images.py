@@ -72,10 +72,19 @@ TAR_LAYERS = {
 def host_arch() -> tuple[str, str]:
     """(GOARCH, variant) of this machine, as used in manifest lists."""
     m = platform.machine()
-    return {"x86_64": ("amd64", ""), "amd64": ("amd64", ""), "aarch64": ("arm64", "v8"),
-            "arm64": ("arm64", "v8"), "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"),
-            "i686": ("386", ""), "i386": ("386", ""), "ppc64le": ("ppc64le", ""), "s390x": ("s390x", ""),
-            "riscv64": ("riscv64", "")}.get(m, (m, ""))
+    return {
+        "x86_64": ("amd64", ""),
+        "amd64": ("amd64", ""),
+        "aarch64": ("arm64", "v8"),
+        "arm64": ("arm64", "v8"),
+        "armv7l": ("arm", "v7"),
+        "armv6l": ("arm", "v6"),
+        "i686": ("386", ""),
+        "i386": ("386", ""),
+        "ppc64le": ("ppc64le", ""),
+        "s390x": ("s390x", ""),
+        "riscv64": ("riscv64", ""),
+    }.get(m, (m, ""))
 
 
 def sha256(data: bytes) -> str:
@@ -91,25 +100,33 @@ def _hex(digest: str) -> str:
 
 @dataclass
 class Image:
-    id: str                                   # image id = digest of its config blob
-    layers: list[str]                         # diff ids, bottom layer first
-    config: dict                              # the image config's "config" section (Env, Cmd, ...)
+    id: str  # image id = digest of its config blob
+    layers: list[str]  # diff ids, bottom layer first
+    config: dict  # the image config's "config" section (Env, Cmd, ...)
     architecture: str = ""
     os: str = "linux"
     created: str = ""
-    size: int = 0                             # bytes of the layers as shipped
-    manifest_digest: str = ""                 # "" for images loaded from a docker-archive
-    refs: list[str] = field(default_factory=list)          # "docker.io/library/busybox:latest"
+    size: int = 0  # bytes of the layers as shipped
+    manifest_digest: str = ""  # "" for images loaded from a docker-archive
+    refs: list[str] = field(default_factory=list)  # "docker.io/library/busybox:latest"
     repo_digests: list[str] = field(default_factory=list)  # "docker.io/library/busybox@sha256:…"
 
 
 def choose_platform(doc: dict, display: str) -> dict:
     arch, variant = host_arch()
-    cands = [m for m in doc.get("manifests", []) if (m.get("platform") or {}).get("os", "linux") == "linux"
-             and (m.get("platform") or {}).get("architecture") == arch]
+    cands = [
+        m
+        for m in doc.get("manifests", [])
+        if (m.get("platform") or {}).get("os", "linux") == "linux"
+        and (m.get("platform") or {}).get("architecture") == arch
+    ]
     if not cands:
-        have = sorted({f"{(m.get('platform') or {}).get('os')}/{(m.get('platform') or {}).get('architecture')}"
-                       for m in doc.get("manifests", [])})
+        have = sorted(
+            {
+                f"{(m.get('platform') or {}).get('os')}/{(m.get('platform') or {}).get('architecture')}"
+                for m in doc.get("manifests", [])
+            }
+        )
         raise UnsupportedPlatform(f"image {display} has no linux/{arch} variant (it has {', '.join(have)})")
     if variant:
         exact = [m for m in cands if (m.get("platform") or {}).get("variant") == variant]
@@ -119,8 +136,9 @@ def choose_platform(doc: dict, display: str) -> dict:
 
 
 class ImageStore:
-    def __init__(self, root: Path, *, registry_mirrors: Sequence[str] = (),
-                 insecure_registries: Sequence[str] = ()) -> None:
+    def __init__(
+        self, root: Path, *, registry_mirrors: Sequence[str] = (), insecure_registries: Sequence[str] = ()
+    ) -> None:
         self.root = Path(root) / "images"
         self.blobs = self.root / "blobs" / "sha256"
         self.layers = self.root / "layers"
@@ -128,7 +146,7 @@ class ImageStore:
         self.tmp = self.root / "tmp"
         for d in (self.blobs, self.layers, self.records, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
-        for p in self.tmp.iterdir():   # leftovers of a crashed unpack (not one running right now)
+        for p in self.tmp.iterdir():  # leftovers of a crashed unpack (not one running right now)
             with contextlib.suppress(OSError):
                 if time.time() - p.stat().st_mtime > 600:
                     shutil.rmtree(p, ignore_errors=True)
@@ -193,8 +211,10 @@ class ImageStore:
         dirs = [str(self.layers / _hex(d)) for d in reversed(img.layers)]
         for d in dirs:
             if not os.path.isdir(d):
-                raise ImageNotFound(f"layer {os.path.basename(d)[:12]} of image {img.id[7:19]} is missing from "
-                                    "the store; pull the image again")
+                raise ImageNotFound(
+                    f"layer {os.path.basename(d)[:12]} of image {img.id[7:19]} is missing from "
+                    "the store; pull the image again"
+                )
         return dirs
 
     def _save(self, img: Image, names: list[str], blobs: dict[str, bytes]) -> Image:
@@ -306,29 +326,40 @@ class ImageStore:
             body, mt, _ = client.get_manifest(repo, chosen["digest"], display)
             digest = sha256(body)
             if digest != chosen["digest"]:
-                raise DigestMismatch(f"platform manifest of {display} has digest {digest}, "
-                                     f"the manifest list says {chosen['digest']}")
+                raise DigestMismatch(
+                    f"platform manifest of {display} has digest {digest}, "
+                    f"the manifest list says {chosen['digest']}"
+                )
             doc = _json(body, f"manifest of {display}")
         if mt == MT_DOCKER_SCHEMA1 or doc.get("schemaVersion") == 1:
-            raise RegistryError(f"image {display} uses Docker schema 1 manifests, which are not supported; "
-                                "push it again with a current Docker")
+            raise RegistryError(
+                f"image {display} uses Docker schema 1 manifests, which are not supported; "
+                "push it again with a current Docker"
+            )
         cfg_desc = doc.get("config") or {}
         names = [str(ref.with_tag(None).with_digest(top_digest))]
         if ref.tag and not ref.digest:
             names.append(str(ref.with_digest(None)))
         have = self._record(cfg_desc["digest"]) if cfg_desc.get("digest", "").startswith("sha256:") else None
-        if have is not None and have.manifest_digest == digest and all(self._has_layer(x) for x in have.layers):
-            return self._save(have, names, {})   # up to date: only the names may be new
+        if (
+            have is not None
+            and have.manifest_digest == digest
+            and all(self._has_layer(x) for x in have.layers)
+        ):
+            return self._save(have, names, {})  # up to date: only the names may be new
         cfg_bytes = client.get_blob(repo, cfg_desc.get("digest", ""), display)
         if sha256(cfg_bytes) != cfg_desc.get("digest"):
-            raise DigestMismatch(f"config of {display} has digest {sha256(cfg_bytes)}, "
-                                 f"the manifest says {cfg_desc.get('digest')}")
+            raise DigestMismatch(
+                f"config of {display} has digest {sha256(cfg_bytes)}, "
+                f"the manifest says {cfg_desc.get('digest')}"
+            )
         cfg = _json(cfg_bytes, f"config of {display}")
         diff_ids = (cfg.get("rootfs") or {}).get("diff_ids") or []
         layers = doc.get("layers") or []
         if len(diff_ids) != len(layers):
-            raise InvalidImage(f"image {display} has {len(layers)} layers but its config lists "
-                               f"{len(diff_ids)} diff ids")
+            raise InvalidImage(
+                f"image {display} has {len(layers)} layers but its config lists {len(diff_ids)} diff ids"
+            )
 
         def fetch(desc: dict, diff_id: str) -> None:
             mt_l = desc.get("mediaType", "")
@@ -337,20 +368,29 @@ class ImageStore:
             elif mt_l in TAR_LAYERS:
                 comp = "none"
             else:
-                raise InvalidImage(f"image {display} has a layer of unsupported media type {mt_l!r} "
-                                   "(gzip and plain tar are supported)")
+                raise InvalidImage(
+                    f"image {display} has a layer of unsupported media type {mt_l!r} "
+                    "(gzip and plain tar are supported)"
+                )
             with self._layer_lock(diff_id):
                 if self._has_layer(diff_id):
                     return
                 _hex(desc["digest"])
                 try:
-                    unpack_into(str(self.layers / _hex(diff_id)), str(self.tmp),
-                                lambda: client.open_blob(repo, desc["digest"], display),  # type: ignore
-                                compression=comp, expect_digest=desc["digest"], expect_diff_id=diff_id,
-                                size=desc.get("size"))
+                    unpack_into(
+                        str(self.layers / _hex(diff_id)),
+                        str(self.tmp),
+                        lambda: client.open_blob(repo, desc["digest"], display),  # type: ignore
+                        compression=comp,
+                        expect_digest=desc["digest"],
+                        expect_diff_id=diff_id,
+                        size=desc.get("size"),
+                    )
                 except (http.client.HTTPException, ConnectionError, TimeoutError) as e:
-                    raise RegistryUnreachable(f"registry {client.host} broke off while sending layer "
-                                              f"{desc['digest'][:19]} of {display}: {e or type(e).__name__}") from e
+                    raise RegistryUnreachable(
+                        f"registry {client.host} broke off while sending layer "
+                        f"{desc['digest'][:19]} of {display}: {e or type(e).__name__}"
+                    ) from e
                 log.info("layer unpacked diff_id=%s ref=%s", diff_id[:19], display)
 
         with self._pin(diff_ids):
@@ -362,10 +402,16 @@ class ImageStore:
                 with ThreadPoolExecutor(max_workers=3, thread_name_prefix="layer") as ex:
                     for f in [ex.submit(fetch, d, i) for d, i in todo]:
                         f.result()
-            img = Image(id=sha256(cfg_bytes), layers=list(diff_ids), config=cfg.get("config") or {},
-                        architecture=cfg.get("architecture", ""), os=cfg.get("os", "linux"),
-                        created=cfg.get("created", ""), size=sum(int(d.get("size", 0)) for d in layers),
-                        manifest_digest=digest)
+            img = Image(
+                id=sha256(cfg_bytes),
+                layers=list(diff_ids),
+                config=cfg.get("config") or {},
+                architecture=cfg.get("architecture", ""),
+                os=cfg.get("os", "linux"),
+                created=cfg.get("created", ""),
+                size=sum(int(d.get("size", 0)) for d in layers),
+                manifest_digest=digest,
+            )
             return self._save(img, names, {digest: body, img.id: cfg_bytes})
 
     # -- load --------------------------------------------------------------------------------
@@ -391,8 +437,10 @@ class ImageStore:
                 return self._load_oci(tf, members, read, tarball.name)
             if "manifest.json" in members:
                 return self._load_docker(tf, members, read, tarball.name)
-            raise InvalidImage(f"{tarball.name} is neither an OCI layout nor a docker-archive tarball "
-                               "(no index.json or manifest.json)")
+            raise InvalidImage(
+                f"{tarball.name} is neither an OCI layout nor a docker-archive tarball "
+                "(no index.json or manifest.json)"
+            )
 
     def _load_oci(self, tf: tarfile.TarFile, members: dict, read, tname: str) -> list[Image]:
         def blob(digest: str) -> bytes:
@@ -435,13 +483,25 @@ class ImageStore:
                         m = members.get("blobs/sha256/" + _hex(ld["digest"]))
                         if m is None:
                             raise InvalidImage(f"{tname} lacks layer blob {ld['digest']}")
-                        unpack_into(str(self.layers / _hex(diff_id)), str(self.tmp),
-                                    lambda m=m: tf.extractfile(m), compression="auto",
-                                    expect_digest=ld["digest"], expect_diff_id=diff_id, size=m.size)
-                img = Image(id=sha256(cfg_bytes), layers=list(diff_ids), config=cfg.get("config") or {},
-                            architecture=cfg.get("architecture", ""), os=cfg.get("os", "linux"),
-                            created=cfg.get("created", ""), size=sum(int(x.get("size", 0)) for x in layers),
-                            manifest_digest=mdigest)
+                        unpack_into(
+                            str(self.layers / _hex(diff_id)),
+                            str(self.tmp),
+                            lambda m=m: tf.extractfile(m),
+                            compression="auto",
+                            expect_digest=ld["digest"],
+                            expect_diff_id=diff_id,
+                            size=m.size,
+                        )
+                img = Image(
+                    id=sha256(cfg_bytes),
+                    layers=list(diff_ids),
+                    config=cfg.get("config") or {},
+                    architecture=cfg.get("architecture", ""),
+                    os=cfg.get("os", "linux"),
+                    created=cfg.get("created", ""),
+                    size=sum(int(x.get("size", 0)) for x in layers),
+                    manifest_digest=mdigest,
+                )
                 out.append(self._save(img, names, {mdigest: body, img.id: cfg_bytes}))
             log.info("loaded image id=%s names=%s from=%s", img.id[:19], names, tname)
         return out
@@ -461,7 +521,9 @@ class ImageStore:
             diff_ids = (cfg.get("rootfs") or {}).get("diff_ids") or []
             layer_names = entry.get("Layers") or []
             if len(diff_ids) != len(layer_names):
-                raise InvalidImage(f"image in {tname} has {len(layer_names)} layers but {len(diff_ids)} diff ids")
+                raise InvalidImage(
+                    f"image in {tname} has {len(layer_names)} layers but {len(diff_ids)} diff ids"
+                )
             size = 0
             with self._pin(list(diff_ids)):
                 for ln, diff_id in zip(layer_names, diff_ids, strict=True):
@@ -472,18 +534,30 @@ class ImageStore:
                     with self._layer_lock(diff_id):
                         if self._has_layer(diff_id):
                             continue
-                        unpack_into(str(self.layers / _hex(diff_id)), str(self.tmp),
-                                    lambda m=m: tf.extractfile(m), compression="auto",
-                                    expect_digest=None, expect_diff_id=diff_id, size=m.size)
+                        unpack_into(
+                            str(self.layers / _hex(diff_id)),
+                            str(self.tmp),
+                            lambda m=m: tf.extractfile(m),
+                            compression="auto",
+                            expect_digest=None,
+                            expect_diff_id=diff_id,
+                            size=m.size,
+                        )
                 names = []
                 for t in entry.get("RepoTags") or []:
                     try:
                         names.append(str(reference.parse(t)))
                     except InvalidReference:
                         log.warning("ignoring bad tag %r in %s", t, tname)
-                img = Image(id=sha256(cfg_bytes), layers=list(diff_ids), config=cfg.get("config") or {},
-                            architecture=cfg.get("architecture", ""), os=cfg.get("os", "linux"),
-                            created=cfg.get("created", ""), size=size)
+                img = Image(
+                    id=sha256(cfg_bytes),
+                    layers=list(diff_ids),
+                    config=cfg.get("config") or {},
+                    architecture=cfg.get("architecture", ""),
+                    os=cfg.get("os", "linux"),
+                    created=cfg.get("created", ""),
+                    size=size,
+                )
                 out.append(self._save(img, names, {img.id: cfg_bytes}))
             log.info("loaded image id=%s names=%s from=%s", img.id[:19], names, tname)
         return out
@@ -502,8 +576,9 @@ class ImageStore:
                 if img is None:
                     raise ImageNotFound(f"no such image {name}")
                 if img.id in in_use:
-                    raise ImageInUse(f"image {name[:19]} is used by container {in_use[img.id]}; "
-                                     "remove the container first")
+                    raise ImageInUse(
+                        f"image {name[:19]} is used by container {in_use[img.id]}; remove the container first"
+                    )
                 refs = {r: i for r, i in refs.items() if i != img.id}
                 self._write_refs(refs)
                 self._delete(img.id)
@@ -517,8 +592,10 @@ class ImageStore:
                 if iid is None:
                     raise ImageNotFound(f"no such image {name}")
                 if iid in in_use and not force:
-                    raise ImageInUse(f"image {name} is used by container {in_use[iid]}; remove the container "
-                                     "first (or force to untag only)")
+                    raise ImageInUse(
+                        f"image {name} is used by container {in_use[iid]}; remove the container "
+                        "first (or force to untag only)"
+                    )
                 del refs[key]
                 if not any(i == iid for r, i in refs.items() if "@" not in r):
                     refs = {r: i for r, i in refs.items() if i != iid}

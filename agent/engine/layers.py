@@ -48,7 +48,7 @@ def classify(name: str) -> tuple[str, str]:
     if base == WH_OPAQUE:
         return "opaque", d
     if base.startswith(WH_PREFIX):
-        target = base[len(WH_PREFIX):]
+        target = base[len(WH_PREFIX) :]
         if not target or target in (".", ".."):
             raise InvalidImage(f"layer entry {name!r} is an invalid whiteout")
         return "whiteout", posixpath.join(d, target)
@@ -102,7 +102,7 @@ def _safe_parent(root_real: str, path: str) -> None:
     os.makedirs(parent, mode=0o755, exist_ok=True)
     real = os.path.realpath(parent)
     if real != root_real and not real.startswith(root_real + "/"):
-        raise InvalidImage(f"layer entry {path[len(root_real):]!r} goes through a symlink out of the layer")
+        raise InvalidImage(f"layer entry {path[len(root_real) :]!r} goes through a symlink out of the layer")
 
 
 def make_whiteout(path: str) -> None:
@@ -187,8 +187,12 @@ def _attrs(path: str, m: tarfile.TarInfo, root_user: bool) -> None:
     for k, v in (m.pax_headers or {}).items():
         if k.startswith("SCHILY.xattr."):
             try:
-                os.setxattr(path, k[len("SCHILY.xattr."):], v.encode("utf-8", "surrogateescape"),
-                            follow_symlinks=False)
+                os.setxattr(
+                    path,
+                    k[len("SCHILY.xattr.") :],
+                    v.encode("utf-8", "surrogateescape"),
+                    follow_symlinks=False,
+                )
             except OSError:
                 pass
     try:
@@ -197,8 +201,15 @@ def _attrs(path: str, m: tarfile.TarInfo, root_user: bool) -> None:
         pass
 
 
-def unpack_stream(raw: BinaryIO, dest: str, *, compression: str, expect_digest: str | None,
-                  expect_diff_id: str | None, size: int | None = None) -> tuple[str, str]:
+def unpack_stream(
+    raw: BinaryIO,
+    dest: str,
+    *,
+    compression: str,
+    expect_digest: str | None,
+    expect_diff_id: str | None,
+    size: int | None = None,
+) -> tuple[str, str]:
     """Unpacks a (possibly gzip-compressed) layer stream into ``dest``; verifies both digests.
 
     Returns (compressed digest, diff id). ``compression`` is "gzip", "none" or "auto" (sniff magic).
@@ -225,8 +236,10 @@ def unpack_stream(raw: BinaryIO, dest: str, *, compression: str, expect_digest: 
     if expect_digest and digest != expect_digest:
         raise DigestMismatch(f"layer digest mismatch: expected {expect_digest}, got {digest}")
     if expect_diff_id and diff_id != expect_diff_id:
-        raise DigestMismatch(f"layer diff id mismatch: the image config says {expect_diff_id}, "
-                             f"the layer's content is {diff_id}")
+        raise DigestMismatch(
+            f"layer diff id mismatch: the image config says {expect_diff_id}, "
+            f"the layer's content is {diff_id}"
+        )
     return digest, diff_id
 
 
@@ -246,8 +259,9 @@ class _Prefixed:
         return self.rest.read(n)
 
 
-
-def unpack_into(dest_final: str, tmp_dir: str, opener: Callable[[], BinaryIO], **kw: object) -> tuple[str, str]:
+def unpack_into(
+    dest_final: str, tmp_dir: str, opener: Callable[[], BinaryIO], **kw: object
+) -> tuple[str, str]:
     """Unpacks into a fresh temp dir under ``tmp_dir`` and renames it to ``dest_final``."""
     os.makedirs(tmp_dir, exist_ok=True)
     work = os.path.join(tmp_dir, "layer-" + os.urandom(6).hex())

@@ -17,8 +17,8 @@ from datetime import datetime
 @dataclass(frozen=True)
 class LogLine:
     timestamp: datetime
-    stream: str        # "stdout" | "stderr"
-    line: str          # without the trailing newline
+    stream: str  # "stdout" | "stderr"
+    line: str  # without the trailing newline
 
 
 def parse_time(s: str) -> datetime:
@@ -65,10 +65,18 @@ def parse_lines(lines: Iterable[str]) -> list[LogLine]:
     return out
 
 
-async def read_log(path: str, *, follow: bool, tail: int, since: datetime | None,
-                   running: Callable[[], bool], poll: float = 0.1) -> AsyncIterator[LogLine]:
+async def read_log(
+    path: str,
+    *,
+    follow: bool,
+    tail: int,
+    since: datetime | None,
+    running: Callable[[], bool],
+    poll: float = 0.1,
+) -> AsyncIterator[LogLine]:
     """Yields the log's lines (the last ``tail`` if ``tail >= 0``), then, with ``follow``, new lines until
     ``running()`` is false and the file has no more."""
+
     def keep(rec: LogLine) -> bool:
         return since is None or rec.timestamp >= since
 
@@ -82,7 +90,9 @@ async def read_log(path: str, *, follow: bool, tail: int, since: datetime | None
     if f is not None:
         data = f.read()
         *complete, buf = data.split(b"\n")
-        recs = [r for r in (asm.feed(x.decode("utf-8", "replace")) for x in complete) if r is not None and keep(r)]
+        recs = [
+            r for r in (asm.feed(x.decode("utf-8", "replace")) for x in complete) if r is not None and keep(r)
+        ]
         if tail >= 0:
             recs = list(deque(recs, maxlen=tail)) if tail else []
         for r in recs:

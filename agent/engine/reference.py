@@ -54,7 +54,7 @@ class Reference:
         """The short form Docker prints (``busybox:latest``)."""
         name = self.repository
         if self.is_docker_hub:
-            name = self.path[len(OFFICIAL_PREFIX):] if self.path.startswith(OFFICIAL_PREFIX) else self.path
+            name = self.path[len(OFFICIAL_PREFIX) :] if self.path.startswith(OFFICIAL_PREFIX) else self.path
         s = name
         if self.tag:
             s += ":" + self.tag
@@ -92,7 +92,9 @@ def parse(ref: str, *, default_tag: bool = True) -> Reference:
     if "@" in ref:
         name, _, digest = ref.partition("@")
         if not _DIGEST_RE.match(digest):
-            raise InvalidReference(f"invalid image reference {ref!r}: bad digest {digest!r} (want sha256:<hex>)")
+            raise InvalidReference(
+                f"invalid image reference {ref!r}: bad digest {digest!r} (want sha256:<hex>)"
+            )
         if digest.startswith("sha256:") and len(digest) != 71:
             raise InvalidReference(f"invalid image reference {ref!r}: sha256 digest must have 64 hex digits")
     tag = None

@@ -19,30 +19,106 @@ from shoal.proto import types_pb2
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_STOP_GRACE = 10.0
 INIT_PATH = "/sbin/docker-init"
-DEFAULT_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-                "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-                "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
-ALL_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
-            "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
-            "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
-            "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT",
-            "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
-            "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL",
-            "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
-            "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE"]
-RLIMITS = {"as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile", "nproc",
-           "rss", "rtprio", "rttime", "sigpending", "stack"}
-MASKED_PATHS = ["/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
-                "/sys/devices/virtual/powercap"]
+DEFAULT_CAPS = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+]
+ALL_CAPS = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+]
+RLIMITS = {
+    "as",
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nice",
+    "nofile",
+    "nproc",
+    "rss",
+    "rtprio",
+    "rttime",
+    "sigpending",
+    "stack",
+}
+MASKED_PATHS = [
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+]
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
-_NAMESPACED_SYSCTL = re.compile(r"^(kernel\.(msgmax|msgmnb|msgmni|sem|shmall|shmmax|shmmni|shm_rmid_forced)"
-                                r"|fs\.mqueue\..+|net\..+)$")
+_NAMESPACED_SYSCTL = re.compile(
+    r"^(kernel\.(msgmax|msgmnb|msgmni|sem|shmall|shmmax|shmmni|shm_rmid_forced)"
+    r"|fs\.mqueue\..+|net\..+)$"
+)
 
 
 @dataclass
 class HealthSpec:
-    test: list[str]                  # ["CMD", ...] or ["CMD-SHELL", "..."]
+    test: list[str]  # ["CMD", ...] or ["CMD-SHELL", "..."]
     interval: float = 30.0
     timeout: float = 30.0
     retries: int = 3
@@ -96,8 +172,9 @@ def merge_health(spec_h: types_pb2.HealthConfig | None, image_h: dict | None) ->
     if not test or test[0] == "NONE":
         return None
     if test[0] not in ("CMD", "CMD-SHELL") or len(test) < 2:
-        raise InvalidSpec(f"healthcheck.test {test!r} must be [\"CMD\", args...], [\"CMD-SHELL\", \"command\"] "
-                          "or [\"NONE\"]")
+        raise InvalidSpec(
+            f'healthcheck.test {test!r} must be ["CMD", args...], ["CMD-SHELL", "command"] or ["NONE"]'
+        )
 
     def pick(name: str, img_key: str, default: float) -> float:
         v = None
@@ -107,9 +184,19 @@ def merge_health(spec_h: types_pb2.HealthConfig | None, image_h: dict | None) ->
             v = _ns(image_h.get(img_key))
         return v if v else default
 
-    retries = (spec_h.retries if spec_h is not None and spec_h.retries else 0) or int(image_h.get("Retries") or 0) or 3
-    return HealthSpec(test, pick("interval", "Interval", 30.0), pick("timeout", "Timeout", 30.0), retries,
-                      pick("start_period", "StartPeriod", 0.0), pick("start_interval", "StartInterval", 5.0))
+    retries = (
+        (spec_h.retries if spec_h is not None and spec_h.retries else 0)
+        or int(image_h.get("Retries") or 0)
+        or 3
+    )
+    return HealthSpec(
+        test,
+        pick("interval", "Interval", 30.0),
+        pick("timeout", "Timeout", 30.0),
+        retries,
+        pick("start_period", "StartPeriod", 0.0),
+        pick("start_interval", "StartInterval", 5.0),
+    )
 
 
 def parse_signal(sig: str, field_name: str = "stop_signal") -> signal.Signals:
@@ -131,10 +218,13 @@ def merge_config(spec: types_pb2.ContainerSpec, image_config: dict, *, default_h
     if spec.command:
         argv = list(spec.command) + list(spec.args)
     else:
-        argv = list(ic.get("Entrypoint") or []) + (list(spec.args) if spec.args else list(ic.get("Cmd") or []))
+        argv = list(ic.get("Entrypoint") or []) + (
+            list(spec.args) if spec.args else list(ic.get("Cmd") or [])
+        )
     if not argv:
-        raise InvalidSpec("no command: the image has no Entrypoint or Cmd and the spec sets neither command "
-                          "nor args")
+        raise InvalidSpec(
+            "no command: the image has no Entrypoint or Cmd and the spec sets neither command nor args"
+        )
     hostname = spec.hostname or default_hostname
     env = merge_env(list(ic.get("Env") or []), list(spec.env))
     if not any(e.startswith("PATH=") for e in env):
@@ -149,8 +239,17 @@ def merge_config(spec: types_pb2.ContainerSpec, image_config: dict, *, default_h
     grace = _dur(spec.stop_grace_period, spec.HasField("stop_grace_period"))
     health = merge_health(spec.healthcheck if spec.HasField("healthcheck") else None, ic.get("Healthcheck"))
     labels = {**(ic.get("Labels") or {}), **dict(spec.labels)}
-    return Merged(argv, env, posixpath.normpath(workdir), spec.user or ic.get("User") or "", stop_signal,
-                  DEFAULT_STOP_GRACE if grace is None else grace, health, labels, hostname)
+    return Merged(
+        argv,
+        env,
+        posixpath.normpath(workdir),
+        spec.user or ic.get("User") or "",
+        stop_signal,
+        DEFAULT_STOP_GRACE if grace is None else grace,
+        health,
+        labels,
+        hostname,
+    )
 
 
 # -- paths inside the root file system -------------------------------------------------------------
@@ -238,7 +337,9 @@ def _gid(gr: list[list[str]], g: str, field_name: str) -> int:
         return int(g)
     e = next((x for x in gr if x[0] == g), None)
     if e is None or not e[2].isdigit():
-        raise UserNotFound(f"{field_name}: unable to find group {g}: no matching entries in group file of the image")
+        raise UserNotFound(
+            f"{field_name}: unable to find group {g}: no matching entries in group file of the image"
+        )
     return int(e[2])
 
 
@@ -247,6 +348,7 @@ def find_executable(root: str, argv0: str, env: list[str], workdir: str, mounted
 
     Paths under ``mounted`` targets (bind mounts, volumes) are not checked: they are not in the image.
     """
+
     def under_mount(p: str) -> bool:
         return any(p == m or p.startswith(m.rstrip("/") + "/") for m in mounted)
 
@@ -297,7 +399,9 @@ def capabilities(add: list[str], drop: list[str]) -> list[str]:
 def check_sysctls(sysctls: dict[str, str], own_netns: bool) -> None:
     for k in sysctls:
         if not _NAMESPACED_SYSCTL.match(k):
-            raise InvalidSpec(f"sysctls: {k} is not a namespaced kernel parameter and cannot be set per container")
+            raise InvalidSpec(
+                f"sysctls: {k} is not a namespaced kernel parameter and cannot be set per container"
+            )
 
 
 def rlimits(ulimits: list[types_pb2.Ulimit]) -> list[dict]:
@@ -338,7 +442,9 @@ def resources_spec(res: types_pb2.ResourceRequirements | None, *, swap_files: bo
     return r
 
 
-def file_target(target: types_pb2.FileTarget, default_dir: str, name: str, field_name: str) -> tuple[str, int, int, int]:
+def file_target(
+    target: types_pb2.FileTarget, default_dir: str, name: str, field_name: str
+) -> tuple[str, int, int, int]:
     """(container path, uid, gid, mode) of a secret or config file."""
     fname = target.name or name
     path = posixpath.normpath(fname if fname.startswith("/") else posixpath.join(default_dir, fname))
@@ -353,26 +459,71 @@ def file_target(target: types_pb2.FileTarget, default_dir: str, name: str, field
     return path, uid, gid, mode
 
 
-def base_spec(*, args: list[str], env: list[str], cwd: str, user: ResolvedUser, hostname: str, readonly: bool,
-              netns_path: str | None, caps: list[str], sysctls: dict[str, str], rlimit_list: list[dict],
-              resources: dict, cgroups_path: str, mounts: list[dict], cgroup_v2: bool,
-              terminal: bool = False) -> dict:
-    namespaces = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-                  {"type": "network", "path": netns_path} if netns_path else {"type": "network"}]
+def base_spec(
+    *,
+    args: list[str],
+    env: list[str],
+    cwd: str,
+    user: ResolvedUser,
+    hostname: str,
+    readonly: bool,
+    netns_path: str | None,
+    caps: list[str],
+    sysctls: dict[str, str],
+    rlimit_list: list[dict],
+    resources: dict,
+    cgroups_path: str,
+    mounts: list[dict],
+    cgroup_v2: bool,
+    terminal: bool = False,
+) -> dict:
+    namespaces = [
+        {"type": "pid"},
+        {"type": "ipc"},
+        {"type": "uts"},
+        {"type": "mount"},
+        {"type": "network", "path": netns_path} if netns_path else {"type": "network"},
+    ]
     if cgroup_v2:
         namespaces.append({"type": "cgroup"})
     default_mounts = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-         "options": ["ro", "nosuid", "noexec", "nodev"]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
+        {
+            "destination": "/sys/fs/cgroup",
+            "type": "cgroup",
+            "source": "cgroup",
+            "options": ["ro", "nosuid", "noexec", "nodev"],
+        },
+        {
+            "destination": "/dev/mqueue",
+            "type": "mqueue",
+            "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
     ]
     targets = {m["destination"] for m in mounts}
     return {
@@ -403,20 +554,28 @@ def base_spec(*, args: list[str], env: list[str], cwd: str, user: ResolvedUser, 
 
 
 def hosts_file(hostname: str, extra: list[str]) -> str:
-    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", "fe00::0\tip6-localnet",
-             "ff00::0\tip6-mcastprefix", "ff02::1\tip6-allnodes", "ff02::2\tip6-allrouters"]
+    lines = [
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        "fe00::0\tip6-localnet",
+        "ff00::0\tip6-mcastprefix",
+        "ff02::1\tip6-allnodes",
+        "ff02::2\tip6-allrouters",
+    ]
     for h in extra:
         h = h.strip()
         if not h:
             continue
-        if " " not in h and "\t" not in h and ":" in h:   # docker run --add-host style "name:ip"
+        if " " not in h and "\t" not in h and ":" in h:  # docker run --add-host style "name:ip"
             name, _, ip = h.partition(":")
             h = f"{ip}\t{name}"
         lines.append(h)
     return "\n".join(lines) + "\n"
 
 
-def resolv_conf(given: str | None, dns: types_pb2.DNSConfig | None, host_resolv: str = "/etc/resolv.conf") -> str:
+def resolv_conf(
+    given: str | None, dns: types_pb2.DNSConfig | None, host_resolv: str = "/etc/resolv.conf"
+) -> str:
     search = list(dns.search) if dns is not None else []
     options = list(dns.options) if dns is not None else []
     if given is not None:
