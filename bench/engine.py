@@ -42,8 +42,12 @@ async def bench(runs: int, many: int, parallel: int, spawn_parallel: int | None,
     root = Path(tempfile.mkdtemp(prefix="shoal-bench-engine-", dir="/var/tmp"))
     reg = Registry("127.0.0.1")
     reg.start()
-    e = Engine(root, registry_mirrors=[reg.url], spawn_parallel=spawn_parallel,
-               run_dir=Path(run_dir) if run_dir else None)
+    e = Engine(
+        root,
+        registry_mirrors=[reg.url],
+        spawn_parallel=spawn_parallel,
+        run_dir=Path(run_dir) if run_dir else None,
+    )
     try:
         seed_busybox(reg.url)
         t = time.perf_counter()
@@ -73,10 +77,16 @@ async def bench(runs: int, many: int, parallel: int, spawn_parallel: int | None,
             "one_p50_s": round(statistics.median(singles), 4),
             "one_min_s": round(min(singles), 4),
             "one_max_s": round(max(singles), 4),
-            "many": many, "many_running": running, "many_s": round(many_s, 3),
+            "many": many,
+            "many_running": running,
+            "many_s": round(many_s, 3),
             "many_per_container_p50_s": round(statistics.median(per), 4),
-            "remove_many_s": round(remove_s, 3), "parallel": parallel,
-            "spawn_parallel": e.spawn_parallel, "run_dir": run_dir or "", "runs": runs, "cpus": os.cpu_count(),
+            "remove_many_s": round(remove_s, 3),
+            "parallel": parallel,
+            "spawn_parallel": e.spawn_parallel,
+            "run_dir": run_dir or "",
+            "runs": runs,
+            "cpus": os.cpu_count(),
         }
     finally:
         for c in await e.list():
@@ -93,7 +103,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--many", type=int, default=100)
-    ap.add_argument("--parallel", type=int, default=100, help="creates in flight (the engine itself limits spawns)")
+    ap.add_argument(
+        "--parallel", type=int, default=100, help="creates in flight (the engine itself limits spawns)"
+    )
     ap.add_argument("--spawn-parallel", type=int, default=None, help="Engine(spawn_parallel=...)")
     ap.add_argument("--run-dir", default=None, help="Engine(run_dir=...), e.g. a dir on a tmpfs")
     a = ap.parse_args()

@@ -49,8 +49,15 @@ GROUP = "root:x:0:\ndaemon:x:1:\nwheel:x:10:app\napp:x:1000:\nnogroup:x:65534:\n
 
 def go_arch() -> str:
     m = platform.machine()
-    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le",
-            "s390x": "s390x", "riscv64": "riscv64"}.get(m, m)
+    return {
+        "x86_64": "amd64",
+        "aarch64": "arm64",
+        "armv7l": "arm",
+        "i686": "386",
+        "ppc64le": "ppc64le",
+        "s390x": "s390x",
+        "riscv64": "riscv64",
+    }.get(m, m)
 
 
 def sha256(data: bytes) -> str:
@@ -62,9 +69,9 @@ class Entry:
     """One member of a layer tar: kind is file, dir, symlink, hardlink, or whiteout helpers."""
 
     path: str
-    kind: str = "file"          # file | dir | symlink | hardlink
+    kind: str = "file"  # file | dir | symlink | hardlink
     data: bytes = b""
-    target: str = ""            # symlink/hardlink target
+    target: str = ""  # symlink/hardlink target
     mode: int = 0o644
     uid: int = 0
     gid: int = 0
@@ -113,8 +120,8 @@ def gzip_bytes(data: bytes) -> bytes:
 
 @dataclass
 class Layer:
-    tar: bytes            # uncompressed
-    gz: bytes             # gzip-compressed
+    tar: bytes  # uncompressed
+    gz: bytes  # gzip-compressed
 
     @property
     def diff_id(self) -> str:
@@ -132,8 +139,25 @@ def tar_layer(entries: list[Entry]) -> Layer:
 
 def busybox_entries(busybox: Path = BUSYBOX) -> list[Entry]:
     out = subprocess.run([str(busybox), "--list-full"], check=True, capture_output=True, text=True).stdout
-    dirs = {"bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "tmp", "root", "home", "home/app", "proc",
-            "sys", "dev", "run", "var", "var/log", "var/tmp"}
+    dirs = {
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "tmp",
+        "root",
+        "home",
+        "home/app",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "var",
+        "var/log",
+        "var/tmp",
+    }
     links: dict[str, str] = {}
     for line in out.split():
         p = line.strip("/")
@@ -149,9 +173,13 @@ def busybox_entries(busybox: Path = BUSYBOX) -> list[Entry]:
     entries.append(Entry("bin/busybox", data=busybox.read_bytes(), mode=0o755))
     for p in sorted(links):
         entries.append(Entry(p, "symlink", target=links[p]))
-    entries += [Entry("etc/passwd", data=PASSWD.encode()), Entry("etc/group", data=GROUP.encode()),
-                Entry("etc/hostname", data=b"busybox\n"), Entry("etc/hosts", data=b"127.0.0.1 localhost\n"),
-                Entry("etc/resolv.conf", data=b"")]
+    entries += [
+        Entry("etc/passwd", data=PASSWD.encode()),
+        Entry("etc/group", data=GROUP.encode()),
+        Entry("etc/hostname", data=b"busybox\n"),
+        Entry("etc/hosts", data=b"127.0.0.1 localhost\n"),
+        Entry("etc/resolv.conf", data=b""),
+    ]
     return entries
 
 
@@ -161,7 +189,7 @@ class BuiltImage:
     config: bytes
     manifest: bytes
     media_type: str = MT_OCI_MANIFEST
-    blobs: dict[str, bytes] = field(default_factory=dict)   # digest -> bytes (config + gz layers)
+    blobs: dict[str, bytes] = field(default_factory=dict)  # digest -> bytes (config + gz layers)
 
     @property
     def config_digest(self) -> str:
@@ -176,15 +204,23 @@ class BuiltImage:
         return self.config_digest
 
 
-def build_image(layers: list[Layer], config: dict | None = None, *, arch: str | None = None,
-                docker_media_types: bool = False) -> BuiltImage:
+def build_image(
+    layers: list[Layer],
+    config: dict | None = None,
+    *,
+    arch: str | None = None,
+    docker_media_types: bool = False,
+) -> BuiltImage:
     """An image of ``layers`` (bottom first) with an image config whose ``config`` section is ``config``."""
     cfg = {
         "architecture": arch or go_arch(),
         "os": "linux",
         "created": "1970-01-01T00:00:00Z",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                   "Cmd": ["sh"], **(config or {})},
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["sh"],
+            **(config or {}),
+        },
         "rootfs": {"type": "layers", "diff_ids": [ly.diff_id for ly in layers]},
         "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "shoal.lab.images"} for _ in layers],
     }
@@ -215,10 +251,16 @@ def busybox_layer() -> Layer:
     return _BUSYBOX_LAYER
 
 
-def busybox_image(config: dict | None = None, extra_layers: list[Layer] | tuple = (), *,
-                  arch: str | None = None, docker_media_types: bool = False) -> BuiltImage:
-    return build_image([busybox_layer(), *extra_layers], config, arch=arch,
-                       docker_media_types=docker_media_types)
+def busybox_image(
+    config: dict | None = None,
+    extra_layers: list[Layer] | tuple = (),
+    *,
+    arch: str | None = None,
+    docker_media_types: bool = False,
+) -> BuiltImage:
+    return build_image(
+        [busybox_layer(), *extra_layers], config, arch=arch, docker_media_types=docker_media_types
+    )
 
 
 def index_bytes(entries: list[tuple[BuiltImage, str, str]], *, docker_media_types: bool = False) -> bytes:
@@ -226,8 +268,15 @@ def index_bytes(entries: list[tuple[BuiltImage, str, str]], *, docker_media_type
     doc = {
         "schemaVersion": 2,
         "mediaType": MT_DOCKER_LIST if docker_media_types else MT_OCI_INDEX,
-        "manifests": [{"mediaType": img.media_type, "digest": img.manifest_digest, "size": len(img.manifest),
-                       "platform": {"os": os_, "architecture": arch}} for img, os_, arch in entries],
+        "manifests": [
+            {
+                "mediaType": img.media_type,
+                "digest": img.manifest_digest,
+                "size": len(img.manifest),
+                "platform": {"os": os_, "architecture": arch},
+            }
+            for img, os_, arch in entries
+        ],
     }
     return json.dumps(doc, sort_keys=True, indent=2).encode()
 
@@ -242,9 +291,18 @@ def write_oci_layout(img: BuiltImage, layout: Path, tag: str = "latest", name: s
     ann = {"org.opencontainers.image.ref.name": tag}
     if name:
         ann["io.containerd.image.name"] = name
-    index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": [
-        {"mediaType": img.media_type, "digest": img.manifest_digest, "size": len(img.manifest),
-         "annotations": ann}]}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": img.media_type,
+                "digest": img.manifest_digest,
+                "size": len(img.manifest),
+                "annotations": ann,
+            }
+        ],
+    }
     (layout / "index.json").write_text(json.dumps(index))
 
 
@@ -257,9 +315,18 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_oci_tar(img: BuiltImage, path: Path, name: str = "busybox:latest") -> None:
     """An OCI-layout tarball (as `docker save` of Docker ≥ 25 or `skopeo copy oci-archive:`)."""
     tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else "latest"
-    index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": [
-        {"mediaType": img.media_type, "digest": img.manifest_digest, "size": len(img.manifest),
-         "annotations": {"org.opencontainers.image.ref.name": tag, "io.containerd.image.name": name}}]}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": img.media_type,
+                "digest": img.manifest_digest,
+                "size": len(img.manifest),
+                "annotations": {"org.opencontainers.image.ref.name": tag, "io.containerd.image.name": name},
+            }
+        ],
+    }
     with tarfile.open(path, "w") as tf:
         _add(tf, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
         _add(tf, "index.json", json.dumps(index).encode())

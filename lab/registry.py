@@ -37,9 +37,17 @@ def free_port(addr: str = "127.0.0.1") -> int:
 class Registry:
     """One ``docker-registry serve`` process bound to ``addr:port`` with its own storage dir."""
 
-    def __init__(self, addr: str = "127.0.0.1", port: int = 0, *, storage: Path | None = None,
-                 users: dict[str, str] | None = None, realm: str = "shoal-registry",
-                 netns: str | None = None, token_auth: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        addr: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        storage: Path | None = None,
+        users: dict[str, str] | None = None,
+        realm: str = "shoal-registry",
+        netns: str | None = None,
+        token_auth: dict[str, str] | None = None,
+    ) -> None:
         """``netns``: a network namespace path (``/run/netns/NAME``) to serve in (via ``nsenter --net``,
         which execs the registry, so ``proc.pid`` is the registry's own PID). ``token_auth``: bearer-token
         auth instead of htpasswd, keys ``realm``, ``service``, ``issuer``, ``rootcertbundle`` (PEM path)."""
@@ -80,7 +88,12 @@ class Registry:
         if self.token_auth:
             lines += ["auth:", "  token:"] + [f"    {k}: {v}" for k, v in sorted(self.token_auth.items())]
         elif self.users:
-            lines += ["auth:", "  htpasswd:", f"    realm: {self.realm}", f"    path: {self.dir / 'htpasswd'}"]
+            lines += [
+                "auth:",
+                "  htpasswd:",
+                f"    realm: {self.realm}",
+                f"    path: {self.dir / 'htpasswd'}",
+            ]
         return "\n".join(lines) + "\n"
 
     def _write_htpasswd(self) -> None:
@@ -101,8 +114,9 @@ class Registry:
             argv = [REGISTRY_BIN, "serve", str(cfg)]
             if self.netns:
                 argv = ["nsenter", f"--net={self.netns}", *argv]
-            self.proc = subprocess.Popen(argv, stdout=logf, stderr=logf,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         finally:
             logf.close()
         deadline = time.monotonic() + timeout
@@ -111,10 +125,19 @@ class Registry:
                 raise RuntimeError(f"docker-registry exited with {self.proc.returncode}: {self.log_tail()}")
             try:
                 if self.netns:
-                    probe = subprocess.run(["nsenter", f"--net={self.netns}", "python3", "-c",
-                                            "import socket,sys; socket.create_connection((sys.argv[1], "
-                                            "int(sys.argv[2])), 1).close()", self.addr, str(self.port)],
-                                           capture_output=True)
+                    probe = subprocess.run(
+                        [
+                            "nsenter",
+                            f"--net={self.netns}",
+                            "python3",
+                            "-c",
+                            "import socket,sys; socket.create_connection((sys.argv[1], "
+                            "int(sys.argv[2])), 1).close()",
+                            self.addr,
+                            str(self.port),
+                        ],
+                        capture_output=True,
+                    )
                     if probe.returncode != 0:
                         raise OSError("not yet")
                 else:
@@ -126,7 +149,9 @@ class Registry:
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"docker-registry did not answer on {self.url} in {timeout} s") from None
+                    raise RuntimeError(
+                        f"docker-registry did not answer on {self.url} in {timeout} s"
+                    ) from None
                 time.sleep(0.05)
         log.info("registry started pid=%d url=%s auth=%s", self.proc.pid, self.url, bool(self.users))
 
@@ -168,8 +193,9 @@ def _conn(url: str) -> tuple[http.client.HTTPConnection, str]:
     return cls(u.hostname, u.port, timeout=30), u.path.rstrip("/")
 
 
-def _request(url: str, method: str, path: str, body: bytes | None = None,
-             headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+def _request(
+    url: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> http.client.HTTPResponse:
     c, base = _conn(url)
     c.request(method, path if path.startswith("/v2") else base + path, body=body, headers=headers or {})
     r = c.getresponse()
@@ -188,16 +214,27 @@ def push_blob(url: str, repo: str, digest: str, data: bytes, auth: tuple[str, st
     loc = r.getheader("Location") or ""
     u = urllib.parse.urlsplit(loc)
     q = u.query + ("&" if u.query else "") + "digest=" + urllib.parse.quote(digest)
-    r = _request(url, "PUT", f"{u.path}?{q}", body=data,
-                 headers={**h, "Content-Type": "application/octet-stream", "Content-Length": str(len(data))})
+    r = _request(
+        url,
+        "PUT",
+        f"{u.path}?{q}",
+        body=data,
+        headers={**h, "Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
+    )
     if r.status != 201:
         raise PushError(f"blob upload of {digest} to {repo} failed: HTTP {r.status}")
 
 
-def push_manifest(url: str, repo: str, ref: str, data: bytes, media_type: str,
-                  auth: tuple[str, str] | None = None) -> None:
-    r = _request(url, "PUT", f"/v2/{repo}/manifests/{ref}", body=data,
-                 headers={**_auth_header(auth), "Content-Type": media_type})
+def push_manifest(
+    url: str, repo: str, ref: str, data: bytes, media_type: str, auth: tuple[str, str] | None = None
+) -> None:
+    r = _request(
+        url,
+        "PUT",
+        f"/v2/{repo}/manifests/{ref}",
+        body=data,
+        headers={**_auth_header(auth), "Content-Type": media_type},
+    )
     if r.status != 201:
         raise PushError(f"manifest push {repo}:{ref} failed: HTTP {r.status}")
 
@@ -210,8 +247,15 @@ def push_image(url: str, repo: str, tag: str, img: BuiltImage, auth: tuple[str, 
     return img.manifest_digest
 
 
-def push_index(url: str, repo: str, tag: str, entries: list[tuple[BuiltImage, str, str]],
-               auth: tuple[str, str] | None = None, *, docker_media_types: bool = False) -> str:
+def push_index(
+    url: str,
+    repo: str,
+    tag: str,
+    entries: list[tuple[BuiltImage, str, str]],
+    auth: tuple[str, str] | None = None,
+    *,
+    docker_media_types: bool = False,
+) -> str:
     """Pushes every image of ``entries`` by digest, then a manifest list / OCI index of them as ``tag``."""
     from shoal.lab.images import MT_DOCKER_LIST, MT_OCI_INDEX, index_bytes, sha256
 
@@ -235,5 +279,3 @@ def seed_busybox(url: str, auth: tuple[str, str] | None = None) -> str:
     from shoal.lab.images import busybox_image
 
     return push_image(url, "library/busybox", "latest", busybox_image(), auth)
-
-

@@ -35,8 +35,14 @@ def _need_root() -> None:
         pytest.fail("engine integration tests need root (run as root, or deselect with -m 'not integration')")
 
 
-HEALTHCHECK = {"Healthcheck": {"Test": ["CMD-SHELL", "test -e /tmp/healthy"], "Interval": 200_000_000,
-                               "Timeout": 2_000_000_000, "Retries": 2}}
+HEALTHCHECK = {
+    "Healthcheck": {
+        "Test": ["CMD-SHELL", "test -e /tmp/healthy"],
+        "Interval": 200_000_000,
+        "Timeout": 2_000_000_000,
+        "Retries": 2,
+    }
+}
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +61,12 @@ def registry(images) -> Iterator[Registry]:
     reg.start()
     try:
         push_image(reg.url, "library/busybox", "latest", images["busybox"])
-        push_index(reg.url, "multi", "latest", [(images["arm64"], "linux", "arm64"),
-                                                 (images["busybox"], "linux", _host_arch())])
+        push_index(
+            reg.url,
+            "multi",
+            "latest",
+            [(images["arm64"], "linux", "arm64"), (images["busybox"], "linux", _host_arch())],
+        )
         push_image(reg.url, "hc", "latest", images["hc"])
         yield reg
     finally:

@@ -72,8 +72,14 @@ def assert_gone(e: Engine, c: str) -> None:
 
 def test_exit_code_env_args_user_workdir(engine):
     c = cid("basic")
-    s = spec("sh", "-c", 'echo "$FOO $BAR"; id -u; id -g; id -G; pwd; echo $HOME; echo oops >&2; exit 7',
-             env=["FOO=foo", "BAR=bar"], user="app", dir="/home/app/work")
+    s = spec(
+        "sh",
+        "-c",
+        'echo "$FOO $BAR"; id -u; id -g; id -G; pwd; echo $HOME; echo oops >&2; exit 7',
+        env=["FOO=foo", "BAR=bar"],
+        user="app",
+        dir="/home/app/work",
+    )
 
     async def main():
         ex, lines = await run_to_exit(engine, ContainerConfig(c, "basic.1", s, labels={"k": "v"}))
@@ -95,14 +101,22 @@ def test_image_cmd_entrypoint_merge_and_hostname(engine):
         ex, lines = await run_to_exit(engine, ContainerConfig(c, "m.1", s))
         await engine.remove(c)
         c2 = c + "b"
-        s2 = spec(hostname="web-1", hosts=["10.1.2.3 db", "cache:10.1.2.4"],
-                  command=["sh", "-c", "hostname; cat /etc/hostname; grep -E 'db|cache' /etc/hosts; "
-                                       "cat /etc/resolv.conf"])
-        ex2, lines2 = await run_to_exit(engine, ContainerConfig(c2, "m.2", s2, resolv_conf="nameserver 127.0.0.11\n"))
+        s2 = spec(
+            hostname="web-1",
+            hosts=["10.1.2.3 db", "cache:10.1.2.4"],
+            command=[
+                "sh",
+                "-c",
+                "hostname; cat /etc/hostname; grep -E 'db|cache' /etc/hosts; cat /etc/resolv.conf",
+            ],
+        )
+        ex2, lines2 = await run_to_exit(
+            engine, ContainerConfig(c2, "m.2", s2, resolv_conf="nameserver 127.0.0.11\n")
+        )
         return ex, lines, ex2, lines2
 
     ex, lines, ex2, lines2 = run(main())
-    assert ex.exit_code == 0 and out(lines) == [""]      # command replaces the image's Cmd ("sh")
+    assert ex.exit_code == 0 and out(lines) == [""]  # command replaces the image's Cmd ("sh")
     assert ex2.exit_code == 0
     assert out(lines2) == ["web-1", "web-1", "10.1.2.3 db", "10.1.2.4\tcache", "nameserver 127.0.0.11"]
 
@@ -110,8 +124,11 @@ def test_image_cmd_entrypoint_merge_and_hostname(engine):
 def test_missing_executable_and_user_leave_nothing(engine):
     async def main():
         errs = []
-        for name, s in (("noexec", spec("/no/such/binary")), ("nocmd", spec("nosuchcmd")),
-                        ("nouser", spec("true", user="ghost"))):
+        for name, s in (
+            ("noexec", spec("/no/such/binary")),
+            ("nocmd", spec("nosuchcmd")),
+            ("nouser", spec("true", user="ghost")),
+        ):
             c = cid(name)
             try:
                 await engine.create(ContainerConfig(c, name, s))
@@ -133,8 +150,13 @@ def test_stop_signal_grace_and_init(engine):
         await engine.create(ContainerConfig(a, "a", spec("sleep", "1000", init=True)))
         await engine.start(a)
         # sh as PID 1 without a handler ignores SIGTERM: the grace period ends with SIGKILL
-        await engine.create(ContainerConfig(b, "b", spec("sh", "-c", "sleep 1000"),
-                                            ))
+        await engine.create(
+            ContainerConfig(
+                b,
+                "b",
+                spec("sh", "-c", "sleep 1000"),
+            )
+        )
         await engine.start(b)
         assert (await engine.inspect(a)).status == "running"
         await engine.stop(a, timeout=20)
@@ -142,7 +164,7 @@ def test_stop_signal_grace_and_init(engine):
         return await engine.inspect(a), await engine.inspect(b)
 
     sa, sb = run(main())
-    assert sa.exit.exit_code == 143 and sa.exit.reason == "Error"   # tini forwarded SIGTERM to sleep
+    assert sa.exit.exit_code == 143 and sa.exit.reason == "Error"  # tini forwarded SIGTERM to sleep
     assert sb.exit.exit_code == 137 and not sb.exit.oom_killed
 
 
@@ -190,7 +212,7 @@ def test_logs_tail_follow_since(engine):
     async def main():
         await engine.create(ContainerConfig(c, "logs.1", s))
         await engine.start(c)
-        followed = [ln async for ln in engine.logs(c, follow=True)]   # ends when the container exits
+        followed = [ln async for ln in engine.logs(c, follow=True)]  # ends when the container exits
         tail2 = [ln async for ln in engine.logs(c, tail=2)]
         since = min(x.timestamp for x in followed if x.line in ("late", "end"))
         after = [ln async for ln in engine.logs(c, since=since)]
@@ -207,8 +229,12 @@ def test_logs_tail_follow_since(engine):
 
 def test_health_check_unhealthy_and_healthy(engine, registry):
     bad, good = cid("unhealthy"), cid("healthy")
-    hc_bad = types_pb2.HealthConfig(test=["CMD-SHELL", "echo probing; exit 1"], interval=Duration(nanos=200_000_000),
-                                    timeout=Duration(seconds=5), retries=2)
+    hc_bad = types_pb2.HealthConfig(
+        test=["CMD-SHELL", "echo probing; exit 1"],
+        interval=Duration(nanos=200_000_000),
+        timeout=Duration(seconds=5),
+        retries=2,
+    )
     changes: list[tuple[str, str]] = []
     engine.on_health_change = lambda c, s: changes.append((c, s))
 
@@ -216,11 +242,16 @@ def test_health_check_unhealthy_and_healthy(engine, registry):
         await engine.create(ContainerConfig(bad, "bad.1", spec("sleep", "1000", healthcheck=hc_bad)))
         await engine.start(bad)
         # the image's own HEALTHCHECK (test -e /tmp/healthy, every 0.2 s) passes once the file exists
-        await engine.create(ContainerConfig(good, "good.1", spec("sh", "-c", "touch /tmp/healthy; sleep 1000",
-                                                                   image=f"{registry.host}/hc:latest")))
+        await engine.create(
+            ContainerConfig(
+                good,
+                "good.1",
+                spec("sh", "-c", "touch /tmp/healthy; sleep 1000", image=f"{registry.host}/hc:latest"),
+            )
+        )
         await engine.start(good)
         states = {}
-        for _ in range(600):   # a deadline (30 s) for a loaded CI machine, not a timing assertion
+        for _ in range(600):  # a deadline (30 s) for a loaded CI machine, not a timing assertion
             states = {x: (await engine.inspect(x)).health for x in (bad, good)}
             if states[bad].status == "unhealthy" and states[good].status == "healthy":
                 break
@@ -237,17 +268,26 @@ def test_health_check_unhealthy_and_healthy(engine, registry):
 def test_secrets_and_configs_on_tmpfs(engine):
     c = cid("secrets")
     s = spec("sleep", "1000", user="app")
-    s.secrets.add(secret_id="sid1", secret_name="db_password",
-                  file=types_pb2.FileTarget(name="db_password", uid="1000", gid="1000", mode=0o400))
-    s.configs.add(config_id="cid1", config_name="app_conf",
-                  file=types_pb2.FileTarget(name="/etc/app.conf", uid="0", gid="0", mode=0o444))
+    s.secrets.add(
+        secret_id="sid1",
+        secret_name="db_password",
+        file=types_pb2.FileTarget(name="db_password", uid="1000", gid="1000", mode=0o400),
+    )
+    s.configs.add(
+        config_id="cid1",
+        config_name="app_conf",
+        file=types_pb2.FileTarget(name="/etc/app.conf", uid="0", gid="0", mode=0o444),
+    )
 
     async def main():
-        await engine.create(ContainerConfig(c, "sec.1", s, secrets={"sid1": b"hunter2"},
-                                            configs={"cid1": b"debug=1\n"}))
+        await engine.create(
+            ContainerConfig(c, "sec.1", s, secrets={"sid1": b"hunter2"}, configs={"cid1": b"debug=1\n"})
+        )
         await engine.start(c)
         r = {}
-        r["stat"] = await engine.exec(c, ["stat", "-c", "%a %u %g", "/run/secrets/db_password", "/etc/app.conf"])
+        r["stat"] = await engine.exec(
+            c, ["stat", "-c", "%a %u %g", "/run/secrets/db_password", "/etc/app.conf"]
+        )
         r["cat"] = await engine.exec(c, ["cat", "/run/secrets/db_password", "/etc/app.conf"])
         r["mount"] = await engine.exec(c, ["grep", "/run/secrets/db_password", "/proc/mounts"])
         host_dir = engine.root / "containers" / c / "secrets"
@@ -260,7 +300,7 @@ def test_secrets_and_configs_on_tmpfs(engine):
     assert r["stat"] == (0, "400 1000 1000\n444 0 0\n")
     assert r["cat"] == (0, "hunter2debug=1\n")
     assert r["mount"][0] == 0 and " tmpfs " in r["mount"][1] and " ro," in r["mount"][1]
-    assert r["host"] == ["tmpfs"]      # the files live only on a tmpfs
+    assert r["host"] == ["tmpfs"]  # the files live only on a tmpfs
     assert_gone(engine, c)
 
 
@@ -268,13 +308,23 @@ def test_read_only_root_tmpfs_bind_and_volume(engine, tmp_path):
     c1, c2 = cid("ro1"), cid("ro2")
     (tmp_path / "in.txt").write_text("from host\n")
     vol = f"{PREFIX}vol{os.urandom(2).hex()}"
-    mounts = [types_pb2.Mount(type=types_pb2.Mount.TMPFS, target="/scratch",
-                              tmpfs_options=types_pb2.Mount.TmpfsOptions(size_bytes=1 << 20)),
-              types_pb2.Mount(type=types_pb2.Mount.BIND, source=str(tmp_path), target="/host", readonly=True),
-              types_pb2.Mount(type=types_pb2.Mount.VOLUME, source=vol, target="/data")]
-    s1 = spec("sh", "-c", "touch /x 2>/dev/null && echo rootrw || echo rootro; touch /scratch/y && echo tmpfsrw; "
-                          "cat /host/in.txt; touch /host/z 2>/dev/null || echo bindro; echo persisted > /data/f",
-              read_only=True, mounts=mounts)
+    mounts = [
+        types_pb2.Mount(
+            type=types_pb2.Mount.TMPFS,
+            target="/scratch",
+            tmpfs_options=types_pb2.Mount.TmpfsOptions(size_bytes=1 << 20),
+        ),
+        types_pb2.Mount(type=types_pb2.Mount.BIND, source=str(tmp_path), target="/host", readonly=True),
+        types_pb2.Mount(type=types_pb2.Mount.VOLUME, source=vol, target="/data"),
+    ]
+    s1 = spec(
+        "sh",
+        "-c",
+        "touch /x 2>/dev/null && echo rootrw || echo rootro; touch /scratch/y && echo tmpfsrw; "
+        "cat /host/in.txt; touch /host/z 2>/dev/null || echo bindro; echo persisted > /data/f",
+        read_only=True,
+        mounts=mounts,
+    )
     s2 = spec("cat", "/data/f", mounts=[mounts[2]])
 
     async def main():
@@ -287,6 +337,7 @@ def test_read_only_root_tmpfs_bind_and_volume(engine, tmp_path):
         ex1, l1, ex2, l2 = run(main())
     finally:
         import shutil
+
         shutil.rmtree(engine.root / "volumes" / vol, ignore_errors=True)
     assert ex1.exit_code == 0, out(l1)
     assert out(l1) == ["rootro", "tmpfsrw", "from host", "bindro"]
@@ -298,22 +349,36 @@ def test_caps_sysctls_ulimits_netns(engine):
     ns = f"{PREFIX}ns{os.urandom(2).hex()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
-        s = spec("sh", "-c", "grep CapEff /proc/self/status; cat /proc/sys/net/core/somaxconn; ulimit -n; "
-                             "readlink /proc/self/ns/net",
-                 capability_drop=["ALL"], capability_add=["NET_ADMIN"], sysctls={"net.core.somaxconn": "1234"},
-                 ulimits=[types_pb2.Ulimit(name="nofile", soft=512, hard=1024)])
+        s = spec(
+            "sh",
+            "-c",
+            "grep CapEff /proc/self/status; cat /proc/sys/net/core/somaxconn; ulimit -n; "
+            "readlink /proc/self/ns/net",
+            capability_drop=["ALL"],
+            capability_add=["NET_ADMIN"],
+            sysctls={"net.core.somaxconn": "1234"},
+            ulimits=[types_pb2.Ulimit(name="nofile", soft=512, hard=1024)],
+        )
         ex, lines = run(run_to_exit(engine, ContainerConfig(c, "caps.1", s, netns_path=f"/run/netns/{ns}")))
         ino = os.stat(f"/run/netns/{ns}").st_ino
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
     assert ex.exit_code == 0, out(lines)
-    assert out(lines) == ["CapEff:\t0000000000001000", "1234", "512", f"net:[{ino}]"]   # CAP_NET_ADMIN = bit 12
+    assert out(lines) == [
+        "CapEff:\t0000000000001000",
+        "1234",
+        "512",
+        f"net:[{ino}]",
+    ]  # CAP_NET_ADMIN = bit 12
 
 
 def test_bad_spec_fields_one_line_errors(engine):
-    cases = [spec("true", capability_add=["NOT_A_CAP"]), spec("true", sysctls={"vm.swappiness": "1"}),
-             spec("true", mounts=[types_pb2.Mount(type=types_pb2.Mount.BIND, source="/no/such/dir", target="/x")]),
-             spec("true", stop_signal="SIGNOPE")]
+    cases = [
+        spec("true", capability_add=["NOT_A_CAP"]),
+        spec("true", sysctls={"vm.swappiness": "1"}),
+        spec("true", mounts=[types_pb2.Mount(type=types_pb2.Mount.BIND, source="/no/such/dir", target="/x")]),
+        spec("true", stop_signal="SIGNOPE"),
+    ]
 
     async def main():
         msgs = []
@@ -332,12 +397,26 @@ def test_bad_spec_fields_one_line_errors(engine):
 
 
 def test_whiteouts_and_opaque_dirs_through_overlay(fresh_engine, tmp_path):
-    upper = tar_layer([Entry("data", "dir", mode=0o755), Entry("data/a", data=b"A"), Entry("data/b", data=b"B"),
-                       Entry("opq", "dir", mode=0o755), Entry("opq/old1", data=b"1"), Entry("opq/old2", data=b"2")])
-    top = tar_layer([whiteout("data/a"), Entry("opq", "dir", mode=0o755), opaque("opq"),
-                     Entry("opq/new", data=b"N")])
-    img = busybox_image(config={"Cmd": ["sh", "-c", "ls /data; ls /opq; grep -c ' /data ' /proc/mounts"],
-                                "Volumes": {"/data": {}}}, extra_layers=[upper, top])
+    upper = tar_layer(
+        [
+            Entry("data", "dir", mode=0o755),
+            Entry("data/a", data=b"A"),
+            Entry("data/b", data=b"B"),
+            Entry("opq", "dir", mode=0o755),
+            Entry("opq/old1", data=b"1"),
+            Entry("opq/old2", data=b"2"),
+        ]
+    )
+    top = tar_layer(
+        [whiteout("data/a"), Entry("opq", "dir", mode=0o755), opaque("opq"), Entry("opq/new", data=b"N")]
+    )
+    img = busybox_image(
+        config={
+            "Cmd": ["sh", "-c", "ls /data; ls /opq; grep -c ' /data ' /proc/mounts"],
+            "Volumes": {"/data": {}},
+        },
+        extra_layers=[upper, top],
+    )
     tar = tmp_path / "wh.tar"
     write_oci_tar(img, tar, name=f"{PREFIX}/wh:1")
     c = cid("wh")
@@ -386,13 +465,13 @@ def test_new_engine_readopts_after_agent_killed(shared_root, registry):
         try:
             listed = [x for x in await e.list() if x.id == c]
             st = None
-            for _ in range(600):   # the adopted health monitor probes again (deadline 30 s)
+            for _ in range(600):  # the adopted health monitor probes again (deadline 30 s)
                 st = await e.inspect(c)
                 if st.health and st.health.status == "healthy":
                     break
                 await asyncio.sleep(0.05)
             await e.stop(c, timeout=10)
-            exited_meanwhile = await e.wait(c + "x")     # it exited while no engine process was alive
+            exited_meanwhile = await e.wait(c + "x")  # it exited while no engine process was alive
             return listed, st, await e.inspect(c), exited_meanwhile
         finally:
             await e.remove(c)
@@ -413,11 +492,18 @@ def test_create_start_stop_remove_leaves_nothing(engine):
     s.secrets.add(secret_id="x", secret_name="x")
 
     async def main():
-        await engine.create(ContainerConfig(c, "clean.1", s, secrets={"x": b"1"},
-                                            resources=types_pb2.ResourceRequirements(pids_limit=50)))
+        await engine.create(
+            ContainerConfig(
+                c, "clean.1", s, secrets={"x": b"1"}, resources=types_pb2.ResourceRequirements(pids_limit=50)
+            )
+        )
         await engine.start(c)
-        during = (mounts_under(engine.root), runc_ids(engine.runc_root), engine._cgroup_dirs(f"/shoal-{engine.tag}/{c}"))
-        await engine.remove(c)   # kills the running container
+        during = (
+            mounts_under(engine.root),
+            runc_ids(engine.runc_root),
+            engine._cgroup_dirs(f"/shoal-{engine.tag}/{c}"),
+        )
+        await engine.remove(c)  # kills the running container
         return during
 
     during = run(main())
@@ -462,7 +548,7 @@ def test_cancelled_create_leaves_nothing(engine):
                 await t
             except asyncio.CancelledError:
                 pass
-            else:           # finished before the cancel: a normal container, removed as usual
+            else:  # finished before the cancel: a normal container, removed as usual
                 await engine.remove(c)
 
     run(main())
@@ -472,6 +558,7 @@ def test_cancelled_create_leaves_nothing(engine):
 
 def test_states_and_wrong_transitions(engine):
     from shoal.agent.engine import ContainerExists, ContainerNotFound, InvalidState
+
     c = cid("states")
 
     async def main():
@@ -479,7 +566,7 @@ def test_states_and_wrong_transitions(engine):
         with pytest.raises(ContainerExists):
             await engine.create(ContainerConfig(c, c, spec("sleep", "100")))
         created = await engine.inspect(c)
-        await engine.stop(c)                     # a created container is killed at once
+        await engine.stop(c)  # a created container is killed at once
         stopped = await engine.inspect(c)
         with pytest.raises(InvalidState):
             await engine.start(c)
@@ -496,6 +583,7 @@ def test_states_and_wrong_transitions(engine):
 def test_run_dir_on_tmpfs(shared_root, registry):
     """Runtime files on a separate (tmpfs) run_dir: the container runs, is re-adopted, and is cleaned."""
     import tempfile
+
     run_dir = Path(tempfile.mkdtemp(prefix=f"shoal-{PREFIX}-run-", dir="/dev/shm"))
     c = cid("rundir")
     try:
@@ -505,6 +593,7 @@ def test_run_dir_on_tmpfs(shared_root, registry):
             await e1.create(ContainerConfig(c, c, spec("sleep", "100")))
             await e1.start(c)
             await e1.close()
+
         run(first())
         assert (run_dir / c / "bundle" / "config.json").exists() and c in runc_ids(run_dir / "runc")
         e2 = Engine(shared_root, registry_mirrors=[registry.url], run_dir=run_dir)
@@ -513,19 +602,21 @@ def test_run_dir_on_tmpfs(shared_root, registry):
             st = await e2.inspect(c)
             await e2.remove(c)
             return st
+
         st = run(second())
         assert st.status == "running"
         assert not (run_dir / c).exists() and c not in runc_ids(run_dir / "runc")
         assert_gone(e2, c)
     finally:
         import shutil
+
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_tty(engine):
     c = cid("tty")
     ex, lines = run(run_to_exit(engine, ContainerConfig(c, c, spec("sh", "-c", "tty; exit 4", tty=True))))
-    assert ex.exit_code == 4 and out(lines) == ["/dev/pts/0\r"]    # a pty, as `docker run -t` logs it
+    assert ex.exit_code == 4 and out(lines) == ["/dev/pts/0\r"]  # a pty, as `docker run -t` logs it
 
 
 def test_log_rotation_by_size(shared_root, registry):
@@ -549,4 +640,4 @@ def test_log_rotation_by_size(shared_root, registry):
     assert size <= 8192 and 0 < len(after) < 2000 and after[-1] == "line1999"
     assert followed[-1] == "line1999"
     nums = [int(x[4:]) for x in followed]
-    assert nums == sorted(nums)           # a follower never goes back across a rotation
+    assert nums == sorted(nums)  # a follower never goes back across a rotation

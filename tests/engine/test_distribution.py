@@ -13,16 +13,23 @@ from shoal.agent.engine.images import ImageStore, choose_platform, host_arch
 
 
 def test_parse_challenge():
-    kind, p = parse_challenge('Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
-                              'scope="repository:library/busybox:pull"')
+    kind, p = parse_challenge(
+        'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+        'scope="repository:library/busybox:pull"'
+    )
     assert kind == "bearer"
-    assert p == {"realm": "https://auth.docker.io/token", "service": "registry.docker.io",
-                 "scope": "repository:library/busybox:pull"}
+    assert p == {
+        "realm": "https://auth.docker.io/token",
+        "service": "registry.docker.io",
+        "scope": "repository:library/busybox:pull",
+    }
     assert parse_challenge('Basic realm="x"') == ("basic", {"realm": "x"})
 
 
 def test_registry_auth_from_b64():
-    raw = base64.urlsafe_b64encode(json.dumps({"username": "u", "password": "p"}).encode()).decode().rstrip("=")
+    raw = (
+        base64.urlsafe_b64encode(json.dumps({"username": "u", "password": "p"}).encode()).decode().rstrip("=")
+    )
     a = RegistryAuth.from_b64(raw)
     assert (a.username, a.password) == ("u", "p") and "p" not in repr(a)
     assert RegistryAuth.from_b64("") is None
@@ -31,10 +38,15 @@ def test_registry_auth_from_b64():
 
 
 def test_endpoints(tmp_path):
-    st = ImageStore(tmp_path, registry_mirrors=["http://198.18.0.254:5000/"],
-                    insecure_registries=["198.18.0.254:5000", "10.9.0.0/16"])
+    st = ImageStore(
+        tmp_path,
+        registry_mirrors=["http://198.18.0.254:5000/"],
+        insecure_registries=["198.18.0.254:5000", "10.9.0.0/16"],
+    )
     assert st._endpoints(reference.parse("busybox")) == [
-        ("http://198.18.0.254:5000", True, True), ("https://registry-1.docker.io", True, False)]
+        ("http://198.18.0.254:5000", True, True),
+        ("https://registry-1.docker.io", True, False),
+    ]
     assert st._endpoints(reference.parse("reg.example.com/x")) == [("https://reg.example.com", True, False)]
     for insecure in ("198.18.0.254:5000/x", "127.0.0.1:5000/x", "localhost:5000/x", "10.9.1.2:80/x"):
         eps = st._endpoints(reference.parse(insecure))
@@ -44,11 +56,16 @@ def test_endpoints(tmp_path):
 
 def test_choose_platform():
     arch = host_arch()[0]
-    idx = {"manifests": [
-        {"digest": "sha256:w", "platform": {"os": "windows", "architecture": arch}},
-        {"digest": "sha256:o", "platform": {"os": "linux", "architecture": "s390x" if arch != "s390x" else "ppc64le"}},
-        {"digest": "sha256:l", "platform": {"os": "linux", "architecture": arch}},
-    ]}
+    idx = {
+        "manifests": [
+            {"digest": "sha256:w", "platform": {"os": "windows", "architecture": arch}},
+            {
+                "digest": "sha256:o",
+                "platform": {"os": "linux", "architecture": "s390x" if arch != "s390x" else "ppc64le"},
+            },
+            {"digest": "sha256:l", "platform": {"os": "linux", "architecture": arch}},
+        ]
+    }
     assert choose_platform(idx, "x")["digest"] == "sha256:l"
     with pytest.raises(UnsupportedPlatform) as e:
         choose_platform({"manifests": idx["manifests"][:2]}, "x")

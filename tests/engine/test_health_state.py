@@ -9,9 +9,17 @@ from shoal.agent.engine.spec import HealthSpec
 def monitor(tmp_path, start_period=0.0):
     async def alive():
         return True
+
     changes = []
-    m = HealthMonitor("c", HealthSpec(["CMD", "x"], retries=3, start_period=start_period), lambda a, p: a,
-                      tmp_path / "health.json", time.time(), alive, lambda c, s: changes.append(s))
+    m = HealthMonitor(
+        "c",
+        HealthSpec(["CMD", "x"], retries=3, start_period=start_period),
+        lambda a, p: a,
+        tmp_path / "health.json",
+        time.time(),
+        alive,
+        lambda c, s: changes.append(s),
+    )
     return m, changes
 
 
@@ -38,7 +46,7 @@ def test_start_period_failures_do_not_count(tmp_path):
         m.record(res(1))
     assert m.state.status == "starting" and m.state.failing_streak == 0
     m.record(res(0))
-    m.record(res(1))        # once healthy, failures count even inside the start period
+    m.record(res(1))  # once healthy, failures count even inside the start period
     assert m.state.failing_streak == 1
 
 

@@ -48,11 +48,14 @@ def test_concurrent_pulls_share_one_download(fresh_engine):
     def counting(ref, auth=None):
         calls.append(str(ref))
         return real(ref, auth)
+
     fresh_engine.images.pull = counting
 
     async def main():
-        return await asyncio.gather(*(fresh_engine.pull("busybox:latest") for _ in range(8)),
-                                    fresh_engine.pull("docker.io/library/busybox"))
+        return await asyncio.gather(
+            *(fresh_engine.pull("busybox:latest") for _ in range(8)),
+            fresh_engine.pull("docker.io/library/busybox"),
+        )
 
     imgs = run(main())
     assert len({i.id for i in imgs}) == 1 and calls == ["docker.io/library/busybox:latest"]
@@ -71,9 +74,13 @@ def test_pull_with_basic_auth(fresh_engine, auth_registry, images):
 
 def test_create_pulls_with_spec_registry_auth(fresh_engine, auth_registry):
     import base64
+
     auth = base64.b64encode(json.dumps({"username": AUTH_USER, "password": AUTH_PASSWORD}).encode()).decode()
-    spec = types_pb2.ContainerSpec(image=f"{auth_registry.host}/private/busybox:v1", args=["true"],
-                                   pull_options=types_pb2.ContainerSpec.PullOptions(registry_auth=auth))
+    spec = types_pb2.ContainerSpec(
+        image=f"{auth_registry.host}/private/busybox:v1",
+        args=["true"],
+        pull_options=types_pb2.ContainerSpec.PullOptions(registry_auth=auth),
+    )
     c = f"{PREFIX}-authpull"
 
     async def main():
@@ -88,7 +95,7 @@ def test_unknown_image(fresh_engine, registry):
     with pytest.raises(ImageNotFound) as e:
         run(fresh_engine.pull(f"{registry.host}/nosuch/image:1"))
     assert "nosuch/image" in str(e.value)
-    with pytest.raises(ImageNotFound):            # via the docker.io mirror (Docker Hub is not reachable)
+    with pytest.raises(ImageNotFound):  # via the docker.io mirror (Docker Hub is not reachable)
         run(fresh_engine.pull("nosuchimage"))
     with pytest.raises(ImageNotFound):
         run(fresh_engine.pull(f"{registry.host}/library/busybox:nosuchtag"))
@@ -116,14 +123,17 @@ def test_load_docker_archive_and_oci(fresh_engine, tmp_path):
     (ib,) = run(fresh_engine.load(tmp_path / "b.tar"))
     assert (ia.id, ia.refs) == (a.id, [f"docker.io/{PREFIX}/a:1"])
     assert (ib.id, ib.refs) == (b.id, [f"docker.io/{PREFIX}/b:2"])
-    assert ia.layers == ib.layers   # one shared layer, unpacked once
+    assert ia.layers == ib.layers  # one shared layer, unpacked once
     assert len(os.listdir(fresh_engine.root / "images" / "layers")) == 1
 
     async def main():
-        await fresh_engine.create(ContainerConfig(f"{PREFIX}-ld", "ld", types_pb2.ContainerSpec(image=f"{PREFIX}/b:2")))
+        await fresh_engine.create(
+            ContainerConfig(f"{PREFIX}-ld", "ld", types_pb2.ContainerSpec(image=f"{PREFIX}/b:2"))
+        )
         await fresh_engine.start(f"{PREFIX}-ld")
         await fresh_engine.wait(f"{PREFIX}-ld")
         return [x.line async for x in fresh_engine.logs(f"{PREFIX}-ld")]
+
     assert run(main()) == ["oci"]
 
 
@@ -138,6 +148,7 @@ def test_load_tampered_tarball_is_rejected(fresh_engine, tmp_path):
                 data = data.replace(b"tampered", b"tampere!")
             m.size = len(data)
             import io
+
             dst.addfile(m, io.BytesIO(data))
     with pytest.raises(DigestMismatch):
         run(fresh_engine.load(bad))
@@ -149,7 +160,9 @@ def test_remove_image_in_use_and_gc(fresh_engine):
 
     async def main():
         img = await fresh_engine.pull("busybox")
-        await fresh_engine.create(ContainerConfig(c, c, types_pb2.ContainerSpec(image="busybox", args=["true"])))
+        await fresh_engine.create(
+            ContainerConfig(c, c, types_pb2.ContainerSpec(image="busybox", args=["true"]))
+        )
         with pytest.raises(ImageInUse):
             await fresh_engine.remove_image("busybox")
         assert await fresh_engine.prune_images() == []
@@ -196,7 +209,7 @@ def test_pull_with_bearer_token(fresh_engine, token_registry, images):
     assert (AUTH_USER, "repository:private/busybox:pull") in ts.requests
     with pytest.raises(AuthenticationFailed):
         run(fresh_engine.pull(ref, RegistryAuth(AUTH_USER, "wrong")))
-    with pytest.raises(ImageNotFound) as e:     # anonymous token grants nothing: "pull access denied"
+    with pytest.raises(ImageNotFound) as e:  # anonymous token grants nothing: "pull access denied"
         run(fresh_engine.pull(ref))
     assert "pull access denied" in str(e.value)
 
@@ -204,8 +217,11 @@ def test_pull_with_bearer_token(fresh_engine, token_registry, images):
 def test_corrupted_registry_storage_is_detected(fresh_engine, tmp_path):
     """A registry serving bytes that do not match their digests (its storage corrupted on disk)."""
     from shoal.lab.images import Entry, tar_layer
+
     img = busybox_image(config={"Cmd": ["echo", "corrupt"]})
-    small = busybox_image(config={"Cmd": ["echo", "small"]}, extra_layers=[tar_layer([Entry("f", data=b"1")])])
+    small = busybox_image(
+        config={"Cmd": ["echo", "small"]}, extra_layers=[tar_layer([Entry("f", data=b"1")])]
+    )
     with Registry("127.0.0.1", storage=tmp_path / "reg") as reg:
         push_image(reg.url, "cfg", "1", img)
         push_image(reg.url, "layer", "1", small)
@@ -214,6 +230,7 @@ def test_corrupted_registry_storage_is_detected(fresh_engine, tmp_path):
         def blob(digest: str) -> os.PathLike:
             h = digest.split(":")[1]
             return blobs / h[:2] / h / "data"
+
         # same length, different bytes: the config no longer matches its digest
         p = blob(img.config_digest)
         p.write_bytes(p.read_bytes().replace(b"corrupt", b"CORRUPT"))
@@ -226,4 +243,7 @@ def test_corrupted_registry_storage_is_detected(fresh_engine, tmp_path):
         with pytest.raises(DigestMismatch):
             run(fresh_engine.pull(f"{reg.host}/layer:1"))
     layers = os.listdir(fresh_engine.root / "images" / "layers")
-    assert small.layers[1].diff_id.split(":")[1] not in layers and os.listdir(fresh_engine.root / "images" / "tmp") == []
+    assert (
+        small.layers[1].diff_id.split(":")[1] not in layers
+        and os.listdir(fresh_engine.root / "images" / "tmp") == []
+    )

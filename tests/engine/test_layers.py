@@ -13,17 +13,20 @@ from shoal.agent.engine.layers import classify, unpack_stream
 from shoal.lab.images import Entry, opaque, tar_layer, whiteout
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("etc/passwd", ("entry", "etc/passwd")),
-    ("./etc/passwd", ("entry", "etc/passwd")),
-    ("/abs/x", ("entry", "abs/x")),
-    ("etc/.wh.hosts", ("whiteout", "etc/hosts")),
-    (".wh.top", ("whiteout", "top")),
-    ("var/lib/.wh..wh..opq", ("opaque", "var/lib")),
-    (".wh..wh..opq", ("opaque", "")),
-    ("a/./b/../c", ("entry", "a/c")),
-    ("./", ("entry", "")),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("etc/passwd", ("entry", "etc/passwd")),
+        ("./etc/passwd", ("entry", "etc/passwd")),
+        ("/abs/x", ("entry", "abs/x")),
+        ("etc/.wh.hosts", ("whiteout", "etc/hosts")),
+        (".wh.top", ("whiteout", "top")),
+        ("var/lib/.wh..wh..opq", ("opaque", "var/lib")),
+        (".wh..wh..opq", ("opaque", "")),
+        ("a/./b/../c", ("entry", "a/c")),
+        ("./", ("entry", "")),
+    ],
+)
 def test_classify(name, expected):
     assert classify(name) == expected
 
@@ -42,14 +45,29 @@ def xattr(path, name):
 
 
 def test_unpack_whiteout_opaque_and_digests(tmp_path):
-    layer = tar_layer([Entry("etc", "dir"), Entry("etc/a", data=b"x", mode=0o640), whiteout("etc/gone"),
-                       Entry("var", "dir"), opaque("var"), Entry("var/new", data=b"n"),
-                       Entry("bin", "dir"), Entry("bin/sh", "symlink", target="/bin/busybox"),
-                       Entry("bin/busybox", data=b"#!", mode=0o755), Entry("bin/ash", "hardlink", target="bin/busybox")])
+    layer = tar_layer(
+        [
+            Entry("etc", "dir"),
+            Entry("etc/a", data=b"x", mode=0o640),
+            whiteout("etc/gone"),
+            Entry("var", "dir"),
+            opaque("var"),
+            Entry("var/new", data=b"n"),
+            Entry("bin", "dir"),
+            Entry("bin/sh", "symlink", target="/bin/busybox"),
+            Entry("bin/busybox", data=b"#!", mode=0o755),
+            Entry("bin/ash", "hardlink", target="bin/busybox"),
+        ]
+    )
     dest = tmp_path / "l"
     dest.mkdir()
-    digest, diff_id = unpack_stream(io.BytesIO(layer.gz), str(dest), compression="gzip",
-                                    expect_digest=layer.digest, expect_diff_id=layer.diff_id)
+    digest, diff_id = unpack_stream(
+        io.BytesIO(layer.gz),
+        str(dest),
+        compression="gzip",
+        expect_digest=layer.digest,
+        expect_diff_id=layer.diff_id,
+    )
     assert (digest, diff_id) == (layer.digest, layer.diff_id)
     st = os.lstat(dest / "etc/gone")
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
@@ -63,19 +81,34 @@ def test_unpack_whiteout_opaque_and_digests(tmp_path):
 
 def test_unpack_auto_plain_tar(tmp_path):
     layer = tar_layer([Entry("f", data=b"1")])
-    d, i = unpack_stream(io.BytesIO(layer.tar), str(tmp_path), compression="auto", expect_digest=None,
-                         expect_diff_id=layer.diff_id)
+    d, i = unpack_stream(
+        io.BytesIO(layer.tar),
+        str(tmp_path),
+        compression="auto",
+        expect_digest=None,
+        expect_diff_id=layer.diff_id,
+    )
     assert d == i == layer.diff_id and (tmp_path / "f").read_bytes() == b"1"
 
 
 def test_digest_mismatch(tmp_path):
     layer = tar_layer([Entry("f", data=b"1")])
     with pytest.raises(DigestMismatch):
-        unpack_stream(io.BytesIO(layer.gz), str(tmp_path), compression="gzip",
-                      expect_digest="sha256:" + "0" * 64, expect_diff_id=None)
+        unpack_stream(
+            io.BytesIO(layer.gz),
+            str(tmp_path),
+            compression="gzip",
+            expect_digest="sha256:" + "0" * 64,
+            expect_diff_id=None,
+        )
     with pytest.raises(DigestMismatch):
-        unpack_stream(io.BytesIO(layer.gz), str(tmp_path), compression="gzip", expect_digest=None,
-                      expect_diff_id="sha256:" + "0" * 64)
+        unpack_stream(
+            io.BytesIO(layer.gz),
+            str(tmp_path),
+            compression="gzip",
+            expect_digest=None,
+            expect_diff_id="sha256:" + "0" * 64,
+        )
 
 
 def test_symlink_escape_rejected(tmp_path):
@@ -92,12 +125,18 @@ def test_symlink_escape_rejected(tmp_path):
     dest = tmp_path / "l"
     dest.mkdir()
     with pytest.raises(InvalidImage):
-        unpack_stream(io.BytesIO(buf.getvalue()), str(dest), compression="none", expect_digest=None,
-                      expect_diff_id=None)
+        unpack_stream(
+            io.BytesIO(buf.getvalue()), str(dest), compression="none", expect_digest=None, expect_diff_id=None
+        )
     assert not (tmp_path / "outside" / "file").exists()
 
 
 def test_not_a_tar(tmp_path):
     with pytest.raises(InvalidImage):
-        unpack_stream(io.BytesIO(b"\x1f\x8bnot gzip at all"), str(tmp_path), compression="gzip",
-                      expect_digest=None, expect_diff_id=None)
+        unpack_stream(
+            io.BytesIO(b"\x1f\x8bnot gzip at all"),
+            str(tmp_path),
+            compression="gzip",
+            expect_digest=None,
+            expect_diff_id=None,
+        )

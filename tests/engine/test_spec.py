@@ -21,8 +21,15 @@ from shoal.agent.engine.spec import (
 )
 from shoal.proto import types_pb2
 
-IMG = {"Entrypoint": ["/entry"], "Cmd": ["serve", "--port=80"], "Env": ["PATH=/opt/bin:/bin", "A=1", "B=2"],
-       "WorkingDir": "/app", "User": "app", "StopSignal": "SIGQUIT", "Labels": {"l": "img"}}
+IMG = {
+    "Entrypoint": ["/entry"],
+    "Cmd": ["serve", "--port=80"],
+    "Env": ["PATH=/opt/bin:/bin", "A=1", "B=2"],
+    "WorkingDir": "/app",
+    "User": "app",
+    "StopSignal": "SIGQUIT",
+    "Labels": {"l": "img"},
+}
 
 
 def cs(**kw):
@@ -47,8 +54,18 @@ def test_command_replaces_entrypoint_and_cmd():
 
 
 def test_env_override_and_default_path():
-    m = merge_config(cs(env=["A=9", "C=3", "EMPTY"], hostname="h", dir="/w", user="0:0",
-                        stop_signal="TERM", stop_grace_period=Duration(seconds=3), labels={"l": "svc"}), IMG)
+    m = merge_config(
+        cs(
+            env=["A=9", "C=3", "EMPTY"],
+            hostname="h",
+            dir="/w",
+            user="0:0",
+            stop_signal="TERM",
+            stop_grace_period=Duration(seconds=3),
+            labels={"l": "svc"},
+        ),
+        IMG,
+    )
     assert m.env == ["PATH=/opt/bin:/bin", "HOSTNAME=h", "A=9", "B=2", "C=3", "EMPTY="]
     assert (m.workdir, m.user, m.stop_signal, m.stop_grace, m.hostname) == ("/w", "0:0", "TERM", 3.0, "h")
     assert m.labels == {"l": "svc"}
@@ -72,11 +89,17 @@ def test_health_merge():
     h = merge_config(cs(), img).health
     assert (h.test, h.interval, h.timeout, h.retries, h.start_period) == (["CMD", "check"], 5.0, 30.0, 4, 0.0)
     assert h.argv == ["check"]
-    spec_h = types_pb2.HealthConfig(test=["CMD-SHELL", "curl -f localhost"], timeout=Duration(seconds=2),
-                                    start_period=Duration(seconds=7))
+    spec_h = types_pb2.HealthConfig(
+        test=["CMD-SHELL", "curl -f localhost"], timeout=Duration(seconds=2), start_period=Duration(seconds=7)
+    )
     h = merge_config(cs(healthcheck=spec_h), img).health
     assert (h.test, h.interval, h.timeout, h.retries, h.start_period) == (
-        ["CMD-SHELL", "curl -f localhost"], 5.0, 2.0, 4, 7.0)
+        ["CMD-SHELL", "curl -f localhost"],
+        5.0,
+        2.0,
+        4,
+        7.0,
+    )
     assert h.argv == ["/bin/sh", "-c", "curl -f localhost"]
     assert merge_config(cs(healthcheck=types_pb2.HealthConfig(test=["NONE"])), img).health is None
     with pytest.raises(InvalidSpec):
@@ -86,7 +109,9 @@ def test_health_merge():
 @pytest.fixture
 def rootfs(tmp_path):
     (tmp_path / "etc").mkdir()
-    (tmp_path / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001:a:/home/app:/bin/sh\n")
+    (tmp_path / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001:a:/home/app:/bin/sh\n"
+    )
     (tmp_path / "etc/group").write_text("root:x:0:\nwheel:x:10:app,other\napp:x:1001:\ndocker:x:999:\n")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin/busybox").write_bytes(b"")
@@ -95,7 +120,7 @@ def rootfs(tmp_path):
     os.symlink("../../bin/busybox", tmp_path / "bin/rel")
     (tmp_path / "bin/noexec").write_bytes(b"")
     (tmp_path / "usr").mkdir()
-    os.symlink("/bin", tmp_path / "usr/bin")   # absolute link: must resolve inside the rootfs
+    os.symlink("/bin", tmp_path / "usr/bin")  # absolute link: must resolve inside the rootfs
     return str(tmp_path)
 
 
@@ -115,9 +140,9 @@ def test_resolve_user(rootfs):
 
 def test_find_executable(rootfs):
     env = ["PATH=/usr/bin:/sbin"]
-    find_executable(rootfs, "sh", env, "/")            # /usr/bin -> /bin (absolute link inside root)
+    find_executable(rootfs, "sh", env, "/")  # /usr/bin -> /bin (absolute link inside root)
     find_executable(rootfs, "/bin/rel", env, "/")
-    find_executable(rootfs, "/mnt/tool", env, "/", mounted=["/mnt"])   # provided by a mount
+    find_executable(rootfs, "/mnt/tool", env, "/", mounted=["/mnt"])  # provided by a mount
     for bad in ("nosuch", "/bin/nosuch", "noexec"):
         with pytest.raises(ExecutableNotFound):
             find_executable(rootfs, bad, env, "/")
@@ -134,15 +159,27 @@ def test_capabilities():
 
 
 def test_resources():
-    r = resources_spec(types_pb2.ResourceRequirements(
-        limits=types_pb2.Resources(nano_cpus=1_500_000_000, memory_bytes=64 << 20),
-        reservations=types_pb2.Resources(memory_bytes=32 << 20), pids_limit=100), swap_files=True)
+    r = resources_spec(
+        types_pb2.ResourceRequirements(
+            limits=types_pb2.Resources(nano_cpus=1_500_000_000, memory_bytes=64 << 20),
+            reservations=types_pb2.Resources(memory_bytes=32 << 20),
+            pids_limit=100,
+        ),
+        swap_files=True,
+    )
     assert r["memory"] == {"limit": 64 << 20, "swap": 64 << 20, "reservation": 32 << 20}
     assert r["cpu"] == {"period": 100000, "quota": 150000} and r["pids"] == {"limit": 100}
-    assert "swap" not in resources_spec(types_pb2.ResourceRequirements(
-        limits=types_pb2.Resources(memory_bytes=64 << 20)), swap_files=False)["memory"]
+    assert (
+        "swap"
+        not in resources_spec(
+            types_pb2.ResourceRequirements(limits=types_pb2.Resources(memory_bytes=64 << 20)),
+            swap_files=False,
+        )["memory"]
+    )
     with pytest.raises(InvalidSpec):
-        resources_spec(types_pb2.ResourceRequirements(limits=types_pb2.Resources(memory_bytes=1000)), swap_files=False)
+        resources_spec(
+            types_pb2.ResourceRequirements(limits=types_pb2.Resources(memory_bytes=1000)), swap_files=False
+        )
 
 
 def test_rlimits_and_file_targets():
@@ -151,8 +188,9 @@ def test_rlimits_and_file_targets():
     with pytest.raises(InvalidSpec):
         rlimits([types_pb2.Ulimit(name="bogus", soft=1, hard=1)])
     assert file_target(types_pb2.FileTarget(), "/run/secrets", "pw", "s") == ("/run/secrets/pw", 0, 0, 0o444)
-    assert file_target(types_pb2.FileTarget(name="/etc/x.conf", uid="5", gid="6", mode=0o600), "/", "c", "c") == (
-        "/etc/x.conf", 5, 6, 0o600)
+    assert file_target(
+        types_pb2.FileTarget(name="/etc/x.conf", uid="5", gid="6", mode=0o600), "/", "c", "c"
+    ) == ("/etc/x.conf", 5, 6, 0o600)
     with pytest.raises(InvalidSpec):
         file_target(types_pb2.FileTarget(name="../../x"), "/run/secrets", "x", "s")
 
@@ -166,14 +204,23 @@ def test_hosts_and_resolv(tmp_path):
     dns = types_pb2.DNSConfig(nameservers=["198.51.100.1"], search=["a.b"], options=["ndots:2"])
     assert resolv_conf(None, dns, str(host)) == "nameserver 198.51.100.1\nsearch a.b\noptions ndots:2\n"
     assert resolv_conf("nameserver 127.0.0.11", dns, str(host)) == (
-        "nameserver 127.0.0.11\nsearch a.b\noptions ndots:2\n")
+        "nameserver 127.0.0.11\nsearch a.b\noptions ndots:2\n"
+    )
 
 
 def test_log_parse_partial_lines():
-    recs = parse_lines(["2026-11-24T07:30:24.604499300+00:00 stdout P hel",
-                        "2026-11-24T07:30:24.604548623+00:00 stderr F err",
-                        "2026-11-24T07:30:24.704548623+00:00 stdout F lo world",
-                        "2026-11-24T07:30:25Z stdout F ",
-                        "garbage"])
-    assert [(r.stream, r.line) for r in recs] == [("stderr", "err"), ("stdout", "hello world"), ("stdout", "")]
+    recs = parse_lines(
+        [
+            "2026-11-24T07:30:24.604499300+00:00 stdout P hel",
+            "2026-11-24T07:30:24.604548623+00:00 stderr F err",
+            "2026-11-24T07:30:24.704548623+00:00 stdout F lo world",
+            "2026-11-24T07:30:25Z stdout F ",
+            "garbage",
+        ]
+    )
+    assert [(r.stream, r.line) for r in recs] == [
+        ("stderr", "err"),
+        ("stdout", "hello world"),
+        ("stdout", ""),
+    ]
     assert recs[1].timestamp.microsecond == 704548

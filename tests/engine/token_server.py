@@ -29,20 +29,31 @@ def _b64(data: bytes) -> str:
 
 
 class TokenServer:
-    def __init__(self, users: dict[str, str], workdir: Path, service: str = "shoal-test-registry",
-                 issuer: str = "shoal-test-issuer") -> None:
+    def __init__(
+        self,
+        users: dict[str, str],
+        workdir: Path,
+        service: str = "shoal-test-registry",
+        issuer: str = "shoal-test-issuer",
+    ) -> None:
         self.users, self.service, self.issuer = users, service, issuer
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "shoal test token issuer")])
         now = dt.datetime.now(dt.UTC)
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                     .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .sign(self.key, hashes.SHA256()))
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
         self.cert_path = workdir / "token-cert.pem"
         self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-        self.requests: list[tuple[str | None, str]] = []   # (user, scope) per token request
+        self.requests: list[tuple[str | None, str]] = []  # (user, scope) per token request
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -83,16 +94,30 @@ class TokenServer:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
 
     def registry_config(self) -> dict[str, str]:
-        return {"realm": self.realm, "service": self.service, "issuer": self.issuer,
-                "rootcertbundle": str(self.cert_path)}
+        return {
+            "realm": self.realm,
+            "service": self.service,
+            "issuer": self.issuer,
+            "rootcertbundle": str(self.cert_path),
+        }
 
     def token(self, sub: str, access: list[dict]) -> str:
         now = int(time.time())
-        header = {"typ": "JWT", "alg": "ES256",
-                  "x5c": [base64.b64encode(self.cert.public_bytes(serialization.Encoding.DER)).decode()]}
-        claims = {"iss": self.issuer, "sub": sub, "aud": self.service, "exp": now + 300, "nbf": now - 10,
-                  "iat": now, "jti": _b64(threading.get_ident().to_bytes(8, "little") + now.to_bytes(8, "little")),
-                  "access": access}
+        header = {
+            "typ": "JWT",
+            "alg": "ES256",
+            "x5c": [base64.b64encode(self.cert.public_bytes(serialization.Encoding.DER)).decode()],
+        }
+        claims = {
+            "iss": self.issuer,
+            "sub": sub,
+            "aud": self.service,
+            "exp": now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": _b64(threading.get_ident().to_bytes(8, "little") + now.to_bytes(8, "little")),
+            "access": access,
+        }
         signing = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
         r, s = decode_dss_signature(self.key.sign(signing.encode(), ec.ECDSA(hashes.SHA256())))
         return f"{signing}.{_b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
