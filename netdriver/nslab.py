@@ -18,11 +18,14 @@ namespace through `nsenter --net=PATH` (which, unlike `ip netns exec`, does not 
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import subprocess
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -57,12 +60,63 @@ def nsenter(path: str | None, argv: Sequence[str]) -> list[str]:
     return list(argv) if path is None else ["nsenter", f"--net={ns_path(path)}", *argv]
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def netns_socket(path: str | None, family: int = socket.AF_NETLINK, type_: int = socket.SOCK_DGRAM,
+                 proto: int = 0) -> socket.socket:
+    """A socket created in the network namespace at `path` (None: this process's). A short-lived
+    thread enters the namespace (setns affects only the calling thread) and makes it: no fork, so
+    ~10x cheaper than pyroute2's netns= and safe in a process with gRPC threads."""
+    if path is None:
+        return socket.socket(family, type_, proto)
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            fd = os.open(ns_path(path), os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err), path)
+            finally:
+                os.close(fd)
+            out["sock"] = socket.socket(family, type_, proto)
+        except BaseException as e:  # handed to the caller's thread
+            out["err"] = e
+
+    t = threading.Thread(target=run, name="netns-socket", daemon=True)
+    t.start()
+    t.join()
+    if "err" in out:
+        raise out["err"]  # type: ignore[misc]
+    return out["sock"]  # type: ignore[return-value]
+
+
+def open_ipr(path: str | None) -> IPRoute:
+    """IPRoute bound to the namespace at `path` (None: this process's), without forking."""
+    if path is None:
+        return IPRoute(groups=0)
+    return IPRoute(fileno=netns_socket(path).detach(), groups=0)
+
+
 def move_link(ipr: IPRoute, index: int, path: str) -> None:
     """Move a link into the namespace at `path`. The fd is ours to open and close: pyroute2 closes
     an fd it opened for a name from a callback that may run late (and hit a reused fd number)."""
     fd = os.open(ns_path(path), os.O_RDONLY)
     try:
         ipr.link("set", index=index, net_ns_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def add_veth(ipr: IPRoute, name: str, peer: str, peer_netns: str) -> None:
+    """A veth pair: `name` in ipr's namespace, `peer` created directly in the namespace at
+    `peer_netns` (one request; cheaper than creating both ends here and moving one)."""
+    fd = os.open(ns_path(peer_netns), os.O_RDONLY)
+    try:
+        ipr.link("add", ifname=name, kind="veth", peer={"ifname": peer, "net_ns_fd": fd})
     finally:
         os.close(fd)
 
@@ -91,7 +145,7 @@ class NsLab:
         outside = str(net.network_address + 254)
         ul = self.add_netns("ul")
         self.underlay = NsHost(name=f"{self.prefix}-ul", path=ul, addr=outside, ifname="br0")
-        with IPRoute(netns=ul, groups=0) as ipr:
+        with open_ipr(ul) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             ipr.link("add", ifname="br0", kind="bridge", br_stp_state=0, br_forward_delay=0)
             br = ipr.link_lookup(ifname="br0")[0]
@@ -105,12 +159,12 @@ class NsLab:
         addr = str(net.network_address + i)
         path = self.add_netns(f"h{i}")
         ul = self.underlay.path if self.underlay else ""
-        with IPRoute(netns=ul, groups=0) as ipr:
+        with open_ipr(ul) as ipr:
             ipr.link("add", ifname=f"h{i}", kind="veth", peer={"ifname": f"u{i}"})
             move_link(ipr, ipr.link_lookup(ifname=f"u{i}")[0], path)
             idx = ipr.link_lookup(ifname=f"h{i}")[0]
             ipr.link("set", index=idx, master=ipr.link_lookup(ifname="br0")[0], mtu=self.mtu, state="up")
-        with IPRoute(netns=path, groups=0, flags=0) as ipr:
+        with open_ipr(path) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             idx = ipr.link_lookup(ifname=f"u{i}")[0]
             ipr.link("set", index=idx, ifname="eth0", mtu=self.mtu, state="up")
@@ -126,7 +180,7 @@ class NsLab:
         name = f"{self.prefix}-{suffix}"
         netns.create(name)
         self._namespaces.append(name)
-        with IPRoute(netns=name, groups=0, flags=0) as ipr:
+        with open_ipr(name) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         return ns_path(name)
 

@@ -70,7 +70,7 @@ from pyroute2 import IPRoute, NetlinkError, netns
 from shoal.proto import objects_pb2
 
 from . import nft, xfrm
-from .nslab import move_link, ns_path
+from .nslab import add_veth, move_link, netns_socket, ns_path, open_ipr
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ class _Endpoint:
     links: list[tuple[str, str]] = field(default_factory=list)  # (network id, sandbox veth name)
     gw_ip: str | None = None
     gw_link: str | None = None
+    nft: bool = True  # our nft table may exist in the container (unknown after a restore)
 
 
 @dataclass
@@ -180,6 +181,7 @@ class OverlayDriver:
         self._ingress: Interface | None = None
         self._ingress_gw_ip: str | None = None
         self._esp: bool | None = None
+        self._gw_ready = False  # gateway bridge, forwarding and host nft table checked by this run
         self.underlay_mtu = underlay_mtu or self._detect_mtu()
 
     # ------------------------------------------------------------------ helpers
@@ -188,7 +190,7 @@ class OverlayDriver:
 
     @contextmanager
     def _ipr(self, path: str | None) -> Iterator[IPRoute]:
-        ipr = IPRoute(groups=0) if path is None else IPRoute(netns=path, groups=0, flags=0)
+        ipr = open_ipr(path)
         try:
             yield ipr
         finally:
@@ -436,6 +438,8 @@ class OverlayDriver:
     def _ensure_gw(self) -> None:
         with self._host() as h:
             br = self._idx(h, self.gw_bridge)
+            if br is not None and self._gw_ready:
+                return
             if br is None:
                 h.link("add", ifname=self.gw_bridge, kind="bridge", br_stp_state=0, br_forward_delay=0)
                 br = self._idx(h, self.gw_bridge)
@@ -445,6 +449,7 @@ class OverlayDriver:
             h.link("set", index=br, state="up")
         nft.set_sysctl(self.host_netns, "net.ipv4.ip_forward", "1")
         self._sync_host_nft()
+        self._gw_ready = True
 
     def _alloc_gw_ip(self, task_id: str) -> str:
         for ip in self.gw_net.hosts():
@@ -467,7 +472,7 @@ class OverlayDriver:
                 if adopted is not None:
                     self._log("task.adopted", task=task_id, netns=path)
                     return adopted
-            ep = _Endpoint(task_id=task_id, netns=path)
+            ep = _Endpoint(task_id=task_id, netns=path, nft=False)
             if old is not None:  # moved or broken: rebuild
                 self._teardown(old)
             try:
@@ -549,8 +554,7 @@ class OverlayDriver:
             ep.links.append((n.id, sb_end))
             with self._ipr(ns_path(n.sandbox)) as s:
                 self._del_link(s, sb_end)
-                s.link("add", ifname=sb_end, kind="veth", peer={"ifname": c_end})
-                move_link(s, self._idx(s, c_end), path)
+                add_veth(s, sb_end, c_end, path)
                 s.link("set", index=self._idx(s, sb_end), mtu=n.mtu, master=self._idx(s, "br0"),
                        ifalias=ep.task_id, state="up")
             self._setup_container_if(path, c_end, ifname, str(iface), mac, n.mtu)
@@ -567,8 +571,7 @@ class OverlayDriver:
             mac = mac_from_ip(ip)
             with self._host() as hr:
                 self._del_link(hr, host_end)
-                hr.link("add", ifname=host_end, kind="veth", peer={"ifname": c_end})
-                move_link(hr, self._idx(hr, c_end), path)
+                add_veth(hr, host_end, c_end, path)
                 hr.link("set", index=self._idx(hr, host_end), mtu=self.underlay_mtu,
                         master=self._idx(hr, self.gw_bridge), ifalias=f"{ep.task_id} {ip}", state="up")
             addr = f"{ip}/{self.gw_net.prefixlen}"
@@ -611,7 +614,7 @@ class OverlayDriver:
                 self._del_link(h, ep.gw_link)
         if ep.gw_ip:
             self._gw_alloc.pop(ep.gw_ip, None)
-        if ep.netns and os.path.exists(ep.netns):
+        if ep.nft and ep.netns and os.path.exists(ep.netns):
             try:
                 nft.delete_table(ep.netns, "ip", TABLE)
             except nft.NftError as e:
@@ -667,12 +670,15 @@ class OverlayDriver:
                     if pl:
                         nat.append(f"ip daddr {vip} {proto} dport {{ {', '.join(map(str, pl))} }} dnat to {target}")
         if not nat and not flt:
-            nft.delete_table(ep.netns, "ip", TABLE)
+            if ep.nft:
+                nft.delete_table(ep.netns, "ip", TABLE)
+                ep.nft = False
             return
         body = ("  chain vip { type nat hook output priority -100; policy accept;\n"
                 + "".join(f"    {r}\n" for r in nat) + "  }\n"
                 "  chain novip { type filter hook output priority 0; policy accept;\n"
                 + "".join(f"    {r}\n" for r in flt) + "  }")
+        ep.nft = True
         nft.replace_table(ep.netns, "ip", TABLE, body)
 
     # ------------------------------------------------------------------ published ports
@@ -694,10 +700,7 @@ class OverlayDriver:
 
     def _port_bound(self, proto: str, port: int) -> bool:
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-        if self.host_netns is None:
-            s = socket.socket(socket.AF_INET, kind)
-        else:
-            s = netns.create_socket(self.host_netns, socket.AF_INET, kind, flags=0)
+        s = netns_socket(self.host_netns, socket.AF_INET, kind)
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("0.0.0.0", port))

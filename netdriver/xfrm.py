@@ -1,8 +1,8 @@
 """Minimal NETLINK_XFRM client: ESP transport-mode SAs and policies for encrypted overlays.
 
 pyroute2 0.9 has no XFRM family, so this speaks the kernel's xfrm netlink structures
-(include/uapi/linux/xfrm.h) directly over a netlink socket opened — through pyroute2 — in the
-wanted network namespace. Only what the overlay needs: AEAD rfc4106(gcm(aes)) SAs, output
+(include/uapi/linux/xfrm.h) directly over a netlink socket opened in the
+wanted network namespace (nslab.netns_socket). Only what the overlay needs: AEAD rfc4106(gcm(aes)) SAs, output
 policies selecting UDP 4789 between two VTEPs with a packet mark, dumps and deletes.
 """
 
@@ -15,7 +15,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from pyroute2 import netns
+from .nslab import netns_socket
 
 NETLINK_XFRM = 6
 NLMSG_ERROR = 2
@@ -96,10 +96,7 @@ class Xfrm:
     """One netlink socket in a namespace (path, name, or None for this process's namespace)."""
 
     def __init__(self, netns_path: str | None = None) -> None:
-        if netns_path is None:
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
-        else:
-            self.sock = netns.create_socket(netns_path, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM, flags=0)
+        self.sock = netns_socket(netns_path, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
         self.sock.bind((0, 0))
         self.seq = 0
 
