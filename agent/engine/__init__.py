@@ -21,6 +21,7 @@ API (all coroutines run on the caller's event loop; blocking work goes to thread
     await engine.list()                    # every container under ROOT, also those of an earlier process
     await engine.exec(task_id, ["cat", "/etc/hostname"])   # (exit code, output)
     await engine.remove_image("busybox"); await engine.prune_images()
+    await engine.volumes(); await engine.remove_volume("data")   # named local volumes
     await engine.close()                   # stops health probes only; containers keep running
 
 ``create`` pulls the image if the store lacks it (credentials from ``spec.pull_options.registry_auth``);

@@ -275,6 +275,26 @@ class Engine:
         """Deletes every image no container uses; returns the deleted ids."""
         return await asyncio.to_thread(self.images.prune, self._images_in_use())
 
+    # -- volumes -----------------------------------------------------------------------------------
+    async def volumes(self) -> list[str]:
+        """Names of the named local volumes (anonymous ones included while their container exists)."""
+        return sorted(p.name for p in self.vdir.iterdir() if (p / "_data").is_dir())
+
+    async def remove_volume(self, name: str) -> None:
+        """Deletes a named volume; InvalidState while a container mounts it."""
+        if not _VOLUME_RE.match(name) or not (self.vdir / name).is_dir():
+            raise InvalidSpec(f"no such volume {name!r}")
+        data = str(self.vdir / name / "_data")
+        for m in self._metas():
+            try:
+                doc = json.loads((self._rdir(m.id) / "bundle" / "config.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if any(x.get("source") == data for x in doc.get("mounts", [])):
+                raise InvalidState(f"volume {name} is in use by container {m.id}; remove the container first")
+        await asyncio.to_thread(shutil.rmtree, self.vdir / name)
+        log.info("volume removed name=%s", name)
+
     # -- paths and metadata --------------------------------------------------------------------
     def _dir(self, cid: str) -> Path:
         return self.cdir / cid

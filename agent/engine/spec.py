@@ -124,11 +124,12 @@ class HealthSpec:
     retries: int = 3
     start_period: float = 0.0
     start_interval: float = 5.0
+    shell: list[str] = field(default_factory=lambda: ["/bin/sh", "-c"])  # the image's SHELL
 
     @property
     def argv(self) -> list[str]:
         if self.test[0] == "CMD-SHELL":
-            return ["/bin/sh", "-c", " ".join(self.test[1:])]
+            return [*self.shell, " ".join(self.test[1:])]
         return list(self.test[1:])
 
 
@@ -166,7 +167,9 @@ def merge_env(*envs: list[str]) -> list[str]:
     return list(out.values())
 
 
-def merge_health(spec_h: types_pb2.HealthConfig | None, image_h: dict | None) -> HealthSpec | None:
+def merge_health(
+    spec_h: types_pb2.HealthConfig | None, image_h: dict | None, shell: list[str] | None = None
+) -> HealthSpec | None:
     image_h = image_h or {}
     test = list(spec_h.test) if spec_h is not None and spec_h.test else list(image_h.get("Test") or [])
     if not test or test[0] == "NONE":
@@ -196,6 +199,7 @@ def merge_health(spec_h: types_pb2.HealthConfig | None, image_h: dict | None) ->
         retries,
         pick("start_period", "StartPeriod", 0.0),
         pick("start_interval", "StartInterval", 5.0),
+        list(shell) if shell else ["/bin/sh", "-c"],
     )
 
 
@@ -237,7 +241,9 @@ def merge_config(spec: types_pb2.ContainerSpec, image_config: dict, *, default_h
     stop_signal = spec.stop_signal or ic.get("StopSignal") or "SIGTERM"
     parse_signal(stop_signal)
     grace = _dur(spec.stop_grace_period, spec.HasField("stop_grace_period"))
-    health = merge_health(spec.healthcheck if spec.HasField("healthcheck") else None, ic.get("Healthcheck"))
+    health = merge_health(
+        spec.healthcheck if spec.HasField("healthcheck") else None, ic.get("Healthcheck"), ic.get("Shell")
+    )
     labels = {**(ic.get("Labels") or {}), **dict(spec.labels)}
     return Merged(
         argv,

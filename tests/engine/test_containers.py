@@ -19,6 +19,7 @@ from shoal.agent.engine import (
     Engine,
     ExecutableNotFound,
     InvalidSpec,
+    InvalidState,
     UserNotFound,
 )
 from shoal.agent.engine.images import host_arch
@@ -331,10 +332,15 @@ def test_read_only_root_tmpfs_bind_and_volume(engine, tmp_path):
         ex1, l1 = await run_to_exit(engine, ContainerConfig(c1, "ro.1", s1))
         await engine.remove(c1)
         ex2, l2 = await run_to_exit(engine, ContainerConfig(c2, "ro.2", s2))
-        return ex1, l1, ex2, l2
+        listed = await engine.volumes()
+        with pytest.raises(InvalidState):
+            await engine.remove_volume(vol)  # c2 still mounts it
+        await engine.remove(c2)
+        await engine.remove_volume(vol)
+        return ex1, l1, ex2, l2, listed, await engine.volumes()
 
     try:
-        ex1, l1, ex2, l2 = run(main())
+        ex1, l1, ex2, l2, listed, after = run(main())
     finally:
         import shutil
 
@@ -342,6 +348,7 @@ def test_read_only_root_tmpfs_bind_and_volume(engine, tmp_path):
     assert ex1.exit_code == 0, out(l1)
     assert out(l1) == ["rootro", "tmpfsrw", "from host", "bindro"]
     assert out(l2) == ["persisted"]
+    assert vol in listed and vol not in after
 
 
 def test_caps_sysctls_ulimits_netns(engine):

@@ -101,6 +101,8 @@ def test_health_merge():
         7.0,
     )
     assert h.argv == ["/bin/sh", "-c", "curl -f localhost"]
+    h = merge_config(cs(healthcheck=spec_h), dict(img, Shell=["/bin/ash", "-eo"])).health
+    assert h.argv == ["/bin/ash", "-eo", "curl -f localhost"]
     assert merge_config(cs(healthcheck=types_pb2.HealthConfig(test=["NONE"])), img).health is None
     with pytest.raises(InvalidSpec):
         merge_config(cs(healthcheck=types_pb2.HealthConfig(test=["WHAT", "x"])), img)
