@@ -820,7 +820,10 @@ class OverlayDriver:
             f"  chain pre {{ type nat hook prerouting priority -100; policy accept;\n{r}  }}\n"
             f"  chain out {{ type nat hook output priority -100; policy accept;\n{r}  }}\n"
             "  chain post { type nat hook postrouting priority 100; policy accept;\n"
-            f"    ip saddr {self.gw_net} oifname != \"{self.gw_bridge}\" masquerade\n  }}")
+            f"    ip saddr {self.gw_net} oifname != \"{self.gw_bridge}\" masquerade\n"
+            # hairpin: a container reaching a port published on its own node comes back through
+            # the bridge; without this the answer would bypass the DNAT and be dropped
+            f"    ip saddr {self.gw_net} oifname \"{self.gw_bridge}\" ct status dnat masquerade\n  }}")
         nft.replace_table(self.host_netns, "ip", TABLE, body)
 
     def _sync_ingress_nft(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 from test_overlay import att, cleanup_all, drivers_for, make_net, snapshot
@@ -12,6 +13,15 @@ from shoal.netdriver.nslab import NsLab
 from shoal.netdriver.overlay import OverlayDriver, OverlayError, PortConflictError, mac_from_ip
 
 pytestmark = pytest.mark.integration
+
+
+UDP_ASK = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(b"?", (sys.argv[1], int(sys.argv[2])))
+print(s.recvfrom(100)[0].decode())
+"""
 
 
 def mesh(lab: NsLab, drivers: list[OverlayDriver], net_id: str, endpoints: list[tuple[int, str]]) -> None:
@@ -114,9 +124,20 @@ def test_published_ports_host_mode_and_ingress_mesh(nslab, netprogs):
         for h in lab.hosts:  # hosts 1 and 3 run no task
             out = lab.run(outside, netprogs.tag_client(h.addr, 30080, 2)).stdout
             assert json.loads(out) == {"ingress-task": 2}, h
-        # from a host itself, too
+        # from a host itself, and from a container on a node to its own node's published ports
         out = lab.run(lab.hosts[2].path, netprogs.tag_client(lab.hosts[2].addr, 30080, 1)).stdout
         assert json.loads(out) == {"ingress-task": 1}
+        c3 = lab.add_netns("c3")
+        drivers[0].attach("task-hairpin", c3, [att(app, "198.19.8.3")])
+        for port, tag in ((30080, "ingress-task"), (30001, "hostmode")):
+            out = lab.run(c3, netprogs.tag_client(lab.hosts[0].addr, port, 1)).stdout
+            assert json.loads(out) == {tag: 1}
+        # UDP through the mesh
+        lab.spawn_ready(c2, netprogs.tag_server("udp-task", 5353, "udp"))
+        for d in drivers:
+            d.set_ingress_backends("udp", 30053, 5353, ["198.19.9.10"])
+        r = lab.run(outside, [sys.executable, "-c", UDP_ASK, lab.hosts[0].addr, "30053"])
+        assert r.stdout.strip() == "udp-task"
         with pytest.raises(PortConflictError, match="routing mesh"):
             drivers[1].publish_host_port("task-ing", "tcp", 30080, 8080)
         with pytest.raises(PortConflictError, match="task task-host"):
