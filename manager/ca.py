@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shoal.manager.store import StoreError
 from shoal.proto import ca_pb2, ca_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
@@ -429,6 +430,8 @@ class CAServicer(ca_pb2_grpc.CAServicer):
             issued = await self._issue(request, peer_identity(context))
         except JoinError as e:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        except StoreError as e:  # e.g. no quorum: the join cannot be recorded now
+            await context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), str(e))
         return ca_pb2.IssueNodeCertificateResponse(
             node_id=issued.node_id,
             certificate=issued.certificate,
