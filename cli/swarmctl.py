@@ -617,7 +617,8 @@ def _list_flags(p: argparse.ArgumentParser, update: bool) -> None:
             p.add_argument(*flags, dest=dest, action="append", type=conv, help=help_text)
 
 
-def _apply_lists(spec: specs_pb2.ServiceSpec, args: argparse.Namespace, update: bool) -> None:
+def _apply_lists(spec: specs_pb2.ServiceSpec, args: argparse.Namespace, update: bool,
+                 resolve_network: Callable[[str], str] | None = None) -> None:
     """Apply list flags; on update, `-rm` removals first, then `-add` additions (docker's order)."""
     t, cs = spec.task, spec.task.container
 
@@ -667,14 +668,14 @@ def _apply_lists(spec: specs_pb2.ServiceSpec, args: argparse.Namespace, update: 
         ports.extend(group)
     del spec.endpoint.ports[:]
     spec.endpoint.ports.extend(ports)
-    # networks
+    # networks: removal by name or id (the spec holds ids)
     gone_nets = set(rms("network"))
+    if gone_nets and resolve_network is not None:
+        gone_nets |= {resolve_network(n) for n in gone_nets}
     nets = [n for n in t.networks if n.target not in gone_nets]
     nets += [_network_attachment(x) for x in adds("network")]
     del t.networks[:]
     t.networks.extend(nets)
-    if gone_nets and len(nets) == len(t.networks) and update:
-        pass
     # secrets / configs: removal by name
     for kind, field in (("secret", cs.secrets), ("config", cs.configs)):
         gone = set(rms(kind))
@@ -691,6 +692,13 @@ def _apply_lists(spec: specs_pb2.ServiceSpec, args: argparse.Namespace, update: 
         ulimits[u.name] = u
     del cs.ulimits[:]
     cs.ulimits.extend(ulimits.values())
+
+
+def _network_id(c: Client, ref: str) -> str:
+    try:
+        return _get(c, "network", ref).id
+    except CliError:
+        return ref
 
 
 def _resolve_networks(c: Client, spec: specs_pb2.ServiceSpec) -> None:
@@ -748,7 +756,7 @@ def _service_update_request(c: Client, ref: str, change: Callable[[specs_pb2.Ser
 def service_update(c: Client, args: argparse.Namespace) -> None:
     def change(spec: specs_pb2.ServiceSpec) -> None:
         _apply_common(spec, args)
-        _apply_lists(spec, args, update=True)
+        _apply_lists(spec, args, update=True, resolve_network=lambda ref: _network_id(c, ref))
         _resolve_networks(c, spec)
         if args.force:
             spec.task.force_update += 1

@@ -88,6 +88,14 @@ def rpc(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
                 grpc.StatusCode.UNAVAILABLE,
                 "the store did not commit in time: the managers may have lost quorum; retry when a leader is elected",
             )
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            log.exception("control %s failed", fn.__name__)
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error in the control API ({type(e).__name__}: {e}); see the manager's log",
+            )
 
     return wrapper
 
@@ -290,6 +298,11 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                 svc.update_status.CopyFrom(types_pb2.UpdateStatus(
                     state=types_pb2.UpdateStatus.ROLLBACK_STARTED, message="manually requested rollback"))
                 svc.update_status.started_at.FromNanoseconds(time.time_ns())
+                try:
+                    self._resolve_service_refs(tx, svc.spec)
+                    self._check_published_ports(tx, svc.spec, svc.id)
+                except InvalidArgument as e:
+                    raise Conflict(f"service {name} cannot roll back to its previous spec: {e}") from None
                 tx.update(svc)
                 return svc
             assert spec is not None

@@ -180,12 +180,21 @@ def test_service_lifecycle(srv: Server) -> None:
     srv.fails("service", "scale", "-d", "life", match="SERVICE=REPLICAS")
 
     assert "Replicas:\t5" in srv.ok("service", "inspect", "--pretty", "life")
-    srv.fails("network", "rm", "lnet", match="network lnet is in use by service 'life'")
+    net2 = srv.ok("network", "create", "lnet2").strip()
+    srv.ok("service", "update", "-d", "--network-rm", "lnet", "--network-add", "lnet2", "life")
+    [svc] = json.loads(srv.ok("service", "inspect", "life"))
+    assert [n["target"] for n in svc["spec"]["task"]["networks"]] == [net2]
+    srv.ok("network", "rm", "lnet")  # no longer used
+    # The previous spec names the removed network: rolling back to it is refused, nothing changes.
+    srv.fails("service", "rollback", "-d", "life", match="cannot roll back")
+    [svc] = json.loads(srv.ok("service", "inspect", "life"))
+    assert [n["target"] for n in svc["spec"]["task"]["networks"]] == [net2]
+    srv.fails("network", "rm", net2[:10], match="network lnet2 is in use by service 'life'")
     srv.fails("secret", "rm", "lsec", match="secret lsec is in use by service life")
     assert srv.ok("service", "rm", "-d", "life").strip() == "life"
     srv.fails("service", "inspect", "life", match="service 'life' not found")
     srv.fails("service", "rm", "-d", "life", match="not found")
-    srv.ok("network", "rm", "lnet")
+    srv.ok("network", "rm", "lnet2")
     srv.ok("secret", "rm", "lsec")
 
 

@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shoal.proto import control_pb2, objects_pb2, specs_pb2, types_pb2
+from shoal.proto import control_pb2, control_pb2_grpc, objects_pb2, specs_pb2, types_pb2
 
 C = grpc.StatusCode
 
@@ -477,5 +477,37 @@ def test_info(tmp_path) -> None:
             info = await s.stub.Info(control_pb2.InfoRequest())
             assert info.node_id == "self-node" and info.members[0].addr == "127.0.0.1:2378"
             assert info.cluster_id == cl.id
+
+    run(main())
+
+
+def test_remote_callers_must_hold_a_manager_identity() -> None:
+    from shoal.manager import ca
+    from shoal.manager.controlapi import ControlServicer, add_to_server
+    from shoal.manager.store import LocalStore
+
+    root = ca.RootCA.create("cl1")
+
+    def identity(node_id: str, role: int) -> ca.TLSIdentity:
+        _, key_pem = ca.new_key()
+        return ca.TLSIdentity(key_pem, root.issue(ca.make_csr(key_pem), node_id, role, "cl1"), root.cert_pem)
+
+    manager, worker = identity("m1", types_pb2.MANAGER), identity("w1", types_pb2.WORKER)
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        add_to_server(ControlServicer(LocalStore()), server)
+        port = server.add_secure_port("127.0.0.1:0", ca.server_credentials(manager))
+        await server.start()
+        try:
+            async with ca.secure_channel(f"127.0.0.1:{port}", worker) as ch:
+                stub = control_pb2_grpc.ControlStub(ch)
+                await expect(C.PERMISSION_DENIED, stub.ListServices(control_pb2.ListServicesRequest()),
+                             "node w1 is a worker")
+            async with ca.secure_channel(f"127.0.0.1:{port}", manager) as ch:
+                stub = control_pb2_grpc.ControlStub(ch)
+                assert (await stub.ListServices(control_pb2.ListServicesRequest())).services == []
+        finally:
+            await server.stop(None)
 
     run(main())
