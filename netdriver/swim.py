@@ -382,7 +382,10 @@ class Memberlist:
 
     def _on_suspect(self, u: pb.MemberUpdate) -> None:
         m = self._members.get(u.node)
-        if m is None or u.incarnation < m.incarnation or m.state != ALIVE:
+        if m is None or u.incarnation < m.incarnation:
+            return
+        # a suspect with a newer incarnation than our own suspicion restarts it
+        if not (m.state == ALIVE or (m.state == SUSPECT and u.incarnation > m.incarnation)):
             return
         if u.node == self.node_id:
             if not self._leaving:

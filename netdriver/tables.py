@@ -69,6 +69,20 @@ class TableStore:
     def __init__(self) -> None:
         self._entries: dict[_Key, TableEntry] = {}
         self._tombstone_at: dict[_Key, float] = {}
+        self._by_net: dict[str, dict[_Key, TableEntry]] = {}  # network id -> its entries
+
+    def _put(self, k: _Key, e: TableEntry) -> None:
+        self._entries[k] = e
+        self._by_net.setdefault(k[1], {})[k] = e
+
+    def _pop(self, k: _Key) -> TableEntry | None:
+        e = self._entries.pop(k, None)
+        net = self._by_net.get(k[1])
+        if net is not None:
+            net.pop(k, None)
+            if not net:
+                del self._by_net[k[1]]
+        return e
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -85,7 +99,7 @@ class TableStore:
             return False, None
         e = TableEntry()
         e.CopyFrom(entry)
-        self._entries[k] = e
+        self._put(k, e)
         if e.deleted:
             self._tombstone_at[k] = time.monotonic() if now is None else now
             if cur is not None and not cur.deleted:
@@ -98,15 +112,15 @@ class TableStore:
     def entries(self, table: str, network_id: str) -> dict[str, bytes]:
         return {
             k[2]: e.value
-            for k, e in self._entries.items()
-            if k[0] == table and k[1] == network_id and not e.deleted
+            for k, e in self._by_net.get(network_id, {}).items()
+            if k[0] == table and not e.deleted
         }
 
     def live(self) -> list[TableEntry]:
         return [e for e in self._entries.values() if not e.deleted]
 
     def network_entries(self, network_id: str) -> list[TableEntry]:
-        return [e for k, e in self._entries.items() if k[1] == network_id]
+        return list(self._by_net.get(network_id, {}).values())
 
     def owned_by(self, owner: str) -> list[TableEntry]:
         return [e for e in self._entries.values() if e.owner == owner]
@@ -114,7 +128,7 @@ class TableStore:
     def _remove(self, pred) -> list[TableEvent]:
         events = []
         for k in [k for k, e in self._entries.items() if pred(k, e)]:
-            e = self._entries.pop(k)
+            e = self._pop(k)
             self._tombstone_at.pop(k, None)
             if not e.deleted:
                 events.append(TableEvent(EventKind.DELETE, e.table, e.network_id, e.key, e.value, e.owner))
@@ -126,12 +140,13 @@ class TableStore:
 
     def drop_network(self, network_id: str) -> list[TableEvent]:
         """Forget a network this node left."""
-        return self._remove(lambda k, e: k[1] == network_id)
+        keys = set(self._by_net.get(network_id, {}))
+        return self._remove(lambda k, e: k in keys)
 
     def reap(self, older_than: float) -> int:
         """Remove tombstones created before ``older_than`` (monotonic time)."""
         old = [k for k, t in self._tombstone_at.items() if t < older_than]
         for k in old:
             del self._tombstone_at[k]
-            self._entries.pop(k, None)
+            self._pop(k)
         return len(old)
