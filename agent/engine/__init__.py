@@ -23,6 +23,7 @@ API (all coroutines run on the caller's event loop; blocking work goes to thread
     await engine.remove_image("busybox"); await engine.prune_images()
     await engine.volumes(); await engine.remove_volume("data")   # named local volumes
     await engine.close()                   # stops health probes only; containers keep running
+    await engine.destroy()                 # removes every container, leftover mounts, the parent cgroup
 
 ``create`` pulls the image if the store lacks it (credentials from ``spec.pull_options.registry_auth``);
 ``pull`` always asks the registry, and concurrent pulls of one reference share one download.

@@ -1010,6 +1010,32 @@ class Engine:
             await mon.stop()
         self._health.clear()
 
+    async def destroy(self) -> None:
+        """Removes every container of this engine (running or not), then any mount left under ROOT and
+        run_dir and the engine's parent cgroup. Images and volumes stay (delete ROOT for those)."""
+        for d in list(self.cdir.iterdir()):
+            if d.is_dir() and d.name not in ("runc", "sock"):
+                try:
+                    await self.remove(d.name)
+                except ContainerNotFound:
+                    async with self._lock(d.name):
+                        await self._cleanup(d.name)
+        await self.close()
+
+        def leftovers() -> None:
+            prefixes = (str(self.root) + "/", str(self.run_dir) + "/")
+            with open("/proc/self/mountinfo") as f:
+                mps = [ln.split()[4] for ln in f if ln.split()[4].startswith(prefixes)]
+            for mp in sorted(mps, key=len, reverse=True):
+                with contextlib.suppress(OSError):
+                    _umount(mp)
+            for p in self._cgroup_dirs(f"/shoal-{self.tag}"):
+                with contextlib.suppress(OSError):
+                    os.rmdir(p)
+
+        await asyncio.to_thread(leftovers)
+        log.info("engine destroyed root=%s", self.root)
+
 
 def _exit_from(st: dict) -> ExitStatus:
     return ExitStatus(

@@ -107,12 +107,7 @@ async def _remove_all(engine) -> None:
 def _cleanup_root(root: Path) -> None:
     from shoal.agent.engine import Engine
 
-    run(_remove_all(Engine(root)))
-    # anything still mounted under the root (a failing test) must not survive the run
-    with open("/proc/self/mountinfo") as f:
-        mps = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(root))]
-    for mp in sorted(mps, reverse=True):
-        os.system(f"umount -l {mp!r} 2>/dev/null")
+    run(Engine(root).destroy())  # containers, leftover mounts (a failing test), parent cgroup
     shutil.rmtree(root, ignore_errors=True)
 
 
