@@ -5,10 +5,13 @@
 - the Control API (`shoal.manager.controlapi.ControlServicer(store, manager=self)`) on the local unix
   socket (mode 0600, no TLS: whoever can open it is root on this host) and on the remote port;
 - the Dispatcher (`shoal.manager.dispatcher.Dispatcher(store, manager=self)`) and the CA service
-  (`shoal.manager.ca.CAServicer`) on the remote port.
+  (`shoal.manager.ca.CAServicer`) on the remote port;
+- the log broker (`shoal.manager.logbroker.LogBroker(store, manager=self)`): `Logs` on both, and
+  `LogBroker` (agents) on the remote port.
 
 The remote port (2377) is `ca.RemoteAPIFront`: it splices each connection to one of three gRPC
-listeners on abstract unix sockets (per network namespace): mutual TLS (Control, Dispatcher, CA),
+listeners on abstract unix sockets (per network namespace): mutual TLS (Control, Dispatcher, Logs,
+LogBroker, CA),
 join (server TLS, CA only) and plaintext (root CA certificate only). Why: see `shoal.manager.ca`.
 
 While this manager is the Raft leader it runs the loops built by the factories in `LEADER_LOOPS`
@@ -47,6 +50,7 @@ from shoal.proto import (
     control_pb2,
     control_pb2_grpc,
     dispatcher_pb2_grpc,
+    logs_pb2_grpc,
     objects_pb2,
     specs_pb2,
     types_pb2,
@@ -111,6 +115,7 @@ class Manager:
         self.store: RaftStore | None = None
         self.control: Any = None
         self.dispatcher: Any = None
+        self.logbroker: Any = None
         self._servers: list[grpc.aio.Server] = []
         self._front: ca.RemoteAPIFront | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -179,6 +184,7 @@ class Manager:
         )
         self.control = _optional_servicer("shoal.manager.controlapi", "ControlServicer", self.store, self)
         self.dispatcher = _optional_servicer("shoal.manager.dispatcher", "Dispatcher", self.store, self)
+        self.logbroker = _optional_servicer("shoal.manager.logbroker", "LogBroker", self.store, self)
         ca_svc = ca.CAServicer(self._root_ca_pem, self.issue_node_certificate)
         ca_plain = ca.CAServicer(self._root_ca_pem, self.issue_node_certificate, plain=True)
         tag = f"shoal-{self.node_id}-{os.getpid()}"
@@ -194,6 +200,8 @@ class Manager:
         local = grpc.aio.server()
         if self.control is not None:
             control_pb2_grpc.add_ControlServicer_to_server(self.control, local)
+        if self.logbroker is not None:
+            logs_pb2_grpc.add_LogsServicer_to_server(self.logbroker, local)
         old_umask = os.umask(0o177)
         try:
             local.add_insecure_port(f"unix:{sock}")
@@ -208,6 +216,9 @@ class Manager:
             control_pb2_grpc.add_ControlServicer_to_server(self.control, mtls)
         if self.dispatcher is not None:
             dispatcher_pb2_grpc.add_DispatcherServicer_to_server(self.dispatcher, mtls)
+        if self.logbroker is not None:
+            logs_pb2_grpc.add_LogsServicer_to_server(self.logbroker, mtls)
+            logs_pb2_grpc.add_LogBrokerServicer_to_server(self.logbroker, mtls)
         ca_pb2_grpc.add_CAServicer_to_server(ca_svc, mtls)
         mtls.add_secure_port(f"unix-abstract:{paths['mtls'][1:]}", ca.server_credentials(cfg.identity))
         join = grpc.aio.server()
