@@ -129,6 +129,7 @@ class _Endpoint:
     gw_ip: str | None = None
     gw_link: str | None = None
     nft: bool = True  # our nft table may exist in the container (unknown after a restore)
+    nft_body: str | None = None  # what we last wrote there
 
 
 @dataclass
@@ -522,7 +523,7 @@ class OverlayDriver:
         if set(links) != set(ep.links):
             return None
         ep.netns, ep.interfaces, ep.links = path, ifaces, links
-        self._sync_container_nft(ep)
+        # the container's VIP table stays as it is until set_service_backends() brings news
         return list(ifaces)
 
     def _still_there(self, ep: _Endpoint) -> bool:
@@ -672,14 +673,17 @@ class OverlayDriver:
         if not nat and not flt:
             if ep.nft:
                 nft.delete_table(ep.netns, "ip", TABLE)
-                ep.nft = False
+                ep.nft, ep.nft_body = False, None
             return
         body = ("  chain vip { type nat hook output priority -100; policy accept;\n"
                 + "".join(f"    {r}\n" for r in nat) + "  }\n"
                 "  chain novip { type filter hook output priority 0; policy accept;\n"
                 + "".join(f"    {r}\n" for r in flt) + "  }")
-        ep.nft = True
+        if ep.nft and ep.nft_body == body:
+            return
+        ep.nft, ep.nft_body = True, None
         nft.replace_table(ep.netns, "ip", TABLE, body)
+        ep.nft_body = body
 
     # ------------------------------------------------------------------ published ports
     def _check_port(self, proto: str, port: int, owner: str) -> None:

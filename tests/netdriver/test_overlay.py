@@ -256,6 +256,7 @@ def test_restore_after_restart(nslab, netprogs):
         d2.attach("task2", c2, [att(net, "198.19.5.3")])
         d2.add_peer(net.id, "198.19.5.2", mac_from_ip("198.19.5.2"), lab.hosts[0].addr)
         assert ping(lab, c1, "198.19.5.3").returncode == 0
+        d1.set_service_backends(net.id, "198.19.5.100", ["198.19.5.3"])
         # "restart" the agent on host 1: a new driver with the same prefix adopts the kernel state
         d1b = OverlayDriver("node1", lab.hosts[0].addr, d1.prefix, host_netns=lab.hosts[0].path,
                             gw_subnet=GW_SUBNET)
@@ -267,6 +268,8 @@ def test_restore_after_restart(nslab, netprogs):
         # adopted, not rebuilt: same interface, same gateway-bridge address
         assert lab.run(c1, ["ip", "-o", "link", "show", "eth1"]).stdout.split(":")[0] == index_before
         assert ifs[1].address == "198.19.250.2/24"
+        # the VIP keeps working across the restart (the table is left until news arrive)
+        assert ping(lab, c1, "198.19.5.100").returncode == 0
         assert ping(lab, c1, "198.19.5.3").returncode == 0
         d1b.publish_host_port("task1", "tcp", 30005, 80)
         d1c = OverlayDriver("node1", lab.hosts[0].addr, d1.prefix, host_netns=lab.hosts[0].path,
