@@ -60,7 +60,8 @@ class OrchestratorBase:
 
     async def run(self) -> None:
         log.info("%s started", self.name)
-        with self.store.watch(["service", "task", "node", "cluster"]) as w:
+        # Unfiltered: a filtered watch copies every event of every transaction; other kinds are ignored.
+        with self.store.watch() as w:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 self.restarts = RestartSupervisor(self.store, self.waiters, self._spawn, self.old_task_timeout)

@@ -53,7 +53,8 @@ class TaskReaper:
 
     async def run(self) -> None:
         log.info("task reaper started")
-        with self.store.watch(["task", "service", "node", "cluster"]) as w:
+        # Unfiltered: a filtered watch copies every event of every transaction; other kinds are ignored.
+        with self.store.watch() as w:
             while True:
                 try:
                     await self.tick()

@@ -275,7 +275,8 @@ class Scheduler:
     async def run(self) -> None:
         log.info("scheduler started")
         loop = asyncio.get_running_loop()
-        with self.store.watch(["task", "node", "network"]) as w:
+        # Unfiltered: a filtered watch copies every event of every transaction; other kinds are ignored.
+        with self.store.watch() as w:
             self._rebuild()
             while True:
                 if self._dirty and self._pending:
