@@ -229,7 +229,13 @@ def test_logs_tail_follow_since(engine):
 
 
 def test_health_check_unhealthy_and_healthy(engine, registry):
-    bad, good = cid("unhealthy"), cid("healthy")
+    bad, good, slow = cid("unhealthy"), cid("healthy"), cid("slowprobe")
+    hc_slow = types_pb2.HealthConfig(
+        test=["CMD", "sleep", "30"],
+        interval=Duration(nanos=200_000_000),
+        timeout=Duration(nanos=300_000_000),
+        retries=1,
+    )
     hc_bad = types_pb2.HealthConfig(
         test=["CMD-SHELL", "echo probing; exit 1"],
         interval=Duration(nanos=200_000_000),
@@ -251,10 +257,12 @@ def test_health_check_unhealthy_and_healthy(engine, registry):
             )
         )
         await engine.start(good)
+        await engine.create(ContainerConfig(slow, "slow.1", spec("sleep", "1000", healthcheck=hc_slow)))
+        await engine.start(slow)
         states = {}
         for _ in range(600):  # a deadline (30 s) for a loaded CI machine, not a timing assertion
-            states = {x: (await engine.inspect(x)).health for x in (bad, good)}
-            if states[bad].status == "unhealthy" and states[good].status == "healthy":
+            states = {x: (await engine.inspect(x)).health for x in (bad, good, slow)}
+            if [states[x].status for x in (bad, good, slow)] == ["unhealthy", "healthy", "unhealthy"]:
                 break
             await asyncio.sleep(0.05)
         return states
@@ -264,6 +272,8 @@ def test_health_check_unhealthy_and_healthy(engine, registry):
     assert states[bad].log[-1].exit_code == 1 and states[bad].log[-1].output == "probing\n"
     assert states[good].status == "healthy" and states[good].failing_streak == 0
     assert (bad, "unhealthy") in changes and (good, "healthy") in changes
+    # a probe over its timeout is killed and counts as a failure
+    assert states[slow].status == "unhealthy" and "exceeded timeout" in states[slow].log[-1].output
 
 
 def test_secrets_and_configs_on_tmpfs(engine):
