@@ -13,7 +13,9 @@ container is on (case-insensitive, trailing dot ignored):
 * ``tasks.<service>`` / ``tasks.<alias>`` → the IPs of all its tasks;
 * a task name (``demo_web.1.<task id>``) or task id → that task's IP;
 * stack short names: from a container of stack ``demo``, ``web`` (and ``tasks.web``) resolve like
-  ``demo_web`` does for services whose record says ``stack == "demo"``.
+  ``demo_web`` does for services whose record says ``stack == "demo"``;
+* reverse lookups (PTR, ``d.c.b.a.in-addr.arpa``): a task IP → its task name, a VIP → its
+  service name (unknown addresses are forwarded).
 
 Single-label names and ``tasks.*`` names are ours: unknown → NXDOMAIN; a known name asked for
 another type (AAAA, …) → an empty NOERROR answer. Every other query is forwarded unchanged to the
@@ -58,6 +60,7 @@ SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 NETNS_DIR = "/run/netns"
 
 TYPE_A = 1
+TYPE_PTR = 12
 CLASS_IN = 1
 RCODE_OK, RCODE_FORMERR, RCODE_SERVFAIL, RCODE_NXDOMAIN, RCODE_NOTIMP = 0, 1, 2, 3, 4
 MAX_UDP = 512
@@ -177,13 +180,20 @@ def build_query(name: str, qtype: int = TYPE_A, qid: int | None = None) -> bytes
     return struct.pack("!6H", qid, 0x0100, 1, 0, 0, 0) + encode_name(name) + struct.pack("!HH", qtype, CLASS_IN)
 
 
-def build_response(q: Query, rcode: int, ips: Sequence[str] = (), ttl: int = 600, limit: int | None = None) -> bytes:
+def build_response(q: Query, rcode: int, ips: Sequence[str] = (), ttl: int = 600, limit: int | None = None,
+                   ptrs: Sequence[str] = ()) -> bytes:
     answers = [b"\xc0\x0c" + struct.pack("!HHIH", TYPE_A, CLASS_IN, ttl, 4) + ipaddress.IPv4Address(ip).packed
                for ip in ips]
+    for name in ptrs:
+        rdata = encode_name(name)
+        answers.append(b"\xc0\x0c" + struct.pack("!HHIH", TYPE_PTR, CLASS_IN, ttl, len(rdata)) + rdata)
     tc = 0
     if limit is not None:
         room = limit - 12 - len(q.question)
-        keep = max(0, room // 16)
+        keep = 0
+        while keep < len(answers) and room >= len(answers[keep]):
+            room -= len(answers[keep])
+            keep += 1
         if keep < len(answers):
             answers, tc = answers[:keep], 0x0200
     flags = 0x8000 | (q.flags & 0x7800) | 0x0400 | tc | (q.flags & 0x0100) | 0x0080 | rcode
@@ -206,7 +216,7 @@ def servfail(msg: bytes) -> bytes | None:
 
 
 def parse_response(msg: bytes) -> tuple[int, int, list[str]]:
-    """(id, rcode, A-record addresses) of a reply (for tests and diagnostics)."""
+    """(id, rcode, A-record addresses and PTR names) of a reply (for tests and diagnostics)."""
     qid, flags, qd, an, _ns, _ar = struct.unpack("!6H", msg[:12])
     off = 12
     for _ in range(qd):
@@ -219,6 +229,8 @@ def parse_response(msg: bytes) -> tuple[int, int, list[str]]:
         off += 10
         if rtype == TYPE_A and rdlen == 4:
             ips.append(str(ipaddress.IPv4Address(msg[off:off + 4])))
+        elif rtype == TYPE_PTR:
+            ips.append(parse_name(msg, off)[0])
         off += rdlen
     return qid, flags & 0x000F, ips
 
@@ -231,6 +243,24 @@ class Resolution:
     rcode: int = RCODE_OK
     ips: list[str] = field(default_factory=list)
     forward: bool = False
+    ptrs: list[str] = field(default_factory=list)  # answers of a reverse (in-addr.arpa) lookup
+
+
+def reverse_ip(name: str) -> str | None:
+    """'4.3.2.1.in-addr.arpa' -> '1.2.3.4' (None if not a full IPv4 reverse name)."""
+    if not name.endswith(".in-addr.arpa"):
+        return None
+    parts = name[: -len(".in-addr.arpa")].split(".")
+    if len(parts) != 4:
+        return None
+    try:
+        return str(ipaddress.IPv4Address(".".join(reversed(parts))))
+    except ValueError:
+        return None
+
+
+def _strip_len(addr: str) -> str:
+    return addr.split("/")[0]
 
 
 def _dedup(xs: Sequence[str]) -> list[str]:
@@ -416,20 +446,25 @@ class DNSServer:
         """What the container on ``networks`` (of ``stack``) gets for an A query of ``name``."""
         name = name.lower().rstrip(".")
         recs = self._records(networks)
+        rev = reverse_ip(name)
+        if rev is not None:  # reverse lookup: a task's IP -> its task name, a VIP -> its service
+            ptrs = _dedup([r.task_name or r.task_id for r in recs if _strip_len(r.ip) == rev]
+                          + [r.service_name for r in recs if r.vip and _strip_len(r.vip) == rev])
+            return Resolution(ptrs=ptrs) if ptrs else Resolution(forward=True)
         if name.startswith("tasks."):
             svc = name[len("tasks."):]
-            ips = _dedup([r.ip for r in recs if svc in _service_names(r, stack)])
+            ips = _dedup([_strip_len(r.ip) for r in recs if svc in _service_names(r, stack)])
             if ips:
                 return Resolution(ips=ips)
         matched = [r for r in recs if name in _service_names(r, stack)]
         if matched:
             vip_mode = [r for r in matched if r.endpoint_mode != "dnsrr" and r.vip]
             if vip_mode:
-                return Resolution(ips=_dedup([r.vip.split("/")[0] for r in vip_mode]))
-            ips = _dedup([r.ip for r in matched])
+                return Resolution(ips=_dedup([_strip_len(r.vip) for r in vip_mode]))
+            ips = _dedup([_strip_len(r.ip) for r in matched])
             random.shuffle(ips)  # dnsrr: spread clients
             return Resolution(ips=ips)
-        ips = _dedup([r.ip for r in recs if name and name in (r.task_name.lower(), r.task_id.lower())])
+        ips = _dedup([_strip_len(r.ip) for r in recs if name and name in (r.task_name.lower(), r.task_id.lower())])
         if ips:
             return Resolution(ips=ips)
         if _is_ours(name):
@@ -450,9 +485,10 @@ class DNSServer:
         if res.forward:
             return True
         ips = res.ips if q.qtype == TYPE_A else []
+        ptrs = res.ptrs if q.qtype == TYPE_PTR else []
         log.debug("container=%s dns %s type=%d -> rcode=%d %s", ctr.container_id, q.name, q.qtype, res.rcode,
-                  ",".join(ips))
-        return build_response(q, res.rcode, ips, self.ttl, limit)
+                  ",".join(ips + ptrs))
+        return build_response(q, res.rcode, ips, self.ttl, limit, ptrs=ptrs)
 
     # ----- forwarding ------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from shoal.netdriver.dns import (
     RCODE_NXDOMAIN,
     RCODE_OK,
     TYPE_A,
+    TYPE_PTR,
     DNSServer,
     build_query,
     build_response,
@@ -116,6 +117,10 @@ def test_resolution_rules():
     assert dns.resolve("api", ["netA"], "other").ips == ["198.19.5.20"]
     # names with dots that are not ours are forwarded
     assert dns.resolve("example.test", ["netA"], "demo").forward
+    # reverse lookups: task IP -> task name, VIP -> service; unknown addresses are forwarded
+    assert dns.resolve("3.5.19.198.in-addr.arpa", ["netA"], "demo").ptrs == ["demo_web.1.t1"]
+    assert dns.resolve("2.5.19.198.in-addr.arpa.", ["netA"], "demo").ptrs == ["demo_web"]
+    assert dns.resolve("3.6.19.198.in-addr.arpa", ["netA"], "demo").forward  # netB is not ours
 
 
 # ----- integration: real sockets in namespaces ---------------------------------------------------
@@ -238,6 +243,7 @@ async def test_dns_in_container_namespaces(netns_pair):
             assert await query(ns_demo, name) == want, name
         assert await query(ns_demo, "web", proto="tcp") == (RCODE_OK, ["198.19.5.2"])
         assert await query(ns_demo, "web", qtype=TYPE_AAAA) == (RCODE_OK, [])
+        assert await query(ns_demo, "10.5.19.198.in-addr.arpa", qtype=TYPE_PTR) == (RCODE_OK, ["demo_db.1.t3"])
         assert await query(ns_plain, "web") == (RCODE_NXDOMAIN, [])
         assert await query(ns_plain, "hidden") == (RCODE_OK, ["198.19.6.2"])
         # forwarded to the upstream (UDP and TCP); its NXDOMAIN comes back too
@@ -254,6 +260,8 @@ async def test_dns_in_container_namespaces(netns_pair):
         assert rc == 0 and "198.18.0.77" in out, out
         rc, out = await run_in(ns_demo, ["busybox", "nslookup", "hidden", "127.0.0.11"])
         assert rc != 0 and "NXDOMAIN" in out, out
+        rc, out = await run_in(ns_demo, ["busybox", "nslookup", "198.19.5.4", "127.0.0.11"])
+        assert rc == 0 and "demo_web.2.t2" in out, out
 
         # a task goes away (delete by gossip) → tasks.web follows
         b.delete(ENDPOINT_TABLE, "netA", "t2")
