@@ -54,6 +54,8 @@ from shoal.proto import control_pb2, control_pb2_grpc, objects_pb2, specs_pb2, t
 log = logging.getLogger("shoal.controlapi")
 
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+COMMIT_ATTEMPTS = 5
 INGRESS_NAME = "ingress"
 
 
@@ -136,6 +138,19 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             )
         return _copy(cur)
 
+    async def _commit(self, fn: Callable[[Tx], T]) -> T:
+        """One transaction built by `fn` from the current state; built again when the store refuses it
+        because an object it read changed meanwhile (control loops write tasks and services all the
+        time). A stale version the caller sent fails in `fn` itself, so it is never retried away."""
+        for attempt in range(COMMIT_ATTEMPTS):
+            try:
+                return await self.store.update(fn)
+            except Conflict as e:
+                if "out of sequence" not in str(e) or attempt == COMMIT_ATTEMPTS - 1:
+                    raise
+                log.debug("control commit conflict, retrying: %s", e)
+        raise AssertionError("unreachable")
+
     # ---- nodes ---------------------------------------------------------------------------------
     @rpc
     async def GetNode(self, request: control_pb2.GetNodeRequest, context: Any) -> control_pb2.GetNodeResponse:
@@ -164,7 +179,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             tx.update(node)
             return node
 
-        node = await self.store.update(fn)
+        node = await self._commit(fn)
         log.info("node updated id=%s availability=%s role=%s", node.id,
                  types_pb2.NodeAvailability.Name(node.spec.availability),
                  types_pb2.NodeRole.Name(node.spec.desired_role))
@@ -205,7 +220,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             tx.delete(node)
             return node
 
-        node = await self.store.update(fn)
+        node = await self._commit(fn)
         log.info("node removed id=%s force=%s", node.id, request.force)
         return control_pb2.RemoveNodeResponse()
 
@@ -257,7 +272,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             svc = objects_pb2.Service(spec=spec, spec_version=1)
             return tx.create(svc)
 
-        svc = await self.store.update(fn)
+        svc = await self._commit(fn)
         log.info("service created id=%s name=%s", svc.id, svc.spec.annotations.name)
         return control_pb2.CreateServiceResponse(service=self.store.get("service", svc.id))
 
@@ -331,7 +346,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             tx.update(svc)
             return svc
 
-        svc = await self.store.update(fn)
+        svc = await self._commit(fn)
         log.info("service updated id=%s name=%s spec_version=%d rollback=%s",
                  svc.id, svc.spec.annotations.name, svc.spec_version, rollback)
         return control_pb2.UpdateServiceResponse(service=self.store.get("service", svc.id))
@@ -340,9 +355,12 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     async def RemoveService(
         self, request: control_pb2.RemoveServiceRequest, context: Any
     ) -> control_pb2.RemoveServiceResponse:
-        def fn(tx: Tx) -> tuple[objects_pb2.Service, int]:
+        def fn(tx: Tx) -> objects_pb2.Service:
             svc = tx.sm.resolve("service", request.service_id)
             tx.delete(svc)
+            return svc
+
+        def mark_tasks(tx: Tx) -> int:
             n = 0
             for task in tx.sm.tasks_by_service(svc.id):
                 if task.desired_state < types_pb2.REMOVE:
@@ -350,9 +368,16 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                     t.desired_state = types_pb2.REMOVE
                     tx.update(t)
                     n += 1
-            return svc, n
+            return n
 
-        svc, n = await self.store.update(fn)
+        svc = await self._commit(fn)
+        # Its tasks are told to go at once; should agents' status writes keep winning the race, the
+        # task reaper marks the orphaned tasks itself.
+        try:
+            n = await self._commit(mark_tasks)
+        except Conflict as e:
+            n = -1
+            log.info("service removed id=%s: tasks left to the task reaper (%s)", svc.id, e)
         log.info("service removed id=%s name=%s tasks_to_remove=%d", svc.id, svc.spec.annotations.name, n)
         return control_pb2.RemoveServiceResponse()
 
@@ -446,7 +471,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             _allocate_network(tx, net)
             return tx.create(net)
 
-        net = await self.store.update(fn)
+        net = await self._commit(fn)
         log.info("network created id=%s name=%s", net.id, net.spec.annotations.name)
         return control_pb2.CreateNetworkResponse(network=self.store.get("network", net.id))
 
@@ -481,7 +506,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             tx.delete(net)
             return net
 
-        net = await self.store.update(fn)
+        net = await self._commit(fn)
         log.info("network removed id=%s name=%s", net.id, net.spec.annotations.name)
         return control_pb2.RemoveNetworkResponse()
 
@@ -503,7 +528,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         self, request: control_pb2.CreateSecretRequest, context: Any
     ) -> control_pb2.CreateSecretResponse:
         validation.validate_secret_spec(request.spec)
-        secret = await self.store.update(lambda tx: tx.create(objects_pb2.Secret(spec=request.spec)))
+        secret = await self._commit(lambda tx: tx.create(objects_pb2.Secret(spec=request.spec)))
         log.info("secret created id=%s name=%s", secret.id, secret.spec.annotations.name)
         return control_pb2.CreateSecretResponse(secret=self._redact_secret(self.store.get("secret", secret.id)))
 
@@ -515,7 +540,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     async def RemoveSecret(
         self, request: control_pb2.RemoveSecretRequest, context: Any
     ) -> control_pb2.RemoveSecretResponse:
-        obj = await self.store.update(lambda tx: self._remove_file_object(tx, "secret", request.secret_id))
+        obj = await self._commit(lambda tx: self._remove_file_object(tx, "secret", request.secret_id))
         log.info("secret removed id=%s name=%s", obj.id, obj.spec.annotations.name)
         return control_pb2.RemoveSecretResponse()
 
@@ -530,7 +555,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         self, request: control_pb2.CreateConfigRequest, context: Any
     ) -> control_pb2.CreateConfigResponse:
         validation.validate_config_spec(request.spec)
-        config = await self.store.update(lambda tx: tx.create(objects_pb2.Config(spec=request.spec)))
+        config = await self._commit(lambda tx: tx.create(objects_pb2.Config(spec=request.spec)))
         log.info("config created id=%s name=%s", config.id, config.spec.annotations.name)
         return control_pb2.CreateConfigResponse(config=self.store.get("config", config.id))
 
@@ -542,7 +567,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     async def RemoveConfig(
         self, request: control_pb2.RemoveConfigRequest, context: Any
     ) -> control_pb2.RemoveConfigResponse:
-        obj = await self.store.update(lambda tx: self._remove_file_object(tx, "config", request.config_id))
+        obj = await self._commit(lambda tx: self._remove_file_object(tx, "config", request.config_id))
         log.info("config removed id=%s name=%s", obj.id, obj.spec.annotations.name)
         return control_pb2.RemoveConfigResponse()
 
@@ -622,7 +647,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                 tx.update(cluster)
             return cluster
 
-        cluster = await self.store.update(fn)
+        cluster = await self._commit(fn)
         log.info("cluster updated id=%s rotate_worker=%s rotate_manager=%s", cluster.id,
                  request.rotate_worker_token, request.rotate_manager_token)
         return control_pb2.UpdateClusterResponse(cluster=self._redact_cluster(self.store.get("cluster", cluster.id)))

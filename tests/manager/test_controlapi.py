@@ -511,3 +511,46 @@ def test_remote_callers_must_hold_a_manager_identity() -> None:
             await server.stop(None)
 
     run(main())
+
+
+class RacingStore:
+    """A LocalStore where another writer (a control loop) changes an object just before the first
+    `races` proposals: the control API must build its transaction again from the new state."""
+
+    def __new__(cls, races: int):
+        from shoal.manager.store import LocalStore, Tx
+
+        class _Racing(LocalStore):
+            def __init__(self) -> None:
+                super().__init__()
+                self.races = races
+                self.victim = ""
+
+            async def propose(self, txn):
+                if self.races and self.victim:
+                    self.races -= 1
+                    cur = objects_pb2.Task()
+                    cur.CopyFrom(self.sm.get("task", self.victim))
+                    cur.status.message += "+"
+                    other = Tx(self.sm)
+                    other.update(cur)
+                    self.sm.apply(other.transaction())
+                return await super().propose(txn)
+
+        return _Racing()
+
+
+def test_writes_are_rebuilt_when_a_control_loop_wins_the_race(tmp_path) -> None:
+    async def main() -> None:
+        store = RacingStore(races=2)
+        async with served(tmp_path, store=store) as s:
+            svc = (await s.stub.CreateService(control_pb2.CreateServiceRequest(spec=svc_spec()))).service
+            t = await s.store.update(lambda tx: tx.create(objects_pb2.Task(
+                service_id=svc.id, slot=1, desired_state=types_pb2.RUNNING)))
+            store.victim = t.id
+            await s.stub.RemoveService(control_pb2.RemoveServiceRequest(service_id="web"))
+            assert s.store.get("service", svc.id) is None
+            got = s.store.get("task", t.id)
+            assert got.desired_state == types_pb2.REMOVE and got.status.message == "++"
+
+    run(main())
