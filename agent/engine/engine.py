@@ -926,8 +926,17 @@ class Engine:
             follow=follow,
             tail=tail,
             since=since,
-            running=lambda: self._status(meta, settle=True)[0] != "exited",
+            running=lambda: self._still_running(meta),
         )
+
+    def _still_running(self, meta: _Meta) -> bool:
+        """For log followers: false once the container exited or was removed."""
+        if not (self._dir(meta.id) / "meta.json").exists():
+            return False
+        try:
+            return self._status(meta)[0] != "exited"
+        except OSError:
+            return False
 
     def _exec_argv(self, meta: _Meta, argv: list[str], pidfile: str | None = None) -> list[str]:
         out = [RUNC, "--root", str(self.runc_root), "exec", "--cwd", meta.exec_cwd, "--user", meta.exec_user]

@@ -658,3 +658,27 @@ def test_log_rotation_by_size(shared_root, registry):
     assert followed[-1] == "line1999"
     nums = [int(x[4:]) for x in followed]
     assert nums == sorted(nums)  # a follower never goes back across a rotation
+
+
+def test_log_follower_ends_when_container_removed(engine):
+    c = cid("follow-rm")
+
+    async def main():
+        await engine.create(ContainerConfig(c, c, spec("sh", "-c", "echo one; sleep 1000")))
+        await engine.start(c)
+        got = []
+
+        async def follow():
+            async for x in engine.logs(c, follow=True):
+                got.append(x.line)
+
+        t = asyncio.create_task(follow())
+        for _ in range(600):
+            if got:
+                break
+            await asyncio.sleep(0.05)
+        await engine.remove(c)
+        await asyncio.wait_for(t, 30)  # the follower ends by itself
+        return got
+
+    assert run(main()) == ["one"]
