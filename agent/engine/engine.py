@@ -722,10 +722,14 @@ class Engine:
             log.info("container started cid=%s pid=%d", cid, meta.pid)
 
     async def wait(self, cid: str) -> ExitStatus:
-        """Waits for the container to exit (it may be created, running or already exited)."""
+        """Waits for the container to exit (it may be created, running or already exited).
+
+        ContainerNotFound if it is (or gets) removed before its exit was seen."""
         meta = self._meta(cid)
         lost_since = None
         while True:
+            if not (self._dir(cid) / "meta.json").exists():
+                raise ContainerNotFound(f"container {cid} was removed")
             status, ex = self._status(meta, settle=True)
             if ex is not None:
                 return ex
