@@ -209,7 +209,9 @@ def validate_signal(field: str, sig: str) -> None:
     raise InvalidArgument(f"{field} {sig!r} is not a signal: use a name such as SIGTERM or a number 1-64")
 
 
-_HOSTNAME_LABEL = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
+# Letters, digits and '-' as RFC 1123 wants, plus '_' which compose service names (used as hostnames
+# and network aliases) often carry and which Docker accepts.
+_HOSTNAME_LABEL = re.compile(r"^[a-zA-Z0-9_]([a-zA-Z0-9_-]{0,61}[a-zA-Z0-9_])?$")
 
 
 def validate_hostname(field: str, hostname: str) -> None:
@@ -217,7 +219,7 @@ def validate_hostname(field: str, hostname: str) -> None:
         return
     if len(hostname) > 253 or not all(_HOSTNAME_LABEL.match(p) for p in hostname.split(".")):
         raise InvalidArgument(
-            f"{field} {hostname!r} is not a valid host name: use letters, digits and '-' in dot-separated "
+            f"{field} {hostname!r} is not a valid host name: use letters, digits, '-' and '_' in dot-separated "
             "parts of at most 63 characters"
         )
 
