@@ -111,13 +111,28 @@ def new_task(
     return t
 
 
-def is_task_dirty(svc: objects_pb2.Service, t: objects_pb2.Task) -> bool:
-    """True when the task was made from another task template (or endpoint) than the service's now."""
+def is_task_dirty(svc: objects_pb2.Service, t: objects_pb2.Task, sm: Any = None) -> bool:
+    """True when the task was made from another task template (or endpoint) than the service's now.
+
+    As in Docker, a change of placement alone does not replace a task whose node still fits it (given
+    `sm`, the store's state machine, to look the node up)."""
     if t.spec_version and t.spec_version == svc.spec_version:
         return False
-    if t.spec != svc.spec.task:
+    if t.endpoint.spec != svc.spec.endpoint:
         return True
-    return t.endpoint.spec != svc.spec.endpoint
+    if t.spec == svc.spec.task:
+        return False
+    if sm is None or not t.node_id or t.spec.placement == svc.spec.task.placement:
+        return True
+    a, b = types_pb2.TaskSpec(), types_pb2.TaskSpec()
+    a.CopyFrom(t.spec)
+    b.CopyFrom(svc.spec.task)
+    a.ClearField("placement")
+    b.ClearField("placement")
+    if a != b:
+        return True
+    node = sm.get("node", t.node_id)
+    return node is None or not node_fits_spec(svc.spec.task, node)
 
 
 _constraint_cache: dict[tuple[str, ...], list[Constraint]] = {}

@@ -60,8 +60,8 @@ def update_state(svc: objects_pb2.Service) -> int:
     return svc.update_status.state if svc.HasField("update_status") else US.UNKNOWN
 
 
-def slot_dirty(svc: objects_pb2.Service, s: Slot) -> bool:
-    return len(s.tasks) > 1 or (len(s.tasks) == 1 and is_task_dirty(svc, s.tasks[0]))
+def slot_dirty(svc: objects_pb2.Service, s: Slot, sm: Any = None) -> bool:
+    return len(s.tasks) > 1 or (len(s.tasks) == 1 and is_task_dirty(svc, s.tasks[0], sm))
 
 
 class UpdateSupervisor:
@@ -88,7 +88,7 @@ class UpdateSupervisor:
         state = update_state(svc)
         if state in PAUSED_STATES:
             return
-        if state not in IN_PROGRESS and not any(slot_dirty(svc, s) for s in slots):
+        if state not in IN_PROGRESS and not any(slot_dirty(svc, s, self.store.sm) for s in slots):
             return
         up = Updater(self.store, self.restarts, self.waiters, copy_service(svc))
         self._updates[svc.id] = (up, self.spawn(up.run(slots)))
@@ -155,7 +155,7 @@ class Updater:
             state = update_state(svc)
             if state in PAUSED_STATES:
                 return
-            dirty = [s for s in slots if slot_dirty(svc, s)]
+            dirty = [s for s in slots if slot_dirty(svc, s, self.store.sm)]
             if not dirty:
                 if state in IN_PROGRESS:
                     await self._finish()
@@ -234,8 +234,9 @@ class Updater:
         tasks = self._current(s)
         if not tasks:
             return
-        clean_running = next((t for t in tasks if not is_task_dirty(svc, t) and t.desired_state == RUNNING), None)
-        clean_ready = next((t for t in tasks if not is_task_dirty(svc, t) and t.desired_state < RUNNING), None)
+        sm = self.store.sm
+        clean_running = next((t for t in tasks if not is_task_dirty(svc, t, sm) and t.desired_state == RUNNING), None)
+        clean_ready = next((t for t in tasks if not is_task_dirty(svc, t, sm) and t.desired_state < RUNNING), None)
         keep = clean_running or clean_ready
         if keep is not None:
             others = [t for t in tasks if t.id != keep.id]

@@ -193,3 +193,26 @@ def test_scale_only_does_not_update_tasks() -> None:
             assert not sim.service(svc.id).HasField("update_status")
 
     run(main())
+
+
+def test_placement_only_change_replaces_only_tasks_that_no_longer_fit() -> None:
+    async def main() -> None:
+        sim = Sim()
+        await sim.add_node("a1", labels={"zone": "a"})
+        await sim.add_node("a2", labels={"zone": "a"})
+        b = await sim.add_node("b1", labels={"zone": "b"})
+        async with sim.running():
+            svc = await sim.create_service(service_spec("web", replicas=3))
+            await sim.until(lambda: len(sim.live(svc.id)) == 3)
+            before = {t.id: t.node_id for t in sim.live(svc.id)}
+            await sim.update_service(svc.id, lambda s: s.task.placement.constraints.append("node.labels.zone==a"))
+            await sim.until(lambda: sim.update_state(svc.id) == "COMPLETED")
+            await sim.until(lambda: len(sim.live(svc.id)) == 3)
+            after = {t.id: t.node_id for t in sim.live(svc.id)}
+            assert b.id not in after.values()
+            # Tasks on zone a nodes were kept; only the one on b was replaced.
+            kept = {tid for tid, nid in before.items() if nid != b.id}
+            assert kept <= set(after), (before, after)
+            assert len(set(after) - set(before)) == 1
+
+    run(main())
