@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -218,8 +219,10 @@ class Engine:
         self.empty_layer.mkdir(exist_ok=True)
         self.tag = hashlib.sha256(str(self.root).encode()).hexdigest()[:10]
         self.v2 = cgroup_v2()
+        # can the swap limit be set (so that a memory limit means OOM, not swapping)? v2's root cgroup
+        # has no memory.swap.max, so look at its children
         self.swap_files = (
-            os.path.exists("/sys/fs/cgroup/memory.swap.max")
+            bool(glob.glob("/sys/fs/cgroup/*/memory.swap.max"))
             if self.v2
             else os.path.exists("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes")
         )
