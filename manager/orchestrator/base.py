@@ -41,6 +41,8 @@ class OrchestratorBase:
         self.restarts: RestartSupervisor
         self.updates: UpdateSupervisor
         self.reconciles = 0  # for tests and logs
+        self.retry = 1.0  # seconds before a failed reconcile (e.g. no quorum) is tried again
+        self._queue: asyncio.Queue[Any] | None = None
         self.idle = asyncio.Event()
 
     # ---- subclass hooks ----------------------------------------------------------------------
@@ -62,6 +64,7 @@ class OrchestratorBase:
         log.info("%s started", self.name)
         # Unfiltered: a filtered watch copies every event of every transaction; other kinds are ignored.
         with self.store.watch() as w:
+            self._queue = w.queue
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 self.restarts = RestartSupervisor(self.store, self.waiters, self._spawn, self.old_task_timeout)
@@ -115,7 +118,14 @@ class OrchestratorBase:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("%s: reconcile of service %s failed", self.name, sid)
+                log.exception("%s: reconcile of service %s failed; retrying in %.0f s", self.name, sid, self.retry)
+                self._spawn(self._retry_later(sid))
+
+    async def _retry_later(self, service_id: str) -> None:
+        await asyncio.sleep(self.retry)
+        self._dirty.add(service_id)
+        if self._queue is not None:
+            self._queue.put_nowait(watch_pb2.WatchMessage())  # wake the loop
 
     def _on_message(self, msg: watch_pb2.WatchMessage) -> None:
         for ev in msg.events:

@@ -61,7 +61,9 @@ class TaskReaper:
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    log.exception("task reaper pass failed")
+                    log.exception("task reaper pass failed; retrying in 1 s")
+                    self._full = True
+                    asyncio.get_running_loop().call_later(1.0, w.queue.put_nowait, watch_pb2.WatchMessage())
                 self.idle.set()
                 ok = await drain_events(w.queue, self._on_message, self.debounce)
                 self.idle.clear()

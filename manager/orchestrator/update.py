@@ -204,7 +204,12 @@ class Updater:
         delay = seconds(self.cfg.delay)
         while not queue.empty() and not self._stop.is_set():
             s = queue.get_nowait()
-            await self._update_slot(s)
+            try:
+                await self._update_slot(s)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # e.g. no quorum: the next reconcile starts a new update for what is left
+                log.exception("service %s: update of slot %s failed", self.svc.id, s.slot or s.node_id)
             if delay > 0 and not queue.empty():
                 await asyncio.sleep(delay)
 

@@ -34,7 +34,7 @@ from shoal.manager.scheduler.constraint import (
     parse_constraints,
     parse_spread,
 )
-from shoal.manager.store import Store, StoreError
+from shoal.manager.store import Store, StoreError, Unavailable
 from shoal.proto import objects_pb2, store_pb2, types_pb2, watch_pb2
 
 log = logging.getLogger("shoal.scheduler")
@@ -285,8 +285,13 @@ class Scheduler:
                         await self.schedule_pending()
                     except asyncio.CancelledError:
                         raise
-                    except Exception:
-                        log.exception("scheduling pass failed")
+                    except Exception as e:
+                        if isinstance(e, Unavailable):
+                            log.warning("scheduling pass not committed (%s); retrying in 1 s", e)
+                        else:
+                            log.exception("scheduling pass failed; retrying in 1 s")
+                        self._rebuild()  # forget assignments assumed but not committed
+                        self._retry_later(loop, w.queue)
                 self.idle.set()
                 msg = await w.queue.get()
                 self.idle.clear()
@@ -315,6 +320,13 @@ class Scheduler:
 
     async def wait_idle(self) -> None:
         await self.idle.wait()
+
+    def _retry_later(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
+        def wake() -> None:
+            self._dirty = True
+            queue.put_nowait(watch_pb2.WatchMessage())
+
+        loop.call_later(1.0, wake)
 
     # ---- one pass ----------------------------------------------------------------------------
     async def schedule_pending(self) -> int:
@@ -615,6 +627,8 @@ class Scheduler:
         for txn in self._transactions(decided, messages):
             try:
                 version = await self.store.propose(txn)
+            except Unavailable:
+                raise  # no quorum: the whole pass is retried later
             except StoreError:
                 # Some task changed under us (a concurrent writer): commit the rest one by one.
                 for a in txn.actions:
@@ -622,6 +636,8 @@ class Scheduler:
                         v = await self.store.propose(
                             store_pb2.StoreTransaction(actions=[a], timestamp_unix_nano=time.time_ns())
                         )
+                    except Unavailable:
+                        raise
                     except StoreError as e:
                         tid = a.object.task.id
                         log.info("assignment of task %s dropped: %s", tid, e)

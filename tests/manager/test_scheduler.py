@@ -313,3 +313,52 @@ def test_parse_constraints_errors() -> None:
         parse_constraints(["node.colour==red"])
     with pytest.raises(ValueError, match="node.role can only be manager or worker"):
         parse_constraints(["node.role==boss"])
+
+
+def test_concurrent_writer_conflict_drops_only_that_assignment() -> None:
+    """Between the scheduler's decision and its commit another writer changes one task: the batch is
+    refused (version check), the other assignments are committed one by one, and the scheduler's
+    counts follow the store."""
+
+    class RacingStore(LocalStore):
+        victim: str = ""
+
+        async def propose(self, txn):
+            if self.victim and any(a.object.task.status.state == types_pb2.ASSIGNED for a in txn.actions):
+                t = objects_pb2.Task()
+                t.CopyFrom(self.sm.get("task", self.victim))
+                t.desired_state = types_pb2.SHUTDOWN
+                self.victim = ""
+                await super().propose(type(txn)(actions=[_update(t)], timestamp_unix_nano=txn.timestamp_unix_nano))
+            return await super().propose(txn)
+
+    def _update(t):
+        from shoal.proto import store_pb2
+
+        a = store_pb2.StoreAction(kind=store_pb2.StoreAction.UPDATE)
+        a.object.task.CopyFrom(t)
+        return a
+
+    async def main() -> None:
+        st = RacingStore()
+        nodes = await add_nodes(st, [node("n0"), node("n1")])
+        async with scheduler(st) as s:
+            tasks = [pending_task("web", i) for i in range(1, 5)]
+            st.victim = tasks[0].id
+            await add_tasks(st, tasks)
+            for _ in range(400):
+                if sum(st.get("task", t.id).status.state == types_pb2.ASSIGNED for t in tasks) == 3:
+                    break
+                await asyncio.sleep(0.005)
+            got = [st.get("task", t.id) for t in tasks]
+            assert got[0].status.state == types_pb2.PENDING and got[0].desired_state == types_pb2.SHUTDOWN
+            assert all(t.status.state == types_pb2.ASSIGNED for t in got[1:])
+            counts = per_node(got)
+            # One more task goes to the node with fewer tasks: the dropped assignment was not counted.
+            more = [pending_task("web", 9)]
+            await add_tasks(st, more)
+            last = (await settled(st, s, more))[0]
+            low = min(nodes, key=lambda n: counts[n.id])
+            assert last.node_id == low.id, (counts, last.node_id)
+
+    run(main())
