@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from shoal.netdriver.gossip import ENDPOINT_TABLE, EventKind, Gossip, GossipConfig, TableEvent
-from shoal.netdriver.keyring import Keyring, KeyringError
 from shoal.proto import gossip_pb2
+
+pytestmark = pytest.mark.integration  # real sockets, several nodes, child processes
 
 PORT = 20000 + os.getpid() % 20000
 _NET = 10 + os.getpid() % 200
@@ -82,38 +83,6 @@ async def cluster(n: int, keys=(KEY1,), config: GossipConfig | None = None, join
 
 def record(task: str, ip: str, **kw) -> bytes:
     return gossip_pb2.EndpointRecord(task_id=task, ip=ip, **kw).SerializeToString()
-
-
-# ----- keyring ---------------------------------------------------------------------------------
-
-
-def test_keyring_seal_open_rotation_and_rejection():
-    a = Keyring([KEY1])
-    blob = a.seal(b"hello", b"udp")
-    assert b"hello" not in blob
-    assert a.open(blob, b"udp") == b"hello"
-    with pytest.raises(KeyringError):
-        a.open(blob, b"tcp")  # label is authenticated
-    with pytest.raises(KeyringError):
-        Keyring([KEY2]).open(blob, b"udp")  # unknown key id
-    tampered = bytearray(blob)
-    tampered[-1] ^= 1
-    with pytest.raises(KeyringError):
-        a.open(bytes(tampered), b"udp")
-    with pytest.raises(KeyringError):
-        a.open(Keyring().seal(b"plain", b"udp"), b"udp")  # plaintext refused when keys are set
-    # rotation: b accepts both and sends with the new primary; a (old key only) cannot read it
-    b = Keyring([KEY1, KEY2], primary=KEY2)
-    assert b.open(blob, b"udp") == b"hello"
-    new = b.seal(b"x", b"udp")
-    with pytest.raises(KeyringError):
-        a.open(new, b"udp")
-    a.add(KEY2)
-    assert a.open(new, b"udp") == b"x"
-    with pytest.raises(ValueError, match="16, 24 or 32 bytes"):
-        Keyring([b"short"])
-    with pytest.raises(ValueError, match="primary"):
-        b.remove(KEY2)
 
 
 # ----- membership ------------------------------------------------------------------------------
@@ -362,13 +331,6 @@ async def test_live_key_rotation_keeps_the_cluster_together():
         assert all("dead" not in states(g).values() for g in nodes)
         with pytest.raises(ValueError, match="empty"):
             nodes[0].set_keys([])
-
-
-def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="probe_timeout"):
-        Gossip("x", "127.0.0.1", "127.0.0.1", config=GossipConfig(probe_interval=0.2, probe_timeout=0.3))
-    with pytest.raises(ValueError, match="gossip_interval"):
-        Gossip("x", "127.0.0.1", "127.0.0.1", config=GossipConfig(gossip_interval=0))
 
 
 @aiotest
