@@ -50,16 +50,17 @@ class NetworkSetup:
 
 
 class NetworkHooks(Protocol):
-    """Where the overlay driver plugs in (wired by swarmd).
+    """Where the node's networking plugs in (`shoal.agent.network.NetworkAgent`, wired by swarmd).
 
-    `prepare(task)` runs before the container is created (sandbox netns, veth into each of
-    `task.networks`, addresses, DNS) and says what the container joins; `release(task)` runs after
-    the container is removed (or its creation failed). An optional `adopt(task)` is called for a
-    container that survived an agent restart (no `prepare` then)."""
+    `prepare(task)` runs before the container is created (its netns, interfaces on each of
+    `task.networks`, endpoint records, DNS) and returns what the container joins: an object with
+    `netns_path`, `resolv_conf` and optionally `extra_hosts`. It must be idempotent: it is called
+    again for a container re-adopted after an agent restart. `release(task_id)` runs after the
+    container is removed, after a failed create, and for an orphan container removed at restart."""
 
-    async def prepare(self, task: objects_pb2.Task) -> NetworkSetup: ...
+    async def prepare(self, task: objects_pb2.Task) -> Any: ...
 
-    async def release(self, task: objects_pb2.Task) -> None: ...
+    async def release(self, task_id: str) -> None: ...
 
 
 class TaskRejected(Exception):
@@ -302,10 +303,9 @@ class TaskController:
     async def _adopt(self, info: Any) -> None:
         status = _status_of(info)
         log.info("container re-adopted task=%s status=%s", self.id, status)
-        adopt = getattr(self.w.network, "adopt", None)
-        if adopt is not None and status != "exited":
-            try:
-                await adopt(self.task)  # the driver re-learns the attachments of a running container
+        if self.w.network is not None and status != "exited":
+            try:  # idempotent: the namespace is kept, endpoint records and DNS come back
+                await self.w.network.prepare(self.task)
                 self._netns_prepared = True
             except Exception as e:
                 log.warning("network re-adoption failed task=%s err=%s", self.id, one_line(e))
@@ -334,8 +334,13 @@ class TaskController:
                     return
                 net = NetworkSetup()
                 if self.w.network is not None:
-                    net = await self.w.network.prepare(task)
-                    self._netns_prepared = True
+                    self._netns_prepared = True  # release() even if prepare fails half-way
+                    got = await self.w.network.prepare(task)
+                    net = NetworkSetup(
+                        netns_path=getattr(got, "netns_path", None),
+                        resolv_conf=getattr(got, "resolv_conf", None),
+                        extra_hosts=list(getattr(got, "extra_hosts", None) or []),
+                    )
                 await eng.create(task, net, self.w.secrets, self.w.configs, self.w.node_id)
                 self.has_container = True
             except asyncio.CancelledError:
@@ -441,9 +446,9 @@ class TaskController:
         await self._release_network()
 
     async def _release_network(self) -> None:
-        if self.w.network is not None and (self._netns_prepared or self.task.networks):
+        if self.w.network is not None:  # release() is idempotent: call it whatever prepare() got to
             try:
-                await self.w.network.release(self.task)
+                await self.w.network.release(self.id)
             except Exception as e:
                 log.warning("releasing network attachments failed task=%s err=%s", self.id, one_line(e))
             self._netns_prepared = False
@@ -589,6 +594,11 @@ class Worker:
             await self.engine.remove(info.id)
         except Exception as e:
             log.warning("removing orphan container failed task=%s err=%s", tid, one_line(e))
+        if self.network is not None:
+            try:
+                await self.network.release(tid)
+            except Exception as e:
+                log.warning("releasing orphan's network failed task=%s err=%s", tid, one_line(e))
 
     def _spawn(self, coro: Any, name: str) -> None:
         r = asyncio.get_running_loop().create_task(coro, name=name)

@@ -159,6 +159,12 @@ class LogBroker(logs_pb2_grpc.LogsServicer, logs_pb2_grpc.LogBrokerServicer):
     async def SubscribeLogs(  # noqa: N802
         self, request: logs_pb2.SubscribeLogsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[logs_pb2.SubscribeLogsMessage]:
+        peer = self._peer(context)
+        if peer is not None and not peer.is_manager:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"node {peer.node_id} is a worker: logs are served to managers and the local control socket only",
+            )
         if not self.store.is_leader():
             async for m in self._relay(request, context):
                 yield m

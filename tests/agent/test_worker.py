@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 
 import pytest
-from agent_helpers import add_node, make_task, manager_side, new_engine, run, set_task, task_state, wait_for
+from agent_helpers import (
+    PREFIX,
+    add_node,
+    make_task,
+    manager_side,
+    new_engine,
+    run,
+    set_task,
+    task_state,
+    wait_for,
+)
 
 from shoal.agent.agent import Agent
-from shoal.agent.worker import Worker
+from shoal.agent.worker import NetworkSetup, Worker
 from shoal.proto import dispatcher_pb2, logs_pb2, logs_pb2_grpc, objects_pb2, specs_pb2, types_pb2
 
 pytestmark = pytest.mark.integration
@@ -183,5 +194,86 @@ def test_unhealthy_container_fails_its_task(engine_root, registry, tmp_path) -> 
                 status = st.get("task", t.id).status
                 assert status.state == S.FAILED and status.err == "task: container is unhealthy"
         await engine.close()
+
+    run(main())
+
+
+class NetnsHooks:
+    """A minimal real network hook: a named netns per task holding one veth pair."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def name(self, task_id: str) -> str:
+        return f"{PREFIX}-{task_id[:8]}"
+
+    async def prepare(self, task: objects_pb2.Task) -> NetworkSetup:
+        from pyroute2 import NetNS, netns
+
+        self.calls.append(("prepare", task.id))
+        name = self.name(task.id)
+
+        def make() -> None:  # pyroute2 is synchronous: keep it off the event loop
+            if not os.path.exists(f"/run/netns/{name}"):
+                netns.create(name)
+                with NetNS(name) as ns:
+                    ns.link("add", ifname="stdummy0", kind="veth", peer="stdummy1")
+
+        await asyncio.to_thread(make)
+        return NetworkSetup(netns_path=f"/run/netns/{name}", extra_hosts=["198.19.0.9 peer.example"])
+
+    async def release(self, task_id: str) -> None:
+        from pyroute2 import netns
+
+        self.calls.append(("release", task_id))
+        if os.path.exists(f"/run/netns/{self.name(task_id)}"):
+            await asyncio.to_thread(netns.remove, self.name(task_id))
+
+
+def test_network_hooks_around_the_container_life(engine_root, registry) -> None:
+    async def main() -> None:
+        net = NetnsHooks()
+        t = make_task("n1", "sh", "-c", "cat /proc/net/dev; grep peer /etc/hosts; sleep 600", grace_s=0)
+        try:
+            engine = new_engine(engine_root, registry)
+            seen: list[int] = []
+            w = Worker(engine, "n1", lambda tid, st: seen.append(st.state), network=net)
+            await w.start()
+            msg = dispatcher_pb2.AssignmentsMessage(type=dispatcher_pb2.AssignmentsMessage.COMPLETE)
+            msg.changes.add().assignment.task.CopyFrom(t)
+            w.apply(msg)
+            await wait_for(lambda: seen and seen[-1] >= S.RUNNING, what="RUNNING")
+            assert seen[-1] == S.RUNNING
+            for _ in range(100):
+                lines = [ln.line async for ln in engine.logs(t.id)]
+                if any("peer.example" in ln for ln in lines):
+                    break
+                await asyncio.sleep(0.05)
+            assert any("stdummy0" in ln for ln in lines), lines  # the container joined the hook's netns
+            assert any("198.19.0.9" in ln and "peer.example" in ln for ln in lines)
+            assert net.calls == [("prepare", t.id)]
+
+            # A new worker (agent restart) re-adopts the container and prepares its networking again.
+            await w.close()
+            await engine.close()
+            engine = new_engine(engine_root, registry)
+            w = Worker(engine, "n1", lambda tid, st: seen.append(st.state), network=net)
+            await w.start()
+            w.apply(msg)
+            await wait_for(lambda: len(net.calls) == 2, what="prepare on re-adoption")
+            assert net.calls[1] == ("prepare", t.id)
+
+            # Removal: container first, then the networking.
+            rm = dispatcher_pb2.AssignmentChange(action=dispatcher_pb2.AssignmentChange.REMOVE)
+            rm.assignment.task.id = t.id
+            w.update([rm])
+            await wait_for(lambda: t.id not in w.controllers, what="controller gone")
+            assert net.calls[-1] == ("release", t.id)
+            assert not os.path.exists(f"/run/netns/{net.name(t.id)}")
+            assert await engine.list() == []
+            await w.close()
+            await engine.close()
+        finally:
+            await net.release(t.id)
 
     run(main())
