@@ -379,6 +379,7 @@ class Engine:
                 raise ContainerExists(f"container {cfg.id} already exists; remove it first") from None
             t0 = time.monotonic()
             self._creating += 1
+            anon: list[str] = []
             try:
                 img = await self.image(cfg.spec.image) if cfg.spec.image else None
                 if not cfg.spec.image:
@@ -387,11 +388,13 @@ class Engine:
                     auth = RegistryAuth.from_b64(cfg.spec.pull_options.registry_auth)
                     img = await self.pull(cfg.spec.image, auth)
                 async with self._spawn_sem():
-                    meta = await asyncio.to_thread(self._prepare, cfg, img)
+                    meta = await asyncio.to_thread(self._prepare, cfg, img, anon)
                     await self._spawn(cfg, meta)
             except BaseException as e:
                 log.info("create failed cid=%s err=%s", cfg.id, e)
                 await asyncio.shield(self._cleanup(cfg.id))
+                for v in anon:  # anonymous volumes made before meta.json recorded them
+                    shutil.rmtree(self.vdir / v, ignore_errors=True)
                 raise
             finally:
                 self._creating -= 1
@@ -404,7 +407,7 @@ class Engine:
                 (time.monotonic() - t0) * 1000,
             )
 
-    def _prepare(self, cfg: ContainerConfig, img: Image) -> _Meta:
+    def _prepare(self, cfg: ContainerConfig, img: Image, anon: list[str]) -> _Meta:
         """Blocking part of create: overlay mount, user lookup, files, secrets tmpfs, config.json."""
         s = cfg.spec
         d, rd = self._dir(cfg.id), self._rdir(cfg.id)
@@ -422,7 +425,6 @@ class Engine:
         if not any(e.startswith("HOME=") for e in env):
             env.append(f"HOME={user.home}")
         mounts: list[dict] = []
-        anon: list[str] = []
         for i, m in enumerate(s.mounts):
             mounts.append(self._mount_spec(m, i, str(rootfs), anon))
         covered = {m["destination"].rstrip("/") or "/" for m in mounts}

@@ -131,8 +131,10 @@ def test_missing_executable_and_user_leave_nothing(engine):
             ("nouser", spec("true", user="ghost")),
         ):
             c = cid(name)
+            s.secrets.add(secret_id="s", secret_name="s")  # its tmpfs is mounted before the failure
+            s.mounts.add(type=types_pb2.Mount.VOLUME, target="/vol")  # an anonymous volume too
             try:
-                await engine.create(ContainerConfig(c, name, s))
+                await engine.create(ContainerConfig(c, name, s, secrets={"s": b"x"}))
             except (ExecutableNotFound, UserNotFound) as e:
                 errs.append((c, type(e), str(e)))
         return errs
@@ -142,6 +144,7 @@ def test_missing_executable_and_user_leave_nothing(engine):
     assert "nosuchcmd" in errs[1][2] and "\n" not in errs[1][2]
     for c, _, _ in errs:
         assert_gone(engine, c)
+    assert not [v for v in os.listdir(engine.root / "volumes") if v.startswith("anon-")]
 
 
 def test_stop_signal_grace_and_init(engine):
