@@ -36,6 +36,8 @@ API::
         subscribe() -> Subscription (AsyncIterator[TableEvent]; .close())
         add_listener(cb: Callable[[TableEvent], None]) / remove_listener(cb)
         add_member_listener(cb: Callable[[Member], None])  # a member appeared or changed state
+        set_keys(keys: Sequence[bytes])                # first = primary; others accepted; rest dropped
+        set_bootstrap_keys(keys: Sequence[types_pb2.EncryptionKey])  # Docker's rule, see there
         keyring -> Keyring (add/use/remove keys for rotation)
 
 The endpoint table is ``ENDPOINT_TABLE`` with ``shoal.proto.gossip_pb2.EndpointRecord`` values.
@@ -73,6 +75,7 @@ from shoal.netdriver.swim import (
 )
 from shoal.netdriver.tables import EventKind, LamportClock, TableEvent, TableStore, version
 from shoal.proto import gossip_pb2 as pb
+from shoal.proto import types_pb2
 
 __all__ = ["ALIVE", "DEAD", "LEFT", "SUSPECT", "ENDPOINT_TABLE", "EventKind", "Gossip", "GossipConfig", "Member", "Subscription", "TableEvent"]
 
@@ -182,6 +185,17 @@ class Gossip(Delegate):
         if n and self._networks:
             await self._anti_entropy_once()
         return n
+
+    def set_bootstrap_keys(self, keys: Sequence[types_pb2.EncryptionKey]) -> None:
+        """Apply the managers' ``network_bootstrap_keys`` (session message) the way Docker does:
+        the ``networking:gossip`` keys ordered by lamport time, the second oldest primary when
+        there are two or more (a key the managers just added is accepted everywhere before any node
+        sends with it; after the next rotation it becomes primary), keys no longer listed dropped."""
+        ks = sorted((k for k in keys if k.subsystem in ("", "networking:gossip")), key=lambda k: k.lamport_time)
+        if not ks:
+            raise ValueError("network_bootstrap_keys holds no networking:gossip key; the managers must send one")
+        primary = ks[1] if len(ks) > 1 else ks[0]
+        self.set_keys([primary.key, *(k.key for k in ks if k.key != primary.key)])
 
     def set_keys(self, keys: Sequence[bytes]) -> None:
         """Replace the keyring with ``keys`` as distributed by the managers (first = primary):

@@ -45,3 +45,21 @@ def test_config_errors_name_the_field():
         Gossip("x", "127.0.0.1", "127.0.0.1", config=GossipConfig(probe_interval=0.2, probe_timeout=0.3))
     with pytest.raises(ValueError, match="gossip_interval"):
         Gossip("x", "127.0.0.1", "127.0.0.1", config=GossipConfig(gossip_interval=0))
+
+
+def test_bootstrap_keys_primary_is_the_second_oldest():
+    from shoal.proto.types_pb2 import EncryptionKey
+
+    k = [bytes([i]) * 16 for i in range(1, 5)]
+    g = Gossip("x", "127.0.0.1", "127.0.0.1")
+    g.set_bootstrap_keys([EncryptionKey(subsystem="networking:gossip", key=k[2], lamport_time=3),
+                          EncryptionKey(subsystem="networking:gossip", key=k[0], lamport_time=1),
+                          EncryptionKey(subsystem="networking:ipsec", key=k[3], lamport_time=9),
+                          EncryptionKey(subsystem="networking:gossip", key=k[1], lamport_time=2)])
+    assert g.keyring.primary == k[1] and set(g.keyring.keys) == {k[0], k[1], k[2]}
+    # rotation by the managers: k0 dropped, k3 added -> k2 becomes primary
+    g.set_bootstrap_keys([EncryptionKey(subsystem="networking:gossip", key=kk, lamport_time=t)
+                          for kk, t in ((k[1], 2), (k[2], 3), (k[3], 4))])
+    assert g.keyring.primary == k[2] and set(g.keyring.keys) == {k[1], k[2], k[3]}
+    with pytest.raises(ValueError, match="networking:gossip"):
+        g.set_bootstrap_keys([EncryptionKey(subsystem="networking:ipsec", key=k[0], lamport_time=1)])
