@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib
 import json
 import os
 import shlex
@@ -1139,6 +1140,7 @@ def build_parser() -> Parser:
         p.add_argument("-q", "--quiet", action="store_true", help="suppress progress output")
         p.add_argument("--timeout", type=typed(lambda t: units.parse_duration(t) / 1e9, "duration"),
                        default=DEFAULT_WAIT_TIMEOUT, help="give up waiting after this long (default 5m)")
+    _extension("shoal.cli.logs", lambda m: m.register(sub, "service", parents=[CONN]))
     p = leaf(sub, "ps", service_ps, "list the tasks of services")
     p.add_argument("services", nargs="+", metavar="SERVICE")
     p.add_argument("-f", "--filter", action="append", help="desired-state=, node=, id=, name=")
@@ -1156,6 +1158,7 @@ def build_parser() -> Parser:
     p = leaf(sub, "inspect", task_inspect, "show tasks in detail")
     p.add_argument("tasks", nargs="+", metavar="TASK")
     p.add_argument("--format", choices=("json",), default="json")
+    _extension("shoal.cli.logs", lambda m: m.register(sub, "task", parents=[CONN]))
 
     # networks
     sub = group("network", "manage networks")
@@ -1190,7 +1193,25 @@ def build_parser() -> Parser:
         p.add_argument("--format", choices=("json",), default="json")
         p = leaf(sub, "rm", _simple_rm(kind), f"remove {kind}s", aliases=["remove"])
         p.add_argument("refs", nargs="+", metavar=kind.upper())
+
+    # Command groups other modules provide: stacks (compose files) and the one-machine lab.
+    _extension("shoal.cli.stack", lambda m: m.register(cmds, parents=[CONN]))
+
+    def lab(m: Any) -> None:
+        m.register(cmds)
+        cmds.choices["lab"].set_defaults(no_client=True)
+
+    _extension("shoal.cli.labcmd", lab)
     return root
+
+
+def _extension(module: str, register: Callable[[Any], None]) -> None:
+    """Add the commands of `module` when it is installed (a stripped-down build may lack it)."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return
+    register(mod)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1200,6 +1221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         (getattr(args, "parser", None) or parser).print_help(sys.stderr)
         return 2
+    if getattr(args, "no_client", False):  # local commands (the lab) talk to no manager
+        try:
+            return int(func(args) or 0)
+        except KeyboardInterrupt:
+            return 130
     client = None
     try:
         client = Client(socket=getattr(args, "socket", None),
