@@ -260,35 +260,64 @@ async def test_ten_nodes_converge():
 # ----- a node in another process, killed with SIGKILL --------------------------------------------
 
 
+def spawn_child(node_id: str, addr: str, seed: str, value: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "shoal.netdriver.gossip", "--node-id", node_id, "--bind", addr,
+         "--port", str(PORT), "--join", seed, "--key-hex", KEY1.hex(), "--network", "netK",
+         "--put", f"{ENDPOINT_TABLE}/netK/{node_id}-ep={value}"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+async def wait_ready(proc: subprocess.Popen) -> None:
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+    assert line.strip() == "ready"
+
+
+def reap(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    proc.stdout.close()
+
+
 @aiotest
 async def test_killed_process_is_detected_dead_and_purged():
     addrs = fresh_addrs(4)
     async with cluster(3, join=False) as nodes:
-        # the in-process nodes use addrs of their own block; the child joins through n0
+        # the in-process nodes use addrs of their own block; the children join through n0
         seed = f"{nodes[0].advertise_addr}:{PORT}"
         for g in nodes[1:]:
             assert await g.join([seed]) == 1
         for g in nodes:
             await g.join_network("netK")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shoal.netdriver.gossip", "--node-id", "child", "--bind", addrs[3],
-             "--port", str(PORT), "--join", seed, "--key-hex", KEY1.hex(), "--network", "netK",
-             "--put", f"{ENDPOINT_TABLE}/netK/child-ep=hello"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        procs = [spawn_child("child", addrs[2], seed, "hello"), spawn_child("quitter", addrs[3], seed, "bye")]
         try:
-            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
-            assert line.strip() == "ready"
-            await until(lambda: all(g.entries(ENDPOINT_TABLE, "netK") == {"child-ep": b"hello"} for g in nodes),
-                        "child's entry everywhere")
-            await until(lambda: all(states(g).get("child") == "alive" for g in nodes), "child alive everywhere")
-            os.kill(proc.pid, signal.SIGKILL)
+            for p in procs:
+                await wait_ready(p)
+            want = {"child-ep": b"hello", "quitter-ep": b"bye"}
+            await until(lambda: all(g.entries(ENDPOINT_TABLE, "netK") == want for g in nodes),
+                        "children's entries everywhere")
+            await until(lambda: all(states(g).get("child") == states(g).get("quitter") == "alive" for g in nodes),
+                        "children alive everywhere")
+            # SIGTERM: the child leaves gracefully
+            procs[1].terminate()
+            await until(lambda: all(states(g)["quitter"] == "left" for g in nodes), "quitter left")
+            await until(lambda: all("quitter-ep" not in g.entries(ENDPOINT_TABLE, "netK") for g in nodes),
+                        "quitter's entry purged")
+            # SIGKILL: detected dead by probes
+            os.kill(procs[0].pid, signal.SIGKILL)
             await until(lambda: all(states(g)["child"] == "dead" for g in nodes), "child declared dead")
             await until(lambda: all(g.entries(ENDPOINT_TABLE, "netK") == {} for g in nodes), "child's entry purged")
+            # the same node restarted (same id and address): alive again, with its new entry
+            reap(procs[0])
+            procs[0] = spawn_child("child", addrs[2], seed, "again")
+            await wait_ready(procs[0])
+            await until(lambda: all(states(g)["child"] == "alive" for g in nodes), "child back")
+            await until(lambda: all(g.entries(ENDPOINT_TABLE, "netK") == {"child-ep": b"again"} for g in nodes),
+                        "restarted child's entry everywhere")
         finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            proc.stdout.close()
+            for p in procs:
+                reap(p)
 
 
 @aiotest
