@@ -15,12 +15,18 @@ becomes an FDB + neighbour entry on this node's VXLAN device (and goes when it g
 service VIP on a local network is balanced over the endpoints that carry it, and every port a
 service publishes in ingress mode is accepted on this node and routed to that service's endpoints
 on the ingress network, wherever they run.
+
+A node that advertises a loopback address (a cluster of several swarmd on 127.0.0.x, as the
+loopback tests run) has no data path: VXLAN between loopback addresses would only build gateway
+bridges, sandboxes and nft tables in the machine's own namespace. Its tasks get a network
+namespace of their own with loopback only, and a task on an overlay network fails with a reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 from collections import defaultdict
@@ -33,13 +39,17 @@ from pyroute2 import netns as pr_netns
 from shoal.netdriver.dns import DNSServer
 from shoal.netdriver.gossip import ENDPOINT_TABLE, EventKind, Gossip
 from shoal.netdriver.overlay import OverlayDriver
-from shoal.proto import gossip_pb2, objects_pb2, types_pb2
+from shoal.proto import dispatcher_pb2, gossip_pb2, objects_pb2, types_pb2
 
 log = logging.getLogger("shoal.agent.network")
 
 STACK_LABEL = "com.docker.stack.namespace"
 RESOLV_CONF = "nameserver 127.0.0.11\noptions ndots:0\n"
-PROTOCOLS = {types_pb2.PortConfig.TCP: "tcp", types_pb2.PortConfig.UDP: "udp", types_pb2.PortConfig.SCTP: "sctp"}
+PROTOCOLS = {
+    types_pb2.PortConfig.TCP: "tcp",
+    types_pb2.PortConfig.UDP: "udp",
+    types_pb2.PortConfig.SCTP: "sctp",
+}
 
 
 @dataclass
@@ -54,6 +64,11 @@ class _Local:
     netns: str
     networks: list[str]
     host_ports: list[tuple[str, int]]
+
+
+def _gossip_keys(msg: dispatcher_pb2.SessionMessage) -> list[bytes]:
+    return [k.key for k in sorted(msg.network_bootstrap_keys, key=lambda k: k.lamport_time)
+            if k.subsystem in ("", "networking:gossip")]
 
 
 def _ip(cidr: str) -> str:
@@ -76,26 +91,82 @@ class NetworkAgent:
         self.addr = advertise_addr
         self.prefix = ns_prefix
         self.state_dir = Path(state_dir)
-        self.driver = OverlayDriver(node_id, advertise_addr, ns_prefix, gw_subnet=gw_subnet)
+        # pyroute2's synchronous sockets refuse to be made on a thread that runs an event loop:
+        # the driver is made (and always called) on worker threads.
+        self._driver_args = (node_id, advertise_addr, ns_prefix, gw_subnet)
+        self._driver: OverlayDriver | None = None
         self.gossip_port = gossip_port
         self.gossip: Gossip | None = None
         self.dns: DNSServer | None = None
         self.upstream_dns = upstream_dns
         self._tasks: dict[str, _Local] = {}
         self._dirty: asyncio.Queue[str] = asyncio.Queue()
-        self._vips: dict[str, set[str]] = defaultdict(set)       # network -> VIPs programmed here
+        self._vips: dict[str, set[str]] = defaultdict(set)  # network -> VIPs programmed here
         self._ingress_ports: set[tuple[str, int]] = set()
         self._ingress_id = ""
         self._lock = asyncio.Lock()
+        self.loopback = ipaddress.ip_address(advertise_addr).is_loopback
+        self._sessions: asyncio.Queue[dispatcher_pb2.SessionMessage] = asyncio.Queue()
+        self._ready = asyncio.Event()
+        self._error = ""
+
+    # ---- wired into the agent (swarmd) -----------------------------------------------------------
+    def on_session(self, msg: dispatcher_pb2.SessionMessage) -> None:
+        """The agent's session messages: gossip keys, the managers to join through, this node."""
+        self._sessions.put_nowait(msg)
+
+    async def serve(self) -> None:
+        """The node's networking loop: start gossip with the keys of the first session message,
+        then follow session messages (keys, seeds, the node's ingress address) and the tables."""
+        msg = await self._sessions.get()
+        if self.loopback:
+            self._error = (f"this node advertises the loopback address {self.addr}; overlay networks need an "
+                           "address other hosts reach (swarmd --advertise-remote-api)")
+            log.info("node=%s no data path: %s", self.node_id, self._error)
+            self._ready.set()
+            return
+        try:
+            await self.start(_gossip_keys(msg))
+        except Exception as e:
+            self._error = f"networking could not start on {self.addr} (gossip port {self.gossip_port}): {getattr(e, 'strerror', None) or e}"
+            log.error("node=%s overlay networking disabled: %s", self.node_id, self._error)
+            self._ready.set()
+            return
+        self._ready.set()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.run())
+            while True:
+                try:
+                    self.set_keys(_gossip_keys(msg))
+                    host_port = [m.addr.rsplit(":", 1)[0] for m in msg.managers if m.addr]
+                    await self.join([f"{h}:{self.gossip_port}" for h in host_port])
+                    if msg.HasField("node"):
+                        await self.set_node(msg.node)
+                except Exception as e:
+                    log.warning("node=%s session update not applied to networking: %s", self.node_id, e)
+                msg = await self._sessions.get()
 
     # ---- life ------------------------------------------------------------------------------
+    @property
+    def driver(self) -> OverlayDriver:
+        if self._driver is None:
+            raise RuntimeError("the overlay driver is not started")
+        return self._driver
+
     async def start(self, keys: Sequence[bytes]) -> None:
+        node_id, addr, prefix, gw = self._driver_args
+        self._driver = await asyncio.to_thread(OverlayDriver, node_id, addr, prefix, gw_subnet=gw)
         self.gossip = Gossip(self.node_id, self.addr, self.addr, port=self.gossip_port, keys=list(keys))
         await self.gossip.start()
         self.dns = DNSServer(self.gossip, upstreams=self.upstream_dns)
         found = await asyncio.to_thread(self.driver.restore)
-        log.info("node=%s network agent started gossip=%s:%d adopted=%d", self.node_id, self.addr,
-                 self.gossip_port, len(found))
+        log.info(
+            "node=%s network agent started gossip=%s:%d adopted=%d",
+            self.node_id,
+            self.addr,
+            self.gossip_port,
+            len(found),
+        )
 
     def set_keys(self, keys: Sequence[bytes]) -> None:
         if self.gossip is None or not keys:
@@ -146,8 +217,14 @@ class NetworkAgent:
             else:
                 await asyncio.to_thread(self.driver.add_peer, network_id, rec.ip, rec.mac, rec.vtep)
         except Exception as e:
-            log.warning("node=%s network=%s peer %s@%s not programmed: %s", self.node_id, network_id, rec.ip,
-                        rec.vtep, e)
+            log.warning(
+                "node=%s network=%s peer %s@%s not programmed: %s",
+                self.node_id,
+                network_id,
+                rec.ip,
+                rec.vtep,
+                e,
+            )
 
     async def _sync_loop(self) -> None:
         while True:
@@ -207,10 +284,14 @@ class NetworkAgent:
                 continue
             if self._ingress_id == att.network.id:
                 return
-            iface = await asyncio.to_thread(self.driver.ensure_ingress, att.network, att.addresses[0], att.mac)
+            iface = await asyncio.to_thread(
+                self.driver.ensure_ingress, att.network, att.addresses[0], att.mac
+            )
             self._ingress_id = att.network.id
             await self.gossip.join_network(att.network.id)
-            rec = gossip_pb2.EndpointRecord(ip=_ip(iface.address), mac=iface.mac, vtep=self.addr, node_id=self.node_id)
+            rec = gossip_pb2.EndpointRecord(
+                ip=_ip(iface.address), mac=iface.mac, vtep=self.addr, node_id=self.node_id
+            )
             self.gossip.put(ENDPOINT_TABLE, att.network.id, f"sbox-{self.node_id}", rec.SerializeToString())
             self._dirty.put_nowait(att.network.id)
             log.info("node=%s ingress sandbox up addr=%s", self.node_id, iface.address)
@@ -224,7 +305,9 @@ class NetworkAgent:
 
         Idempotent: after an agent restart, call it again for a re-adopted running task -- its
         namespace and interfaces are kept, its endpoint records and DNS server come back."""
-        assert self.gossip is not None and self.dns is not None
+        await self._ready.wait()
+        if task.networks and (self.gossip is None or self.dns is None):
+            raise RuntimeError(f"overlay networking is not available on this node: {self._error or 'not started'}")
         name = self._netns_name(task.id)
         path = f"/run/netns/{name}"
         if not os.path.exists(path):
@@ -233,16 +316,19 @@ class NetworkAgent:
         local = _Local(path, nets, [])
         self._tasks[task.id] = local
         try:
+            if self._driver is None:  # loopback node: a namespace with loopback only
+                return TaskNetworking(path, None)
             ifaces = await asyncio.to_thread(self.driver.attach, task.id, path, list(task.networks))
             for nid in nets:
-                await self.gossip.join_network(nid)
+                await self.gossip.join_network(nid)  # type: ignore[union-attr]
             by_net = {i.network_id: i for i in ifaces}
             stack = task.service_annotations.labels.get(STACK_LABEL, "")
             dnsrr = task.endpoint.spec.mode == types_pb2.EndpointSpec.DNSRR
             vips = {v.network_id: v.addr for v in task.endpoint.virtual_ips}
             ingress = [
-                gossip_pb2.PublishedPort(protocol=PROTOCOLS[p.protocol], published_port=p.published_port,
-                                         target_port=p.target_port)
+                gossip_pb2.PublishedPort(
+                    protocol=PROTOCOLS[p.protocol], published_port=p.published_port, target_port=p.target_port
+                )
                 for p in task.endpoint.ports
                 if p.publish_mode == types_pb2.PortConfig.INGRESS and p.published_port
             ]
@@ -251,43 +337,52 @@ class NetworkAgent:
                 if iface is None:
                     continue
                 rec = gossip_pb2.EndpointRecord(
-                    task_id=task.id, task_name=task.annotations.name, service_name=task.service_annotations.name,
-                    service_id=task.service_id, ip=_ip(iface.address), mac=iface.mac, vtep=self.addr,
-                    vip="" if dnsrr else _ip(vips.get(att.network.id, "")), aliases=list(att.aliases),
-                    stack=stack, endpoint_mode="dnsrr" if dnsrr else "vip", node_id=self.node_id,
+                    task_id=task.id,
+                    task_name=task.annotations.name,
+                    service_name=task.service_annotations.name,
+                    service_id=task.service_id,
+                    ip=_ip(iface.address),
+                    mac=iface.mac,
+                    vtep=self.addr,
+                    vip="" if dnsrr else _ip(vips.get(att.network.id, "")),
+                    aliases=list(att.aliases),
+                    stack=stack,
+                    endpoint_mode="dnsrr" if dnsrr else "vip",
+                    node_id=self.node_id,
                     container_id=task.id,
                 )
                 if att.network.spec.ingress:
                     rec.ingress_ports.extend(ingress)
-                self.gossip.put(ENDPOINT_TABLE, att.network.id, task.id, rec.SerializeToString())
+                self.gossip.put(ENDPOINT_TABLE, att.network.id, task.id, rec.SerializeToString())  # type: ignore[union-attr]
             for p in task.endpoint.ports:
                 if p.publish_mode == types_pb2.PortConfig.HOST and p.published_port:
                     proto = PROTOCOLS[p.protocol]
-                    await asyncio.to_thread(self.driver.publish_host_port, task.id, proto, p.published_port,
-                                            p.target_port)
+                    await asyncio.to_thread(
+                        self.driver.publish_host_port, task.id, proto, p.published_port, p.target_port
+                    )
                     local.host_ports.append((proto, p.published_port))
             user_nets = [a.network.id for a in task.networks if not a.network.spec.ingress]
-            if user_nets:
+            if user_nets and self.dns is not None:
                 await self.dns.serve_in(task.id, path, user_nets, stack or None)
             for nid in nets:
                 self._dirty.put_nowait(nid)
         except BaseException:
             await self.release(task.id)
             raise
-        return TaskNetworking(path, RESOLV_CONF if task.networks else None,
-                              [i.address for i in ifaces])
+        return TaskNetworking(path, RESOLV_CONF if task.networks else None, [i.address for i in ifaces])
 
     async def release(self, task_id: str) -> None:
         """Undo prepare(): endpoint records, DNS, interfaces, published ports, the namespace."""
-        assert self.gossip is not None and self.dns is not None
         local = self._tasks.pop(task_id, None)
-        await self.dns.stop_serving(task_id)
+        if self.dns is not None:
+            await self.dns.stop_serving(task_id)
         nets = local.networks if local else []
         for nid in nets:
             with contextlib.suppress(Exception):
-                self.gossip.delete(ENDPOINT_TABLE, nid, task_id)
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(self.driver.detach, task_id)
+                self.gossip.delete(ENDPOINT_TABLE, nid, task_id)  # type: ignore[union-attr]
+        if self._driver is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._driver.detach, task_id)
         name = self._netns_name(task_id)
         if os.path.exists(f"/run/netns/{name}"):
             with contextlib.suppress(OSError):
@@ -298,12 +393,13 @@ class NetworkAgent:
             if nid in still or nid == self._ingress_id:
                 continue
             with contextlib.suppress(Exception):
-                await self.gossip.leave_network(nid)
+                await self.gossip.leave_network(nid)  # type: ignore[union-attr]
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.driver.remove_network, nid)
+                await asyncio.to_thread(self.driver.remove_network, nid)  # only reached with a driver
 
     async def cleanup(self) -> None:
         """Remove everything this node's networking made (tests, lab down)."""
         for tid in list(self._tasks):
             await self.release(tid)
-        await asyncio.to_thread(self.driver.cleanup)
+        if self._driver is not None:
+            await asyncio.to_thread(self._driver.cleanup)

@@ -85,20 +85,44 @@ class AgentContext:
     managers: list[str]
     advertise_addr: str  # this node's address (data path / gossip)
     is_manager: bool
+    registry_mirrors: list[str] = field(default_factory=list)     # mirrors of Docker Hub, tried first
+    insecure_registries: list[str] = field(default_factory=list)  # HOST:PORT reached over plain HTTP
+    egress_subnet: str = "172.18.0.0/16"                          # the node's gateway bridge (egress NAT)
+    gossip_port: int = 7946
 
 
 async def start_agent(ctx: AgentContext) -> asyncio.Task[None] | None:
-    """The agent role's hook (every node): a task running the agent, or None.
+    """The agent role's hook (every node): a task running the agent and the node's networking.
 
     `shoal.agent.agent.start_agent_task(ctx)` builds the engine under `<state dir>/engine` and the
-    agent's mTLS session with the dispatcher; swarmd cancels the task on shutdown (containers keep
-    running and are adopted on the next start)."""
-    try:
-        from shoal.agent.agent import start_agent_task
-    except ImportError as e:
-        log.warning("no agent available (%s): this node runs no tasks", e)
-        return None
-    return start_agent_task(ctx)
+    agent's mTLS session with the dispatcher; `shoal.agent.network.NetworkAgent` gives its tasks
+    overlay networks (started with the gossip keys of the first session message). swarmd cancels
+    the task on shutdown (containers keep running and are adopted on the next start)."""
+    from shoal.agent.agent import start_agent_task
+    from shoal.agent.network import NetworkAgent
+
+    net = NetworkAgent(ctx.node_id, ctx.advertise_addr, ctx.state_dir, f"n{ctx.node_id[:6]}",
+                       gossip_port=ctx.gossip_port, gw_subnet=ctx.egress_subnet)
+    agent_task = start_agent_task(
+        ctx, registry_mirrors=ctx.registry_mirrors, insecure_registries=ctx.insecure_registries,
+        network=net, on_session=net.on_session,
+    )
+
+    async def node_agent() -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(net.serve())
+                await agent_task
+                raise asyncio.CancelledError  # the agent ended: end the networking loop too
+        finally:
+            agent_task.cancel()
+            await asyncio.gather(agent_task, return_exceptions=True)
+            await net.stop()
+
+    task = asyncio.create_task(node_agent(), name=f"node-agent-{ctx.node_id}")
+    task.agent = agent_task.agent  # type: ignore[attr-defined]
+    task.network = net  # type: ignore[attr-defined]
+    return task
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -408,6 +432,8 @@ class Swarmd:
             self.agent_ctx = AgentContext(
                 st.node_id, st.cluster_id, st.hostname, self.dir, self.identity, self._manager_addrs(),
                 _split(st.advertise_api, 0)[0], st.role == "manager",
+                registry_mirrors=list(self.args.registry_mirror), insecure_registries=list(self.args.insecure_registry),
+                egress_subnet=self.args.egress_subnet, gossip_port=self.args.gossip_port,
             )
             self.agent = await start_agent(self.agent_ctx)
             self.role_task = asyncio.create_task(self._role_watch())
@@ -436,6 +462,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--join-token", default="", help="join token (swarmctl swarm join-token worker|manager)")
     p.add_argument("--manager", action="store_true", help="join as a manager (needs a manager token)")
     p.add_argument("--default-addr-pool", default="", help="CIDR of overlay subnets for a new cluster (default 10.0.0.0/8)")
+    p.add_argument("--registry-mirror", action="append", default=[], metavar="URL",
+                   help="mirror of Docker Hub tried first for docker.io images (repeatable)")
+    p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
+                   help="registry reached over plain HTTP (repeatable)")
+    p.add_argument("--egress-subnet", default="172.18.0.0/16",
+                   help="subnet of the node's gateway bridge that gives containers egress (default 172.18.0.0/16)")
+    p.add_argument("--gossip-port", type=int, default=7946, help="gossip port, TCP and UDP (default 7946)")
     p.add_argument("--log-level", default=os.environ.get("SWARMD_LOG_LEVEL", "info"))
     return p.parse_args(argv)
 
