@@ -465,6 +465,45 @@ def file_target(
     return path, uid, gid, mode
 
 
+# Seccomp: Docker's default profile allows a list of syscalls; ours allows everything but what lets a
+# process without CAP_SYS_ADMIN leave its sandbox (new namespaces, notably user namespaces, which need no
+# capability), plus the kernel keyring (not namespaced) and userfaultfd/kexec.
+_ALWAYS_DENIED = ["add_key", "keyctl", "request_key", "kexec_load", "kexec_file_load", "userfaultfd"]
+_SYS_ADMIN_DENIED = [
+    "bpf", "fanotify_init", "fsconfig", "fsmount", "fsopen", "fspick", "lookup_dcookie", "mount",
+    "mount_setattr", "move_mount", "name_to_handle_at", "open_tree", "perf_event_open", "quotactl",
+    "quotactl_fd", "setns", "syslog", "umount", "umount2", "unshare", "pivot_root",
+]  # fmt: skip
+_CLONE_NS_FLAGS = [0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000]
+_SECCOMP_ARCHES = {
+    "x86_64": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+    "aarch64": ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
+}
+
+
+def seccomp_profile(caps: list[str]) -> dict:
+    """The container's seccomp filter: deny (EPERM) the syscalls above unless CAP_SYS_ADMIN was added."""
+    eperm = {"action": "SCMP_ACT_ERRNO", "errnoRet": 1}
+    rules: list[dict] = [{"names": list(_ALWAYS_DENIED), **eperm}]
+    if "CAP_SYS_ADMIN" not in caps:
+        rules.append({"names": list(_SYS_ADMIN_DENIED), **eperm})
+        for flag in _CLONE_NS_FLAGS:  # clone() creating any namespace
+            rules.append(
+                {
+                    "names": ["clone"],
+                    **eperm,
+                    "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
+                }
+            )
+        # clone3 passes its flags in memory, out of seccomp's sight: ENOSYS makes libc fall back to clone
+        rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38})
+    return {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": _SECCOMP_ARCHES.get(os.uname().machine, []),
+        "syscalls": rules,
+    }
+
+
 def base_spec(
     *,
     args: list[str],
@@ -554,6 +593,7 @@ def base_spec(
             "resources": resources,
             "sysctl": dict(sysctls),
             "maskedPaths": MASKED_PATHS,
+            "seccomp": seccomp_profile(caps),
             "readonlyPaths": READONLY_PATHS,
         },
     }

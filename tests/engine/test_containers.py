@@ -392,6 +392,17 @@ def test_caps_sysctls_ulimits_netns(engine):
     ]  # CAP_NET_ADMIN = bit 12
 
 
+def test_seccomp_blocks_new_namespaces_unless_sys_admin(engine):
+    """Without CAP_SYS_ADMIN a container cannot make namespaces (a user namespace needs no capability)."""
+    probe = "unshare -U -r true && echo userns || echo no-userns"
+    a, b = cid("seccomp"), cid("sysadmin")
+    ex_a, la = run(run_to_exit(engine, ContainerConfig(a, a, spec("sh", "-c", probe))))
+    s_b = spec("sh", "-c", probe, capability_add=["SYS_ADMIN"])
+    ex_b, lb = run(run_to_exit(engine, ContainerConfig(b, b, s_b)))
+    assert out(la, "stdout") == ["no-userns"] and "Operation not permitted" in " ".join(out(la, "stderr"))
+    assert out(lb, "stdout") == ["userns"]
+
+
 def test_bad_spec_fields_one_line_errors(engine):
     cases = [
         spec("true", capability_add=["NOT_A_CAP"]),
