@@ -226,3 +226,15 @@ def test_log_parse_partial_lines():
         ("stdout", ""),
     ]
     assert recs[1].timestamp.microsecond == 704548
+
+
+def test_seccomp_profile():
+    from shoal.agent.engine.spec import seccomp_profile
+
+    default = seccomp_profile(DEFAULT_CAPS)
+    names = {n for r in default["syscalls"] for n in r["names"]}
+    assert default["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert {"unshare", "setns", "mount", "keyctl", "clone", "clone3"} <= names
+    assert any(r["names"] == ["clone3"] and r["errnoRet"] == 38 for r in default["syscalls"])
+    admin = {n for r in seccomp_profile([*DEFAULT_CAPS, "CAP_SYS_ADMIN"])["syscalls"] for n in r["names"]}
+    assert "unshare" not in admin and "clone" not in admin and "keyctl" in admin
