@@ -52,6 +52,10 @@ On disk under ROOT (everything needed to re-adopt containers after the agent pro
 RUN is ``ROOT/containers`` unless ``Engine(run_dir=...)`` puts runtime files elsewhere (a tmpfs is
 faster; then runc's state goes to RUN/runc too).
 
+Containers get Docker's default capabilities, masked/read-only /proc paths, and a seccomp filter
+that denies new namespaces (user namespaces too), keyrings, userfaultfd and kexec unless
+``capability_add`` has SYS_ADMIN (Docker's full default seccomp allow-list is not reproduced).
+
 Each container runs under conmon (its shim, in its own session) so it survives the agent; its cgroup
 is ``/shoal-<hash of ROOT>/<id>`` (cgroupfs driver, v1 or v2, runc creates and deletes it).
 """
