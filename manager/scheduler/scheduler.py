@@ -13,27 +13,31 @@ spec version, filters nodes once per group, then places the group's tasks from a
 counts (one heap per preference branch), and commits the assignments in transactions of `chunk`
 actions. A task no node fits stays PENDING with a message summing up why, node by node, and is tried
 again whenever nodes or tasks change.
+
+The filters and the pending message are in `filters`, the heaps of the spread strategy in `spread`,
+the constraint language in `constraint`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from shoal.manager.scheduler.constraint import (
-    Constraint,
-    first_unmet,
-    node_attribute,
-    normalize_arch,
-    parse_constraints,
-    parse_spread,
+from shoal.manager.scheduler.constraint import normalize_arch, parse_constraints, parse_spread
+from shoal.manager.scheduler.filters import (
+    Group,
+    NodeInfo,
+    dynamic_reason,
+    explain,
+    host_ports,
+    network_ids,
+    static_reason,
 )
+from shoal.manager.scheduler.spread import build_tree, pick
 from shoal.manager.store import Store, StoreError, Unavailable
 from shoal.proto import objects_pb2, store_pb2, types_pb2, watch_pb2
 
@@ -43,37 +47,7 @@ WE = watch_pb2.WatchEvent
 PENDING = types_pb2.PENDING
 ASSIGNED = types_pb2.ASSIGNED
 RUNNING = types_pb2.RUNNING
-READY = types_pb2.NodeStatus.READY
-BUILTIN_NET_DRIVERS = frozenset({"", "overlay"})
-NET_DRIVERS_LABEL = "shoal.network.drivers"
 ASSIGNED_MESSAGE = "scheduler assigned task to node"
-
-
-@dataclass(slots=True)
-class NodeInfo:
-    id: str
-    node: objects_pb2.Node
-    index: int
-    usable: bool = False
-    cpu: int = 0
-    mem: int = 0
-    generic: dict[str, int] = field(default_factory=dict)
-    res_cpu: int = 0
-    res_mem: int = 0
-    res_generic: Counter[str] = field(default_factory=Counter)
-    total: int = 0  # tasks that should run here
-    by_service: Counter[str] = field(default_factory=Counter)
-    ports: Counter[tuple[int, int]] = field(default_factory=Counter)
-    ghost: bool = False  # tasks point at a node the store no longer has
-
-    def refresh(self, node: objects_pb2.Node) -> None:
-        self.node = node
-        self.ghost = False
-        self.usable = node.status.state == READY and node.spec.availability == types_pb2.ACTIVE
-        r = node.description.resources
-        self.cpu = r.nano_cpus
-        self.mem = r.memory_bytes
-        self.generic = {g.kind: g.value for g in r.generic}
 
 
 @dataclass(slots=True)
@@ -88,57 +62,6 @@ class _Rec:
     generic: tuple[tuple[str, int], ...]
     ports: tuple[tuple[int, int], ...]
     version: int
-
-
-def _host_ports(t: objects_pb2.Task) -> tuple[tuple[int, int], ...]:
-    ports = t.endpoint.ports or t.endpoint.spec.ports
-    if not ports:
-        return ()
-    return tuple(
-        (p.protocol, p.published_port)
-        for p in ports
-        if p.publish_mode == types_pb2.PortConfig.HOST and p.published_port
-    )
-
-
-def _network_ids(t: objects_pb2.Task) -> list[str]:
-    if t.networks:
-        return [a.network.id for a in t.networks if a.network.id]
-    return [n.target for n in t.spec.networks]
-
-
-@dataclass
-class _Group:
-    """Pending tasks that share a service and spec: one filter pass, one placement heap."""
-
-    service_id: str
-    tasks: list[objects_pb2.Task]
-    constraints: list[Constraint]
-    cpu: int
-    mem: int
-    generic: tuple[tuple[str, int], ...]
-    ports: tuple[tuple[int, int], ...]
-    max_replicas: int
-    platforms: list[tuple[str, str]]
-    networks: list[objects_pb2.Network | None]
-    spreads: list[str]
-
-
-class _Leaf:
-    __slots__ = ("heap", "dead")
-
-    def __init__(self) -> None:
-        self.heap: list[tuple[int, int, int, NodeInfo]] = []
-        self.dead = False
-
-
-class _Branch:
-    __slots__ = ("heap", "children", "dead")
-
-    def __init__(self) -> None:
-        self.heap: list[list[Any]] = []
-        self.children: dict[str, Any] = {}
-        self.dead = False
 
 
 class Scheduler:
@@ -212,7 +135,7 @@ class Scheduler:
             cpu=r.nano_cpus,
             mem=r.memory_bytes,
             generic=tuple((g.kind, g.value) for g in r.generic),
-            ports=_host_ports(t),
+            ports=host_ports(t),
             version=version,
         )
 
@@ -397,7 +320,7 @@ class Scheduler:
                 st.message = val
         return txns
 
-    def _group(self, tasks: list[objects_pb2.Task]) -> _Group:
+    def _group(self, tasks: list[objects_pb2.Task]) -> Group:
         t = tasks[0]
         spec = t.spec
         try:
@@ -413,69 +336,22 @@ class Scheduler:
                 log.warning("service %s: bad placement preference ignored: %s", t.service_id, e)
         r = spec.resources.reservations
         sm = self.store.sm
-        nets = [sm.get("network", nid) for nid in _network_ids(t)]
-        return _Group(
+        nets = [sm.get("network", nid) for nid in network_ids(t)]
+        return Group(
             service_id=t.service_id,
             tasks=tasks,
             constraints=cons,
             cpu=r.nano_cpus,
             mem=r.memory_bytes,
             generic=tuple((g.kind, g.value) for g in r.generic),
-            ports=_host_ports(t),
+            ports=host_ports(t),
             max_replicas=spec.placement.max_replicas,
             platforms=[(p.os.lower(), normalize_arch(p.architecture)) for p in spec.placement.platforms],
             networks=nets,
             spreads=spreads,
         )
 
-    # ---- filters -----------------------------------------------------------------------------
-    @staticmethod
-    def _static_reason(g: _Group, info: NodeInfo) -> str | None:
-        """Why the node can never take a task of the group as things stand (None: it can)."""
-        node = info.node
-        if not info.usable:
-            if node.spec.availability == types_pb2.DRAIN:
-                return "node drained"
-            if node.spec.availability == types_pb2.PAUSE:
-                return "node paused"
-            return "node not ready"
-        if g.platforms:
-            nos = node.description.platform.os.lower()
-            narch = normalize_arch(node.description.platform.architecture)
-            if not any((not o or o == nos) and (not a or a == narch) for o, a in g.platforms):
-                return f"platform {nos or '?'}/{narch or '?'} not supported"
-        if g.constraints:
-            c = first_unmet(g.constraints, node)
-            if c is not None:
-                return f"constraint {c} not met"
-        for net in g.networks:
-            if net is None or net.pending_delete:
-                return "network not available"
-            drv = net.spec.driver_config.name
-            if drv not in BUILTIN_NET_DRIVERS:
-                have = node.description.engine.labels.get(NET_DRIVERS_LABEL, "")
-                if drv not in {d.strip() for d in have.split(",")}:
-                    return f"network driver {drv} not available"
-        return None
-
-    @staticmethod
-    def _dynamic_reason(g: _Group, info: NodeInfo) -> str | None:
-        if g.cpu and info.cpu - info.res_cpu < g.cpu:
-            return "insufficient cpu"
-        if g.mem and info.mem - info.res_mem < g.mem:
-            return "insufficient memory"
-        for k, v in g.generic:
-            if info.generic.get(k, 0) - info.res_generic.get(k, 0) < v:
-                return f"insufficient generic resource {k}"
-        if g.max_replicas and info.by_service.get(g.service_id, 0) >= g.max_replicas:
-            return f"max replicas per node ({g.max_replicas}) reached"
-        for p in g.ports:
-            if p in info.ports:
-                proto = types_pb2.PortConfig.Protocol.Name(p[0]).lower()
-                return f"host port {p[1]}/{proto} already in use"
-        return None
-
-    def _assign(self, g: _Group, t: objects_pb2.Task, info: NodeInfo) -> None:
+    def _assign(self, g: Group, t: objects_pb2.Task, info: NodeInfo) -> None:
         rec = _Rec(info.id, g.service_id, t.desired_state <= RUNNING, g.cpu, g.mem, g.generic, g.ports, 1 << 62)
         old = self._recs.get(t.id)
         if old is not None:
@@ -484,23 +360,8 @@ class Scheduler:
         self._hold(rec)
         self._pending.pop(t.id, None)
 
-    def _explain(self, g: _Group) -> str:
-        reasons: Counter[str] = Counter()
-        order: dict[str, int] = {}
-        for info in self.nodes.values():
-            if info.ghost:
-                continue
-            r = self._static_reason(g, info) or self._dynamic_reason(g, info) or "no capacity left in this pass"
-            reasons[r] += 1
-            order.setdefault(r, len(order))
-        if not reasons:
-            return "no suitable node (no nodes in the cluster)"
-        ranked = sorted(reasons.items(), key=lambda x: (-x[1], order[x[0]]))
-        parts = [f"{r} on {n} node{'s' if n != 1 else ''}" for r, n in ranked]
-        return f"no suitable node ({'; '.join(parts)})"
-
     # ---- placement ---------------------------------------------------------------------------
-    def _place_group(self, g: _Group) -> tuple[list[tuple[objects_pb2.Task, str]], dict[str, str]]:
+    def _place_group(self, g: Group) -> tuple[list[tuple[objects_pb2.Task, str]], dict[str, str]]:
         """Place what fits; the second result maps each task left pending to its message."""
         placed: list[tuple[objects_pb2.Task, str]] = []
         unplaced: dict[str, str] = {}
@@ -513,111 +374,29 @@ class Scheduler:
             if info is None or info.ghost:
                 why: str | None = "node not found"
             else:
-                why = self._static_reason(g, info) or self._dynamic_reason(g, info)
+                why = static_reason(g, info) or dynamic_reason(g, info)
             if why is None:
                 self._assign(g, t, info)  # type: ignore[arg-type]
                 placed.append((t, t.node_id))
             else:
                 unplaced[t.id] = f"no suitable node ({why} on 1 node)"
         if free:
-            root = self._build_tree(g)
+            root = build_tree(g, [i for i in self.nodes.values() if static_reason(g, i) is None])
             left = free
             if root is not None:
                 left = []
                 for i, t in enumerate(free):
-                    info = self._pick(g, root)
+                    info = pick(g, root)
                     if info is None:
                         left = free[i:]
                         break
                     self._assign(g, t, info)
                     placed.append((t, info.id))
             if left:
-                msg = self._explain(g)
+                msg = explain(g, self.nodes.values())
                 for t in left:
                     unplaced[t.id] = msg
         return placed, unplaced
-
-    def _build_tree(self, g: _Group) -> Any:
-        sid = g.service_id
-        cands = [i for i in self.nodes.values() if self._static_reason(g, i) is None]
-        if not cands:
-            return None
-        if not g.spreads:
-            leaf = _Leaf()
-            leaf.heap = [(i.by_service.get(sid, 0), i.total, i.index, i) for i in cands]
-            heapq.heapify(leaf.heap)
-            return leaf
-        root = _Branch()
-        counts: dict[int, int] = {}
-        tie = 0
-        for info in cands:
-            cur = root
-            path = [root]
-            for depth, key in enumerate(g.spreads):
-                val = node_attribute(info.node, key) or ""
-                last = depth == len(g.spreads) - 1
-                child = cur.children.get(val)
-                if child is None:
-                    child = _Leaf() if last else _Branch()
-                    cur.children[val] = child
-                    counts[id(child)] = 0
-                cur = child
-                path.append(child)
-            n = info.by_service.get(sid, 0)
-            for p in path[1:]:
-                counts[id(p)] += n
-            cur.heap.append((n, info.total, info.index, info))
-
-        def finish(br: _Branch) -> None:
-            nonlocal tie
-            for _val, child in sorted(br.children.items(), key=lambda kv: kv[0]):
-                tie += 1
-                if isinstance(child, _Branch):
-                    finish(child)
-                else:
-                    heapq.heapify(child.heap)
-                br.heap.append([counts[id(child)], tie, child])
-            heapq.heapify(br.heap)
-
-        finish(root)
-        return root
-
-    def _leaf_pick(self, g: _Group, leaf: _Leaf) -> NodeInfo | None:
-        heap = leaf.heap
-        while heap:
-            _, _, _, info = heapq.heappop(heap)
-            if self._dynamic_reason(g, info) is None:
-                return info
-        leaf.dead = True
-        return None
-
-    def _pick(self, g: _Group, root: Any) -> NodeInfo | None:
-        sid = g.service_id
-        while True:
-            cur = root
-            path: list[tuple[_Branch, list[Any]]] = []
-            while isinstance(cur, _Branch):
-                if not cur.heap:
-                    return None
-                entry = heapq.heappop(cur.heap)
-                path.append((cur, entry))
-                cur = entry[2]
-            info = self._leaf_pick(g, cur)
-            if info is not None:
-                heapq.heappush(cur.heap, (info.by_service.get(sid, 0) + 1, info.total + 1, info.index, info))
-                for br, entry in path:
-                    entry[0] += 1
-                    heapq.heappush(br.heap, entry)
-                return info
-            # The leaf is exhausted: drop it, and every branch left empty above it.
-            exhausted = True
-            for br, entry in reversed(path):
-                if not exhausted:
-                    heapq.heappush(br.heap, entry)
-                    continue
-                exhausted = not br.heap
-            if not path:
-                return None
 
     # ---- commit ------------------------------------------------------------------------------
     async def _commit(
