@@ -255,7 +255,7 @@ class Sim:
                 seen[key] = t.id
 
     # ---- waiting -----------------------------------------------------------------------------
-    async def until(self, pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    async def until(self, pred: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout
         while not pred():
             for obs in self.observers:
@@ -264,8 +264,22 @@ class Sim:
                 raise AssertionError(f"timed out waiting for {what}\n{self.dump()}")
             await asyncio.sleep(0.005)
 
-    async def settle(self, quiet: float = 0.15, timeout: float = 15.0) -> None:
-        """Until nothing was written for `quiet` seconds (all loops done with what they saw)."""
+    def busy(self) -> bool:
+        """A loop has events to handle, a restart timer or an update (with its monitor period) runs."""
+        for loop in self.loops.values():
+            idle = getattr(loop, "idle", None)
+            if idle is not None and not idle.is_set():
+                return True
+            restarts = getattr(loop, "restarts", None)
+            if restarts is not None and restarts.pending_starts():
+                return True
+            updates = getattr(loop, "updates", None)
+            if updates is not None and any(not t.done() for _, t in updates._updates.values()):
+                return True
+        return False
+
+    async def settle(self, quiet: float = 0.15, timeout: float = 20.0) -> None:
+        """Until no loop is busy and nothing was written for `quiet` seconds."""
         deadline = time.monotonic() + timeout
         last, since = self.store.sm.version, time.monotonic()
         while True:
@@ -273,7 +287,7 @@ class Sim:
             for obs in self.observers:
                 obs(self)
             v = self.store.sm.version
-            if v != last:
+            if v != last or self.busy():
                 last, since = v, time.monotonic()
             elif time.monotonic() - since >= quiet:
                 return
