@@ -60,8 +60,9 @@ def test_one_manager_two_workers_run_six_replicas_spread_two_each(registry) -> N
             "--stop-grace-period",
             "1s",
             image,
-            "sleep",
-            "600",
+            "sh",
+            "-c",
+            "echo hello; sleep 600",
         )
 
         def tasks(state: str = "RUNNING") -> list[dict]:
@@ -78,6 +79,20 @@ def test_one_manager_two_workers_run_six_replicas_spread_two_each(registry) -> N
         assert set(spread) == set(ids.values())
         for n in nodes:  # each node's engine runs exactly its two tasks
             assert running_containers(n) == sorted(t["id"] for t in running if t["node_id"] == ids[n.name])
+
+        # `swarmctl service logs`: one line from each task, streamed from the three agents.
+        want = sorted(
+            f"web.{t['slot']}.{t['id'][:12]}@{name}    | hello"
+            for t in running
+            for name, nid in ids.items()
+            if t["node_id"] == nid
+        )
+        got = wait_until(
+            lambda: sorted(ctl(sock, "service", "logs", "web").splitlines()) == want and want,
+            timeout=20,
+            what="service logs",
+        )
+        assert len(got) == 6
 
         # SIGKILL a worker: DOWN, and its tasks run on the two others.
         lost = sorted(running_containers(w2))
