@@ -214,6 +214,7 @@ class TaskController:
         self.has_container = adopted is not None
         self.dropped = False
         self.changed = asyncio.Event()
+        self.health_changed = asyncio.Event()
         self._interruptible: asyncio.Task[Any] | None = None
         self._netns_prepared = False
         self.finished = asyncio.Event()
@@ -383,21 +384,33 @@ class TaskController:
             return
         has_health = bool(self.task.spec.container.healthcheck.test) or _health_of(info) != ""
 
+        # Health changes arrive through the engine's callback; polling is the fallback.
+        poll = HEALTH_POLL * (4 if self.w.health_events else 1)
+
         async def waiter() -> tuple[str, Any]:
             wait_task = asyncio.ensure_future(eng.wait(self.id))
+            health_task: asyncio.Future[Any] | None = None
             try:
                 while True:
-                    done, _ = await asyncio.wait({wait_task}, timeout=HEALTH_POLL if has_health else None)
-                    if done:
+                    if health_task is None or health_task.done():
+                        self.health_changed.clear()
+                        health_task = asyncio.ensure_future(self.health_changed.wait())
+                    done, _ = await asyncio.wait(
+                        {wait_task, health_task},
+                        timeout=poll if has_health else None,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if wait_task in done:
                         return "exit", wait_task.result()
                     cur = await eng.inspect(self.id)
                     if cur is not None and _health_of(cur) == "unhealthy":
                         return "unhealthy", None
             finally:
-                if not wait_task.done():
-                    wait_task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await wait_task
+                for t in (wait_task, health_task):
+                    if t is not None and not t.done():
+                        t.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await t
 
         result = await self._interrupt(waiter())
         if result is INTERRUPTED:
@@ -478,6 +491,18 @@ class Worker:
         network: NetworkHooks | None = None,
     ) -> None:
         self.engine = engine if isinstance(engine, EngineAdapter) else EngineAdapter(engine)
+        # Hear health changes from the engine (its monitors call this on the event loop).
+        raw = self.engine.engine
+        self.health_events = hasattr(raw, "on_health_change")
+        if self.health_events:
+            previous = raw.on_health_change
+
+            def on_health(cid: str, status: str) -> None:
+                if previous is not None:
+                    previous(cid, status)
+                self._health_changed(cid, status)
+
+            raw.on_health_change = on_health
         self.node_id = node_id
         self._report = report
         self.network = network
@@ -572,6 +597,12 @@ class Worker:
         ctl = TaskController(self, t, adopted)
         self.controllers[t.id] = ctl
         self._spawn(self._run_controller(ctl), f"task-{t.id}")
+
+    def _health_changed(self, cid: str, status: str) -> None:
+        ctl = self.controllers.get(cid)
+        if ctl is not None:
+            log.info("container health task=%s health=%s", cid, status)
+            ctl.health_changed.set()
 
     def _drop(self, tid: str) -> None:
         self.tasks.pop(tid, None)

@@ -94,7 +94,7 @@ def test_exit_codes_bad_image_and_secrets_through_the_dispatcher(engine_root, re
             await st.update(lambda tx: tx.create(svc))
             ok = make_task("n1", "sh", "-c", "cat /run/secrets/pw; echo; exit 0", secrets=[sec])
             bad = make_task("n1", "sh", "-c", "exit 3", slot=2)
-            noimg = make_task("n1", image="nosuchimage:1", slot=3)
+            noimg = make_task("n1", image=f"{registry.host}/nosuchimage:1", slot=3)
             oom = make_task("n1", "dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1", slot=4)
             oom.spec.resources.limits.memory_bytes = 32 << 20
             for t in (ok, bad, noimg, oom):
