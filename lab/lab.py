@@ -24,8 +24,10 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -121,15 +123,19 @@ def _ns_inode(pid: int, kind: str) -> int | None:
         return None
 
 
-def _processes_in(holder_pid: int, netns_path: str) -> list[int]:
-    """PIDs in the host's mount namespace or network namespace, and all their descendants."""
-    mnt = _ns_inode(holder_pid, "mnt") if holder_pid else None
-    try:
-        net = os.stat(netns_path).st_ino
-    except OSError:
-        net = None
+def _processes_in(holders: Iterable[int], netns_paths: Iterable[str]) -> list[int]:
+    """PIDs in any of the holders' mount namespaces or in any of the network namespaces, and all
+    their descendants (containers under conmon have namespaces of their own)."""
+    mnts = {i for i in (_ns_inode(p, "mnt") for p in holders if p > 0) if i is not None}
+    mnts.discard(_ns_inode(os.getpid(), "mnt"))  # never this machine's own
+    nets: set[int] = set()
+    for path in netns_paths:
+        try:
+            nets.add(os.stat(path).st_ino)
+        except OSError:
+            pass
     parents: dict[int, int] = {}
-    roots: set[int] = set()
+    found: set[int] = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -141,10 +147,9 @@ def _processes_in(holder_pid: int, netns_path: str) -> list[int]:
         except (OSError, IndexError, ValueError):
             continue
         parents[pid] = ppid
-        if (mnt is not None and _ns_inode(pid, "mnt") == mnt) or (net is not None and _ns_inode(pid, "net") == net):
-            roots.add(pid)
-    found = set(roots)
-    changed = True
+        if _ns_inode(pid, "mnt") in mnts or _ns_inode(pid, "net") in nets:
+            found.add(pid)
+    changed = bool(found)
     while changed:
         changed = False
         for pid, ppid in parents.items():
@@ -152,6 +157,26 @@ def _processes_in(holder_pid: int, netns_path: str) -> list[int]:
                 found.add(pid)
                 changed = True
     return sorted(found)
+
+
+def _engine_cgroups(engine_root: str) -> list[str]:
+    """The parent cgroup dirs (one per v1 hierarchy, or the v2 one) of the engine at engine_root;
+    the engine names them after a hash of its root (shoal.agent.engine.Engine.tag)."""
+    import hashlib
+
+    rel = "shoal-" + hashlib.sha256(str(Path(engine_root).absolute()).encode()).hexdigest()[:10]
+    top = Path("/sys/fs/cgroup")
+    cands = [top / rel] + ([d / rel for d in top.iterdir() if d.is_dir() and not d.is_symlink()] if top.is_dir() else [])
+    return [str(c) for c in cands if c.is_dir()]
+
+
+def _rmdir_tree(path: str) -> None:
+    """rmdir a cgroup dir and its children, deepest first (cgroupfs allows only rmdir)."""
+    for root, _dirs, _files in os.walk(path, topdown=False):
+        try:
+            os.rmdir(root)
+        except OSError as e:
+            log.warning("lab down: cannot remove cgroup %s: %s", root, e)
 
 
 def _kill_all(pids: Iterable[int], sig: int = signal.SIGKILL) -> None:
@@ -175,9 +200,10 @@ class Lab:
     def __init__(self, name: str = "lab", progress: Progress | None = None) -> None:
         self.name = name
         self.progress = progress or (lambda msg: None)
+        self._procs: dict[str, subprocess.Popen] = {}  # swarmd processes this object started
 
     # ---- up ----------------------------------------------------------------------------------
-    def up(self, managers: int = 3, workers: int = 2) -> LabState:
+    def up(self, managers: int = 3, workers: int = 2, timeout: float = 90) -> LabState:
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces, runc): run it with sudo")
         if managers < 1 or workers < 0 or managers + workers > 200:
@@ -191,8 +217,9 @@ class Lab:
         n = managers + workers
         prefix = _prefix(self.name)
         self.progress(f"building {n} namespace hosts on underlay {UNDERLAY_SUBNET}")
-        ns = NsLab(prefix, n_hosts=n, subnet=UNDERLAY_SUBNET)
         state = LabState(name=self.name, prefix=prefix)
+        state.save()  # from here on, `down` finds what to remove even if this process dies
+        ns = NsLab(prefix, n_hosts=n, subnet=UNDERLAY_SUBNET)
         for i, h in enumerate(ns.hosts, start=1):
             state.hosts.append(
                 Host(
@@ -205,24 +232,35 @@ class Lab:
                 )
             )
         state.save()
+        registry = ThreadPoolExecutor(1, thread_name_prefix="lab-registry")
         try:
-            self._start_registry(state, ns)
-            for h in state.hosts:
-                Path(h.state_dir).mkdir(parents=True, exist_ok=True)
-                h.holder_pid = self._start_holder(h)
+            # the registry starts and is seeded while the hosts come up
+            reg_done = registry.submit(self._start_registry, state)
+            self._start_holders(state.hosts)
             state.save()
             first = state.hosts[0]
             self.progress(f"starting swarmd on {first.name} ({first.addr}) and creating the cluster")
             self._start_swarmd(state, first, init=True)
+            self._wait_socket(first, timeout=timeout)
             tokens = self._join_tokens(first)
-            for h in state.hosts[1:]:
-                self.progress(f"joining {h.name} ({h.addr}) as {h.role}")
+            rest = state.hosts[1:]
+            if rest:
+                self.progress("joining " + ", ".join(f"{h.name} ({h.role})" for h in rest))
+            for h in rest:
                 self._start_swarmd(state, h, token=tokens[h.role], join=first.addr)
-            self._wait_ready(state, timeout=60)
+            self._wait_ready(state, timeout=timeout)
+            reg_done.result(timeout=timeout)
         except BaseException:
             state.save()
+            self.progress(f"lab {self.name!r} did not come up; logs are in {state.dir}/h*/swarmd.log, "
+                          f"remove it with `swarmctl lab down --name {self.name}`" if self.name != "lab"
+                          else f"lab did not come up; logs are in {state.dir}/h*/swarmd.log, "
+                          "remove it with `swarmctl lab down`")
             raise
-        self.progress(f"lab {self.name!r} is up: {managers} managers, {workers} workers in {time.monotonic() - t0:.1f} s")
+        finally:
+            registry.shutdown(wait=True)
+        self.progress(f"lab {self.name!r} is up: {managers} managers, {workers} workers, "
+                      f"registry {UNDERLAY_GW}:{REGISTRY_PORT}, in {time.monotonic() - t0:.1f} s")
         return state
 
     def _leftover_namespaces(self) -> list[str]:
@@ -232,36 +270,57 @@ class Lab:
         except FileNotFoundError:
             return []
 
-    def _start_registry(self, state: LabState, ns: object) -> None:
-        """Seed the registry's storage through a loopback instance, then serve it on the underlay."""
-        from shoal.lab.images import busybox_image
-        from shoal.lab.registry import Registry, push_image
+    def _start_registry(self, state: LabState) -> None:
+        """Serve the registry on the underlay and push the test images to it from inside the
+        underlay namespace (the registry is not reachable from this one)."""
+        from shoal.lab.registry import Registry
 
-        self.progress(f"starting the local registry on {UNDERLAY_GW}:{REGISTRY_PORT} and seeding test images")
-        reg_dir = state.dir / "registry"
-        with Registry("127.0.0.1", storage=reg_dir) as seeder:
-            push_image(seeder.url, "library/busybox", "latest", busybox_image())
-        reg = Registry(UNDERLAY_GW, REGISTRY_PORT, storage=reg_dir, netns=f"/run/netns/{state.prefix}-ul")
+        ul = f"/run/netns/{state.prefix}-ul"
+        reg = Registry(UNDERLAY_GW, REGISTRY_PORT, storage=state.dir / "registry", netns=ul)
         reg.start()
         assert reg.proc is not None
         state.registry_pid = reg.proc.pid
-        state.registry_dir = str(reg_dir)
+        state.registry_dir = str(reg.dir)
         state.save()
-
-    def _start_holder(self, h: Host) -> int:
-        script = f"mount -t tmpfs -o mode=0755 shoal-netns /run/netns && hostname {h.name} && exec sleep infinity"
-        p = subprocess.Popen(
-            ["nsenter", f"--net={h.netns}", "unshare", "--mount", "--uts", "--propagation", "private",
-             "sh", "-c", script],
-            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        seed = subprocess.run(
+            ["nsenter", f"--net={ul}", sys.executable, "-c",
+             "import sys; from shoal.lab.registry import seed_busybox; seed_busybox(sys.argv[1])",
+             f"http://{UNDERLAY_GW}:{REGISTRY_PORT}"],
+            capture_output=True, text=True, check=False,
         )
-        for _ in range(100):  # the mount namespace exists once sleep runs in it
-            if _ns_inode(p.pid, "mnt") != _ns_inode(os.getpid(), "mnt") and self._cmdline(p.pid).startswith("sleep"):
-                return p.pid
-            if p.poll() is not None:
-                raise LabError(f"could not make the namespaces of host {h.name} (exit {p.returncode})")
-            time.sleep(0.02)
-        raise LabError(f"host {h.name}'s namespaces did not come up")
+        if seed.returncode != 0:
+            raise LabError(f"could not seed the lab registry with busybox: {seed.stderr.strip().splitlines()[-1:]}")
+        self.progress(f"registry {UNDERLAY_GW}:{REGISTRY_PORT} serves library/busybox:latest (Docker Hub mirror)")
+
+    def _start_holders(self, hosts: list[Host]) -> None:
+        """One process per host that keeps its mount and UTS namespaces: /run/netns there is a
+        private tmpfs (the root namespace's entries are unmounted first, so this host holds no
+        reference to other namespaces), and the hostname is the host's name."""
+        procs = {}
+        for h in hosts:
+            Path(h.state_dir).mkdir(parents=True, exist_ok=True)
+            script = (
+                "for m in $(awk '$2 ~ \"^/run/netns\" {print $2}' /proc/self/mounts | sort -r); do umount -l \"$m\"; done; "
+                f"mkdir -p /run/netns && mount -t tmpfs -o mode=0755 shoal-netns /run/netns && hostname {h.name} "
+                "&& exec sleep infinity"
+            )
+            procs[h.name] = subprocess.Popen(
+                ["nsenter", f"--net={h.netns}", "unshare", "--mount", "--uts", "--propagation", "private",
+                 "sh", "-c", script],
+                start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            h.holder_pid = procs[h.name].pid
+        my_mnt = _ns_inode(os.getpid(), "mnt")
+        deadline = time.monotonic() + 10
+        for h in hosts:
+            p = procs[h.name]
+            while not (_ns_inode(p.pid, "mnt") != my_mnt and self._cmdline(p.pid).startswith("sleep")):
+                if p.poll() is not None:
+                    raise LabError(f"could not make the namespaces of host {h.name} (exit {p.returncode})")
+                if time.monotonic() > deadline:
+                    raise LabError(f"host {h.name}'s namespaces did not come up within 10 s")
+                time.sleep(0.01)
 
     @staticmethod
     def _cmdline(pid: int) -> str:
@@ -284,23 +343,41 @@ class Lab:
             insecure_registries=[f"{UNDERLAY_GW}:{REGISTRY_PORT}"],
         )
 
-    def _start_swarmd(self, state: LabState, h: Host, *, init: bool = False, token: str = "", join: str = "") -> None:
-        logf = open(Path(h.state_dir) / "swarmd.log", "ab")
-        argv = self.enter(h) + self.swarmd_argv(h, init=init, token=token, join=join)
-        p = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
-        logf.close()
+    def _start_swarmd(self, state: LabState, h: Host, *, init: bool = False, token: str = "", join: str = "") -> int:
+        """Start swarmd in host h (nsenter execs it: the PID is swarmd's); returns the log offset
+        at which this run's lines start."""
+        logpath = Path(h.state_dir) / "swarmd.log"
+        with open(logpath, "ab") as logf:
+            offset = logf.tell()
+            argv = self.enter(h) + self.swarmd_argv(h, init=init, token=token, join=join)
+            p = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        self._procs[h.name] = p
         h.swarmd_pid = p.pid
         state.save()
-        self._wait_socket(h, p)
+        return offset
 
-    def _wait_socket(self, h: Host, p: subprocess.Popen, timeout: float = 30) -> None:
+    def _check_alive(self, h: Host) -> None:
+        """LabError with the log's last lines when h's swarmd (started by this process) has exited."""
+        p = self._procs.get(h.name)
+        code = p.poll() if p is not None else (None if _alive(h.swarmd_pid) else -1)
+        if code is not None:
+            raise LabError(f"swarmd on {h.name} exited with {code}: {self._log_tail(h)}")
+
+    def _log_tail(self, h: Host, n: int = 3) -> str:
+        try:
+            lines = (Path(h.state_dir) / "swarmd.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        lines = [ln for ln in lines if " ERROR " in ln or "Error" in ln or "SystemExit" in ln] or lines
+        return " | ".join(lines[-n:])
+
+    def _wait_socket(self, h: Host, timeout: float = 30) -> None:
+        """Wait until a manager's local control socket answers."""
         from shoal.proto import control_pb2
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if p.poll() is not None:
-                tail = (Path(h.state_dir) / "swarmd.log").read_text(errors="replace").splitlines()[-5:]
-                raise LabError(f"swarmd on {h.name} exited with {p.returncode}: " + " | ".join(tail))
+            self._check_alive(h)
             if Path(h.socket).exists():
                 try:
                     self.control(h).Info(control_pb2.InfoRequest(), timeout=2)
@@ -309,6 +386,19 @@ class Lab:
                     pass
             time.sleep(0.05)
         raise LabError(f"swarmd on {h.name} did not answer on {h.socket} within {timeout:.0f} s (see {h.state_dir}/swarmd.log)")
+
+    def _wait_session(self, h: Host, offset: int, timeout: float = 30) -> None:
+        """Wait until h's agent has opened its session with a dispatcher (logged after offset)."""
+        logpath = Path(h.state_dir) / "swarmd.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive(h)
+            with open(logpath, "rb") as f:
+                f.seek(offset)
+                if b"session opened" in f.read():
+                    return
+            time.sleep(0.05)
+        raise LabError(f"the agent on {h.name} did not reach a manager within {timeout:.0f} s (see {logpath})")
 
     def control(self, h: Host):
         import grpc
@@ -319,52 +409,61 @@ class Lab:
         return control_pb2_grpc.ControlStub(ch)
 
     def _join_tokens(self, h: Host) -> dict[str, str]:
-        from shoal.proto import control_pb2
+        """The tokens, once the new cluster's first write (the Cluster object) has committed."""
+        from shoal.lab.provision import join_tokens
 
-        c = self.control(h).GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster
-        return {"worker": c.root_ca.join_tokens.worker, "manager": c.root_ca.join_tokens.manager}
+        return join_tokens(h.socket, timeout=30, poll=0.05)
 
     def _wait_ready(self, state: LabState, timeout: float) -> None:
         from shoal.proto import control_pb2, types_pb2
 
         deadline = time.monotonic() + timeout
         want = len(state.hosts)
-        last = ""
+        shown = ""
         while True:
+            for h in state.hosts:
+                self._check_alive(h)
             try:
                 nodes = self.control(state.hosts[0]).ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes
-            except Exception as e:  # a manager may be busy electing
-                nodes, last = [], str(e)
-            ready = [n for n in nodes if n.status.state == types_pb2.NodeStatus.READY]
-            msg = f"{len(ready)}/{want} nodes ready"
-            if msg != last:
+            except Exception:  # a manager may be busy electing
+                nodes = []
+            ready = sorted(n.description.hostname for n in nodes if n.status.state == types_pb2.NodeStatus.READY)
+            msg = f"{len(ready)}/{want} nodes ready" + (f": {' '.join(ready)}" if ready else "")
+            if msg != shown:
                 self.progress(msg)
-                last = msg
+                shown = msg
             if len(ready) >= want:
                 return
             if time.monotonic() > deadline:
-                raise LabError(f"only {len(ready)} of {want} nodes became ready within {timeout:.0f} s; see the swarmd.log files in {state.dir}")
-            time.sleep(0.2)
+                raise LabError(f"only {len(ready)} of {want} nodes became ready within {timeout:.0f} s; "
+                               f"see the swarmd.log files in {state.dir}")
+            time.sleep(0.1)
 
     # ---- operations --------------------------------------------------------------------------
     def state(self) -> LabState:
         return LabState.load(self.name)
 
     def kill(self, host: str) -> None:
+        """SIGKILL the host's swarmd; its containers (under conmon) keep running."""
         st = self.state()
         h = st.host(host)
-        if _alive(h.swarmd_pid):
+        if _alive(h.swarmd_pid) and "swarmd" in self._cmdline(h.swarmd_pid):
             os.kill(h.swarmd_pid, signal.SIGKILL)
             _wait_gone([h.swarmd_pid], 5)
         h.swarmd_pid = 0
         st.save()
 
-    def start(self, host: str) -> None:
+    def start(self, host: str, timeout: float = 60) -> None:
+        """Start a killed swarmd again (it resumes from its state dir and re-adopts its containers);
+        returns once its agent has a session again (and, on a manager, its socket answers)."""
         st = self.state()
         h = st.host(host)
-        if _alive(h.swarmd_pid):
+        if _alive(h.swarmd_pid) and "swarmd" in self._cmdline(h.swarmd_pid):
             raise LabError(f"swarmd on {h.name} is already running (pid {h.swarmd_pid})")
-        self._start_swarmd(st, h)  # the state dir holds its identity: no join needed
+        offset = self._start_swarmd(st, h)  # the state dir holds its identity: no join needed
+        if h.role == "manager":
+            self._wait_socket(h, timeout=timeout)
+        self._wait_session(h, offset, timeout=timeout)
 
     def partition(self, host: str, cut: bool = True) -> None:
         """Cut a host off the underlay (its port on the bridge goes down), or heal it."""
@@ -428,53 +527,46 @@ class Lab:
         """Remove everything the lab made; a second call finds nothing and does nothing."""
         try:
             st: LabState | None = LabState.load(self.name)
-        except (LabError, json.JSONDecodeError, TypeError):
+        except (LabError, json.JSONDecodeError, TypeError, KeyError):
             st = None
         hosts = st.hosts if st else []
-        # 1. swarmd first (SIGTERM, then SIGKILL), so it does not restart what we remove
-        for h in hosts:
-            if _alive(h.swarmd_pid):
-                os.kill(h.swarmd_pid, signal.SIGTERM)
-        left = _wait_gone([h.swarmd_pid for h in hosts], 5)
-        _kill_all(left)
-        # 2. everything else in each host: conmon, containers, holders
-        for ns_name in self._leftover_namespaces():
-            h = next((x for x in hosts if x.netns.endswith("/" + ns_name)), None)
-            pids = _processes_in(h.holder_pid if h else 0, f"/run/netns/{ns_name}")
-            _kill_all(pids)
-            _wait_gone(pids, 5)
-        for h in hosts:
-            if _alive(h.holder_pid):
-                os.kill(h.holder_pid, signal.SIGKILL)
-                _wait_gone([h.holder_pid], 5)
-        if st and _alive(st.registry_pid):
-            os.kill(st.registry_pid, signal.SIGTERM)
-            if _wait_gone([st.registry_pid], 5):
-                os.kill(st.registry_pid, signal.SIGKILL)
-        # 3. runc state and cgroups of containers (the engines keep runc roots in the state dirs)
         base = BASE / self.name
-        if base.exists():
-            for root in base.glob("h*/**/runc"):
-                self._runc_cleanup(root)
-        # 4. namespaces, then the state
+        namespaces = self._leftover_namespaces()
+        if not namespaces and not base.exists():
+            return
+        self.progress(f"removing lab {self.name!r}")
+        # 1. swarmd first, so it restarts nothing we remove; then everything else in the hosts and
+        #    the underlay: conmon, containers, holders, the registry (all by PID, found by namespace)
+        swarmds = [h.swarmd_pid for h in hosts if _alive(h.swarmd_pid) and "swarmd" in self._cmdline(h.swarmd_pid)]
+        _kill_all(swarmds)
+        _wait_gone(swarmds, 5)
+        pids = _processes_in([h.holder_pid for h in hosts], [f"/run/netns/{n}" for n in namespaces])
+        _kill_all(pids)
+        left = _wait_gone(pids, 10)
+        if left:
+            log.warning("lab down: processes %s did not end", left)
+        # 2. runc state and cgroups of the containers (each engine's runc root is in its state dir)
+        procs = []
+        for root in base.glob("h*/engine/runc") if base.exists() else []:
+            for cdir in root.iterdir() if root.is_dir() else []:
+                procs.append(subprocess.Popen(["runc", "--root", str(root), "delete", "--force", cdir.name],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for p in procs:
+            p.wait()
+        for hdir in base.glob("h*") if base.exists() else []:
+            for cg in _engine_cgroups(str(hdir / "engine")):
+                _rmdir_tree(cg)
+        # 3. namespaces (their links, nft rules and sockets go with them), mounts, then the state
         from pyroute2 import netns
 
-        for ns_name in self._leftover_namespaces():
+        for ns_name in namespaces:
             try:
                 netns.remove(ns_name)
             except OSError as e:
-                log.warning("could not remove namespace %s: %s", ns_name, e)
+                log.warning("lab down: cannot remove namespace %s: %s", ns_name, e)
         self._unmount_under(base)
         shutil.rmtree(base, ignore_errors=True)
-
-    @staticmethod
-    def _runc_cleanup(root: Path) -> None:
-        if not root.is_dir():
-            return
-        for cdir in root.iterdir():
-            if cdir.is_dir():
-                subprocess.run(["runc", "--root", str(root), "delete", "--force", cdir.name],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        self.progress(f"lab {self.name!r} removed")
 
     @staticmethod
     def _unmount_under(base: Path) -> None:

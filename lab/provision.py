@@ -64,7 +64,7 @@ def _swarmd_path() -> str:
     return str(cand) if cand.exists() else (shutil.which("swarmd") or "swarmd")
 
 
-def join_tokens(socket: str, timeout: float = 60) -> dict[str, str]:
+def join_tokens(socket: str, timeout: float = 60, poll: float = 0.5) -> dict[str, str]:
     """The cluster's join tokens, asked of the local manager once it answers."""
     import grpc
 
@@ -79,7 +79,7 @@ def join_tokens(socket: str, timeout: float = 60) -> dict[str, str]:
         except grpc.RpcError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.5)
+            time.sleep(poll)
 
 
 UNIT = """[Unit]
