@@ -26,7 +26,9 @@ from shoal.proto import control_pb2, objects_pb2, types_pb2
 
 POLL_INTERVAL = 0.2
 NO_TASKS_GRACE = 5.0
-NO_TASKS_TIMEOUT = 15.0  # seconds without any up-to-date task of a replicated service: no orchestrator  # seconds without any up-to-date task before a global service counts as placed nowhere
+NO_TASKS_TIMEOUT = 15.0  # seconds without any up-to-date task of a replicated service: no orchestrator
+UNPLACEABLE_GRACE = 10.0  # seconds every waiting task has had no suitable node: reported as a failure
+NO_SUITABLE_NODE = "no suitable node"  # seconds without any up-to-date task before a global service counts as placed nowhere
 RUNNING = types_pb2.RUNNING
 FAILED_STATES = (types_pb2.FAILED, types_pb2.REJECTED)
 
@@ -124,6 +126,7 @@ class Waiter:
         start = self.clock()
         failed: dict[str, str] = {}
         said_rollback = False
+        unplaceable_since: float | None = None
         while True:
             snap = self._snapshot(service_id)
             svc = snap.service
@@ -157,6 +160,15 @@ class Waiter:
             if prog.desired and not any(up_to_date(t, svc) for t in snap.tasks) and elapsed >= NO_TASKS_TIMEOUT:
                 raise CliError(f"no task of service {name} was created within {NO_TASKS_TIMEOUT:g}s: is a leader "
                                "running the orchestrator? (swarmctl info shows the leader)")
+            waiting = [t for _, t in prog.slots if t.status.state < RUNNING and t.desired_state <= RUNNING]
+            if waiting and all(t.status.message.startswith(NO_SUITABLE_NODE) for t in waiting):
+                unplaceable_since = unplaceable_since if unplaceable_since is not None else self.clock()
+                if self.clock() - unplaceable_since >= UNPLACEABLE_GRACE:
+                    raise CliError(
+                        f"service {name} cannot be placed: {waiting[-1].status.message}; its tasks stay pending "
+                        f"until a node fits (swarmctl service ps {name})")
+            else:
+                unplaceable_since = None
             if len(failed) >= max(3, prog.desired):
                 last = list(failed.values())[-1]
                 raise CliError(f"service {name} is not converging: {len(failed)} tasks failed or were rejected; "
@@ -192,6 +204,8 @@ def _is_global(svc: objects_pb2.Service) -> bool:
 def _task_state(t: objects_pb2.Task) -> str:
     if t.status.err:
         return f"{state_name(t.status.state).lower()} ({t.status.err})"
+    if t.status.message.startswith(NO_SUITABLE_NODE):
+        return f"{state_name(t.status.state).lower()} ({t.status.message})"
     return state_name(t.status.state).lower()
 
 

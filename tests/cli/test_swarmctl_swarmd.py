@@ -63,7 +63,10 @@ class Manager:
 
     def ok(self, *args: str, **kw: object) -> str:
         r = self.run(*args, **kw)  # type: ignore[arg-type]
-        assert r.returncode == 0, f"swarmctl {' '.join(args)} failed ({r.returncode}): {r.stderr}\n{r.stdout}"
+        if r.returncode != 0:
+            tasks = self.run("task", "ls", "--no-trunc").stdout
+            raise AssertionError(f"swarmctl {' '.join(args)} failed ({r.returncode}): {r.stderr}\n{r.stdout}\n"
+                                 f"tasks:\n{tasks}")
         return r.stdout
 
     def fails(self, *args: str, match: str, **kw: object) -> str:
@@ -168,7 +171,8 @@ def test_service_converges_scales_updates_rolls_back_and_is_removed(mgr: Manager
     image = f"{registry.host}/library/busybox:latest"
     name = f"{PREFIX}web"
     out = mgr.ok("service", "create", "--name", name, "--replicas", "2", "--stop-grace-period", "1s",
-                 "--update-monitor", "500ms", image, "sleep", "600")
+                 "--update-monitor", "500ms", "--update-failure-action", "continue", "--rollback-failure-action",
+                 "continue", image, "sleep", "600")
     assert f"verify: Service {name} converged" in out and "overall progress: 2 out of 2 tasks" in out
     row = next(r for r in mgr.ok("service", "ls").splitlines() if f" {name} " in r)
     assert row.split()[2:4] == ["replicated", "2/2"]
@@ -204,3 +208,13 @@ def test_failing_service_is_reported_clearly(mgr: Manager, registry: Registry) -
                     match="is not converging")
     assert "last error:" in err
     mgr.ok("service", "rm", "-d", name)
+
+
+def test_unplaceable_service_is_reported_clearly(mgr: Manager, registry: Registry) -> None:
+    name = f"{PREFIX}nowhere"
+    err = mgr.fails("service", "create", "--name", name, "--constraint", "node.labels.zone==mars",
+                    f"{registry.host}/library/busybox:latest", match="cannot be placed: no suitable node")
+    assert "constraint" in err.lower() or "node.labels.zone" in err
+    [t] = json.loads(mgr.ok("service", "ps", name, "--format", "json"))
+    assert t["status"]["state"] == "PENDING"
+    mgr.ok("service", "rm", name)
