@@ -14,7 +14,6 @@ from pathlib import Path
 
 from shoal.lab.registry import free_port
 
-HERE = Path(__file__).resolve().parent
 SWARMCTL = [sys.executable, "-m", "shoal.cli.swarmctl"]
 
 
@@ -30,7 +29,8 @@ class Node:
         log = open(self.dir.parent / f"{self.name}.log", "ab")
         argv = [
             sys.executable,
-            str(HERE / "run_swarmd.py"),
+            "-m",
+            "shoal.node.swarmd",
             "-d",
             str(self.dir),
             "--listen-remote-api",
