@@ -945,6 +945,16 @@ def service_ps(c: Client, args: argparse.Namespace) -> None:
     _print_tasks(c, args, tasks)
 
 
+def node_ps(c: Client, args: argparse.Namespace) -> None:
+    tasks: list[objects_pb2.Task] = []
+    for ref in args.nodes or ["self"]:
+        node = _get(c, "node", _node_ref(c, ref))
+        f = _filters(args.filter, "task")
+        f.node_ids.append(node.id)
+        tasks += _list(c, "task", f)
+    _print_tasks(c, args, tasks)
+
+
 def task_ls(c: Client, args: argparse.Namespace) -> None:
     _print_tasks(c, args, _list(c, "task", _filters(args.filter, "task")))
 
@@ -1094,6 +1104,12 @@ def build_parser() -> Parser:
     ):
         p = leaf(sub, name, _node_set(attr, value, msg), f"{name} nodes")
         p.add_argument("nodes", nargs="+", metavar="NODE")
+    p = leaf(sub, "ps", node_ps, "list the tasks on nodes (default: this node)")
+    p.add_argument("nodes", nargs="*", metavar="NODE")
+    p.add_argument("-f", "--filter", action="append", help="desired-state=, service=, id=, name=")
+    p.add_argument("--no-trunc", action="store_true")
+    _quiet(p)
+    _fmt(p)
     p = leaf(sub, "rm", node_rm, "remove nodes from the swarm", aliases=["remove"])
     p.add_argument("nodes", nargs="+", metavar="NODE")
     p.add_argument("-f", "--force", action="store_true", help="remove a node that is not down")

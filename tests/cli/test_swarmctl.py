@@ -311,6 +311,8 @@ def test_info_and_task_commands(srv: Server) -> None:
     info = srv.ok("info")
     assert "Is Manager: true" in info and "Managers: 1" in info
     assert srv.ok("task", "ls").splitlines()[0].split()[:3] == ["ID", "NAME", "IMAGE"]
+    assert json.loads(srv.ok("node", "ps", "--format", "json")) == []
+    assert srv.ok("node", "ps", "-q", "w1") == ""
     assert json.loads(srv.ok("task", "ls", "--format", "json")) == []
     srv.fails("task", "inspect", "nosuch", match="task 'nosuch' not found")
     srv.fails("task", "ls", "--filter", "desired-state=dancing", match="not a task state")

@@ -180,6 +180,7 @@ def test_service_converges_scales_updates_rolls_back_and_is_removed(mgr: Manager
     assert ps[0].split()[:5] == ["ID", "NAME", "IMAGE", "NODE", "DESIRED"]
     assert sum(1 for r in ps[1:] if " Running " in r and "ago" in r) == 2
 
+    assert sum(" Running " in r for r in mgr.ok("node", "ps").splitlines()) == 2  # this node runs both
     assert "converged" in mgr.ok("service", "scale", f"{name}=3")
     assert mgr.ok("service", "ls").count("3/3") == 1
 
