@@ -4,8 +4,7 @@
     swarmctl stack ls | services NAME | ps NAME | rm NAME…
 
 Wiring (in swarmctl's parser): `stack.register(cmds, parents=[CONN])` where `cmds` is the root
-parser's subparsers; the handlers take `(client, args)` like swarmctl's own. Until swarmctl calls
-it, `python -m shoal.cli.stack ARGS…` runs swarmctl with the stack commands added (same ARGS).
+parser's subparsers; the handlers take `(client, args)` like swarmctl's own.
 
 A deploy loads, converts and plans the whole stack with `shoal.compose` and checks everything it
 can (the file, external networks/secrets/configs, names taken by other stacks, published ports
@@ -42,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SECRET_DIGEST_LABEL = "com.shoal.stack.secret-sha256"
 DEFAULT_WAIT_TIMEOUT = 300.0
+DEFAULT_ADDRESS_POOL = "10.0.0.0/8"  # the swarm's default, as Docker's
 
 
 # ---- parser --------------------------------------------------------------------------------------
@@ -199,7 +199,21 @@ def _precheck(stack: StackSpec, p: StackPlan, services: list[objects_pb2.Service
                                "publishes: change the published port in the stack file or remove that service")
 
 
-def _check_networks(new: Sequence[specs_pb2.NetworkSpec], existing: Sequence[objects_pb2.Network]) -> None:
+def _address_pools(c: Client) -> list[ipaddress.IPv4Network]:
+    try:
+        spec = c.call("GetCluster", control_pb2.GetClusterRequest()).cluster.spec
+        pools = list(spec.default_address_pool)
+    except CliError:
+        pools = []  # a store without a cluster object allocates from the default pool
+    out = []
+    for p in pools or [DEFAULT_ADDRESS_POOL]:
+        with contextlib.suppress(ValueError):
+            out.append(ipaddress.IPv4Network(p, strict=False))
+    return out
+
+
+def _check_networks(new: Sequence[specs_pb2.NetworkSpec], existing: Sequence[objects_pb2.Network],
+                    pools: Sequence[ipaddress.IPv4Network]) -> None:
     """The IPAM settings the control API checks, for the stack's new networks (and their overlaps)."""
     taken: list[tuple[ipaddress.IPv4Network, str]] = []
     for n in existing:
@@ -227,9 +241,14 @@ def _check_networks(new: Sequence[specs_pb2.NetworkSpec], existing: Sequence[obj
                                "as 10.1.2.0/24)" + fix) from None
             if subnet.prefixlen > 29:
                 raise CliError(f"network {name}: subnet {subnet} is too small, give a /29 or larger" + fix)
+            if pools and not any(subnet.subnet_of(p) for p in pools):
+                raise CliError(f"network {name}: subnet {subnet} is outside the cluster's address pool "
+                               f"({', '.join(map(str, pools))}); choose a subnet inside it or remove the subnet")
             try:
-                if cfg.gateway and ipaddress.IPv4Address(cfg.gateway) not in subnet:
-                    raise CliError(f"network {name}: IPAM gateway {cfg.gateway} is not inside subnet {subnet}" + fix)
+                gw = ipaddress.IPv4Address(cfg.gateway) if cfg.gateway else None
+                if gw is not None and (gw not in subnet or gw in (subnet.network_address, subnet.broadcast_address)):
+                    raise CliError(f"network {name}: IPAM gateway {cfg.gateway} is not a host address inside subnet "
+                                   f"{subnet}" + fix)
                 if cfg.range and not ipaddress.IPv4Network(cfg.range, strict=True).subnet_of(subnet):
                     raise CliError(f"network {name}: IPAM ip_range {cfg.range} is not inside subnet {subnet}" + fix)
             except ValueError:
@@ -299,7 +318,7 @@ def prepare(c: Client, stack: StackSpec, prune: bool = False, registry_auth: boo
     except ComposeError as e:
         raise CliError(str(e)) from None
     _precheck(stack, p, services)
-    _check_networks(p.create_networks, networks)
+    _check_networks(p.create_networks, networks, _address_pools(c) if p.create_networks else [])
     if registry_auth:
         from shoal.cli.swarmctl import _registry_auth
 
@@ -504,25 +523,3 @@ def _remove_stack(c: Client, args: argparse.Namespace, stack: str) -> None:
     log.info("stack removed stack=%s services=%d errors=%d", stack, len(removed), len(errors))
     if errors:
         raise CliError(f"stack {stack} was not removed completely: " + "; ".join(errors))
-
-
-# ---- until swarmctl registers this module ---------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    """swarmctl's main with the stack commands added when its parser lacks them."""
-    from shoal.cli import swarmctl
-
-    build = swarmctl.build_parser
-
-    def build_with_stack() -> Any:
-        root = build()
-        cmds = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction))
-        if "stack" not in cmds.choices:
-            register(cmds, parents=[swarmctl.CONN])
-        return root
-
-    swarmctl.build_parser = build_with_stack  # type: ignore[assignment]
-    return swarmctl.main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

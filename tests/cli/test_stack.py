@@ -27,15 +27,8 @@ PREFIX = f"st{os.getpid() % 10000}"
 NAMESPACE = "com.docker.stack.namespace"
 
 
-def _swarmctl() -> list[str]:
-    """The real swarmctl once it registers the stack commands; until then swarmctl's own main with them
-    added (`python -m shoal.cli.stack`, same arguments)."""
-    real = [str(VENV_SWARMCTL)] if VENV_SWARMCTL.exists() else [sys.executable, "-m", "shoal.cli.swarmctl"]
-    r = subprocess.run(real + ["stack", "--help"], capture_output=True, text=True, timeout=60)
-    return real if r.returncode == 0 else [sys.executable, "-m", "shoal.cli.stack"]
+SWARMCTL = [str(VENV_SWARMCTL)] if VENV_SWARMCTL.exists() else [sys.executable, "-m", "shoal.cli.swarmctl"]
 
-
-SWARMCTL = _swarmctl()
 
 STACK_FILE = """\
 version: "3.8"
@@ -317,7 +310,10 @@ def test_refused_before_any_write(srv: Server, tmp_path: Path) -> None:
     srv.fails("stack", "deploy", "-d", "-c", str(f), f"{PREFIX}c", match="overlaps 10.251.3.0/24")
     # A gateway outside its subnet (the control API would refuse it).
     f.write_text(text.replace("- subnet: 10.251.3.0/24", "- subnet: 10.251.3.0/24\n          gateway: 10.9.9.9"))
-    srv.fails("stack", "deploy", "-d", "-c", str(f), f"{PREFIX}c", match="gateway 10.9.9.9 is not inside subnet")
+    srv.fails("stack", "deploy", "-d", "-c", str(f), f"{PREFIX}c", match="gateway 10.9.9.9 is not a host address")
+    # A subnet outside the cluster's address pool.
+    f.write_text(text.replace("- subnet: 10.251.3.0/24", "- subnet: 192.168.3.0/24"))
+    srv.fails("stack", "deploy", "-d", "-c", str(f), f"{PREFIX}c", match="outside the cluster's address pool")
     # A published port another service holds.
     srv.ok("service", "create", "-d", "--name", f"{PREFIX}holder", "-p", "18082:80", "busybox")
     before = srv.everything()
