@@ -521,7 +521,7 @@ class Gossip(Delegate):
 
 
 async def _run(args: argparse.Namespace) -> None:
-    cfg = GossipConfig()
+    cfg = GossipConfig.memberlist_lan() if args.lan_defaults else GossipConfig()
     if args.probe_interval:
         cfg.probe_interval = args.probe_interval
         cfg.probe_timeout = args.probe_interval / 2
@@ -565,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--network", action="append", default=[])
     ap.add_argument("--put", action="append", default=[], help="TABLE/NETWORK/KEY=VALUE")
     ap.add_argument("--probe-interval", type=float, default=0.0)
+    ap.add_argument("--lan-defaults", action="store_true", help="memberlist's LAN timings instead of Shoal's")
     ap.add_argument("--events", action="store_true", help="print table and member events as JSON lines")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)

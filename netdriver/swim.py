@@ -6,9 +6,10 @@ defaults (see :class:`GossipConfig`): every ``probe_interval`` a node probes the
 shuffled round-robin list; no ack within ``probe_timeout`` → ``indirect_checks`` random members
 are asked to probe it; no ack by the end of the interval → the member is *suspect*. A suspect
 that does not refute (by gossiping ``alive`` with a higher incarnation) within
-``suspicion_mult * max(1, log10(n)) * probe_interval`` is declared *dead*. Membership changes are
-piggybacked on probes/acks and gossiped to ``gossip_nodes`` random members every
-``gossip_interval``, each up to ``retransmit_mult * ceil(log10(n + 1))`` times. Incarnations start
+``suspicion_mult * max(1, log10(n)) * probe_interval`` (Lifeguard: up to ``suspicion_max_timeout_mult``
+times longer until ``suspicion_confirmations`` other members suspect it too) is declared *dead*.
+Membership changes are piggybacked on probes/acks and gossiped to ``gossip_nodes`` random members
+every ``gossip_interval``, each up to ``retransmit_mult * ceil(log10(n + 1))`` times. Incarnations start
 at the wall clock in milliseconds, so a restarted node supersedes its previous (dead) life.
 
 Used by :class:`shoal.netdriver.gossip.Gossip`, which adds network tables through the
@@ -49,7 +50,9 @@ class GossipConfig:
     probe_interval: float = 0.5
     probe_timeout: float = 0.25
     indirect_checks: int = 3
-    suspicion_mult: float = 4.0          # suspicion timeout = mult * max(1, log10 n) * probe_interval
+    suspicion_mult: float = 3.0          # suspicion timeout = mult * max(1, log10 n) * probe_interval ...
+    suspicion_max_timeout_mult: float = 3.0  # ... times this while no other member confirms it; it
+    suspicion_confirmations: int = 2     # falls to the minimum once this many others suspect it too
     retransmit_mult: int = 4             # each broadcast sent mult * ceil(log10(n + 1)) times
     gossip_interval: float = 0.2         # membership and table retransmits
     gossip_nodes: int = 3                # fan-out
@@ -63,6 +66,13 @@ class GossipConfig:
     reconnect_interval: float = 10.0     # try to rejoin one random failed (dead) member this often,
     reconnect_timeout: float = 3600.0    # for this long after it failed (heals partitions)
 
+    @classmethod
+    def memberlist_lan(cls) -> GossipConfig:
+        """hashicorp/memberlist's DefaultLANConfig timings (the reference; slower detection)."""
+        return cls(probe_interval=1.0, probe_timeout=0.5, suspicion_mult=4.0, suspicion_max_timeout_mult=6.0,
+                   suspicion_confirmations=2, retransmit_mult=4, gossip_interval=0.2, gossip_nodes=3,
+                   push_pull_interval=30.0)
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         for name in ("probe_interval", "probe_timeout", "suspicion_mult", "gossip_interval", "push_pull_interval",
@@ -73,6 +83,8 @@ class GossipConfig:
             raise ValueError("GossipConfig.probe_timeout must be shorter than probe_interval (e.g. half of it)")
         if self.gossip_nodes < 1 or self.retransmit_mult < 1 or self.indirect_checks < 0:
             raise ValueError("GossipConfig.gossip_nodes and retransmit_mult must be >= 1, indirect_checks >= 0")
+        if self.suspicion_max_timeout_mult < 1 or self.suspicion_confirmations < 0:
+            raise ValueError("GossipConfig.suspicion_max_timeout_mult must be >= 1 and suspicion_confirmations >= 0")
         if self.udp_buffer_size < 512:
             raise ValueError("GossipConfig.udp_buffer_size must be at least 512 bytes")
 
@@ -190,6 +202,17 @@ def write_frame(writer: asyncio.StreamWriter, blob: bytes) -> None:
     writer.write(struct.pack("!I", len(blob)) + blob)
 
 
+@dataclass
+class _Suspicion:
+    incarnation: int
+    start: float                      # loop time the suspicion began
+    confirmations: set[str]           # members that suspected it independently (first one included)
+    k: int                            # confirmations that bring the timeout down to lo
+    lo: float
+    hi: float
+    handle: asyncio.TimerHandle | None = None
+
+
 class _UDP(asyncio.DatagramProtocol):
     def __init__(self, owner: Memberlist) -> None:
         self.owner = owner
@@ -231,7 +254,7 @@ class Memberlist:
         self._seq = itertools.count(random.randrange(1 << 30))
         self._probe_list: list[str] = []
         self._probe_index = 0
-        self._suspicion: dict[str, asyncio.TimerHandle] = {}
+        self._suspicion: dict[str, _Suspicion] = {}
         self._failed: dict[str, tuple[str, int, float]] = {}  # dead members to reconnect: addr, port, since
         self._transport: asyncio.DatagramTransport | None = None
         self._protocol: _UDP | None = None
@@ -276,9 +299,8 @@ class Memberlist:
             except (asyncio.CancelledError, Exception):
                 pass
         self._tasks = []
-        for h in self._suspicion.values():
-            h.cancel()
-        self._suspicion.clear()
+        for node in list(self._suspicion):
+            self._cancel_suspicion(node)
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -380,9 +402,20 @@ class Memberlist:
         if was in (DEAD, LEFT):
             self.delegate.notify_alive(m, rejoined=True)
 
+    def _suspicion_timeout_for(self, confirmations: int, k: int, lo: float, hi: float) -> float:
+        """Lifeguard: start at ``hi`` and fall towards ``lo`` as independent suspicions arrive."""
+        if k <= 0:
+            return lo
+        frac = math.log(confirmations + 1) / math.log(k + 1)
+        return max(lo, hi - frac * (hi - lo))
+
     def _on_suspect(self, u: pb.MemberUpdate) -> None:
         m = self._members.get(u.node)
         if m is None or u.incarnation < m.incarnation:
+            return
+        frm = getattr(u, "from")
+        if m.state == SUSPECT and u.incarnation == m.incarnation:
+            self._confirm_suspicion(m, frm)
             return
         # a suspect with a newer incarnation than our own suspicion restarts it
         if not (m.state == ALIVE or (m.state == SUSPECT and u.incarnation > m.incarnation)):
@@ -393,13 +426,32 @@ class Memberlist:
             return
         m.incarnation = u.incarnation
         self._set_state(m, SUSPECT)
-        self.queue_broadcast(("member", u.node), pb.Message(member=self._update_of(m, getattr(u, "from"))))
+        self.queue_broadcast(("member", u.node), pb.Message(member=self._update_of(m, frm)))
         n = self.num_alive()
-        timeout = self.config.suspicion_mult * max(1.0, math.log10(max(1, n))) * self.config.probe_interval
+        lo = self.config.suspicion_mult * max(1.0, math.log10(max(1, n))) * self.config.probe_interval
+        hi = self.config.suspicion_max_timeout_mult * lo
+        k = self.config.suspicion_confirmations
+        if n - 2 < k:  # too few members to wait for independent confirmations
+            k = 0
         self._cancel_suspicion(u.node)
-        self._suspicion[u.node] = asyncio.get_running_loop().call_later(
-            timeout, self._suspicion_timeout, u.node, u.incarnation
-        )
+        loop = asyncio.get_running_loop()
+        sus = _Suspicion(u.incarnation, loop.time(), {frm}, k, lo, hi)
+        sus.handle = loop.call_later(self._suspicion_timeout_for(0, k, lo, hi), self._suspicion_timeout,
+                                     u.node, u.incarnation)
+        self._suspicion[u.node] = sus
+
+    def _confirm_suspicion(self, m: Member, frm: str) -> None:
+        sus = self._suspicion.get(m.node_id)
+        if sus is None or sus.incarnation != m.incarnation or frm in sus.confirmations:
+            return
+        sus.confirmations.add(frm)
+        loop = asyncio.get_running_loop()
+        timeout = self._suspicion_timeout_for(len(sus.confirmations) - 1, sus.k, sus.lo, sus.hi)
+        sus.handle.cancel()
+        sus.handle = loop.call_later(max(0.0, sus.start + timeout - loop.time()), self._suspicion_timeout,
+                                     m.node_id, m.incarnation)
+        # pass the independent confirmation on, so that the others shorten their timers too
+        self.queue_broadcast(("suspect", m.node_id, frm), pb.Message(member=self._update_of(m, frm)))
 
     def _suspicion_timeout(self, node: str, inc: int) -> None:
         self._suspicion.pop(node, None)
@@ -410,9 +462,9 @@ class Memberlist:
                                           **{"from": self.node_id}))
 
     def _cancel_suspicion(self, node: str) -> None:
-        h = self._suspicion.pop(node, None)
-        if h is not None:
-            h.cancel()
+        sus = self._suspicion.pop(node, None)
+        if sus is not None and sus.handle is not None:
+            sus.handle.cancel()
 
     def _on_dead(self, u: pb.MemberUpdate) -> None:
         m = self._members.get(u.node)
@@ -573,7 +625,7 @@ class Memberlist:
             except TimeoutError:
                 pass
             cur = self._members.get(m.node_id)
-            if cur is not None and cur.state == ALIVE and not self._leaving:
+            if cur is not None and cur.state in (ALIVE, SUSPECT) and not self._leaving:
                 log.info("node=%s member=%s did not answer probe, suspecting", self.node_id, m.node_id)
                 self._on_suspect(pb.MemberUpdate(node=m.node_id, addr=m.addr, port=m.port,
                                                  incarnation=cur.incarnation, state=SUSPECT,
