@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -109,6 +110,12 @@ def cleanup_cluster(base: Path, nodes) -> None:  # type: ignore[no-untyped-def]
         n.stop()
     for n in nodes:
         cleanup_engine(n.dir / "engine")
+    ids = []
+    for n in nodes:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            ids.append(json.loads((n.dir / "node.json").read_text())["node_id"])
+    for name in task_netns(ids):  # left by a swarmd that did not get to release them
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
     with open("/proc/self/mountinfo") as f:
         mps = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(base))]
     for mp in sorted(mps, reverse=True):
@@ -123,3 +130,12 @@ def dump_logs(base: Path, nodes, lines: int = 30) -> None:  # type: ignore[no-un
             sys.stderr.write(
                 f"---- {n.name} log tail\n" + "\n".join(log.read_text().splitlines()[-lines:]) + "\n"
             )
+
+
+def task_netns(node_ids) -> list[str]:  # type: ignore[no-untyped-def]
+    """The task network namespaces the nodes' networking made (named n<node id[:6]>-c<task id[:12]>)."""
+    prefixes = tuple(f"n{nid[:6]}-c" for nid in node_ids)
+    try:
+        return sorted(n for n in os.listdir("/run/netns") if n.startswith(prefixes))
+    except FileNotFoundError:
+        return []

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 from agent_helpers import PREFIX
-from cluster_helpers import Node, cleanup_cluster, ctl, dump_logs, free_port, running_containers, wait_until
+from cluster_helpers import (
+    Node,
+    cleanup_cluster,
+    ctl,
+    dump_logs,
+    free_port,
+    running_containers,
+    task_netns,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -120,6 +129,8 @@ def test_one_manager_two_workers_run_six_replicas_spread_two_each(registry) -> N
                 ),
                 what=f"containers removed on {n.name}",
             )
+        # ... and their network namespaces (`n<node id[:6]>-c<task id[:12]>`) with them.
+        wait_until(lambda: not task_netns(ids.values()), what="task network namespaces removed")
     except BaseException:
         dump_logs(base, nodes)
         raise
