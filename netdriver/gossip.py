@@ -41,6 +41,7 @@ API::
         keyring -> Keyring (add/use/remove keys for rotation)
 
 The endpoint table is ``ENDPOINT_TABLE`` with ``shoal.proto.gossip_pb2.EndpointRecord`` values.
+A Gossip lives on one asyncio event loop: call it from that loop's thread only.
 
 Run one node as a process (used by tests)::
 

@@ -63,3 +63,11 @@ def test_bootstrap_keys_primary_is_the_second_oldest():
     assert g.keyring.primary == k[2] and set(g.keyring.keys) == {k[1], k[2], k[3]}
     with pytest.raises(ValueError, match="networking:gossip"):
         g.set_bootstrap_keys([EncryptionKey(subsystem="networking:ipsec", key=k[0], lamport_time=1)])
+
+
+def test_lifeguard_suspicion_timeout_shrinks_with_confirmations():
+    ml = Gossip("x", "127.0.0.1", "127.0.0.1").ml
+    lo, hi = 1.5, 4.5
+    t = [ml._suspicion_timeout_for(c, 2, lo, hi) for c in range(4)]
+    assert t[0] == hi and t[2] == lo and t[3] == lo and lo < t[1] < hi
+    assert ml._suspicion_timeout_for(0, 0, lo, hi) == lo  # too few members to wait for confirmations
