@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,23 +194,28 @@ class LogBroker(logs_pb2_grpc.LogsServicer, logs_pb2_grpc.LogBrokerServicer):
                 len(unavailable),
                 opts.follow,
             )
-            if unavailable:
-                context.set_trailing_metadata(((UNAVAILABLE_NODES_KEY, ",".join(sorted(unavailable))),))
+            next_check = time.monotonic() + CHECK_PERIOD
             while opts.follow or sub.pending:
                 try:
-                    node, msgs, close = await asyncio.wait_for(sub.queue.get(), CHECK_PERIOD)
+                    node, msgs, close = await asyncio.wait_for(
+                        sub.queue.get(), max(0.0, next_check - time.monotonic())
+                    )
                 except TimeoutError:
-                    if watcher is not None:
-                        while not watcher.queue.empty():
-                            watcher.queue.get_nowait()
-                        self._subscribe_nodes(sub, self._nodes_for(sel) - sub.nodes, unavailable)
-                    if not self.store.is_leader():
-                        await self._not_leader(context)
-                    continue
+                    msgs, close = [], False
                 if msgs:
                     yield logs_pb2.SubscribeLogsMessage(messages=msgs)
                 if close:
                     sub.pending.discard(node)
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + CHECK_PERIOD
+                    if not self.store.is_leader():
+                        await self._not_leader(context)
+                    if watcher is not None and not watcher.queue.empty():
+                        while not watcher.queue.empty():  # tasks changed: nodes that got a matching task
+                            watcher.queue.get_nowait()
+                        self._subscribe_nodes(sub, self._nodes_for(sel) - sub.nodes, unavailable)
+            if unavailable:
+                context.set_trailing_metadata(((UNAVAILABLE_NODES_KEY, ",".join(sorted(unavailable))),))
         finally:
             if watcher is not None:
                 watcher.close()

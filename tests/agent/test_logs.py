@@ -116,3 +116,80 @@ def test_service_and_task_logs_with_tail_timestamps_and_follow(
         await engine.close()
 
     run(main())
+
+
+def test_follow_picks_up_new_nodes_and_missing_nodes_are_named(engine_root, registry, tmp_path) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from agent_helpers import _remove_all
+
+    root2 = Path(tempfile.mkdtemp(prefix="shoal-agent2-", dir="/var/tmp"))
+
+    async def main() -> None:
+        e1, e2 = new_engine(engine_root, registry), new_engine(root2, registry)
+        async with manager_side() as (st, _disp, _broker, addr):
+            for n in ("n1", "n2", "n3"):
+                await add_node(st, n)
+            svc = objects_pb2.Service(
+                id="tick-id", spec=specs_pb2.ServiceSpec(annotations=types_pb2.Annotations(name="tick"))
+            )
+            await st.update(lambda tx: tx.create(svc))
+            loop = "while true; do echo $0; sleep 0.1; done"
+            t1 = make_task("n1", "sh", "-c", loop, "one", service="tick", slot=1)
+            await st.update(lambda tx: tx.create(t1))
+            a1 = Agent("n1", tmp_path / "a1", [addr], None, e1)
+            a2 = Agent("n2", tmp_path / "a2", [addr], None, e2)
+            runners = [asyncio.create_task(a.run()) for a in (a1, a2)]
+            try:
+                await wait_for(lambda: task_state(st, t1.id) == S.RUNNING)
+                async with grpc.aio.insecure_channel(addr) as ch:
+                    stub = logs_pb2_grpc.LogsStub(ch)
+                    call = stub.SubscribeLogs(
+                        logs_pb2.SubscribeLogsRequest(
+                            selector=logs_pb2.LogSelector(service_ids=["tick"]),
+                            options=logs_pb2.LogSubscriptionOptions(follow=True, tail=0),
+                        )
+                    )
+                    got: set[tuple[str, bytes]] = set()
+                    added = False
+                    async for batch in call:
+                        got |= {(m.context.node_id, m.data) for m in batch.messages}
+                        if not added and ("n1", b"one") in got:
+                            # A second task of the service lands on another node while we follow.
+                            t2 = make_task("n2", "sh", "-c", loop, "two", service="tick", slot=2)
+                            await st.update(lambda tx, t2=t2: tx.create(t2))
+                            added = True
+                        if ("n2", b"two") in got:
+                            break
+                    call.cancel()
+
+                    # A task on a node with no agent: the others' logs, and that node named.
+                    t3 = make_task("n3", "true", service="tick", slot=3)
+                    t3.status.state = S.RUNNING
+                    await st.update(lambda tx: tx.create(t3))
+                    call = stub.SubscribeLogs(
+                        logs_pb2.SubscribeLogsRequest(
+                            selector=logs_pb2.LogSelector(service_ids=["tick"]),
+                            options=logs_pb2.LogSubscriptionOptions(tail=1),
+                        )
+                    )
+                    nodes = {m.context.node_id async for batch in call for m in batch.messages}
+                    assert nodes == {"n1", "n2"}
+                    md = dict(await call.trailing_metadata())
+                    assert md[cli_logs.UNAVAILABLE_NODES_KEY] == "n3"
+            finally:
+                for r in runners:
+                    r.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await r
+        await e1.close()
+        await e2.close()
+
+    try:
+        run(main())
+    finally:
+        run(_remove_all(root2))
+        import shutil
+
+        shutil.rmtree(root2, ignore_errors=True)
