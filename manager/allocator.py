@@ -146,6 +146,7 @@ class Allocator:
     def __init__(self, store: Store, manager: Any = None, debounce: float = 0.01) -> None:
         self.store = store
         self.debounce = debounce
+        self._ingress_left_out = 0
 
     async def run(self) -> None:
         with self.store.watch(["task", "service", "network", "node"]) as w:
@@ -275,6 +276,7 @@ class Allocator:
         ingress = sm.get_by_name("network", INGRESS_NAME)
         pool = pools.get(ingress.id) if ingress is not None else None
         updates = []
+        left_out = 0
         for node in sm.list("node"):
             if pool is None or any(a.network.id == ingress.id for a in node.attachments):
                 continue
@@ -282,14 +284,18 @@ class Allocator:
             n.CopyFrom(node)
             try:
                 ip = pool.take()
-            except InvalidArgument as e:
-                log.warning("node %s gets no ingress address: %s", node.id, e)
+            except InvalidArgument:
+                left_out += 1
                 continue
             att = n.attachments.add()
             att.network.CopyFrom(ingress)
             att.addresses.append(f"{ip}/{pool.subnet.prefixlen}")
             att.mac = mac_for(ip)
             updates.append(n)
+        if left_out and left_out != self._ingress_left_out:
+            log.warning("%d nodes get no ingress address: the ingress network %s is full", left_out,
+                        pool.subnet if pool else "-")
+        self._ingress_left_out = left_out
         return updates
 
     @staticmethod
