@@ -386,6 +386,14 @@ def _matches(kind: str, obj: Any, f: control_pb2.ListFilters) -> bool:
     return True
 
 
+@dataclass
+class WatchBatch:
+    """A filtered WatchMessage: the same `events` and `version`, without copying the events."""
+
+    events: list[watch_pb2.WatchEvent]
+    version: int
+
+
 class Watcher:
     """Committed events for some kinds, delivered into an asyncio queue from whichever thread applied."""
 
@@ -400,7 +408,7 @@ class Watcher:
             events = [e for e in msg.events if e.object.WhichOneof("object") in self.kinds]
             if not events:
                 return
-            msg = watch_pb2.WatchMessage(events=events, version=msg.version)
+            msg = WatchBatch(events=events, version=msg.version)  # type: ignore[assignment]
         try:
             self._loop.call_soon_threadsafe(self.queue.put_nowait, msg)
         except RuntimeError:  # loop closed
