@@ -407,10 +407,13 @@ def stack_deploy(c: Client, args: argparse.Namespace) -> None:
         print(note, file=sys.stderr)
     waits = apply(c, d, lambda line: _say(args, line))
     if not args.detach and waits:
-        _wait(c, args, waits)
+        failures = _wait(c, args, waits)
+        if failures:
+            raise CliError(f"stack {args.stack} was deployed, but " + "; ".join(failures))
 
 
-def _wait(c: Client, args: argparse.Namespace, waits: list[tuple[str, str, str]]) -> None:
+def _wait(c: Client, args: argparse.Namespace, waits: list[tuple[str, str, str]]) -> list[str]:
+    """Wait for each service in turn (one deadline for all); returns the failures, one sentence each."""
     from shoal.cli.progress import Waiter
 
     sink = open(os.devnull, "w") if args.quiet else sys.stdout  # noqa: SIM115
@@ -432,8 +435,7 @@ def _wait(c: Client, args: argparse.Namespace, waits: list[tuple[str, str, str]]
     finally:
         if sink is not sys.stdout:
             sink.close()
-    if failures:
-        raise CliError("the stack was deployed, but " + "; ".join(failures))
+    return failures
 
 
 # ---- listings ------------------------------------------------------------------------------------
@@ -510,8 +512,8 @@ def _remove_stack(c: Client, args: argparse.Namespace, stack: str) -> None:
         except CliError as e:
             errors.append(f"service {s.spec.annotations.name}: {e}")
     if not args.detach and removed:
-        _wait(c, argparse.Namespace(quiet=args.quiet, timeout=args.timeout),
-              [("removed", s.id, s.spec.annotations.name) for s in removed])
+        errors += _wait(c, argparse.Namespace(quiet=args.quiet, timeout=args.timeout),
+                        [("removed", s.id, s.spec.annotations.name) for s in removed])
     for kind in ("network", "secret", "config"):
         title = kind.capitalize()
         for o in sorted(others[kind], key=lambda o: o.spec.annotations.name):

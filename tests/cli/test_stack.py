@@ -428,3 +428,23 @@ def test_a_failure_mid_way_names_what_was_done(srv: Server, tmp_path: Path) -> N
     finally:
         c.close()
         srv.run("stack", "rm", stack)
+
+
+def test_env_file_warnings_and_quiet(srv: Server, tmp_path: Path) -> None:
+    stack = f"{PREFIX}g"
+    (tmp_path / "vars.env").write_text("TAG=1.36\nREPLICAS=3\n")
+    f = tmp_path / "stack.yml"
+    f.write_text("services:\n  app:\n    image: busybox:${TAG}\n    build: .\n    restart: always\n"
+                 "    deploy:\n      replicas: ${REPLICAS}\n")
+    try:
+        r = srv.run("stack", "deploy", "-d", "-q", "--env-file", str(tmp_path / "vars.env"), "-c", str(f), stack)
+        assert r.returncode == 0 and r.stdout == "", r
+        assert "Ignoring unsupported options: build, restart" in r.stderr
+        [svc] = srv.js("stack", "services", stack)
+        assert svc["spec"]["task"]["container"]["image"] == "busybox:1.36"
+        assert svc["spec"]["replicated"]["replicas"] == "3"
+        # Without the env file the variables are unset, and the image "busybox:" is refused.
+        srv.fails("stack", "deploy", "-d", "-c", str(f), stack, match="stack.yml:3 services.app.image: invalid image reference \"busybox:\"")
+        assert srv.js("stack", "services", stack)[0]["meta"] == svc["meta"]
+    finally:
+        srv.run("stack", "rm", stack)
