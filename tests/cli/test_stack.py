@@ -448,3 +448,18 @@ def test_env_file_warnings_and_quiet(srv: Server, tmp_path: Path) -> None:
         assert srv.js("stack", "services", stack)[0]["meta"] == svc["meta"]
     finally:
         srv.run("stack", "rm", stack)
+
+
+def test_mode_change_is_refused_before_any_write(srv: Server) -> None:
+    stack = f"{PREFIX}h"
+    one = "services:\n  a:\n    image: busybox\n  b:\n    image: busybox\n"
+    try:
+        srv.ok("stack", "deploy", "-d", "-c", "-", stack, input=one)
+        before = srv.of_stack(stack)
+        two = one.replace("  b:\n    image: busybox\n", "  b:\n    image: busybox:1\n    deploy: {mode: global}\n") \
+            + "  c:\n    image: busybox\n"
+        srv.fails("stack", "deploy", "-d", "-c", "-", stack, input=two,
+                  match=f"service {stack}_b cannot change mode from replicated to global")
+        assert srv.of_stack(stack) == before
+    finally:
+        srv.run("stack", "rm", stack)
