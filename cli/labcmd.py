@@ -9,23 +9,32 @@ import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("lab", help="a multi-host cluster of network-namespace hosts on this machine")
+    p = sub.add_parser("lab", help="a multi-host cluster of network-namespace hosts on this machine",
+                       description="A Shoal cluster on this machine: hosts are network namespaces on an "
+                                   "underlay bridge (198.18.0.0/24), with a local registry. Needs root.")
     p.add_argument("--name", default="lab", help="lab name (default: lab)")
+    # --name is also accepted after the command: `swarmctl lab up --name x`
+    named = argparse.ArgumentParser(add_help=False)
+    named.add_argument("--name", default=argparse.SUPPRESS, help="lab name (default: lab)")
     lsub = p.add_subparsers(dest="lab_cmd", metavar="COMMAND", required=True)
-    up = lsub.add_parser("up", help="build the hosts, start swarmd on each and join them")
-    up.add_argument("--managers", type=int, default=3)
-    up.add_argument("--workers", type=int, default=2)
-    lsub.add_parser("down", help="remove everything the lab made")
-    st = lsub.add_parser("status", help="one line per host: name, role, address, state, leader")
+
+    def cmd(name: str, text: str) -> argparse.ArgumentParser:
+        return lsub.add_parser(name, help=text, description=text, parents=[named])
+
+    up = cmd("up", "build the hosts, start swarmd on each, create the cluster and join them")
+    up.add_argument("--managers", type=int, default=3, help="number of manager hosts (default 3)")
+    up.add_argument("--workers", type=int, default=2, help="number of worker hosts (default 2)")
+    cmd("down", "remove everything the lab made (processes, containers, mounts, namespaces, state)")
+    st = cmd("status", "one line per host: name, role, address, state, leader")
     st.add_argument("--format", choices=["table", "json"], default="table")
-    lsub.add_parser("env", help="print `export SWARM_SOCKET=…` for eval")
-    ex = lsub.add_parser("exec", help="run a command inside a host's namespaces: lab exec h1 -- CMD…")
+    cmd("env", "print `export SWARM_SOCKET=…` for eval")
+    ex = cmd("exec", "run a command inside a host's namespaces: lab exec h1 -- CMD…")
     ex.add_argument("host")
     ex.add_argument("argv", nargs=argparse.REMAINDER)
     for name, text in (("partition", "cut a host off the underlay"), ("heal", "reconnect a partitioned host"),
-                       ("kill", "kill a host's swarmd (containers keep running)"), ("start", "start a killed swarmd again")):
-        q = lsub.add_parser(name, help=text)
-        q.add_argument("host")
+                       ("kill", "kill a host's swarmd (containers keep running)"),
+                       ("start", "start a killed swarmd again (it re-adopts its containers)")):
+        cmd(name, text).add_argument("host", help="host name (h1, h2, …) or underlay address")
     p.set_defaults(func=run)
 
 

@@ -208,7 +208,11 @@ class Lab:
             raise LabError("the lab needs root (network namespaces, runc): run it with sudo")
         if managers < 1 or workers < 0 or managers + workers > 200:
             raise LabError("--managers must be at least 1 and --workers at least 0 (200 hosts at most)")
-        if (BASE / self.name / "lab.json").exists() or self._leftover_namespaces():
+        if self._running():
+            down = "swarmctl lab down" + (f" --name {self.name}" if self.name != "lab" else "")
+            raise LabError(f"lab {self.name!r} is already up: use it (`eval $(swarmctl lab env)`) "
+                           f"or remove it first with `{down}`")
+        if (BASE / self.name).exists() or self._leftover_namespaces():
             self.progress(f"cleaning up what an earlier lab {self.name!r} left behind")
             self.down()
         from shoal.netdriver.nslab import NsLab
@@ -262,6 +266,17 @@ class Lab:
         self.progress(f"lab {self.name!r} is up: {managers} managers, {workers} workers, "
                       f"registry {UNDERLAY_GW}:{REGISTRY_PORT}, in {time.monotonic() - t0:.1f} s")
         return state
+
+    def _running(self) -> bool:
+        """A complete lab of this name is up: every host's holder and swarmd live."""
+        try:
+            st = LabState.load(self.name)
+        except (LabError, json.JSONDecodeError, TypeError, KeyError):
+            return False
+        return bool(st.hosts) and all(
+            _alive(h.holder_pid) and _alive(h.swarmd_pid) and "swarmd" in self._cmdline(h.swarmd_pid)
+            for h in st.hosts
+        )
 
     def _leftover_namespaces(self) -> list[str]:
         prefix = _prefix(self.name) + "-"

@@ -1,0 +1,334 @@
+"""The one-machine lab end to end, driven through real `swarmctl` processes: `lab up` (3 managers +
+2 workers in network namespaces, real swarmd, Raft, runc containers, the lab registry), services
+spread over hosts, an agent killed and started again (its containers are never restarted), a
+partitioned leader and a partitioned worker, and `lab down` leaving nothing behind.
+
+One lab serves the whole module (building it is the expensive part); every test removes what it
+created, and the module's finalizer always runs `lab down`. Needs root."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_SWARMCTL = ROOT / ".venv" / "bin" / "swarmctl"
+SWARMCTL = [str(VENV_SWARMCTL)] if VENV_SWARMCTL.exists() else [sys.executable, "-m", "shoal.cli.swarmctl"]
+NAME = f"lt{os.getpid() % 10000}"
+PREFIX = f"shoal-{NAME}-"
+LIVE = ("NEW", "PENDING", "ASSIGNED", "ACCEPTED", "PREPARING", "READY", "STARTING", "RUNNING")
+# Link names the lab or its nodes make (hosts' ports, veth ends, gateway bridges): none may ever
+# appear in this machine's own namespace.
+OUR_LINKS = re.compile(r"^(h\d+|u\d+|br0|shoal_gwbridge|gw[0-9a-f]{6,})$")
+
+
+def swarmctl(*args: str, sock: str | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("SWARM_SOCKET", None)
+    if sock:
+        env["SWARM_SOCKET"] = sock
+    r = subprocess.run([*SWARMCTL, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"swarmctl {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def lab(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    return swarmctl("lab", "--name", NAME, *args, check=check, timeout=timeout)
+
+
+def wait_for(what: str, cond: Callable[[], Any], timeout: float = 60, period: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(period)
+    raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s (last: {last!r})")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class Lab:
+    hosts: dict[str, dict]  # lab status rows by host name
+    sockets: dict[str, str]  # manager host -> control socket
+    sock: str  # `lab env`'s socket
+
+    def status(self) -> dict[str, dict]:
+        return {r["host"]: r for r in json.loads(lab("status", "--format", "json").stdout)}
+
+    def leader(self) -> str:
+        return next((h for h, r in self.status().items() if r["leader"]), "")
+
+    def nodes(self, sock: str | None = None) -> dict[str, dict]:
+        """node id -> node (JSON) as a manager sees them."""
+        return {n["id"]: n for n in json.loads(swarmctl("node", "ls", "--format", "json", sock=sock or self.sock).stdout)}
+
+    def tasks(self, service: str, sock: str | None = None) -> list[dict]:
+        out = json.loads(swarmctl("task", "ls", "--format", "json", sock=sock or self.sock).stdout)
+        return [t for t in out if t.get("service_annotations", {}).get("name") == service]
+
+    def running(self, service: str, sock: str | None = None) -> list[tuple[str, str, int, str]]:
+        """(hostname, slot, container pid, task id) of the service's RUNNING tasks that should run."""
+        names = {i: n["description"]["hostname"] for i, n in self.nodes(sock).items()}
+        return sorted(
+            (names.get(t.get("node_id", ""), "?"), t.get("slot", "0"), int(t["status"].get("container", {}).get("pid", 0)), t["id"])
+            for t in self.tasks(service, sock)
+            if t["status"].get("state") == "RUNNING" and t.get("desired_state") == "RUNNING"
+        )
+
+
+def snapshot() -> dict[str, set[str]]:
+    """What of this lab exists on the machine: namespaces, links in this namespace, mounts (overlay
+    rootfs, nsfs, tmpfs) and processes mentioning the lab, its engines' cgroups, nft tables here."""
+    from shoal.lab.lab import BASE, _engine_cgroups
+
+    base = str(BASE / NAME)
+    netns = {n for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else []) if n.startswith(PREFIX)}
+    links = set(subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout.split("\n"))
+    links = {ln.split(": ")[1].split("@")[0] for ln in links if ": " in ln}
+    mounts = {ln for ln in Path("/proc/self/mountinfo").read_text().splitlines() if base in ln or PREFIX in ln}
+    procs = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if base in cmd or PREFIX in cmd:
+                procs.add(f"{d.name} {cmd}")
+    cgroups = {c for i in range(1, 10) for c in _engine_cgroups(f"{base}/h{i}/engine")}
+    nft = set(subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout.splitlines())
+    return {"netns": netns, "links": links, "mounts": mounts, "procs": procs, "cgroups": cgroups,
+            "nft": nft, "state": {base} if os.path.exists(base) else set()}
+
+
+def ns_inodes() -> set[tuple[str, int]]:
+    """Network namespaces of the lab and the mount namespaces of its hosts (holder processes)."""
+    from shoal.lab.lab import LabState
+
+    out = {("net", os.stat(f"/run/netns/{n}").st_ino) for n in os.listdir("/run/netns") if n.startswith(PREFIX)}
+    for h in LabState.load(NAME).hosts:
+        out.add(("mnt", os.stat(f"/proc/{h.holder_pid}/ns/mnt").st_ino))
+    return out
+
+
+def holders_of(inodes: set[tuple[str, int]]) -> list[str]:
+    """Processes still in any of these namespaces."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        for kind in ("net", "mnt"):
+            try:
+                if (kind, os.stat(d / "ns" / kind).st_ino) in inodes:
+                    found.append(d.name)
+            except OSError:
+                pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root (or deselect them with -m 'not integration')")
+    before = snapshot()
+    try:
+        up = lab("up", "--managers", "3", "--workers", "2", timeout=180)
+        m = re.search(r"^export SWARM_SOCKET=(\S+)$", up.stdout, re.M)
+        assert m, up.stdout
+        assert "5/5 nodes ready" in up.stderr, up.stderr
+        env = lab("env").stdout.strip()
+        from shoal.lab.lab import LabState
+
+        st = LabState.load(NAME)
+        c = Lab(hosts={}, sockets={h.name: h.socket for h in st.hosts if h.role == "manager"},
+                sock=env.split("=", 1)[1])
+        c.hosts = c.status()
+        c.before = before  # type: ignore[attr-defined]
+        c.inodes = ns_inodes()  # type: ignore[attr-defined]
+        yield c
+    finally:
+        lab("down", check=False, timeout=120)
+
+
+def remove_service(c: Lab, name: str, sock: str | None = None) -> None:
+    swarmctl("service", "rm", name, sock=sock or c.sock, check=False)
+
+
+def test_up_status_and_env(cluster: Lab) -> None:
+    rows = cluster.status()
+    assert list(rows) == ["h1", "h2", "h3", "h4", "h5"]
+    assert [r["role"] for r in rows.values()] == ["manager"] * 3 + ["worker"] * 2
+    assert [r["addr"] for r in rows.values()] == [f"198.18.0.{i}" for i in range(1, 6)]
+    assert all(r["state"] == "ready" for r in rows.values()), rows
+    assert sum(1 for r in rows.values() if r["leader"]) == 1
+    table = lab("status").stdout.splitlines()
+    assert len(table) == 5 and table[0].split()[:4] == ["h1", "manager", "198.18.0.1", "ready"]
+    assert sum(1 for ln in table if ln.split()[-1] == "leader") == 1
+    # the hosts are separate: own hostname and underlay address, the lab's namespaces under /run/netns
+    out = lab("exec", "h4", "--", "sh", "-c", "hostname; ip -4 -o addr show dev eth0").stdout
+    assert out.splitlines()[0] == "h4" and "198.18.0.4/24" in out
+    # the overlay pool is the lab's
+    nets = json.loads(swarmctl("network", "ls", "--format", "json", sock=cluster.sock).stdout)
+    subnets = [c["subnet"] for n in nets for c in n.get("ipam", {}).get("configs", [])]
+    assert subnets and all(s.startswith("198.19.") for s in subnets), subnets
+    # a second `up` of a running lab refuses and changes nothing
+    again = lab("up", check=False)
+    assert again.returncode != 0 and "already up" in again.stderr
+    assert cluster.status() == rows
+
+
+def test_replicated_service_runs_on_several_hosts(cluster: Lab) -> None:
+    try:
+        swarmctl("service", "create", "--name", "spread", "--replicas", "5", "--stop-grace-period", "1s",
+                 "busybox", "sleep", "1000", sock=cluster.sock)
+        running = cluster.running("spread")
+        assert len(running) == 5
+        assert len({h for h, *_ in running}) >= 3, running
+        assert all(alive(pid) for _, _, pid, _ in running), running
+        # the image came through the lab registry, as docker.io/library/busybox
+        t = cluster.tasks("spread")[0]
+        assert t["spec"]["container"]["image"] == "busybox"
+    finally:
+        remove_service(cluster, "spread")
+    wait_for("the containers of `spread` to end", lambda: not any(alive(p) for _, _, p, _ in running), 30)
+    assert cluster.tasks("spread") == [] or all(t["desired_state"] != "RUNNING" for t in cluster.tasks("spread"))
+
+
+def test_killed_agent_keeps_containers_and_readopts_them(cluster: Lab) -> None:
+    # A long heartbeat period for this test: the node must not be declared DOWN (and its tasks moved)
+    # while its swarmd is away, whatever the load of the machine.
+    swarmctl("cluster", "update", "--heartbeat-period", "20s", sock=cluster.sock)
+    try:
+        swarmctl("service", "create", "--name", "adopt", "--replicas", "4", "--constraint", "node.role==worker",
+                 "--stop-grace-period", "1s", "busybox", "sleep", "1000", sock=cluster.sock)
+        before = cluster.running("adopt")
+        on_h4 = [r for r in before if r[0] == "h4"]
+        assert on_h4, before
+        ids = {t["id"] for t in cluster.tasks("adopt")}
+        lab("kill", "h4")
+        assert "swarmd stopped" in cluster.status()["h4"]["state"]
+        time.sleep(1)  # let the containers live on without their agent for a moment
+        assert all(alive(pid) for _, _, pid, _ in on_h4), "a container died with its agent"
+        lab("start", "h4")
+        assert "stopped" not in cluster.status()["h4"]["state"]
+        # the same tasks with the same container processes, and nothing new
+        after = wait_for("the tasks of `adopt` to settle", lambda: (r := cluster.running("adopt")) == before and r)
+        assert after == before
+        assert all(alive(pid) for _, _, pid, _ in on_h4)
+        assert {t["id"] for t in cluster.tasks("adopt")} == ids, "tasks were replaced"
+    finally:
+        swarmctl("cluster", "update", "--heartbeat-period", "1s", sock=cluster.sock, check=False)
+        remove_service(cluster, "adopt")
+
+
+def _write_through(sock: str, name: str, timeout: float = 60) -> None:
+    """Create a service through the manager at sock, retrying while there is no leader/quorum."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = swarmctl("service", "create", "-d", "--name", name, "--replicas", "2", "--stop-grace-period", "1s",
+                     "busybox", "sleep", "1000", sock=sock, check=False, timeout=30)
+        if r.returncode == 0 or "already exists" in r.stderr:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no write accepted through {sock} within {timeout:.0f} s: {r.stderr}")
+        time.sleep(0.2)
+
+
+def test_partitioned_leader_is_replaced(cluster: Lab) -> None:
+    old = cluster.leader()
+    assert old in cluster.sockets
+    other = next(h for h in cluster.sockets if h != old)
+    lab("partition", old)
+    try:
+        assert "partitioned" in cluster.status()[old]["state"]
+        _write_through(cluster.sockets[other], "afterleader")
+        new = wait_for("a new leader", lambda: (ld := cluster.leader()) not in ("", old) and ld)
+        assert new != old
+        wait_for("the new service to run", lambda: len(cluster.running("afterleader", cluster.sockets[other])) == 2)
+    finally:
+        lab("heal", old)
+    wait_for("every host ready after the heal",
+             lambda: all(r["state"] == "ready" for r in cluster.status().values()))
+    # the old leader serves the new state (as a follower)
+    wait_for("the old leader to see the new service",
+             lambda: len(cluster.running("afterleader", cluster.sockets[old])) == 2)
+    remove_service(cluster, "afterleader", cluster.sockets[other])
+
+
+def test_partitioned_worker_tasks_move_and_no_duplicates_after_heal(cluster: Lab) -> None:
+    sock = next(s for h, s in cluster.sockets.items() if h == cluster.leader())
+    try:
+        swarmctl("service", "create", "--name", "move", "--replicas", "6", "--stop-grace-period", "1s",
+                 "busybox", "sleep", "1000", sock=sock)
+        before = cluster.running("move", sock)
+        worker = max(("h4", "h5"), key=lambda h: sum(1 for r in before if r[0] == h))
+        gone = [r for r in before if r[0] == worker]
+        assert gone, before
+        lab("partition", worker)
+        try:
+            wait_for(f"{worker} DOWN", lambda: any(n["description"]["hostname"] == worker and n["status"]["state"] == "DOWN"
+                                                   for n in cluster.nodes(sock).values()), 60)
+            moved = wait_for(f"the tasks of {worker} running elsewhere", lambda: (
+                len(r := cluster.running("move", sock)) == 6 and all(x[0] != worker for x in r) and r), 60)
+            assert {x[1] for x in moved} == {x[1] for x in before}
+        finally:
+            lab("heal", worker)
+        wait_for(f"{worker} ready again", lambda: cluster.status()[worker]["state"] == "ready", 60)
+        # the old tasks of the healed worker are shut down: no slot runs twice
+        wait_for("the old containers to end", lambda: not any(alive(p) for _, _, p, _ in gone), 60)
+        final = cluster.running("move", sock)
+        assert len(final) == 6 and len({x[1] for x in final}) == 6, final
+        assert all(alive(p) for _, _, p, _ in final)
+
+        def old_tasks_down() -> bool:
+            states = {t["id"]: t["status"]["state"] for t in cluster.tasks("move", sock)}
+            return all(states.get(tid) not in LIVE for *_, tid in gone)
+
+        wait_for("the old tasks to be reported shut down", old_tasks_down, 60)
+    finally:
+        remove_service(cluster, "move", sock)
+
+
+def test_down_leaves_nothing_behind(cluster: Lab) -> None:
+    before: dict[str, set[str]] = cluster.before  # type: ignore[attr-defined]
+    swarmctl("service", "create", "--name", "last", "--replicas", "5", "busybox", "sleep", "1000", sock=cluster.sock)
+    during = snapshot()
+    assert during["netns"] and during["procs"], during  # the snapshot does see the lab
+    pids = [p for _, _, p, _ in cluster.running("last")]
+    lab("down")
+    after = snapshot()
+    assert after["netns"] == set()
+    assert after["mounts"] == set(), after["mounts"]
+    assert after["procs"] == set(), after["procs"]
+    assert after["cgroups"] == set(), after["cgroups"]
+    assert after["state"] == set()
+    assert after["nft"] <= before["nft"], after["nft"] - before["nft"]
+    new_links = {n for n in after["links"] - before["links"] if OUR_LINKS.match(n)}
+    assert new_links == set(), new_links
+    assert not any(alive(p) for p in pids)
+    assert holders_of(cluster.inodes) == []  # type: ignore[attr-defined]
+    # a second down finds nothing to do
+    again = lab("down")
+    assert again.returncode == 0 and "removing" not in again.stderr
+    assert snapshot()["netns"] == set()
