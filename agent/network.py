@@ -30,7 +30,7 @@ import ipaddress
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,8 +67,13 @@ class _Local:
 
 
 def _gossip_keys(msg: dispatcher_pb2.SessionMessage) -> list[bytes]:
-    return [k.key for k in sorted(msg.network_bootstrap_keys, key=lambda k: k.lamport_time)
-            if k.subsystem in ("", "networking:gossip")]
+    """The session's gossip keys, primary first, by Docker's rule (Gossip.set_bootstrap_keys): ordered by
+    lamport time, the second oldest is primary when there are two or more."""
+    ks = [k.key for k in sorted(msg.network_bootstrap_keys, key=lambda k: k.lamport_time)
+          if k.subsystem in ("", "networking:gossip")]
+    if len(ks) > 1:
+        ks.insert(0, ks.pop(1))
+    return ks
 
 
 def _ip(cidr: str) -> str:
@@ -102,8 +107,12 @@ class NetworkAgent:
         self._tasks: dict[str, _Local] = {}
         self._dirty: asyncio.Queue[str] = asyncio.Queue()
         self._vips: dict[str, set[str]] = defaultdict(set)  # network -> VIPs programmed here
-        self._ingress_ports: set[tuple[str, int]] = set()
+        self._ingress_ports: dict[tuple[str, int], tuple[int, list[str]]] = {}
         self._ingress_id = ""
+        self._applied: dict[tuple[str, str], tuple[str, str, str]] = {}  # (network, key) -> remote peer
+        # called after a remote endpoint's FDB/neighbour entries were programmed (added=True) or
+        # removed (added=False): on_peer(network_id, ip, mac, vtep, added); benchmarks and tests
+        self.on_peer: Callable[[str, str, str, str, bool], None] | None = None
         self._lock = asyncio.Lock()
         self.loopback = ipaddress.ip_address(advertise_addr).is_loopback
         self._sessions: asyncio.Queue[dispatcher_pb2.SessionMessage] = asyncio.Queue()
@@ -137,7 +146,8 @@ class NetworkAgent:
             tg.create_task(self.run())
             while True:
                 try:
-                    self.set_keys(_gossip_keys(msg))
+                    if msg.network_bootstrap_keys:
+                        self.gossip.set_bootstrap_keys(msg.network_bootstrap_keys)
                     host_port = [m.addr.rsplit(":", 1)[0] for m in msg.managers if m.addr]
                     await self.join([f"{h}:{self.gossip_port}" for h in host_port])
                     if msg.HasField("node"):
@@ -160,6 +170,7 @@ class NetworkAgent:
         await self.gossip.start()
         self.dns = DNSServer(self.gossip, upstreams=self.upstream_dns)
         found = await asyncio.to_thread(self.driver.restore)
+        self._ready.set()
         log.info(
             "node=%s network agent started gossip=%s:%d adopted=%d",
             self.node_id,
@@ -169,12 +180,10 @@ class NetworkAgent:
         )
 
     def set_keys(self, keys: Sequence[bytes]) -> None:
+        """Replace the gossip keys (primary first); keys no longer listed stop working."""
         if self.gossip is None or not keys:
             return
-        ring = self.gossip.keyring
-        for k in keys:
-            ring.add(k)
-        ring.use(keys[-1])
+        self.gossip.set_keys(keys)
 
     async def join(self, seeds: Sequence[str]) -> int:
         assert self.gossip is not None
@@ -192,39 +201,65 @@ class NetworkAgent:
             await self.gossip.stop()
 
     async def run(self) -> None:
-        """Follow the endpoint tables; program peers, VIP backends and ingress ports."""
+        """Follow the endpoint tables; program peers, VIP backends and ingress ports. Ends when the
+        gossip stops (stop())."""
         assert self.gossip is not None
-        sub = self.gossip.subscribe()
+        sub = self.gossip.subscribe()  # before the replay, so that nothing falls in between
+        sync = asyncio.create_task(self._sync_loop(), name=f"net-sync-{self.node_id}")
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._sync_loop())
-                async for ev in sub:
-                    if ev.table != ENDPOINT_TABLE:
-                        continue
-                    if ev.owner != self.node_id:
-                        await self._peer(ev.kind, ev.network_id, ev.value)
-                    self._dirty.put_nowait(ev.network_id)
+            # entries already in the tables (a join or sync before this loop started)
+            for nid in sorted(self.gossip.networks()):
+                for key, value in self.gossip.entries(ENDPOINT_TABLE, nid).items():
+                    e = self.gossip.store.get(ENDPOINT_TABLE, nid, key)
+                    if e is not None and e.owner != self.node_id:
+                        await self._peer(EventKind.CREATE, nid, key, value)
+                self._dirty.put_nowait(nid)
+            async for ev in sub:
+                if ev.table != ENDPOINT_TABLE:
+                    continue
+                if ev.owner != self.node_id:
+                    await self._peer(ev.kind, ev.network_id, ev.key, ev.value)
+                self._dirty.put_nowait(ev.network_id)
         finally:
             sub.close()
+            sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sync
 
-    async def _peer(self, kind: EventKind, network_id: str, value: bytes) -> None:
-        rec = gossip_pb2.EndpointRecord.FromString(value)
-        if not rec.ip or not rec.mac or not rec.vtep or rec.vtep == self.addr:
+    async def _peer(self, kind: EventKind, network_id: str, key: str, value: bytes) -> None:
+        """A remote endpoint appeared, changed or went: its FDB + neighbour entries follow."""
+        k = (network_id, key)
+        old = self._applied.get(k)
+        new: tuple[str, str, str] | None = None
+        if kind != EventKind.DELETE:
+            try:
+                rec = gossip_pb2.EndpointRecord.FromString(value)
+            except Exception:
+                log.warning("node=%s network=%s endpoint %s: undecodable record", self.node_id, network_id, key)
+                return
+            if rec.ip and rec.mac and rec.vtep and rec.vtep != self.addr:
+                new = (_ip(rec.ip), rec.mac, rec.vtep)
+        if old == new:
             return
         try:
-            if kind == EventKind.DELETE:
-                await asyncio.to_thread(self.driver.remove_peer, network_id, rec.ip, rec.mac, rec.vtep)
-            else:
-                await asyncio.to_thread(self.driver.add_peer, network_id, rec.ip, rec.mac, rec.vtep)
+            if old is not None:
+                del self._applied[k]
+                await asyncio.to_thread(self.driver.remove_peer, network_id, *old)
+                self._notify_peer(network_id, old, False)
+            if new is not None:
+                await asyncio.to_thread(self.driver.add_peer, network_id, *new)
+                self._applied[k] = new
+                self._notify_peer(network_id, new, True)
         except Exception as e:
-            log.warning(
-                "node=%s network=%s peer %s@%s not programmed: %s",
-                self.node_id,
-                network_id,
-                rec.ip,
-                rec.vtep,
-                e,
-            )
+            log.warning("node=%s network=%s endpoint=%s peer %s not programmed: %s", self.node_id, network_id, key,
+                        new or old, e)
+
+    def _notify_peer(self, network_id: str, peer: tuple[str, str, str], added: bool) -> None:
+        if self.on_peer is not None:
+            try:
+                self.on_peer(network_id, *peer, added)
+            except Exception:
+                log.exception("node=%s on_peer callback failed", self.node_id)
 
     async def _sync_loop(self) -> None:
         while True:
@@ -233,7 +268,7 @@ class NetworkAgent:
             nets = {nid}
             while not self._dirty.empty():
                 nets.add(self._dirty.get_nowait())
-            for n in nets:
+            for n in sorted(nets):
                 try:
                     await self._sync_network(n)
                 except Exception as e:
@@ -250,30 +285,45 @@ class NetworkAgent:
         return out
 
     async def _sync_network(self, network_id: str) -> None:
+        """Bring the network's VIP backends, ingress ports and peers in line with its table."""
         async with self._lock:
             records = self._records(network_id)
             here = any(network_id in t.networks for t in self._tasks.values())
             if here:
-                backends: dict[str, list[str]] = defaultdict(list)
+                backends: dict[str, set[str]] = defaultdict(set)
                 for r in records:
-                    if r.vip and r.ip:
-                        backends[_ip(r.vip)].append(r.ip)
+                    if r.vip and r.ip and r.endpoint_mode != "dnsrr":
+                        backends[_ip(r.vip)].add(_ip(r.ip))
                 for vip, ips in backends.items():
                     await asyncio.to_thread(self.driver.set_service_backends, network_id, vip, sorted(ips))
                 for vip in self._vips[network_id] - set(backends):
                     await asyncio.to_thread(self.driver.remove_service, network_id, vip)
                 self._vips[network_id] = set(backends)
+            else:
+                self._vips.pop(network_id, None)  # the sandbox went with the last task
             if network_id == self._ingress_id:
                 ports: dict[tuple[str, int], tuple[int, list[str]]] = {}
                 for r in records:
                     for p in r.ingress_ports:
                         key = (p.protocol, p.published_port)
-                        ports.setdefault(key, (p.target_port, []))[1].append(r.ip)
+                        ports.setdefault(key, (p.target_port, []))[1].append(_ip(r.ip))
                 for (proto, pub), (target, ips) in ports.items():
-                    await asyncio.to_thread(self.driver.set_ingress_backends, proto, pub, target, sorted(ips))
-                for proto, pub in self._ingress_ports - set(ports):
+                    ips.sort()
+                    if self._ingress_ports.get((proto, pub)) != (target, ips):
+                        await asyncio.to_thread(self.driver.set_ingress_backends, proto, pub, target, ips)
+                for proto, pub in set(self._ingress_ports) - set(ports):
                     await asyncio.to_thread(self.driver.unpublish_ingress, proto, pub)
-                self._ingress_ports = set(ports)
+                self._ingress_ports = ports
+            if here or network_id == self._ingress_id:
+                # peers the kernel holds but the table no longer has (an earlier life's, adopted by
+                # restore(), or an event lost to an error) go too
+                held = await asyncio.to_thread(self.driver.peers, network_id)
+                table_ips = {_ip(r.ip) for r in self._records(network_id) if r.ip}  # read after `held`
+                for ip, (mac, vtep) in held.items():
+                    if ip not in table_ips:
+                        await asyncio.to_thread(self.driver.remove_peer, network_id, ip, mac, vtep)
+                        self._notify_peer(network_id, (ip, mac, vtep), False)
+                        log.info("node=%s network=%s stale peer %s@%s removed", self.node_id, network_id, ip, vtep)
 
     # ---- the node's ingress sandbox ------------------------------------------------------------
     async def set_node(self, node: objects_pb2.Node) -> None:
@@ -366,40 +416,61 @@ class NetworkAgent:
                 await self.dns.serve_in(task.id, path, user_nets, stack or None)
             for nid in nets:
                 self._dirty.put_nowait(nid)
-        except BaseException:
-            await self.release(task.id)
+        except BaseException as e:
+            try:
+                await self.release(task.id)
+            except Exception as e2:
+                log.warning("node=%s task=%s release after a failed prepare failed: %s", self.node_id, task.id, e2)
+            if isinstance(e, Exception):
+                log.warning("node=%s task=%s networking not prepared: %s", self.node_id, task.id, e)
             raise
         return TaskNetworking(path, RESOLV_CONF if task.networks else None, [i.address for i in ifaces])
 
     async def release(self, task_id: str) -> None:
-        """Undo prepare(): endpoint records, DNS, interfaces, published ports, the namespace."""
+        """Undo prepare(): endpoint records, DNS, interfaces, published ports, the namespace, and the
+        network sandboxes no other local task uses. Also for a task this process never prepared
+        (found by restore() after an agent restart)."""
         local = self._tasks.pop(task_id, None)
         if self.dns is not None:
             await self.dns.stop_serving(task_id)
-        nets = local.networks if local else []
-        for nid in nets:
-            with contextlib.suppress(Exception):
-                self.gossip.delete(ENDPOINT_TABLE, nid, task_id)  # type: ignore[union-attr]
+        nets = list(local.networks) if local else []
         if self._driver is not None:
-            with contextlib.suppress(Exception):
+            nets += [n for n in await asyncio.to_thread(self._driver.task_networks, task_id) if n not in nets]
+        if self.gossip is not None:
+            for nid in nets:
+                if nid in self.gossip.networks() and task_id in self.gossip.entries(ENDPOINT_TABLE, nid):
+                    self.gossip.delete(ENDPOINT_TABLE, nid, task_id)
+        async with self._lock:
+            if self._driver is not None:
                 await asyncio.to_thread(self._driver.detach, task_id)
-        name = self._netns_name(task_id)
-        if os.path.exists(f"/run/netns/{name}"):
-            with contextlib.suppress(OSError):
+            name = self._netns_name(task_id)
+            if os.path.exists(f"/run/netns/{name}"):
                 await asyncio.to_thread(pr_netns.remove, name)
-        still = {n for t in self._tasks.values() for n in t.networks}
-        for nid in nets:
-            self._dirty.put_nowait(nid)
-            if nid in still or nid == self._ingress_id:
-                continue
-            with contextlib.suppress(Exception):
-                await self.gossip.leave_network(nid)  # type: ignore[union-attr]
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.driver.remove_network, nid)  # only reached with a driver
+            still = {n for t in self._tasks.values() for n in t.networks}
+            for nid in nets:
+                self._dirty.put_nowait(nid)
+                if nid in still or nid == self._ingress_id:
+                    continue
+                if self.gossip is not None:
+                    await self.gossip.leave_network(nid)
+                if self._driver is not None:
+                    try:
+                        await asyncio.to_thread(self._driver.remove_network, nid)
+                    except Exception as e:  # another (restored) task still on it: kept for its release
+                        log.info("node=%s network=%s sandbox kept: %s", self.node_id, nid, e)
+        log.info("node=%s task=%s networking released networks=%s", self.node_id, task_id, ",".join(nets) or "-")
 
     async def cleanup(self) -> None:
         """Remove everything this node's networking made (tests, lab down)."""
         for tid in list(self._tasks):
             await self.release(tid)
+        if self.gossip is not None and self._ingress_id:
+            nid, self._ingress_id = self._ingress_id, ""
+            key = f"sbox-{self.node_id}"
+            if nid in self.gossip.networks() and key in self.gossip.entries(ENDPOINT_TABLE, nid):
+                self.gossip.delete(ENDPOINT_TABLE, nid, key)
+            await self.gossip.leave_network(nid)
+            self._ingress_ports.clear()
         if self._driver is not None:
             await asyncio.to_thread(self._driver.cleanup)
+        log.info("node=%s networking cleaned up", self.node_id)

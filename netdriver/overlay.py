@@ -33,6 +33,8 @@ API for the agent
     d.unpublish_ingress(protocol, published_port)
     d.cleanup()                                 # removes everything this driver made
     d.peer_entries(network_id) -> (fdb {(mac, vtep)}, neigh {(ip, mac)})   # what the kernel holds
+    d.peers(network_id) -> {ip: (mac, vtep)}    # remote endpoints held (programmed or pending)
+    d.task_networks(task_id) -> [network id]    # networks a task is attached to here
 
 Errors the user can cause raise OverlayError (PortConflictError for published ports) with one
 sentence naming the field and the fix: a VNI already used by another device, UDP 4789 bound by
@@ -435,6 +437,21 @@ class OverlayDriver:
                         if e.code not in (errno.ENOENT, errno.ESRCH):
                             raise
             self._log("peer.removed", network=network_id, ip=ip, mac=mac, vtep=vtep)
+
+    def peers(self, network_id: str) -> dict[str, tuple[str, str]]:
+        """The remote endpoints this driver holds for the network (programmed or pending): ip -> (mac, vtep)."""
+        with self._lock:
+            n = self._nets.get(network_id)
+            out = dict(self._pending_peers.get(network_id, {}))
+            if n is not None:
+                out.update(n.peers)
+            return out
+
+    def task_networks(self, task_id: str) -> list[str]:
+        """The networks a task is attached to on this node (also a task adopted by restore())."""
+        with self._lock:
+            ep = self._eps.get(task_id)
+            return list(dict.fromkeys(nid for nid, _ in ep.links)) if ep is not None else []
 
     def peer_entries(self, network_id: str) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
         """What the kernel holds on the network's vxlan0: ({(mac, vtep)}, {(ip, mac)}) (permanent only)."""
