@@ -23,10 +23,12 @@ method number and our bytes) inside those encrypted messages.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -47,6 +49,10 @@ from shoal.manager.store import (
     Unavailable,
 )
 from shoal.proto import store_pb2
+
+# pysyncobj.win_inet_pton replaces socket.inet_ntop with a Windows-only version on every OS, which
+# breaks everyone else in the process that formats addresses (pyroute2's netlink decoding): undo it.
+socket.inet_ntop = _socket.inet_ntop
 
 log = logging.getLogger(__name__)
 
