@@ -38,6 +38,7 @@ from pyroute2 import netns as pr_netns
 
 from shoal.netdriver.dns import DNSServer
 from shoal.netdriver.gossip import ENDPOINT_TABLE, EventKind, Gossip
+from shoal.netdriver.nslab import create_netns
 from shoal.netdriver.overlay import OverlayDriver
 from shoal.proto import dispatcher_pb2, gossip_pb2, objects_pb2, types_pb2
 
@@ -361,7 +362,7 @@ class NetworkAgent:
         name = self._netns_name(task.id)
         path = f"/run/netns/{name}"
         if not os.path.exists(path):
-            await asyncio.to_thread(pr_netns.create, name)
+            await asyncio.to_thread(create_netns, name)
         nets = [att.network.id for att in task.networks]
         local = _Local(path, nets, [])
         self._tasks[task.id] = local

@@ -55,6 +55,42 @@ def ns_path(name: str) -> str:
     return name if name.startswith("/") else f"{NETNS_DIR}/{name}"
 
 
+_CLONE_NEWNET = 0x40000000
+_MS_REC, _MS_BIND, _MS_SHARED = 0x4000, 0x1000, 1 << 20
+
+
+def create_netns(name: str) -> str:
+    """Create the named network namespace /run/netns/NAME without forking.
+
+    pyroute2's netns.create forks a helper, and a fork of a process that runs gRPC threads aborts
+    in the child (gRPC's fork handlers); here a short-lived thread unshares its own network
+    namespace and bind-mounts it, as `ip netns add` does in its process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    path = ns_path(name)
+    os.makedirs(NETNS_DIR, exist_ok=True)
+    if libc.mount(b"", NETNS_DIR.encode(), b"none", _MS_SHARED | _MS_REC, None) != 0:
+        if libc.mount(NETNS_DIR.encode(), NETNS_DIR.encode(), b"none", _MS_BIND | _MS_REC, None) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"cannot prepare {NETNS_DIR} for namespace {name}: {os.strerror(e)}")
+        libc.mount(b"", NETNS_DIR.encode(), b"none", _MS_SHARED | _MS_REC, None)
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    errors: list[int] = []
+
+    def unshare_and_bind() -> None:
+        if libc.unshare(_CLONE_NEWNET) != 0:
+            errors.append(ctypes.get_errno())
+        elif libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none", _MS_BIND, None) != 0:
+            errors.append(ctypes.get_errno())
+
+    t = threading.Thread(target=unshare_and_bind, name=f"netns-{name}")
+    t.start()
+    t.join()
+    if errors:
+        os.unlink(path)
+        raise OSError(errors[0], f"cannot create network namespace {name}: {os.strerror(errors[0])}")
+    return path
+
+
 def nsenter(path: str | None, argv: Sequence[str]) -> list[str]:
     """argv prefixed to run in the network namespace at `path` (None: the current one)."""
     return list(argv) if path is None else ["nsenter", f"--net={ns_path(path)}", *argv]
@@ -178,7 +214,7 @@ class NsLab:
     def add_netns(self, suffix: str) -> str:
         """Create namespace `<prefix>-<suffix>` with lo up; it is removed by close()."""
         name = f"{self.prefix}-{suffix}"
-        netns.create(name)
+        create_netns(name)
         self._namespaces.append(name)
         with open_ipr(name) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")

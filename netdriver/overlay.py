@@ -84,7 +84,7 @@ from pyroute2 import IPRoute, NetlinkError, netns
 from shoal.proto import objects_pb2
 
 from . import nft, xfrm
-from .nslab import add_veth, move_link, netns_socket, ns_path, open_ipr
+from .nslab import add_veth, create_netns, move_link, netns_socket, ns_path, open_ipr
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ class OverlayDriver:
     def _build_sandbox(self, n: _Network, created: bool) -> None:
         sb = ns_path(n.sandbox)
         if created:
-            netns.create(n.sandbox)
+            create_netns(n.sandbox)
         meta = f"{n.id}|{n.vni}|{n.subnet}|{n.gateway}|{int(n.internal)}{int(n.ingress)}"
         with self._ipr(sb) as ipr:
             ipr.link("set", index=self._idx(ipr, "lo"), state="up")
@@ -786,7 +786,7 @@ class OverlayDriver:
             created = self.ingress_sbox not in netns.listnetns()
             try:
                 if created:
-                    netns.create(self.ingress_sbox)
+                    create_netns(self.ingress_sbox)
                 att = objects_pb2.NetworkAttachment(addresses=[sbox_address], mac=sbox_mac)
                 att.network.CopyFrom(ingress_net)
                 ifaces = self.attach(INGRESS_TASK, ns_path(self.ingress_sbox), [att])
