@@ -9,7 +9,8 @@ that are not READY are ignored, as docker ignores tasks on down nodes.
 The wait ends early, successfully, when no node is READY and ACTIVE: nothing can run the tasks yet,
 so the store having the change is all there is to wait for. It fails clearly when the service's
 update pauses (or its rollback pauses), when up-to-date tasks keep failing (as many failed or
-rejected tasks as desired replicas, at least 3: the last error is shown), and at the timeout.
+rejected tasks as desired replicas, at least 3, while none runs; or three times that many: the last
+error is shown), when every waiting task has had no suitable node for 10 s, and at the timeout.
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ class Waiter:
         failed: dict[str, str] = {}
         said_rollback = False
         unplaceable_since: float | None = None
+        earlier: set[str] | None = None
+        some_ran = False
         while True:
             snap = self._snapshot(service_id)
             svc = snap.service
@@ -143,8 +146,10 @@ class Waiter:
                 self._say(f"rollback: {us.message or 'rolling back'}")
                 said_rollback = True
             prog = measure(svc, snap)
+            if earlier is None:  # failures from before this change do not count against it
+                earlier = {t.id for t in snap.tasks if t.status.state in FAILED_STATES}
             for t in snap.tasks:
-                if up_to_date(t, svc) and t.status.state in FAILED_STATES:
+                if up_to_date(t, svc) and t.status.state in FAILED_STATES and t.id not in earlier:
                     failed[t.id] = t.status.err or t.status.message or state_name(t.status.state).lower()
             detail = ", ".join(f"{k}: {_task_state(t)}" for k, t in prog.slots[:10])
             line = f"overall progress: {prog.running} out of {prog.desired} tasks"
@@ -169,7 +174,9 @@ class Waiter:
                         f"until a node fits (swarmctl service ps {name})")
             else:
                 unplaceable_since = None
-            if len(failed) >= max(3, prog.desired):
+            if any(t.status.state == RUNNING for _, t in prog.slots):
+                some_ran = True
+            if (len(failed) >= max(3, prog.desired) and not some_ran) or len(failed) >= max(6, 3 * prog.desired):
                 last = list(failed.values())[-1]
                 raise CliError(f"service {name} is not converging: {len(failed)} tasks failed or were rejected; "
                                f"last error: {last}")
