@@ -248,6 +248,7 @@ async def main() -> None:
         "propagation_procs_spaced_p99_s": round(pct(procs["spaced"], 99), 4),
         "propagation_procs_burst_p50_s": round(pct(procs["burst"], 50), 4),
         "propagation_procs_burst_p99_s": round(pct(procs["burst"], 99), 4),
+        "propagation_procs_max_s": round(max(procs["spaced"] + procs["burst"]), 4),
         "propagation_inproc_spaced_p50_s": round(pct(inproc, 50), 4),
         "propagation_inproc_spaced_p99_s": round(pct(inproc, 99), 4),
         "target_p99_s": 0.5,

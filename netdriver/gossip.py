@@ -12,8 +12,8 @@ the nodes that joined that network:
   network, then does a full TCP push-pull sync with a node already on it;
 * ``put``/``delete`` apply locally, then go out at once over UDP to ``gossip_nodes`` random nodes
   of the network; every node that learns something new forwards it the same way, and queued
-  changes are retransmitted every ``gossip_interval`` (``retransmit_mult * ceil(log10(n+1))``
-  sends per node);
+  changes are retransmitted every ``gossip_interval`` (``ceil(retransmit_mult * log10(n+1))``
+  rounds per node);
 * every ``table_sync_interval`` (±25 %) a node push-pulls each of its networks with a random node
   of that network over TCP (anti-entropy);
 * deletes are tombstones, reaped after ``tombstone_ttl``;
@@ -55,6 +55,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import random
 import signal
 import sys
@@ -72,7 +73,6 @@ from shoal.netdriver.swim import (
     Member,
     Memberlist,
     TransmitQueue,
-    retransmit_limit,
 )
 from shoal.netdriver.tables import EventKind, LamportClock, TableEvent, TableStore, version
 from shoal.proto import gossip_pb2 as pb
@@ -369,14 +369,16 @@ class Gossip(Delegate):
         if not peers:
             return
         targets = random.sample(peers, min(len(peers), self.config.gossip_nodes))
-        limit = retransmit_limit(self.config.retransmit_mult, len(peers) + 1)
+        # rounds of gossip_nodes sends each node gives an entry: ceil(mult * log10(n + 1)); a node
+        # then misses an entry with probability ~ exp(-rounds * gossip_nodes) (anti-entropy repairs it)
+        limit = max(2, math.ceil(self.config.retransmit_mult * math.log10(len(peers) + 2)))
         budget = self.config.udp_buffer_size - OVERHEAD - len(self.node_id) - 8
         if q.pop_oversize(budget):
             # too big for a datagram: push the network's table over TCP to the fan-out peers
             log.info("node=%s network=%s entry too large for UDP, syncing over TCP", self.node_id, network_id)
             for t in targets:
                 self._spawn(self._sync_quietly(t, [network_id]))
-        for batch in q.batches(budget, limit, _MAX_PACKETS_PER_FLUSH, sends=len(targets)):
+        for batch in q.batches(budget, limit, _MAX_PACKETS_PER_FLUSH, sends=1):
             pkt = pb.Packet(source=self.node_id, messages=batch)
             for t in targets:
                 self.ml.send_raw(t.addr, t.port, pkt)
