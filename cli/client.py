@@ -16,6 +16,8 @@ import grpc
 from shoal.proto import control_pb2_grpc
 
 DEFAULT_SOCKET = "/var/run/shoal/swarmd.sock"
+# swarmd's socket is STATE_DIR/swarmd.sock; /var/lib/shoal is the state dir the VM provisioning uses.
+FALLBACK_SOCKETS = ("/var/lib/shoal/swarmd.sock",)
 MANAGER_NAME = "swarm-manager"
 DEFAULT_RPC_TIMEOUT = 30.0
 
@@ -63,12 +65,15 @@ class Client:
             self.target = host
             self.channel = grpc.secure_channel(host, creds, options=options)
         else:
-            path = socket or os.environ.get("SWARM_SOCKET") or DEFAULT_SOCKET
+            path = socket or os.environ.get("SWARM_SOCKET")
+            if not path:
+                path = next((p for p in (DEFAULT_SOCKET, *FALLBACK_SOCKETS) if os.path.exists(p)), DEFAULT_SOCKET)
             self.target = f"unix://{path}"
             if not os.path.exists(path):
                 raise CliError(
                     f"cannot reach the manager: the socket {path} does not exist; is swarmd running? "
-                    "Point swarmctl at it with --socket PATH, SWARM_SOCKET or --host ADDR:2377"
+                    "Point swarmctl at it with --socket PATH (STATE_DIR/swarmd.sock), SWARM_SOCKET or "
+                    "--host ADDR:2377 --tls-dir STATE_DIR"
                 )
             self.channel = grpc.insecure_channel(self.target)
         self.stub = control_pb2_grpc.ControlStub(self.channel)
