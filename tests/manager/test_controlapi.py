@@ -464,6 +464,23 @@ class FakeManagerFacts:
                                                                         reachable=True, addr="127.0.0.1:2378")])
 
 
+class SyncManagerFacts:
+    """The daemon's Manager answers info() synchronously, with cluster_id and store_version set."""
+
+    def info(self) -> control_pb2.InfoResponse:
+        return control_pb2.InfoResponse(node_id="n9", is_manager=True, cluster_id="c9", store_version=1)
+
+
+def test_info_from_a_synchronous_manager(tmp_path) -> None:
+    async def main() -> None:
+        async with served(tmp_path, manager=SyncManagerFacts()) as s:
+            await s.store.update(lambda tx: tx.create(objects_pb2.Node()))
+            info = await s.stub.Info(control_pb2.InfoRequest())
+            assert (info.node_id, info.cluster_id, info.store_version) == ("n9", "c9", s.store.sm.version)
+
+    run(main())
+
+
 def test_info(tmp_path) -> None:
     async def main() -> None:
         async with served(tmp_path) as s:
