@@ -39,6 +39,10 @@ BASE = Path(os.environ.get("SHOAL_LAB_DIR", "/var/lib/shoal-lab"))
 UNDERLAY_SUBNET = "198.18.0.0/24"
 UNDERLAY_GW = "198.18.0.254"
 OVERLAY_POOL = "198.19.0.0/16"
+# Each host's gateway bridge (containers' egress NAT) stays inside the lab's ranges too: the last /24
+# of the overlay pool, which the allocator (handing out /24s from the start) reaches only at the
+# 256th network.
+EGRESS_SUBNET = "198.19.255.0/24"
 REGISTRY_PORT = 5000
 
 Progress = Callable[[str], None]
@@ -356,6 +360,7 @@ class Lab:
             addr_pool=OVERLAY_POOL if init else "",
             registry_mirrors=[f"http://{UNDERLAY_GW}:{REGISTRY_PORT}"],
             insecure_registries=[f"{UNDERLAY_GW}:{REGISTRY_PORT}"],
+            egress_subnet=EGRESS_SUBNET,
         )
 
     def _start_swarmd(self, state: LabState, h: Host, *, init: bool = False, token: str = "", join: str = "") -> int:

@@ -32,6 +32,7 @@ def swarmd_argv(
     addr_pool: str = "",
     registry_mirrors: Sequence[str] = (),
     insecure_registries: Sequence[str] = (),
+    egress_subnet: str = "",
     swarmd: str = "",
 ) -> list[str]:
     """swarmd's command line. Without init or join_addr it resumes from the state dir (or, the very
@@ -50,6 +51,8 @@ def swarmd_argv(
         argv += ["--registry-mirror", m]
     for r in insecure_registries:
         argv += ["--insecure-registry", r]
+    if egress_subnet:
+        argv += ["--egress-subnet", egress_subnet]
     if init and addr_pool:
         argv += ["--default-addr-pool", addr_pool]
     if join_addr:
