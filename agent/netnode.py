@@ -11,7 +11,8 @@ answering one JSON line on stdout ``{"id": …, "ok": true, "result": …}`` (or
 "error": …``). Requests (``{"id": 1, "op": "…", …}``; protobufs as base64 of their bytes):
 
 * ``session`` ``msg`` (dispatcher_pb2.SessionMessage): `on_session` (keys, managers to join, node);
-* ``prepare`` ``task`` (objects_pb2.Task) → ``{netns_path, resolv_conf, addresses}``;
+* ``prepare`` ``task`` (objects_pb2.Task) → ``{netns_path, resolv_conf, addresses, t}`` (t: unix time
+  when prepare() returned);
 * ``release`` ``task_id``; ``cleanup``; ``stop`` (leave the gossip and exit; nothing removed);
 * ``state`` → ``{ready, error, members: {node: state}, networks, ingress, tasks, dns}``;
 * ``peers`` ``network_id`` → ``{fdb: [[mac, vtep]…], neigh: [[ip, mac]…]}`` (what the kernel holds).
@@ -77,7 +78,8 @@ class _Server:
             return None
         if op == "prepare":
             tn = await net.prepare(objects_pb2.Task.FromString(base64.b64decode(req["task"])))
-            return {"netns_path": tn.netns_path, "resolv_conf": tn.resolv_conf, "addresses": tn.addresses}
+            return {"netns_path": tn.netns_path, "resolv_conf": tn.resolv_conf, "addresses": tn.addresses,
+                    "t": time.time()}
         if op == "release":
             await net.release(req["task_id"])
             return None
