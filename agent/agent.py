@@ -156,7 +156,13 @@ class Agent:
         return addr
 
     def _channel(self, addr: str) -> grpc.aio.Channel:
-        opts = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 1000), *self.channel_options]
+        opts = [
+            ("grpc.keepalive_time_ms", 1000),
+            ("grpc.keepalive_timeout_ms", 1000),
+            # a COMPLETE assignment set carries the node's secrets and configs (≤ 500 KB each)
+            ("grpc.max_receive_message_length", 256 << 20),
+            *self.channel_options,
+        ]
         if self.credentials is None:
             return grpc.aio.insecure_channel(addr, options=opts)
         return grpc.aio.secure_channel(addr, self.credentials, options=opts)
