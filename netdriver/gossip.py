@@ -288,10 +288,35 @@ class Gossip(Delegate):
         self._node_networks[key] = copy
         if rebroadcast:
             self.ml.queue_broadcast(("net", ev.node, ev.network_id), pb.Message(network=copy))
+        if not ev.leave and (cur is None or cur.leave) and ev.network_id in self._networks:
+            # a node new on one of our networks: hand it our own entries at once (its own sync
+            # may have found nobody yet; anti-entropy would only catch up seconds later)
+            self._push_own_entries(ev.node, ev.network_id)
         if ev.leave and ev.network_id in self._networks:
             log.info("node=%s member=%s left network=%s, purging its entries", self.node_id, ev.node, ev.network_id)
             for tev in self.store.purge_owner(ev.node, ev.network_id):
                 self._emit(tev)
+
+    def _push_own_entries(self, node: str, network_id: str) -> None:
+        m = self.ml.member(node)
+        if m is None or m.state not in (ALIVE, SUSPECT):
+            return
+        own = [pb.Message(entry=e) for e in self.store.network_entries(network_id)
+               if e.owner == self.node_id and not e.deleted]
+        budget = self.config.udp_buffer_size - OVERHEAD - len(self.node_id) - 8
+        batch: list[pb.Message] = []
+        size = 0
+        for msg in own:
+            n = msg.ByteSize() + 3
+            if n > budget:
+                continue  # too big for a datagram: anti-entropy (TCP) brings it
+            if batch and size + n > budget:
+                self.ml.send_raw(m.addr, m.port, pb.Packet(source=self.node_id, messages=batch))
+                batch, size = [], 0
+            batch.append(msg)
+            size += n
+        if batch:
+            self.ml.send_raw(m.addr, m.port, pb.Packet(source=self.node_id, messages=batch))
 
     # ----- tables ----------------------------------------------------------------------------
 

@@ -383,3 +383,22 @@ async def test_partition_heals_through_reconnect():
         nodes[3].set_keys([KEY1])
         await until(lambda: all(list(states(g).values()).count("alive") == 4 for g in nodes), "healed")
         await until(lambda: all(len(g.entries("t", "netP")) == 2 for g in nodes), "tables merged again")
+
+
+@aiotest
+async def test_nodes_hand_their_entries_to_a_newcomer_on_the_network():
+    cfg = GossipConfig(table_sync_interval=1000.0)  # no anti-entropy: only the push can do it
+    async with cluster(3, config=cfg) as nodes:
+        a, b, c = nodes
+        for g in (a, b):
+            await g.join_network("netN")
+        a.put("t", "netN", "a", b"1")
+        b.put("t", "netN", "b", b"2")
+        await until(lambda: all(g.entries("t", "netN") == {"a": b"1", "b": b"2"} for g in (a, b)), "a, b synced")
+        await until(lambda: all(not len(g._net_queues["netN"]) for g in (a, b)), "retransmits done")
+        # c has not heard yet that a and b are on netN, so its join finds nobody to sync with
+        for n in ("n0", "n1"):
+            c._node_networks.pop((n, "netN"), None)
+        await c.join_network("netN")
+        assert c.entries("t", "netN") == {}
+        await until(lambda: c.entries("t", "netN") == {"a": b"1", "b": b"2"}, "a and b pushed their entries to c")
