@@ -156,9 +156,9 @@ class Agent:
         return addr
 
     def _channel(self, addr: str) -> grpc.aio.Channel:
+        # No transport keepalive: a server refuses pings more often than every 5 min without data
+        # (GOAWAY too_many_pings); the heartbeat's deadline finds a dead manager instead.
         opts = [
-            ("grpc.keepalive_time_ms", 1000),
-            ("grpc.keepalive_timeout_ms", 1000),
             # a COMPLETE assignment set carries the node's secrets and configs (≤ 500 KB each)
             ("grpc.max_receive_message_length", 256 << 20),
             *self.channel_options,
