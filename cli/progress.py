@@ -107,12 +107,27 @@ class Waiter:
         self.interval = interval
         self.clock = clock
         self._last = ""
+        self._tty = bool(getattr(self.out, "isatty", lambda: False)())
+        self._open = False  # a progress line is on the terminal without its newline yet
 
-    def _say(self, line: str) -> None:
-        if line != self._last:
+    def _say(self, line: str, progress: bool = False) -> None:
+        """Print a line once; on a terminal, progress lines replace each other in place."""
+        if line == self._last:
+            return
+        self._last = line
+        if self._tty and progress:
+            self.out.write("\r\033[K" + line)
+            self._open = True
+        else:
+            self._end_line()
             self.out.write(line + "\n")
+        self.out.flush()
+
+    def _end_line(self) -> None:
+        if self._open:
+            self.out.write("\n")
             self.out.flush()
-            self._last = line
+            self._open = False
 
     def _snapshot(self, service_id: str, with_service: bool = True) -> Snapshot:
         svc = None
@@ -124,6 +139,18 @@ class Waiter:
         return Snapshot(svc, list(tasks), list(nodes))
 
     def converge(self, service_id: str, name: str) -> None:
+        try:
+            self._converge(service_id, name)
+        finally:
+            self._end_line()
+
+    def removed(self, service_id: str, name: str) -> None:
+        try:
+            self._removed(service_id, name)
+        finally:
+            self._end_line()
+
+    def _converge(self, service_id: str, name: str) -> None:
         start = self.clock()
         failed: dict[str, str] = {}
         said_rollback = False
@@ -155,7 +182,7 @@ class Waiter:
             line = f"overall progress: {prog.running} out of {prog.desired} tasks"
             if prog.stopping:
                 line += f", {prog.stopping} stopping"
-            self._say(line + (f" [{detail}]" if detail else ""))
+            self._say(line + (f" [{detail}]" if detail else ""), progress=True)
             elapsed = self.clock() - start
             if prog.running == prog.desired and not prog.stopping:
                 if prog.desired or svc.spec.WhichOneof("mode") != "global" or elapsed >= NO_TASKS_GRACE:
@@ -185,7 +212,7 @@ class Waiter:
                                f"{prog.desired} tasks running{_why(snap.tasks, svc, failed)}")
             time.sleep(self.interval)
 
-    def removed(self, service_id: str, name: str) -> None:
+    def _removed(self, service_id: str, name: str) -> None:
         start = self.clock()
         while True:
             snap = self._snapshot(service_id, with_service=False)
@@ -197,7 +224,7 @@ class Waiter:
                 if self._last:
                     self._say(f"{name}: all tasks stopped")
                 return
-            self._say(f"{name}: waiting for {len(live)} task{'s' if len(live) > 1 else ''} to stop")
+            self._say(f"{name}: waiting for {len(live)} task{'s' if len(live) > 1 else ''} to stop", progress=True)
             if self.clock() - start >= self.timeout:
                 raise CliError(f"service {name} was removed, but {len(live)} of its tasks were still running after "
                                f"{self.timeout:g}s")
