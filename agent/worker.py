@@ -310,7 +310,10 @@ class TaskController:
                 self._netns_prepared = True
             except Exception as e:
                 log.warning("network re-adoption failed task=%s err=%s", self.id, one_line(e))
-        if status == "running":
+        if status == "running" and self.state > S.RUNNING:
+            log.warning("container of a finished task still runs task=%s: stopping it", self.id)
+            await self._stop()
+        elif status == "running":
             self.report(S.RUNNING, "started", pid=_pid_of(info))
         elif status == "exited":
             if self.state < S.COMPLETE and info.exit is not None:
