@@ -14,7 +14,13 @@ and it runs one control loop (`run`) that follows the gossip endpoint tables: a 
 becomes an FDB + neighbour entry on this node's VXLAN device (and goes when it goes), every
 service VIP on a local network is balanced over the endpoints that carry it, and every port a
 service publishes in ingress mode is accepted on this node and routed to that service's endpoints
-on the ingress network, wherever they run.
+on the ingress network, wherever they run. `run` first replays what the tables already hold, and
+each network's pass also drops kernel peers the table no longer has (an earlier run's).
+
+Agent restart: prepare() keeps each task under `<state_dir>/network/tasks/<task id>.pb`; a new
+process's start() adopts the sandboxes and interfaces left in the kernel and announces those tasks
+again (records, DNS) before it joins the cluster, so the other nodes never see them go. The
+worker's prepare() for the re-adopted task is then a no-op; release() forgets it.
 
 A node that advertises a loopback address (a cluster of several swarmd on 127.0.0.x, as the
 loopback tests run) has no data path: VXLAN between loopback addresses would only build gateway
@@ -172,13 +178,47 @@ class NetworkAgent:
         self.dns = DNSServer(self.gossip, upstreams=self.upstream_dns)
         found = await asyncio.to_thread(self.driver.restore)
         self._ready.set()
+        # Tasks of an earlier life still attached here: announce them again before this node joins
+        # the cluster. Otherwise the others, hearing that this (new) process is on none of their
+        # networks, would purge its endpoints until the worker prepare()s them again.
+        again = 0
+        for tid in sorted(found):
+            task = self._load_task(tid)
+            if task is None or not os.path.exists(f"/run/netns/{self._netns_name(tid)}"):
+                continue
+            try:
+                await self.prepare(task)
+                again += 1
+            except Exception as e:
+                log.warning("node=%s task=%s networking of an earlier run not restored: %s", self.node_id, tid, e)
         log.info(
-            "node=%s network agent started gossip=%s:%d adopted=%d",
+            "node=%s network agent started gossip=%s:%d adopted=%d restored=%d",
             self.node_id,
             self.addr,
             self.gossip_port,
             len(found),
+            again,
         )
+
+    # ---- the tasks prepared here, kept in the state dir for the next run ---------------------------
+    def _task_file(self, task_id: str) -> Path:
+        return self.state_dir / "network" / "tasks" / f"{task_id}.pb"
+
+    def _save_task(self, task: objects_pb2.Task) -> None:
+        path = self._task_file(task.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(task.SerializeToString())
+        os.replace(tmp, path)
+
+    def _load_task(self, task_id: str) -> objects_pb2.Task | None:
+        try:
+            return objects_pb2.Task.FromString(self._task_file(task_id).read_bytes())
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            log.warning("node=%s task=%s saved networking unreadable: %s", self.node_id, task_id, e)
+            return None
 
     def set_keys(self, keys: Sequence[bytes]) -> None:
         """Replace the gossip keys (primary first); keys no longer listed stop working."""
@@ -417,6 +457,7 @@ class NetworkAgent:
                 await self.dns.serve_in(task.id, path, user_nets, stack or None)
             for nid in nets:
                 self._dirty.put_nowait(nid)
+            await asyncio.to_thread(self._save_task, task)
         except BaseException as e:
             try:
                 await self.release(task.id)
@@ -432,6 +473,7 @@ class NetworkAgent:
         network sandboxes no other local task uses. Also for a task this process never prepared
         (found by restore() after an agent restart)."""
         local = self._tasks.pop(task_id, None)
+        self._task_file(task_id).unlink(missing_ok=True)
         if self.dns is not None:
             await self.dns.stop_serving(task_id)
         nets = list(local.networks) if local else []
@@ -474,4 +516,6 @@ class NetworkAgent:
             self._ingress_ports.clear()
         if self._driver is not None:
             await asyncio.to_thread(self._driver.cleanup)
+        for f in self._task_file("x").parent.glob("*.pb"):
+            f.unlink(missing_ok=True)
         log.info("node=%s networking cleaned up", self.node_id)

@@ -476,6 +476,10 @@ def test_agent_killed_then_restarted(cluster):
     # a new agent process on host 3 (same namespaces, same state dir): the worker prepares its task again
     c.start(2)
     wait_for(lambda: c.node(2).state()["members"].get("node1") == "alive", "restarted agent joined")
+    # it announced its running task again from its state dir before joining, DNS included
+    st = c.node(2).state()
+    assert st["tasks"] == [tids[2]] and st["dns"] == [tids[2]], st
+    assert c.lookup(tids[2], tids[2]) == [ips[2]]
     got = c.node(2).prepare(tasks[2])
     assert got["netns_path"] == c.netns(tids[2]) and got["addresses"][0] == f"{ips[2]}/24"
     assert c.sh(tids[2], IFACES).stdout == links_before
