@@ -45,6 +45,9 @@ def _progress(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from shoal.lab.lab import Lab, LabError
 
+    if args.lab_cmd == "exec":  # `lab exec HOST --name X -- CMD`: the remainder swallowed --name
+        while len(args.argv) >= 2 and args.argv[0] == "--name":
+            args.name, args.argv = args.argv[1], args.argv[2:]
     lab = Lab(args.name, progress=_progress)
     try:
         cmd = args.lab_cmd

@@ -310,9 +310,48 @@ def test_partitioned_worker_tasks_move_and_no_duplicates_after_heal(cluster: Lab
         remove_service(cluster, "move", sock)
 
 
+def client_hosts(c: Lab) -> set[str]:
+    """Hosts of the web replicas the demo client got answers from (its log names each replica's
+    container, whose hostname is its task id's first 12 characters)."""
+    logs = swarmctl("service", "logs", "demo_client", "--tail", "30", sock=c.sock, check=False).stdout
+    nodes = {i: n["description"]["hostname"] for i, n in c.nodes().items()}
+    where = {t["id"][:12]: nodes.get(t.get("node_id", ""), "?") for t in c.tasks("demo_web")}
+    return {where[m] for m in re.findall(r"container (\w{12})\)", logs) if m in where}
+
+
+def test_demo_stack_answers_from_several_hosts(cluster: Lab) -> None:
+    """The README's demo: web replicas on three hosts answer the client over the overlay (service
+    name -> VIP), and every node publishes port 8080 (routing mesh); `stack rm` removes it all."""
+    stack = ROOT / "examples" / "demo-stack.yml"
+    try:
+        swarmctl("stack", "deploy", "-f", str(stack), "demo", sock=cluster.sock, timeout=180)
+        web = cluster.running("demo_web")
+        assert len({h for h, *_ in web}) == 3, web  # max one per node
+        hosts = wait_for("answers from web replicas on two hosts", lambda: len(h := client_hosts(cluster)) >= 2 and h)
+        assert hosts <= {h for h, *_ in web}
+        # the published port answers on every host, from the underlay's "outside world"
+        from shoal.lab.lab import LabState
+
+        ul = f"/run/netns/{LabState.load(NAME).prefix}-ul"
+        for i in (1, 4, 5):
+            page = wait_for(f"port 8080 of h{i}", lambda i=i: subprocess.run(
+                ["nsenter", f"--net={ul}", "busybox", "wget", "-q", "-O", "-", f"http://198.18.0.{i}:8080/"],
+                capture_output=True, text=True, timeout=10).stdout, 30)
+            assert "says hello from Shoal (token 18 bytes)" in page, page
+    finally:
+        swarmctl("stack", "rm", "demo", sock=cluster.sock, check=False, timeout=120)
+    pids = [p for _, _, p, _ in web]
+    wait_for("the demo's containers to end", lambda: not any(alive(p) for p in pids), 60)
+    nets = json.loads(swarmctl("network", "ls", "--format", "json", sock=cluster.sock).stdout)
+    assert [n["spec"]["annotations"]["name"] for n in nets] == ["ingress"], nets
+
+
 def test_down_leaves_nothing_behind(cluster: Lab) -> None:
     before: dict[str, set[str]] = cluster.before  # type: ignore[attr-defined]
-    swarmctl("service", "create", "--name", "last", "--replicas", "5", "busybox", "sleep", "1000", sock=cluster.sock)
+    # leave something of everything running: containers, an overlay network, a published port
+    swarmctl("network", "create", "-d", "overlay", "lastnet", sock=cluster.sock)
+    swarmctl("service", "create", "--name", "last", "--replicas", "5", "--network", "lastnet", "--publish", "8081:80",
+             "busybox", "httpd", "-f", "-p", "80", sock=cluster.sock)
     during = snapshot()
     assert during["netns"] and during["procs"], during  # the snapshot does see the lab
     pids = [p for _, _, p, _ in cluster.running("last")]
