@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from shoal.lab.registry import free_port
@@ -77,17 +79,32 @@ def wait_until(pred, timeout: float = 60, what: str = "condition"):
         time.sleep(0.2)
 
 
-def running_containers(node: Node) -> list[str]:
+def running_pids(node: Node) -> dict[str, int]:
+    """Container id -> pid of the node's running containers (read from its engine root)."""
     from shoal.agent.engine import Engine
 
-    async def main() -> list[str]:
+    async def main() -> dict[str, int]:
         e = Engine(node.dir / "engine")
         try:
-            return sorted(c.id for c in await e.list() if c.status == "running")
+            return {c.id: c.pid for c in await e.list() if c.status == "running"}
         finally:
             await e.close()
 
     return asyncio.run(main())
+
+
+def running_containers(node: Node) -> list[str]:
+    return sorted(running_pids(node))
+
+
+def sessions(log: Path) -> list[tuple[datetime, str]]:
+    """(time, manager address) of every session the node's agent opened, from its swarmd log."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        m = re.match(r"(\S+ \S+) .*shoal\.agent: session opened .* manager=(\S+)", line)
+        if m:
+            out.append((datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f"), m.group(2)))
+    return out
 
 
 def cleanup_engine(root: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from cluster_helpers import (
     dump_logs,
     free_port,
     running_containers,
+    running_pids,
+    sessions,
     task_netns,
     wait_until,
 )
@@ -102,6 +105,23 @@ def test_one_manager_two_workers_run_six_replicas_spread_two_each(registry) -> N
             what="service logs",
         )
         assert len(got) == 6
+
+        # SIGKILL w1's swarmd and start it again before its grace runs out (heartbeat 5 s for this):
+        # its agent re-adopts the same container processes, no task is replaced or duplicated.
+        ctl(sock, "cluster", "update", "--dispatcher-heartbeat", "5s")
+        time.sleep(1.5)  # the agents hear the new period on their next heartbeat
+        pids = running_pids(w1)
+        ids_before = sorted(t["id"] for t in tasks())
+        n_sessions = len(sessions(base / "w1.log"))
+        w1.stop(signal.SIGKILL)
+        w1.start()
+        wait_until(lambda: len(sessions(base / "w1.log")) > n_sessions, what="w1 session after restart")
+        wait_until(lambda: "re-adopted" in (base / "w1.log").read_text(), what="w1 re-adoption")
+        assert running_pids(w1) == pids
+        assert sorted(t["id"] for t in tasks()) == ids_before
+        assert by_name()["w1"]["status"]["state"] == "READY"
+        ctl(sock, "cluster", "update", "--dispatcher-heartbeat", "1s")
+        time.sleep(1.5)
 
         # SIGKILL a worker: DOWN, and its tasks run on the two others.
         lost = sorted(running_containers(w2))

@@ -5,7 +5,6 @@ tasks are untouched, and new assignments from the new leader reach it. Needs roo
 from __future__ import annotations
 
 import json
-import re
 import signal
 import tempfile
 import time
@@ -14,19 +13,18 @@ from pathlib import Path
 
 import pytest
 from agent_helpers import PREFIX
-from cluster_helpers import Node, cleanup_cluster, ctl, dump_logs, free_port, running_containers, wait_until
+from cluster_helpers import (
+    Node,
+    cleanup_cluster,
+    ctl,
+    dump_logs,
+    free_port,
+    running_containers,
+    sessions,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def sessions(log: Path) -> list[tuple[datetime, str]]:
-    """(time, manager address) of every session the node's agent opened, from its swarmd log."""
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        m = re.match(r"(\S+ \S+) .*shoal\.agent: session opened .* manager=(\S+)", line)
-        if m:
-            out.append((datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f"), m.group(2)))
-    return out
 
 
 def test_agent_follows_the_new_leader_after_the_leader_dies(registry) -> None:
