@@ -3,7 +3,9 @@
 One `OverlayDriver` per node, in the process that runs in the node's ("host") network namespace, or
 pointed at it with `host_netns=` (tests run several hosts from one process). Everything is sync
 (netlink calls are fast); the agent calls it through `asyncio.to_thread`. All public methods hold
-one lock, are idempotent, and leave nothing half-built when they raise.
+one lock, are idempotent, and leave nothing half-built when they raise; set_service_backends and
+remove_service write the containers' VIP tables (one nft process each) after releasing it, under a
+second lock, so that peers are programmed meanwhile.
 
 API for the agent
 -----------------
@@ -144,6 +146,8 @@ class _Endpoint:
     gw_link: str | None = None
     nft: bool = True  # our nft table may exist in the container (unknown after a restore)
     nft_body: str | None = None  # what we last wrote there
+    nft_want: str | None = None  # what should be there ("" = no table); set under _lock, applied under _nft_lock
+    gone: bool = False  # torn down: nothing more is written to its namespace
 
 
 @dataclass
@@ -188,6 +192,9 @@ class OverlayDriver:
         self.gw_net = ipaddress.ip_network(gw_subnet)
         self.gw_gateway = str(self.gw_net.network_address + 1)
         self._lock = threading.RLock()
+        # VIP tables of containers are written under this lock, not _lock, when backends change (one nft
+        # process per container): peers keep being programmed meanwhile. Order: _lock, then _nft_lock.
+        self._nft_lock = threading.Lock()
         self._nets: dict[str, _Network] = {}
         self._pending_peers: dict[str, dict[str, tuple[str, str]]] = {}
         self._eps: dict[str, _Endpoint] = {}
@@ -644,11 +651,13 @@ class OverlayDriver:
                 self._del_link(h, ep.gw_link)
         if ep.gw_ip:
             self._gw_alloc.pop(ep.gw_ip, None)
-        if ep.nft and ep.netns and os.path.exists(ep.netns):
-            try:
-                nft.delete_table(ep.netns, "ip", TABLE)
-            except nft.NftError as e:
-                log.warning("overlay node=%s task=%s nft cleanup failed: %s", self.node_id, ep.task_id, e)
+        with self._nft_lock:
+            ep.gone = True
+            if ep.nft and ep.netns and os.path.exists(ep.netns):
+                try:
+                    nft.delete_table(ep.netns, "ip", TABLE)
+                except nft.NftError as e:
+                    log.warning("overlay node=%s task=%s nft cleanup failed: %s", self.node_id, ep.task_id, e)
 
     # ------------------------------------------------------------------ service VIPs
     def set_service_backends(self, network_id: str, vip: str, backend_ips: Sequence[str],
@@ -664,23 +673,53 @@ class OverlayDriver:
                 if proto not in ("tcp", "udp"):
                     raise OverlayError(f"service port protocol {proto!r} is not supported; use tcp or udp")
             n.services[_strip(vip)] = _Service([_strip(b) for b in backend_ips], list(ports))
-            self._sync_network_containers(network_id)
-            self._log("service.backends", network=network_id, vip=vip, backends=",".join(backend_ips) or "-")
+            eps = self._want_network_containers(network_id)
+        self._apply_containers_nft(eps)
+        self._log("service.backends", network=network_id, vip=vip, backends=",".join(backend_ips) or "-")
 
     def remove_service(self, network_id: str, vip: str) -> None:
         with self._lock:
             n = self._nets.get(network_id)
             if n is None or n.services.pop(_strip(vip), None) is None:
                 return
-            self._sync_network_containers(network_id)
-            self._log("service.removed", network=network_id, vip=vip)
+            eps = self._want_network_containers(network_id)
+        self._apply_containers_nft(eps)
+        self._log("service.removed", network=network_id, vip=vip)
 
-    def _sync_network_containers(self, network_id: str) -> None:
-        for ep in self._eps.values():
-            if any(nid == network_id for nid, _ in ep.links):
-                self._sync_container_nft(ep)
+    def _want_network_containers(self, network_id: str) -> list[_Endpoint]:
+        """Under _lock: the VIP table every local container of the network should have."""
+        eps = [ep for ep in self._eps.values() if any(nid == network_id for nid, _ in ep.links)]
+        for ep in eps:
+            self._want_container_nft(ep)
+        return eps
+
+    def _apply_containers_nft(self, eps: Sequence[_Endpoint]) -> None:
+        """Without _lock: write what each container should have (the latest wish, whoever made it)."""
+        with self._nft_lock:
+            for ep in eps:
+                self._apply_container_nft(ep)
 
     def _sync_container_nft(self, ep: _Endpoint) -> None:
+        self._want_container_nft(ep)
+        with self._nft_lock:
+            self._apply_container_nft(ep)
+
+    def _apply_container_nft(self, ep: _Endpoint) -> None:
+        want = ep.nft_want
+        if ep.gone or ep.netns is None or want is None:
+            return
+        if not want:
+            if ep.nft:
+                nft.delete_table(ep.netns, "ip", TABLE)
+                ep.nft, ep.nft_body = False, None
+            return
+        if ep.nft and ep.nft_body == want:
+            return
+        ep.nft, ep.nft_body = True, None
+        nft.replace_table(ep.netns, "ip", TABLE, want)
+        ep.nft_body = want
+
+    def _want_container_nft(self, ep: _Endpoint) -> None:
         if ep.netns is None:
             return
         nat: list[str] = []
@@ -700,19 +739,12 @@ class OverlayDriver:
                     if pl:
                         nat.append(f"ip daddr {vip} {proto} dport {{ {', '.join(map(str, pl))} }} dnat to {target}")
         if not nat and not flt:
-            if ep.nft:
-                nft.delete_table(ep.netns, "ip", TABLE)
-                ep.nft, ep.nft_body = False, None
+            ep.nft_want = ""
             return
-        body = ("  chain vip { type nat hook output priority -100; policy accept;\n"
-                + "".join(f"    {r}\n" for r in nat) + "  }\n"
-                "  chain novip { type filter hook output priority 0; policy accept;\n"
-                + "".join(f"    {r}\n" for r in flt) + "  }")
-        if ep.nft and ep.nft_body == body:
-            return
-        ep.nft, ep.nft_body = True, None
-        nft.replace_table(ep.netns, "ip", TABLE, body)
-        ep.nft_body = body
+        ep.nft_want = ("  chain vip { type nat hook output priority -100; policy accept;\n"
+                       + "".join(f"    {r}\n" for r in nat) + "  }\n"
+                       "  chain novip { type filter hook output priority 0; policy accept;\n"
+                       + "".join(f"    {r}\n" for r in flt) + "  }")
 
     # ------------------------------------------------------------------ published ports
     def _check_port(self, proto: str, port: int, owner: str) -> None:
