@@ -452,8 +452,10 @@ class NetworkAgent:
                         self.driver.publish_host_port, task.id, proto, p.published_port, p.target_port
                     )
                     local.host_ports.append((proto, p.published_port))
+            # every container with networks gets the resolver its resolv.conf names; one only on the
+            # ingress network (no names there) has everything forwarded
             user_nets = [a.network.id for a in task.networks if not a.network.spec.ingress]
-            if user_nets and self.dns is not None:
+            if task.networks and self.dns is not None:
                 await self.dns.serve_in(task.id, path, user_nets, stack or None)
             for nid in nets:
                 self._dirty.put_nowait(nid)

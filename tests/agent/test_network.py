@@ -320,7 +320,8 @@ def test_discovery_vip_release_and_cleanup(cluster):
 
 def test_internal_network_and_ingress(cluster):
     """2 hosts: an internal network connects its tasks but has no egress; a port published in ingress
-    mode is reachable on the host that runs no task of the service (the routing mesh)."""
+    mode is reachable on the host that runs no task of the service (the routing mesh), also from a
+    container through its own node; a port published in host mode only on its task's node."""
     c = cluster(2)
     ingress = make_network("ingressnet000000000000001", "ingress", 4096, "198.19.12.0/24", ingress=True)
     for i in range(2):  # the node's ingress attachment, as the allocator gives it (swarmd: session.node)
@@ -349,6 +350,12 @@ def test_internal_network_and_ingress(cluster):
         ),
     )
     c.httpd(pub, "pub")
+    # a service publishing 30081 -> 8080 in host mode, its task on host 2
+    hostmode = "hosttask000000000000001"
+    c.prepare(1, make_task(hostmode, "hostmode", "svchost", "node2", [attachment(front, "198.19.13.12")],
+                           vips={front.id: "198.19.13.3/24"},
+                           ports=[tcp_port(8080, 30081, types_pb2.PortConfig.HOST)]))
+    c.httpd(hostmode, "hostmode")
     # internal-only tasks on both hosts
     c.prepare(
         0,
@@ -393,7 +400,7 @@ def test_internal_network_and_ingress(cluster):
     # ingress: from outside, the published port on host 2 (no task there) and on host 1
     outside = c.lab.underlay.path  # type: ignore[union-attr]
 
-    def get(addr: str) -> str:
+    def get(addr: str, port: int = 30080) -> str:
         r = subprocess.run(
             [
                 "nsenter",
@@ -404,7 +411,7 @@ def test_internal_network_and_ingress(cluster):
                 "wget",
                 "-q",
                 "-O-",
-                f"http://{addr}:30080/",
+                f"http://{addr}:{port}/",
             ],
             capture_output=True,
             text=True,
@@ -414,6 +421,12 @@ def test_internal_network_and_ingress(cluster):
 
     wait_for(lambda: get(c.lab.hosts[1].addr) == "pub", "published port 30080 routed from host 2")
     assert get(c.lab.hosts[0].addr) == "pub"
+    # a container on host 2 through its own node's published ingress port (hairpin), and by service name
+    assert c.fetch(hostmode, f"http://{c.lab.hosts[1].addr}:30080/") == {"pub": 1}
+    assert c.fetch(hostmode, "http://pub:8080/") == {"pub": 1}
+    # host mode: only on the node that runs the task
+    assert get(c.lab.hosts[1].addr, 30081) == "hostmode"
+    assert get(c.lab.hosts[0].addr, 30081) == ""
     # from a container on host 2 through its own node's published port (hairpin)
     assert c.fetch("int2task000000000000002", f"http://{c.lab.hosts[1].addr}:30080/") == {
         "FAILED": 1
@@ -467,8 +480,9 @@ def test_agent_killed_then_restarted(cluster):
 
     # while it is down, host 2 replaces app2 by app4: host 3's kernel keeps app2's (now stale) entries
     c.release(tids[1])
-    t4 = make_task("app4task000000000003", "app", "svcapp", "node2", [attachment(net, "198.19.14.14")], vips=vip,
-                   slot=2)
+    t4 = make_task(
+        "app4task000000000003", "app", "svcapp", "node2", [attachment(net, "198.19.14.14")], vips=vip, slot=2
+    )
     c.prepare(1, t4)
     c.httpd(t4.id, "app4")
     live = [ips[0], ips[2], "198.19.14.14"]
@@ -488,11 +502,18 @@ def test_agent_killed_then_restarted(cluster):
         wait_for(lambda i=i: c.neigh_ips(i, net.id) == want[i], f"host {i + 1} peers after the restart")
     assert c.lookup(tids[2], "tasks.app") == sorted(live)
     assert c.lookup(tids[0], "tasks.app") == sorted(live)
-    c.sh(tids[2], "busybox ping -c 1 -W 2 198.19.14.11 && busybox ping -c 1 -W 2 198.19.14.14 && busybox ping -c 1 -W 2 app")
-    wait_for(lambda: set(c.fetch(tids[0], "http://app:8080/", 6)) == {"app1", "app3", "app4"},
-             "VIP on host 1 balances to app3 again")
-    wait_for(lambda: set(c.fetch(tids[2], "http://app:8080/", 6)) == {"app1", "app3", "app4"},
-             "VIP on host 3 follows the table (app2 gone, app4 new)")
+    c.sh(
+        tids[2],
+        "busybox ping -c 1 -W 2 198.19.14.11 && busybox ping -c 1 -W 2 198.19.14.14 && busybox ping -c 1 -W 2 app",
+    )
+    wait_for(
+        lambda: set(c.fetch(tids[0], "http://app:8080/", 6)) == {"app1", "app3", "app4"},
+        "VIP on host 1 balances to app3 again",
+    )
+    wait_for(
+        lambda: set(c.fetch(tids[2], "http://app:8080/", 6)) == {"app1", "app3", "app4"},
+        "VIP on host 3 follows the table (app2 gone, app4 new)",
+    )
 
     for tid in list(c.tasks):
         c.release(tid)
