@@ -188,14 +188,19 @@ def test_up_status_and_env(cluster: Lab) -> None:
     # the hosts are separate: own hostname and underlay address, the lab's namespaces under /run/netns
     out = lab("exec", "h4", "--", "sh", "-c", "hostname; ip -4 -o addr show dev eth0").stdout
     assert out.splitlines()[0] == "h4" and "198.18.0.4/24" in out
-    # the overlay pool is the lab's
-    nets = json.loads(swarmctl("network", "ls", "--format", "json", sock=cluster.sock).stdout)
-    subnets = [c["subnet"] for n in nets for c in n.get("ipam", {}).get("configs", [])]
-    assert subnets and all(s.startswith("198.19.") for s in subnets), subnets
     # a second `up` of a running lab refuses and changes nothing
     again = lab("up", check=False)
     assert again.returncode != 0 and "already up" in again.stderr
     assert cluster.status() == rows
+
+
+def test_networks_use_the_lab_pool(cluster: Lab) -> None:
+    """Only 198.19.0.0/16 on the overlay: the ingress network too, and the hosts' gateway bridges."""
+    nets = json.loads(swarmctl("network", "ls", "--format", "json", sock=cluster.sock).stdout)
+    subnets = {n["spec"]["annotations"]["name"]: c["subnet"] for n in nets for c in n.get("ipam", {}).get("configs", [])}
+    assert "ingress" in subnets and all(s.startswith("198.19.") for s in subnets.values()), subnets
+    out = lab("exec", "h5", "--", "ip", "-4", "-o", "addr", "show", "dev", "shoal_gwbridge").stdout
+    assert "198.19.255.1/24" in out, out
 
 
 def test_replicated_service_runs_on_several_hosts(cluster: Lab) -> None:
