@@ -124,6 +124,10 @@ class NetworkAgent:
         self.loopback = ipaddress.ip_address(advertise_addr).is_loopback
         self._sessions: asyncio.Queue[dispatcher_pb2.SessionMessage] = asyncio.Queue()
         self._ready = asyncio.Event()
+        # set once join() has synced the tables with the cluster: before that (a restarted agent),
+        # the tables hold only this node's entries, and VIP backends or the peer reconciliation
+        # computed from them would drop every remote endpoint for a moment
+        self._joined = asyncio.Event()
         self._error = ""
 
     # ---- wired into the agent (swarmd) -----------------------------------------------------------
@@ -229,9 +233,10 @@ class NetworkAgent:
     async def join(self, seeds: Sequence[str]) -> int:
         assert self.gossip is not None
         seeds = [s for s in seeds if s and not s.startswith(f"{self.addr}:")]
-        if not seeds:
-            return 0
-        return await self.gossip.join(seeds)
+        try:
+            return await self.gossip.join(seeds) if seeds else 0
+        finally:
+            self._joined.set()
 
     async def stop(self) -> None:
         if self.dns is not None:
@@ -303,6 +308,8 @@ class NetworkAgent:
                 log.exception("node=%s on_peer callback failed", self.node_id)
 
     async def _sync_loop(self) -> None:
+        with contextlib.suppress(TimeoutError):  # no join() (a lone node): go ahead after a while
+            await asyncio.wait_for(self._joined.wait(), 10)
         while True:
             nid = await self._dirty.get()
             await asyncio.sleep(0.02)  # gather a burst of changes
@@ -352,7 +359,9 @@ class NetworkAgent:
                     ips.sort()
                     if self._ingress_ports.get((proto, pub)) != (target, ips):
                         await asyncio.to_thread(self.driver.set_ingress_backends, proto, pub, target, ips)
-                for proto, pub in set(self._ingress_ports) - set(ports):
+                # also ports an earlier run published (restored from the host's nft table)
+                held = await asyncio.to_thread(self.driver.ingress_ports)
+                for proto, pub in (set(self._ingress_ports) | held) - set(ports):
                     await asyncio.to_thread(self.driver.unpublish_ingress, proto, pub)
                 self._ingress_ports = ports
             if here or network_id == self._ingress_id:

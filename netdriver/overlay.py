@@ -37,6 +37,7 @@ API for the agent
     d.peer_entries(network_id) -> (fdb {(mac, vtep)}, neigh {(ip, mac)})   # what the kernel holds
     d.peers(network_id) -> {ip: (mac, vtep)}    # remote endpoints held (programmed or pending)
     d.task_networks(task_id) -> [network id]    # networks a task is attached to here
+    d.ingress_ports() -> {(protocol, port)}     # published in ingress mode here
 
 Errors the user can cause raise OverlayError (PortConflictError for published ports) with one
 sentence naming the field and the fix: a VNI already used by another device, UDP 4789 bound by
@@ -453,6 +454,11 @@ class OverlayDriver:
             if n is not None:
                 out.update(n.peers)
             return out
+
+    def ingress_ports(self) -> set[tuple[str, int]]:
+        """The (protocol, port) pairs published in ingress mode on this node (also restored ones)."""
+        with self._lock:
+            return {k for k, p in self._host_ports.items() if p.owner == "ingress"}
 
     def task_networks(self, task_id: str) -> list[str]:
         """The networks a task is attached to on this node (also a task adopted by restore())."""
