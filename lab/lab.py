@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,7 @@ EGRESS_SUBNET = "198.19.255.0/24"
 REGISTRY_PORT = 5000
 
 Progress = Callable[[str], None]
+_save_lock = threading.Lock()
 
 
 class LabError(Exception):
@@ -88,10 +90,11 @@ class LabState:
         raise LabError(f"lab {self.name!r} has no host {name!r}: hosts are {', '.join(h.name for h in self.hosts)}")
 
     def save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / "lab.json.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(self.dir / "lab.json")
+        with _save_lock:  # `up` saves from its registry thread too
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / "lab.json.tmp"
+            tmp.write_text(json.dumps(asdict(self), indent=2))
+            tmp.replace(self.dir / "lab.json")
 
     @classmethod
     def load(cls, name: str) -> LabState:
@@ -260,10 +263,9 @@ class Lab:
             reg_done.result(timeout=timeout)
         except BaseException:
             state.save()
-            self.progress(f"lab {self.name!r} did not come up; logs are in {state.dir}/h*/swarmd.log, "
-                          f"remove it with `swarmctl lab down --name {self.name}`" if self.name != "lab"
-                          else f"lab did not come up; logs are in {state.dir}/h*/swarmd.log, "
-                          "remove it with `swarmctl lab down`")
+            down = "swarmctl lab down" + (f" --name {self.name}" if self.name != "lab" else "")
+            self.progress(f"lab {self.name!r} did not come up; the logs are in {state.dir}/h*/swarmd.log; "
+                          f"remove it with `{down}`")
             raise
         finally:
             registry.shutdown(wait=True)
@@ -539,7 +541,9 @@ class Lab:
 
     def env(self) -> str:
         st = self.state()
-        h = next((h for h in st.hosts if h.role == "manager" and _alive(h.swarmd_pid)), st.hosts[0])
+        managers = [h for h in st.hosts if h.role == "manager"]
+        h = next((h for h in managers if _alive(h.swarmd_pid) and not h.partitioned),
+                 next((h for h in managers if _alive(h.swarmd_pid)), st.hosts[0]))
         return f"export SWARM_SOCKET={h.socket}"
 
     # ---- down --------------------------------------------------------------------------------
