@@ -1,0 +1,121 @@
+"""The demo stack on its own lab (3 managers + 2 workers), through real `swarmctl` processes: a
+rolling update of `web` (parallelism 1, start-first) is invisible to the client — no failed request
+while and after it runs — and `stack rm` leaves no container, network or sandbox behind. Needs root."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_SWARMCTL = ROOT / ".venv" / "bin" / "swarmctl"
+SWARMCTL = [str(VENV_SWARMCTL)] if VENV_SWARMCTL.exists() else [sys.executable, "-m", "shoal.cli.swarmctl"]
+NAME = f"ls{os.getpid() % 10000}"
+ANSWER = re.compile(r"^(\d\d:\d\d:\d\d) (.*)$")
+
+
+def wait_for(what: str, cond: Callable[[], Any], timeout: float = 60, period: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(period)
+    raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s (last: {last!r})")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def ctl(*args: str, sock: str = "", check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "SWARM_SOCKET"}
+    if sock:
+        env["SWARM_SOCKET"] = sock
+    r = subprocess.run([*SWARMCTL, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"swarmctl {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def sock() -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root (or deselect them with -m 'not integration')")
+    try:
+        up = ctl("lab", "up", "--name", NAME)
+        yield up.stdout.strip().split("=", 1)[1]
+    finally:
+        ctl("lab", "down", "--name", NAME, check=False)
+
+
+def client_lines(sock: str) -> list[tuple[str, str]]:
+    """(time, answer) of every request the client made, oldest first."""
+    out = ctl("service", "logs", "demo_client", "--raw", sock=sock, check=False).stdout
+    return [(m.group(1), m.group(2)) for ln in out.splitlines() if (m := ANSWER.match(ln.strip()))]
+
+
+def web_tasks(sock: str) -> list[dict]:
+    tasks = json.loads(ctl("task", "ls", "--format", "json", sock=sock).stdout)
+    return [t for t in tasks if t.get("service_annotations", {}).get("name") == "demo_web"]
+
+
+def deploy(sock: str) -> None:
+    ctl("stack", "deploy", "-f", str(ROOT / "examples" / "demo-stack.yml"), "demo", sock=sock)
+
+
+def test_rolling_update_is_invisible_to_the_client(sock: str) -> None:
+    deploy(sock)
+    wait_for("the client's first answers", lambda: len(client_lines(sock)) >= 3)
+    old = {t["id"] for t in web_tasks(sock) if t["desired_state"] == "RUNNING"}
+    assert len(old) == 3
+    seen_before = len(client_lines(sock))
+    # a rolling update (parallelism 1, start-first, from the stack file): a new replica starts
+    # before each old one stops
+    ctl("service", "update", "--force", "demo_web", sock=sock)
+    new = {t["id"] for t in web_tasks(sock) if t["desired_state"] == "RUNNING" and t["status"]["state"] == "RUNNING"}
+    assert len(new) == 3 and not new & old
+    # ten more requests after the update converged (the old replicas are gone by then)
+    wait_for("ten more answers", lambda: len(client_lines(sock)) >= seen_before + 10 + 3, 60)
+    during = client_lines(sock)[seen_before:]
+    failed = [ln for ln in during if "says hello from Shoal" not in ln[1]]
+    assert failed == [], f"{len(failed)} of {len(during)} requests failed: {failed[:5]}"
+    answered_by = set(re.findall(r"container (\w{12})\)", " ".join(a for _, a in during[-6:])))
+    assert answered_by <= {t[:12] for t in new}, "answers from replaced replicas"
+
+
+def test_stack_rm_leaves_no_container_network_or_sandbox(sock: str) -> None:
+    deploy(sock)
+    wait_for("the client's answers", lambda: len(client_lines(sock)) >= 1)
+    pids = [int(t["status"].get("container", {}).get("pid", 0)) for t in web_tasks(sock)]
+    assert any(pids)
+    ctl("stack", "rm", "demo", sock=sock)
+    wait_for("every demo container to end", lambda: not any(alive(p) for p in pids if p), 60)
+    nets = json.loads(ctl("network", "ls", "--format", "json", sock=sock).stdout)
+    assert [n["spec"]["annotations"]["name"] for n in nets] == ["ingress"]
+    # no container or overlay sandbox of the stack left on any host: only the ingress network's
+    ingress = nets[0]["id"][:12]
+    for h in ("h1", "h2", "h3", "h4", "h5"):
+        wait_for(f"{h}'s demo sandboxes to go", lambda h=h: sandboxes(h, ingress) == [], 30)
+
+
+def sandboxes(host: str, ingress: str) -> list[str]:
+    """Network namespaces the node made on a host, except its ingress sandbox and overlay."""
+    out = ctl("lab", "exec", host, "--name", NAME, "--", "ip", "netns").stdout
+    names = [ln.split()[0] for ln in out.splitlines() if ln.strip()]
+    return [n for n in names if not n.endswith("-ingress-sbox") and not n.endswith(f"-ov-{ingress}")]
