@@ -13,7 +13,7 @@ answering one JSON line on stdout ``{"id": …, "ok": true, "result": …}`` (or
 * ``session`` ``msg`` (dispatcher_pb2.SessionMessage): `on_session` (keys, managers to join, node);
 * ``prepare`` ``task`` (objects_pb2.Task) → ``{netns_path, resolv_conf, addresses, t}`` (t: unix time
   when prepare() returned);
-* ``release`` ``task_id``; ``cleanup``; ``stop`` (leave the gossip and exit; nothing removed);
+* ``release`` ``task_id`` → ``{t}``; ``cleanup``; ``stop`` (leave the gossip and exit; nothing removed);
 * ``state`` → ``{ready, error, members: {node: state}, networks, ingress, tasks, dns}``;
 * ``peers`` ``network_id`` → ``{fdb: [[mac, vtep]…], neigh: [[ip, mac]…]}`` (what the kernel holds).
 
@@ -82,7 +82,7 @@ class _Server:
                     "t": time.time()}
         if op == "release":
             await net.release(req["task_id"])
-            return None
+            return {"t": time.time()}
         if op == "cleanup":
             await net.cleanup()
             return None
@@ -319,8 +319,8 @@ class NetNode:
     def prepare(self, task: objects_pb2.Task) -> dict:
         return self.call("prepare", task=_b64(task))
 
-    def release(self, task_id: str) -> None:
-        self.call("release", task_id=task_id)
+    def release(self, task_id: str) -> dict:
+        return self.call("release", task_id=task_id)
 
     def state(self) -> dict:
         return self.call("state")
