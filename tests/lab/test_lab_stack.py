@@ -105,6 +105,8 @@ def lab_status() -> dict[str, dict]:
 
 
 def test_stack_keeps_serving_with_the_leader_partitioned(sock: str) -> None:
+    # a fresh stack: nothing left over from the update above
+    ctl("stack", "rm", "demo", sock=sock, check=False)
     deploy(sock)
     wait_for("the client's answers", lambda: len(client_lines(sock)) >= 1)
     leader = next(h for h, r in lab_status().items() if r["leader"])
