@@ -485,15 +485,14 @@ class NetworkAgent:
         (found by restore() after an agent restart)."""
         local = self._tasks.pop(task_id, None)
         self._task_file(task_id).unlink(missing_ok=True)
+        nets = list(local.networks) if local else []
+        self._delete_records(task_id, nets)  # first: the other nodes stop sending to it at once
         if self.dns is not None:
             await self.dns.stop_serving(task_id)
-        nets = list(local.networks) if local else []
         if self._driver is not None:
-            nets += [n for n in await asyncio.to_thread(self._driver.task_networks, task_id) if n not in nets]
-        if self.gossip is not None:
-            for nid in nets:
-                if nid in self.gossip.networks() and task_id in self.gossip.entries(ENDPOINT_TABLE, nid):
-                    self.gossip.delete(ENDPOINT_TABLE, nid, task_id)
+            more = [n for n in await asyncio.to_thread(self._driver.task_networks, task_id) if n not in nets]
+            self._delete_records(task_id, more)
+            nets += more
         async with self._lock:
             if self._driver is not None:
                 await asyncio.to_thread(self._driver.detach, task_id)
@@ -513,6 +512,13 @@ class NetworkAgent:
                     except Exception as e:  # another (restored) task still on it: kept for its release
                         log.info("node=%s network=%s sandbox kept: %s", self.node_id, nid, e)
         log.info("node=%s task=%s networking released networks=%s", self.node_id, task_id, ",".join(nets) or "-")
+
+    def _delete_records(self, task_id: str, networks: Sequence[str]) -> None:
+        if self.gossip is None:
+            return
+        for nid in networks:
+            if nid in self.gossip.networks() and task_id in self.gossip.entries(ENDPOINT_TABLE, nid):
+                self.gossip.delete(ENDPOINT_TABLE, nid, task_id)
 
     async def cleanup(self) -> None:
         """Remove everything this node's networking made (tests, lab down)."""

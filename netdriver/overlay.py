@@ -524,9 +524,17 @@ class OverlayDriver:
                 self._teardown(ep)
                 raise
             self._eps[task_id] = ep
-            self._log("task.attached", task=task_id, netns=path,
-                      ifaces=",".join(f"{i.ifname}={i.address}" for i in ep.interfaces))
-            return list(ep.interfaces)
+        try:  # its VIP table: outside _lock (see _apply_containers_nft)
+            self._apply_containers_nft([ep])
+        except BaseException:
+            with self._lock:
+                if self._eps.get(task_id) is ep:
+                    del self._eps[task_id]
+                    self._teardown(ep)
+            raise
+        self._log("task.attached", task=task_id, netns=path,
+                  ifaces=",".join(f"{i.ifname}={i.address}" for i in ep.interfaces))
+        return list(ep.interfaces)
 
     def _adopt(self, ep: _Endpoint, path: str, attachments: Sequence[objects_pb2.NetworkAttachment]
                ) -> list[Interface] | None:
@@ -623,7 +631,7 @@ class OverlayDriver:
         if egress:  # as Docker: only internal networks -> no default route ("Network unreachable")
             with self._ipr(path) as c:
                 c.route("replace", dst="0.0.0.0/0", gateway=self.gw_gateway)
-        self._sync_container_nft(ep)
+        self._want_container_nft(ep)  # attach() writes it
 
     def _setup_container_if(self, path: str, tmp: str, ifname: str, cidr: str, mac: str, mtu: int) -> None:
         iface = ipaddress.ip_interface(cidr)
@@ -704,11 +712,6 @@ class OverlayDriver:
         with self._nft_lock:
             for ep in eps:
                 self._apply_container_nft(ep)
-
-    def _sync_container_nft(self, ep: _Endpoint) -> None:
-        self._want_container_nft(ep)
-        with self._nft_lock:
-            self._apply_container_nft(ep)
 
     def _apply_container_nft(self, ep: _Endpoint) -> None:
         want = ep.nft_want
