@@ -211,9 +211,17 @@ def test_replicated_service_runs_on_several_hosts(cluster: Lab) -> None:
         assert len(running) == 5
         assert len({h for h, *_ in running}) >= 3, running
         assert all(alive(pid) for _, _, pid, _ in running), running
-        # the image came through the lab registry, as docker.io/library/busybox
-        t = cluster.tasks("spread")[0]
-        assert t["spec"]["container"]["image"] == "busybox"
+        # `busybox` (docker.io/library/busybox) can only have come from the lab registry: it serves
+        # library/busybox:latest on the underlay, and nothing routes beyond the underlay
+        tags = lab("exec", "h5", "--", "busybox", "wget", "-q", "-O", "-",
+                   "http://198.18.0.254:5000/v2/library/busybox/tags/list").stdout
+        assert json.loads(tags)["tags"] == ["latest"]
+        from shoal.lab.lab import LabState
+
+        ul = f"/run/netns/{LabState.load(NAME).prefix}-ul"
+        routes = subprocess.run(["nsenter", f"--net={ul}", "ip", "route", "show", "default"],
+                                capture_output=True, text=True, check=True).stdout
+        assert routes.strip() == ""
     finally:
         remove_service(cluster, "spread")
     wait_for("the containers of `spread` to end", lambda: not any(alive(p) for _, _, p, _ in running), 30)
