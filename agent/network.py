@@ -2,13 +2,18 @@
 
 `NetworkAgent` is what the worker calls around a container's life:
 
-    net = NetworkAgent(node_id, advertise_addr, state_dir, ns_prefix)
+    net = NetworkAgent(node_id, advertise_addr, state_dir, ns_prefix, gossip_port=7946, gw_subnet=CIDR)
+    net.on_session(msg); await net.serve()    # as swarmd does: start with the session's gossip keys,
+                                              # join the managers' hosts, set_node, run() -- or by hand:
     await net.start(keys)                     # gossip up, sandboxes of an earlier life adopted
+    run = asyncio.create_task(net.run())      # follow the tables (below)
     await net.join(["198.18.0.1:7946"])       # the managers' gossip ports
+    await net.set_node(node)                  # the node's ingress attachment -> routing-mesh sandbox
     tn = await net.prepare(task)              # container netns + interfaces + endpoint records + DNS
     ...engine create/start with tn.netns_path and tn.resolv_conf...
-    await net.release(task.id)                # everything above undone
-    await net.stop()
+    await net.release(task.id)                # everything above undone (records first)
+    await net.cleanup()                       # (tests, lab down) remove everything it made, then
+    await net.stop()                          # leave the gossip; run() ends; the data path stays
 
 and it runs one control loop (`run`) that follows the gossip endpoint tables: a remote endpoint
 becomes an FDB + neighbour entry on this node's VXLAN device (and goes when it goes), every
@@ -19,8 +24,11 @@ each network's pass also drops kernel peers the table no longer has (an earlier 
 
 Agent restart: prepare() keeps each task under `<state_dir>/network/tasks/<task id>.pb`; a new
 process's start() adopts the sandboxes and interfaces left in the kernel and announces those tasks
-again (records, DNS) before it joins the cluster, so the other nodes never see them go. The
-worker's prepare() for the re-adopted task is then a no-op; release() forgets it.
+again (records, DNS) before it joins the cluster: the other nodes do not purge them (if they
+already had, the endpoints come back at once). Load balancing and peer reconciliation wait for that
+first join. The worker's prepare() for the re-adopted task is then a no-op; release() forgets it.
+`on_peer(network_id, ip, mac, vtep, added)`, if set, is called after a remote endpoint's kernel
+entries were programmed or removed (benchmarks, tests).
 
 A node that advertises a loopback address (a cluster of several swarmd on 127.0.0.x, as the
 loopback tests run) has no data path: VXLAN between loopback addresses would only build gateway
