@@ -18,6 +18,7 @@ the rest are workers, joined with tokens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,10 +28,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shoal.lab.provision import swarmd_argv
 
@@ -402,7 +404,8 @@ class Lab:
             self._check_alive(h)
             if Path(h.socket).exists():
                 try:
-                    self.control(h).Info(control_pb2.InfoRequest(), timeout=2)
+                    with self.control(h) as c:
+                        c.Info(control_pb2.InfoRequest(), timeout=2)
                     return
                 except Exception:
                     pass
@@ -422,13 +425,15 @@ class Lab:
             time.sleep(0.05)
         raise LabError(f"the agent on {h.name} did not reach a manager within {timeout:.0f} s (see {logpath})")
 
-    def control(self, h: Host):
+    @contextlib.contextmanager
+    def control(self, h: Host) -> Iterator[Any]:
+        """A Control API stub on host h's local socket (managers only); the channel closes after."""
         import grpc
 
         from shoal.proto import control_pb2_grpc
 
-        ch = grpc.insecure_channel(f"unix://{h.socket}")
-        return control_pb2_grpc.ControlStub(ch)
+        with grpc.insecure_channel(f"unix://{h.socket}") as ch:
+            yield control_pb2_grpc.ControlStub(ch)
 
     def _join_tokens(self, h: Host) -> dict[str, str]:
         """The tokens, once the new cluster's first write (the Cluster object) has committed."""
@@ -446,7 +451,8 @@ class Lab:
             for h in state.hosts:
                 self._check_alive(h)
             try:
-                nodes = self.control(state.hosts[0]).ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes
+                with self.control(state.hosts[0]) as c:
+                    nodes = c.ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes
             except Exception:  # a manager may be busy electing
                 nodes = []
             ready = sorted(n.description.hostname for n in nodes if n.status.state == types_pb2.NodeStatus.READY)
@@ -513,24 +519,24 @@ class Lab:
         from shoal.proto import control_pb2, types_pb2
 
         st = self.state()
-        nodes: dict[str, object] = {}
+        nodes: dict[str, Any] = {}
         leader_host = ""
         for h in st.hosts:
             if h.role != "manager" or not _alive(h.swarmd_pid) or h.partitioned:
                 continue
             try:
-                c = self.control(h)
-                nodes = {n.description.hostname: n for n in c.ListNodes(control_pb2.ListNodesRequest(), timeout=3).nodes}
-                info = c.Info(control_pb2.InfoRequest(), timeout=3)
-                leader = next((n for n in nodes.values() if n.id == info.leader_node_id), None)  # type: ignore[attr-defined]
-                leader_host = leader.description.hostname if leader else ""  # type: ignore[attr-defined]
+                with self.control(h) as c:
+                    nodes = {n.description.hostname: n for n in c.ListNodes(control_pb2.ListNodesRequest(), timeout=3).nodes}
+                    info = c.Info(control_pb2.InfoRequest(), timeout=3)
+                leader = next((n for n in nodes.values() if n.id == info.leader_node_id), None)
+                leader_host = leader.description.hostname if leader else ""
                 break
-            except Exception:
+            except Exception:  # no answer or no quorum there: ask the next manager
                 continue
         rows = []
         for h in st.hosts:
             n = nodes.get(h.name)
-            state = types_pb2.NodeStatus.State.Name(n.status.state).lower() if n else "unknown"  # type: ignore[attr-defined]
+            state = types_pb2.NodeStatus.State.Name(n.status.state).lower() if n else "unknown"
             if not _alive(h.swarmd_pid):
                 state += " (swarmd stopped)"
             if h.partitioned:
