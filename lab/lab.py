@@ -271,7 +271,10 @@ class Lab:
             raise
         finally:
             registry.shutdown(wait=True)
-        self.progress(f"lab {self.name!r} is up: {managers} managers, {workers} workers, "
+        def n_of(k: int, what: str) -> str:
+            return f"{k} {what}" + ("" if k == 1 else "s")
+
+        self.progress(f"lab {self.name!r} is up: {n_of(managers, 'manager')}, {n_of(workers, 'worker')}, "
                       f"registry {UNDERLAY_GW}:{REGISTRY_PORT}, in {time.monotonic() - t0:.1f} s")
         return state
 
