@@ -599,6 +599,8 @@ class Lab:
                 log.warning("lab down: cannot remove namespace %s: %s", ns_name, e)
         self._unmount_under(base)
         shutil.rmtree(base, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            BASE.rmdir()  # only when no other lab is left
         self.progress(f"lab {self.name!r} removed")
 
     @staticmethod
