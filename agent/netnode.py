@@ -11,8 +11,8 @@ answering one JSON line on stdout ``{"id": …, "ok": true, "result": …}`` (or
 "error": …``). Requests (``{"id": 1, "op": "…", …}``; protobufs as base64 of their bytes):
 
 * ``session`` ``msg`` (dispatcher_pb2.SessionMessage): `on_session` (keys, managers to join, node);
-* ``prepare`` ``task`` (objects_pb2.Task) → ``{netns_path, resolv_conf, addresses, t}`` (t: unix time
-  when prepare() returned);
+* ``prepare`` ``task`` (objects_pb2.Task) [``active``] → ``{netns_path, resolv_conf, addresses, t}``
+  (t: unix time when prepare() returned); ``activate`` / ``deactivate`` ``task_id``;
 * ``release`` ``task_id`` → ``{t}``; ``cleanup``; ``stop`` (leave the gossip and exit; nothing removed);
 * ``state`` → ``{ready, error, members: {node: state}, networks, ingress, tasks, dns}``;
 * ``peers`` ``network_id`` → ``{fdb: [[mac, vtep]…], neigh: [[ip, mac]…]}`` (what the kernel holds).
@@ -77,9 +77,13 @@ class _Server:
             net.on_session(dispatcher_pb2.SessionMessage.FromString(base64.b64decode(req["msg"])))
             return None
         if op == "prepare":
-            tn = await net.prepare(objects_pb2.Task.FromString(base64.b64decode(req["task"])))
+            tn = await net.prepare(objects_pb2.Task.FromString(base64.b64decode(req["task"])),
+                                   active=req.get("active", True))
             return {"netns_path": tn.netns_path, "resolv_conf": tn.resolv_conf, "addresses": tn.addresses,
                     "t": time.time()}
+        if op in ("activate", "deactivate"):
+            await getattr(net, op)(req["task_id"])
+            return None
         if op == "release":
             await net.release(req["task_id"])
             return {"t": time.time()}
@@ -103,7 +107,8 @@ class _Server:
         if op == "peers":
             fdb, neigh = await asyncio.to_thread(net.driver.peer_entries, req["network_id"])
             return {"fdb": sorted(fdb), "neigh": sorted(neigh)}
-        raise ValueError(f"unknown op {op!r}; use session, prepare, release, cleanup, stop, state or peers")
+        raise ValueError(f"unknown op {op!r}; use session, prepare, activate, deactivate, release, cleanup, stop, "
+                         "state or peers")
 
     async def _one(self, line: str) -> None:
         try:
@@ -316,8 +321,8 @@ class NetNode:
     def session(self, msg: dispatcher_pb2.SessionMessage) -> None:
         self.call("session", msg=_b64(msg))
 
-    def prepare(self, task: objects_pb2.Task) -> dict:
-        return self.call("prepare", task=_b64(task))
+    def prepare(self, task: objects_pb2.Task, active: bool = True) -> dict:
+        return self.call("prepare", task=_b64(task), active=active)
 
     def release(self, task_id: str) -> dict:
         return self.call("release", task_id=task_id)

@@ -53,7 +53,7 @@ from pyroute2 import netns as pr_netns
 from shoal.netdriver.dns import DNSServer
 from shoal.netdriver.gossip import ENDPOINT_TABLE, EventKind, Gossip
 from shoal.netdriver.nslab import create_netns
-from shoal.netdriver.overlay import OverlayDriver
+from shoal.netdriver.overlay import Interface, OverlayDriver
 from shoal.proto import dispatcher_pb2, gossip_pb2, objects_pb2, types_pb2
 
 log = logging.getLogger("shoal.agent.network")
@@ -79,6 +79,9 @@ class _Local:
     netns: str
     networks: list[str]
     host_ports: list[tuple[str, int]]
+    task: objects_pb2.Task | None = None
+    ifaces: dict[str, Interface] = field(default_factory=dict)  # network id -> its interface
+    active: bool = True
 
 
 def _gossip_keys(msg: dispatcher_pb2.SessionMessage) -> list[bytes]:
@@ -349,7 +352,9 @@ class NetworkAgent:
                 backends: dict[str, set[str]] = defaultdict(set)
                 for r in records:
                     if r.vip and r.ip and r.endpoint_mode != "dnsrr":
-                        backends[_ip(r.vip)].add(_ip(r.ip))
+                        ips = backends[_ip(r.vip)]  # a VIP with only inactive endpoints rejects
+                        if not r.inactive:
+                            ips.add(_ip(r.ip))
                 for vip, ips in backends.items():
                     await asyncio.to_thread(self.driver.set_service_backends, network_id, vip, sorted(ips))
                 for vip in self._vips[network_id] - set(backends):
@@ -360,6 +365,8 @@ class NetworkAgent:
             if network_id == self._ingress_id:
                 ports: dict[tuple[str, int], tuple[int, list[str]]] = {}
                 for r in records:
+                    if r.inactive:
+                        continue
                     for p in r.ingress_ports:
                         key = (p.protocol, p.published_port)
                         ports.setdefault(key, (p.target_port, []))[1].append(_ip(r.ip))
@@ -408,8 +415,11 @@ class NetworkAgent:
     def _netns_name(self, task_id: str) -> str:
         return f"{self.prefix}-c{task_id[:12]}"
 
-    async def prepare(self, task: objects_pb2.Task) -> TaskNetworking:
+    async def prepare(self, task: objects_pb2.Task, *, active: bool = True) -> TaskNetworking:
         """Make the task's network namespace and everything in it; undone by release().
+
+        active=False: the endpoint is announced (peers, task name) but does not serve its service
+        yet (no VIP backend, no service/alias name, no ingress routing) until activate().
 
         Idempotent: after an agent restart, call it again for a re-adopted running task -- its
         namespace and interfaces are kept, its endpoint records and DNS server come back."""
@@ -429,39 +439,8 @@ class NetworkAgent:
             ifaces = await asyncio.to_thread(self.driver.attach, task.id, path, list(task.networks))
             for nid in nets:
                 await self.gossip.join_network(nid)  # type: ignore[union-attr]
-            by_net = {i.network_id: i for i in ifaces}
-            stack = task.service_annotations.labels.get(STACK_LABEL, "")
-            dnsrr = task.endpoint.spec.mode == types_pb2.EndpointSpec.DNSRR
-            vips = {v.network_id: v.addr for v in task.endpoint.virtual_ips}
-            ingress = [
-                gossip_pb2.PublishedPort(
-                    protocol=PROTOCOLS[p.protocol], published_port=p.published_port, target_port=p.target_port
-                )
-                for p in task.endpoint.ports
-                if p.publish_mode == types_pb2.PortConfig.INGRESS and p.published_port
-            ]
-            for att in task.networks:
-                iface = by_net.get(att.network.id)
-                if iface is None:
-                    continue
-                rec = gossip_pb2.EndpointRecord(
-                    task_id=task.id,
-                    task_name=task.annotations.name,
-                    service_name=task.service_annotations.name,
-                    service_id=task.service_id,
-                    ip=_ip(iface.address),
-                    mac=iface.mac,
-                    vtep=self.addr,
-                    vip="" if dnsrr else _ip(vips.get(att.network.id, "")),
-                    aliases=list(att.aliases),
-                    stack=stack,
-                    endpoint_mode="dnsrr" if dnsrr else "vip",
-                    node_id=self.node_id,
-                    container_id=task.id,
-                )
-                if att.network.spec.ingress:
-                    rec.ingress_ports.extend(ingress)
-                self.gossip.put(ENDPOINT_TABLE, att.network.id, task.id, rec.SerializeToString())  # type: ignore[union-attr]
+            local.task, local.ifaces, local.active = task, {i.network_id: i for i in ifaces}, active
+            self._put_records(local)
             for p in task.endpoint.ports:
                 if p.publish_mode == types_pb2.PortConfig.HOST and p.published_port:
                     proto = PROTOCOLS[p.protocol]
@@ -473,6 +452,7 @@ class NetworkAgent:
             # ingress network (no names there) has everything forwarded
             user_nets = [a.network.id for a in task.networks if not a.network.spec.ingress]
             if task.networks and self.dns is not None:
+                stack = task.service_annotations.labels.get(STACK_LABEL, "")
                 await self.dns.serve_in(task.id, path, user_nets, stack or None)
             for nid in nets:
                 self._dirty.put_nowait(nid)
@@ -486,6 +466,64 @@ class NetworkAgent:
                 log.warning("node=%s task=%s networking not prepared: %s", self.node_id, task.id, e)
             raise
         return TaskNetworking(path, RESOLV_CONF if task.networks else None, [i.address for i in ifaces])
+
+    def _put_records(self, local: _Local) -> None:
+        """The task's endpoint record on each of its networks (again, when something changed)."""
+        task = local.task
+        assert task is not None and self.gossip is not None
+        stack = task.service_annotations.labels.get(STACK_LABEL, "")
+        dnsrr = task.endpoint.spec.mode == types_pb2.EndpointSpec.DNSRR
+        vips = {v.network_id: v.addr for v in task.endpoint.virtual_ips}
+        ingress = [
+            gossip_pb2.PublishedPort(
+                protocol=PROTOCOLS[p.protocol], published_port=p.published_port, target_port=p.target_port
+            )
+            for p in task.endpoint.ports
+            if p.publish_mode == types_pb2.PortConfig.INGRESS and p.published_port
+        ]
+        for att in task.networks:
+            iface = local.ifaces.get(att.network.id)
+            if iface is None:
+                continue
+            rec = gossip_pb2.EndpointRecord(
+                task_id=task.id,
+                task_name=task.annotations.name,
+                service_name=task.service_annotations.name,
+                service_id=task.service_id,
+                ip=_ip(iface.address),
+                mac=iface.mac,
+                vtep=self.addr,
+                vip="" if dnsrr else _ip(vips.get(att.network.id, "")),
+                aliases=list(att.aliases),
+                stack=stack,
+                endpoint_mode="dnsrr" if dnsrr else "vip",
+                node_id=self.node_id,
+                container_id=task.id,
+                inactive=not local.active,
+            )
+            if att.network.spec.ingress:
+                rec.ingress_ports.extend(ingress)
+            self.gossip.put(ENDPOINT_TABLE, att.network.id, task.id, rec.SerializeToString())
+
+    async def activate(self, task_id: str) -> None:
+        """The task serves its service (its container runs, and is healthy if it has a health check):
+        VIP backend, DNS service and alias names, ingress routing, on every node."""
+        await self._set_active(task_id, True)
+
+    async def deactivate(self, task_id: str) -> None:
+        """The task stops serving its service (call it before stopping the container, as Docker does):
+        the other nodes stop sending new connections to it; it keeps its peers and interfaces."""
+        await self._set_active(task_id, False)
+
+    async def _set_active(self, task_id: str, active: bool) -> None:
+        local = self._tasks.get(task_id)
+        if local is None or local.task is None or local.active == active:
+            return
+        local.active = active
+        self._put_records(local)
+        for nid in local.networks:
+            self._dirty.put_nowait(nid)
+        log.info("node=%s task=%s %s", self.node_id, task_id, "activated" if active else "deactivated")
 
     async def release(self, task_id: str) -> None:
         """Undo prepare(): endpoint records, DNS, interfaces, published ports, the namespace, and the

@@ -268,6 +268,8 @@ def _dedup(xs: Sequence[str]) -> list[str]:
 
 
 def _service_names(r: EndpointRecord, stack: str | None) -> set[str]:
+    if r.inactive:  # not (yet / any more) serving: only its task name and id resolve
+        return set()
     names = {r.service_name.lower()} if r.service_name else set()
     names.update(a.lower() for a in r.aliases if a)
     if stack and r.stack == stack and r.service_name.startswith(stack + "_"):

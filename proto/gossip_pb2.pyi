@@ -19,7 +19,7 @@ DEAD: MemberState
 LEFT: MemberState
 
 class EndpointRecord(_message.Message):
-    __slots__ = ("task_id", "task_name", "service_name", "service_id", "ip", "mac", "vtep", "vip", "aliases", "stack", "endpoint_mode", "node_id", "container_id", "ingress_ports")
+    __slots__ = ("task_id", "task_name", "service_name", "service_id", "ip", "mac", "vtep", "vip", "aliases", "stack", "endpoint_mode", "node_id", "container_id", "ingress_ports", "inactive")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_NAME_FIELD_NUMBER: _ClassVar[int]
     SERVICE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class EndpointRecord(_message.Message):
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     INGRESS_PORTS_FIELD_NUMBER: _ClassVar[int]
+    INACTIVE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     task_name: str
     service_name: str
@@ -48,7 +49,8 @@ class EndpointRecord(_message.Message):
     node_id: str
     container_id: str
     ingress_ports: _containers.RepeatedCompositeFieldContainer[PublishedPort]
-    def __init__(self, task_id: _Optional[str] = ..., task_name: _Optional[str] = ..., service_name: _Optional[str] = ..., service_id: _Optional[str] = ..., ip: _Optional[str] = ..., mac: _Optional[str] = ..., vtep: _Optional[str] = ..., vip: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., stack: _Optional[str] = ..., endpoint_mode: _Optional[str] = ..., node_id: _Optional[str] = ..., container_id: _Optional[str] = ..., ingress_ports: _Optional[_Iterable[_Union[PublishedPort, _Mapping]]] = ...) -> None: ...
+    inactive: bool
+    def __init__(self, task_id: _Optional[str] = ..., task_name: _Optional[str] = ..., service_name: _Optional[str] = ..., service_id: _Optional[str] = ..., ip: _Optional[str] = ..., mac: _Optional[str] = ..., vtep: _Optional[str] = ..., vip: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., stack: _Optional[str] = ..., endpoint_mode: _Optional[str] = ..., node_id: _Optional[str] = ..., container_id: _Optional[str] = ..., ingress_ports: _Optional[_Iterable[_Union[PublishedPort, _Mapping]]] = ..., inactive: _Optional[bool] = ...) -> None: ...
 
 class PublishedPort(_message.Message):
     __slots__ = ("protocol", "published_port", "target_port")

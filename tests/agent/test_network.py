@@ -295,6 +295,18 @@ def test_discovery_vip_release_and_cleanup(cluster):
     seen = c.fetch("web3task00000000002", "http://198.19.10.2:8080/", 9)
     assert set(seen) == {"web1", "web2", "web3"}, seen
 
+    # a task deactivated (as before its container is stopped): out of the VIP and the service names
+    # everywhere, still reachable by IP and task name; activated again: back
+    c.node(1).call("deactivate", task_id="web2task00000000001")
+    wait_for(lambda: c.lookup(client, "tasks.web") == ["198.19.10.11", "198.19.10.13"], "web2 out of tasks.web")
+    wait_for(lambda: set(c.fetch(client, "http://demo_web:8080/", 6)) == {"web1", "web3"}, "VIP without web2")
+    assert set(c.fetch("web3task00000000002", "http://web:8080/", 6)) == {"web1", "web3"}
+    assert c.lookup(client, "web2task00000000001") == ["198.19.10.12"]
+    assert c.fetch(client, "http://198.19.10.12:8080/") == {"web2": 1}
+    c.node(1).call("activate", task_id="web2task00000000001")
+    wait_for(lambda: c.lookup(client, "tasks.web") == sorted(webs.values()), "web2 back in tasks.web")
+    wait_for(lambda: set(c.fetch(client, "http://demo_web:8080/", 6)) == {"web1", "web2", "web3"}, "VIP with web2")
+
     # a task released on host 3: its entries go from hosts 1 and 2, the VIP stops sending to it
     t0 = time.monotonic()
     c.release("web3task00000000002")
