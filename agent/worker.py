@@ -56,9 +56,18 @@ class NetworkHooks(Protocol):
     `task.networks`, endpoint records, DNS) and returns what the container joins: an object with
     `netns_path`, `resolv_conf` and optionally `extra_hosts`. It must be idempotent: it is called
     again for a container re-adopted after an agent restart. `release(task_id)` runs after the
-    container is removed, after a failed create, and for an orphan container removed at restart."""
+    container is removed, after a failed create, and for an orphan container removed at restart.
 
-    async def prepare(self, task: objects_pb2.Task) -> Any: ...
+    A task serves its service (VIP backend, service name in DNS, ingress routing) only between
+    `activate(task_id)` -- once it runs, and is healthy if it has a health check -- and
+    `deactivate(task_id)` -- before it is stopped or when it turns unhealthy -- so a rolling update
+    never sends a client to a container that does not listen yet or is on its way out."""
+
+    async def prepare(self, task: objects_pb2.Task, *, active: bool = True) -> Any: ...
+
+    async def activate(self, task_id: str) -> None: ...
+
+    async def deactivate(self, task_id: str) -> None: ...
 
     async def release(self, task_id: str) -> None: ...
 
@@ -217,6 +226,7 @@ class TaskController:
         self.health_changed = asyncio.Event()
         self._interruptible: asyncio.Task[Any] | None = None
         self._netns_prepared = False
+        self._serving = False  # in its service's load balancing and DNS (NetworkHooks.activate)
         self.finished = asyncio.Event()
 
     @property
@@ -306,8 +316,9 @@ class TaskController:
         log.info("container re-adopted task=%s status=%s", self.id, status)
         if self.w.network is not None and status != "exited":
             try:  # idempotent: the namespace is kept, endpoint records and DNS come back
-                await self.w.network.prepare(self.task)
+                await self.w.network.prepare(self.task)  # active: it served before the restart
                 self._netns_prepared = True
+                self._serving = status == "running"
             except Exception as e:
                 log.warning("network re-adoption failed task=%s err=%s", self.id, one_line(e))
         if status == "running" and self.state > S.RUNNING:
@@ -339,7 +350,7 @@ class TaskController:
                 net = NetworkSetup()
                 if self.w.network is not None:
                     self._netns_prepared = True  # release() even if prepare fails half-way
-                    got = await self.w.network.prepare(task)
+                    got = await self.w.network.prepare(task, active=False)
                     net = NetworkSetup(
                         netns_path=getattr(got, "netns_path", None),
                         resolv_conf=getattr(got, "resolv_conf", None),
@@ -386,6 +397,8 @@ class TaskController:
             self.report(S.FAILED, "started", "container is gone (removed outside the agent)")
             return
         has_health = bool(self.task.spec.container.healthcheck.test) or _health_of(info) != ""
+        if not has_health or _health_of(info) == "healthy":
+            await self._serve(True)
 
         # Health changes arrive through the engine's callback; polling is the fallback.
         poll = HEALTH_POLL * (4 if self.w.health_events else 1)
@@ -408,6 +421,8 @@ class TaskController:
                     cur = await eng.inspect(self.id)
                     if cur is not None and _health_of(cur) == "unhealthy":
                         return "unhealthy", None
+                    if cur is not None:
+                        await self._serve(_health_of(cur) == "healthy")
             finally:
                 for t in (wait_task, health_task):
                     if t is not None and not t.done():
@@ -433,9 +448,21 @@ class TaskController:
         else:
             self.report(S.FAILED, "started", exit_error(ex), exit_code=code)
 
+    async def _serve(self, active: bool) -> None:
+        """Put the task in (or take it out of) its service's load balancing and DNS."""
+        if self.w.network is None or active == self._serving:
+            return
+        try:
+            await (self.w.network.activate if active else self.w.network.deactivate)(self.id)
+            self._serving = active
+        except Exception as e:
+            log.warning("network %s failed task=%s err=%s", "activate" if active else "deactivate", self.id,
+                        one_line(e))
+
     async def _stop(self) -> None:
         if not self.has_container:
             return
+        await self._serve(False)
         c = self.task.spec.container
         grace = c.stop_grace_period.ToNanoseconds() / 1e9 if c.HasField("stop_grace_period") else None
         try:

@@ -207,10 +207,10 @@ class NetnsHooks:
     def name(self, task_id: str) -> str:
         return f"{PREFIX}-{task_id[:8]}"
 
-    async def prepare(self, task: objects_pb2.Task) -> NetworkSetup:
+    async def prepare(self, task: objects_pb2.Task, *, active: bool = True) -> NetworkSetup:
         from pyroute2 import NetNS, netns
 
-        self.calls.append(("prepare", task.id))
+        self.calls.append(("prepare" if active else "prepare-inactive", task.id))
         name = self.name(task.id)
 
         def make() -> None:  # pyroute2 is synchronous: keep it off the event loop
@@ -221,6 +221,12 @@ class NetnsHooks:
 
         await asyncio.to_thread(make)
         return NetworkSetup(netns_path=f"/run/netns/{name}", extra_hosts=["198.19.0.9 peer.example"])
+
+    async def activate(self, task_id: str) -> None:
+        self.calls.append(("activate", task_id))
+
+    async def deactivate(self, task_id: str) -> None:
+        self.calls.append(("deactivate", task_id))
 
     async def release(self, task_id: str) -> None:
         from pyroute2 import netns
@@ -251,7 +257,9 @@ def test_network_hooks_around_the_container_life(engine_root, registry) -> None:
                 await asyncio.sleep(0.05)
             assert any("stdummy0" in ln for ln in lines), lines  # the container joined the hook's netns
             assert any("198.19.0.9" in ln and "peer.example" in ln for ln in lines)
-            assert net.calls == [("prepare", t.id)]
+            # Created without serving its service; it serves once it runs (no health check here).
+            await wait_for(lambda: len(net.calls) == 2, what="activate once running")
+            assert net.calls == [("prepare-inactive", t.id), ("activate", t.id)]
 
             # A new worker (agent restart) re-adopts the container and prepares its networking again.
             await w.close()
@@ -260,15 +268,15 @@ def test_network_hooks_around_the_container_life(engine_root, registry) -> None:
             w = Worker(engine, "n1", lambda tid, st: seen.append(st.state), network=net)
             await w.start()
             w.apply(msg)
-            await wait_for(lambda: len(net.calls) == 2, what="prepare on re-adoption")
-            assert net.calls[1] == ("prepare", t.id)
+            await wait_for(lambda: len(net.calls) == 3, what="prepare on re-adoption")
+            assert net.calls[2] == ("prepare", t.id)  # a running container kept serving
 
-            # Removal: container first, then the networking.
+            # Removal: out of the service first, then the container, then the networking.
             rm = dispatcher_pb2.AssignmentChange(action=dispatcher_pb2.AssignmentChange.REMOVE)
             rm.assignment.task.id = t.id
             w.update([rm])
             await wait_for(lambda: t.id not in w.controllers, what="controller gone")
-            assert net.calls[-1] == ("release", t.id)
+            assert net.calls[3:] == [("deactivate", t.id), ("release", t.id)]
             assert not os.path.exists(f"/run/netns/{net.name(t.id)}")
             assert await engine.list() == []
             await w.close()
