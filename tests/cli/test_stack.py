@@ -22,7 +22,7 @@ from shoal.proto import control_pb2
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 VENV_SWARMCTL = ROOT / ".venv" / "bin" / "swarmctl"
-VOTING_APP = Path("/work/shared/compose/examples/example-voting-app.docker-stack.yml")
+VOTING_APP = ROOT.parent / "shared" / "compose" / "examples" / "example-voting-app.docker-stack.yml"
 PREFIX = f"st{os.getpid() % 10000}"
 NAMESPACE = "com.docker.stack.namespace"
 

@@ -12,7 +12,8 @@ import pytest
 from shoal.compose import ComposeError, convert, load, to_dict
 from shoal.proto import types_pb2
 
-SHARED = Path("/work/shared/compose")
+# CI and every checkout keep a copy of shared/ beside the repository.
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "compose"
 EXAMPLES = SHARED / "examples"
 NO_IMAGE = "has no image; `stack deploy` needs an image for every service (build is not supported"
 
