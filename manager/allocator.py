@@ -149,7 +149,11 @@ class Allocator:
         self._ingress_left_out = 0
 
     async def run(self) -> None:
-        with self.store.watch(["task", "service", "network", "node"]) as w:
+        with self.store.watch(["task", "service", "network", "node", "cluster"]) as w:
+            # A new cluster's first leader may run before the Cluster object (and its address pool)
+            # is written: allocate nothing until it is there.
+            while self.store.cluster() is None:
+                await w.queue.get()
             await self._ensure_ingress()
             while True:
                 try:

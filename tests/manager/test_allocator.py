@@ -239,3 +239,27 @@ def test_every_node_gets_one_ingress_address() -> None:
         assert await alloc.allocate_once() == 0
 
     run(main())
+
+
+def test_allocator_waits_for_the_cluster_and_its_pool() -> None:
+    """The ingress network comes from the cluster's pool even when the loop starts first."""
+
+    async def main() -> None:
+        st = LocalStore()
+        loop = asyncio.create_task(Allocator(st).run())
+        try:
+            await asyncio.sleep(0.05)
+            assert st.sm.get_by_name("network", INGRESS_NAME) is None
+            await st.update(lambda tx: tx.create(cluster("198.19.0.0/16")))
+            for _ in range(200):
+                if st.sm.get_by_name("network", INGRESS_NAME) is not None:
+                    break
+                await asyncio.sleep(0.01)
+            ingress = st.sm.get_by_name("network", INGRESS_NAME)
+            assert ingress.ipam.configs[0].subnet == "198.19.0.0/24"
+        finally:
+            loop.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await loop
+
+    run(main())
