@@ -267,8 +267,10 @@ def _dedup(xs: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(x for x in xs if x))
 
 
-def _service_names(r: EndpointRecord, stack: str | None) -> set[str]:
-    if r.inactive:  # not (yet / any more) serving: only its task name and id resolve
+def _service_names(r: EndpointRecord, stack: str | None, *, serving_only: bool = True) -> set[str]:
+    """Names the record answers to. An inactive record (not yet / no more serving) answers to its
+    service's names only for the VIP, which stays the service's address whatever its tasks do."""
+    if r.inactive and serving_only:
         return set()
     names = {r.service_name.lower()} if r.service_name else set()
     names.update(a.lower() for a in r.aliases if a)
@@ -458,11 +460,12 @@ class DNSServer:
             ips = _dedup([_strip_len(r.ip) for r in recs if svc in _service_names(r, stack)])
             if ips:
                 return Resolution(ips=ips)
+        vip_mode = [r for r in recs if r.endpoint_mode != "dnsrr" and r.vip
+                    and name in _service_names(r, stack, serving_only=False)]
+        if vip_mode:  # the VIP, as long as the service has endpoints here, serving or not
+            return Resolution(ips=_dedup([_strip_len(r.vip) for r in vip_mode]))
         matched = [r for r in recs if name in _service_names(r, stack)]
         if matched:
-            vip_mode = [r for r in matched if r.endpoint_mode != "dnsrr" and r.vip]
-            if vip_mode:
-                return Resolution(ips=_dedup([_strip_len(r.vip) for r in vip_mode]))
             ips = _dedup([_strip_len(r.ip) for r in matched])
             random.shuffle(ips)  # dnsrr: spread clients
             return Resolution(ips=ips)
