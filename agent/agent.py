@@ -124,7 +124,7 @@ class Agent:
         self.labels = labels or {}
         self.channel_options = list(channel_options)
         self.on_session = on_session
-        self.worker = Worker(engine, node_id, self._report, network=network)
+        self.worker = Worker(engine, node_id, self._report, network=network, hostname=hostname or "")
         self.session_id = ""
         self.manager_addr = ""  # the manager of the current session
         self.connected = asyncio.Event()

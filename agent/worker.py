@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from shoal.agent.templates import expand_task
 from shoal.proto import dispatcher_pb2, objects_pb2, types_pb2
 
 log = logging.getLogger("shoal.worker")
@@ -356,7 +358,8 @@ class TaskController:
                         resolv_conf=getattr(got, "resolv_conf", None),
                         extra_hosts=list(getattr(got, "extra_hosts", None) or []),
                     )
-                await eng.create(task, net, self.w.secrets, self.w.configs, self.w.node_id)
+                spec_task = expand_task(task, self.w.node_id, self.w.hostname)
+                await eng.create(spec_task, net, self.w.secrets, self.w.configs, self.w.node_id)
                 self.has_container = True
             except asyncio.CancelledError:
                 raise
@@ -519,8 +522,10 @@ class Worker:
         report: Callable[[str, types_pb2.TaskStatus], None],
         *,
         network: NetworkHooks | None = None,
+        hostname: str = "",
     ) -> None:
         self.engine = engine if isinstance(engine, EngineAdapter) else EngineAdapter(engine)
+        self.hostname = hostname or socket.gethostname()  # for {{.Node.Hostname}} templates
         # Hear health changes from the engine (its monitors call this on the event loop).
         raw = self.engine.engine
         self.health_events = hasattr(raw, "on_health_change")
