@@ -1212,6 +1212,7 @@ def build_parser() -> Parser:
 
     # Command groups other modules provide: stacks (compose files) and the one-machine lab.
     _extension("shoal.cli.stack", lambda m: m.register(cmds, parents=[CONN]))
+    _extension("shoal.cli.events", lambda m: m.register(cmds, parents=[CONN]))
 
     def lab(m: Any) -> None:
         m.register(cmds)

@@ -54,6 +54,7 @@ from shoal.proto import (
     objects_pb2,
     specs_pb2,
     types_pb2,
+    watch_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,9 @@ class Manager:
         self.control = _optional_servicer("shoal.manager.controlapi", "ControlServicer", self.store, self)
         self.dispatcher = _optional_servicer("shoal.manager.dispatcher", "Dispatcher", self.store, self)
         self.logbroker = _optional_servicer("shoal.manager.logbroker", "LogBroker", self.store, self)
+        from shoal.manager.watchapi import WatchServicer
+
+        self.watch = WatchServicer(self.store, self)
         ca_svc = ca.CAServicer(self._root_ca_pem, self.issue_node_certificate)
         ca_plain = ca.CAServicer(self._root_ca_pem, self.issue_node_certificate, plain=True)
         tag = f"shoal-{self.node_id}-{os.getpid()}"
@@ -202,6 +206,7 @@ class Manager:
             control_pb2_grpc.add_ControlServicer_to_server(self.control, local)
         if self.logbroker is not None:
             logs_pb2_grpc.add_LogsServicer_to_server(self.logbroker, local)
+        watch_pb2_grpc.add_WatchServicer_to_server(self.watch, local)
         old_umask = os.umask(0o177)
         try:
             local.add_insecure_port(f"unix:{sock}")
@@ -219,6 +224,7 @@ class Manager:
         if self.logbroker is not None:
             logs_pb2_grpc.add_LogsServicer_to_server(self.logbroker, mtls)
             logs_pb2_grpc.add_LogBrokerServicer_to_server(self.logbroker, mtls)
+        watch_pb2_grpc.add_WatchServicer_to_server(self.watch, mtls)
         ca_pb2_grpc.add_CAServicer_to_server(ca_svc, mtls)
         mtls.add_secure_port(f"unix-abstract:{paths['mtls'][1:]}", ca.server_credentials(cfg.identity))
         join = grpc.aio.server()

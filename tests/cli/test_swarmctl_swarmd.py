@@ -219,3 +219,34 @@ def test_unplaceable_service_is_reported_clearly(mgr: Manager, registry: Registr
     [t] = json.loads(mgr.ok("service", "ps", name, "--format", "json"))
     assert t["status"]["state"] == "PENDING"
     mgr.ok("service", "rm", name)
+
+
+def test_events_follow_the_store_without_secret_data(mgr: Manager) -> None:
+    """`swarmctl events` streams committed changes (filtered by kind); the Watch API never sends
+    secret data, through the local socket or the mTLS remote API."""
+    name = f"{PREFIX}evsecret"
+    conn = ["--socket", str(mgr.sock)]
+    follow = subprocess.Popen(SWARMCTL + conn + ["events", "--kind", "secret", "--format", "json", "--count", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    remote = subprocess.Popen(SWARMCTL + ["--host", mgr.api, "--tls-dir", str(mgr.dir), "events", "--kind", "secret",
+                                          "--count", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # both streams open before the changes
+        mgr.ok("secret", "create", name, "-", input="hush-hush")
+        mgr.ok("config", "create", f"{PREFIX}evconfig", "-", input="not a secret")  # another kind: filtered out
+        mgr.ok("secret", "rm", name)
+        out, err = follow.communicate(timeout=30)
+        rout, rerr = remote.communicate(timeout=30)
+    finally:
+        for p in (follow, remote):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        mgr.run("config", "rm", f"{PREFIX}evconfig")
+    assert follow.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e.get("action", "CREATE") for e in events] == ["CREATE", "DELETE"]
+    assert all(e["object"]["secret"]["spec"]["annotations"]["name"] == name for e in events)
+    assert "hush" not in out and "data" not in events[0]["object"]["secret"]["spec"]
+    assert remote.returncode == 0, rerr
+    assert "secret create" in rout and name in rout
