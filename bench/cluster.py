@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/cluster.py [--managers 3] [--workers 2] [--skip-failover]
 
+swarmd RSS is read twice: idle (rss_*_idle_mb, a few seconds after `lab up`, before any service) and
+after the create_* workload (rss_*_after_load_mb); the targets of issue #7 are the idle figures.
+
 Brings up its own lab (named `bench`), measures, and takes it down again. Prints a table and one
 JSON line. Never fails on a figure: targets are shown, not asserted.
 """
@@ -27,7 +30,8 @@ DOCKER = {  # Docker Swarm 20.10 on a 4-host namespace lab of this kind of machi
     "worker_down": 12.0, "worker_tasks_moved": 17.6,
 }
 TARGET = {"create_1": 0.3, "create_12": 1.0, "create_100": 5.0, "leader_failover": 2.0, "worker_down": 3.0,
-          "worker_tasks_moved": 5.0, "rss_manager_mb": 80, "rss_agent_mb": 50}
+          "worker_tasks_moved": 5.0, "rss_manager_idle_mb": 80, "rss_agent_idle_mb": 50}
+IDLE_SETTLE = 5.0  # seconds after `lab up` (every node READY, no service) before the idle RSS is read
 
 
 def stub(h) -> control_pb2_grpc.ControlStub:
@@ -80,6 +84,15 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def rss_by_role(st: LabState, suffix: str) -> dict[str, float | None]:
+    """Largest VmRSS (MB) of the live swarmd of each role: rss_manager_<suffix>, rss_agent_<suffix>."""
+    out: dict[str, float | None] = {}
+    for role, key in (("manager", "manager"), ("worker", "agent")):
+        vals = [rss_mb(h.swarmd_pid) for h in st.hosts if h.role == role and _alive(h.swarmd_pid)]
+        out[f"rss_{key}_{suffix}"] = max(vals) if vals else None
+    return out
 
 
 def leader_host(st: LabState, lab: Lab):
@@ -148,6 +161,8 @@ def main() -> int:
     res: dict[str, float | None] = {}
     try:
         st = lab.up(a.managers, a.workers)
+        time.sleep(IDLE_SETTLE)
+        res.update(rss_by_role(st, "idle_mb"))  # right after `lab up`: no service, no image pulled
         c = stub(st.hosts[0])
         create_and_wait(c, "warmup", 1, 60)  # pulls the image on one node
         for n, key in ((1, "create_1"), (12, "create_12"), (100, "create_100")):
@@ -155,10 +170,7 @@ def main() -> int:
             ok = [r for r in runs if r is not None]
             res[key] = statistics.median(ok) if ok else None
         time.sleep(2)
-        mgr = [rss_mb(h.swarmd_pid) for h in st.hosts if h.role == "manager" and _alive(h.swarmd_pid)]
-        wrk = [rss_mb(h.swarmd_pid) for h in st.hosts if h.role == "worker" and _alive(h.swarmd_pid)]
-        res["rss_manager_mb"] = max(mgr) if mgr else None
-        res["rss_agent_mb"] = max(wrk) if wrk else None
+        res.update(rss_by_role(st, "after_load_mb"))  # after the create_* workload (services removed)
         if not a.skip_failover:
             st = lab.state()
             res["leader_failover"] = failover(lab, st)
