@@ -400,6 +400,10 @@ class Sim:
             if real_allocator:
                 from shoal.manager.allocator import Allocator
 
+                if self.store.cluster() is None:  # as `swarmd init` writes it; the allocator waits for it
+                    await self.store.update(lambda tx: tx.create(objects_pb2.Cluster(spec=specs_pb2.ClusterSpec(
+                        annotations=types_pb2.Annotations(name="default"),
+                        default_address_pool=["198.19.0.0/16"], subnet_size=24))))
                 self.loops["allocator"] = Allocator(self.store)
                 tasks.append(asyncio.create_task(self.loops["allocator"].run(), name="allocator"))
             else:
