@@ -1,0 +1,154 @@
+"""Session-wide guard: the suite must leave nothing behind on the machine.
+
+Every process the tests start inherits ``SHOAL_TEST_SESSION=<token>`` from this session's environment,
+so a process left running is ours exactly when its environment holds our token (swarmd, registries,
+lab holders; conmon gets a clean environment from the engine and is matched by start time instead).
+Kernel objects carry no owner: under ``CI`` (a machine of our own) the session fails on any network
+namespace, root-namespace link, nft table, mount or ``shoal-*`` cgroup that appeared during the session
+and is still there at its end; elsewhere (engineers' shared machines, with other labs coming and going)
+it only prints them. Names of other engineers' labs (``shoal-<lab>-…`` without this session's
+``<pid % 10000>``) are never ours.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+MARK = "SHOAL_TEST_SESSION"
+TOKEN = f"{os.getpid() % 10000}"
+
+
+@dataclass
+class Snapshot:
+    netns: set[str] = field(default_factory=set)
+    links: set[str] = field(default_factory=set)
+    nft: set[str] = field(default_factory=set)
+    mounts: set[str] = field(default_factory=set)
+    cgroups: set[str] = field(default_factory=set)
+
+
+def _lines(argv: list[str]) -> set[str]:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return {ln.strip() for ln in r.stdout.splitlines() if ln.strip()}
+
+
+def snapshot() -> Snapshot:
+    try:
+        netns = set(os.listdir("/run/netns"))
+    except FileNotFoundError:
+        netns = set()
+    with open("/proc/self/mountinfo") as f:
+        mounts = {ln.split()[4] for ln in f}
+    return Snapshot(
+        netns=netns,
+        links=set(os.listdir("/sys/class/net")),
+        nft=_lines(["nft", "list", "tables"]),
+        mounts=mounts,
+        cgroups=set(glob.glob("/sys/fs/cgroup/*/shoal-*")),
+    )
+
+
+def _foreign(name: str) -> bool:
+    """Another engineer's lab (``shoal-<lab>-…``, ``/var/lib/shoal-lab/<lab>/…``) not made by this session."""
+    return TOKEN not in name and (name.startswith("shoal-") or "/shoal-lab/" in name)
+
+
+def _cgroup_busy(path: str) -> bool:
+    for procs in glob.glob(f"{path}/**/cgroup.procs", recursive=True):
+        try:
+            if open(procs).read().strip():
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _boot_time() -> float:
+    with open("/proc/stat") as f:
+        for ln in f:
+            if ln.startswith("btime "):
+                return float(ln.split()[1])
+    return 0.0
+
+
+def leftover_processes(token: str, since: float | None) -> list[str]:
+    """Processes carrying this session's token and, with ``since`` (epoch seconds), conmon and runc
+    processes started since then that belong to no other lab."""
+    hz = os.sysconf("SC_CLK_TCK")
+    btime = _boot_time()
+    out = []
+    for d in glob.glob("/proc/[0-9]*"):
+        pid = int(d[6:])
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"{d}/stat") as f:
+                stat = f.read().rsplit(") ", 1)[1].split()
+            if stat[0] == "Z":
+                continue
+            with open(f"{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"{d}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        ours = f"{MARK}={token}".encode() in env
+        if not ours and since is not None:
+            started = btime + int(stat[19]) / hz
+            exe = os.path.basename(cmd.split(" ", 1)[0]) if cmd else ""
+            ours = started >= since and exe in ("conmon", "runc") and not _foreign(cmd)
+        if ours:
+            out.append(f"pid {pid}: {cmd[:200]}")
+    return sorted(out)
+
+
+def leftovers(before: Snapshot, token: str, since: float | None) -> dict[str, list[str]]:
+    """What appeared since ``before`` and is still there; ``since`` None: only this session's processes."""
+    if since is None:
+        return {k: v for k, v in {"processes": leftover_processes(token, None)}.items() if v}
+    after = snapshot()
+    found = {
+        "network namespaces": sorted(n for n in after.netns - before.netns if not _foreign(n)),
+        "links in the root namespace": sorted(n for n in after.links - before.links if not _foreign(n)),
+        "nft tables": sorted(t for t in after.nft - before.nft if not _foreign(t)),
+        "mounts": sorted(m for m in after.mounts - before.mounts if m != "/run/netns" and not _foreign(m)),
+        "cgroups": sorted(c for c in after.cgroups - before.cgroups if not _cgroup_busy(c)),
+        "processes": leftover_processes(token, since),
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Set first and torn down last: fails the session (or, outside CI, warns) on what it leaves."""
+    if os.geteuid() != 0:
+        yield  # without root the suite creates no kernel objects nor daemons
+        return
+    token = uuid.uuid4().hex
+    os.environ[MARK] = token
+    since = time.time() - 1
+    before = snapshot()
+    yield
+    ci = bool(os.environ.get("CI"))
+    found = leftovers(before, token, since)
+    if not found:
+        return
+    report = "the test session left these behind:\n" + "\n".join(
+        f"  {kind}:\n" + "\n".join(f"    {x}" for x in items) for kind, items in found.items()
+    )
+    if ci or leftovers(before, token, None):
+        pytest.fail(report, pytrace=False)
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line("WARNING (not failing outside CI: other labs may own these): " + report, yellow=True)
