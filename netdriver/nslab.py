@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pyroute2.config
-from pyroute2 import IPRoute, netns
+from pyroute2 import netns
+from pyroute2.iproute import IPRoute  # not `from pyroute2 import IPRoute`: see swarmd._lazy_pyroute2
 
 log = logging.getLogger(__name__)
 

@@ -82,7 +82,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from pyroute2 import IPRoute, NetlinkError, netns
+from pyroute2 import netns
+from pyroute2.iproute import IPRoute  # submodules: swarmd skips pyroute2/__init__ (memory)
+from pyroute2.netlink.exceptions import NetlinkError
 
 from shoal.proto import objects_pb2
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import importlib
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -26,15 +29,18 @@ import shutil
 import signal
 import socket
 import sys
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from shoal.manager import ca
-from shoal.manager.manager import Manager, ManagerConfig
-from shoal.manager.store import new_id
 from shoal.proto import ca_pb2, ca_pb2_grpc, objects_pb2, specs_pb2, store_pb2, types_pb2
+
+if TYPE_CHECKING:  # the manager role (Raft, control API, leader loops) is imported on managers only
+    from shoal.manager.manager import Manager
 
 log = logging.getLogger("shoal.swarmd")
 
@@ -125,6 +131,90 @@ async def start_agent(ctx: AgentContext) -> asyncio.Task[None] | None:
     return task
 
 
+# ---- memory (issue #7: manager idle <= 80 MB, agent idle <= 50 MB resident) ------------------------
+MALLOC_ARENA_MAX = 2  # glibc default: 8 per core, each thread (gRPC's, executors) grows its own
+M_ARENA_MAX = -8      # mallopt parameter number (malloc.h)
+
+
+def _lazy_pyroute2() -> None:
+    """Register the pyroute2 package without running its __init__, which imports every netlink
+    family pyroute2 has (NDB and sqlite3, IPDB, nl80211, ipvs, conntrack, ...: ~80 modules and
+    ~6 MB resident more) while swarmd uses rtnl and netns only. Submodule imports (`from pyroute2 import
+    netns`, `pyroute2.iproute`) load just what they name; any other name (`from pyroute2 import
+    NDB`) runs the real __init__ on first use, so nothing a caller could ask for is missing."""
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None or spec.origin is None or not spec.submodule_search_locations:
+        return
+    mod = types.ModuleType("pyroute2")
+    mod.__spec__, mod.__file__, mod.__package__ = spec, spec.origin, "pyroute2"
+    mod.__path__ = list(spec.submodule_search_locations)
+    origin = spec.origin
+
+    def __getattr__(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return importlib.import_module(f"pyroute2.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"pyroute2.{name}":
+                raise
+        mod.__dict__.pop("__getattr__", None)
+        log.debug("pyroute2.%s asked for: loading the whole pyroute2 package", name)
+        exec(compile(Path(origin).read_bytes(), origin, "exec"), mod.__dict__)  # noqa: S102
+        return getattr(mod, name)
+
+    mod.__getattr__ = __getattr__  # type: ignore[method-assign]
+    sys.modules["pyroute2"] = mod
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def _limit_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas (like MALLOC_ARENA_MAX=2) before any thread starts, unless the
+    environment already chose; an explicit MALLOC_ARENA_MAX wins."""
+    libc = _libc()
+    if "MALLOC_ARENA_MAX" not in os.environ and libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_ARENA_MAX, MALLOC_ARENA_MAX)
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the kernel (glibc keeps them otherwise): after start-up and
+    after a role switch, when the imports' and handshakes' garbage has been freed."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _memdebug_install() -> None:
+    """SWARMD_MEMDEBUG=N (frames, e.g. 1): trace Python allocations from start; on SIGUSR2 log the
+    resident size, the module count and the 25 biggest allocation sites."""
+    frames = int(os.environ.get("SWARMD_MEMDEBUG", "0") or 0)
+    if frames <= 0:
+        return
+    import tracemalloc
+
+    tracemalloc.start(frames)
+
+    def dump() -> None:
+        status = Path("/proc/self/status").read_text()
+        rss = next((ln.split(":", 1)[1].strip() for ln in status.splitlines() if ln.startswith("VmRSS")), "?")
+        snap = tracemalloc.take_snapshot()
+        stats = snap.statistics("filename")
+        total = sum(st.size for st in stats)
+        log.info("memdebug: rss %s, %d modules, traced python %.1f MB", rss, len(sys.modules), total / 2**20)
+        for st in stats[:25]:
+            log.info("memdebug: %8.1f KB %6d blocks %s", st.size / 1024, st.count, st.traceback[0].filename)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, dump)
+
+
 # ---- helpers ----------------------------------------------------------------------------------
 def _split(addr: str, default_port: int) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
@@ -210,6 +300,8 @@ class Swarmd:
             self._init(hostname, listen, advertise, raft_addr, raft_listen)
 
     def _init(self, hostname: str, listen: str, advertise: str, raft_addr: str, raft_listen: str) -> None:
+        from shoal.manager.store import new_id
+
         node_id, cluster_id = new_id(), new_id()
         self.idfilter.node_id = node_id
         root = ca.RootCA.create(cluster_id)
@@ -314,8 +406,11 @@ class Swarmd:
 
     # ---- roles ---------------------------------------------------------------------------------
     async def start_manager(self, peers: list[str] | None = None) -> None:
+        from shoal.manager.manager import Manager, ManagerConfig  # not loaded on a worker
+
         st, ident = self.state, self.identity
         assert st is not None and ident is not None
+        log.info("starting the manager role")
         self.manager = Manager(
             ManagerConfig(
                 state_dir=self.dir,
@@ -364,6 +459,7 @@ class Swarmd:
                 self.state.role = "worker"
                 self.state.save(self.dir)
             log.info("now a %s", new_role)
+            trim_heap()
 
     def _manager_addrs(self) -> list[str]:
         assert self.state is not None
@@ -409,6 +505,7 @@ class Swarmd:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
+        _memdebug_install()
         await self.setup()
         st = self.state
         assert st is not None and self.identity is not None
@@ -438,6 +535,7 @@ class Swarmd:
             self.agent = await start_agent(self.agent_ctx)
             self.role_task = asyncio.create_task(self._role_watch())
             log.info("swarmd ready: node %s, %s, remote API %s", st.node_id, st.role, st.advertise_api)
+            loop.call_later(3.0, trim_heap)  # once the first session and role check are done
             await self.stop_event.wait()
             log.info("SIGTERM: shutting down")
         finally:
@@ -475,6 +573,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    _limit_malloc_arenas()
+    _lazy_pyroute2()
     idfilter = NodeIdFilter()
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(idfilter)
