@@ -74,6 +74,11 @@ class NetworkHooks(Protocol):
     async def release(self, task_id: str) -> None: ...
 
 
+# Docker's defaultGossipConvergeDelay: a deactivated endpoint reaches every node well within it
+# (gossip rounds of 0.2 s, then the node's VIP/DNS reconcile).
+GOSSIP_CONVERGE_DELAY = 2.0
+
+
 class TaskRejected(Exception):
     """The task cannot run here (bad image, registry error, invalid spec): REJECTED with this reason."""
 
@@ -389,9 +394,63 @@ class TaskController:
             if info is not None and _status_of(info) == "exited" and info.exit is not None:
                 self._report_exit(info.exit)
                 return
+            if info is not None and self._has_health(info) and _health_of(info) != "healthy":
+                # As Docker: a task with a health check is RUNNING once healthy, so a start-first
+                # update stops an old task only when its replacement serves.
+                result = await self._interrupt(self._wait(has_health=True, until_healthy=True))
+                if result is INTERRUPTED:
+                    return  # shutdown requested: the main loop stops it
+                what, ex = result
+                if what == "exit":
+                    self._report_exit(ex)
+                    return
+                if what == "unhealthy":
+                    await self._stop()
+                    self.report(S.FAILED, "starting", "task: container is unhealthy")
+                    return
+                info = await eng.inspect(self.id)
             self.report(S.RUNNING, "started", pid=_pid_of(info) if info is not None else 0)
         else:  # RUNNING: wait for the exit, or for the health check to give up on it
             await self._watch_running()
+
+    def _has_health(self, info: Any) -> bool:
+        return bool(self.task.spec.container.healthcheck.test) or _health_of(info) != ""
+
+    async def _wait(self, *, has_health: bool, until_healthy: bool) -> tuple[str, Any]:
+        """Until the container exits ("exit", its exit) or turns unhealthy ("unhealthy", None); with
+        `until_healthy`, until it is healthy ("healthy", None), else the task serves while it is healthy."""
+        eng = self.w.engine
+        # Health changes arrive through the engine's callback; polling is the fallback.
+        poll = HEALTH_POLL * (4 if self.w.health_events else 1)
+        wait_task = asyncio.ensure_future(eng.wait(self.id))
+        health_task: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                if health_task is None or health_task.done():
+                    self.health_changed.clear()
+                    health_task = asyncio.ensure_future(self.health_changed.wait())
+                if until_healthy:  # after arming the event: a change from here on is not missed
+                    cur = await eng.inspect(self.id)
+                    if cur is not None and _health_of(cur) == "healthy":
+                        return "healthy", None
+                done, _ = await asyncio.wait(
+                    {wait_task, health_task},
+                    timeout=poll if has_health else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if wait_task in done:
+                    return "exit", wait_task.result()
+                cur = await eng.inspect(self.id)
+                if cur is not None and _health_of(cur) == "unhealthy":
+                    return "unhealthy", None
+                if cur is not None and not until_healthy:
+                    await self._serve(_health_of(cur) == "healthy")
+        finally:
+            for t in (wait_task, health_task):
+                if t is not None and not t.done():
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
 
     async def _watch_running(self) -> None:
         eng = self.w.engine
@@ -399,41 +458,10 @@ class TaskController:
         if info is None:
             self.report(S.FAILED, "started", "container is gone (removed outside the agent)")
             return
-        has_health = bool(self.task.spec.container.healthcheck.test) or _health_of(info) != ""
+        has_health = self._has_health(info)
         if not has_health or _health_of(info) == "healthy":
             await self._serve(True)
-
-        # Health changes arrive through the engine's callback; polling is the fallback.
-        poll = HEALTH_POLL * (4 if self.w.health_events else 1)
-
-        async def waiter() -> tuple[str, Any]:
-            wait_task = asyncio.ensure_future(eng.wait(self.id))
-            health_task: asyncio.Future[Any] | None = None
-            try:
-                while True:
-                    if health_task is None or health_task.done():
-                        self.health_changed.clear()
-                        health_task = asyncio.ensure_future(self.health_changed.wait())
-                    done, _ = await asyncio.wait(
-                        {wait_task, health_task},
-                        timeout=poll if has_health else None,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    if wait_task in done:
-                        return "exit", wait_task.result()
-                    cur = await eng.inspect(self.id)
-                    if cur is not None and _health_of(cur) == "unhealthy":
-                        return "unhealthy", None
-                    if cur is not None:
-                        await self._serve(_health_of(cur) == "healthy")
-            finally:
-                for t in (wait_task, health_task):
-                    if t is not None and not t.done():
-                        t.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, Exception):
-                            await t
-
-        result = await self._interrupt(waiter())
+        result = await self._interrupt(self._wait(has_health=has_health, until_healthy=False))
         if result is INTERRUPTED:
             return  # shutdown requested: the main loop stops it
         what, ex = result
@@ -465,7 +493,12 @@ class TaskController:
     async def _stop(self) -> None:
         if not self.has_container:
             return
+        serving = self._serving
         await self._serve(False)
+        if serving and not self._serving and self.w.converge_delay > 0:
+            # As Docker (defaultGossipConvergeDelay): the other nodes hear of the deactivation by
+            # gossip; the container keeps listening until they stopped sending new connections to it.
+            await asyncio.sleep(self.w.converge_delay)
         c = self.task.spec.container
         grace = c.stop_grace_period.ToNanoseconds() / 1e9 if c.HasField("stop_grace_period") else None
         try:
@@ -523,7 +556,11 @@ class Worker:
         *,
         network: NetworkHooks | None = None,
         hostname: str = "",
+        converge_delay: float = GOSSIP_CONVERGE_DELAY,
     ) -> None:
+        """`converge_delay`: seconds between taking a serving task out of its service's load balancing
+        and stopping its container, for the other nodes to hear of it."""
+        self.converge_delay = converge_delay
         self.engine = engine if isinstance(engine, EngineAdapter) else EngineAdapter(engine)
         self.hostname = hostname or socket.gethostname()  # for {{.Node.Hostname}} templates
         # Hear health changes from the engine (its monitors call this on the event loop).
