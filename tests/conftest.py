@@ -61,7 +61,9 @@ def snapshot() -> Snapshot:
 
 def _foreign(name: str) -> bool:
     """Another engineer's lab (``shoal-<lab>-…``, ``/var/lib/shoal-lab/<lab>/…``) not made by this session."""
-    return TOKEN not in name and (name.startswith("shoal-") or "/shoal-lab/" in name)
+    if TOKEN in name:
+        return False
+    return name.removeprefix("/run/netns/").startswith("shoal-") or "/shoal-lab/" in name
 
 
 def _cgroup_busy(path: str) -> bool:
