@@ -198,6 +198,34 @@ def test_unhealthy_container_fails_its_task(engine_root, registry, tmp_path) -> 
     run(main())
 
 
+def test_task_with_a_health_check_is_running_once_healthy(engine_root, registry) -> None:
+    """As Docker: STARTING until the first passing probe, then RUNNING (a start-first update relies on it)."""
+
+    async def main() -> None:
+        engine = new_engine(engine_root, registry)
+        events: list[tuple[str, object]] = []
+        engine.on_health_change = lambda cid, status: events.append(("health", status))
+        w = Worker(engine, "n1", lambda tid, st: events.append(("state", st.state)))
+        await w.start()
+        t = make_task("n1", "sh", "-c", "touch /tmp/healthy; exec sleep 600", image=f"{registry.host}/hc:latest",
+                      grace_s=0)
+        msg = dispatcher_pb2.AssignmentsMessage(type=dispatcher_pb2.AssignmentsMessage.COMPLETE)
+        msg.changes.add().assignment.task.CopyFrom(t)
+        try:
+            w.apply(msg)
+            await wait_for(lambda: ("state", S.RUNNING) in events, what="RUNNING")
+            states = [v for k, v in events if k == "state"]
+            assert states == [S.ACCEPTED, S.PREPARING, S.READY, S.STARTING, S.RUNNING], events
+            assert events.index(("health", "healthy")) < events.index(("state", S.RUNNING)), events
+        finally:
+            await w.close()
+            for c in await engine.list():
+                await engine.remove(c.id)
+            await engine.close()
+
+    run(main())
+
+
 class NetnsHooks:
     """A minimal real network hook: a named netns per task holding one veth pair."""
 
