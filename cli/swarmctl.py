@@ -918,7 +918,10 @@ def _task_rows(c: Client, tasks: list[objects_pb2.Task], no_trunc: bool) -> list
         state = out.state_name(t.status.state)
         when = out.ago(t.status.timestamp) or out.ago(t.meta.updated_at)
         ports = ", ".join(units.format_port(p) for p in t.status.port_status.ports)
-        err = f'"{out.truncate(t.status.err, 30, no_trunc)}"' if t.status.err else ""
+        # Like docker: the error, or why a task waits (e.g. "no suitable node (...)") while it is pending.
+        why = t.status.err or (t.status.message if t.status.state == types_pb2.PENDING
+                               and t.status.message.startswith("no suitable node") else "")
+        err = f'"{out.truncate(why, 30, no_trunc)}"' if why else ""
         rows.append([out.short_id(t.id, no_trunc), name, t.spec.container.image.split("@")[0],
                      node.description.hostname if node else "", out.state_name(t.desired_state),
                      f"{state} {when}".strip(), err, ports])

@@ -451,6 +451,11 @@ def validate_network_spec(spec: specs_pb2.NetworkSpec) -> None:
     if driver and driver != "overlay":
         raise InvalidArgument(f"network driver {driver!r} is not supported: use overlay")
     validate_labels("network driver option", spec.driver_config.options)
+    if "encrypted" in spec.driver_config.options:
+        raise InvalidArgument(
+            "network driver option encrypted is not supported yet: Shoal has no IPsec data path for overlay "
+            "networks; create the network without --opt encrypted"
+        )
     if spec.ingress and spec.attachable:
         raise InvalidArgument("an ingress network cannot be attachable: drop one of the two")
     if spec.ipam.driver.name and spec.ipam.driver.name != "default":
