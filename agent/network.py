@@ -275,6 +275,13 @@ class NetworkAgent:
                 if ev.table != ENDPOINT_TABLE:
                     continue
                 if ev.owner != self.node_id:
+                    if ev.kind == EventKind.DELETE and self._joined.is_set():
+                        # An endpoint went: stop sending it new connections before its peer entries go.
+                        try:
+                            await self._sync_network(ev.network_id)
+                        except Exception as e:
+                            log.warning("node=%s network=%s load balancing not updated: %s", self.node_id,
+                                        ev.network_id, e)
                     await self._peer(ev.kind, ev.network_id, ev.key, ev.value)
                 self._dirty.put_nowait(ev.network_id)
         finally:
