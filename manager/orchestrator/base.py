@@ -44,6 +44,7 @@ class OrchestratorBase:
         self.retry = 1.0  # seconds before a failed reconcile (e.g. no quorum) is tried again
         self._queue: asyncio.Queue[Any] | None = None
         self.idle = asyncio.Event()
+        self._later: dict[str, float] = {}  # service id -> when a deferred reconcile is due
 
     # ---- subclass hooks ----------------------------------------------------------------------
     def owns(self, svc: objects_pb2.Service) -> bool:
@@ -120,6 +121,31 @@ class OrchestratorBase:
             except Exception:
                 log.exception("%s: reconcile of service %s failed; retrying in %.0f s", self.name, sid, self.retry)
                 self._spawn(self._retry_later(sid))
+
+    def replace_when_due(self, t: objects_pb2.Task) -> bool:
+        """Whether an ended task may be replaced now. A replacement that ended before it was ever
+        released to run (rejected or failed while its restart delay ran: a bad image, a registry
+        that is down) is itself replaced only once that delay is over, as in Docker -- not as fast as
+        the node rejects it. Otherwise a reconcile of its service is scheduled for when it is due."""
+        if t.desired_state != types_pb2.READY:
+            return True
+        created = t.meta.created_at.seconds + t.meta.created_at.nanos / 1e9
+        wait = created + restart_delay(t.spec) - time.time()
+        if wait <= 0:
+            return True
+        due = time.monotonic() + wait
+        if self._later.get(t.service_id, float("inf")) > due:
+            self._later[t.service_id] = due
+            self._spawn(self._reconcile_at(t.service_id, due))
+        return False
+
+    async def _reconcile_at(self, service_id: str, due: float) -> None:
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        if self._later.get(service_id) == due:
+            del self._later[service_id]
+        self._dirty.add(service_id)
+        if self._queue is not None:
+            self._queue.put_nowait(watch_pb2.WatchMessage())  # wake the loop
 
     async def _retry_later(self, service_id: str) -> None:
         await asyncio.sleep(self.retry)

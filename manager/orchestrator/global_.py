@@ -82,7 +82,8 @@ class GlobalOrchestrator(OrchestratorBase):
             if not keeps_tasks(svc, nodes.get(t.node_id)):
                 gone_ids.append(t.id)
             elif t.status.state > RUNNING:
-                restart_ids.append(t.id)
+                if self.replace_when_due(t):
+                    restart_ids.append(t.id)
         if await self.shutdown_and_restart(svc, restart_ids, gone_ids):
             svc = sm.get("service", service_id)
             if not is_live_service(svc):

@@ -82,7 +82,8 @@ class ReplicatedOrchestrator(OrchestratorBase):
             if t.desired_state > RUNNING:
                 continue
             if t.status.state > RUNNING:
-                restart_ids.append(t.id)
+                if self.replace_when_due(t):
+                    restart_ids.append(t.id)
             elif t.node_id and node_lost(sm.get("node", t.node_id)):
                 lost_ids.append(t.id)
         if await self.shutdown_and_restart(svc, restart_ids, lost_ids):

@@ -115,6 +115,7 @@ def _copy(m: Any) -> Any:
 class Sim:
     store: LocalStore = field(default_factory=LocalStore)
     fail_images: set[str] = field(default_factory=set)
+    reject_images: set[str] = field(default_factory=set)  # the agent rejects these while preparing (bad image)
     # Images whose tasks run for a moment and then fail by themselves.
     crash_images: set[str] = field(default_factory=set)
     agents_paused: bool = False
@@ -368,6 +369,8 @@ class Sim:
                 continue
             if t.desired_state > RUNNING:
                 await self._set_state(t.id, types_pb2.SHUTDOWN, "shutdown")
+            elif t.spec.container.image in self.reject_images and t.status.state < types_pb2.READY:
+                await self._set_state(t.id, types_pb2.REJECTED, "No such image")
             elif t.desired_state == RUNNING and t.status.state < RUNNING:
                 if t.spec.container.image in self.fail_images:
                     await self._set_state(t.id, types_pb2.FAILED, "task: non-zero exit (1)")

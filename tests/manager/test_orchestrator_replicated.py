@@ -328,3 +328,26 @@ def test_node_removed_tasks_replaced_and_orphans_count_as_history() -> None:
             assert slot in {t.slot for t in sim.live(svc.id)}
 
     run(main())
+
+
+def test_rejected_replacements_come_one_restart_delay_apart() -> None:
+    """A replacement rejected while it waits out its restart delay (a bad image) is itself replaced
+    only once that delay is over, as in Docker: not as fast as the node rejects it."""
+
+    async def main() -> None:
+        sim = Sim()
+        await sim.add_nodes(1)
+        sim.reject_images.add("nosuch:1")
+        policy = types_pb2.RestartPolicy(condition=types_pb2.RestartPolicy.ANY, delay=dur(0.3))
+        async with sim.running():
+            svc = await sim.create_service(service_spec("bad", replicas=1, image="nosuch:1", restart=policy))
+            await sim.until(lambda: len(sim.tasks(svc.id)) >= 4, what="three replacements")
+            tasks = sorted(sim.tasks(svc.id), key=lambda t: t.meta.created_at.ToNanoseconds())
+            created = [t.meta.created_at.ToNanoseconds() / 1e9 for t in tasks]
+            assert all(t.status.state == types_pb2.REJECTED for t in tasks[:3]), sim.dump()
+            # the first replacement comes at once (with a delayed start); each later one a delay apart
+            gaps = [b - a for a, b in zip(created[1:], created[2:], strict=False)]
+            assert gaps and all(g >= 0.29 for g in gaps), (gaps, sim.dump())
+            sim.check_slots()
+
+    run(main())
