@@ -316,7 +316,13 @@ def test_in_process_api_status_subscribe_and_transfer(tmp_path: Path):
             st = await stores[0].wait_leader(10)
             while not (st.leader_addr and st.total == 3 and st.reachable == 3):
                 st = await q.get()
-            leader = next(s for s in stores if s.self_addr == st.leader_addr)
+            # Under load an election may still be settling: wait until all three agree on one leader.
+            for _ in range(200):
+                leader = next((s for s in stores if s.is_leader()), None)
+                if leader is not None and all(s.leader_addr() == leader.self_addr for s in stores):
+                    break
+                await asyncio.sleep(0.05)
+            assert leader is not None
             follower = next(s for s in stores if s is not leader)
             assert leader.is_leader() and not follower.is_leader()
             assert follower.leader_addr() == leader.self_addr
