@@ -402,16 +402,7 @@ class ImageStore:
                 with ThreadPoolExecutor(max_workers=3, thread_name_prefix="layer") as ex:
                     for f in [ex.submit(fetch, d, i) for d, i in todo]:
                         f.result()
-            img = Image(
-                id=sha256(cfg_bytes),
-                layers=list(diff_ids),
-                config=cfg.get("config") or {},
-                architecture=cfg.get("architecture", ""),
-                os=cfg.get("os", "linux"),
-                created=cfg.get("created", ""),
-                size=sum(int(d.get("size", 0)) for d in layers),
-                manifest_digest=digest,
-            )
+            img = _image(cfg_bytes, cfg, diff_ids, layers, digest)
             return self._save(img, names, {digest: body, img.id: cfg_bytes})
 
     # -- load --------------------------------------------------------------------------------
@@ -492,16 +483,7 @@ class ImageStore:
                             expect_diff_id=diff_id,
                             size=m.size,
                         )
-                img = Image(
-                    id=sha256(cfg_bytes),
-                    layers=list(diff_ids),
-                    config=cfg.get("config") or {},
-                    architecture=cfg.get("architecture", ""),
-                    os=cfg.get("os", "linux"),
-                    created=cfg.get("created", ""),
-                    size=sum(int(x.get("size", 0)) for x in layers),
-                    manifest_digest=mdigest,
-                )
+                img = _image(cfg_bytes, cfg, diff_ids, layers, mdigest)
                 out.append(self._save(img, names, {mdigest: body, img.id: cfg_bytes}))
             log.info("loaded image id=%s names=%s from=%s", img.id[:19], names, tname)
         return out
@@ -653,3 +635,17 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _image(cfg_bytes: bytes, cfg: dict, diff_ids: list[str], layers: list[dict], manifest_digest: str) -> Image:
+    """The Image record of a pulled or loaded image: its config blob, layers and manifest digest."""
+    return Image(
+        id=sha256(cfg_bytes),
+        layers=list(diff_ids),
+        config=cfg.get("config") or {},
+        architecture=cfg.get("architecture", ""),
+        os=cfg.get("os", "linux"),
+        created=cfg.get("created", ""),
+        size=sum(int(d.get("size", 0)) for d in layers),
+        manifest_digest=manifest_digest,
+    )
