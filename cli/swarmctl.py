@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import importlib
 import json
 import os
 import shlex
@@ -1040,6 +1039,9 @@ def _file_ls(kind: str) -> Callable[[Client, argparse.Namespace], None]:
 
 # ---- the parser ----------------------------------------------------------------------------------
 def build_parser() -> Parser:
+    # Command modules that build on this one (stack uses its waiters and tables): imported here.
+    from shoal.cli import events, labcmd, logs, stack
+
     root = Parser(prog="swarmctl", parents=[CONN], description="Control a Shoal swarm.")
     cmds = root.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
@@ -1159,7 +1161,7 @@ def build_parser() -> Parser:
         p.add_argument("-q", "--quiet", action="store_true", help="suppress progress output")
         p.add_argument("--timeout", type=typed(lambda t: units.parse_duration(t) / 1e9, "duration"),
                        default=DEFAULT_WAIT_TIMEOUT, help="give up waiting after this long (default 5m)")
-    _extension("shoal.cli.logs", lambda m: m.register(sub, "service", parents=[CONN]))
+    logs.register(sub, "service", parents=[CONN])
     p = leaf(sub, "ps", service_ps, "list the tasks of services")
     p.add_argument("services", nargs="+", metavar="SERVICE")
     p.add_argument("-f", "--filter", action="append", help="desired-state=, node=, id=, name=")
@@ -1177,7 +1179,7 @@ def build_parser() -> Parser:
     p = leaf(sub, "inspect", task_inspect, "show tasks in detail")
     p.add_argument("tasks", nargs="+", metavar="TASK")
     p.add_argument("--format", choices=("json",), default="json")
-    _extension("shoal.cli.logs", lambda m: m.register(sub, "task", parents=[CONN]))
+    logs.register(sub, "task", parents=[CONN])
 
     # networks
     sub = group("network", "manage networks")
@@ -1214,24 +1216,12 @@ def build_parser() -> Parser:
         p.add_argument("refs", nargs="+", metavar=kind.upper())
 
     # Command groups other modules provide: stacks (compose files) and the one-machine lab.
-    _extension("shoal.cli.stack", lambda m: m.register(cmds, parents=[CONN]))
-    _extension("shoal.cli.events", lambda m: m.register(cmds, parents=[CONN]))
+    stack.register(cmds, parents=[CONN])
+    events.register(cmds, parents=[CONN])
 
-    def lab(m: Any) -> None:
-        m.register(cmds)
-        cmds.choices["lab"].set_defaults(no_client=True)
-
-    _extension("shoal.cli.labcmd", lab)
+    labcmd.register(cmds)
+    cmds.choices["lab"].set_defaults(no_client=True)
     return root
-
-
-def _extension(module: str, register: Callable[[Any], None]) -> None:
-    """Add the commands of `module` when it is installed (a stripped-down build may lack it)."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return
-    register(mod)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

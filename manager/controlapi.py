@@ -37,6 +37,7 @@ import grpc
 from google.protobuf.message import Message
 
 from shoal.manager import validation
+from shoal.manager.allocator import allocate_network
 from shoal.manager.store import (
     AlreadyExists,
     Conflict,
@@ -468,7 +469,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                             f"an ingress network already exists ({other.spec.annotations.name!r}): remove it first"
                         )
             net = objects_pb2.Network(id=new_id(), spec=spec)
-            _allocate_network(tx, net)
+            allocate_network(tx.sm, net)
             return tx.create(net)
 
         net = await self._commit(fn)
@@ -693,15 +694,6 @@ def _peer(context: Any) -> Any:
 
 def _labels_match(have: Any, want: dict[str, str]) -> bool:
     return all(k in have and (not v or have[k] == v) for k, v in want.items())
-
-
-def _allocate_network(tx: Tx, net: objects_pb2.Network) -> None:
-    """Give a new network its VNI and subnet inside the create transaction (allocator's rules)."""
-    try:
-        from shoal.manager.allocator import allocate_network
-    except ImportError:  # pragma: no cover - allocator absent in a stripped-down build
-        return
-    allocate_network(tx.sm, net)
 
 
 def add_to_server(servicer: ControlServicer, server: grpc.aio.Server) -> None:

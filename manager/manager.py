@@ -43,8 +43,14 @@ from typing import Any
 import grpc
 
 from shoal.manager import ca
+from shoal.manager.allocator import Allocator
+from shoal.manager.controlapi import ControlServicer
+from shoal.manager.dispatcher import Dispatcher
+from shoal.manager.logbroker import LogBroker
+from shoal.manager.orchestrator import leader_loops
 from shoal.manager.raft import RaftConfig, RaftStatus, RaftStore
 from shoal.manager.store import Conflict, Store, StoreError, Tx, Unavailable, new_id
+from shoal.manager.watchapi import WatchServicer
 from shoal.proto import (
     ca_pb2_grpc,
     control_pb2,
@@ -72,14 +78,10 @@ def _manager_status(store: Store, manager: Manager) -> Any:
 
 
 def _allocator(store: Store, manager: Manager) -> Any:
-    from shoal.manager.allocator import Allocator
-
     return Allocator(store, manager)
 
 
 def _orchestration(store: Store, manager: Manager) -> Any:
-    from shoal.manager.orchestrator import leader_loops
-
     return leader_loops(store)
 
 
@@ -183,11 +185,9 @@ class Manager:
             bind_addr=cfg.raft_listen,
             config=cfg.raft_config,
         )
-        self.control = _optional_servicer("shoal.manager.controlapi", "ControlServicer", self.store, self)
-        self.dispatcher = _optional_servicer("shoal.manager.dispatcher", "Dispatcher", self.store, self)
-        self.logbroker = _optional_servicer("shoal.manager.logbroker", "LogBroker", self.store, self)
-        from shoal.manager.watchapi import WatchServicer
-
+        self.control = ControlServicer(self.store, manager=self)
+        self.dispatcher = Dispatcher(self.store, manager=self)
+        self.logbroker = LogBroker(self.store, manager=self)
         self.watch = WatchServicer(self.store, self)
         ca_svc = ca.CAServicer(self._root_ca_pem, self.issue_node_certificate)
         ca_plain = ca.CAServicer(self._root_ca_pem, self.issue_node_certificate, plain=True)
@@ -202,10 +202,8 @@ class Manager:
         if sock.exists() or sock.is_symlink():
             sock.unlink()
         local = grpc.aio.server()
-        if self.control is not None:
-            control_pb2_grpc.add_ControlServicer_to_server(self.control, local)
-        if self.logbroker is not None:
-            logs_pb2_grpc.add_LogsServicer_to_server(self.logbroker, local)
+        control_pb2_grpc.add_ControlServicer_to_server(self.control, local)
+        logs_pb2_grpc.add_LogsServicer_to_server(self.logbroker, local)
         watch_pb2_grpc.add_WatchServicer_to_server(self.watch, local)
         old_umask = os.umask(0o177)
         try:
@@ -217,13 +215,10 @@ class Manager:
         self._servers.append(local)
 
         mtls = grpc.aio.server()
-        if self.control is not None:
-            control_pb2_grpc.add_ControlServicer_to_server(self.control, mtls)
-        if self.dispatcher is not None:
-            dispatcher_pb2_grpc.add_DispatcherServicer_to_server(self.dispatcher, mtls)
-        if self.logbroker is not None:
-            logs_pb2_grpc.add_LogsServicer_to_server(self.logbroker, mtls)
-            logs_pb2_grpc.add_LogBrokerServicer_to_server(self.logbroker, mtls)
+        control_pb2_grpc.add_ControlServicer_to_server(self.control, mtls)
+        dispatcher_pb2_grpc.add_DispatcherServicer_to_server(self.dispatcher, mtls)
+        logs_pb2_grpc.add_LogsServicer_to_server(self.logbroker, mtls)
+        logs_pb2_grpc.add_LogBrokerServicer_to_server(self.logbroker, mtls)
         watch_pb2_grpc.add_WatchServicer_to_server(self.watch, mtls)
         ca_pb2_grpc.add_CAServicer_to_server(ca_svc, mtls)
         mtls.add_secure_port(f"unix-abstract:{paths['mtls'][1:]}", ca.server_credentials(cfg.identity))
@@ -416,17 +411,13 @@ class Manager:
             name = getattr(factory, "__name__", repr(factory)).lstrip("_")
             try:
                 built = factory(self.raft, self)
-            except ImportError as e:
-                log.info("node=%s leader loop %s not available: %s", self.node_id, name, e)
-                continue
             except Exception:
                 log.exception("node=%s leader loop %s failed to build", self.node_id, name)
                 continue
             for loop in built if isinstance(built, list | tuple) else [built]:
                 if loop is not None:
                     loops.append((type(loop).__name__, loop))
-        if self.dispatcher is not None and hasattr(self.dispatcher, "run"):
-            loops.append(("Dispatcher", self.dispatcher))
+        loops.append(("Dispatcher", self.dispatcher))
         async with asyncio.TaskGroup() as tg:
             for name, loop in loops:
                 tg.create_task(self._supervise(name, loop), name=name)
@@ -442,18 +433,6 @@ class Manager:
             except Exception:
                 log.exception("node=%s leader loop %s failed; restarting in 1 s", self.node_id, name)
                 await asyncio.sleep(1)
-
-
-def _optional_servicer(module: str, name: str, store: Store, manager: Manager) -> Any:
-    """Build another engineer's servicer if its module exists yet (else serve nothing for it)."""
-    import importlib
-
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        log.warning("node=%s %s.%s not available, not serving it: %s", manager.node_id, module, name, e)
-        return None
-    return cls(store, manager=manager)
 
 
 # ---- the manager's own leader loops ----------------------------------------------------------
