@@ -75,14 +75,24 @@ class UpdateTaskStatusResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("task", "secret", "config")
+    __slots__ = ("task", "secret", "config", "network_keys")
     TASK_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_KEYS_FIELD_NUMBER: _ClassVar[int]
     task: _objects_pb2.Task
     secret: _objects_pb2.Secret
     config: _objects_pb2.Config
-    def __init__(self, task: _Optional[_Union[_objects_pb2.Task, _Mapping]] = ..., secret: _Optional[_Union[_objects_pb2.Secret, _Mapping]] = ..., config: _Optional[_Union[_objects_pb2.Config, _Mapping]] = ...) -> None: ...
+    network_keys: NetworkKeys
+    def __init__(self, task: _Optional[_Union[_objects_pb2.Task, _Mapping]] = ..., secret: _Optional[_Union[_objects_pb2.Secret, _Mapping]] = ..., config: _Optional[_Union[_objects_pb2.Config, _Mapping]] = ..., network_keys: _Optional[_Union[NetworkKeys, _Mapping]] = ...) -> None: ...
+
+class NetworkKeys(_message.Message):
+    __slots__ = ("network_id", "keys")
+    NETWORK_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    network_id: str
+    keys: _containers.RepeatedCompositeFieldContainer[_types_pb2.EncryptionKey]
+    def __init__(self, network_id: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[_types_pb2.EncryptionKey, _Mapping]]] = ...) -> None: ...
 
 class AssignmentChange(_message.Message):
     __slots__ = ("assignment", "action")

@@ -1,5 +1,8 @@
+import datetime
+
 from shoal.proto import types_pb2 as _types_pb2
 from shoal.proto import specs_pb2 as _specs_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -112,20 +115,24 @@ class NetworkDriverState(_message.Message):
     def __init__(self, vni: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Network(_message.Message):
-    __slots__ = ("id", "meta", "spec", "driver_state", "ipam", "pending_delete")
+    __slots__ = ("id", "meta", "spec", "driver_state", "ipam", "pending_delete", "encryption_keys", "keys_rotated_at")
     ID_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     DRIVER_STATE_FIELD_NUMBER: _ClassVar[int]
     IPAM_FIELD_NUMBER: _ClassVar[int]
     PENDING_DELETE_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_KEYS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_ROTATED_AT_FIELD_NUMBER: _ClassVar[int]
     id: str
     meta: _types_pb2.Meta
     spec: _specs_pb2.NetworkSpec
     driver_state: NetworkDriverState
     ipam: _types_pb2.IPAMOptions
     pending_delete: bool
-    def __init__(self, id: _Optional[str] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., spec: _Optional[_Union[_specs_pb2.NetworkSpec, _Mapping]] = ..., driver_state: _Optional[_Union[NetworkDriverState, _Mapping]] = ..., ipam: _Optional[_Union[_types_pb2.IPAMOptions, _Mapping]] = ..., pending_delete: _Optional[bool] = ...) -> None: ...
+    encryption_keys: _containers.RepeatedCompositeFieldContainer[_types_pb2.EncryptionKey]
+    keys_rotated_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., spec: _Optional[_Union[_specs_pb2.NetworkSpec, _Mapping]] = ..., driver_state: _Optional[_Union[NetworkDriverState, _Mapping]] = ..., ipam: _Optional[_Union[_types_pb2.IPAMOptions, _Mapping]] = ..., pending_delete: _Optional[bool] = ..., encryption_keys: _Optional[_Iterable[_Union[_types_pb2.EncryptionKey, _Mapping]]] = ..., keys_rotated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Secret(_message.Message):
     __slots__ = ("id", "meta", "spec")

@@ -89,7 +89,7 @@ class ConfigSpec(_message.Message):
     def __init__(self, annotations: _Optional[_Union[_types_pb2.Annotations, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ClusterSpec(_message.Message):
-    __slots__ = ("annotations", "orchestration", "dispatcher", "ca_config", "default_address_pool", "subnet_size")
+    __slots__ = ("annotations", "orchestration", "dispatcher", "ca_config", "default_address_pool", "subnet_size", "network_encryption")
     class Orchestration(_message.Message):
         __slots__ = ("task_history_retention_limit",)
         TASK_HISTORY_RETENTION_LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -105,16 +105,23 @@ class ClusterSpec(_message.Message):
         NODE_CERT_EXPIRY_FIELD_NUMBER: _ClassVar[int]
         node_cert_expiry: _duration_pb2.Duration
         def __init__(self, node_cert_expiry: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    class NetworkEncryption(_message.Message):
+        __slots__ = ("key_rotation_interval",)
+        KEY_ROTATION_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+        key_rotation_interval: _duration_pb2.Duration
+        def __init__(self, key_rotation_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
     ORCHESTRATION_FIELD_NUMBER: _ClassVar[int]
     DISPATCHER_FIELD_NUMBER: _ClassVar[int]
     CA_CONFIG_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_ADDRESS_POOL_FIELD_NUMBER: _ClassVar[int]
     SUBNET_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
     annotations: _types_pb2.Annotations
     orchestration: ClusterSpec.Orchestration
     dispatcher: ClusterSpec.Dispatcher
     ca_config: ClusterSpec.CAConfig
     default_address_pool: _containers.RepeatedScalarFieldContainer[str]
     subnet_size: int
-    def __init__(self, annotations: _Optional[_Union[_types_pb2.Annotations, _Mapping]] = ..., orchestration: _Optional[_Union[ClusterSpec.Orchestration, _Mapping]] = ..., dispatcher: _Optional[_Union[ClusterSpec.Dispatcher, _Mapping]] = ..., ca_config: _Optional[_Union[ClusterSpec.CAConfig, _Mapping]] = ..., default_address_pool: _Optional[_Iterable[str]] = ..., subnet_size: _Optional[int] = ...) -> None: ...
+    network_encryption: ClusterSpec.NetworkEncryption
+    def __init__(self, annotations: _Optional[_Union[_types_pb2.Annotations, _Mapping]] = ..., orchestration: _Optional[_Union[ClusterSpec.Orchestration, _Mapping]] = ..., dispatcher: _Optional[_Union[ClusterSpec.Dispatcher, _Mapping]] = ..., ca_config: _Optional[_Union[ClusterSpec.CAConfig, _Mapping]] = ..., default_address_pool: _Optional[_Iterable[str]] = ..., subnet_size: _Optional[int] = ..., network_encryption: _Optional[_Union[ClusterSpec.NetworkEncryption, _Mapping]] = ...) -> None: ...
