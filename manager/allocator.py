@@ -8,6 +8,8 @@ creates cannot both win. Services and tasks are allocated by `Allocator`, a lead
 only writer of VIPs, published port numbers and task addresses: it rebuilds what is in use from the
 store at every pass, so a new leader never hands out an address twice. A task moves NEW → PENDING
 once its attachments are allocated (or at once when it has no network), and only then is scheduled.
+An encrypted network gets its IPsec keys with its allocation (`shoal.manager.keymanager`); the copies
+of a Network in task and node attachments never carry them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shoal.manager.keymanager import give_initial_keys, ipsec_keys, is_encrypted
 from shoal.manager.store import InvalidArgument, StateMachine, Store, Tx, is_terminal, network_subnet, wrap
 from shoal.proto import objects_pb2, specs_pb2, types_pb2
 
@@ -94,6 +97,8 @@ def allocate_network(sm: StateMachine, net: objects_pb2.Network) -> None:
     net.driver_state.options.update(net.spec.driver_config.options)
     del net.ipam.configs[:]
     net.ipam.configs.add(subnet=str(subnet), gateway=str(gateway))
+    if is_encrypted(net) and not ipsec_keys(net):
+        give_initial_keys(net)  # made here, before the transaction is proposed: apply only copies them
 
 
 def _next_free_subnet(pools: list[Net], size: int, taken: list[Net]) -> Net | None:
@@ -191,6 +196,10 @@ class Allocator:
         sm = self.store.sm
         pools = self._pools(sm)
         written = 0
+        keyed = self._network_keys(sm)
+        if keyed:
+            written += len(keyed)
+            await self._commit(keyed)
         service_updates = []
         ports_used = self._published_ports(sm)
         for svc in sm.list("service"):
@@ -250,6 +259,19 @@ class Allocator:
                 except Exception as e:
                     log.info("allocation of %s skipped, retried on next event: %s", a.object.WhichOneof("object"), e)
 
+    @staticmethod
+    def _network_keys(sm: StateMachine) -> list[objects_pb2.Network]:
+        """Encrypted networks without IPsec keys (written before they had any) get their first keys."""
+        updates = []
+        for net in sm.list("network"):
+            if is_encrypted(net) and not net.pending_delete and not ipsec_keys(net):
+                n = objects_pb2.Network()
+                n.CopyFrom(net)
+                give_initial_keys(n)
+                updates.append(n)
+                log.info("network keys created network=%s name=%s", n.id, n.spec.annotations.name)
+        return updates
+
     # ---- bookkeeping -------------------------------------------------------------------------
     def _pools(self, sm: StateMachine) -> dict[str, _Pool]:
         pools: dict[str, _Pool] = {}
@@ -293,6 +315,7 @@ class Allocator:
                 continue
             att = n.attachments.add()
             att.network.CopyFrom(ingress)
+            att.network.ClearField("encryption_keys")  # keys go to nodes only as NetworkKeys assignments
             att.addresses.append(f"{ip}/{pool.subnet.prefixlen}")
             att.mac = mac_for(ip)
             updates.append(n)
@@ -379,6 +402,7 @@ class Allocator:
                 taken.append((pool, ip))
                 att = task.networks.add()
                 att.network.CopyFrom(net)
+                att.network.ClearField("encryption_keys")  # keys go to nodes only as NetworkKeys assignments
                 att.addresses.append(f"{ip}/{pool.subnet.prefixlen}")
                 att.aliases.extend(aliases.get(nid, []))
                 att.mac = mac_for(ip)

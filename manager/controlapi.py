@@ -16,7 +16,8 @@ Semantics follow SwarmKit's controlapi:
 - a network, secret or config still used cannot be removed (FAILED_PRECONDITION);
 - a READY node cannot be removed without force, and a manager must be demoted first;
 - secrets never carry their data out, and the cluster never carries its CA key, Raft key or network
-  bootstrap keys out.
+  bootstrap keys out; networks, tasks and nodes never carry IPsec keys of encrypted networks out
+  (`keymanager.public`; `keys_rotated_at` stays visible).
 
 `manager` (optional) gives Raft facts to `Info`: it may have `node_id` (str) and `info()` returning
 an `InfoResponse` (or an awaitable of one) with node_id, is_manager, leader_node_id and members; the
@@ -38,6 +39,7 @@ from google.protobuf.message import Message
 
 from shoal.manager import validation
 from shoal.manager.allocator import allocate_network
+from shoal.manager.keymanager import public
 from shoal.manager.store import (
     AlreadyExists,
     Conflict,
@@ -155,13 +157,13 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     # ---- nodes ---------------------------------------------------------------------------------
     @rpc
     async def GetNode(self, request: control_pb2.GetNodeRequest, context: Any) -> control_pb2.GetNodeResponse:
-        return control_pb2.GetNodeResponse(node=self.store.resolve("node", request.node_id))
+        return control_pb2.GetNodeResponse(node=public(self.store.resolve("node", request.node_id)))
 
     @rpc
     async def ListNodes(self, request: control_pb2.ListNodesRequest, context: Any) -> control_pb2.ListNodesResponse:
         nodes = self.store.find("node", request.filters)
         nodes.sort(key=lambda n: (n.description.hostname, n.id))
-        return control_pb2.ListNodesResponse(nodes=nodes)
+        return control_pb2.ListNodesResponse(nodes=[public(n) for n in nodes])
 
     @rpc
     async def UpdateNode(self, request: control_pb2.UpdateNodeRequest, context: Any) -> control_pb2.UpdateNodeResponse:
@@ -184,7 +186,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         log.info("node updated id=%s availability=%s role=%s", node.id,
                  types_pb2.NodeAvailability.Name(node.spec.availability),
                  types_pb2.NodeRole.Name(node.spec.desired_role))
-        return control_pb2.UpdateNodeResponse(node=self.store.get("node", node.id))
+        return control_pb2.UpdateNodeResponse(node=public(self.store.get("node", node.id)))
 
     @staticmethod
     def _check_demote(tx: Tx, node: objects_pb2.Node) -> None:
@@ -228,7 +230,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     # ---- tasks ---------------------------------------------------------------------------------
     @rpc
     async def GetTask(self, request: control_pb2.GetTaskRequest, context: Any) -> control_pb2.GetTaskResponse:
-        return control_pb2.GetTaskResponse(task=self.store.resolve("task", request.task_id))
+        return control_pb2.GetTaskResponse(task=public(self.store.resolve("task", request.task_id)))
 
     @rpc
     async def ListTasks(self, request: control_pb2.ListTasksRequest, context: Any) -> control_pb2.ListTasksResponse:
@@ -253,7 +255,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             tasks = [t for t in tasks if _labels_match(t.annotations.labels, labels)
                      or _labels_match(t.service_annotations.labels, labels)]
         tasks.sort(key=lambda t: (t.service_annotations.name, t.slot, t.node_id, -t.meta.created_at.ToNanoseconds()))
-        return control_pb2.ListTasksResponse(tasks=tasks)
+        return control_pb2.ListTasksResponse(tasks=[public(t) for t in tasks])
 
     # ---- services ------------------------------------------------------------------------------
     @rpc
@@ -474,11 +476,11 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
 
         net = await self._commit(fn)
         log.info("network created id=%s name=%s", net.id, net.spec.annotations.name)
-        return control_pb2.CreateNetworkResponse(network=self.store.get("network", net.id))
+        return control_pb2.CreateNetworkResponse(network=public(self.store.get("network", net.id)))
 
     @rpc
     async def GetNetwork(self, request: control_pb2.GetNetworkRequest, context: Any) -> control_pb2.GetNetworkResponse:
-        return control_pb2.GetNetworkResponse(network=self.store.resolve("network", request.network_id))
+        return control_pb2.GetNetworkResponse(network=public(self.store.resolve("network", request.network_id)))
 
     @rpc
     async def RemoveNetwork(
@@ -515,7 +517,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     async def ListNetworks(
         self, request: control_pb2.ListNetworksRequest, context: Any
     ) -> control_pb2.ListNetworksResponse:
-        return control_pb2.ListNetworksResponse(networks=self._list("network", request.filters))
+        return control_pb2.ListNetworksResponse(networks=[public(n) for n in self._list("network", request.filters)])
 
     # ---- secrets and configs -------------------------------------------------------------------
     @staticmethod

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from google.protobuf.duration_pb2 import Duration
 
+from shoal.manager.keymanager import DEFAULT_ROTATION_NS, ENCRYPTED_OPTION, MIN_ROTATION_NS
 from shoal.manager.store import InvalidArgument
 from shoal.proto import specs_pb2, types_pb2
 
@@ -451,10 +452,10 @@ def validate_network_spec(spec: specs_pb2.NetworkSpec) -> None:
     if driver and driver != "overlay":
         raise InvalidArgument(f"network driver {driver!r} is not supported: use overlay")
     validate_labels("network driver option", spec.driver_config.options)
-    if "encrypted" in spec.driver_config.options:
+    if spec.ingress and ENCRYPTED_OPTION in spec.driver_config.options:
         raise InvalidArgument(
-            "network driver option encrypted is not supported yet: Shoal has no IPsec data path for overlay "
-            "networks; create the network without --opt encrypted"
+            "network driver option encrypted cannot be used on the ingress network: Shoal does not encrypt the "
+            "routing mesh; create the ingress network without --opt encrypted (other overlay networks may use it)"
         )
     if spec.ingress and spec.attachable:
         raise InvalidArgument("an ingress network cannot be attachable: drop one of the two")
@@ -517,6 +518,12 @@ def validate_cluster_spec(spec: specs_pb2.ClusterSpec) -> None:
     if hb < 0 or (hb and not MIN_HEARTBEAT_NS <= hb <= MAX_HEARTBEAT_NS):
         raise InvalidArgument("dispatcher heartbeat period is out of range: give a duration from 100ms to 1h")
     validate_duration("node certificate expiry", spec.ca_config.node_cert_expiry, MIN_CERT_EXPIRY_NS)
+    rot = duration_ns(spec.network_encryption.key_rotation_interval)
+    if rot < 0 or 0 < rot < MIN_ROTATION_NS:
+        raise InvalidArgument(
+            f"network key rotation interval {'is negative' if rot < 0 else f'of {_fmt_ns(rot)} is too short'}: "
+            f"give 0 (the default, {_fmt_ns(DEFAULT_ROTATION_NS)}) or at least {_fmt_ns(MIN_ROTATION_NS)}"
+        )
     size = spec.subnet_size
     if size and not 8 <= size <= 29:
         raise InvalidArgument(f"subnet size /{size} is out of range: give a prefix length from 8 to 29")

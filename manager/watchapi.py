@@ -1,7 +1,7 @@
 """The Watch API: committed store events as a stream (proto/watch.proto), for `swarmctl events`
 and for programs that follow the cluster (like `docker events`). Answered from the local replica of
 whichever manager the client talks to; workers' certificates are refused. Secret data and the
-cluster's keys are never sent."""
+cluster's keys are never sent, nor the IPsec keys of encrypted networks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from shoal.manager import ca
+from shoal.manager.keymanager import strip_keys
 from shoal.manager.store import KINDS, Store
 from shoal.proto import types_pb2, watch_pb2
 
@@ -18,7 +19,7 @@ log = logging.getLogger("shoal.watchapi")
 
 
 def redact(ev: watch_pb2.WatchEvent) -> watch_pb2.WatchEvent:
-    """The event without secret data, the CA key or the cluster's keys."""
+    """The event without secret data, the CA key, the cluster's keys or networks' IPsec keys."""
     for obj in (ev.object, ev.old_object):
         kind = obj.WhichOneof("object")
         if kind == "secret":
@@ -27,6 +28,8 @@ def redact(ev: watch_pb2.WatchEvent) -> watch_pb2.WatchEvent:
             obj.cluster.root_ca.ClearField("ca_key")
             obj.cluster.ClearField("raft_key")
             obj.cluster.ClearField("network_bootstrap_keys")
+        elif kind in ("network", "task", "node"):
+            strip_keys(getattr(obj, kind))
     return ev
 
 

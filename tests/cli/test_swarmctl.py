@@ -262,7 +262,8 @@ def test_networks_secrets_configs(srv: Server, tmp_path: Path) -> None:
     srv.fails("network", "create", "n77", match="network name 'n77' is already in use")
     srv.fails("network", "create", "--subnet", "10.77.0.0/16", "n78", match="overlaps")
     srv.fails("network", "create", "-d", "bridge", "n79", match="network driver 'bridge' is not supported")
-    srv.fails("network", "create", "--opt", "encrypted", "n81", match="encrypted is not supported yet")
+    srv.fails("network", "create", "--ingress", "--opt", "encrypted", "n81",
+              match="encrypted cannot be used on the ingress network")
     srv.fails("network", "create", "--subnet", "10.1.1.1/24", "n80", match="not an IPv4 network in CIDR form")
     srv.ok("network", "rm", nid[:6])
 

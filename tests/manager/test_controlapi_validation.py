@@ -285,6 +285,8 @@ BAD_NETWORK_SPECS = [
     ("bad name", _net("a/b"), "network name 'a/b' is invalid"),
     ("driver", _net(driver_config=types_pb2.Driver(name="bridge")), "network driver 'bridge' is not supported"),
     ("ingress attachable", _net(ingress=True, attachable=True), "ingress network cannot be attachable"),
+    ("ingress encrypted", _net(ingress=True, driver_config=types_pb2.Driver(options={"encrypted": ""})),
+     "network driver option encrypted cannot be used on the ingress network"),
     ("subnet", _net(ipam=_ipam(subnet="10.1.2.3/24")), "subnet '10.1.2.3/24' is not an IPv4 network"),
     ("subnet garbage", _net(ipam=_ipam(subnet="banana")), "subnet 'banana'"),
     ("subnet small", _net(ipam=_ipam(subnet="10.1.2.0/30")), "too small"),
@@ -347,6 +349,10 @@ BAD_CLUSTER_SPECS = [
     ("cert expiry", _cl(ca_config=specs_pb2.ClusterSpec.CAConfig(node_cert_expiry={"seconds": 60})),
      "node certificate expiry is too short"),
     ("subnet size", _cl(subnet_size=31), "subnet size /31 is out of range"),
+    ("key rotation tiny", _cl(network_encryption=specs_pb2.ClusterSpec.NetworkEncryption(
+        key_rotation_interval={"nanos": 500_000_000})), "network key rotation interval of 500ms is too short"),
+    ("key rotation negative", _cl(network_encryption=specs_pb2.ClusterSpec.NetworkEncryption(
+        key_rotation_interval={"seconds": -5})), "network key rotation interval is negative"),
     ("pool", _cl(default_address_pool=["10.0.0.1/8"]), "default address pool '10.0.0.1/8'"),
     ("pool small", _cl(default_address_pool=["10.0.0.0/26"]), "smaller than the subnet size"),
     ("pools overlap", _cl(default_address_pool=["10.0.0.0/8", "10.1.0.0/16"]), "overlap"),
