@@ -46,6 +46,7 @@ from shoal.manager import ca
 from shoal.manager.allocator import Allocator
 from shoal.manager.controlapi import ControlServicer
 from shoal.manager.dispatcher import Dispatcher
+from shoal.manager.keymanager import KeyManager
 from shoal.manager.logbroker import LogBroker
 from shoal.manager.orchestrator import leader_loops
 from shoal.manager.raft import RaftConfig, RaftStatus, RaftStore
@@ -85,10 +86,14 @@ def _orchestration(store: Store, manager: Manager) -> Any:
     return leader_loops(store)
 
 
+def _key_manager(store: Store, manager: Manager) -> Any:
+    return KeyManager(store, manager)
+
+
 # Every leader-only control loop, built anew each time this manager becomes leader. Add yours here:
 # a callable (store, manager) -> loop | list of loops | None; a loop has `async def run(self)`.
 # (The dispatcher's own `run()` is started by the Manager, as it is the object serving gRPC.)
-LEADER_LOOPS: list[LoopFactory] = [_role_manager, _manager_status, _allocator, _orchestration]
+LEADER_LOOPS: list[LoopFactory] = [_role_manager, _manager_status, _allocator, _orchestration, _key_manager]
 
 
 @dataclass
