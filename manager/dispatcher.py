@@ -2,7 +2,14 @@
 
 Each agent keeps one session with the leader's dispatcher (`Session` stream), heartbeats on it,
 receives its assignments (`Assignments` stream: tasks plus exactly the secrets and configs they
-use) and reports task status (`UpdateTaskStatus`, batched into store transactions).
+use, and the IPsec keys of the encrypted networks they are attached to) and reports task status
+(`UpdateTaskStatus`, batched into store transactions).
+
+Network keys (`NetworkKeys`): in the COMPLETE set, every encrypted network of the node's tasks that
+have not stopped; an UPDATE when a network's keys change (rotation), to the nodes that hold them; a
+REMOVE (network id only) once the node's last task there has stopped. Within a message, key changes
+come first, then secrets and configs, then tasks, so an agent has the keys before it builds a task's
+network. Keys are never sent any other way: task and node copies go out without them.
 
 Only the leader's dispatcher serves. On a follower every call fails with UNAVAILABLE and the
 leader's address in the trailing metadata key `shoal-leader-addr`, so the agent moves there.
@@ -26,6 +33,7 @@ from typing import Any
 
 import grpc
 
+from shoal.manager.keymanager import ipsec_keys, is_encrypted, strip_keys
 from shoal.manager.store import Conflict, Store, StoreError, Tx, new_id
 from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_pb2, types_pb2
 
@@ -84,6 +92,27 @@ def task_dependencies(tasks: Iterable[objects_pb2.Task]) -> tuple[set[str], set[
         secrets.update(r.secret_id for r in t.spec.container.secrets if r.secret_id)
         configs.update(r.config_id for r in t.spec.container.configs if r.config_id)
     return secrets, configs
+
+
+def task_networks(tasks: Iterable[objects_pb2.Task]) -> set[str]:
+    """Ids of the networks the tasks that have not stopped yet are attached to. Unlike a secret, a network's
+    keys stay while a task asked to stop still runs (its stop grace period), so its traffic stays
+    encrypted until it is gone."""
+    ids: set[str] = set()
+    for t in tasks:
+        if t.status.state > types_pb2.RUNNING:
+            continue
+        ids.update(a.network.id for a in t.networks if a.network.id)
+    return ids
+
+
+@dataclass
+class _Sent:
+    """What one Assignments stream has sent: secret and config ids, and per network the keys sent."""
+
+    secrets: set[str] = field(default_factory=set)
+    configs: set[str] = field(default_factory=set)
+    network_keys: dict[str, bytes] = field(default_factory=dict)  # network id -> serialized NetworkKeys
 
 
 @dataclass
@@ -254,6 +283,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         if node is not None:
             msg.node.CopyFrom(node)
             msg.node.ClearField("meta")
+            strip_keys(msg.node)
         if cluster is not None:
             msg.network_bootstrap_keys.extend(cluster.network_bootstrap_keys)
         return msg
@@ -367,24 +397,26 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         node_id = session.node_id
         sm = self.store.sm
         with sm.lock:
-            watcher = self.store.watch(("task", "secret", "config"))
+            watcher = self.store.watch(("task", "secret", "config", "network"))
             base_version = sm.version
             tasks = {t.id: t for t in sm.tasks_by_node(node_id) if t.status.state >= types_pb2.ASSIGNED}
-        sent_secrets: set[str] = set()
-        sent_configs: set[str] = set()
+        sent = _Sent()
         with watcher:
             msg = dispatcher_pb2.AssignmentsMessage(
                 type=dispatcher_pb2.AssignmentsMessage.COMPLETE, results_in=str(base_version)
             )
-            self._dependency_changes(tasks, sent_secrets, sent_configs, msg, set(), set())
+            self._dependency_changes(tasks, sent, msg, set(), set())
             for t in tasks.values():
-                msg.changes.add().assignment.task.CopyFrom(t)
+                a = msg.changes.add().assignment
+                a.task.CopyFrom(t)
+                strip_keys(a.task)
             log.info(
-                "assignments complete node=%s tasks=%d secrets=%d configs=%d",
+                "assignments complete node=%s tasks=%d secrets=%d configs=%d network_keys=%d",
                 node_id,
                 len(tasks),
-                len(sent_secrets),
-                len(sent_configs),
+                len(sent.secrets),
+                len(sent.configs),
+                len(sent.network_keys),
             )
             yield msg
             applies_to = str(base_version)
@@ -434,9 +466,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                         changed_secrets.add(ev.object.secret.id)
                     elif kind == "config":
                         changed_configs.add(ev.object.config.id)
-                self._dependency_changes(
-                    tasks, sent_secrets, sent_configs, msg, changed_secrets, changed_configs
-                )
+                # Network events need no bookkeeping: the keys sent are compared with the store's.
+                self._dependency_changes(tasks, sent, msg, changed_secrets, changed_configs)
                 msg.changes.extend(task_changes.values())
                 if msg.changes:
                     log.debug("assignments incremental node=%s changes=%d", node_id, len(msg.changes))
@@ -470,21 +501,24 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             return
         ch = dispatcher_pb2.AssignmentChange(action=dispatcher_pb2.AssignmentChange.UPDATE)
         ch.assignment.task.CopyFrom(copy)
+        strip_keys(ch.assignment.task)
         changes[t.id] = ch
 
     def _dependency_changes(
         self,
         tasks: dict[str, objects_pb2.Task],
-        sent_secrets: set[str],
-        sent_configs: set[str],
+        sent_all: _Sent,
         msg: dispatcher_pb2.AssignmentsMessage,
         changed_secrets: set[str],
         changed_configs: set[str],
     ) -> None:
+        """Append what the node's tasks now need and was not sent (or changed), and withdraw what they no
+        longer need: network keys first, then secrets and configs."""
+        self._network_key_changes(tasks, sent_all.network_keys, msg)
         want_secrets, want_configs = task_dependencies(tasks.values())
         for kind, want, sent, changed in (
-            ("secret", want_secrets, sent_secrets, changed_secrets),
-            ("config", want_configs, sent_configs, changed_configs),
+            ("secret", want_secrets, sent_all.secrets, changed_secrets),
+            ("config", want_configs, sent_all.configs, changed_configs),
         ):
             for oid in sorted(want - sent | (want & sent & changed)):
                 obj = self.store.get(kind, oid)
@@ -497,6 +531,28 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 ch = msg.changes.add(action=dispatcher_pb2.AssignmentChange.REMOVE)
                 getattr(ch.assignment, kind).id = oid
                 sent.discard(oid)
+
+    def _network_key_changes(
+        self, tasks: dict[str, objects_pb2.Task], sent: dict[str, bytes], msg: dispatcher_pb2.AssignmentsMessage
+    ) -> None:
+        want: dict[str, dispatcher_pb2.NetworkKeys] = {}
+        for nid in sorted(task_networks(tasks.values())):
+            net = self.store.get("network", nid)
+            if not is_encrypted(net):
+                continue
+            keys = ipsec_keys(net)
+            if keys:  # an encrypted network without keys yet gets them from the allocator: sent then
+                want[nid] = dispatcher_pb2.NetworkKeys(network_id=nid, keys=keys)
+        for nid, nk in want.items():
+            blob = nk.SerializeToString(deterministic=True)
+            if sent.get(nid) != blob:
+                ch = msg.changes.add(action=dispatcher_pb2.AssignmentChange.UPDATE)
+                ch.assignment.network_keys.CopyFrom(nk)
+                sent[nid] = blob
+        for nid in sorted(set(sent) - set(want)):
+            ch = msg.changes.add(action=dispatcher_pb2.AssignmentChange.REMOVE)
+            ch.assignment.network_keys.network_id = nid
+            del sent[nid]
 
     # ---- UpdateTaskStatus ---------------------------------------------------------------------
     async def UpdateTaskStatus(  # noqa: N802

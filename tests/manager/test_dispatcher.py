@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -136,7 +137,8 @@ def kinds(msg: dispatcher_pb2.AssignmentsMessage) -> list[tuple[str, str, int]]:
     out = []
     for ch in msg.changes:
         k = ch.assignment.WhichOneof("item")
-        out.append((k, getattr(ch.assignment, k).id, ch.action))
+        item = getattr(ch.assignment, k)
+        out.append((k, item.network_id if k == "network_keys" else item.id, ch.action))
     return sorted(out)
 
 
@@ -423,6 +425,133 @@ def test_removed_node_loses_its_session() -> None:
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await c.heartbeat()
                 assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            finally:
+                await c.close()
+
+    run(main())
+
+
+def keyed_network(net_id: str, encrypted: bool = True) -> objects_pb2.Network:
+    from shoal.manager.keymanager import give_initial_keys
+
+    net = objects_pb2.Network(id=net_id, spec=specs_pb2.NetworkSpec(annotations=types_pb2.Annotations(name=net_id)))
+    if encrypted:
+        net.spec.driver_config.options["encrypted"] = ""
+        give_initial_keys(net)
+    return net
+
+
+def on_networks(t: objects_pb2.Task, *nets: objects_pb2.Network) -> objects_pb2.Task:
+    for n in nets:
+        att = t.networks.add()
+        att.network.CopyFrom(n)  # as an old writer might have: the dispatcher must strip the keys
+        att.addresses.append("10.0.0.2/24")
+    return t
+
+
+def key_changes(msg: dispatcher_pb2.AssignmentsMessage) -> list[tuple[str, int, list[int]]]:
+    return [
+        (ch.assignment.network_keys.network_id, ch.action, [k.lamport_time for k in ch.assignment.network_keys.keys])
+        for ch in msg.changes
+        if ch.assignment.HasField("network_keys")
+    ]
+
+
+def assert_keys_first_and_tasks_bare(msg: dispatcher_pb2.AssignmentsMessage) -> None:
+    items = [ch.assignment.WhichOneof("item") for ch in msg.changes]
+    if "network_keys" in items and "task" in items:
+        assert max(i for i, k in enumerate(items) if k == "network_keys") < items.index("task"), items
+    for ch in msg.changes:
+        if ch.assignment.HasField("task"):
+            assert all(not a.network.encryption_keys for a in ch.assignment.task.networks)
+
+
+def test_network_keys_go_only_to_nodes_with_tasks_on_the_network() -> None:
+    from shoal.manager.keymanager import ipsec_keys, rotate_keys
+
+    async def main() -> None:
+        st = LocalStore()
+        await add_cluster(st)
+        for n in ("a", "b"):
+            await add_node(st, n)
+        sec, plain = keyed_network("sec"), keyed_network("plain", encrypted=False)
+        await put(st, sec)
+        await put(st, plain)
+        ta = on_networks(task("a", types_pb2.ASSIGNED), sec, plain)
+        tb = on_networks(task("b", types_pb2.ASSIGNED), plain)
+        for t in (ta, tb):
+            await put(st, t)
+
+        async with serve(st) as (_, addr):
+            ca, cb = Client(addr, "a"), Client(addr, "b")
+            try:
+                await ca.open()
+                await cb.open()
+                sa, sb = ca.assignments(), cb.assignments()
+                m = await sa.read()
+                assert m.type == AM.COMPLETE
+                assert key_changes(m) == [("sec", AC.UPDATE, [1, 2, 3])]
+                sent = [ch.assignment.network_keys for ch in m.changes if ch.assignment.HasField("network_keys")][0]
+                assert list(sent.keys) == ipsec_keys(st.get("network", "sec"))
+                assert_keys_first_and_tasks_bare(m)
+                m = await sb.read()
+                assert key_changes(m) == [] and kinds(m) == [("task", tb.id, AC.UPDATE)]
+
+                # Rotation: an UPDATE with the new keys to node a only.
+                def rotate(tx: Tx) -> None:
+                    n = objects_pb2.Network()
+                    n.CopyFrom(tx.get("network", "sec"))
+                    rotate_keys(n, time.time_ns())
+                    tx.update(n)
+
+                await st.update(rotate)
+                m = await sa.read()
+                assert m.type == AM.INCREMENTAL and key_changes(m) == [("sec", AC.UPDATE, [2, 3, 4])]
+                assert len(m.changes) == 1
+
+                # A task of node b joins the encrypted network: the keys come first, in the same message.
+                tb2 = on_networks(task("b", types_pb2.PENDING), sec)
+                await put(st, tb2)
+                await change_task(st, tb2.id, state=types_pb2.ASSIGNED)
+                m = await sb.read()
+                assert key_changes(m) == [("sec", AC.UPDATE, [2, 3, 4])]
+                assert kinds(m) == [("network_keys", "sec", AC.UPDATE), ("task", tb2.id, AC.UPDATE)]
+                assert_keys_first_and_tasks_bare(m)
+
+                # Node a's task is asked to stop: the keys stay while it still runs (stop grace period)...
+                await change_task(st, ta.id, desired_state=types_pb2.SHUTDOWN)
+                m = await sa.read()
+                assert key_changes(m) == [] and kinds(m) == [("task", ta.id, AC.UPDATE)]
+                # ...and are withdrawn (network id only) once it has stopped.
+                await ca.status((ta.id, types_pb2.SHUTDOWN))
+                m = await sa.read()
+                assert key_changes(m) == [("sec", AC.REMOVE, [])] and len(m.changes) == 1
+
+                # A reconnecting node gets the current keys in its COMPLETE set.
+                sb.cancel()
+                sb = cb.assignments()
+                m = await sb.read()
+                assert m.type == AM.COMPLETE and key_changes(m) == [("sec", AC.UPDATE, [2, 3, 4])]
+                assert_keys_first_and_tasks_bare(m)
+            finally:
+                await ca.close()
+                await cb.close()
+
+    run(main())
+
+
+def test_session_message_node_carries_no_network_keys() -> None:
+    async def main() -> None:
+        st = LocalStore()
+        await add_cluster(st)
+        node = objects_pb2.Node(id="n1", spec=specs_pb2.NodeSpec())
+        node.attachments.add().network.CopyFrom(keyed_network("sec"))
+        await put(st, node)
+        async with serve(st) as (_, addr):
+            c = Client(addr, "n1")
+            try:
+                first = await c.open()
+                assert first.node.attachments and not first.node.attachments[0].network.encryption_keys
             finally:
                 await c.close()
 
