@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import platform
@@ -26,6 +27,7 @@ from typing import Any
 import grpc
 
 from shoal.agent.worker import NetworkHooks, Worker, container_name
+from shoal.netdriver import xfrm
 from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, logs_pb2, logs_pb2_grpc, types_pb2
 
 log = logging.getLogger("shoal.agent")
@@ -48,9 +50,10 @@ class _Redirect(Exception):
 
 
 def describe_node(
-    hostname: str | None, addr: str, labels: dict[str, str] | None
+    hostname: str | None, addr: str, labels: dict[str, str] | None, capabilities: Sequence[str] = ()
 ) -> types_pb2.NodeDescription:
-    """This host as the scheduler sees it: hostname, platform, CPUs, memory, engine labels, data-path address."""
+    """This host as the scheduler sees it: hostname, platform, CPUs, memory, engine labels, data-path
+    address, and what its data path can do (data_path_capabilities())."""
     mem = 0
     with contextlib.suppress(OSError):
         with open("/proc/meminfo") as f:
@@ -70,7 +73,20 @@ def describe_node(
             engine_version=ENGINE_VERSION, labels=labels or {}
         ),
         addr=addr,
+        capabilities=list(capabilities),
     )
+
+
+def data_path_capabilities(addr: str) -> list[str]:
+    """"ipsec-esp" when this host's kernel can carry encrypted overlays (IPsec ESP with AES-GCM); a node
+    that advertises a loopback address has no data path at all."""
+    if ipaddress.ip_address(addr.rsplit(":", 1)[0] if addr.count(":") == 1 else addr).is_loopback:
+        return []
+    try:
+        return ["ipsec-esp"] if xfrm.esp_supported() else []
+    except OSError as e:
+        log.warning("IPsec ESP probe failed: %s", e)
+        return []
 
 
 def _rpc_errors(exc: BaseException) -> list[grpc.aio.AioRpcError]:
@@ -215,7 +231,7 @@ class Agent:
             except TimeoutError:
                 raise ConnectionError(f"manager {addr} unreachable within {CONNECT_TIMEOUT:g} s") from None
             stub = dispatcher_pb2_grpc.DispatcherStub(channel)
-            desc = describe_node(self.hostname, self.addr, self.labels)
+            desc = describe_node(self.hostname, self.addr, self.labels, data_path_capabilities(self.addr))
             call = stub.Session(dispatcher_pb2.SessionRequest(description=desc), metadata=self._md)
             first = await asyncio.wait_for(call.read(), 5.0)
             if first is grpc.aio.EOF:

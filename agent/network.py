@@ -84,14 +84,18 @@ class _Local:
     active: bool = True
 
 
-def _gossip_keys(msg: dispatcher_pb2.SessionMessage) -> list[bytes]:
-    """The session's gossip keys, primary first, by Docker's rule (Gossip.set_bootstrap_keys): ordered by
-    lamport time, the second oldest is primary when there are two or more."""
-    ks = [k.key for k in sorted(msg.network_bootstrap_keys, key=lambda k: k.lamport_time)
-          if k.subsystem in ("", "networking:gossip")]
+def primary_first(keys: Sequence[types_pb2.EncryptionKey], subsystems: Sequence[str]) -> list[bytes]:
+    """Keys of the subsystems, primary (the one to send with) first, by Docker's rule
+    (Gossip.set_bootstrap_keys): ordered by lamport time, the second oldest is primary when there are two
+    or more -- the managers add a new key a whole rotation before anybody sends with it."""
+    ks = [k.key for k in sorted(keys, key=lambda k: k.lamport_time) if k.subsystem in subsystems]
     if len(ks) > 1:
         ks.insert(0, ks.pop(1))
     return ks
+
+
+def _gossip_keys(msg: dispatcher_pb2.SessionMessage) -> list[bytes]:
+    return primary_first(msg.network_bootstrap_keys, ("", "networking:gossip"))
 
 
 def _ip(cidr: str) -> str:
@@ -140,6 +144,7 @@ class NetworkAgent:
         # computed from them would drop every remote endpoint for a moment
         self._joined = asyncio.Event()
         self._error = ""
+        self._net_keys: dict[str, list[bytes]] = {}  # encrypted network id -> IPsec keys, primary first
 
     # ---- wired into the agent (swarmd) -----------------------------------------------------------
     def on_session(self, msg: dispatcher_pb2.SessionMessage) -> None:
@@ -240,6 +245,27 @@ class NetworkAgent:
         if self.gossip is None or not keys:
             return
         self.gossip.set_keys(keys)
+
+    def set_network_keys(self, network_id: str, keys: Sequence[types_pb2.EncryptionKey] | None) -> None:
+        """The IPsec keys of an encrypted network this node has tasks on (None: no longer needed here).
+        Applied to the data path by the network's next sync (and by prepare(), before its sandbox)."""
+        if keys is None:
+            self._net_keys.pop(network_id, None)
+            return
+        self._net_keys[network_id] = primary_first(keys, ("", "networking:ipsec"))
+        self._dirty.put_nowait(network_id)
+
+    def set_all_network_keys(self, keys: dict[str, Sequence[types_pb2.EncryptionKey]]) -> None:
+        """A complete assignment set's keys: networks not in it have none here any more."""
+        for nid in set(self._net_keys) - set(keys):
+            self.set_network_keys(nid, None)
+        for nid, ks in keys.items():
+            self.set_network_keys(nid, ks)
+
+    async def _push_keys(self, network_id: str) -> None:
+        keys = self._net_keys.get(network_id)
+        if keys and self._driver is not None:
+            await asyncio.to_thread(self._driver.set_network_keys, network_id, keys)
 
     async def join(self, seeds: Sequence[str]) -> int:
         assert self.gossip is not None
@@ -356,6 +382,8 @@ class NetworkAgent:
             records = self._records(network_id)
             here = any(network_id in t.networks for t in self._tasks.values())
             if here:
+                await self._push_keys(network_id)
+            if here:
                 backends: dict[str, set[str]] = defaultdict(set)
                 for r in records:
                     if r.vip and r.ip and r.endpoint_mode != "dnsrr":
@@ -443,6 +471,8 @@ class NetworkAgent:
         try:
             if self._driver is None:  # loopback node: a namespace with loopback only
                 return TaskNetworking(path, None)
+            for nid in nets:
+                await self._push_keys(nid)  # an encrypted network's sandbox is built with its keys
             ifaces = await asyncio.to_thread(self.driver.attach, task.id, path, list(task.networks))
             for nid in nets:
                 await self.gossip.join_network(nid)  # type: ignore[union-attr]

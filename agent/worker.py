@@ -22,7 +22,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -72,6 +72,10 @@ class NetworkHooks(Protocol):
     async def deactivate(self, task_id: str) -> None: ...
 
     async def release(self, task_id: str) -> None: ...
+
+    def set_network_keys(self, network_id: str, keys: Sequence[types_pb2.EncryptionKey] | None) -> None: ...
+
+    def set_all_network_keys(self, keys: dict[str, Sequence[types_pb2.EncryptionKey]]) -> None: ...
 
 
 # Docker's defaultGossipConvergeDelay: a deactivated endpoint reaches every node well within it
@@ -610,11 +614,16 @@ class Worker:
     # ---- assignments ------------------------------------------------------------------------------
     def apply(self, msg: dispatcher_pb2.AssignmentsMessage) -> None:
         if msg.type == dispatcher_pb2.AssignmentsMessage.COMPLETE:
-            tasks, secrets, configs = {}, {}, {}
+            tasks, secrets, configs, keys = {}, {}, {}, {}
             for ch in msg.changes:
                 item = ch.assignment.WhichOneof("item")
                 obj = getattr(ch.assignment, item)
+                if item == "network_keys":
+                    keys[obj.network_id] = list(obj.keys)
+                    continue
                 {"task": tasks, "secret": secrets, "config": configs}[item][obj.id] = obj
+            if self.network is not None:  # before the tasks: their networks are built with the keys
+                self.network.set_all_network_keys(keys)
             self.assign(tasks.values(), secrets.values(), configs.values())
         else:
             self.update(msg.changes)
@@ -650,6 +659,9 @@ class Worker:
             remove = ch.action == dispatcher_pb2.AssignmentChange.REMOVE
             if item == "task":
                 self._drop(obj.id) if remove else self._set_task(obj)
+            elif item == "network_keys":
+                if self.network is not None:
+                    self.network.set_network_keys(obj.network_id, None if remove else list(obj.keys))
             else:
                 table = self.secrets if item == "secret" else self.configs
                 if remove:

@@ -19,6 +19,8 @@ API for the agent
         -> list[Interface]                      # eth0, eth1 … in the order given, then the
                                                 # gateway-bridge interface unless all are internal
     d.detach(task_id)                           # also drops the task's host-mode published ports
+    d.set_network_keys(network_id, keys)        # encrypted networks: IPsec keys, primary first
+                                                # (may come before or after ensure_network)
     d.add_peer(network_id, ip, mac, vtep) / d.remove_peer(network_id, ip, mac, vtep)
                                                 # remote endpoint: FDB MAC->VTEP + neigh IP->MAC;
                                                 # peers for a network not yet created are kept and
@@ -38,11 +40,12 @@ API for the agent
     d.peers(network_id) -> {ip: (mac, vtep)}    # remote endpoints held (programmed or pending)
     d.task_networks(task_id) -> [network id]    # networks a task is attached to here
     d.ingress_ports() -> {(protocol, port)}     # published in ingress mode here
+    d.esp_state(network_id) -> (SAs, policies)  # encrypted networks: what the kernel holds
 
 Errors the user can cause raise OverlayError (PortConflictError for published ports) with one
 sentence naming the field and the fix: a VNI already used by another device, UDP 4789 bound by
 another program, a published port used by another task / the mesh / a program, an encrypted
-network on a kernel without ESP+GCM (this driver has no encrypted data path yet), an exhausted
+network on a kernel without ESP+GCM, an exhausted
 gw_subnet, a missing container namespace or attachment address.
 
 Layout on a host (prefix = ns_prefix)
@@ -65,6 +68,19 @@ Layout on a host (prefix = ns_prefix)
   ports: `fib daddr type local` DNAT in prerouting and output (host mode → the task's gateway
   address; ingress → the ingress sandbox's gateway address, same port), plus a hairpin masquerade
   for containers reaching their own node's published ports.
+* encrypted network (spec.driver_config.options has "encrypted"), as Docker: VXLAN between VTEPs in
+  IPsec ESP transport mode, AES-256-GCM (rfc4106, 64-bit ICV), overlay MTU = underlay − 76 (1424).
+  In the host namespace, table `ip shoal_ipsec` marks outgoing UDP 4789 packets carrying the
+  network's VNI with mark = reqid = 0xE0000000|VNI (a route chain, so the mark re-routes them
+  through xfrm) and drops incoming ones of that VNI that were not decrypted by an SA of that
+  network (`meta secpath missing`, `ipsec in reqid !=`). Per remote VTEP with endpoints on the
+  network: one output policy (local→VTEP, UDP dport 4789, the mark; template ESP transport, the
+  reqid), one outbound SA under the primary key, one inbound SA under every key. SPIs and SA keys
+  are derived from the network key per direction (xfrm.derive_sa), so both ends agree without
+  talking. A peer VTEP's policy is in place before its first FDB entry (nothing leaves in clear);
+  without keys the policy has no SA and the kernel drops (fail closed). Keys change: inbound SAs of
+  new keys first, then the outbound SA, then the old ones go. Everything is reconciled against what
+  the kernel holds (found by reqid and mark), so an agent restart adopts it.
 * Netlink sockets in other namespaces are made by a short-lived setns thread (nslab.netns_socket),
   not by pyroute2's fork helper: attach takes ~10-25 ms.
 """
@@ -96,6 +112,8 @@ log = logging.getLogger(__name__)
 VXLAN_PORT = 4789
 VXLAN_OVERHEAD = 50
 ESP_OVERHEAD = 76  # 1500 -> 1424, as Docker
+ESP_MARK = 0xE0000000  # | VNI: packet mark and xfrm reqid of an encrypted network's traffic
+ESP_TABLE = "shoal_ipsec"
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 TABLE = "shoal"
@@ -135,6 +153,7 @@ class _Network:
     ingress: bool
     mtu: int
     sandbox: str  # netns name
+    encrypted: bool = False
     peers: dict[str, tuple[str, str]] = field(default_factory=dict)  # ip -> (mac, vtep)
     services: dict[str, _Service] = field(default_factory=dict)  # vip -> service
 
@@ -205,7 +224,7 @@ class OverlayDriver:
         self._host_ports: dict[tuple[str, int], _Published] = {}
         self._ingress: Interface | None = None
         self._ingress_gw_ip: str | None = None
-        self._esp: bool | None = None
+        self._keys: dict[str, list[bytes]] = {}  # network id -> IPsec keys, primary first
         self._gw_ready = False  # gateway bridge, forwarding and host nft table checked by this run
         self.underlay_mtu = underlay_mtu or self._detect_mtu()
 
@@ -273,18 +292,15 @@ class OverlayDriver:
         subnet = ipaddress.ip_network(net.ipam.configs[0].subnet, strict=False)
         gateway = net.ipam.configs[0].gateway or str(subnet.network_address + 1)
         gateway = _strip(gateway)
-        if "encrypted" in net.spec.driver_config.options:
-            if not self._esp_supported():
-                raise OverlayError(
-                    f"network {nid}: --opt encrypted needs IPsec ESP with AES-GCM in the kernel "
-                    "(CONFIG_INET_ESP, CONFIG_CRYPTO_GCM), which this node's kernel lacks; "
-                    "create the network without --opt encrypted or run the node on such a kernel")
+        encrypted = "encrypted" in net.spec.driver_config.options
+        if encrypted and not self.esp_supported():
             raise OverlayError(
-                f"network {nid}: encrypted overlays are not supported by this node's driver yet; "
-                "create the network without --opt encrypted")
-        mtu = self.underlay_mtu - VXLAN_OVERHEAD
+                f"network {nid}: --opt encrypted needs IPsec ESP with AES-GCM in the kernel "
+                "(CONFIG_INET_ESP, CONFIG_CRYPTO_GCM), which this node's kernel lacks; "
+                "create the network without --opt encrypted or run the node on such a kernel")
+        mtu = self.underlay_mtu - (ESP_OVERHEAD if encrypted else VXLAN_OVERHEAD)
         n = _Network(id=nid, vni=vni, subnet=subnet, gateway=gateway, internal=net.spec.internal,
-                     ingress=net.spec.ingress, mtu=mtu, sandbox=self._sandbox_name(nid))
+                     ingress=net.spec.ingress, mtu=mtu, sandbox=self._sandbox_name(nid), encrypted=encrypted)
         old = self._nets.get(nid)
         if old is not None:
             n.peers, n.services = old.peers, old.services
@@ -292,11 +308,18 @@ class OverlayDriver:
         created = n.sandbox not in netns.listnetns()
         try:
             self._build_sandbox(n, created)
+            self._nets[nid] = n
+            if n.encrypted:
+                self._sync_esp_nft()
+                self._sync_esp(n)
         except BaseException:
             if created:
+                self._nets.pop(nid, None)
                 self._destroy_sandbox(n.sandbox, vni)
+                if n.encrypted:
+                    self._sync_esp(n, drop=True)
+                    self._sync_esp_nft()
             raise
-        self._nets[nid] = n
         for ip, (mac, vtep) in n.peers.items():
             self._program_peer(n, ip, mac, vtep)
         return n
@@ -305,7 +328,7 @@ class OverlayDriver:
         sb = ns_path(n.sandbox)
         if created:
             create_netns(n.sandbox)
-        meta = f"{n.id}|{n.vni}|{n.subnet}|{n.gateway}|{int(n.internal)}{int(n.ingress)}"
+        meta = f"{n.id}|{n.vni}|{n.subnet}|{n.gateway}|{int(n.internal)}{int(n.ingress)}{int(n.encrypted)}"
         with self._ipr(sb) as ipr:
             ipr.link("set", index=self._idx(ipr, "lo"), state="up")
             br = self._idx(ipr, "br0")
@@ -370,19 +393,82 @@ class OverlayDriver:
             with self._host() as h:
                 self._del_link(h, f"vx-{vni}")
 
-    def _esp_supported(self) -> bool:
-        """Probe: can the kernel hold an ESP rfc4106(gcm(aes)) SA? (adds one to 127.0.0.2, removes it)"""
-        if self._esp is None:
+    def esp_supported(self) -> bool:
+        """Can this host's kernel carry encrypted networks (IPsec ESP with AES-GCM)?"""
+        return xfrm.esp_supported(self.host_netns)
+
+    # ------------------------------------------------------------------ encryption (IPsec ESP)
+    def set_network_keys(self, network_id: str, keys: Sequence[bytes]) -> None:
+        """The IPsec keys of an encrypted network, primary (the one to send with) first. Peers'
+        SAs follow at once; keys for a network not set up here yet are kept for ensure_network."""
+        for k in keys:
+            if len(k) < 16:
+                raise OverlayError(f"network {network_id}: an IPsec key of {len(k)} bytes is too short; "
+                                   "the managers send 32-byte keys")
+        with self._lock:
+            if list(keys) == self._keys.get(network_id):
+                return
+            self._keys[network_id] = list(keys)
+            n = self._nets.get(network_id)
+            if n is not None and n.encrypted:
+                self._sync_esp(n)
+            self._log("network.keys", network=network_id, keys=len(keys))
+
+    def _sync_esp(self, n: _Network, *, drop: bool = False) -> None:
+        """Bring the kernel's policies and SAs of encrypted network n in line with its keys and the
+        VTEPs of its peers (drop=True: remove them all)."""
+        local = self.advertise_addr
+        mark = ESP_MARK | n.vni
+        keys = [] if drop else self._keys.get(n.id, [])
+        vteps = set() if drop else {v for _, v in n.peers.values() if v != local}
+        want_sa: dict[tuple[str, int], tuple[str, bytes]] = {}  # (dst, spi) -> (src, key)
+        for r in sorted(vteps):
+            if keys:
+                spi, k = xfrm.derive_sa(keys[0], local, r)
+                want_sa[(r, spi)] = (local, k)
+            for key in keys:
+                spi, k = xfrm.derive_sa(key, r, local)
+                want_sa[(local, spi)] = (r, k)
+        with xfrm.Xfrm(self.host_netns) as x:
+            held_sa = {(sa.dst, sa.spi) for sa in x.list_sas() if sa.reqid == mark}
+            held_pol = {p.dst for p in x.list_policies() if p.mark == mark and p.src == local}
+            for r in sorted(vteps - held_pol):  # before any SA: nothing to that VTEP leaves in clear
+                x.set_out_policy(local, r, VXLAN_PORT, mark, mark)
+            for (dst, spi), (src, k) in want_sa.items():
+                if (dst, spi) not in held_sa:
+                    x.add_sa(src, dst, spi, k, mark)
+            for dst, spi in held_sa - want_sa.keys():
+                x.del_sa(dst, spi)
+            for r in sorted(held_pol - vteps):
+                x.del_out_policy(local, r, VXLAN_PORT, mark)
+        if not keys and vteps:
+            log.warning("overlay node=%s network=%s encrypted but no keys yet: traffic to %s is dropped "
+                        "until the managers send them", self.node_id, n.id, ",".join(sorted(vteps)))
+
+    def _sync_esp_nft(self) -> None:
+        """The host table that marks encrypted networks' VXLAN packets for xfrm and drops clear ones."""
+        vnis = sorted(n.vni for n in self._nets.values() if n.encrypted)
+        if not vnis:
+            nft.delete_table(self.host_netns, "ip", ESP_TABLE)
+            return
+        out = "".join(f"    udp dport {VXLAN_PORT} @th,96,24 {v} meta mark set {ESP_MARK | v:#x}\n" for v in vnis)
+        inp = "".join(f"    udp dport {VXLAN_PORT} @th,96,24 {v} meta secpath missing drop\n"
+                      f"    udp dport {VXLAN_PORT} @th,96,24 {v} ipsec in reqid != {ESP_MARK | v:#x} drop\n"
+                      for v in vnis)
+        nft.replace_table(self.host_netns, "ip", ESP_TABLE,
+                          f"  chain esp_out {{ type route hook output priority mangle; policy accept;\n{out}  }}\n"
+                          f"  chain esp_in {{ type filter hook input priority filter; policy accept;\n{inp}  }}")
+
+    def esp_state(self, network_id: str) -> tuple[list[xfrm.SA], list[xfrm.Policy]]:
+        """What the kernel holds for an encrypted network: (SAs, output policies)."""
+        with self._lock:
+            n = self._nets.get(network_id)
+            if n is None:
+                return [], []
+            mark = ESP_MARK | n.vni
             with xfrm.Xfrm(self.host_netns) as x:
-                try:
-                    x.add_sa("127.0.0.1", "127.0.0.2", 0xD0C4FFFF, bytes(20), 0xD0C4)
-                    x.del_sa("127.0.0.2", 0xD0C4FFFF)
-                    self._esp = True
-                except xfrm.XfrmError as e:
-                    if e.errno not in (errno.ENOSYS, errno.EPROTONOSUPPORT, errno.ENOENT):
-                        raise
-                    self._esp = False
-        return self._esp
+                return ([sa for sa in x.list_sas() if sa.reqid == mark],
+                        [p for p in x.list_policies() if p.mark == mark])
 
     def remove_network(self, network_id: str) -> None:
         with self._lock:
@@ -393,7 +479,11 @@ class OverlayDriver:
                     "detach them first")
             n = self._nets.pop(network_id, None)
             self._pending_peers.pop(network_id, None)
+            self._keys.pop(network_id, None)
             self._destroy_sandbox(self._sandbox_name(network_id), n.vni if n else None)
+            if n is not None and n.encrypted:
+                self._sync_esp(n, drop=True)
+                self._sync_esp_nft()
             self._log("network.removed", network=network_id)
 
     # ------------------------------------------------------------------ peers
@@ -407,7 +497,10 @@ class OverlayDriver:
                 return
             if vtep == self.advertise_addr:
                 return  # a local endpoint: the bridge already knows it
+            new_vtep = n.encrypted and all(v != vtep for _, v in n.peers.values())
             n.peers[ip] = (mac, vtep)
+            if new_vtep:
+                self._sync_esp(n)  # its policy and SAs before its first FDB entry
             self._program_peer(n, ip, mac, vtep)
             self._log("peer.added", network=network_id, ip=ip, mac=mac, vtep=vtep)
 
@@ -446,6 +539,8 @@ class OverlayDriver:
                     except NetlinkError as e:
                         if e.code not in (errno.ENOENT, errno.ESRCH):
                             raise
+            if n.encrypted and all(v != vtep for _, v in n.peers.values()):
+                self._sync_esp(n)  # its last endpoint here went: its SAs and policy go too
             self._log("peer.removed", network=network_id, ip=ip, mac=mac, vtep=vtep)
 
     def peers(self, network_id: str) -> dict[str, tuple[str, str]]:
@@ -948,7 +1043,8 @@ class OverlayDriver:
                     nid, vni, subnet, gw, flags = meta.split("|")
                     n = _Network(id=nid, vni=int(vni), subnet=ipaddress.ip_network(subnet), gateway=gw,
                                  internal=flags[0] == "1", ingress=flags[1] == "1",
-                                 mtu=ipr.get_links(br)[0].get_attr("IFLA_MTU"), sandbox=name)
+                                 mtu=ipr.get_links(br)[0].get_attr("IFLA_MTU"), sandbox=name,
+                                 encrypted=flags[2:3] == "1")
                     for link in ipr.get_links():
                         if link.get_attr("IFLA_MASTER") == br and link.get_attr("IFLA_IFNAME").startswith("ve"):
                             task = link.get_attr("IFLA_IFALIAS") or ""
@@ -994,6 +1090,15 @@ class OverlayDriver:
                 self._destroy_sandbox(name)
             self._pending_peers.clear()
             self._host_ports.clear()
+            self._keys.clear()
+            with xfrm.Xfrm(self.host_netns) as x:  # an earlier run's, of networks no longer known
+                for sa in x.list_sas():
+                    if sa.reqid & 0xFF000000 == ESP_MARK and self.advertise_addr in (sa.src, sa.dst):
+                        x.del_sa(sa.dst, sa.spi)
+                for p in x.list_policies():
+                    if p.mark & 0xFF000000 == ESP_MARK and p.src == self.advertise_addr:
+                        x.del_out_policy(p.src, p.dst, VXLAN_PORT, p.mark)
+            nft.delete_table(self.host_netns, "ip", ESP_TABLE)
             with self._host() as h:
                 for link in h.get_links():
                     name = link.get_attr("IFLA_IFNAME")

@@ -2,13 +2,17 @@
 
 pyroute2 0.9 has no XFRM family, so this speaks the kernel's xfrm netlink structures
 (include/uapi/linux/xfrm.h) directly over a netlink socket opened in the
-wanted network namespace (nslab.netns_socket). Only what the overlay needs: AEAD rfc4106(gcm(aes)) SAs, output
-policies selecting UDP 4789 between two VTEPs with a packet mark, dumps and deletes.
+wanted network namespace (nslab.netns_socket). Only what the overlay needs: AEAD rfc4106(gcm(aes)) SAs
+with a replay window, output policies selecting UDP 4789 between two VTEPs with a packet mark, dumps
+and deletes; `derive_sa` turns a network key into the SPI and key of one direction between two VTEPs,
+and `esp_supported` probes whether a kernel can hold such an SA at all.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import ipaddress
 import os
 import socket
@@ -46,7 +50,9 @@ XFRM_INF = 0xFFFFFFFFFFFFFFFF
 IPPROTO_ESP = 50
 IPPROTO_UDP = 17
 AEAD_ALG = b"rfc4106(gcm(aes))"
-ICV_BITS = 64
+ICV_BITS = 64  # as Docker: 1424-byte overlay MTU on a 1500-byte underlay
+SA_KEY_LEN = 36  # AES-256 key + 4-byte salt
+REPLAY_WINDOW = 32
 
 SIZE_USERSA_INFO = 224
 SIZE_USERPOLICY_INFO = 168
@@ -151,12 +157,13 @@ class Xfrm:
 
     # -- SAs ---------------------------------------------------------------------------------
     def add_sa(self, src: str, dst: str, spi: int, key: bytes, reqid: int) -> None:
-        """ESP transport SA src→dst with AEAD rfc4106(gcm(aes)); key = AES key + 4-byte salt."""
+        """ESP transport SA src→dst with AEAD rfc4106(gcm(aes)) and a replay window; key = AES key +
+        4-byte salt. An SA that exists already (same dst, spi) is updated."""
         info = _selector(src, dst, 0, 0)
         info += _addr(dst) + struct.pack(">I", spi) + struct.pack("=B3x", IPPROTO_ESP)  # xfrm_id
         info += _addr(src) + _lifetime()
         info += struct.pack("=3I", 0, 0, 0)  # stats
-        info += struct.pack("=IIHBBB7x", 0, reqid, socket.AF_INET, XFRM_MODE_TRANSPORT, 0, 0)
+        info += struct.pack("=IIHBBB7x", 0, reqid, socket.AF_INET, XFRM_MODE_TRANSPORT, REPLAY_WINDOW, 0)
         assert len(info) == SIZE_USERSA_INFO, len(info)
         aead = struct.pack("=64sII", AEAD_ALG, len(key) * 8, ICV_BITS) + key
         try:
@@ -176,7 +183,7 @@ class Xfrm:
 
     def list_sas(self) -> list[SA]:
         out = []
-        for mtype, body in self._dump(XFRM_MSG_GETSA, b"\0" * 24):
+        for mtype, body in self._dump(XFRM_MSG_GETSA, b""):
             if mtype != XFRM_MSG_NEWSA or len(body) < SIZE_USERSA_INFO:
                 continue
             dst = str(ipaddress.IPv4Address(body[56:60]))
@@ -209,7 +216,7 @@ class Xfrm:
 
     def list_policies(self) -> list[Policy]:
         out = []
-        for mtype, body in self._dump(XFRM_MSG_GETPOLICY, b"\0" * 64):
+        for mtype, body in self._dump(XFRM_MSG_GETPOLICY, b""):
             if mtype != XFRM_MSG_NEWPOLICY or len(body) < SIZE_USERPOLICY_INFO:
                 continue
             dst = str(ipaddress.IPv4Address(body[0:4]))
@@ -225,3 +232,33 @@ class Xfrm:
                 off += (alen + 3) & ~3
             out.append(Policy(src, dst, mark))
         return out
+
+
+def derive_sa(network_key: bytes, src: str, dst: str) -> tuple[int, bytes]:
+    """The SPI and SA key of the direction src→dst under one network key. Both ends compute the same
+    pair, so nothing but the network key has to be distributed. Each direction gets its own key (and so
+    its own GCM nonce space: with one key for both directions, equal sequence numbers would reuse a
+    nonce). SPIs below 256 are reserved (RFC 4303)."""
+    d = hmac.new(network_key, f"shoal-esp|{src}|{dst}".encode(), hashlib.sha512).digest()
+    spi = int.from_bytes(d[:4], "big") % (0x1_0000_0000 - 0x100) + 0x100
+    return spi, d[4:4 + SA_KEY_LEN]
+
+
+_esp_cache: dict[str | None, bool] = {}
+
+
+def esp_supported(netns_path: str | None = None) -> bool:
+    """Can this kernel hold an ESP rfc4106(gcm(aes)) SA (CONFIG_INET_ESP, CONFIG_CRYPTO_GCM, xfrm_user)?
+    Probed once per namespace by adding an SA between two loopback addresses and removing it."""
+    if netns_path not in _esp_cache:
+        probe_spi = 0xD0C4FFFF
+        try:
+            with Xfrm(netns_path) as x:
+                x.add_sa("127.0.0.1", "127.0.0.2", probe_spi, bytes(SA_KEY_LEN), 0)
+                x.del_sa("127.0.0.2", probe_spi)
+            _esp_cache[netns_path] = True
+        except OSError as e:  # no xfrm_user: the socket fails; no ESP/GCM: the SA does
+            if e.errno not in (errno.ENOSYS, errno.EPROTONOSUPPORT, errno.ENOENT, errno.EINVAL, errno.EAFNOSUPPORT):
+                raise
+            _esp_cache[netns_path] = False
+    return _esp_cache[netns_path]
