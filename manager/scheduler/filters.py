@@ -1,7 +1,8 @@
 """Scheduler filters: what a node offers (`NodeInfo`), what a group of pending tasks needs (`Group`), and
-why a node cannot take one (`static_reason`: readiness, platform, constraints, networks -- the same for
-every task of the group; `dynamic_reason`: resources, max replicas per node, host ports -- changes as
-tasks are placed), summed up for a pending task's message by `explain`."""
+why a node cannot take one (`static_reason`: readiness, platform, constraints, networks and what they
+need of the node (their driver; IPsec ESP for an encrypted network) -- the same for every task of the
+group; `dynamic_reason`: resources, max replicas per node, host ports -- changes as tasks are placed),
+summed up for a pending task's message by `explain`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from shoal.manager.keymanager import is_encrypted
 from shoal.manager.scheduler.constraint import Constraint, first_unmet, normalize_arch
 from shoal.proto import objects_pb2, types_pb2
 
@@ -16,6 +18,8 @@ READY = types_pb2.NodeStatus.READY
 BUILTIN_NET_DRIVERS = frozenset({"", "overlay"})
 # Nodes that can attach other network drivers list them (comma-separated) in this engine label.
 NET_DRIVERS_LABEL = "shoal.network.drivers"
+# What an agent lists in description.capabilities when its kernel does IPsec ESP with AES-GCM.
+IPSEC_CAPABILITY = "ipsec-esp"
 
 
 @dataclass(slots=True)
@@ -105,6 +109,11 @@ def static_reason(g: Group, info: NodeInfo) -> str | None:
             have = node.description.engine.labels.get(NET_DRIVERS_LABEL, "")
             if drv not in {d.strip() for d in have.split(",")}:
                 return f"network driver {drv} not available"
+        if is_encrypted(net) and IPSEC_CAPABILITY not in node.description.capabilities:
+            return (
+                f"encrypted network {net.spec.annotations.name or net.id} needs IPsec ESP with AES-GCM in the "
+                "node's kernel (CONFIG_INET_ESP, CONFIG_CRYPTO_GCM)"
+            )
     return None
 
 

@@ -1,8 +1,9 @@
 """The scheduler: PENDING tasks get a node (ASSIGNED), decided in batches and committed in big transactions.
 
 Filters, in the order a pending task's message reports them: node ready and active, platform,
-placement constraints, networks available on the node, resources (CPU, memory, generic) against what
-the node advertises minus what its tasks reserve, max replicas per node, host-mode published ports.
+placement constraints, networks available on the node (an encrypted one only where the node has
+IPsec ESP), resources (CPU, memory, generic) against what the node advertises minus what its tasks
+reserve, max replicas per node, host-mode published ports.
 Strategy: spread -- among the nodes that pass, the one with the fewest tasks of the same service, then
 the fewest tasks overall; placement preferences (`spread=node.labels.X`, applied in order) first
 spread the service's tasks evenly over the label's values (nodes without the label form one group).

@@ -268,6 +268,51 @@ def test_generic_resources_ports_platform_network_and_node_filters() -> None:
     run(main())
 
 
+def test_encrypted_network_only_on_nodes_with_ipsec() -> None:
+    async def main() -> None:
+        st = LocalStore()
+        secure = objects_pb2.Network(id=new_id())
+        secure.spec.annotations.name = "secure"
+        secure.spec.driver_config.options["encrypted"] = ""
+        plain = objects_pb2.Network(id=new_id())
+        plain.spec.annotations.name = "plain"
+        await st.update(lambda tx: [tx.create(secure), tx.create(plain)])
+        capable = node("capable")
+        capable.description.capabilities.append("ipsec-esp")
+        nodes = await add_nodes(st, [node("old1"), node("old2"), capable,
+                                     node("down", state=types_pb2.NodeStatus.DOWN)])
+        async with scheduler(st) as s:
+            enc = [pending_task("enc", i, networks=[secure.id]) for i in (1, 2, 3)]
+            other = [pending_task("other", i, networks=[plain.id]) for i in (1, 2, 3)]
+            await add_tasks(st, enc + other)
+            got = await settled(st, s, enc + other)
+            assert {t.node_id for t in got[:3]} == {nodes[2].id}
+            assert len({t.node_id for t in got[3:]}) == 3  # a plain network needs nothing of the node
+
+            # No ready node can: the task waits, and says why.
+            await st.update(lambda tx: tx.delete(st.get("node", nodes[2].id)))
+            late = [pending_task("late", 1, networks=[secure.id])]
+            await add_tasks(st, late)
+            [t] = await settled(st, s, late)
+            assert t.status.state == types_pb2.PENDING
+            assert t.status.message == (
+                "no suitable node (encrypted network secure needs IPsec ESP with AES-GCM in the node's kernel "
+                "(CONFIG_INET_ESP, CONFIG_CRYPTO_GCM) on 2 nodes; node not ready on 1 node)"
+            )
+            # A node that gains the capability (its agent reconnects with a newer kernel) takes it.
+            n = objects_pb2.Node()
+            n.CopyFrom(st.get("node", nodes[0].id))
+            n.description.capabilities.append("ipsec-esp")
+            await st.update(lambda tx: tx.update(n))
+            for _ in range(400):
+                if st.get("task", t.id).status.state == types_pb2.ASSIGNED:
+                    break
+                await asyncio.sleep(0.01)
+            assert st.get("task", t.id).node_id == nodes[0].id
+
+    run(main())
+
+
 def test_preassigned_global_task_checked_on_its_node() -> None:
     async def main() -> None:
         st = LocalStore()
