@@ -11,6 +11,7 @@ answering one JSON line on stdout ``{"id": …, "ok": true, "result": …}`` (or
 "error": …``). Requests (``{"id": 1, "op": "…", …}``; protobufs as base64 of their bytes):
 
 * ``session`` ``msg`` (dispatcher_pb2.SessionMessage): `on_session` (keys, managers to join, node);
+* ``keys`` ``msg`` (dispatcher_pb2.NetworkKeys) [``update``: false = REMOVE]: `set_network_keys`;
 * ``prepare`` ``task`` (objects_pb2.Task) [``active``] → ``{netns_path, resolv_conf, addresses, t}``
   (t: unix time when prepare() returned); ``activate`` / ``deactivate`` ``task_id``;
 * ``release`` ``task_id`` → ``{t}``; ``cleanup``; ``stop`` (leave the gossip and exit; nothing removed);
@@ -104,11 +105,15 @@ class _Server:
                 "tasks": sorted(net._tasks),
                 "dns": sorted(net.dns.serving()) if net.dns else [],
             }
+        if op == "keys":  # an encrypted network's NetworkKeys assignment (REMOVE: no keys)
+            nk = dispatcher_pb2.NetworkKeys.FromString(base64.b64decode(req["msg"]))
+            net.set_network_keys(nk.network_id, list(nk.keys) if req.get("update", True) else None)
+            return None
         if op == "peers":
             fdb, neigh = await asyncio.to_thread(net.driver.peer_entries, req["network_id"])
             return {"fdb": sorted(fdb), "neigh": sorted(neigh)}
-        raise ValueError(f"unknown op {op!r}; use session, prepare, activate, deactivate, release, cleanup, stop, "
-                         "state or peers")
+        raise ValueError(f"unknown op {op!r}; use session, keys, prepare, activate, deactivate, release, cleanup, "
+                         "stop, state or peers")
 
     async def _one(self, line: str) -> None:
         try:
@@ -320,6 +325,10 @@ class NetNode:
     # conveniences
     def session(self, msg: dispatcher_pb2.SessionMessage) -> None:
         self.call("session", msg=_b64(msg))
+
+    def keys(self, network_id: str, keys: Sequence[types_pb2.EncryptionKey] | None) -> None:
+        msg = dispatcher_pb2.NetworkKeys(network_id=network_id, keys=keys or [])
+        self.call("keys", msg=_b64(msg), update=keys is not None)
 
     def prepare(self, task: objects_pb2.Task, active: bool = True) -> dict:
         return self.call("prepare", task=_b64(task), active=active)

@@ -8,7 +8,6 @@ directly as well.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -16,6 +15,7 @@ import sys
 import time
 
 import pytest
+from esp_wire import captured, needs_esp, sniff_underlay
 from test_overlay import att, cleanup_all, drivers_for, make_net, ping, snapshot
 
 from shoal.netdriver import nft, xfrm
@@ -23,24 +23,7 @@ from shoal.netdriver.overlay import ESP_TABLE, OverlayDriver, mac_from_ip
 
 pytestmark = pytest.mark.integration
 
-needs_esp = pytest.mark.skipif(
-    not xfrm.esp_supported(),
-    reason="this kernel has no IPsec ESP; test_encrypted_overlays_in_uml runs these in a UML kernel that has")
-
 K = [bytes([i]) * 32 for i in range(1, 6)]  # network keys k1..k5
-
-# Underlay capture: every IP packet between the two hosts, as (proto, udp dport or 0).
-SNIFF_UNDERLAY = r"""
-import json, sys
-from scapy.all import IP, UDP, sniff
-a, b, secs = sys.argv[1], sys.argv[2], float(sys.argv[3])
-seen = []
-def keep(p):
-    if IP in p and {p[IP].src, p[IP].dst} == {a, b}:
-        seen.append([p[IP].proto, p[UDP].dport if UDP in p else 0])
-sniff(iface="br0", prn=keep, store=False, timeout=secs, started_callback=lambda: print("ready", flush=True))
-print(json.dumps(seen), flush=True)
-"""
 
 # A forged VXLAN frame put on the underlay (an attacker there): VNI, inner UDP datagram to a container.
 INJECT = r"""
@@ -64,16 +47,6 @@ try:
 except TimeoutError:
     print("nothing", flush=True)
 """
-
-
-def sniff_underlay(lab, secs: float) -> subprocess.Popen:
-    return lab.spawn_ready(lab.underlay.path, [sys.executable, "-c", SNIFF_UNDERLAY, lab.hosts[0].addr,
-                                               lab.hosts[1].addr, str(secs)])
-
-
-def captured(proc: subprocess.Popen) -> list[tuple[int, int]]:
-    out, _ = proc.communicate(timeout=60)
-    return [tuple(x) for x in json.loads(out.strip().splitlines()[-1])]
 
 
 def encrypted_net(nid: str, vni: int, subnet: str):
@@ -231,8 +204,9 @@ def test_encrypted_overlays_in_uml():
     import uml
 
     t0 = time.monotonic()
-    r = uml.pytest([os.path.relpath(__file__, uml.REPO)], timeout=600)
+    agent_level = os.path.join(os.path.dirname(__file__), "..", "agent", "test_network_encrypted.py")
+    r = uml.pytest([os.path.relpath(p, uml.REPO) for p in (__file__, agent_level)], timeout=600)
     tail = "\n".join(r.output.splitlines()[-40:])
     assert r.returncode == 0, f"inside UML:\n{tail}"
-    assert re.search(r"\b2 passed\b", r.output), tail
+    assert re.search(r"\b3 passed\b", r.output), tail
     print(f"UML run took {time.monotonic() - t0:.1f} s")
