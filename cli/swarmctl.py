@@ -209,6 +209,9 @@ def cluster_inspect(c: Client, args: argparse.Namespace) -> None:
         print(f"Heartbeat period:\t{units.format_duration(hb.seconds * 10**9 + hb.nanos) if hb.ByteSize() else 'default'}")
         ce = s.ca_config.node_cert_expiry
         print(f"Node cert expiry:\t{units.format_duration(ce.seconds * 10**9 + ce.nanos) if ce.ByteSize() else 'default'}")
+        kr = s.network_encryption.key_rotation_interval
+        kr_ns = kr.seconds * 10**9 + kr.nanos
+        print(f"Network key rotation:\t{units.format_duration(kr_ns) if kr_ns else '12h (default)'}")
         print(f"Default address pool:\t{', '.join(s.default_address_pool) or '10.0.0.0/8 (default)'}")
         print(f"Subnet size:\t\t{s.subnet_size or 24}")
         print(f"CA digest:\t\t{cl.root_ca.ca_cert_hash}")
@@ -231,6 +234,8 @@ def _cluster_update_once(c: Client, args: argparse.Namespace) -> objects_pb2.Clu
         spec.dispatcher.heartbeat_period.FromNanoseconds(args.heartbeat_period)
     if args.cert_expiry is not None:
         spec.ca_config.node_cert_expiry.FromNanoseconds(args.cert_expiry)
+    if args.network_key_rotation is not None:
+        spec.network_encryption.key_rotation_interval.FromNanoseconds(args.network_key_rotation)
     if args.default_addr_pool:
         del spec.default_address_pool[:]
         spec.default_address_pool.extend(args.default_addr_pool)
@@ -337,6 +342,8 @@ def _node_pretty(n: objects_pb2.Node) -> None:
     print(f"Resources:\n CPUs:\t\t\t{d.resources.nano_cpus / 1e9:g}\n Memory:\t\t"
           f"{units.format_bytes(d.resources.memory_bytes)}")
     print(f"Engine Version:\t\t{d.engine.engine_version}")
+    if d.capabilities:
+        print(f"Capabilities:\t\t{', '.join(d.capabilities)}")
 
 
 def node_inspect(c: Client, args: argparse.Namespace) -> None:
@@ -977,6 +984,43 @@ def network_create(c: Client, args: argparse.Namespace) -> None:
     print(net.id)
 
 
+def _network_pretty(n: objects_pb2.Network) -> None:
+    s = n.spec
+    cfg = n.ipam.configs[0] if n.ipam.configs else None
+    print(f"ID:\t\t{n.id}\nName:\t\t{s.annotations.name}\nDriver:\t\t{s.driver_config.name or 'overlay'}")
+    print(f"Scope:\t\tswarm\nVXLAN ID:\t{n.driver_state.vni}")
+    print(f"Subnet:\t\t{cfg.subnet if cfg else ''}\nGateway:\t{cfg.gateway if cfg else ''}")
+    for label, flag in (("Attachable", s.attachable), ("Internal", s.internal), ("Ingress", s.ingress)):
+        print(f"{label}:\t{'true' if flag else 'false'}")
+    if "encrypted" in s.driver_config.options:
+        when = (f"keys rotated {out.ago(n.keys_rotated_at).lower()} ({n.keys_rotated_at.ToJsonString()})"
+                if n.HasField("keys_rotated_at") else "keys not made yet")
+        print(f"Encrypted:\ttrue (IPsec ESP between nodes; {when})")
+    else:
+        print("Encrypted:\tfalse")
+    if s.driver_config.options:
+        print("Options:")
+        for k, v in sorted(s.driver_config.options.items()):
+            print(f" - {k}={v}" if v else f" - {k}")
+    if s.annotations.labels:
+        print("Labels:")
+        for k, v in sorted(s.annotations.labels.items()):
+            print(f" - {k}={v}")
+
+
+def network_inspect(c: Client, args: argparse.Namespace) -> None:
+    nets = [_get(c, "network", r) for r in args.refs]
+    for n in nets:
+        n.ClearField("encryption_keys")  # the manager never sends them; never print them either
+    if args.pretty:
+        for i, n in enumerate(nets):
+            if i:
+                print()
+            _network_pretty(n)
+    else:
+        out.print_json(nets)
+
+
 def network_ls(c: Client, args: argparse.Namespace) -> None:
     nets = _list(c, "network", _filters(args.filter, "network"))
 
@@ -1066,6 +1110,8 @@ def build_parser() -> Parser:
     p.add_argument("--heartbeat-period", "--dispatcher-heartbeat", dest="heartbeat_period", type=DURATION,
                    help="agents' heartbeat period")
     p.add_argument("--cert-expiry", type=DURATION, help="node certificate validity")
+    p.add_argument("--network-key-rotation", type=DURATION, metavar="DURATION",
+                   help="how often the IPsec keys of encrypted networks are replaced (default 12h, at least 1s)")
     p.add_argument("--default-addr-pool", action="append", help="address pool for networks (CIDR)")
     p.add_argument("--subnet-size", type=uint("subnet size"), help="prefix length of network subnets")
     p.add_argument("--label-add", action="append", help="add a cluster label KEY=VALUE")
@@ -1209,9 +1255,12 @@ def build_parser() -> Parser:
         p.add_argument("--no-trunc", action="store_true")
         _quiet(p)
         _fmt(p)
-        p = leaf(sub, "inspect", _simple_inspect(kind), f"show {kind}s in detail")
+        p = leaf(sub, "inspect", network_inspect if kind == "network" else _simple_inspect(kind),
+                 f"show {kind}s in detail")
         p.add_argument("refs", nargs="+", metavar=kind.upper())
         p.add_argument("--format", choices=("json",), default="json")
+        if kind == "network":
+            p.add_argument("--pretty", action="store_true", help="human-readable output")
         p = leaf(sub, "rm", _simple_rm(kind), f"remove {kind}s", aliases=["remove"])
         p.add_argument("refs", nargs="+", metavar=kind.upper())
 

@@ -289,6 +289,34 @@ def test_networks_secrets_configs(srv: Server, tmp_path: Path) -> None:
     assert srv.ok("secret", "ls", "-q") == ""
 
 
+def test_encrypted_networks_and_key_rotation(srv: Server) -> None:
+    nid = srv.ok("network", "create", "--opt", "encrypted", "sec1").strip()
+    raw = srv.ok("network", "inspect", "sec1")
+    [net] = json.loads(raw)
+    assert net["id"] == nid and net["spec"]["driver_config"]["options"] == {"encrypted": ""}
+    assert "keys_rotated_at" in net and "encryption_keys" not in raw
+    pretty = srv.ok("network", "inspect", "--pretty", "sec1")
+    assert "Encrypted:\ttrue (IPsec ESP between nodes; keys rotated " in pretty and " - encrypted\n" in pretty
+    assert f"ID:\t\t{nid}" in pretty and "Ingress:\tfalse" in pretty
+    srv.ok("network", "create", "plain1")
+    assert "Encrypted:\tfalse" in srv.ok("network", "inspect", "--pretty", "plain1")
+    srv.fails("network", "create", "--ingress", "-o", "encrypted=true", "ing2",
+              match="create the ingress network without --opt encrypted")
+    srv.ok("network", "rm", "sec1", "plain1")
+
+    assert "Network key rotation:\t12h (default)" in srv.ok("cluster", "inspect", "--pretty")
+    srv.ok("cluster", "update", "--network-key-rotation", "30m")
+    cl = json.loads(srv.ok("cluster", "inspect"))
+    assert cl["spec"]["network_encryption"]["key_rotation_interval"] == "1800s"
+    assert "Network key rotation:\t30m" in srv.ok("cluster", "inspect", "--pretty")
+    srv.fails("cluster", "update", "--network-key-rotation", "500ms",
+              match="network key rotation interval of 500ms is too short: give 0 (the default, 12h) or at least 1s")
+    srv.fails("cluster", "update", "--network-key-rotation", "soon", match="invalid duration 'soon'", code=2)
+    assert "Network key rotation:\t30m" in srv.ok("cluster", "inspect", "--pretty")
+    srv.ok("cluster", "update", "--network-key-rotation", "0")
+    assert "Network key rotation:\t12h (default)" in srv.ok("cluster", "inspect", "--pretty")
+
+
 def test_cluster_and_join_tokens(srv: Server) -> None:
     tok = srv.ok("swarm", "join-token", "-q", "worker").strip()
     assert tok.startswith("SWMTKN-1-")
