@@ -1,13 +1,12 @@
 """Run commands (and pytest) inside a User-Mode Linux kernel, for kernel features the host lacks.
 
-The kernel is Debian sid's user-mode-linux, prepared by ``scripts/uml-kernel`` into
-``/var/cache/shoal/uml``. It runs as an ordinary host process (as root) with the host's root
+The kernel is built from Debian's newest linux-source by ``scripts/uml-kernel`` into
+``/var/cache/shoal/uml``, with everything the tests need built in (no modules). It runs as an ordinary host process (as root) with the host's root
 filesystem mounted read-only through hostfs, so the guest sees this checkout and its virtualenv at
 the same paths and cannot change anything on the host. The guest gets fresh tmpfs mounts on
 ``/tmp``, ``/run`` and ``/dev/shm`` (the host's ``/tmp`` is hidden there: hand files to the guest
 elsewhere, or write them from the command itself), its own devtmpfs ``/dev``, proc, sysfs, cgroup2,
-``lo`` up, and module autoloading from the kernel's own module tree (esp4, xfrm_user, vxlan,
-nf_tables, bridge, veth... are modules). Nothing but lo: the guest has no network to the host.
+``lo`` up. Nothing but lo: the guest has no network to the host.
 
 Import it as the other shared helpers are imported (``tests/`` is on ``sys.path`` under pytest)::
 
@@ -64,9 +63,9 @@ def _stamp() -> dict[str, str]:
 
 def _prepared() -> dict[str, str]:
     info = _stamp()
-    if info.get("LINUX") and os.access(info["LINUX"], os.X_OK) and os.path.isdir(info.get("MODROOT", "")):
+    if info.get("LINUX") and os.access(info["LINUX"], os.X_OK):
         return info
-    r = subprocess.run([str(SCRIPT)], capture_output=True, text=True, timeout=900)
+    r = subprocess.run([str(SCRIPT)], capture_output=True, text=True, timeout=1800)  # a build: minutes
     if r.returncode != 0:
         raise UmlError(f"scripts/uml-kernel failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
     info = _stamp()
@@ -80,7 +79,7 @@ def kernel() -> Path:
     return Path(_prepared()["LINUX"])
 
 
-def _init_script(argv: list[str], env: dict[str, str], modroot: str, mark: str) -> str:
+def _init_script(argv: list[str], env: dict[str, str], mark: str) -> str:
     q = shlex.quote
     cmd_env = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb", "PYTHONDONTWRITEBYTECODE": "1", **env}
     assignments = " ".join(q(f"{k}={v}") for k, v in cmd_env.items())
@@ -101,10 +100,6 @@ ln -sf /proc/self/fd /dev/fd
 ln -sf /proc/self/fd/0 /dev/stdin
 ln -sf /proc/self/fd/1 /dev/stdout
 ln -sf /proc/self/fd/2 /dev/stderr
-mkdir -p /run/shoal-uml
-printf '#!/bin/sh\\nexec /usr/sbin/modprobe -d %s "$@"\\n' {q(q(modroot))} >/run/shoal-uml/modprobe
-chmod 755 /run/shoal-uml/modprobe
-echo /run/shoal-uml/modprobe >/proc/sys/kernel/modprobe
 ip link set lo up
 hostname shoal-uml
 cd {q(str(REPO))} || echo "cannot cd to {REPO}"
@@ -146,7 +141,7 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 
     rundir = tempfile.mkdtemp(prefix="shoal-uml-")  # seen at the same path by the guest's hostfs root
     try:
         init = Path(rundir) / "init"
-        init.write_text(_init_script(list(argv), dict(env or {}), info["MODROOT"], mark))
+        init.write_text(_init_script(list(argv), dict(env or {}), mark))
         init.chmod(0o755)
         cmdline = [info["LINUX"], f"mem={mem}", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro",
                    "quiet", f"init={init}", "con=null", "con0=fd:0,fd:1"]
