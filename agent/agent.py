@@ -80,7 +80,10 @@ def describe_node(
 def data_path_capabilities(addr: str) -> list[str]:
     """"ipsec-esp" when this host's kernel can carry encrypted overlays (IPsec ESP with AES-GCM); a node
     that advertises a loopback address has no data path at all."""
-    if ipaddress.ip_address(addr.rsplit(":", 1)[0] if addr.count(":") == 1 else addr).is_loopback:
+    try:
+        if ipaddress.ip_address(addr.rsplit(":", 1)[0] if addr.count(":") == 1 else addr).is_loopback:
+            return []
+    except ValueError:  # no (or no usable) data-path address
         return []
     try:
         return ["ipsec-esp"] if xfrm.esp_supported() else []

@@ -490,7 +490,9 @@ class NetworkAgent:
             user_nets = [a.network.id for a in task.networks if not a.network.spec.ingress]
             if task.networks and self.dns is not None:
                 stack = task.service_annotations.labels.get(STACK_LABEL, "")
-                await self.dns.serve_in(task.id, path, user_nets, stack or None)
+                # only internal networks: no egress, so no name leaves the host either (Docker >= 26)
+                egress = any(not a.network.spec.internal for a in task.networks)
+                await self.dns.serve_in(task.id, path, user_nets, stack or None, forward=egress)
             for nid in nets:
                 self._dirty.put_nowait(nid)
             await asyncio.to_thread(self._save_task, task)

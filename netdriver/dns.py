@@ -20,16 +20,18 @@ container is on (case-insensitive, trailing dot ignored):
 Single-label names and ``tasks.*`` names are ours: unknown → NXDOMAIN; a known name asked for
 another type (AAAA, …) → an empty NOERROR answer. Every other query is forwarded unchanged to the
 upstream resolvers (by default the ``nameserver`` lines of the host's ``/etc/resolv.conf``), from
-the host namespace, over UDP (or TCP for TCP queries); no answer → SERVFAIL. The DNS wire format
-(RFC 1035, A records only) is written here.
+the host namespace, over UDP (or TCP for TCP queries); no answer → SERVFAIL. A container with no
+egress (only on internal networks: ``serve_in(..., forward=False)``) gets SERVFAIL at once instead,
+as in Docker ≥ 26: its names do not leave the host. The DNS wire format (RFC 1035, A records only)
+is written here.
 
 API::
 
     DNSServer(tables, *, upstreams=None, resolv_conf="/etc/resolv.conf", ttl=600,
               address="127.0.0.11", port=53, forward_timeout=2.0)
         tables: anything with entries(table, network_id) -> dict[str, bytes] (a Gossip)
-        await serve_in(container_id, netns_path, networks, stack=None)
-        update(container_id, networks, stack=None)        # the container (dis)connected
+        await serve_in(container_id, netns_path, networks, stack=None, forward=True)
+        update(container_id, networks, stack=None, forward=True)   # the container (dis)connected
         await stop_serving(container_id); await close()
         resolve(name, networks, stack=None) -> Resolution (RCODE and IPs, or forward=True)
 """
@@ -288,6 +290,7 @@ class _Container:
     container_id: str
     networks: list[str]
     stack: str | None
+    forward: bool = True  # other names go to the upstream resolvers (False: SERVFAIL, no egress)
     transports: list = field(default_factory=list)
     servers: list = field(default_factory=list)
 
@@ -373,13 +376,14 @@ class DNSServer:
     # ----- lifecycle -------------------------------------------------------------------------
 
     async def serve_in(self, container_id: str, netns_path: str, networks: Sequence[str],
-                       stack: str | None = None) -> None:
-        """Answer DNS at ``address:port`` inside the container's network namespace."""
+                       stack: str | None = None, forward: bool = True) -> None:
+        """Answer DNS at ``address:port`` inside the container's network namespace; forward=False: no
+        query goes to the upstream resolvers (a container without egress)."""
         if container_id in self._containers:
-            self.update(container_id, networks, stack)
+            self.update(container_id, networks, stack, forward)
             return
         loop = asyncio.get_running_loop()
-        ctr = _Container(container_id, list(networks), stack or None)
+        ctr = _Container(container_id, list(networks), stack or None, forward)
         with in_netns(netns_path):
             _ensure_lo_up()
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -409,9 +413,10 @@ class DNSServer:
         log.info("container=%s dns serving %s:%d in %s networks=%s stack=%s", container_id, self.address, self.port,
                  netns_path, ",".join(networks), stack or "-")
 
-    def update(self, container_id: str, networks: Sequence[str], stack: str | None = None) -> None:
+    def update(self, container_id: str, networks: Sequence[str], stack: str | None = None,
+               forward: bool = True) -> None:
         ctr = self._containers[container_id]
-        ctr.networks, ctr.stack = list(networks), stack or None
+        ctr.networks, ctr.stack, ctr.forward = list(networks), stack or None, forward
 
     async def stop_serving(self, container_id: str) -> None:
         ctr = self._containers.pop(container_id, None)
@@ -484,11 +489,9 @@ class DNSServer:
             return error_response(data, RCODE_FORMERR)
         if q.flags & 0x7800:  # only standard queries
             return build_response(q, RCODE_NOTIMP)
-        if q.qclass != CLASS_IN:
-            return True
-        res = self.resolve(q.name, ctr.networks, ctr.stack)
+        res = self.resolve(q.name, ctr.networks, ctr.stack) if q.qclass == CLASS_IN else Resolution(forward=True)
         if res.forward:
-            return True
+            return True if ctr.forward else servfail(data)
         ips = res.ips if q.qtype == TYPE_A else []
         ptrs = res.ptrs if q.qtype == TYPE_PTR else []
         log.debug("container=%s dns %s type=%d -> rcode=%d %s", ctr.container_id, q.name, q.qtype, res.rcode,

@@ -77,6 +77,7 @@ def test_network_agent_keeps_keys_primary_first_and_forgets_networks_left_out(tm
 
 def test_node_description_names_the_ipsec_capability_only_with_a_data_path() -> None:
     assert data_path_capabilities("127.0.0.5") == []  # a loopback node has no data path at all
+    assert data_path_capabilities("") == []
     expected = ["ipsec-esp"] if xfrm.esp_supported() else []
     assert data_path_capabilities("198.18.0.9") == expected
     d = describe_node("h1", "198.18.0.9", {}, data_path_capabilities("198.18.0.9"))

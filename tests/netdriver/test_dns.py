@@ -17,6 +17,7 @@ import pytest
 from shoal.netdriver.dns import (
     RCODE_NXDOMAIN,
     RCODE_OK,
+    RCODE_SERVFAIL,
     TYPE_A,
     TYPE_PTR,
     DNSServer,
@@ -252,6 +253,14 @@ async def test_dns_in_container_namespaces(netns_pair):
         assert await query(ns_demo, "nosuch.test") == (RCODE_NXDOMAIN, [])
         assert upstream.asked.count("example.test") == 2 and "nosuch.test" in upstream.asked
         assert not any(n in upstream.asked for n in ("web", "api", "hidden", "tasks.nothing"))
+        # a container without egress (internal networks only): its own names resolve, nothing is
+        # forwarded -- SERVFAIL at once, and the upstream never hears of it
+        dns.update("c-plain", ["netA", "netB"], None, forward=False)
+        assert await query(ns_plain, "hidden") == (RCODE_OK, ["198.19.6.2"])
+        assert await query(ns_plain, "internal-only.test") == (RCODE_SERVFAIL, [])
+        assert await query(ns_plain, "internal-only.test", proto="tcp") == (RCODE_SERVFAIL, [])
+        assert "internal-only.test" not in upstream.asked
+        dns.update("c-plain", ["netA", "netB"], None)
 
         # an independent client: busybox nslookup
         rc, out = await run_in(ns_demo, ["busybox", "nslookup", "tasks.web", "127.0.0.11"])
