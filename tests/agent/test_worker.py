@@ -250,6 +250,13 @@ class NetnsHooks:
         await asyncio.to_thread(make)
         return NetworkSetup(netns_path=f"/run/netns/{name}", extra_hosts=["198.19.0.9 peer.example"])
 
+    def set_network_keys(self, network_id: str, keys) -> None:
+        self.calls.append(("keys", network_id))
+
+    def set_all_network_keys(self, keys: dict) -> None:
+        for nid in sorted(keys):
+            self.calls.append(("keys", nid))
+
     async def activate(self, task_id: str) -> None:
         self.calls.append(("activate", task_id))
 
