@@ -3,7 +3,7 @@
 pyroute2 0.9 has no XFRM family, so this speaks the kernel's xfrm netlink structures
 (include/uapi/linux/xfrm.h) directly over a netlink socket opened in the
 wanted network namespace (nslab.netns_socket). Only what the overlay needs: AEAD rfc4106(gcm(aes)) SAs
-with a replay window, output policies selecting UDP 4789 between two VTEPs with a packet mark, dumps
+(no replay window, see REPLAY_WINDOW), output policies selecting UDP 4789 between two VTEPs with a packet mark, dumps
 and deletes; `derive_sa` turns a network key into the SPI and key of one direction between two VTEPs,
 and `esp_supported` probes whether a kernel can hold such an SA at all.
 """
@@ -52,7 +52,10 @@ IPPROTO_UDP = 17
 AEAD_ALG = b"rfc4106(gcm(aes))"
 ICV_BITS = 64  # as Docker: 1424-byte overlay MTU on a 1500-byte underlay
 SA_KEY_LEN = 36  # AES-256 key + 4-byte salt
-REPLAY_WINDOW = 32
+# No anti-replay window (as Docker's): SAs are derived, not negotiated, so an SA that one end makes
+# again (its agent purged a peer that was only away, or it rebooted) starts its sequence numbers at 1
+# with the same SPI, and a window on the other end would drop everything until the next key rotation.
+REPLAY_WINDOW = 0
 
 SIZE_USERSA_INFO = 224
 SIZE_USERPOLICY_INFO = 168
@@ -157,7 +160,7 @@ class Xfrm:
 
     # -- SAs ---------------------------------------------------------------------------------
     def add_sa(self, src: str, dst: str, spi: int, key: bytes, reqid: int) -> None:
-        """ESP transport SA src→dst with AEAD rfc4106(gcm(aes)) and a replay window; key = AES key +
+        """ESP transport SA src→dst with AEAD rfc4106(gcm(aes)); key = AES key +
         4-byte salt. An SA that exists already (same dst, spi) is updated."""
         info = _selector(src, dst, 0, 0)
         info += _addr(dst) + struct.pack(">I", spi) + struct.pack("=B3x", IPPROTO_ESP)  # xfrm_id
@@ -236,9 +239,8 @@ class Xfrm:
 
 def derive_sa(network_key: bytes, src: str, dst: str) -> tuple[int, bytes]:
     """The SPI and SA key of the direction src→dst under one network key. Both ends compute the same
-    pair, so nothing but the network key has to be distributed. Each direction gets its own key (and so
-    its own GCM nonce space: with one key for both directions, equal sequence numbers would reuse a
-    nonce). SPIs below 256 are reserved (RFC 4303)."""
+    pair, so nothing but the network key has to be distributed. Each direction gets its own key. SPIs
+    below 256 are reserved (RFC 4303)."""
     d = hmac.new(network_key, f"shoal-esp|{src}|{dst}".encode(), hashlib.sha512).digest()
     spi = int.from_bytes(d[:4], "big") % (0x1_0000_0000 - 0x100) + 0x100
     return spi, d[4:4 + SA_KEY_LEN]

@@ -90,6 +90,6 @@ def test_sa_derivation_is_per_direction_and_per_key() -> None:
     spi_ab, key_ab = xfrm.derive_sa(k1, a, b)
     spi_ba, key_ba = xfrm.derive_sa(k1, b, a)
     assert (spi_ab, key_ab) == xfrm.derive_sa(k1, a, b)  # both ends compute the same
-    assert spi_ab != spi_ba and key_ab != key_ba  # each direction its own key: no shared GCM nonces
+    assert spi_ab != spi_ba and key_ab != key_ba  # each direction its own key
     assert xfrm.derive_sa(k2, a, b)[0] != spi_ab
     assert len(key_ab) == xfrm.SA_KEY_LEN == 36 and spi_ab >= 0x100

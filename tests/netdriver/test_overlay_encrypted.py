@@ -121,7 +121,7 @@ def test_encrypted_network_esp_on_the_wire_and_clear_frames_dropped(nslab, netpr
         assert {(s.dst, s.spi) for s in sas} == {(lab.hosts[1].addr, out_spi)} | {
             (lab.hosts[0].addr, s) for s in in_spis}
         shown = lab.run(lab.hosts[0].path, ["ip", "xfrm", "state"]).stdout
-        assert "rfc4106(gcm(aes))" in shown and "mode transport" in shown and "replay-window 32" in shown
+        assert "rfc4106(gcm(aes))" in shown and "mode transport" in shown
 
         # a forged clear VXLAN frame on the underlay reaches a plain network's container, never an
         # encrypted network's (no ESP secpath -> dropped by the host table)
