@@ -29,8 +29,21 @@ print(json.dumps(seen), flush=True)
 """
 
 def sniff_underlay(lab, secs: float) -> subprocess.Popen:
+    """Capture `secs` seconds of what crosses an NsLab's underlay between its first two hosts."""
     return lab.spawn_ready(lab.underlay.path, [sys.executable, "-c", SNIFF_UNDERLAY, lab.hosts[0].addr,
                                                lab.hosts[1].addr, str(secs)])
+
+
+def sniff_between(underlay_netns: str, a: str, b: str, secs: float) -> subprocess.Popen:
+    """The same on any underlay namespace (a `swarmctl lab`'s): a process of the caller's, which
+    captured() waits for."""
+    p = subprocess.Popen(["nsenter", f"--net={underlay_netns}", sys.executable, "-c", SNIFF_UNDERLAY, a, b,
+                          str(secs)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    for line in p.stdout:
+        if "ready" in line:
+            return p
+    raise RuntimeError(f"the underlay capture exited ({p.wait()}) before it was ready")
 
 
 def captured(proc: subprocess.Popen) -> list[tuple[int, int]]:
