@@ -4,7 +4,7 @@ The kernel is built from Debian's newest linux-source by ``scripts/uml-kernel`` 
 ``/var/cache/shoal/uml``, with everything the tests need built in (no modules). It runs as an ordinary host process (as root) with the host's root
 filesystem mounted read-only through hostfs, so the guest sees this checkout and its virtualenv at
 the same paths and cannot change anything on the host. The guest gets fresh tmpfs mounts on
-``/tmp``, ``/run`` and ``/dev/shm`` (the host's ``/tmp`` is hidden there: hand files to the guest
+``/tmp``, ``/run``, ``/var/tmp`` and ``/dev/shm`` (the host's ``/tmp`` is hidden there: hand files to the guest
 elsewhere, or write them from the command itself), its own devtmpfs ``/dev``, proc, sysfs, cgroup2,
 ``lo`` up. Nothing but lo: the guest has no network to the host.
 
@@ -91,6 +91,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs -o mode=1777 tmpfs /var/tmp
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /dev/shm /dev/pts /dev/mqueue
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
