@@ -78,9 +78,10 @@ Layout on a host (prefix = ns_prefix)
   reqid), one outbound SA under the primary key, one inbound SA under every key. SPIs and SA keys
   are derived from the network key per direction (xfrm.derive_sa), so both ends agree without
   talking. A peer VTEP's policy is in place before its first FDB entry (nothing leaves in clear);
-  without keys the policy has no SA and the kernel drops (fail closed). Keys change: inbound SAs of
-  new keys first, then the outbound SA, then the old ones go. Everything is reconciled against what
-  the kernel holds (found by reqid and mark), so an agent restart adopts it.
+  without keys the policy has no SA and the kernel drops (fail closed). Keys change: the SAs of the
+  new keys are added before those of dropped keys go. Everything is reconciled against what the
+  kernel holds (found by reqid and mark), so an agent restart adopts it. No anti-replay window
+  (xfrm.REPLAY_WINDOW).
 * Netlink sockets in other namespaces are made by a short-lived setns thread (nslab.netns_socket),
   not by pyroute2's fork helper: attach takes ~10-25 ms.
 """
