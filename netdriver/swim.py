@@ -43,6 +43,7 @@ log = logging.getLogger("shoal.netdriver.swim")
 ALIVE, SUSPECT, DEAD, LEFT = pb.ALIVE, pb.SUSPECT, pb.DEAD, pb.LEFT
 STATE_NAMES = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
 MAX_FRAME = 64 << 20
+STOP_TIMEOUT = 5.0  # stop(): how long open stream connections may still take to close
 
 
 @dataclass
@@ -259,6 +260,7 @@ class Memberlist:
         self._transport: asyncio.DatagramTransport | None = None
         self._protocol: _UDP | None = None
         self._server: asyncio.base_events.Server | None = None
+        self._streams: set[asyncio.StreamWriter] = set()  # open inbound stream connections
         self._tasks: list[asyncio.Task] = []
         self._leaving = False
         self.dropped = 0          # packets that failed authentication/decoding
@@ -307,7 +309,15 @@ class Memberlist:
             await self._protocol.closed  # the socket is really closed (the port can be bound again)
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+            # wait_closed() waits for every open connection: a peer's stream that is stuck (a reply
+            # it does not read) would hold stop() forever, so those are cut first
+            for w in list(self._streams):
+                w.transport.abort()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), STOP_TIMEOUT)
+            except TimeoutError:
+                log.warning("node=%s gossip stream connections still open after %.0f s; stopping anyway",
+                            self.node_id, STOP_TIMEOUT)
             self._server = None
         log.info("node=%s gossip stopped", self.node_id)
 
@@ -739,6 +749,7 @@ class Memberlist:
 
     async def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        self._streams.add(writer)
         try:
             blob = await asyncio.wait_for(read_frame(reader), self.config.tcp_timeout)
             try:
@@ -758,10 +769,11 @@ class Memberlist:
             else:
                 return
             write_frame(writer, self.keyring.seal(resp.SerializeToString(), b"tcp"))
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), self.config.tcp_timeout)  # a peer that does not read
         except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as e:
             log.debug("node=%s stream from %s failed: %s", self.node_id, peer, e)
         except Exception:
             log.exception("node=%s stream from %s failed", self.node_id, peer)
         finally:
+            self._streams.discard(writer)
             writer.close()
