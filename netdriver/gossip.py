@@ -73,6 +73,7 @@ from shoal.netdriver.swim import (
     Member,
     Memberlist,
     TransmitQueue,
+    cancel_and_wait,
 )
 from shoal.netdriver.tables import EventKind, LamportClock, TableEvent, TableStore, version
 from shoal.proto import gossip_pb2 as pb
@@ -167,13 +168,7 @@ class Gossip(Delegate):
         ]
 
     async def stop(self) -> None:
-        for t in [*self._tasks, *self._bg]:
-            t.cancel()
-        for t in [*self._tasks, *self._bg]:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait([*self._tasks, *self._bg])
         self._tasks = []
         await self.ml.stop()
         for s in list(self._subs):

@@ -230,6 +230,23 @@ class _UDP(asyncio.DatagramProtocol):
         log.debug("node=%s udp error: %s", self.owner.node_id, exc)
 
 
+async def cancel_and_wait(tasks: Sequence[asyncio.Task]) -> None:
+    """Cancel the tasks and wait until they are done. A cancellation can be lost (Python 3.11's
+    wait_for swallows one that arrives as its inner future completes), so tasks still running after
+    a second are cancelled again."""
+    pending = {t for t in tasks if not t.done()}
+    for t in pending:
+        t.cancel()
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+        for t in pending:
+            log.warning("task %s still running after cancel; cancelling again", t.get_name())
+            t.cancel()
+    for t in tasks:
+        if not t.cancelled() and t.exception() is not None:
+            log.debug("task %s ended with %r", t.get_name(), t.exception())
+
+
 class Memberlist:
     def __init__(
         self,
@@ -293,13 +310,7 @@ class Memberlist:
                  self.advertise_addr)
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         for node in list(self._suspicion):
             self._cancel_suspicion(node)
