@@ -36,16 +36,25 @@ f = (Ether(dst=dst_mac) / IP(src=src, dst=dst) / UDP(sport=40000, dport=4789) / 
 sendp(f, iface="br0", count=3, verbose=False)
 """
 
+# Prints every datagram it gets on port 7777 until "control" (or 30 s), then all of them on one line.
 UDP_SINK = r"""
 import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", 7777))
-s.settimeout(2)
+s.settimeout(30)
 print("ready", flush=True)
+got = []
 try:
-    print(s.recvfrom(100)[0].decode(), flush=True)
+    while not got or got[-1] != "control":
+        got.append(s.recvfrom(100)[0].decode())
 except TimeoutError:
-    print("nothing", flush=True)
+    got.append("timeout")
+print(" ".join(got), flush=True)
+"""
+
+UDP_SEND = r"""
+import socket, sys
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"control", (sys.argv[1], 7777))
 """
 
 
@@ -69,13 +78,16 @@ def underlay_mac(lab, i: int) -> str:
     return re.search(r"link/ether ([0-9a-f:]+)", out).group(1)
 
 
-def forged_arrives(lab, c_dst: str, vni: int, dst_ip: str, src_ip: str) -> str:
-    """Put a clear VXLAN frame (VNI, to dst_ip's container) on the underlay as if host 2 sent it."""
+def forged_arrives(lab, c_dst: str, c_src: str, vni: int, dst_ip: str, src_ip: str) -> list[str]:
+    """Put a clear VXLAN frame (VNI, to dst_ip's container) on the underlay as if host 2 sent it, then
+    a real datagram from c_src through the overlay: what dst_ip's container received, in order (the
+    control datagram goes after the forged frame, so "control" alone means it was dropped)."""
     sink = lab.spawn_ready(c_dst, [sys.executable, "-c", UDP_SINK])
     lab.run(lab.underlay.path, [sys.executable, "-c", INJECT, lab.hosts[1].addr, lab.hosts[0].addr,
                                 underlay_mac(lab, 0), str(vni), src_ip, dst_ip, mac_from_ip(dst_ip)])
-    out, _ = sink.communicate(timeout=30)
-    return out.strip().splitlines()[-1]
+    lab.run(c_src, [sys.executable, "-c", UDP_SEND, dst_ip])
+    out, _ = sink.communicate(timeout=60)
+    return out.strip().splitlines()[-1].split()
 
 
 @needs_esp
@@ -125,8 +137,8 @@ def test_encrypted_network_esp_on_the_wire_and_clear_frames_dropped(nslab, netpr
 
         # a forged clear VXLAN frame on the underlay reaches a plain network's container, never an
         # encrypted network's (no ESP secpath -> dropped by the host table)
-        assert forged_arrives(lab, p1, 4401, "198.19.41.2", "198.19.41.3") == "forged"
-        assert forged_arrives(lab, c1, 4400, "198.19.40.2", "198.19.40.3") == "nothing"
+        assert set(forged_arrives(lab, p1, p2, 4401, "198.19.41.2", "198.19.41.3")) == {"forged", "control"}
+        assert forged_arrives(lab, c1, c2, 4400, "198.19.40.2", "198.19.40.3") == ["control"]
 
         # the last endpoint behind a VTEP goes: its policy and SAs go with it
         d1.remove_peer(net.id, "198.19.40.3", mac_from_ip("198.19.40.3"), lab.hosts[1].addr)
