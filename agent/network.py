@@ -383,7 +383,6 @@ class NetworkAgent:
             here = any(network_id in t.networks for t in self._tasks.values())
             if here:
                 await self._push_keys(network_id)
-            if here:
                 backends: dict[str, set[str]] = defaultdict(set)
                 for r in records:
                     if r.vip and r.ip and r.endpoint_mode != "dnsrr":
