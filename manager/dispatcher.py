@@ -134,7 +134,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
 
     `manager` (optional) may provide `leader_api_addr() -> str | None` (the leader's host:2377) and
     `api_peers() -> list[tuple[node_id, addr]]` (every manager's API address). Without them both are
-    derived from the store: the Raft leader's host with port 2377, and the manager nodes.
+    derived from the store: no leader address, and the manager nodes.
     """
 
     def __init__(
@@ -157,6 +157,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._batch = _StatusBatch()
         self._flusher: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
+        # The fenced store of the current leader term (set by the manager before `run`): writes of
+        # the leader loop fail once this manager no longer holds the leader lease.
+        self.leader_store: Store | None = None
 
     # ---- helpers ---------------------------------------------------------------------------
     def period(self) -> float:
@@ -171,9 +174,6 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             addr = fn()
             if addr:
                 return str(addr)
-        raft_addr = getattr(self.store, "leader_addr", lambda: None)()
-        if raft_addr:
-            return f"{str(raft_addr).rsplit(':', 1)[0]}:{API_PORT}"
         return ""
 
     def managers(self) -> list[dispatcher_pb2.WeightedPeer]:
@@ -386,7 +386,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             node.status.message = why
             tx.update(node)
 
-        await _retry_conflicts(self.store, fn)
+        await _retry_conflicts(self.leader_store or self.store, fn)
         log.warning("node down node=%s reason=%r", node_id, why)
 
     # ---- Assignments ---------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""The manager role of a node: Raft store, gRPC services, leader-only control loops.
+"""The manager role of a node: its etcd member, the store on it, gRPC services, leader loops.
 
-`Manager` opens the `RaftStore` in the state dir and serves:
+`Manager` starts this node's etcd member (`shoal.manager.etcdmember.EtcdMember`, a supervised child
+process with its data in `<state_dir>/etcd`, peers on mutual TLS with manager certificates, the
+client on a root-only unix socket), opens the `EtcdStore` on it and serves:
 
 - the Control API (`shoal.manager.controlapi.ControlServicer(store, manager=self)`) on the local unix
   socket (mode 0600, no TLS: whoever can open it is root on this host) and on the remote port;
@@ -11,26 +13,30 @@
 
 The remote port (2377) is `ca.RemoteAPIFront`: it splices each connection to one of three gRPC
 listeners on abstract unix sockets (per network namespace): mutual TLS (Control, Dispatcher, Logs,
-LogBroker, CA),
-join (server TLS, CA only) and plaintext (root CA certificate only). Why: see `shoal.manager.ca`.
+LogBroker, CA), join (server TLS, CA only) and plaintext (root CA certificate only). Why: see
+`shoal.manager.ca`.
 
-While this manager is the Raft leader it runs the loops built by the factories in `LEADER_LOOPS`
-(each `factory(store, manager)` returns an object with `async def run(self) -> None`, a list of
-them, or None) plus the dispatcher's `run()`; a new leader first commits a barrier so its replica is
-current; all loops are cancelled when leadership is lost and built afresh on the next term. A loop
-that raises is logged and restarted after a second.
+Leader loops. One manager at a time runs the loops built by the factories in `LEADER_LOOPS` (each
+`factory(store, manager)` returns an object with `async def run(self) -> None`, a list of them, or
+None) plus the dispatcher's `run()`: the one holding the leader key (`etcdstore.Election`). The
+store the loops get is fenced by that claim (`EtcdStore.fenced`): each of their writes fails once
+the key is gone, so a paused or cut-off old leader never commits after a new one started. A new
+leader first waits until its cache holds the revision it won at; loops are cancelled when the key
+is lost and built afresh on the next term. A loop that raises is logged and restarted after 1 s.
 
-Two loops of this module: `RoleManager` reconciles Raft membership with each node's
-`spec.desired_role` (promote: role=MANAGER, the node then renews its certificate and is added to
-Raft; demote: role=WORKER, then the member is removed -- never the last manager, never below a
-quorum, and a leader hands leadership over before it is demoted) and removes Raft members that no
-manager node owns any more; `ManagerStatusLoop` keeps every manager Node's `manager_status` (leader,
-reachability) current.
+Two loops of this module: `RoleManager` reconciles etcd membership with each node's
+`spec.desired_role` (promote: role=MANAGER, the node then renews its certificate and joins as a
+learner, promoted to a voter once caught up; demote: role=WORKER, then the member is removed --
+never the last manager, never below a quorum; a leader resigns before it is demoted) and removes
+members that no manager node owns any more; `ManagerStatusLoop` keeps every manager Node's
+`manager_status` (etcd leader, reachability) current. `StoreStatus` is this manager's view of the
+members, refreshed every `STATUS_PERIOD` from its own member (member list, leader, active peers).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import stat
@@ -46,10 +52,11 @@ from shoal.manager import ca
 from shoal.manager.allocator import Allocator
 from shoal.manager.controlapi import ControlServicer
 from shoal.manager.dispatcher import Dispatcher
+from shoal.manager.etcdmember import EtcdConfig, EtcdMember
+from shoal.manager.etcdstore import Election, EtcdStore, Fence, rpc_unavailable
 from shoal.manager.keymanager import KeyManager
 from shoal.manager.logbroker import LogBroker
 from shoal.manager.orchestrator import leader_loops
-from shoal.manager.raft import RaftConfig, RaftStatus, RaftStore
 from shoal.manager.store import Conflict, Store, StoreError, Tx, Unavailable, new_id
 from shoal.manager.watchapi import WatchServicer
 from shoal.proto import (
@@ -57,6 +64,7 @@ from shoal.proto import (
     control_pb2,
     control_pb2_grpc,
     dispatcher_pb2_grpc,
+    etcd_pb2,
     logs_pb2_grpc,
     objects_pb2,
     specs_pb2,
@@ -96,6 +104,9 @@ def _key_manager(store: Store, manager: Manager) -> Any:
 LEADER_LOOPS: list[LoopFactory] = [_role_manager, _manager_status, _allocator, _orchestration, _key_manager]
 
 
+STATUS_PERIOD = 0.5
+
+
 @dataclass
 class ManagerConfig:
     state_dir: Path
@@ -103,24 +114,88 @@ class ManagerConfig:
     cluster_id: str
     remote_listen: str  # host:port the remote API binds (2377)
     advertise_api: str  # host:port other nodes reach the remote API at
-    raft_addr: str  # host:port other managers reach Raft at (2378)
-    raft_key: bytes
-    raft_peers: list[str] = field(default_factory=list)
-    raft_listen: str | None = None  # bind address of Raft if not raft_addr
+    raft_addr: str  # host:port other managers reach this manager's etcd member at (2380)
+    raft_listen: str | None = None  # bind address of the etcd peer port if not raft_addr
+    # A joining manager's first start: every member as "name=https://host:port" (self included).
+    initial_cluster: list[str] = field(default_factory=list)
+    force_new_cluster: bool = False  # restart the store as a cluster of this member alone
     control_socket: Path | None = None  # default <state_dir>/swarmd.sock
-    raft_config: RaftConfig | None = None
     hostname: str = ""
+    write_timeout: float = 4.0
+    lease_ttl: int = 2
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    id: int  # etcd member id
+    name: str  # the node id of the manager that runs it ("" until it has started)
+    addr: str  # peer address host:port
+    leader: bool  # the etcd (Raft) leader
+    reachable: bool  # this manager's member has an active connection to it (self: True)
+    is_self: bool
+    learner: bool
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    """This manager's view of the etcd cluster, from its own member."""
+
+    self_id: int = 0
+    leader_id: int = 0
+    members: tuple[MemberStatus, ...] = ()
+
+    @property
+    def voters(self) -> list[MemberStatus]:
+        return [m for m in self.members if not m.learner]
+
+    @property
+    def reachable(self) -> int:
+        return sum(1 for m in self.voters if m.reachable)
+
+    @property
+    def total(self) -> int:
+        return len(self.voters)
+
+    @property
+    def has_quorum(self) -> bool:
+        return self.leader_id != 0 and self.reachable * 2 > self.total
+
+    @property
+    def leader_addr(self) -> str | None:
+        return next((m.addr for m in self.members if m.leader), None)
+
+
+def _host(addr: str) -> str:
+    return addr.rsplit(":", 1)[0].strip("[]")
+
+
+def peer_url(addr: str) -> str:
+    return f"https://{addr}"
+
+
+def _url_addr(url: str) -> str:
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+def cert_ips(raft_addr: str) -> list[str]:
+    """The IP SANs a manager certificate needs: etcd peers check the peer URL's host against them."""
+    try:
+        return [str(ipaddress.ip_address(_host(raft_addr)))]
+    except ValueError:
+        return []
 
 
 class Manager:
     """The manager role. Plug-in points for the other parts: `store`, `node_id`, `is_leader()`,
-    `leader_api_addr()`, `api_peers()`, `info()`, `raft` (the RaftStore)."""
+    `leader_api_addr()`, `api_peers()`, `info()`, `status()` (the etcd members as seen here)."""
 
     def __init__(self, cfg: ManagerConfig) -> None:
         self.cfg = cfg
         self.node_id = cfg.identity.node_id
         self.cluster_id = cfg.cluster_id
-        self.store: RaftStore | None = None
+        self.member: EtcdMember | None = None
+        self.store: EtcdStore | None = None
+        self.election: Election | None = None
         self.control: Any = None
         self.dispatcher: Any = None
         self.logbroker: Any = None
@@ -129,30 +204,32 @@ class Manager:
         self._tasks: list[asyncio.Task[None]] = []
         self.control_socket = cfg.control_socket or (cfg.state_dir / "swarmd.sock")
         self._leading = asyncio.Event()
+        self._status = StoreStatus()
+        self._status_subscribers: list[asyncio.Queue[StoreStatus]] = []
 
     @property
-    def raft(self) -> RaftStore:
+    def raft(self) -> EtcdStore:
         assert self.store is not None, "manager not started"
         return self.store
 
     # ---- plug-in API ---------------------------------------------------------------------------
     def is_leader(self) -> bool:
-        return self.store is not None and self.store.is_leader()
+        """Whether this manager runs the control loops (holds the leader key)."""
+        return self.store is not None and self.store.leading
 
     def _manager_nodes(self) -> list[objects_pb2.Node]:
         return [n for n in self.raft.find("node") if n.role == types_pb2.MANAGER]
 
     def leader_api_addr(self) -> str | None:
-        """The leader's remote API address host:port, None during an election."""
-        leader = self.raft.leader_addr()
-        if leader is None:
+        """The remote API address host:port of the manager running the control loops."""
+        key = self.raft.leader_key
+        if key is None:
             return None
-        if leader == self.cfg.raft_addr:
+        nid = key.value.decode()
+        if nid == self.node_id:
             return self.cfg.advertise_api
-        for n in self.raft.find("node"):
-            if n.manager_status.addr == leader and n.manager_status.api_addr:
-                return n.manager_status.api_addr
-        return None
+        n = self.raft.get("node", nid)
+        return n.manager_status.api_addr if n is not None and n.manager_status.api_addr else None
 
     def api_peers(self) -> list[tuple[str, str]]:
         """(node id, remote API host:port) of every manager."""
@@ -161,35 +238,121 @@ class Manager:
             out.append((self.node_id, self.cfg.advertise_api))
         return out
 
+    def status(self) -> StoreStatus:
+        return self._status
+
+    def subscribe(self) -> asyncio.Queue[StoreStatus]:
+        """A queue receiving a `StoreStatus` whenever the members, their leader or reachability change."""
+        q: asyncio.Queue[StoreStatus] = asyncio.Queue()
+        self._status_subscribers.append(q)
+        q.put_nowait(self._status)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[StoreStatus]) -> None:
+        if q in self._status_subscribers:
+            self._status_subscribers.remove(q)
+
     def info(self) -> control_pb2.InfoResponse:
-        st = self.raft.status()
+        st = self.status()
         by_addr = {n.manager_status.addr: n for n in self._manager_nodes()}
         resp = control_pb2.InfoResponse(
             node_id=self.node_id, is_manager=True, store_version=self.raft.sm.version, cluster_id=self.cluster_id
         )
         for m in st.members:
             n = by_addr.get(m.addr)
-            if st.is_leader or m.is_self or m.leader:
-                reachable = m.reachable
-            else:  # a follower only knows its link to the leader; the leader keeps the store current
-                reachable = n is not None and n.manager_status.reachability == types_pb2.ManagerStatus.REACHABLE
-            nid = n.id if n is not None else (self.node_id if m.is_self else "")
-            resp.members.add(node_id=nid, addr=m.addr, leader=m.addr == st.leader_addr, reachable=reachable)
-            if m.addr == st.leader_addr:
+            nid = n.id if n is not None else (self.node_id if m.is_self else m.name)
+            resp.members.add(node_id=nid, addr=m.addr, leader=m.leader, reachable=m.reachable)
+            if m.leader:
                 resp.leader_node_id = nid
         return resp
 
+    async def refresh_status(self) -> StoreStatus:
+        """Ask this manager's own member for the members, the leader and its active peers."""
+        assert self.member is not None and self.store is not None
+        st = await self.raft.maintenance.Status(etcd_pb2.StatusRequest(), timeout=1.0)
+        ml = await self.raft.cluster_api.MemberList(etcd_pb2.MemberListRequest(), timeout=1.0)
+        active: set[str] = set()
+        try:
+            metrics = await self.member.metrics()
+            for labels, value in metrics.get("etcd_network_active_peers", []):
+                if value > 0:
+                    active.add(labels.get("Remote", ""))
+        except Exception as e:  # metrics are best effort: without them peers count as unreachable
+            log.debug("node=%s etcd metrics: %s", self.node_id, e)
+        self_id = st.header.member_id
+        members = []
+        for m in ml.members:
+            is_self = m.ID == self_id
+            members.append(MemberStatus(
+                id=m.ID, name=m.name, addr=_url_addr(m.peerURLs[0]) if m.peerURLs else "",
+                leader=m.ID == st.leader, reachable=is_self or f"{m.ID:x}" in active,
+                is_self=is_self, learner=m.isLearner,
+            ))
+        status = StoreStatus(self_id, st.leader, tuple(sorted(members, key=lambda m: m.addr)))
+        if status != self._status:
+            if status.leader_id != self._status.leader_id:
+                log.info("node=%s store leader is now %s", self.node_id, status.leader_addr or "unknown")
+            self._status = status
+            for q in list(self._status_subscribers):
+                q.put_nowait(status)
+        return status
+
+    async def _quorum_message(self) -> str | None:
+        try:
+            st = await self.refresh_status()
+        except grpc.aio.AioRpcError:
+            st = self._status
+        if st.has_quorum:
+            return None
+        return (f"no quorum: {st.reachable} of {st.total} managers reachable; "
+                "writes are refused until a majority is back")
+
+    async def _status_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh_status()
+            except grpc.aio.AioRpcError as e:
+                log.debug("node=%s store status: %s", self.node_id, e.code().name)
+            await asyncio.sleep(STATUS_PERIOD)
+
     # ---- lifecycle -----------------------------------------------------------------------------
-    async def start(self) -> None:
+    def _etcd_config(self) -> EtcdConfig:
         cfg = self.cfg
-        self.store = RaftStore(
-            cfg.state_dir,
-            cfg.raft_addr,
-            cfg.raft_peers,
-            cfg.raft_key,
-            bind_addr=cfg.raft_listen,
-            config=cfg.raft_config,
+        initial: tuple[tuple[str, str], ...] = ()
+        for entry in cfg.initial_cluster:
+            name, _, url = entry.partition("=")
+            initial += ((name, url),)
+        return EtcdConfig(
+            dir=cfg.state_dir / "etcd",
+            name=self.node_id,
+            peer_url=peer_url(cfg.raft_addr),
+            peer_listen=peer_url(cfg.raft_listen) if cfg.raft_listen else "",
+            cert_pem=cfg.identity.cert_pem,
+            key_pem=cfg.identity.key_pem,
+            ca_pem=cfg.identity.ca_pem,
+            initial_cluster=initial,
+            initial_state="existing" if initial else "new",
+            force_new_cluster=cfg.force_new_cluster,
         )
+
+    async def start(self, bootstrap: tuple[objects_pb2.Cluster, objects_pb2.Node] | None = None) -> None:
+        """Start the member and the store, write `bootstrap` (a new cluster's first objects) if
+        given, then open the APIs: once this returns, the control socket answers for a ready node."""
+        cfg = self.cfg
+        self.member = EtcdMember(self._etcd_config())
+        await self.member.start()
+        self._tasks.append(asyncio.create_task(self.member.run(), name="etcd-member"))
+        self.store = EtcdStore(self.member.client_target, write_timeout=cfg.write_timeout,
+                               quorum_message=self._quorum_message)
+        await self.store.start()
+        self.election = Election(self.store, self.node_id, ttl=cfg.lease_ttl)
+        try:
+            await self.refresh_status()
+        except grpc.aio.AioRpcError as e:
+            log.info("node=%s store status not available yet: %s", self.node_id, e.code().name)
+        self._tasks.append(asyncio.create_task(self._status_loop(), name="store-status"))
+        if bootstrap is not None:
+            await self.bootstrap(*bootstrap)
         self.control = ControlServicer(self.store, manager=self)
         self.dispatcher = Dispatcher(self.store, manager=self)
         self.logbroker = LogBroker(self.store, manager=self)
@@ -240,29 +403,31 @@ class Manager:
         await self._front.start()
         self._tasks.append(asyncio.create_task(self._leadership(), name="leadership"))
         log.info(
-            "node=%s manager started: raft %s, remote API %s (advertised %s), control socket %s",
+            "node=%s manager started: store peer %s, remote API %s (advertised %s), control socket %s",
             self.node_id, cfg.raft_addr, cfg.remote_listen, cfg.advertise_api, sock,
         )
 
     async def stop(self) -> None:
         log.info("node=%s manager stopping", self.node_id)
-        if self.store is not None and self.store.is_leader() and len(self.store.members()) > 1:
-            # Hand leadership over first: the others need not wait for an election timeout.
-            try:
-                moved = await self.store.transfer_leadership(timeout=1.0)
-                log.info("node=%s leadership %s before stopping", self.node_id, "handed over" if moved else "kept")
-            except Exception:
-                log.exception("node=%s leadership hand-over failed", self.node_id)
-        for t in self._tasks:
+        for t in reversed(self._tasks):  # leadership first, the member last
+            if t.get_name() == "etcd-member":
+                continue
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+            await asyncio.gather(t, return_exceptions=True)
+        if self.election is not None and self.store is not None and self.store.leading:
+            await self.election.resign()  # the others need not wait for the lease to expire
         if self._front is not None:
             await self._front.close()
         await asyncio.gather(*(s.stop(0.5) for s in self._servers), return_exceptions=True)
         self._servers.clear()
         if self.store is not None:
-            self.store.close()
+            await self.store.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.member is not None:
+            await self.member.stop()
         try:
             Path(self.control_socket).unlink()
         except FileNotFoundError:
@@ -271,7 +436,6 @@ class Manager:
 
     async def bootstrap(self, cluster: objects_pb2.Cluster, node: objects_pb2.Node) -> None:
         """First start of a new cluster: write the Cluster and this manager's Node."""
-        await self.raft.wait_leader(30)
         if self.raft.cluster() is not None:
             return
 
@@ -279,7 +443,15 @@ class Manager:
             tx.create(cluster)
             tx.create(node)
 
-        await self.raft.update(fn)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await self.raft.update(fn)
+                break
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
         log.info("node=%s cluster %s created", self.node_id, cluster.id)
 
     # ---- CA --------------------------------------------------------------------------------------
@@ -297,9 +469,10 @@ class Manager:
             return await self._renew(req, peer, cluster, root)
         role = ca.role_for_token(req.token, cluster.root_ca.join_tokens, cluster.root_ca.ca_cert)
         if role == types_pb2.MANAGER and not req.raft_addr:
-            raise ca.JoinError("a manager must send its Raft address (raft_addr) to join")
+            raise ca.JoinError("a manager must send its store peer address (raft_addr) to join")
         node_id = new_id()
-        cert = root.issue(req.csr, node_id, role, cluster.id)
+        ips = cert_ips(req.raft_addr) if role == types_pb2.MANAGER else []
+        cert = root.issue(req.csr, node_id, role, cluster.id, ips=ips)
         node = objects_pb2.Node(
             id=node_id,
             spec=specs_pb2.NodeSpec(
@@ -331,10 +504,35 @@ class Manager:
         return issued
 
     async def _admit_manager(self, raft_addr: str, issued: ca.IssuedNode, cluster: objects_pb2.Cluster) -> None:
-        await self.raft.add_member(raft_addr)
-        issued.raft_key = cluster.raft_key
-        issued.raft_peers = tuple(m.addr for m in self.raft.members() if m.addr != raft_addr)
-        log.info("node=%s added manager %s to Raft at %s", self.node_id, issued.node_id, raft_addr)
+        """Add the manager's etcd member as a learner (RoleManager promotes it once caught up) and
+        hand it the members to start with: "name=url", its own entry named after its node id."""
+        url = peer_url(raft_addr)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                ml = await self.raft.cluster_api.MemberList(etcd_pb2.MemberListRequest(), timeout=2.0)
+                members = list(ml.members)
+                if not any(url in m.peerURLs for m in members):
+                    resp = await self.raft.cluster_api.MemberAdd(
+                        etcd_pb2.MemberAddRequest(peerURLs=[url], isLearner=True), timeout=self.cfg.write_timeout
+                    )
+                    members = list(resp.members)
+                break
+            except grpc.aio.AioRpcError as e:
+                # etcd takes one learner at a time, and no new member until the last one has been
+                # up for 5 s ("unhealthy cluster"): wait while another joining manager settles.
+                busy = any(w in (e.details() or "") for w in ("too many learner", "unhealthy cluster"))
+                if busy and time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+                    continue
+                raise ca.JoinError(
+                    f"could not add the manager to the store: {rpc_unavailable(e, 'member add')}"
+                ) from None
+        issued.raft_peers = tuple(
+            f"{issued.node_id if url in m.peerURLs else (m.name or f'{m.ID:x}')}={m.peerURLs[0]}"
+            for m in members if m.peerURLs
+        )
+        log.info("node=%s added manager %s to the store as a learner at %s", self.node_id, issued.node_id, url)
 
     async def _renew(
         self, req: Any, peer: ca.PeerIdentity, cluster: objects_pb2.Cluster, root: ca.RootCA
@@ -349,7 +547,8 @@ class Manager:
             )
         if node.role == peer.role:
             return ca.IssuedNode(node.id, b"", node.role, cluster_id=cluster.id)
-        cert = root.issue(req.csr, node.id, node.role, cluster.id)
+        ips = cert_ips(req.raft_addr) if node.role == types_pb2.MANAGER else []
+        cert = root.issue(req.csr, node.id, node.role, cluster.id, ips=ips)
 
         def fn(tx: Tx) -> None:
             cur = tx.get("node", node.id)
@@ -362,7 +561,7 @@ class Manager:
             tx.update(n)
 
         if node.role == types_pb2.MANAGER and not req.raft_addr:
-            raise ca.JoinError("a promoted node must send its Raft address (raft_addr) to renew")
+            raise ca.JoinError("a promoted node must send its store peer address (raft_addr) to renew")
         await self.raft.update(fn)
         issued = ca.IssuedNode(node.id, cert, node.role, cluster_id=cluster.id)
         log.info("node=%s renewed node %s as %s", self.node_id, node.id, types_pb2.NodeRole.Name(node.role).lower())
@@ -372,24 +571,23 @@ class Manager:
 
     # ---- leadership ------------------------------------------------------------------------------
     async def _leadership(self) -> None:
-        q = self.raft.subscribe()
+        assert self.election is not None
         lead: asyncio.Task[None] | None = None
         try:
-            while True:
-                st = await q.get()
-                while not q.empty():
-                    st = q.get_nowait()
-                if st.is_leader and lead is None:
-                    log.info("node=%s became leader (term %d): starting control loops", self.node_id, st.term)
-                    lead = asyncio.create_task(self._lead(), name="leader-loops")
+            async for fence in self.election.terms():
+                if fence is not None and lead is None:
+                    log.info("node=%s leads the control loops (fence revision %d)", self.node_id, fence.revision)
+                    self.raft.leading = True
                     self._leading.set()
-                elif not st.is_leader and lead is not None:
-                    log.info("node=%s lost leadership: stopping control loops", self.node_id)
+                    lead = asyncio.create_task(self._lead(fence), name="leader-loops")
+                elif fence is None and lead is not None:
+                    log.info("node=%s lost the leader key: stopping control loops", self.node_id)
+                    self.raft.leading = False
+                    self._leading.clear()
                     await self._stop_loops(lead)
                     lead = None
-                    self._leading.clear()
         finally:
-            self.raft.unsubscribe(q)
+            self.raft.leading = False
             if lead is not None:
                 await self._stop_loops(lead)
 
@@ -403,25 +601,26 @@ class Manager:
                 self.node_id, ", ".join(stuck),
             )
 
-    async def _lead(self) -> None:
-        while True:  # a barrier: the replica holds everything committed before this term
+    async def _lead(self, fence: Fence) -> None:
+        while True:  # the cache holds everything committed before this term
             try:
-                await self.raft.barrier()
+                await self.raft.wait_for(fence.revision)
                 break
             except Unavailable as e:
-                log.info("node=%s leader barrier: %s", self.node_id, e)
-                await asyncio.sleep(0.1)
+                log.info("node=%s leader catching up: %s", self.node_id, e)
+        store = self.raft.fenced(fence)
         loops: list[tuple[str, Any]] = []
         for factory in LEADER_LOOPS:
             name = getattr(factory, "__name__", repr(factory)).lstrip("_")
             try:
-                built = factory(self.raft, self)
+                built = factory(store, self)
             except Exception:
                 log.exception("node=%s leader loop %s failed to build", self.node_id, name)
                 continue
             for loop in built if isinstance(built, list | tuple) else [built]:
                 if loop is not None:
                     loops.append((type(loop).__name__, loop))
+        self.dispatcher.leader_store = store
         loops.append(("Dispatcher", self.dispatcher))
         async with asyncio.TaskGroup() as tg:
             for name, loop in loops:
@@ -452,33 +651,34 @@ async def _events_or_tick(q: asyncio.Queue[Any], period: float) -> None:
 
 
 class ManagerStatusLoop:
-    """Keeps each manager Node's `manager_status.leader` and `.reachability` current (leader only)."""
+    """Keeps each manager Node's `manager_status.leader` (the etcd leader) and `.reachability`
+    (from the leading manager's member) current. Leader only."""
 
     def __init__(self, store: Store, manager: Manager, period: float = 1.0) -> None:
-        self.raft = manager.raft
+        self.store = store
         self.manager = manager
         self.period = period
 
     async def run(self) -> None:
-        q = self.raft.subscribe()
+        q = self.manager.subscribe()
         try:
             while True:
                 try:
-                    await self.reconcile(self.raft.status())
+                    await self.reconcile(self.manager.status())
                 except StoreError as e:
                     log.info("node=%s manager status update: %s", self.manager.node_id, e)
                 await _events_or_tick(q, self.period)
         finally:
-            self.raft.unsubscribe(q)
+            self.manager.unsubscribe(q)
 
-    async def reconcile(self, st: RaftStatus) -> None:
+    async def reconcile(self, st: StoreStatus) -> None:
         members = {m.addr: m for m in st.members}
         changed: list[objects_pb2.Node] = []
-        for n in self.raft.find("node"):
+        for n in self.store.find("node"):
             if n.role != types_pb2.MANAGER or not n.manager_status.addr:
                 continue
             m = members.get(n.manager_status.addr)
-            leader = m is not None and m.addr == st.leader_addr
+            leader = m is not None and m.leader
             if m is None:
                 reach = types_pb2.ManagerStatus.UNKNOWN
             else:
@@ -494,7 +694,7 @@ class ManagerStatusLoop:
                 for n in changed:
                     tx.update(n)
 
-            await self.raft.update(fn)
+            await self.store.update(fn)
             for n in changed:
                 log.info(
                     "node=%s manager %s is %s%s", self.manager.node_id, n.id,
@@ -504,57 +704,62 @@ class ManagerStatusLoop:
 
 
 class RoleManager:
-    """Reconciles Raft membership with the nodes' desired roles (leader only), like swarmkit's."""
+    """Reconciles etcd membership with the nodes' desired roles (leader only), like swarmkit's."""
 
-    # A demoted manager gets this long to see its new role through Raft before it is removed.
+    # A demoted manager gets this long to see its new role before its member is removed.
     DEMOTE_SETTLE = 1.0
     ORPHAN_GRACE = 10.0
 
     def __init__(self, store: Store, manager: Manager, period: float = 1.0) -> None:
-        self.raft = manager.raft
+        self.store = store
         self.manager = manager
         self.period = period
         self._orphans: dict[str, float] = {}
         self._demoted_at: dict[str, float] = {}
 
     async def run(self) -> None:
-        watcher = self.raft.watch(["node"])
-        q = self.raft.subscribe()
+        watcher = self.store.watch(["node"])
+        q = self.manager.subscribe()
         try:
             while True:
                 try:
                     await self.reconcile()
                 except StoreError as e:
                     log.info("node=%s role manager: %s", self.manager.node_id, e)
+                except grpc.aio.AioRpcError as e:
+                    log.info("node=%s role manager: store membership call failed: %s", self.manager.node_id,
+                             e.details() or e.code().name)
                 wait_store = asyncio.ensure_future(watcher.queue.get())
-                wait_raft = asyncio.ensure_future(q.get())
+                wait_members = asyncio.ensure_future(q.get())
                 try:
-                    await asyncio.wait({wait_store, wait_raft}, timeout=self.period, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait({wait_store, wait_members}, timeout=self.period,
+                                       return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     wait_store.cancel()
-                    wait_raft.cancel()
+                    wait_members.cancel()
         finally:
             watcher.close()
-            self.raft.unsubscribe(q)
+            self.manager.unsubscribe(q)
 
     async def reconcile(self) -> None:
         me = self.manager.node_id
-        st = self.raft.status()
-        nodes = self.raft.find("node")
+        st = self.manager.status()
+        nodes = self.store.find("node")
         members = {m.addr: m for m in st.members}
         for n in nodes:
             if n.spec.desired_role == types_pb2.MANAGER and n.role == types_pb2.WORKER:
                 await self._set_role(n, types_pb2.MANAGER)
             elif n.spec.desired_role == types_pb2.WORKER and n.role == types_pb2.MANAGER:
                 if n.id == me:
-                    log.info("node=%s is being demoted: handing leadership over first", me)
-                    await self.raft.transfer_leadership()
+                    log.info("node=%s is being demoted: resigning the control loops first", me)
+                    assert self.manager.election is not None
+                    await self.manager.election.resign()
                     return
                 managers = [x for x in nodes if x.role == types_pb2.MANAGER]
                 if len(managers) <= 1:
                     log.warning("node=%s refusing to demote %s: it is the last manager", me, n.id)
                     continue
-                remaining = [m for a, m in members.items() if a != n.manager_status.addr]
+                remaining = [m for a, m in members.items() if a != n.manager_status.addr and not m.learner]
                 reachable = sum(1 for m in remaining if m.reachable)
                 if remaining and reachable * 2 <= len(remaining):
                     log.warning(
@@ -564,12 +769,20 @@ class RoleManager:
                     continue
                 await self._set_role(n, types_pb2.WORKER)
                 self._demoted_at[n.manager_status.addr] = time.monotonic()
-        # Raft members that no manager node owns: demoted (after a settle time) or removed nodes.
+        api = self.manager.raft.cluster_api
+        for m in st.members:  # learners become voters once etcd finds them caught up
+            if m.learner:
+                try:
+                    await api.MemberPromote(etcd_pb2.MemberPromoteRequest(ID=m.id), timeout=2.0)
+                    log.info("node=%s store member %s at %s promoted from learner to voter", me, m.name, m.addr)
+                except grpc.aio.AioRpcError as e:
+                    log.debug("node=%s learner %s not promoted yet: %s", me, m.addr, e.details())
+        # Members that no manager node owns: demoted (after a settle time) or removed nodes.
         owned = {n.manager_status.addr for n in nodes if n.role == types_pb2.MANAGER}
         worker_addrs = {n.manager_status.addr for n in nodes if n.role == types_pb2.WORKER and n.manager_status.addr}
         now = time.monotonic()
-        for addr in list(members):
-            if addr == st.self_addr or addr in owned:
+        for addr, m in members.items():
+            if m.is_self or addr in owned:
                 self._orphans.pop(addr, None)
                 continue
             if addr in worker_addrs:
@@ -579,9 +792,10 @@ class RoleManager:
                 first = self._orphans.setdefault(addr, now)
                 if now - first < self.ORPHAN_GRACE:
                     continue
-            await self.raft.remove_member(addr)
+            await api.MemberRemove(etcd_pb2.MemberRemoveRequest(ID=m.id), timeout=self.manager.cfg.write_timeout)
             self._orphans.pop(addr, None)
-            log.info("node=%s removed Raft member %s (no manager node owns it any more)", me, addr)
+            log.info("node=%s removed store member %s (no manager node owns it any more)", me, addr)
+            await self.manager.refresh_status()
             for n in nodes:
                 if n.role == types_pb2.WORKER and n.manager_status.addr == addr:
                     await self._clear_manager_status(n.id)
@@ -597,7 +811,7 @@ class RoleManager:
             tx.update(new)
 
         try:
-            await self.raft.update(fn)
+            await self.store.update(fn)
         except Conflict:
             return
         log.info("node=%s node %s role is now %s", self.manager.node_id, n.id, types_pb2.NodeRole.Name(role).lower())
@@ -613,6 +827,6 @@ class RoleManager:
             tx.update(new)
 
         try:
-            await self.raft.update(fn)
+            await self.store.update(fn)
         except Conflict:
             pass

@@ -156,6 +156,44 @@ class StateMachine:
                 self._notify(watch_pb2.WatchMessage(events=events, version=version))
             return version
 
+    def check(self, txn: store_pb2.StoreTransaction) -> None:
+        """Raise the StoreError `apply(txn)` would raise now, changing nothing (a dry run)."""
+        with self.lock:
+            undo: list[tuple[str, str, Any]] = []
+            try:
+                for action in txn.actions:
+                    self._apply_action(action, self.version + 1, txn.timestamp_unix_nano, undo)
+            finally:
+                for kind, oid, old in reversed(undo):
+                    self._put(kind, oid, old)
+
+    def apply_committed(self, version: int, changes: Iterable[tuple[str, str, Any]]) -> None:
+        """Take changes another party has already committed and ordered (a cache of etcd).
+
+        `changes` are (kind, id, object or None for a removal) as of store version `version`; the
+        objects carry their final `meta` already. No precondition is checked; watchers get one
+        message with an event per change that changed something. The version never goes back."""
+        with self.lock:
+            events: list[watch_pb2.WatchEvent] = []
+            for kind, oid, obj in changes:
+                old = self.tables[kind].get(oid)
+                if obj is None and old is None:
+                    continue
+                ev = watch_pb2.WatchEvent()
+                if obj is None:
+                    ev.action = watch_pb2.WatchEvent.DELETE
+                    getattr(ev.object, kind).CopyFrom(old)
+                else:
+                    ev.action = watch_pb2.WatchEvent.CREATE if old is None else watch_pb2.WatchEvent.UPDATE
+                    getattr(ev.object, kind).CopyFrom(obj)
+                    if old is not None:
+                        getattr(ev.old_object, kind).CopyFrom(old)
+                self._put(kind, oid, obj)
+                events.append(ev)
+            self.version = max(self.version, version)
+            if events:
+                self._notify(watch_pb2.WatchMessage(events=events, version=self.version))
+
     def _apply_action(
         self, action: store_pb2.StoreAction, version: int, ts: int, undo: list[tuple[str, str, Any]]
     ) -> watch_pb2.WatchEvent:

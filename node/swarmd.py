@@ -1,16 +1,20 @@
 """swarmd: the node daemon. Every node runs the agent role; managers also run `Manager`.
 
     swarmd -d STATE_DIR --listen-remote-api ADDR:2377 [--advertise-remote-api ADDR:2377]
-           [--listen-control-api SOCKET] [--hostname NAME] [--listen-raft ADDR:PORT]
+           [--listen-control-api SOCKET] [--hostname NAME] [--listen-peer ADDR:PORT]
            [--join-addr ADDR:2377 --join-token TOKEN] [--manager] [--default-addr-pool CIDR]
+           [--force-new-cluster]
 
-First start without --join-addr creates a cluster (root CA, join tokens, raft key, gossip key) with
-this node as its first manager. With --join-addr it joins with the token (a worker token makes a
-worker, a manager token a manager and Raft member). Started again with the same -d it resumes its
-identity and state (the join flags are then ignored). SIGTERM/SIGINT: clean shutdown.
+First start without --join-addr creates a cluster (root CA, join tokens, gossip key) with this node
+as its first manager. With --join-addr it joins with the token (a worker token makes a worker, a
+manager token a manager, whose etcd member joins the store). Started again with the same -d it
+resumes its identity and state (the join flags are then ignored). SIGTERM/SIGINT: clean shutdown.
+`--force-new-cluster` (a manager's later start): restart the store with this manager's member alone,
+keeping everything in it -- the way back from a lost quorum.
 
 State dir: `node.json` (identity and addresses), `certificates/` (node key 0600, certificate, root
-CA), `raft-key` (0600, managers), `raft/` (journal, snapshot), `swarmd.sock` (control API, 0600).
+CA), `etcd/` (managers: the etcd member's data, its client socket, its log), `swarmd.sock` (control
+API, 0600).
 """
 
 from __future__ import annotations
@@ -39,13 +43,13 @@ import grpc
 from shoal.manager import ca
 from shoal.proto import ca_pb2, ca_pb2_grpc, objects_pb2, specs_pb2, store_pb2, types_pb2
 
-if TYPE_CHECKING:  # the manager role (Raft, control API, leader loops) is imported on managers only
+if TYPE_CHECKING:  # the manager role (store, control API, leader loops) is imported on managers only
     from shoal.manager.manager import Manager
 
 log = logging.getLogger("shoal.swarmd")
 
 DEFAULT_API_PORT = 2377
-DEFAULT_RAFT_PORT = 2378
+DEFAULT_PEER_PORT = 2380
 ROLE_CHECK_PERIOD = 2.0
 
 
@@ -269,12 +273,12 @@ class Swarmd:
             ahost, aport = _split(a.advertise_remote_api, lport)
         else:
             ahost, aport = _default_advertise_host(lhost), lport
-        if a.listen_raft:
-            rhost, rport = _split(a.listen_raft, DEFAULT_RAFT_PORT)
+        if a.listen_peer:
+            rhost, rport = _split(a.listen_peer, DEFAULT_PEER_PORT)
             raft_listen = _fmt(rhost, rport)
             raft_addr = _fmt(ahost if rhost in ("0.0.0.0", "::", "") else rhost, rport)
         else:
-            raft_addr = _fmt(ahost, DEFAULT_RAFT_PORT)
+            raft_addr = _fmt(ahost, DEFAULT_PEER_PORT)
             raft_listen = ""
         return _fmt(lhost, lport), _fmt(ahost, aport), raft_addr, raft_listen
 
@@ -300,16 +304,16 @@ class Swarmd:
             self._init(hostname, listen, advertise, raft_addr, raft_listen)
 
     def _init(self, hostname: str, listen: str, advertise: str, raft_addr: str, raft_listen: str) -> None:
+        from shoal.manager.manager import cert_ips
         from shoal.manager.store import new_id
 
         node_id, cluster_id = new_id(), new_id()
         self.idfilter.node_id = node_id
         root = ca.RootCA.create(cluster_id)
         _, key = ca.new_key()
-        self.identity = ca.TLSIdentity(key, root.issue(ca.make_csr(key), node_id, types_pb2.MANAGER, cluster_id), root.cert_pem)
+        cert = root.issue(ca.make_csr(key), node_id, types_pb2.MANAGER, cluster_id, ips=cert_ips(raft_addr))
+        self.identity = ca.TLSIdentity(key, cert, root.cert_pem)
         self.identity.save(self.dir / "certificates")
-        raft_key = secrets.token_bytes(32)
-        self._save_raft_key(raft_key)
         pool = self.args.default_addr_pool or "10.0.0.0/8"
         try:
             ipaddress.ip_network(pool)
@@ -337,7 +341,6 @@ class Swarmd:
                 network_bootstrap_keys=[
                     types_pb2.EncryptionKey(subsystem="networking:gossip", key=secrets.token_bytes(16), lamport_time=1)
                 ],
-                raft_key=raft_key,
             ),
             objects_pb2.Node(
                 id=node_id,
@@ -388,8 +391,7 @@ class Swarmd:
         self.identity.save(self.dir / "certificates")
         role = "manager" if resp.role == types_pb2.MANAGER else "worker"
         if role == "manager":
-            self._save_raft_key(resp.raft_key)
-            self._raft_peers = list(resp.raft_peers)
+            self._initial_cluster = list(resp.raft_peers)
         self.state = NodeState(
             resp.node_id, resp.cluster_id, role, hostname, listen, advertise,
             raft_addr if role == "manager" else "", raft_listen if role == "manager" else "",
@@ -398,14 +400,10 @@ class Swarmd:
         self.state.save(self.dir)
         log.info("joined cluster %s through %s as %s %s", resp.cluster_id, a.join_addr, role, resp.node_id)
 
-    def _save_raft_key(self, key: bytes) -> None:
-        path = self.dir / "raft-key"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
-
     # ---- roles ---------------------------------------------------------------------------------
-    async def start_manager(self, peers: list[str] | None = None) -> None:
+    async def start_manager(
+        self, initial_cluster: list[str] | None = None, bootstrap: tuple[Any, Any] | None = None
+    ) -> None:
         from shoal.manager.manager import Manager, ManagerConfig  # not loaded on a worker
 
         st, ident = self.state, self.identity
@@ -420,13 +418,13 @@ class Swarmd:
                 advertise_api=st.advertise_api,
                 raft_addr=st.raft_addr,
                 raft_listen=st.raft_listen or None,
-                raft_key=(self.dir / "raft-key").read_bytes(),
-                raft_peers=peers or [],
+                initial_cluster=initial_cluster or [],
+                force_new_cluster=self.args.force_new_cluster,
                 control_socket=Path(self.args.listen_control_api) if self.args.listen_control_api else None,
                 hostname=st.hostname,
             )
         )
-        await self.manager.start()
+        await self.manager.start(bootstrap)
 
     async def stop_manager(self) -> None:
         if self.manager is not None:
@@ -448,14 +446,13 @@ class Swarmd:
             self.identity = ca.TLSIdentity(self.identity.key_pem, resp.certificate, self.identity.ca_pem)
             self.identity.save(self.dir / "certificates")
             if new_role == "manager":
-                self._save_raft_key(resp.raft_key)
+                shutil.rmtree(self.dir / "etcd", ignore_errors=True)  # a member of an earlier term
                 self.state.role = "manager"
                 self.state.save(self.dir)
                 await self.start_manager(list(resp.raft_peers))
             else:
                 await self.stop_manager()
-                shutil.rmtree(self.dir / "raft", ignore_errors=True)
-                (self.dir / "raft-key").unlink(missing_ok=True)
+                shutil.rmtree(self.dir / "etcd", ignore_errors=True)
                 self.state.role = "worker"
                 self.state.save(self.dir)
             log.info("now a %s", new_role)
@@ -511,8 +508,12 @@ class Swarmd:
         assert st is not None and self.identity is not None
         try:
             if st.role == "manager":
+                bootstrap = None
+                if not st.bootstrapped:
+                    pending = store_pb2.StoreSnapshot.FromString((self.dir / "bootstrap.pb").read_bytes())
+                    bootstrap = (pending.objects[0].cluster, pending.objects[1].node)
                 try:
-                    await self.start_manager(getattr(self, "_raft_peers", None))
+                    await self.start_manager(getattr(self, "_initial_cluster", None), bootstrap)
                 except OSError as e:
                     log.error("cannot start the manager role: %s", e)
                     raise SystemExit(
@@ -520,9 +521,6 @@ class Swarmd:
                         "is another swarmd running with these addresses?"
                     ) from None
                 if not st.bootstrapped:
-                    pending = store_pb2.StoreSnapshot.FromString((self.dir / "bootstrap.pb").read_bytes())
-                    assert self.manager is not None
-                    await self.manager.bootstrap(pending.objects[0].cluster, pending.objects[1].node)
                     st.bootstrapped = True
                     st.save(self.dir)
                     (self.dir / "bootstrap.pb").unlink()
@@ -550,11 +548,14 @@ class Swarmd:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="swarmd", description="Shoal node daemon (agent, and manager on managers).")
-    p.add_argument("-d", "--state-dir", required=True, help="state directory (identity, Raft journal, sockets)")
+    p.add_argument("-d", "--state-dir", required=True, help="state directory (identity, store data, sockets)")
     p.add_argument("--listen-remote-api", default=f"0.0.0.0:{DEFAULT_API_PORT}", help="ADDR:PORT of the manager API")
     p.add_argument("--advertise-remote-api", default="", help="ADDR:PORT other nodes reach the manager API at")
     p.add_argument("--listen-control-api", default="", help="unix socket of the local control API (default STATE_DIR/swarmd.sock)")
-    p.add_argument("--listen-raft", default="", help="ADDR:PORT of Raft (default advertise address, port 2378)")
+    p.add_argument("--listen-peer", "--listen-raft", dest="listen_peer", default="",
+                   help="ADDR:PORT of the store's peer port between managers (default advertise address, port 2380)")
+    p.add_argument("--force-new-cluster", action="store_true",
+                   help="a manager's restart after a lost quorum: restart the store with this member alone, keeping its data")
     p.add_argument("--hostname", default="", help="node name (default: the host name)")
     p.add_argument("--join-addr", default="", help="ADDR:PORT of a manager to join through")
     p.add_argument("--join-token", default="", help="join token (swarmctl swarm join-token worker|manager)")
@@ -580,7 +581,6 @@ def main(argv: list[str] | None = None) -> None:
     handler.addFilter(idfilter)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s node=%(node)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
-    logging.getLogger("pysyncobj").setLevel(logging.WARNING)
     try:
         code = asyncio.run(Swarmd(args, idfilter).run())
     except KeyboardInterrupt:

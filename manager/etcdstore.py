@@ -1,0 +1,698 @@
+"""The cluster store on etcd: `EtcdStore`, a `Store` whose writes are etcd transactions.
+
+Keys (all under `/shoal/`):
+
+- `o/<kind>/<id>`   one object: its protobuf bytes, sealed by the store's `ValueCodec`. The stored
+                    `meta.version` is 0; readers set it to the key's mod_revision, so an object's
+                    version is the etcd revision that last wrote it;
+- `n/<kind>/<name>` the id holding a unique name (services, networks, secrets, configs, cluster);
+- `g/network`       a guard written by every network change: network checks span all networks
+                    (VXLAN ids, subnets), so a network write compares the guard's revision;
+- `e/leader`        the control-loop leader (see `Election`), held under a lease.
+
+Writes. `propose(txn)` first checks the transaction against the local cache (`StateMachine.check`:
+stale version, duplicate name, missing object, overlapping subnet -- the same one-sentence errors
+as ever), then sends one etcd Txn whose compares pin everything the check relied on: each written
+object's mod_revision (0 for a create), each newly claimed name key's absence, the network guard,
+and, for a fenced store (`fenced`), the leader key's create_revision. If a compare fails, the
+cache is brought up to the revision the failure was seen at and the check runs again: it then
+raises the precise error, or (the race touched nothing of ours) the Txn is sent again. A write
+returns once the cache holds it, so a caller reads its own writes.
+
+Reads come from the cache, a `StateMachine` fed by one etcd watch on `/shoal/` that applies each
+revision's events atomically, in revision order; its version (the etcd revision) never goes
+backwards. A watch that breaks resumes from the next revision; if that revision was compacted the
+cache lists everything at the current revision and applies the difference as events.
+
+Failures. Every etcd call has a deadline (`write_timeout`, 4 s): a write without a quorum fails
+with `Unavailable` naming how many managers are reachable; a write whose outcome is unknown (the
+deadline passed after it was sent) says so. Reads keep answering from the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from shoal.manager.store import (
+    KINDS,
+    UNIQUE_NAMES,
+    Conflict,
+    InvalidArgument,
+    StateMachine,
+    Store,
+    Unavailable,
+    name_of,
+    unwrap,
+)
+from shoal.proto import etcd_pb2, etcd_pb2_grpc, objects_pb2, store_pb2
+
+log = logging.getLogger(__name__)
+
+PREFIX = b"/shoal/"
+OBJ = PREFIX + b"o/"
+NAME = PREFIX + b"n/"
+GUARD = PREFIX + b"g/"
+LEADER_KEY = PREFIX + b"e/leader"
+NETWORK_GUARD = GUARD + b"network"
+
+_OBJECT_TYPES = {kind: type(getattr(objects_pb2.StoreObject(), kind)) for kind in KINDS}
+
+# A transaction stays well inside etcd's limits (--max-txn-ops 4096, --max-request-bytes 4 MiB):
+# an object action is at most 3 operations and 3 compares.
+MAX_TXN_ACTIONS = 1000
+MAX_TXN_BYTES = 3 * 1024 * 1024
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 2000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range end covering every key that starts with `prefix` (etcd's convention)."""
+    b = bytearray(prefix)
+    for i in range(len(b) - 1, -1, -1):
+        if b[i] < 0xFF:
+            b[i] += 1
+            return bytes(b[: i + 1])
+    return b"\0"
+
+
+def object_key(kind: str, oid: str) -> bytes:
+    return OBJ + kind.encode() + b"/" + oid.encode()
+
+
+def name_key(kind: str, name: str) -> bytes:
+    return NAME + kind.encode() + b"/" + name.encode()
+
+
+class ValueCodec(Protocol):
+    """Seals values on their way into etcd and opens them on the way out. `key` is the etcd key,
+    bound to the value (an implementation that encrypts uses it as associated data)."""
+
+    def seal(self, key: bytes, data: bytes) -> bytes: ...
+
+    def open(self, key: bytes, data: bytes) -> bytes: ...
+
+
+class PlainCodec:
+    """Values as they are (tests of the store alone)."""
+
+    def seal(self, key: bytes, data: bytes) -> bytes:
+        return data
+
+    def open(self, key: bytes, data: bytes) -> bytes:
+        return data
+
+
+class FenceLost(Unavailable):
+    """A fenced write refused because its writer no longer holds the leader lease."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A leader's claim: the create_revision of the leader key it wrote."""
+
+    revision: int
+
+
+def _compare(key: bytes, *, mod: int | None = None, create: int | None = None, value: bytes | None = None,
+             result: int = etcd_pb2.Compare.EQUAL) -> etcd_pb2.Compare:
+    c = etcd_pb2.Compare(key=key, result=result)
+    if mod is not None:
+        c.target = etcd_pb2.Compare.MOD
+        c.mod_revision = mod
+    elif create is not None:
+        c.target = etcd_pb2.Compare.CREATE
+        c.create_revision = create
+    else:
+        c.target = etcd_pb2.Compare.VALUE
+        c.value = value or b""
+    return c
+
+
+def _put(key: bytes, value: bytes, lease: int = 0) -> etcd_pb2.RequestOp:
+    return etcd_pb2.RequestOp(request_put=etcd_pb2.PutRequest(key=key, value=value, lease=lease))
+
+
+def _delete(key: bytes) -> etcd_pb2.RequestOp:
+    return etcd_pb2.RequestOp(request_delete_range=etcd_pb2.DeleteRangeRequest(key=key))
+
+
+def rpc_unavailable(e: grpc.aio.AioRpcError, what: str) -> Unavailable:
+    """A gRPC failure of an etcd call as the store's Unavailable, in one sentence."""
+    code = e.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Unavailable(f"{what}: etcd did not answer in time")
+    return Unavailable(f"{what}: etcd answered {code.name}: {e.details()}")
+
+
+class EtcdStore(Store):
+    """A `Store` on an etcd cluster reached at `target` (this manager's own member's unix socket).
+
+    `quorum_message`, if given, is awaited to explain a write that timed out (how many managers
+    are reachable); the manager supplies it from its member's view of the cluster."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        codec: ValueCodec | None = None,
+        write_timeout: float = 4.0,
+        sm: StateMachine | None = None,
+        quorum_message: Callable[[], Awaitable[str | None]] | None = None,
+    ) -> None:
+        super().__init__(sm)
+        self.target = target
+        self.codec: ValueCodec = codec or PlainCodec()
+        self.write_timeout = write_timeout
+        self.quorum_message = quorum_message
+        self._channel: grpc.aio.Channel | None = None
+        self.kv: etcd_pb2_grpc.KVStub
+        self.lease: etcd_pb2_grpc.LeaseStub
+        self.cluster_api: etcd_pb2_grpc.ClusterStub
+        self.maintenance: etcd_pb2_grpc.MaintenanceStub
+        self._watch_task: asyncio.Task[None] | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._guards: dict[bytes, int] = {}  # guard key -> mod_revision, as of the cache's version
+        self.leader_key: etcd_pb2.KeyValue | None = None  # the control-loop leader key, as cached
+        self._leader_subscribers: list[asyncio.Queue[etcd_pb2.KeyValue | None]] = []
+        self._closed = False
+        self._watch_ok = asyncio.Event()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self, timeout: float = 30.0) -> None:
+        """Connect, load everything under /shoal/ into the cache and start following the watch."""
+        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self.kv = etcd_pb2_grpc.KVStub(self._channel)
+        self.watch_api = etcd_pb2_grpc.WatchStub(self._channel)
+        self.lease = etcd_pb2_grpc.LeaseStub(self._channel)
+        self.cluster_api = etcd_pb2_grpc.ClusterStub(self._channel)
+        self.maintenance = etcd_pb2_grpc.MaintenanceStub(self._channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self._relist()
+                break
+            except (grpc.aio.AioRpcError, Unavailable) as e:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"the store did not load within {timeout:.0f} s: {e}") from None
+                await asyncio.sleep(0.2)
+        self._watch_task = asyncio.create_task(self._follow(), name="etcd-watch")
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(Unavailable("this manager is shutting down; retry on another manager"))
+        self._waiters.clear()
+        if self._channel is not None:
+            await self._channel.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ---- the cache -----------------------------------------------------------------------------
+    def _decode(self, kv: etcd_pb2.KeyValue) -> tuple[str, str, Any] | None:
+        """(kind, id, object) of an object key; None for other keys."""
+        if not kv.key.startswith(OBJ):
+            return None
+        kind, _, oid = kv.key[len(OBJ):].decode().partition("/")
+        cls = _OBJECT_TYPES.get(kind)
+        if cls is None:
+            return None
+        obj = cls.FromString(self.codec.open(kv.key, kv.value))
+        obj.meta.version = kv.mod_revision
+        return kind, oid, obj
+
+    async def _range_all(self, revision: int = 0) -> tuple[int, list[etcd_pb2.KeyValue]]:
+        """Every key under /shoal/ at one revision (the newest when 0), in pages."""
+        out: list[etcd_pb2.KeyValue] = []
+        key, end = PREFIX, prefix_end(PREFIX)
+        while True:
+            resp = await self.kv.Range(
+                etcd_pb2.RangeRequest(key=key, range_end=end, limit=2000, revision=revision, serializable=True),
+                timeout=self.write_timeout,
+            )
+            revision = revision or resp.header.revision
+            out.extend(resp.kvs)
+            if not resp.more or not resp.kvs:
+                return revision, out
+            key = resp.kvs[-1].key + b"\0"
+
+    async def _relist(self) -> None:
+        """Load the whole keyspace at its current revision; apply the difference to the cache."""
+        revision, kvs = await self._range_all()
+        seen: dict[tuple[str, str], Any] = {}
+        guards: dict[bytes, int] = {}
+        leader: etcd_pb2.KeyValue | None = None
+        for kv in kvs:
+            d = self._decode(kv)
+            if d is not None:
+                seen[(d[0], d[1])] = d[2]
+            elif kv.key.startswith(GUARD):
+                guards[kv.key] = kv.mod_revision
+            elif kv.key == LEADER_KEY:
+                leader = kv
+        with self.sm.lock:
+            changes: list[tuple[str, str, Any]] = []
+            for (kind, oid), obj in seen.items():
+                cur = self.sm.get(kind, oid)
+                if cur is None or cur.meta.version != obj.meta.version:
+                    changes.append((kind, oid, obj))
+            for kind in KINDS:
+                changes.extend((kind, oid, None) for oid in self.sm.tables[kind] if (kind, oid) not in seen)
+            self._guards = guards
+            self.sm.apply_committed(revision, changes)
+        self._set_leader_key(leader)
+        self._wake(revision)
+        log.info("store: loaded %d objects at revision %d", len(seen), revision)
+
+    def _apply_events(self, revision: int, events: Iterable[etcd_pb2.Event]) -> None:
+        changes: list[tuple[str, str, Any]] = []
+        leader_changed = False
+        leader: etcd_pb2.KeyValue | None = self.leader_key
+        for ev in events:
+            kv = ev.kv
+            if kv.key.startswith(OBJ):
+                kind, _, oid = kv.key[len(OBJ):].decode().partition("/")
+                if kind not in _OBJECT_TYPES:
+                    continue
+                if ev.type == etcd_pb2.Event.DELETE:
+                    changes.append((kind, oid, None))
+                else:
+                    d = self._decode(kv)
+                    assert d is not None
+                    changes.append(d)
+            elif kv.key.startswith(GUARD):
+                if ev.type == etcd_pb2.Event.DELETE:
+                    self._guards.pop(kv.key, None)
+                else:
+                    self._guards[kv.key] = kv.mod_revision
+            elif kv.key == LEADER_KEY:
+                leader_changed = True
+                leader = None if ev.type == etcd_pb2.Event.DELETE else kv
+        self.sm.apply_committed(revision, changes)
+        if leader_changed:
+            self._set_leader_key(leader)
+
+    def _set_leader_key(self, kv: etcd_pb2.KeyValue | None) -> None:
+        old = self.leader_key
+        self.leader_key = kv
+        if (old is None) != (kv is None) or (old is not None and kv is not None and old.create_revision != kv.create_revision):
+            for q in list(self._leader_subscribers):
+                q.put_nowait(kv)
+
+    def subscribe_leader(self) -> asyncio.Queue[etcd_pb2.KeyValue | None]:
+        """A queue that receives the leader key (None when there is none) whenever it changes."""
+        q: asyncio.Queue[etcd_pb2.KeyValue | None] = asyncio.Queue()
+        self._leader_subscribers.append(q)
+        q.put_nowait(self.leader_key)
+        return q
+
+    def unsubscribe_leader(self, q: asyncio.Queue[Any]) -> None:
+        if q in self._leader_subscribers:
+            self._leader_subscribers.remove(q)
+
+    def _wake(self, revision: int) -> None:
+        keep = []
+        for rev, fut in self._waiters:
+            if rev <= revision:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((rev, fut))
+        self._waiters = keep
+
+    async def wait_for(self, revision: int, timeout: float | None = None) -> None:
+        """Return once the cache holds revision `revision` (Unavailable after `timeout`)."""
+        if self.sm.version >= revision:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((revision, fut))
+        try:
+            async with asyncio.timeout(self.write_timeout if timeout is None else timeout):
+                await fut
+        except TimeoutError:
+            raise Unavailable(
+                f"this manager's copy of the store did not reach revision {revision} in time "
+                f"(it holds {self.sm.version}); retry"
+            ) from None
+
+    async def _watch_stream(self, start: int) -> AsyncIterator[etcd_pb2.WatchResponse]:
+        req = etcd_pb2.WatchRequest(
+            create_request=etcd_pb2.WatchCreateRequest(
+                key=PREFIX, range_end=prefix_end(PREFIX), start_revision=start, progress_notify=True
+            )
+        )
+
+        async def requests() -> AsyncIterator[etcd_pb2.WatchRequest]:
+            yield req
+            await asyncio.Event().wait()  # keep the request side open
+
+        call = self.watch_api.Watch(requests())
+        try:
+            async for resp in call:
+                yield resp
+        finally:
+            call.cancel()
+
+    async def _follow(self) -> None:
+        """The one watch loop: apply each revision's events in order; resume or re-list on breaks."""
+        backoff = 0.05
+        while True:
+            try:
+                async for resp in self._watch_stream(self.sm.version + 1):
+                    backoff = 0.05
+                    if resp.canceled or resp.compact_revision:
+                        log.warning(
+                            "store: watch from revision %d lost (compacted at %d%s); re-listing",
+                            self.sm.version + 1, resp.compact_revision,
+                            f", {resp.cancel_reason}" if resp.cancel_reason else "",
+                        )
+                        await self._relist()
+                        break
+                    if resp.created:
+                        self._watch_ok.set()
+                        continue
+                    group: list[etcd_pb2.Event] = []
+                    rev = 0
+                    for ev in resp.events:
+                        if ev.kv.mod_revision != rev and group:
+                            self._apply_events(rev, group)
+                            group = []
+                        rev = ev.kv.mod_revision
+                        group.append(ev)
+                    if group:
+                        self._apply_events(rev, group)
+                    if not resp.events and resp.header.revision > self.sm.version:
+                        # a progress notification: no events of ours up to this revision
+                        self.sm.apply_committed(resp.header.revision, ())
+                    self._wake(self.sm.version)
+            except asyncio.CancelledError:
+                raise
+            except (grpc.aio.AioRpcError, Unavailable) as e:
+                self._watch_ok.clear()
+                log.info("store: watch broken at revision %d (%s); resuming in %.2f s", self.sm.version,
+                         e.code().name if isinstance(e, grpc.aio.AioRpcError) else e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    # ---- writes --------------------------------------------------------------------------------
+    def _txn_request(self, txn: store_pb2.StoreTransaction, fence: Fence | None) -> etcd_pb2.TxnRequest:
+        """The etcd Txn for a transaction the cache has just checked (see the module docstring)."""
+        req = etcd_pb2.TxnRequest()
+        ops: dict[bytes, etcd_pb2.RequestOp] = {}
+        ts = txn.timestamp_unix_nano
+        network = False
+        for action in txn.actions:
+            kind, src = unwrap(action.object)
+            key = object_key(kind, src.id)
+            old = self.sm.get(kind, src.id)
+            if action.kind == store_pb2.StoreAction.DELETE:
+                if src.meta.version:
+                    req.compare.append(_compare(key, mod=src.meta.version))
+                else:
+                    req.compare.append(_compare(key, mod=0, result=etcd_pb2.Compare.GREATER))
+                ops[key] = _delete(key)
+                if kind in UNIQUE_NAMES and old is not None:
+                    nk = name_key(kind, name_of(kind, old))
+                    ops[nk] = _delete(nk)
+            else:
+                obj = type(src)()
+                obj.CopyFrom(src)
+                if action.kind == store_pb2.StoreAction.CREATE:
+                    req.compare.append(_compare(key, mod=0))
+                    obj.meta.created_at.FromNanoseconds(ts)
+                else:
+                    req.compare.append(_compare(key, mod=src.meta.version))
+                    if old is not None:
+                        obj.meta.created_at.CopyFrom(old.meta.created_at)
+                obj.meta.updated_at.FromNanoseconds(ts)
+                obj.meta.version = 0
+                ops[key] = _put(key, self.codec.seal(key, obj.SerializeToString()))
+                if kind in UNIQUE_NAMES:
+                    name = name_of(kind, src)
+                    if old is None or name_of(kind, old) != name:
+                        nk = name_key(kind, name)
+                        req.compare.append(_compare(nk, mod=0))
+                        ops[nk] = _put(nk, src.id.encode())
+                        if old is not None:
+                            onk = name_key(kind, name_of(kind, old))
+                            ops[onk] = _delete(onk)
+            network = network or kind == "network"
+        if network:
+            req.compare.append(_compare(NETWORK_GUARD, mod=self._guards.get(NETWORK_GUARD, 0)))
+            ops[NETWORK_GUARD] = _put(NETWORK_GUARD, b"")
+        if fence is not None:
+            req.compare.append(_compare(LEADER_KEY, create=fence.revision))
+            req.failure.append(etcd_pb2.RequestOp(request_range=etcd_pb2.RangeRequest(key=LEADER_KEY)))
+        req.success.extend(ops.values())
+        return req
+
+    async def propose(self, txn: store_pb2.StoreTransaction, fence: Fence | None = None) -> int:
+        """Commit `txn` (all of it or nothing) and return its revision once the cache holds it."""
+        if not txn.actions:
+            raise InvalidArgument("empty transaction: nothing to write")
+        if self._closed:
+            raise Unavailable("this manager is shutting down; retry on another manager")
+        deadline = time.monotonic() + self.write_timeout
+        for _ in range(8):
+            self.sm.check(txn)
+            req = self._txn_request(txn, fence)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                resp = await self.kv.Txn(req, timeout=remaining)
+            except grpc.aio.AioRpcError as e:
+                raise await self._write_failed(e) from None
+            if resp.succeeded:
+                await self.wait_for(resp.header.revision, max(0.5, deadline - time.monotonic()))
+                return resp.header.revision
+            if fence is not None:
+                held = resp.responses[-1].response_range.kvs if resp.responses else []
+                if not held or held[0].create_revision != fence.revision:
+                    raise FenceLost(
+                        "this manager no longer holds the leader lease; its control loops stop "
+                        "and the new leader's take over"
+                    )
+            # Something we relied on changed: catch up to what the compare saw, then check again.
+            await self.wait_for(resp.header.revision, max(0.5, deadline - time.monotonic()))
+        raise Conflict("the objects of this write kept changing while it was retried; read them again and retry")
+
+    async def _write_failed(self, e: grpc.aio.AioRpcError) -> Unavailable:
+        if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+            why = None
+            if self.quorum_message is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        why = await self.quorum_message()
+            if why:
+                return Unavailable(why)
+            return Unavailable(
+                f"write outcome unknown: the store did not confirm it within {self.write_timeout:.0f} s "
+                "(no quorum, or the leader is changing); read the object again and retry"
+            )
+        if "too many operations" in (e.details() or "") or "too large" in (e.details() or ""):
+            return Unavailable(f"write too large for the store ({e.details()}); write fewer objects at once")
+        return rpc_unavailable(e, "write failed")
+
+    async def batch(
+        self, actions: list[store_pb2.StoreAction], max_actions: int = MAX_TXN_ACTIONS, fence: Fence | None = None
+    ) -> int:
+        """Commit many independent actions in transactions within etcd's request limits."""
+        version = self.sm.version
+        chunk: list[store_pb2.StoreAction] = []
+        size = 0
+        for a in [*actions, None]:
+            n = a.ByteSize() if a is not None else 0
+            if chunk and (a is None or len(chunk) >= max_actions or size + n > MAX_TXN_BYTES):
+                txn = store_pb2.StoreTransaction(actions=chunk, timestamp_unix_nano=time.time_ns())
+                version = await self.propose(txn, fence)
+                chunk, size = [], 0
+            if a is not None:
+                chunk.append(a)
+                size += n
+        return version
+
+    def is_leader(self) -> bool:
+        """Whether this store's owner runs the control loops (set by the manager's election)."""
+        return self.leading
+
+    leading = False
+
+    def fenced(self, fence: Fence) -> FencedStore:
+        """A view of this store whose every write fails once `fence` no longer holds the lease."""
+        return FencedStore(self, fence)
+
+
+class FencedStore(Store):
+    """The store as the leader loops see it: the same cache, writes fenced by the leader lease."""
+
+    def __init__(self, base: EtcdStore, fence: Fence) -> None:
+        super().__init__(base.sm)
+        self.base = base
+        self.fence = fence
+
+    async def propose(self, txn: store_pb2.StoreTransaction) -> int:
+        return await self.base.propose(txn, self.fence)
+
+    async def batch(self, actions: list[store_pb2.StoreAction], max_actions: int = MAX_TXN_ACTIONS) -> int:
+        return await self.base.batch(actions, max_actions, self.fence)
+
+    def is_leader(self) -> bool:
+        return self.base.is_leader()
+
+
+class Election:
+    """Chooses the one manager that runs the control loops, through an etcd lease.
+
+    `terms()` yields a `Fence` each time this manager takes the leader key (`/shoal/e/leader`,
+    value: its node id, attached to a lease of `ttl` seconds that it keeps alive) and None when it
+    loses it: the key went (lease expired, revoked, deleted) or the keep-alives stopped being
+    answered for long enough that the lease may have expired on the server (`ttl` minus a margin).
+    Writes made with the fence fail once the key is gone, whatever this manager believes, so a
+    paused or partitioned old leader cannot commit after a new one has started. A leftover key of
+    this same node (an earlier run) is deleted at once rather than waited out."""
+
+    MARGIN = 0.4
+
+    def __init__(self, store: EtcdStore, node_id: str, ttl: int = 2) -> None:
+        self.store = store
+        self.node_id = node_id
+        self.ttl = ttl
+        self.lease_id = 0
+        self._renewed = 0.0
+
+    async def _grant(self) -> int:
+        resp = await self.store.lease.LeaseGrant(etcd_pb2.LeaseGrantRequest(TTL=self.ttl), timeout=2.0)
+        self._renewed = time.monotonic()
+        return resp.ID
+
+    async def _keepalive(self, lease_id: int, lost: asyncio.Event) -> None:
+        """Renew the lease every ttl/4 s; set `lost` when the server says it expired."""
+
+        async def requests() -> AsyncIterator[etcd_pb2.LeaseKeepAliveRequest]:
+            while True:
+                yield etcd_pb2.LeaseKeepAliveRequest(ID=lease_id)
+                await asyncio.sleep(self.ttl / 4)
+
+        while not lost.is_set():
+            call = self.store.lease.LeaseKeepAlive(requests())
+            try:
+                async for resp in call:
+                    if resp.TTL <= 0:
+                        lost.set()
+                        return
+                    self._renewed = time.monotonic()
+            except grpc.aio.AioRpcError as e:
+                log.info("election: lease keep-alive broken (%s); retrying", e.code().name)
+            finally:
+                call.cancel()
+            await asyncio.sleep(0.1)
+
+    def _valid_for(self) -> float:
+        return self._renewed + self.ttl - self.MARGIN - time.monotonic()
+
+    async def _try_take(self, lease_id: int) -> Fence | None:
+        req = etcd_pb2.TxnRequest(
+            compare=[_compare(LEADER_KEY, create=0)],
+            success=[_put(LEADER_KEY, self.node_id.encode(), lease_id)],
+            failure=[etcd_pb2.RequestOp(request_range=etcd_pb2.RangeRequest(key=LEADER_KEY))],
+        )
+        resp = await self.store.kv.Txn(req, timeout=2.0)
+        if resp.succeeded:
+            return Fence(resp.header.revision)
+        held = resp.responses[0].response_range.kvs
+        if held and held[0].value == self.node_id.encode() and held[0].lease != lease_id:
+            # an earlier run of this node: it is gone, do not wait for its lease
+            await self.store.kv.Txn(
+                etcd_pb2.TxnRequest(compare=[_compare(LEADER_KEY, create=held[0].create_revision)],
+                                    success=[_delete(LEADER_KEY)]),
+                timeout=2.0,
+            )
+        return None
+
+    async def terms(self) -> AsyncIterator[Fence | None]:
+        q = self.store.subscribe_leader()
+        try:
+            while True:
+                try:
+                    lease_id = await self._grant()
+                except grpc.aio.AioRpcError as e:
+                    log.info("election: no lease (%s); retrying", e.code().name)
+                    await asyncio.sleep(0.5)
+                    continue
+                self.lease_id = lease_id
+                lost = asyncio.Event()
+                keeper = asyncio.create_task(self._keepalive(lease_id, lost), name="lease-keepalive")
+                try:
+                    async for item in self._campaign(lease_id, lost, q):
+                        yield item
+                finally:
+                    keeper.cancel()
+                    await asyncio.gather(keeper, return_exceptions=True)
+        finally:
+            self.store.unsubscribe_leader(q)
+
+    async def _campaign(
+        self, lease_id: int, lost: asyncio.Event, q: asyncio.Queue[etcd_pb2.KeyValue | None]
+    ) -> AsyncIterator[Fence | None]:
+        """Campaign under one lease until it is lost."""
+        while not lost.is_set() and self._valid_for() > 0:
+            try:
+                fence = await self._try_take(lease_id)
+            except grpc.aio.AioRpcError as e:
+                log.info("election: campaign failed (%s); retrying", e.code().name)
+                fence = None
+            if fence is None:
+                await _next_or_timeout(q, 0.5)
+                continue
+            log.info("election: node %s leads the control loops (revision %d)", self.node_id, fence.revision)
+            yield fence
+            # Lead until the key changes hands or the lease may have expired.
+            while not lost.is_set():
+                key = self.store.leader_key
+                if key is not None and key.create_revision > fence.revision:
+                    break
+                if key is None and self.store.sm.version > fence.revision:
+                    break
+                if self._valid_for() <= 0:
+                    break
+                await _next_or_timeout(q, min(0.1, max(0.01, self._valid_for())))
+            log.info("election: node %s lost the leader key", self.node_id)
+            yield None
+            return
+
+    async def resign(self) -> None:
+        """Give the leader key up at once (revoke the lease), so another manager takes over."""
+        if self.lease_id:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.store.lease.LeaseRevoke(etcd_pb2.LeaseRevokeRequest(ID=self.lease_id), timeout=1.0)
+
+
+async def _next_or_timeout(q: asyncio.Queue[Any], timeout: float) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            await q.get()
+    except TimeoutError:
+        return
+    while not q.empty():
+        q.get_nowait()
