@@ -31,11 +31,12 @@ import asyncio
 import datetime
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,8 +209,15 @@ class RootCA:
         role: int,
         cluster_id: str,
         validity: datetime.timedelta = NODE_VALIDITY,
+        *,
+        ips: Sequence[str] = (),
     ) -> bytes:
-        """Sign a node certificate for the public key in `csr_pem` (the CSR's subject is ignored)."""
+        """Sign a node certificate for the public key in `csr_pem` (the CSR's subject is ignored).
+
+        `ips` are added as IP address SANs: a manager's peer address, because an etcd peer checks the
+        certificate of the member it dials against the host of that member's peer URL. An entry that
+        is not an IP address raises JoinError.
+        """
         if self.key_pem is None:
             raise JoinError("this node does not hold the root CA key and cannot issue certificates")
         try:
@@ -225,6 +233,11 @@ class RootCA:
             names += [x509.DNSName(MANAGER_NAME), x509.DNSName(JOIN_NAME)]
         else:
             names.append(x509.DNSName(WORKER_OU))
+        for ip in ips:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(ip)))
+            except ValueError:
+                raise JoinError(f"certificate IP address {ip!r} is not an IP address") from None
         now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()

@@ -340,8 +340,16 @@ class Manager:
         given, then open the APIs: once this returns, the control socket answers for a ready node."""
         cfg = self.cfg
         self.member = EtcdMember(self._etcd_config())
-        await self.member.start()
-        self._tasks.append(asyncio.create_task(self.member.run(), name="etcd-member"))
+        if self.member.has_data and not cfg.force_new_cluster:
+            # A restart: the member answers only once a quorum of members runs, however long
+            # that takes (the other managers may be restarting too).
+            self._tasks.append(asyncio.create_task(self.member.run(), name="etcd-member"))
+            while not await self.member.wait_ready(timeout=10):
+                log.warning("node=%s waiting for the store: its etcd member has no quorum yet "
+                            "(a majority of the managers must be running)", self.node_id)
+        else:
+            await self.member.start()
+            self._tasks.append(asyncio.create_task(self.member.run(), name="etcd-member"))
         self.store = EtcdStore(self.member.client_target, write_timeout=cfg.write_timeout,
                                quorum_message=self._quorum_message)
         await self.store.start()
