@@ -8,12 +8,16 @@ The TLS identity is what swarmd keeps in `<state dir>/certificates/`: `node.key`
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from shoal.proto import control_pb2_grpc
+
+# Trailing metadata of a read answered without a quorum (shoal.manager.controlapi.STALE_KEY).
+STALE_KEY = "x-shoal-stale"
 
 DEFAULT_SOCKET = "/var/run/shoal/swarmd.sock"
 # swarmd's socket is STATE_DIR/swarmd.sock; /var/lib/shoal is the state dir the VM provisioning uses.
@@ -54,6 +58,7 @@ class Client:
     def __init__(self, socket: str | None = None, host: str | None = None, tls_dir: str | None = None,
                  timeout: float = DEFAULT_RPC_TIMEOUT) -> None:
         self.timeout = timeout
+        self._warned_stale = False
         if host:
             if ":" not in host:
                 host = f"{host}:2377"
@@ -80,9 +85,14 @@ class Client:
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         try:
-            return getattr(self.stub, method)(request, timeout=timeout or self.timeout)
+            resp, call = getattr(self.stub, method).with_call(request, timeout=timeout or self.timeout)
         except grpc.RpcError as e:
             raise CliError(self._message(e, timeout or self.timeout), e.code().name) from None
+        for key, value in call.trailing_metadata() or ():
+            if key == STALE_KEY and not self._warned_stale:
+                self._warned_stale = True  # once per command
+                print(f"warning: {value}", file=sys.stderr)
+        return resp
 
     def _message(self, e: Any, timeout: float) -> str:
         code, details = e.code(), e.details() or ""

@@ -528,6 +528,13 @@ class Store:
     def is_leader(self) -> bool:
         raise NotImplementedError
 
+    async def read_barrier(self) -> str | None:
+        """Make the next reads see every write acknowledged before this call (linearizable reads).
+
+        Returns None when they will, or one sentence saying why the reads that follow may be stale
+        (no quorum: they still answer, from this manager's copy). A local store is always current."""
+        return None
+
     async def update(self, fn: Callable[[Tx], T]) -> T:
         """Run `fn` to build a transaction from current state, then commit it atomically.
 

@@ -218,7 +218,7 @@ def test_cluster_init_join_restart_failover_and_roles(daemons):
     set_role(m2, w1_id, types_pb2.MANAGER)
     wait(lambda: w1.sock.exists() and managers_reachable(m2, 4), "w1 to become the 4th manager")
     set_role(m2, m3_id, types_pb2.WORKER)
-    wait(lambda: managers_reachable(m2, 3) and not (m3.dir / "raft").exists(), "m3 to be demoted")
+    wait(lambda: managers_reachable(m2, 3) and not (m3.dir / "etcd").exists(), "m3 to be demoted")
     assert {m.node_id for m in m2.info().members} == {m1_id, m2.info().node_id, w1_id}
     create_secret(w1, "from-promoted-w1")
 
