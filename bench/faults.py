@@ -188,7 +188,7 @@ async def _sec_delete(camp: Campaign, stub, idx: int, key: str) -> None:
 def _svc_spec(name: str, value: str) -> specs_pb2.ServiceSpec:
     spec = specs_pb2.ServiceSpec(annotations=types_pb2.Annotations(name=name, labels={"v": value}))
     spec.task.container.image = "busybox:latest"
-    spec.mode.replicated.replicas = 0
+    spec.replicated.replicas = 0
     return spec
 
 
@@ -287,13 +287,13 @@ async def inject(camp: Campaign, kind: str) -> str:
         await loop.run_in_executor(None, _restart, camp, target)
         return f"restart of {target.name}"
     if kind == "isolate-leader":
-        side_a, side_b = [target], [h for h in hosts if h is not target]
+        side_a, side_b = [target], [h for h in hosts if h.name != target.name]
     elif kind == "split":
         minority = camp.rng.sample(hosts, (len(hosts) - 1) // 2)
-        side_a, side_b = minority, [h for h in hosts if h not in minority]
+        side_a, side_b = minority, [h for h in hosts if h.name not in {m.name for m in minority}]
     elif kind == "bridge":
         middle = camp.rng.choice(hosts)
-        rest = [h for h in hosts if h is not middle]
+        rest = [h for h in hosts if h.name != middle.name]
         camp.rng.shuffle(rest)
         side_a, side_b = rest[: len(rest) // 2], rest[len(rest) // 2:]
     else:

@@ -1,4 +1,4 @@
-"""Scheduler benchmark: the scheduler alone on a LocalStore with simulated nodes.
+"""Scheduler benchmark: the scheduler alone on a LocalStore (and, with --etcd, a one-member etcd store) with simulated nodes.
 
 Measures the time from a batch of PENDING tasks being committed to all their assignments being
 committed (wall clock, which includes the scheduler's 50 ms debounce, and the CPU time this process
@@ -6,7 +6,7 @@ used meanwhile -- the machine may be shared), for several cluster sizes, with an
 preference), and the evenness of the result (max - min tasks per eligible node). Prints a table and
 one JSON line. Not a test: it never fails a run.
 
-    .venv/bin/python bench/scheduler.py [--quick] [--big]
+    .venv/bin/python bench/scheduler.py [--quick] [--big] [--etcd]
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import socket
 import sys
 import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 from shoal.manager.scheduler import Scheduler
 from shoal.manager.store import LocalStore, Store, new_id
@@ -80,19 +80,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def make_store(kind: str, tmp: str) -> Store:
+async def make_store(kind: str, tmp: str) -> tuple[Store, object]:
+    """The store to schedule on, and what to close afterwards."""
     if kind == "local":
-        return LocalStore()
-    from shoal.manager.raft import RaftStore
+        return LocalStore(), None
+    from etcdcluster import CLUSTER, Cluster
 
-    store = RaftStore(os.path.join(tmp, f"raft{free_port()}"), f"127.0.0.1:{free_port()}", [], b"k" * 32)
-    await store.wait_leader(10)
-    await store.barrier()
-    return store
+    from shoal.manager.ca import RootCA
+
+    cluster = Cluster(RootCA.create(CLUSTER), Path(tmp) / f"etcd{free_port()}", 1)
+    await cluster.start()
+    return cluster.stores[0], cluster
 
 
 async def scenario(n_nodes: int, n_tasks: int, mode: str, store_kind: str = "local", tmp: str = "") -> dict:
-    store = await make_store(store_kind, tmp)
+    store, cluster = await make_store(store_kind, tmp)
     nodes = [make_node(i) for i in range(n_nodes)]
     await commit_all(store, nodes)
     sched = Scheduler(store)
@@ -117,9 +119,9 @@ async def scenario(n_nodes: int, n_tasks: int, mode: str, store_kind: str = "loc
         await runner
     except asyncio.CancelledError:
         pass
-    if store_kind != "local":
-        store.close()  # type: ignore[attr-defined]
     placed = [store.get("task", t.id) for t in tasks]
+    if cluster is not None:
+        await cluster.stop()  # type: ignore[attr-defined]
     assigned = [t for t in placed if t.status.state == types_pb2.ASSIGNED]
     eligible = [n for n in nodes if mode == "plain" or n.spec.annotations.labels["zone"] != "z0"]
     per_node = Counter(t.node_id for t in assigned)
@@ -149,7 +151,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only 1k nodes x 1k tasks")
     ap.add_argument("--big", action="store_true", help="also 10k nodes x 100k tasks (a few minutes)")
-    ap.add_argument("--raft", action="store_true", help="also on a single-member Raft store (loopback TCP)")
+    ap.add_argument("--etcd", action="store_true", help="also on a one-member etcd store (fsync on)")
     args = ap.parse_args()
     sizes = [(1000, 1000), (1000, 10000)]
     if args.big:
@@ -157,8 +159,8 @@ async def main() -> None:
     if args.quick:
         sizes = [(1000, 1000)]
     runs = [("local", n, t, m) for n, t in sizes for m in ("plain", "constraints", "spread")]
-    if args.raft:
-        runs += [("raft", 1000, 1000, "plain"), ("raft", 1000, 10000, "plain"), ("raft", 1000, 10000, "spread")]
+    if args.etcd:
+        runs += [("etcd", 1000, 1000, "plain"), ("etcd", 1000, 10000, "plain"), ("etcd", 1000, 10000, "spread")]
     results = []
     tmp = tempfile.mkdtemp(prefix="shoal-bench-")
     print(

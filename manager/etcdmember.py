@@ -21,7 +21,7 @@ cluster CA that names `swarm-manager` (a manager certificate; a worker's certifi
 is refused), and peers check each other's certificate against the peer URL host (the IP SANs that
 `RootCA.issue(ips=...)` adds).
 
-Orphans: the child gets PR_SET_PDEATHSIG=SIGTERM, so when swarmd dies (even by SIGKILL) etcd is
+Orphans: the child is started through `setpriv --pdeathsig TERM` (PR_SET_PDEATHSIG), so when swarmd dies (even by SIGKILL) etcd is
 told to stop. The kernel sends it when the *thread* that forked the child ends: start members from
 the thread that runs the event loop for the life of the member (asyncio forks from the loop thread).
 On every start a stray etcd named by `etcd.pid` with this binary and this data dir is SIGKILLed and
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -40,7 +39,6 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +56,7 @@ CLUSTER_TOKEN = "shoal"
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 8.0
 BACKOFF_RESET = 30.0  # seconds of uptime after which a crash starts the backoff over
-_PR_SET_PDEATHSIG = 1
+SETPRIV = "/usr/bin/setpriv"
 _LOG_TAIL_BYTES = 64 * 1024
 # Warnings every start logs (auth is off, its token type does not matter): never "the last line".
 _LOG_NOISE = ("simple token is not cryptographically signed",)
@@ -312,7 +310,6 @@ class EtcdMember:
             # The caller's address is not checked against its certificate's SANs: a member dials
             # from whichever local address the kernel picks, and checking DNS SANs means lookups.
             "--experimental-peer-skip-client-san-verification=true",
-            "--experimental-watch-progress-notify-interval=5s",
         ]
         if self._force_new:
             argv.append("--force-new-cluster=true")
@@ -349,8 +346,10 @@ class EtcdMember:
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             self._log_offset = os.fstat(fd).st_size
+            # setpriv (util-linux) sets PR_SET_PDEATHSIG and execs etcd: no Python code may run in
+            # the forked child of a process with gRPC threads (a preexec_fn there can crash).
             self._proc = await asyncio.create_subprocess_exec(
-                *self._argv(binary),
+                SETPRIV, "--pdeathsig", "TERM", "--", *self._argv(binary),
                 cwd=self.dir,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -358,7 +357,6 @@ class EtcdMember:
                 stderr=fd,
                 start_new_session=True,  # a ^C to swarmd's terminal is swarmd's to handle
                 umask=0o077,
-                preexec_fn=_pdeathsig_preexec(os.getpid()),
             )
         finally:
             os.close(fd)
@@ -482,20 +480,6 @@ class EtcdMember:
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-_libc = ctypes.CDLL(None, use_errno=True)
-_prctl = _libc.prctl  # looked up here, before any fork: the child only calls it
-
-
-def _pdeathsig_preexec(parent: int) -> Callable[[], None]:
-    def preexec() -> None:
-        # Runs in the forked child before exec: no imports, no locks, no allocation-heavy work.
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl: no signal would ever come
-            os._exit(1)
-
-    return preexec
-
-
 def _write_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -26,7 +26,10 @@ cache lists everything at the current revision and applies the difference as eve
 
 Failures. Every etcd call has a deadline (`write_timeout`, 4 s): a write without a quorum fails
 with `Unavailable` naming how many managers are reachable; a write whose outcome is unknown (the
-deadline passed after it was sent) says so. Reads keep answering from the cache.
+deadline passed after it was sent) says so. Within the deadline, a Txn left unanswered for a second
+(a proposal lost with a killed leader) or refused as unavailable is sent again: its compares make
+a repeat harmless, and an earlier copy found committed counts as the write. Reads keep answering
+from the cache.
 """
 
 from __future__ import annotations
@@ -76,6 +79,11 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 2000),
     ("grpc.keepalive_timeout_ms", 2000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # The member is local: once it is back (restarted by its supervisor), reconnect within a second
+    # rather than after gRPC's default backoff, which grows to minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
@@ -163,6 +171,9 @@ class EtcdStore(Store):
 
     `quorum_message`, if given, is awaited to explain a write that timed out (how many managers
     are reachable); the manager supplies it from its member's view of the cluster."""
+
+    # One Txn attempt: unanswered after this long, it is sent again (see `propose`).
+    ATTEMPT_TIMEOUT = 1.0
 
     def __init__(
         self,
@@ -358,7 +369,7 @@ class EtcdStore(Store):
     async def _watch_stream(self, start: int) -> AsyncIterator[etcd_pb2.WatchResponse]:
         req = etcd_pb2.WatchRequest(
             create_request=etcd_pb2.WatchCreateRequest(
-                key=PREFIX, range_end=prefix_end(PREFIX), start_revision=start, progress_notify=True
+                key=PREFIX, range_end=prefix_end(PREFIX), start_revision=start
             )
         )
 
@@ -401,9 +412,9 @@ class EtcdStore(Store):
                         group.append(ev)
                     if group:
                         self._apply_events(rev, group)
-                    if not resp.events and resp.header.revision > self.sm.version:
-                        # a progress notification: no events of ours up to this revision
-                        self.sm.apply_committed(resp.header.revision, ())
+                    # Progress notifications are ignored: every revision of this etcd is a write
+                    # under /shoal/ and comes with its events, and etcd 3.4 before 3.4.25 may send
+                    # a notification ahead of events still queued for the watch (etcd issue 15220).
                     self._wake(self.sm.version)
             except asyncio.CancelledError:
                 raise
@@ -415,8 +426,13 @@ class EtcdStore(Store):
                 backoff = min(backoff * 2, 1.0)
 
     # ---- writes --------------------------------------------------------------------------------
-    def _txn_request(self, txn: store_pb2.StoreTransaction, fence: Fence | None) -> etcd_pb2.TxnRequest:
-        """The etcd Txn for a transaction the cache has just checked (see the module docstring)."""
+    def _txn_request(
+        self, txn: store_pb2.StoreTransaction, fence: Fence | None, effects: dict[tuple[str, str], bytes | None]
+    ) -> etcd_pb2.TxnRequest:
+        """The etcd Txn for a transaction the cache has just checked (see the module docstring).
+
+        Fills `effects`: (kind, id) -> the object bytes it puts (meta.version 0, before sealing),
+        or None for a removal; what `_landed` looks for."""
         req = etcd_pb2.TxnRequest()
         ops: dict[bytes, etcd_pb2.RequestOp] = {}
         ts = txn.timestamp_unix_nano
@@ -426,11 +442,12 @@ class EtcdStore(Store):
             key = object_key(kind, src.id)
             old = self.sm.get(kind, src.id)
             if action.kind == store_pb2.StoreAction.DELETE:
-                if src.meta.version:
-                    req.compare.append(_compare(key, mod=src.meta.version))
-                else:
-                    req.compare.append(_compare(key, mod=0, result=etcd_pb2.Compare.GREATER))
+                # Pin the version the check saw (the request's, or the cache's when the request
+                # names none): the name key deleted with it is the one of that version.
+                assert old is not None  # the check found it
+                req.compare.append(_compare(key, mod=src.meta.version or old.meta.version))
                 ops[key] = _delete(key)
+                effects[(kind, src.id)] = None
                 if kind in UNIQUE_NAMES and old is not None:
                     nk = name_key(kind, name_of(kind, old))
                     ops[nk] = _delete(nk)
@@ -446,7 +463,9 @@ class EtcdStore(Store):
                         obj.meta.created_at.CopyFrom(old.meta.created_at)
                 obj.meta.updated_at.FromNanoseconds(ts)
                 obj.meta.version = 0
-                ops[key] = _put(key, self.codec.seal(key, obj.SerializeToString()))
+                data = obj.SerializeToString(deterministic=True)
+                effects[(kind, src.id)] = data
+                ops[key] = _put(key, self.codec.seal(key, data))
                 if kind in UNIQUE_NAMES:
                     name = name_of(kind, src)
                     if old is None or name_of(kind, old) != name:
@@ -467,35 +486,90 @@ class EtcdStore(Store):
         return req
 
     async def propose(self, txn: store_pb2.StoreTransaction, fence: Fence | None = None) -> int:
-        """Commit `txn` (all of it or nothing) and return its revision once the cache holds it."""
+        """Commit `txn` (all of it or nothing) and return its revision once the cache holds it.
+
+        An attempt unanswered after `ATTEMPT_TIMEOUT` (a proposal forwarded to a leader that just
+        died is lost without an answer), or refused as UNAVAILABLE (the member restarting, a leader
+        election), is sent again until the write deadline: its compares make a second copy fail
+        if the first one landed, and a write found in the cache exactly as sent returns as done."""
         if not txn.actions:
             raise InvalidArgument("empty transaction: nothing to write")
         if self._closed:
             raise Unavailable("this manager is shutting down; retry on another manager")
         deadline = time.monotonic() + self.write_timeout
-        for _ in range(8):
+        unknown: list[dict[tuple[str, str], bytes | None]] = []  # effects of attempts with no answer
+        failure: grpc.aio.AioRpcError | None = None
+        conflicts = 0
+        while True:
+            if unknown and (rev := self._landed(unknown)) is not None:
+                return rev
             self.sm.check(txn)
-            req = self._txn_request(txn, fence)
+            effects: dict[tuple[str, str], bytes | None] = {}
+            req = self._txn_request(txn, fence, effects)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                resp = await self.kv.Txn(req, timeout=remaining)
+                resp = await self.kv.Txn(req, timeout=min(remaining, self.ATTEMPT_TIMEOUT))
             except grpc.aio.AioRpcError as e:
-                raise await self._write_failed(e) from None
+                if e.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    raise await self._write_failed(e) from None
+                failure = e
+                unknown.append(effects)
+                if e.code() == grpc.StatusCode.UNAVAILABLE:  # answered at once: do not spin
+                    await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                continue
             if resp.succeeded:
                 await self.wait_for(resp.header.revision, max(0.5, deadline - time.monotonic()))
                 return resp.header.revision
+            # Something we relied on changed: catch up to what the compare saw, then check again.
             if fence is not None:
                 held = resp.responses[-1].response_range.kvs if resp.responses else []
                 if not held or held[0].create_revision != fence.revision:
+                    if unknown:  # an unanswered attempt may have landed while the fence held
+                        with contextlib.suppress(Unavailable):
+                            await self.wait_for(resp.header.revision, max(0.5, deadline - time.monotonic()))
+                        if (rev := self._landed(unknown)) is not None:
+                            return rev
                     raise FenceLost(
                         "this manager no longer holds the leader lease; its control loops stop "
                         "and the new leader's take over"
                     )
-            # Something we relied on changed: catch up to what the compare saw, then check again.
+            conflicts += 1
+            if conflicts >= 8:
+                raise Conflict(
+                    "the objects of this write kept changing while it was retried; read them again and retry"
+                )
             await self.wait_for(resp.header.revision, max(0.5, deadline - time.monotonic()))
+        if unknown and (rev := self._landed(unknown)) is not None:
+            return rev
+        if failure is not None:
+            raise await self._write_failed(failure) from None
         raise Conflict("the objects of this write kept changing while it was retried; read them again and retry")
+
+    def _landed(self, attempts: list[dict[tuple[str, str], bytes | None]]) -> int | None:
+        """The revision at which one of these unanswered attempts committed, as the cache shows:
+        every object it put is there with the very bytes sent (its updated_at is this write's own
+        nanosecond), all at one revision, and every object it removed is gone. None otherwise."""
+        for effects in attempts:
+            rev: int | None = None
+            for (kind, oid), data in effects.items():
+                cur = self.sm.get(kind, oid)
+                if data is None:
+                    if cur is not None:
+                        break
+                    continue
+                if cur is None or rev not in (None, cur.meta.version):
+                    break
+                plain = type(cur)()
+                plain.CopyFrom(cur)
+                plain.meta.version = 0
+                if plain.SerializeToString(deterministic=True) != data:
+                    break
+                rev = cur.meta.version
+            else:
+                return rev if rev is not None else self.sm.version
+        return None
 
     async def _write_failed(self, e: grpc.aio.AioRpcError) -> Unavailable:
         if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
@@ -531,6 +605,17 @@ class EtcdStore(Store):
                 chunk.append(a)
                 size += n
         return version
+
+    async def read_barrier(self, timeout: float = 1.0) -> str | None:
+        """A linearizable (quorum) read of one key gives the cluster's current revision; the cache
+        then catches up to it. Without a quorum within `timeout` the reads go on from the cache."""
+        try:
+            resp = await self.kv.Range(etcd_pb2.RangeRequest(key=LEADER_KEY, count_only=True), timeout=timeout)
+            await self.wait_for(resp.header.revision, timeout)
+            return None
+        except (grpc.aio.AioRpcError, Unavailable):
+            return ("this manager cannot reach a quorum: the answer comes from its own copy of the store "
+                    f"(revision {self.sm.version}), which may be stale")
 
     def is_leader(self) -> bool:
         """Whether this store's owner runs the control loops (set by the manager's election)."""
@@ -580,6 +665,7 @@ class Election:
         self.ttl = ttl
         self.lease_id = 0
         self._renewed = 0.0
+        self._stand_back_until = 0.0  # after resign(): let another manager take the key first
 
     async def _grant(self) -> int:
         resp = await self.store.lease.LeaseGrant(etcd_pb2.LeaseGrantRequest(TTL=self.ttl), timeout=2.0)
@@ -621,6 +707,9 @@ class Election:
         if resp.succeeded:
             return Fence(resp.header.revision)
         held = resp.responses[0].response_range.kvs
+        if held and held[0].value == self.node_id.encode() and held[0].lease == lease_id:
+            # ours already: an earlier take committed but its answer was lost (a timeout)
+            return Fence(held[0].create_revision)
         if held and held[0].value == self.node_id.encode() and held[0].lease != lease_id:
             # an earlier run of this node: it is gone, do not wait for its lease
             await self.store.kv.Txn(
@@ -657,6 +746,10 @@ class Election:
     ) -> AsyncIterator[Fence | None]:
         """Campaign under one lease until it is lost."""
         while not lost.is_set() and self._valid_for() > 0:
+            wait = self._stand_back_until - time.monotonic()
+            if wait > 0:
+                await _next_or_timeout(q, min(wait, 0.5))
+                continue
             try:
                 fence = await self._try_take(lease_id)
             except grpc.aio.AioRpcError as e:
@@ -682,7 +775,10 @@ class Election:
             return
 
     async def resign(self) -> None:
-        """Give the leader key up at once (revoke the lease), so another manager takes over."""
+        """Give the leader key up at once (revoke the lease), so another manager takes over: this
+        election then stays out of the race for 2 x ttl (and campaigns again after that, in case
+        no other manager did)."""
+        self._stand_back_until = time.monotonic() + 2 * self.ttl
         if self.lease_id:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await self.store.lease.LeaseRevoke(etcd_pb2.LeaseRevokeRequest(ID=self.lease_id), timeout=1.0)

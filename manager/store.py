@@ -1,15 +1,18 @@
 """The cluster store: object tables with indexes, atomic transactions, optimistic concurrency, watch.
 
-`StateMachine` is the deterministic part: every manager applies the same `StoreTransaction`s in the
-same (Raft) order and ends with the same tables. Preconditions -- a stale version, a duplicate name,
-a missing object -- are checked inside `apply`, on every replica alike, and a failing transaction
-changes nothing. Object `meta.version` is the store version of the transaction that last wrote it,
-and timestamps come from the transaction (the proposer's clock), so replicas agree bit for bit.
+`StateMachine` is the deterministic part: tables, indexes and the preconditions of a transaction
+-- a stale version, a duplicate name, a missing object, an overlapping subnet -- checked in `apply`
+(or, without changing anything, in `check`); a failing transaction changes nothing. `LocalStore`
+applies transactions to it directly (unit tests, benchmarks): object `meta.version` is then the
+store version of the transaction that last wrote it, timestamps come from the transaction.
 
-`Store` is what the rest of the manager uses: reads go to the local replica, writes are built with a
-`Tx` and proposed; `LocalStore` applies directly (one manager, unit tests, benchmarks) and the Raft
-store (`shoal.manager.raft`) replicates first. Objects returned by reads are the store's own:
-treat them as read-only and copy (`Message.CopyFrom`) before changing one for an update.
+On managers the store is `shoal.manager.etcdstore.EtcdStore`: the same `StateMachine` is its local
+cache, fed in order by etcd's watch (`apply_committed`), and `check` runs before each etcd
+transaction; `meta.version` is the etcd revision that last wrote the object.
+
+`Store` is what the rest of the manager uses: reads go to the local tables, writes are built with a
+`Tx` and proposed. Objects returned by reads are the store's own: treat them as read-only and copy
+(`Message.CopyFrom`) before changing one for an update.
 """
 
 from __future__ import annotations

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
+from etcd_cluster import CLUSTER, EtcdCluster, etcd_cluster
 
+from shoal.manager.ca import RootCA
 from shoal.manager.dispatcher import LEADER_ADDR_KEY, NODE_ID_KEY, Dispatcher
+from shoal.manager.etcdstore import Election
 from shoal.manager.store import LocalStore, Store, Tx
 from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_pb2, types_pb2
 
@@ -206,37 +207,40 @@ def test_without_insecure_flag_metadata_identity_is_ignored() -> None:
     run(main())
 
 
-def test_follower_refuses_with_leader_address(tmp_path: Path) -> None:
-    """A real Raft member that cannot win an election (its only peer is absent) is not the leader."""
-    from shoal.manager.raft import RaftStore
+@pytest.fixture
+def etcd1() -> Iterator[EtcdCluster]:
+    yield from etcd_cluster(RootCA.create(CLUSTER), 1)
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+
+@pytest.mark.integration
+def test_follower_refuses_with_leader_address(etcd1: EtcdCluster) -> None:
+    """A manager on a real etcd member whose leader key another manager holds is not the leader:
+    agents are sent to the leader's address."""
+    cluster = etcd1
+
+    class Mgr:
+        @staticmethod
+        def leader_api_addr() -> str:
+            return "127.0.0.9:2377"
 
     async def main() -> None:
-        st = RaftStore(tmp_path, f"127.0.0.1:{free_port()}", [f"127.0.0.1:{free_port()}"], "pw")
+        st = await cluster.store()
+        other = Election(await cluster.store(), "the-other-manager")
+        terms = other.terms()
+        assert await anext(terms) is not None  # the other manager leads
+        assert not st.is_leader()
+        async with serve(st, manager=Mgr()) as (_, addr):
+            c = Client(addr, "n1")
+            try:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await c.open()
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert dict(e.value.trailing_metadata())[LEADER_ADDR_KEY] == "127.0.0.9:2377"
+            finally:
+                await c.close()
+        await terms.aclose()
 
-        class Mgr:
-            @staticmethod
-            def leader_api_addr() -> str:
-                return "127.0.0.9:2377"
-
-        try:
-            async with serve(st, manager=Mgr()) as (_, addr):
-                c = Client(addr, "n1")
-                try:
-                    with pytest.raises(grpc.aio.AioRpcError) as e:
-                        await c.open()
-                    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-                    assert dict(e.value.trailing_metadata())[LEADER_ADDR_KEY] == "127.0.0.9:2377"
-                finally:
-                    await c.close()
-        finally:
-            st.close()
-
-    run(main())
+    cluster.run(main())
 
 
 def test_heartbeat_expiry_marks_node_down_and_session_reopens() -> None:

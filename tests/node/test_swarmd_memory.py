@@ -12,8 +12,8 @@ import sys
 from shoal.node import swarmd
 swarmd._lazy_pyroute2()
 import shoal.agent.agent, shoal.agent.engine, shoal.agent.network  # what a worker's swarmd runs
-heavy = sorted(m for m in sys.modules if m.startswith(("shoal.manager.manager", "shoal.manager.raft",
-               "pysyncobj", "pyroute2.ndb", "pyroute2.ipdb", "pyroute2.nftables", "sqlite3")))
+heavy = sorted(m for m in sys.modules if m.startswith(("shoal.manager.manager", "shoal.manager.etcdstore",
+               "shoal.manager.etcdmember", "pyroute2.ndb", "pyroute2.ipdb", "pyroute2.nftables", "sqlite3")))
 assert not heavy, heavy
 from pyroute2 import IPRoute, NetlinkError, netns
 import pyroute2.iproute.linux, pyroute2.netlink.exceptions
