@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import getpass
 import json
 import os
 import shlex
@@ -215,19 +216,47 @@ def cluster_inspect(c: Client, args: argparse.Namespace) -> None:
         print(f"Default address pool:\t{', '.join(s.default_address_pool) or '10.0.0.0/8 (default)'}")
         print(f"Subnet size:\t\t{s.subnet_size or 24}")
         print(f"CA digest:\t\t{cl.root_ca.ca_cert_hash}")
+        print(f"Autolock:\t\t{str(s.encryption_config.autolock_managers).lower()}")
     else:
         out.print_json(cl)
 
 
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("true", "1", "yes", "on"):
+        return True
+    if t in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean: give true or false")
+
+
+BOOL = typed(_bool, "boolean")
+
+
+def _print_unlock_command(key: str) -> None:
+    print("To unlock a swarm manager after it restarts, run the `swarmctl cluster unlock` command and "
+          f"provide the following key:\n\n    {key}\n\nRemember to store this key in a password manager, "
+          "since without it you will not be able to restart the manager.")
+
+
 def cluster_update(c: Client, args: argparse.Namespace) -> None:
-    cl = _retrying(lambda: _cluster_update_once(c, args))
+    autolock_was: list[bool] = []
+    cl = _retrying(lambda: _cluster_update_once(c, args, autolock_was))
+    if cl.spec.encryption_config.autolock_managers and autolock_was and not autolock_was[-1]:
+        key = c.call("GetUnlockKey", control_pb2.GetUnlockKeyRequest()).unlock_key
+        print("Swarm updated.")
+        _print_unlock_command(key)
+        return
     print(cl.spec.annotations.name or cl.id)
 
 
-def _cluster_update_once(c: Client, args: argparse.Namespace) -> objects_pb2.Cluster:
+def _cluster_update_once(c: Client, args: argparse.Namespace, autolock_was: list[bool]) -> objects_pb2.Cluster:
     cl = c.call("GetCluster", control_pb2.GetClusterRequest()).cluster
+    autolock_was.append(cl.spec.encryption_config.autolock_managers)
     spec = specs_pb2.ClusterSpec()
     spec.CopyFrom(cl.spec)
+    if args.autolock is not None:
+        spec.encryption_config.autolock_managers = args.autolock
     if args.task_history_limit is not None:
         spec.orchestration.task_history_retention_limit = args.task_history_limit
     if args.heartbeat_period is not None:
@@ -247,6 +276,41 @@ def _cluster_update_once(c: Client, args: argparse.Namespace) -> objects_pb2.Clu
     return c.call("UpdateCluster", control_pb2.UpdateClusterRequest(
         cluster_version=cl.meta.version, spec=spec, rotate_worker_token=args.rotate_worker_token,
         rotate_manager_token=args.rotate_manager_token)).cluster
+
+
+def cluster_unlock(c: Client, args: argparse.Namespace) -> None:
+    if sys.stdin.isatty():
+        key = getpass.getpass("Please enter unlock key: ")
+    else:
+        key = sys.stdin.readline()
+    key = key.strip()
+    if not key:
+        raise CliError("no unlock key given: type it at the prompt or pipe it on stdin "
+                       "(`swarmctl cluster unlock-key` on an unlocked manager shows it)")
+    c.call("UnlockCluster", control_pb2.UnlockClusterRequest(unlock_key=key))
+
+
+def cluster_unlock_key(c: Client, args: argparse.Namespace) -> None:
+    if args.rotate:
+        def rotate() -> objects_pb2.Cluster:
+            cur = c.call("GetCluster", control_pb2.GetClusterRequest()).cluster
+            if not cur.spec.encryption_config.autolock_managers:
+                raise CliError("cannot rotate because autolock is not turned on: "
+                               "run `swarmctl cluster update --autolock=true`")
+            req = control_pb2.UpdateClusterRequest(cluster_version=cur.meta.version, spec=cur.spec,
+                                                   rotate_unlock_key=True)
+            return c.call("UpdateCluster", req).cluster
+
+        _retrying(rotate)
+        if not args.quiet:
+            print("Successfully rotated manager unlock key.\n")
+    key = c.call("GetUnlockKey", control_pb2.GetUnlockKeyRequest()).unlock_key
+    if not key:
+        raise CliError("no unlock key is set: autolock is off (turn it on with `swarmctl cluster update --autolock=true`)")
+    if args.quiet:
+        print(key)
+        return
+    _print_unlock_command(key)
 
 
 def swarm_join_token(c: Client, args: argparse.Namespace) -> None:
@@ -1118,6 +1182,12 @@ def build_parser() -> Parser:
     p.add_argument("--label-rm", action="append", help="remove a cluster label")
     p.add_argument("--rotate-worker-token", action="store_true", help="rotate the worker join token")
     p.add_argument("--rotate-manager-token", action="store_true", help="rotate the manager join token")
+    p.add_argument("--autolock", type=BOOL, nargs="?", const=True, default=None, metavar="true|false",
+                   help="lock restarted managers until `swarmctl cluster unlock` gives them the unlock key")
+    p = leaf(sub, "unlock", cluster_unlock, "unlock a locked manager (reads the unlock key from stdin or a prompt)")
+    p = leaf(sub, "unlock-key", cluster_unlock_key, "show (or rotate) the managers' unlock key")
+    p.add_argument("-q", "--quiet", action="store_true", help="only show the key")
+    p.add_argument("--rotate", action="store_true", help="replace the unlock key with a new one")
 
     # swarm
     sub = group("swarm", "swarm-wide commands")

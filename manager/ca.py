@@ -415,6 +415,7 @@ class IssuedNode:
     raft_key: bytes = b""
     raft_peers: tuple[str, ...] = ()
     cluster_id: str = ""
+    data_key: bytes = b""  # managers only: the store's data key (see shoal.manager.encryption)
 
 
 # (csr, token, hostname, advertise_addr, raft_addr, authenticated caller or None) -> IssuedNode
@@ -453,6 +454,7 @@ class CAServicer(ca_pb2_grpc.CAServicer):
             raft_key=issued.raft_key,
             raft_peers=list(issued.raft_peers),
             cluster_id=issued.cluster_id,
+            data_key=issued.data_key if issued.role == types_pb2.MANAGER else b"",
         )
 
 

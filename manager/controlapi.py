@@ -15,8 +15,8 @@ Semantics follow SwarmKit's controlapi:
   transaction (agents stop them, the task reaper deletes them);
 - a network, secret or config still used cannot be removed (FAILED_PRECONDITION);
 - a READY node cannot be removed without force, and a manager must be demoted first;
-- secrets never carry their data out, and the cluster never carries its CA key, Raft key or network
-  bootstrap keys out; networks, tasks and nodes never carry IPsec keys of encrypted networks out
+- secrets never carry their data out, and the cluster never carries its CA key, Raft key, network
+  bootstrap keys or unlock key out (the unlock key only through `GetUnlockKey`); networks, tasks and nodes never carry IPsec keys of encrypted networks out
   (`keymanager.public`; `keys_rotated_at` stays visible).
 
 `manager` (optional) gives Raft facts to `Info`: it may have `node_id` (str) and `info()` returning
@@ -39,6 +39,7 @@ from google.protobuf.message import Message
 
 from shoal.manager import validation
 from shoal.manager.allocator import allocate_network
+from shoal.manager.encryption import format_unlock_key, new_unlock_key
 from shoal.manager.keymanager import public
 from shoal.manager.store import (
     AlreadyExists,
@@ -68,8 +69,16 @@ def _copy(msg: M) -> M:
     return out
 
 
+# Reads (Get*, List*, Info) are linearizable: they see every write acknowledged before they began.
+# Without a quorum they still answer, from this manager's copy, with this trailing metadata key
+# saying so (swarmctl prints it as a warning).
+READ_PREFIXES = ("Get", "List", "Info")
+STALE_KEY = "x-shoal-stale"
+
+
 def rpc(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Turn store and validation errors into gRPC status codes carrying their sentence."""
+    """Turn store and validation errors into gRPC status codes carrying their sentence; make reads
+    linearizable (see READ_PREFIXES)."""
 
     @functools.wraps(fn)
     async def wrapper(self: ControlServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -82,6 +91,10 @@ def rpc(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
                 "TLS identity or its local socket",
             )
         try:
+            if fn.__name__.startswith(READ_PREFIXES):
+                stale = await self.store.read_barrier()
+                if stale is not None:
+                    context.set_trailing_metadata(((STALE_KEY, stale),))
             return await fn(self, request, context)
         except StoreError as e:
             code = getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN)
@@ -602,6 +615,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         out.root_ca.ClearField("ca_key")
         out.ClearField("raft_key")
         out.ClearField("network_bootstrap_keys")
+        out.ClearField("unlock_key")
         return out
 
     def _cluster(self) -> objects_pb2.Cluster:
@@ -621,6 +635,11 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         if not request.HasField("spec"):
             raise InvalidArgument("cluster update has no spec: send the cluster's whole spec with the changes")
         validation.validate_cluster_spec(request.spec)
+        if request.rotate_unlock_key and not request.spec.encryption_config.autolock_managers:
+            raise Conflict(
+                "cannot rotate the unlock key because autolock is not turned on: "
+                "run `swarmctl cluster update --autolock=true`"
+            )
         rotate = request.rotate_worker_token or request.rotate_manager_token
         generate = None
         if rotate:
@@ -646,14 +665,39 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                     cluster.root_ca.join_tokens.worker = generate(cluster.root_ca.ca_cert)
                 if request.rotate_manager_token:
                     cluster.root_ca.join_tokens.manager = generate(cluster.root_ca.ca_cert)
+            # Autolock: the managers' unlock key exists exactly while autolock is on (each manager
+            # follows it and re-wraps its data key; see Manager._follow_unlock_key).
+            if spec.encryption_config.autolock_managers:
+                if not cluster.unlock_key or request.rotate_unlock_key:
+                    cluster.unlock_key = new_unlock_key()
+            else:
+                cluster.ClearField("unlock_key")
             if cluster != tx.sm.get("cluster", cluster.id):
                 tx.update(cluster)
             return cluster
 
         cluster = await self._commit(fn)
-        log.info("cluster updated id=%s rotate_worker=%s rotate_manager=%s", cluster.id,
-                 request.rotate_worker_token, request.rotate_manager_token)
+        log.info("cluster updated id=%s rotate_worker=%s rotate_manager=%s autolock=%s rotate_unlock_key=%s",
+                 cluster.id, request.rotate_worker_token, request.rotate_manager_token,
+                 cluster.spec.encryption_config.autolock_managers, request.rotate_unlock_key)
         return control_pb2.UpdateClusterResponse(cluster=self._redact_cluster(self.store.get("cluster", cluster.id)))
+
+    @rpc
+    async def GetUnlockKey(
+        self, request: control_pb2.GetUnlockKeyRequest, context: Any
+    ) -> control_pb2.GetUnlockKeyResponse:
+        cluster = self._cluster()
+        key = ""
+        if cluster.spec.encryption_config.autolock_managers and cluster.unlock_key:
+            key = format_unlock_key(cluster.unlock_key)
+        return control_pb2.GetUnlockKeyResponse(unlock_key=key, version=cluster.meta.version)
+
+    @rpc
+    async def UnlockCluster(
+        self, request: control_pb2.UnlockClusterRequest, context: Any
+    ) -> control_pb2.UnlockClusterResponse:
+        # A locked manager answers this from swarmd (before its manager role starts); here it runs.
+        raise Conflict("this manager is not locked")
 
     # ---- info ----------------------------------------------------------------------------------
     @rpc

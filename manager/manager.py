@@ -24,6 +24,11 @@ the key is gone, so a paused or cut-off old leader never commits after a new one
 leader first waits until its cache holds the revision it won at; loops are cancelled when the key
 is lost and built afresh on the next term. A loop that raises is logged and restarted after 1 s.
 
+Encryption at rest: the store seals every value with `cfg.data_key` (`encryption.DataKeyCodec`), and
+every manager (not only the leader) follows the Cluster object's autolock setting and unlock key,
+re-wrapping `<state_dir>/keys/dek` as they change (`_follow_unlock_key`). A joining or promoted
+manager receives the data key in its CA answer (`IssuedNode.data_key`).
+
 Two loops of this module: `RoleManager` reconciles etcd membership with each node's
 `spec.desired_role` (promote: role=MANAGER, the node then renews its certificate and joins as a
 learner, promoted to a voter once caught up; demote: role=WORKER, then the member is removed --
@@ -52,6 +57,7 @@ from shoal.manager import ca
 from shoal.manager.allocator import Allocator
 from shoal.manager.controlapi import ControlServicer
 from shoal.manager.dispatcher import Dispatcher
+from shoal.manager.encryption import DataKeyCodec, KeyDir
 from shoal.manager.etcdmember import EtcdConfig, EtcdMember
 from shoal.manager.etcdstore import Election, EtcdStore, Fence, rpc_unavailable
 from shoal.manager.keymanager import KeyManager
@@ -123,6 +129,9 @@ class ManagerConfig:
     hostname: str = ""
     write_timeout: float = 4.0
     lease_ttl: int = 2
+    # The store's data key (32 bytes, the same on every manager): every value in etcd is sealed
+    # with it (`encryption.DataKeyCodec`). swarmd reads it from <state_dir>/keys.
+    data_key: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -339,6 +348,8 @@ class Manager:
         """Start the member and the store, write `bootstrap` (a new cluster's first objects) if
         given, then open the APIs: once this returns, the control socket answers for a ready node."""
         cfg = self.cfg
+        if not cfg.data_key:
+            raise ValueError("ManagerConfig.data_key is empty: swarmd passes the data key from <state_dir>/keys")
         self.member = EtcdMember(self._etcd_config())
         if self.member.has_data and not cfg.force_new_cluster:
             # A restart: the member answers only once a quorum of members runs, however long
@@ -350,8 +361,8 @@ class Manager:
         else:
             await self.member.start()
             self._tasks.append(asyncio.create_task(self.member.run(), name="etcd-member"))
-        self.store = EtcdStore(self.member.client_target, write_timeout=cfg.write_timeout,
-                               quorum_message=self._quorum_message)
+        self.store = EtcdStore(self.member.client_target, codec=DataKeyCodec(cfg.data_key),
+                               write_timeout=cfg.write_timeout, quorum_message=self._quorum_message)
         await self.store.start()
         self.election = Election(self.store, self.node_id, ttl=cfg.lease_ttl)
         try:
@@ -361,6 +372,7 @@ class Manager:
         self._tasks.append(asyncio.create_task(self._status_loop(), name="store-status"))
         if bootstrap is not None:
             await self.bootstrap(*bootstrap)
+        self._tasks.append(asyncio.create_task(self._follow_unlock_key(), name="unlock-key"))
         self.control = ControlServicer(self.store, manager=self)
         self.dispatcher = Dispatcher(self.store, manager=self)
         self.logbroker = LogBroker(self.store, manager=self)
@@ -462,6 +474,36 @@ class Manager:
                 await asyncio.sleep(0.2)
         log.info("node=%s cluster %s created", self.node_id, cluster.id)
 
+    # ---- encryption at rest ----------------------------------------------------------------------
+    async def _follow_unlock_key(self) -> None:
+        """Keep `<state_dir>/keys` as the Cluster object wants it: the data key wrapped with the
+        cluster's unlock key and no `keys/kek` while autolock is on, with a random KEK in `keys/kek`
+        while it is off; re-wrapped when the unlock key is rotated. One log line per change."""
+        keys = KeyDir(self.cfg.state_dir / "keys")
+        watcher = self.raft.watch(["cluster"])
+        try:
+            while True:
+                retry: float | None = None
+                cluster = self.raft.cluster()
+                if cluster is not None:
+                    autolock = cluster.spec.encryption_config.autolock_managers and bool(cluster.unlock_key)
+                    try:
+                        change = keys.sync(self.cfg.data_key, cluster.unlock_key if autolock else None)
+                        if change:
+                            log.info("node=%s %s", self.node_id, change)
+                    except OSError as e:
+                        log.error("node=%s cannot write the data key to %s: %s; retrying in 5 s",
+                                  self.node_id, keys.path, e)
+                        retry = 5.0
+                try:
+                    async with asyncio.timeout(retry):
+                        if await watcher.queue.get() is None:
+                            return
+                except TimeoutError:
+                    pass
+        finally:
+            watcher.close()
+
     # ---- CA --------------------------------------------------------------------------------------
     def _root_ca_pem(self) -> bytes:
         cluster = self.raft.cluster()
@@ -506,7 +548,8 @@ class Manager:
             "node=%s issued a %s certificate to new node %s (%s)",
             self.node_id, types_pb2.NodeRole.Name(role).lower(), node_id, req.hostname or "-",
         )
-        issued = ca.IssuedNode(node_id, cert, role, cluster_id=cluster.id)
+        issued = ca.IssuedNode(node_id, cert, role, cluster_id=cluster.id,
+                               data_key=self.cfg.data_key if role == types_pb2.MANAGER else b"")
         if role == types_pb2.MANAGER:
             await self._admit_manager(req.raft_addr, issued, cluster)
         return issued
@@ -571,7 +614,8 @@ class Manager:
         if node.role == types_pb2.MANAGER and not req.raft_addr:
             raise ca.JoinError("a promoted node must send its store peer address (raft_addr) to renew")
         await self.raft.update(fn)
-        issued = ca.IssuedNode(node.id, cert, node.role, cluster_id=cluster.id)
+        issued = ca.IssuedNode(node.id, cert, node.role, cluster_id=cluster.id,
+                               data_key=self.cfg.data_key if node.role == types_pb2.MANAGER else b"")
         log.info("node=%s renewed node %s as %s", self.node_id, node.id, types_pb2.NodeRole.Name(node.role).lower())
         if node.role == types_pb2.MANAGER:
             await self._admit_manager(req.raft_addr, issued, cluster)
@@ -680,6 +724,8 @@ class ManagerStatusLoop:
             self.manager.unsubscribe(q)
 
     async def reconcile(self, st: StoreStatus) -> None:
+        if not st.members:  # no view of the store's members yet: nothing to say about anyone
+            return
         members = {m.addr: m for m in st.members}
         changed: list[objects_pb2.Node] = []
         for n in self.store.find("node"):
@@ -758,15 +804,15 @@ class RoleManager:
             if n.spec.desired_role == types_pb2.MANAGER and n.role == types_pb2.WORKER:
                 await self._set_role(n, types_pb2.MANAGER)
             elif n.spec.desired_role == types_pb2.WORKER and n.role == types_pb2.MANAGER:
+                managers = [x for x in nodes if x.role == types_pb2.MANAGER]
+                if len(managers) <= 1:
+                    log.warning("node=%s refusing to demote %s: it is the last manager", me, n.id)
+                    continue
                 if n.id == me:
                     log.info("node=%s is being demoted: resigning the control loops first", me)
                     assert self.manager.election is not None
                     await self.manager.election.resign()
                     return
-                managers = [x for x in nodes if x.role == types_pb2.MANAGER]
-                if len(managers) <= 1:
-                    log.warning("node=%s refusing to demote %s: it is the last manager", me, n.id)
-                    continue
                 remaining = [m for a, m in members.items() if a != n.manager_status.addr and not m.learner]
                 reachable = sum(1 for m in remaining if m.reachable)
                 if remaining and reachable * 2 <= len(remaining):
@@ -778,6 +824,8 @@ class RoleManager:
                 await self._set_role(n, types_pb2.WORKER)
                 self._demoted_at[n.manager_status.addr] = time.monotonic()
         api = self.manager.raft.cluster_api
+        if any(m.learner for m in st.members):
+            await self._check_fence()
         for m in st.members:  # learners become voters once etcd finds them caught up
             if m.learner:
                 try:
@@ -800,6 +848,7 @@ class RoleManager:
                 first = self._orphans.setdefault(addr, now)
                 if now - first < self.ORPHAN_GRACE:
                     continue
+            await self._check_fence()
             await api.MemberRemove(etcd_pb2.MemberRemoveRequest(ID=m.id), timeout=self.manager.cfg.write_timeout)
             self._orphans.pop(addr, None)
             log.info("node=%s removed store member %s (no manager node owns it any more)", me, addr)
@@ -807,6 +856,25 @@ class RoleManager:
             for n in nodes:
                 if n.role == types_pb2.WORKER and n.manager_status.addr == addr:
                     await self._clear_manager_status(n.id)
+
+    async def _check_fence(self) -> None:
+        """Membership calls are not store writes, so the lease fence does not guard them: before one,
+        check with a linearizable read that this manager still holds the leader key of its term (a
+        paused or cut-off old leader must not remove members on a stale view). Raises FenceLost."""
+        from shoal.manager.etcdstore import LEADER_KEY, FenceLost
+
+        fence = getattr(self.store, "fence", None)
+        if fence is None:  # an unfenced store (tests of the loop alone)
+            return
+        held = etcd_pb2.Compare(key=LEADER_KEY, target=etcd_pb2.Compare.CREATE, result=etcd_pb2.Compare.EQUAL,
+                                create_revision=fence.revision)
+        try:
+            resp = await self.manager.raft.kv.Txn(etcd_pb2.TxnRequest(compare=[held]), timeout=2.0)
+        except grpc.aio.AioRpcError as e:
+            raise rpc_unavailable(e, "leader lease check before a membership change") from None
+        if not resp.succeeded:
+            raise FenceLost("this manager no longer holds the leader lease: membership changes are left to "
+                            "the new leader")
 
     async def _set_role(self, n: objects_pb2.Node, role: int) -> None:
         def fn(tx: Tx) -> None:

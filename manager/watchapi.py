@@ -19,7 +19,8 @@ log = logging.getLogger("shoal.watchapi")
 
 
 def redact(ev: watch_pb2.WatchEvent) -> watch_pb2.WatchEvent:
-    """The event without secret data, the CA key, the cluster's keys or networks' IPsec keys."""
+    """The event without secret data, the CA key, the cluster's keys (unlock key included) or networks'
+    IPsec keys."""
     for obj in (ev.object, ev.old_object):
         kind = obj.WhichOneof("object")
         if kind == "secret":
@@ -28,6 +29,7 @@ def redact(ev: watch_pb2.WatchEvent) -> watch_pb2.WatchEvent:
             obj.cluster.root_ca.ClearField("ca_key")
             obj.cluster.ClearField("raft_key")
             obj.cluster.ClearField("network_bootstrap_keys")
+            obj.cluster.ClearField("unlock_key")
         elif kind in ("network", "task", "node"):
             strip_keys(getattr(obj, kind))
     return ev

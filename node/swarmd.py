@@ -13,14 +13,19 @@ resumes its identity and state (the join flags are then ignored). SIGTERM/SIGINT
 keeping everything in it -- the way back from a lost quorum.
 
 State dir: `node.json` (identity and addresses), `certificates/` (node key 0600, certificate, root
-CA), `etcd/` (managers: the etcd member's data, its client socket, its log), `swarmd.sock` (control
-API, 0600).
+CA), `keys/` (managers: the store's data key, wrapped; see `shoal.manager.encryption`), `etcd/`
+(managers: the etcd member's data, its client socket, its log), `swarmd.sock` (control API, 0600).
+
+Autolock: a manager whose `keys/dek` is locked (the cluster has autolock on) starts nothing of the
+node -- no etcd member, no agent -- and serves only `UnlockCluster` on its control socket (every
+other RPC: FAILED_PRECONDITION, "this manager is locked"); the right unlock key continues the start.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import importlib
 import importlib.util
@@ -41,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from shoal.manager import ca
-from shoal.proto import ca_pb2, ca_pb2_grpc, objects_pb2, specs_pb2, store_pb2, types_pb2
+from shoal.proto import ca_pb2, ca_pb2_grpc, control_pb2, objects_pb2, specs_pb2, store_pb2, types_pb2
 
 if TYPE_CHECKING:  # the manager role (store, control API, leader loops) is imported on managers only
     from shoal.manager.manager import Manager
@@ -51,6 +56,7 @@ log = logging.getLogger("shoal.swarmd")
 DEFAULT_API_PORT = 2377
 DEFAULT_PEER_PORT = 2380
 ROLE_CHECK_PERIOD = 2.0
+LOCKED_MESSAGE = "this manager is locked: run `swarmctl cluster unlock` and give it the unlock key"
 
 
 @dataclass
@@ -314,6 +320,9 @@ class Swarmd:
         cert = root.issue(ca.make_csr(key), node_id, types_pb2.MANAGER, cluster_id, ips=cert_ips(raft_addr))
         self.identity = ca.TLSIdentity(key, cert, root.cert_pem)
         self.identity.save(self.dir / "certificates")
+        from shoal.manager.encryption import KeyDir, new_data_key
+
+        KeyDir(self.dir / "keys").create(new_data_key())  # the store's data key, before anything is written
         pool = self.args.default_addr_pool or "10.0.0.0/8"
         try:
             ipaddress.ip_network(pool)
@@ -392,6 +401,13 @@ class Swarmd:
         role = "manager" if resp.role == types_pb2.MANAGER else "worker"
         if role == "manager":
             self._initial_cluster = list(resp.raft_peers)
+            if not resp.data_key:
+                raise SystemExit(f"the manager at {a.join_addr} sent no data key for the store: "
+                                 "join through a manager running the same swarmd version")
+            from shoal.manager.encryption import KeyDir
+
+            # A random KEK first; the manager re-wraps it with the unlock key if autolock is on.
+            KeyDir(self.dir / "keys").create(resp.data_key)
         self.state = NodeState(
             resp.node_id, resp.cluster_id, role, hostname, listen, advertise,
             raft_addr if role == "manager" else "", raft_listen if role == "manager" else "",
@@ -402,12 +418,18 @@ class Swarmd:
 
     # ---- roles ---------------------------------------------------------------------------------
     async def start_manager(
-        self, initial_cluster: list[str] | None = None, bootstrap: tuple[Any, Any] | None = None
+        self, initial_cluster: list[str] | None = None, bootstrap: tuple[Any, Any] | None = None,
+        data_key: bytes | None = None,
     ) -> None:
+        from shoal.manager.encryption import KeyDir
         from shoal.manager.manager import Manager, ManagerConfig  # not loaded on a worker
 
         st, ident = self.state, self.identity
         assert st is not None and ident is not None
+        if data_key is None:
+            data_key = KeyDir(self.dir / "keys").load()
+            if data_key is None:
+                raise RuntimeError("the manager's data key is locked: start it through start_manager_unlocked")
         log.info("starting the manager role")
         self.manager = Manager(
             ManagerConfig(
@@ -422,9 +444,89 @@ class Swarmd:
                 force_new_cluster=self.args.force_new_cluster,
                 control_socket=Path(self.args.listen_control_api) if self.args.listen_control_api else None,
                 hostname=st.hostname,
+                data_key=data_key,
             )
         )
         await self.manager.start(bootstrap)
+
+    def _control_socket(self) -> Path:
+        return Path(self.args.listen_control_api) if self.args.listen_control_api else self.dir / "swarmd.sock"
+
+    async def start_manager_unlocked(
+        self, initial_cluster: list[str] | None = None, bootstrap: tuple[Any, Any] | None = None
+    ) -> bool:
+        """`start_manager` with the data key from `keys/`. A locked key (autolock) first waits for
+        the unlock key: only `UnlockCluster` is served on the control socket meanwhile, nothing else
+        of the node runs. False if the daemon was told to stop while locked."""
+        from shoal.manager.encryption import KeyDir, KeyFileError
+
+        keys = KeyDir(self.dir / "keys")
+        try:
+            data_key = keys.load()
+        except KeyFileError as e:
+            raise SystemExit(f"cannot start the manager role: {e}") from None
+        if data_key is None:
+            data_key = await self._wait_for_unlock(keys)
+            if data_key is None:
+                return False
+        await self.start_manager(initial_cluster, bootstrap, data_key=data_key)
+        return True
+
+    async def _wait_for_unlock(self, keys: Any) -> bytes | None:
+        """Serve the locked control socket until a right unlock key arrives (the data key) or the
+        daemon is told to stop (None)."""
+        from shoal.manager.encryption import InvalidUnlockKey
+
+        unlocked: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def unlock(request: control_pb2.UnlockClusterRequest, context: Any) -> control_pb2.UnlockClusterResponse:
+            if unlocked.done():
+                return control_pb2.UnlockClusterResponse()
+            try:
+                dek = keys.unlock(request.unlock_key)
+            except InvalidUnlockKey as e:
+                log.warning("unlock refused: %s", e)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            log.info("unlock key accepted: starting the manager role")
+            unlocked.set_result(dek)
+            return control_pb2.UnlockClusterResponse()
+
+        async def locked(request_iterator: Any, context: Any) -> None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, LOCKED_MESSAGE)
+
+        class Handler(grpc.GenericRpcHandler):
+            def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+                if details.method == "/shoal.Control/UnlockCluster":
+                    return grpc.unary_unary_rpc_method_handler(
+                        unlock, request_deserializer=control_pb2.UnlockClusterRequest.FromString,
+                        response_serializer=control_pb2.UnlockClusterResponse.SerializeToString,
+                    )
+                return grpc.stream_stream_rpc_method_handler(locked)
+
+        sock = self._control_socket()
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        if sock.exists() or sock.is_symlink():
+            sock.unlink()
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((Handler(),))
+        old_umask = os.umask(0o177)
+        try:
+            server.add_insecure_port(f"unix:{sock}")
+            await server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(sock, 0o600)
+        log.warning("this manager is locked (autolock): nothing runs until `swarmctl cluster unlock` "
+                    "gives it the unlock key on %s", sock)
+        stop = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            await asyncio.wait({unlocked, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            await server.stop(1.0)  # the grace lets the accepted unlock answer reach the client
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+        return unlocked.result() if unlocked.done() else None
 
     async def stop_manager(self) -> None:
         if self.manager is not None:
@@ -442,17 +544,24 @@ class Swarmd:
             if resp is None or not resp.certificate or resp.role == self.identity.role:
                 continue
             new_role = "manager" if resp.role == types_pb2.MANAGER else "worker"
+            if new_role == "manager" and not resp.data_key:
+                log.error("promoted, but the manager sent no data key for the store: retrying")
+                continue
             log.info("role changed to %s: switching", new_role)
             self.identity = ca.TLSIdentity(self.identity.key_pem, resp.certificate, self.identity.ca_pem)
             self.identity.save(self.dir / "certificates")
             if new_role == "manager":
                 shutil.rmtree(self.dir / "etcd", ignore_errors=True)  # a member of an earlier term
+                from shoal.manager.encryption import KeyDir
+
+                KeyDir(self.dir / "keys").create(resp.data_key)  # re-wrapped by the manager if autolocked
                 self.state.role = "manager"
                 self.state.save(self.dir)
                 await self.start_manager(list(resp.raft_peers))
             else:
                 await self.stop_manager()
                 shutil.rmtree(self.dir / "etcd", ignore_errors=True)
+                shutil.rmtree(self.dir / "keys", ignore_errors=True)  # a worker holds no data key
                 self.state.role = "worker"
                 self.state.save(self.dir)
             log.info("now a %s", new_role)
@@ -498,11 +607,30 @@ class Swarmd:
         return None
 
     # ---- run -----------------------------------------------------------------------------------
+    def _check_force_new_cluster(self) -> None:
+        """--force-new-cluster restarts an existing manager's store alone, keeping its data. Refuse it
+        where there is no such store (a mistyped -d would otherwise create a new, empty swarm)."""
+        st = NodeState.load(self.dir)
+        if st is None:
+            raise SystemExit(f"--force-new-cluster restarts the store of an existing manager, but {self.dir} holds "
+                             "no node: give the state dir (-d) of a surviving manager")
+        if st.role != "manager":
+            raise SystemExit(f"--force-new-cluster is for a manager: node {st.node_id} in {self.dir} is a worker")
+        wal = self.dir / "etcd" / "data" / "member" / "wal"  # = EtcdMember.has_data
+        if not (wal.is_dir() and any(wal.glob("*.wal"))):
+            raise SystemExit(f"--force-new-cluster keeps this manager's store data, but {self.dir / 'etcd'} holds "
+                             "none: restore the state dir from a backup instead")
+        log.warning("--force-new-cluster: the store of manager %s restarts as a cluster of this member alone, "
+                    "keeping its data; remove the lost managers (node demote, then node rm --force) and join "
+                    "new ones. Do not keep the flag for later starts.", st.node_id)
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         _memdebug_install()
+        if self.args.force_new_cluster:
+            self._check_force_new_cluster()
         await self.setup()
         st = self.state
         assert st is not None and self.identity is not None
@@ -513,7 +641,12 @@ class Swarmd:
                     pending = store_pb2.StoreSnapshot.FromString((self.dir / "bootstrap.pb").read_bytes())
                     bootstrap = (pending.objects[0].cluster, pending.objects[1].node)
                 try:
-                    await self.start_manager(getattr(self, "_initial_cluster", None), bootstrap)
+                    if not await self.start_manager_unlocked(getattr(self, "_initial_cluster", None), bootstrap):
+                        log.info("stopped while locked")
+                        return 0
+                    # --force-new-cluster is spent: a manager role started later by this process (after
+                    # a demotion and a promotion) joins the cluster as any member does.
+                    self.args.force_new_cluster = False
                 except OSError as e:
                     log.error("cannot start the manager role: %s", e)
                     raise SystemExit(

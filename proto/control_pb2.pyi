@@ -332,22 +332,46 @@ class GetClusterResponse(_message.Message):
     def __init__(self, cluster: _Optional[_Union[_objects_pb2.Cluster, _Mapping]] = ...) -> None: ...
 
 class UpdateClusterRequest(_message.Message):
-    __slots__ = ("cluster_version", "spec", "rotate_worker_token", "rotate_manager_token")
+    __slots__ = ("cluster_version", "spec", "rotate_worker_token", "rotate_manager_token", "rotate_unlock_key")
     CLUSTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     ROTATE_WORKER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ROTATE_MANAGER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ROTATE_UNLOCK_KEY_FIELD_NUMBER: _ClassVar[int]
     cluster_version: int
     spec: _specs_pb2.ClusterSpec
     rotate_worker_token: bool
     rotate_manager_token: bool
-    def __init__(self, cluster_version: _Optional[int] = ..., spec: _Optional[_Union[_specs_pb2.ClusterSpec, _Mapping]] = ..., rotate_worker_token: _Optional[bool] = ..., rotate_manager_token: _Optional[bool] = ...) -> None: ...
+    rotate_unlock_key: bool
+    def __init__(self, cluster_version: _Optional[int] = ..., spec: _Optional[_Union[_specs_pb2.ClusterSpec, _Mapping]] = ..., rotate_worker_token: _Optional[bool] = ..., rotate_manager_token: _Optional[bool] = ..., rotate_unlock_key: _Optional[bool] = ...) -> None: ...
 
 class UpdateClusterResponse(_message.Message):
     __slots__ = ("cluster",)
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     cluster: _objects_pb2.Cluster
     def __init__(self, cluster: _Optional[_Union[_objects_pb2.Cluster, _Mapping]] = ...) -> None: ...
+
+class GetUnlockKeyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetUnlockKeyResponse(_message.Message):
+    __slots__ = ("unlock_key", "version")
+    UNLOCK_KEY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    unlock_key: str
+    version: int
+    def __init__(self, unlock_key: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class UnlockClusterRequest(_message.Message):
+    __slots__ = ("unlock_key",)
+    UNLOCK_KEY_FIELD_NUMBER: _ClassVar[int]
+    unlock_key: str
+    def __init__(self, unlock_key: _Optional[str] = ...) -> None: ...
+
+class UnlockClusterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class RaftMember(_message.Message):
     __slots__ = ("node_id", "addr", "leader", "reachable")

@@ -159,6 +159,16 @@ class ControlStub:
                 request_serializer=control__pb2.UpdateClusterRequest.SerializeToString,
                 response_deserializer=control__pb2.UpdateClusterResponse.FromString,
                 _registered_method=True)
+        self.GetUnlockKey = channel.unary_unary(
+                '/shoal.Control/GetUnlockKey',
+                request_serializer=control__pb2.GetUnlockKeyRequest.SerializeToString,
+                response_deserializer=control__pb2.GetUnlockKeyResponse.FromString,
+                _registered_method=True)
+        self.UnlockCluster = channel.unary_unary(
+                '/shoal.Control/UnlockCluster',
+                request_serializer=control__pb2.UnlockClusterRequest.SerializeToString,
+                response_deserializer=control__pb2.UnlockClusterResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/shoal.Control/Info',
                 request_serializer=control__pb2.InfoRequest.SerializeToString,
@@ -319,6 +329,18 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUnlockKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnlockCluster(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -452,6 +474,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.UpdateCluster,
                     request_deserializer=control__pb2.UpdateClusterRequest.FromString,
                     response_serializer=control__pb2.UpdateClusterResponse.SerializeToString,
+            ),
+            'GetUnlockKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUnlockKey,
+                    request_deserializer=control__pb2.GetUnlockKeyRequest.FromString,
+                    response_serializer=control__pb2.GetUnlockKeyResponse.SerializeToString,
+            ),
+            'UnlockCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnlockCluster,
+                    request_deserializer=control__pb2.UnlockClusterRequest.FromString,
+                    response_serializer=control__pb2.UnlockClusterResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -1134,6 +1166,60 @@ class Control:
             '/shoal.Control/UpdateCluster',
             control__pb2.UpdateClusterRequest.SerializeToString,
             control__pb2.UpdateClusterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUnlockKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.Control/GetUnlockKey',
+            control__pb2.GetUnlockKeyRequest.SerializeToString,
+            control__pb2.GetUnlockKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnlockCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.Control/UnlockCluster',
+            control__pb2.UnlockClusterRequest.SerializeToString,
+            control__pb2.UnlockClusterResponse.FromString,
             options,
             channel_credentials,
             insecure,

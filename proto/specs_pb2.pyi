@@ -89,7 +89,7 @@ class ConfigSpec(_message.Message):
     def __init__(self, annotations: _Optional[_Union[_types_pb2.Annotations, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ClusterSpec(_message.Message):
-    __slots__ = ("annotations", "orchestration", "dispatcher", "ca_config", "default_address_pool", "subnet_size", "network_encryption")
+    __slots__ = ("annotations", "orchestration", "dispatcher", "ca_config", "default_address_pool", "subnet_size", "network_encryption", "encryption_config")
     class Orchestration(_message.Message):
         __slots__ = ("task_history_retention_limit",)
         TASK_HISTORY_RETENTION_LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,11 @@ class ClusterSpec(_message.Message):
         KEY_ROTATION_INTERVAL_FIELD_NUMBER: _ClassVar[int]
         key_rotation_interval: _duration_pb2.Duration
         def __init__(self, key_rotation_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    class EncryptionConfig(_message.Message):
+        __slots__ = ("autolock_managers",)
+        AUTOLOCK_MANAGERS_FIELD_NUMBER: _ClassVar[int]
+        autolock_managers: bool
+        def __init__(self, autolock_managers: _Optional[bool] = ...) -> None: ...
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
     ORCHESTRATION_FIELD_NUMBER: _ClassVar[int]
     DISPATCHER_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +122,7 @@ class ClusterSpec(_message.Message):
     DEFAULT_ADDRESS_POOL_FIELD_NUMBER: _ClassVar[int]
     SUBNET_SIZE_FIELD_NUMBER: _ClassVar[int]
     NETWORK_ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_CONFIG_FIELD_NUMBER: _ClassVar[int]
     annotations: _types_pb2.Annotations
     orchestration: ClusterSpec.Orchestration
     dispatcher: ClusterSpec.Dispatcher
@@ -124,4 +130,5 @@ class ClusterSpec(_message.Message):
     default_address_pool: _containers.RepeatedScalarFieldContainer[str]
     subnet_size: int
     network_encryption: ClusterSpec.NetworkEncryption
-    def __init__(self, annotations: _Optional[_Union[_types_pb2.Annotations, _Mapping]] = ..., orchestration: _Optional[_Union[ClusterSpec.Orchestration, _Mapping]] = ..., dispatcher: _Optional[_Union[ClusterSpec.Dispatcher, _Mapping]] = ..., ca_config: _Optional[_Union[ClusterSpec.CAConfig, _Mapping]] = ..., default_address_pool: _Optional[_Iterable[str]] = ..., subnet_size: _Optional[int] = ..., network_encryption: _Optional[_Union[ClusterSpec.NetworkEncryption, _Mapping]] = ...) -> None: ...
+    encryption_config: ClusterSpec.EncryptionConfig
+    def __init__(self, annotations: _Optional[_Union[_types_pb2.Annotations, _Mapping]] = ..., orchestration: _Optional[_Union[ClusterSpec.Orchestration, _Mapping]] = ..., dispatcher: _Optional[_Union[ClusterSpec.Dispatcher, _Mapping]] = ..., ca_config: _Optional[_Union[ClusterSpec.CAConfig, _Mapping]] = ..., default_address_pool: _Optional[_Iterable[str]] = ..., subnet_size: _Optional[int] = ..., network_encryption: _Optional[_Union[ClusterSpec.NetworkEncryption, _Mapping]] = ..., encryption_config: _Optional[_Union[ClusterSpec.EncryptionConfig, _Mapping]] = ...) -> None: ...

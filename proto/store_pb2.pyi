@@ -61,3 +61,27 @@ class RaftSnapshot(_message.Message):
     previous: RaftLogEntry
     members: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, store: _Optional[_Union[StoreSnapshot, _Mapping]] = ..., last_applied: _Optional[_Union[RaftLogEntry, _Mapping]] = ..., previous: _Optional[_Union[RaftLogEntry, _Mapping]] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ClusterBackup(_message.Message):
+    __slots__ = ("format", "cluster_id", "version", "created_unix_nano", "key_kind", "nonce", "ciphertext")
+    class KeyKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        BACKUP_KEY: _ClassVar[ClusterBackup.KeyKind]
+        UNLOCK_KEY: _ClassVar[ClusterBackup.KeyKind]
+    BACKUP_KEY: ClusterBackup.KeyKind
+    UNLOCK_KEY: ClusterBackup.KeyKind
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    KEY_KIND_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    format: int
+    cluster_id: str
+    version: int
+    created_unix_nano: int
+    key_kind: ClusterBackup.KeyKind
+    nonce: bytes
+    ciphertext: bytes
+    def __init__(self, format: _Optional[int] = ..., cluster_id: _Optional[str] = ..., version: _Optional[int] = ..., created_unix_nano: _Optional[int] = ..., key_kind: _Optional[_Union[ClusterBackup.KeyKind, str]] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
