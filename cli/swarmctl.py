@@ -313,6 +313,30 @@ def cluster_unlock_key(c: Client, args: argparse.Namespace) -> None:
     _print_unlock_command(key)
 
 
+def cluster_backup(c: Client, args: argparse.Namespace) -> None:
+    path = Path(args.file)
+    if path.exists() and not args.force:
+        raise CliError(f"{path} exists: give another file name, or --force to replace it")
+    resp = c.call("BackupCluster", control_pb2.BackupClusterRequest(), timeout=max(c.timeout, 60))
+    if resp.stale:
+        print(f"warning: {resp.stale}", file=sys.stderr)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(resp.backup)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    print(f"Backup of cluster {resp.cluster_id} at store version {resp.version} written to {path}.")
+    if resp.key:
+        print("It opens with this key, shown only now; keep it apart from the file:\n\n"
+              f"    {resp.key}\n\n"
+              f"Restore with:  echo KEY | swarmd -d NEW_STATE_DIR --restore {path}")
+    else:
+        print("Autolock is on: it opens with the cluster's unlock key (`swarmctl cluster unlock-key`) of now.\n"
+              f"Restore with:  echo UNLOCK_KEY | swarmd -d NEW_STATE_DIR --restore {path}")
+
+
 def swarm_join_token(c: Client, args: argparse.Namespace) -> None:
     cl = c.call("GetCluster", control_pb2.GetClusterRequest()).cluster
     if args.rotate:
@@ -1188,6 +1212,10 @@ def build_parser() -> Parser:
     p = leaf(sub, "unlock-key", cluster_unlock_key, "show (or rotate) the managers' unlock key")
     p.add_argument("-q", "--quiet", action="store_true", help="only show the key")
     p.add_argument("--rotate", action="store_true", help="replace the unlock key with a new one")
+
+    p = leaf(sub, "backup", cluster_backup, "write a backup of the whole cluster state (for swarmd --restore)")
+    p.add_argument("file", metavar="FILE", help="the backup file to write (mode 0600)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
     # swarm
     sub = group("swarm", "swarm-wide commands")

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from shoal.manager import validation
+from shoal.manager import backup, validation
 from shoal.manager.allocator import allocate_network
 from shoal.manager.encryption import format_unlock_key, new_unlock_key
 from shoal.manager.keymanager import public
@@ -691,6 +691,27 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         if cluster.spec.encryption_config.autolock_managers and cluster.unlock_key:
             key = format_unlock_key(cluster.unlock_key)
         return control_pb2.GetUnlockKeyResponse(unlock_key=key, version=cluster.meta.version)
+
+    @rpc
+    async def BackupCluster(
+        self, request: control_pb2.BackupClusterRequest, context: Any
+    ) -> control_pb2.BackupClusterResponse:
+        """One consistent snapshot of every object (after a read barrier), sealed for the operator."""
+        stale = await self.store.read_barrier()
+        snap = self.store.sm.snapshot()
+        cluster = next((so.cluster for so in snap.objects if so.WhichOneof("object") == "cluster"), None)
+        if cluster is None:
+            raise NotFound("this manager has no cluster state yet; retry in a moment")
+        if cluster.spec.encryption_config.autolock_managers and cluster.unlock_key:
+            raw, key = cluster.unlock_key, ""
+        else:
+            raw = new_unlock_key()
+            key = format_unlock_key(raw)
+        data = backup.seal(snap, cluster.id, raw, unlock_key=not key)
+        log.info("cluster backup made version=%d objects=%d bytes=%d%s", snap.version, len(snap.objects), len(data),
+                 " (stale: no quorum)" if stale else "")
+        return control_pb2.BackupClusterResponse(backup=data, key=key, version=snap.version, stale=stale or "",
+                                                 cluster_id=cluster.id)
 
     @rpc
     async def UnlockCluster(

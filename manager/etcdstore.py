@@ -456,7 +456,8 @@ class EtcdStore(Store):
                 obj.CopyFrom(src)
                 if action.kind == store_pb2.StoreAction.CREATE:
                     req.compare.append(_compare(key, mod=0))
-                    obj.meta.created_at.FromNanoseconds(ts)
+                    if not src.meta.HasField("created_at"):  # a restored object keeps its own
+                        obj.meta.created_at.FromNanoseconds(ts)
                 else:
                     req.compare.append(_compare(key, mod=src.meta.version))
                     if old is not None:

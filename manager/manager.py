@@ -74,6 +74,7 @@ from shoal.proto import (
     logs_pb2_grpc,
     objects_pb2,
     specs_pb2,
+    store_pb2,
     types_pb2,
     watch_pb2_grpc,
 )
@@ -344,7 +345,7 @@ class Manager:
             force_new_cluster=cfg.force_new_cluster,
         )
 
-    async def start(self, bootstrap: tuple[objects_pb2.Cluster, objects_pb2.Node] | None = None) -> None:
+    async def start(self, bootstrap: store_pb2.StoreSnapshot | None = None) -> None:
         """Start the member and the store, write `bootstrap` (a new cluster's first objects) if
         given, then open the APIs: once this returns, the control socket answers for a ready node."""
         cfg = self.cfg
@@ -371,7 +372,7 @@ class Manager:
             log.info("node=%s store status not available yet: %s", self.node_id, e.code().name)
         self._tasks.append(asyncio.create_task(self._status_loop(), name="store-status"))
         if bootstrap is not None:
-            await self.bootstrap(*bootstrap)
+            await self.bootstrap(bootstrap)
         self._tasks.append(asyncio.create_task(self._follow_unlock_key(), name="unlock-key"))
         self.control = ControlServicer(self.store, manager=self)
         self.dispatcher = Dispatcher(self.store, manager=self)
@@ -454,25 +455,37 @@ class Manager:
             pass
         log.info("node=%s manager stopped", self.node_id)
 
-    async def bootstrap(self, cluster: objects_pb2.Cluster, node: objects_pb2.Node) -> None:
-        """First start of a new cluster: write the Cluster and this manager's Node."""
+    async def bootstrap(self, objects: store_pb2.StoreSnapshot) -> None:
+        """First start of a new cluster: write its first objects -- the Cluster and this manager's
+        Node, or everything a restored backup holds. The Cluster goes last, so a start interrupted
+        half-way writes the rest again (what is there already is skipped)."""
         if self.raft.cluster() is not None:
             return
-
-        def fn(tx: Tx) -> None:
-            tx.create(cluster)
-            tx.create(node)
-
+        actions, cluster = [], None
+        for so in objects.objects:
+            kind = so.WhichOneof("object")
+            obj = getattr(so, kind)
+            if kind == "cluster":
+                cluster = obj
+            elif self.raft.get(kind, obj.id) is None:
+                action = store_pb2.StoreAction(kind=store_pb2.StoreAction.CREATE)
+                getattr(action.object, kind).CopyFrom(obj)
+                getattr(action.object, kind).meta.version = 0
+                actions.append(action)
+        assert cluster is not None, "a bootstrap holds the Cluster object"
         deadline = time.monotonic() + 30
         while True:
             try:
-                await self.raft.update(fn)
+                if actions:
+                    await self.raft.batch(actions)
+                    actions = []
+                await self.raft.update(lambda tx: tx.create(cluster))
                 break
             except Unavailable:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
-        log.info("node=%s cluster %s created", self.node_id, cluster.id)
+        log.info("node=%s cluster %s created with %d objects", self.node_id, cluster.id, len(objects.objects))
 
     # ---- encryption at rest ----------------------------------------------------------------------
     async def _follow_unlock_key(self) -> None:

@@ -291,6 +291,9 @@ class Swarmd:
     async def setup(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         st = NodeState.load(self.dir)
+        if st is not None and self.args.restore:
+            raise SystemExit(f"--restore starts a new manager from a backup, but {self.dir} already holds node "
+                             f"{st.node_id}: give a new, empty state dir (-d)")
         if st is not None:
             self.state = st
             self.identity = ca.TLSIdentity.load(self.dir / "certificates")
@@ -304,83 +307,129 @@ class Swarmd:
             return
         listen, advertise, raft_addr, raft_listen = self._addresses()
         hostname = self.args.hostname or socket.gethostname()
-        if self.args.join_addr:
+        if self.args.restore:
+            self._restore(hostname, listen, advertise, raft_addr, raft_listen)
+        elif self.args.join_addr:
             await self._join(hostname, listen, advertise, raft_addr, raft_listen)
         else:
             self._init(hostname, listen, advertise, raft_addr, raft_listen)
 
     def _init(self, hostname: str, listen: str, advertise: str, raft_addr: str, raft_listen: str) -> None:
-        from shoal.manager.manager import cert_ips
         from shoal.manager.store import new_id
 
-        node_id, cluster_id = new_id(), new_id()
-        self.idfilter.node_id = node_id
+        cluster_id = new_id()
         root = ca.RootCA.create(cluster_id)
-        _, key = ca.new_key()
-        cert = root.issue(ca.make_csr(key), node_id, types_pb2.MANAGER, cluster_id, ips=cert_ips(raft_addr))
-        self.identity = ca.TLSIdentity(key, cert, root.cert_pem)
-        self.identity.save(self.dir / "certificates")
-        from shoal.manager.encryption import KeyDir, new_data_key
-
-        KeyDir(self.dir / "keys").create(new_data_key())  # the store's data key, before anything is written
         pool = self.args.default_addr_pool or "10.0.0.0/8"
         try:
             ipaddress.ip_network(pool)
         except ValueError:
             raise SystemExit(f"--default-addr-pool {pool!r} is not a CIDR network (e.g. 10.0.0.0/8)") from None
         assert root.key_pem is not None
-        self._bootstrap = (
-            objects_pb2.Cluster(
-                id=cluster_id,
-                spec=specs_pb2.ClusterSpec(
-                    annotations=types_pb2.Annotations(name="default"),
-                    orchestration=specs_pb2.ClusterSpec.Orchestration(task_history_retention_limit=5),
-                    dispatcher=specs_pb2.ClusterSpec.Dispatcher(heartbeat_period={"seconds": 1}),
-                    default_address_pool=[pool],
-                    subnet_size=24,
-                ),
-                root_ca=objects_pb2.RootCA(
-                    ca_key=root.key_pem,
-                    ca_cert=root.cert_pem,
-                    ca_cert_hash=root.digest,
-                    join_tokens=types_pb2.JoinTokens(
-                        worker=ca.generate_join_token(root.cert_pem), manager=ca.generate_join_token(root.cert_pem)
-                    ),
-                ),
-                network_bootstrap_keys=[
-                    types_pb2.EncryptionKey(subsystem="networking:gossip", key=secrets.token_bytes(16), lamport_time=1)
-                ],
+        cluster = objects_pb2.Cluster(
+            id=cluster_id,
+            spec=specs_pb2.ClusterSpec(
+                annotations=types_pb2.Annotations(name="default"),
+                orchestration=specs_pb2.ClusterSpec.Orchestration(task_history_retention_limit=5),
+                dispatcher=specs_pb2.ClusterSpec.Dispatcher(heartbeat_period={"seconds": 1}),
+                default_address_pool=[pool],
+                subnet_size=24,
             ),
-            objects_pb2.Node(
-                id=node_id,
-                spec=specs_pb2.NodeSpec(
-                    desired_role=types_pb2.MANAGER,
-                    membership=specs_pb2.NodeSpec.ACCEPTED,
-                    availability=types_pb2.ACTIVE,
+            root_ca=objects_pb2.RootCA(
+                ca_key=root.key_pem,
+                ca_cert=root.cert_pem,
+                ca_cert_hash=root.digest,
+                join_tokens=types_pb2.JoinTokens(
+                    worker=ca.generate_join_token(root.cert_pem), manager=ca.generate_join_token(root.cert_pem)
                 ),
-                description=types_pb2.NodeDescription(hostname=hostname, addr=_split(advertise, 0)[0]),
-                status=types_pb2.NodeStatus(state=types_pb2.NodeStatus.READY, addr=_split(advertise, 0)[0]),
-                manager_status=types_pb2.ManagerStatus(
-                    addr=raft_addr, api_addr=advertise, leader=True, reachability=types_pb2.ManagerStatus.REACHABLE
-                ),
-                role=types_pb2.MANAGER,
-                certificate=self.identity.cert_pem,
             ),
+            network_bootstrap_keys=[
+                types_pb2.EncryptionKey(subsystem="networking:gossip", key=secrets.token_bytes(16), lamport_time=1)
+            ],
         )
-        # Until the first write commits, the new cluster (root CA key included) lives in this file
-        # (0600), so that a crash in between resumes instead of losing the CA.
         pending = store_pb2.StoreSnapshot()
-        pending.objects.add().cluster.CopyFrom(self._bootstrap[0])
-        pending.objects.add().node.CopyFrom(self._bootstrap[1])
+        pending.objects.add().cluster.CopyFrom(cluster)
+        self._first_manager(pending, hostname, listen, advertise, raft_addr, raft_listen)
+        log.info("initialized a new cluster %s; this node %s is its first manager", cluster_id, self.state.node_id)
+
+    def _restore(self, hostname: str, listen: str, advertise: str, raft_addr: str, raft_listen: str) -> None:
+        """--restore FILE: a new cluster of this one manager with everything the backup holds; the
+        key that opens the backup is read from standard input."""
+        from shoal.manager import backup
+
+        path = self.args.restore
+        try:
+            data = Path(path).read_bytes()
+            head = backup.read_header(data, path)
+        except OSError as e:
+            raise SystemExit(f"--restore {path}: {e.strerror or e}") from None
+        except backup.BackupError as e:
+            raise SystemExit(f"--restore: {e}") from None
+        if sys.stdin.isatty():
+            import getpass
+
+            key = getpass.getpass(f"key of the backup of cluster {head.cluster_id} (SWMKEY-1-...): ")
+        else:
+            key = sys.stdin.readline()
+        try:
+            snap = backup.open_backup(data, key, path)
+        except backup.BackupError as e:
+            raise SystemExit(f"--restore: {e}; give it on standard input, e.g. `swarmd ... --restore {path} < KEYFILE`") from None
+        if sum(1 for so in snap.objects if so.WhichOneof("object") == "cluster") != 1:
+            raise SystemExit(f"--restore: {path} holds no cluster object: it is not a backup of a cluster")
+        # The Cluster goes last (see Manager.bootstrap); this manager's Node is added before it.
+        pending = store_pb2.StoreSnapshot(version=snap.version)
+        pending.objects.extend(so for so in snap.objects if so.WhichOneof("object") != "cluster")
+        pending.objects.extend(so for so in snap.objects if so.WhichOneof("object") == "cluster")
+        self._first_manager(pending, hostname, listen, advertise, raft_addr, raft_listen)
+        log.info("restoring cluster %s from %s (store version %d, %d objects); this node %s is its manager",
+                 head.cluster_id, path, snap.version, len(snap.objects), self.state.node_id)
+
+    def _first_manager(self, pending: store_pb2.StoreSnapshot, hostname: str, listen: str, advertise: str,
+                       raft_addr: str, raft_listen: str) -> None:
+        """Make this node the first manager of the cluster whose objects `pending` holds (its Cluster
+        last): identity from the cluster's CA, a data key, and `bootstrap.pb` for Manager.bootstrap."""
+        from shoal.manager.encryption import KeyDir, new_data_key
+        from shoal.manager.manager import cert_ips
+        from shoal.manager.store import new_id
+
+        cluster = pending.objects[-1].cluster
+        node_id = new_id()
+        self.idfilter.node_id = node_id
+        root = ca.RootCA(cluster.root_ca.ca_cert, cluster.root_ca.ca_key)
+        _, key = ca.new_key()
+        cert = root.issue(ca.make_csr(key), node_id, types_pb2.MANAGER, cluster.id, ips=cert_ips(raft_addr))
+        self.identity = ca.TLSIdentity(key, cert, root.cert_pem)
+        self.identity.save(self.dir / "certificates")
+        KeyDir(self.dir / "keys").create(new_data_key())  # the store's data key, before anything is written
+        node = objects_pb2.Node(
+            id=node_id,
+            spec=specs_pb2.NodeSpec(
+                desired_role=types_pb2.MANAGER,
+                membership=specs_pb2.NodeSpec.ACCEPTED,
+                availability=types_pb2.ACTIVE,
+            ),
+            description=types_pb2.NodeDescription(hostname=hostname, addr=_split(advertise, 0)[0]),
+            status=types_pb2.NodeStatus(state=types_pb2.NodeStatus.READY, addr=_split(advertise, 0)[0]),
+            manager_status=types_pb2.ManagerStatus(
+                addr=raft_addr, api_addr=advertise, leader=True, reachability=types_pb2.ManagerStatus.REACHABLE
+            ),
+            role=types_pb2.MANAGER,
+            certificate=self.identity.cert_pem,
+        )
+        first = store_pb2.StoreSnapshot(version=pending.version)
+        first.objects.extend(pending.objects[:-1])
+        first.objects.add().node.CopyFrom(node)
+        first.objects.extend(pending.objects[-1:])
+        # Until the first write commits, the cluster (root CA key included) lives in this file
+        # (0600), so that a crash in between resumes instead of losing it.
         fd = os.open(self.dir / "bootstrap.pb", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(pending.SerializeToString())
+            f.write(first.SerializeToString())
         self.state = NodeState(
-            node_id, cluster_id, "manager", hostname, listen, advertise, raft_addr, raft_listen,
+            node_id, cluster.id, "manager", hostname, listen, advertise, raft_addr, raft_listen,
             [advertise], bootstrapped=False,
         )
         self.state.save(self.dir)
-        log.info("initialized a new cluster %s; this node %s is its first manager", cluster_id, node_id)
 
     async def _join(self, hostname: str, listen: str, advertise: str, raft_addr: str, raft_listen: str) -> None:
         a = self.args
@@ -418,7 +467,7 @@ class Swarmd:
 
     # ---- roles ---------------------------------------------------------------------------------
     async def start_manager(
-        self, initial_cluster: list[str] | None = None, bootstrap: tuple[Any, Any] | None = None,
+        self, initial_cluster: list[str] | None = None, bootstrap: store_pb2.StoreSnapshot | None = None,
         data_key: bytes | None = None,
     ) -> None:
         from shoal.manager.encryption import KeyDir
@@ -453,7 +502,7 @@ class Swarmd:
         return Path(self.args.listen_control_api) if self.args.listen_control_api else self.dir / "swarmd.sock"
 
     async def start_manager_unlocked(
-        self, initial_cluster: list[str] | None = None, bootstrap: tuple[Any, Any] | None = None
+        self, initial_cluster: list[str] | None = None, bootstrap: store_pb2.StoreSnapshot | None = None
     ) -> bool:
         """`start_manager` with the data key from `keys/`. A locked key (autolock) first waits for
         the unlock key: only `UnlockCluster` is served on the control socket meanwhile, nothing else
@@ -638,8 +687,7 @@ class Swarmd:
             if st.role == "manager":
                 bootstrap = None
                 if not st.bootstrapped:
-                    pending = store_pb2.StoreSnapshot.FromString((self.dir / "bootstrap.pb").read_bytes())
-                    bootstrap = (pending.objects[0].cluster, pending.objects[1].node)
+                    bootstrap = store_pb2.StoreSnapshot.FromString((self.dir / "bootstrap.pb").read_bytes())
                 try:
                     if not await self.start_manager_unlocked(getattr(self, "_initial_cluster", None), bootstrap):
                         log.info("stopped while locked")
@@ -687,6 +735,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--listen-control-api", default="", help="unix socket of the local control API (default STATE_DIR/swarmd.sock)")
     p.add_argument("--listen-peer", "--listen-raft", dest="listen_peer", default="",
                    help="ADDR:PORT of the store's peer port between managers (default advertise address, port 2380)")
+    p.add_argument("--restore", default="", metavar="FILE",
+                   help="with a new state dir: start a one-manager cluster from a backup (swarmctl cluster backup); "
+                        "the backup's key on standard input")
     p.add_argument("--force-new-cluster", action="store_true",
                    help="a manager's restart after a lost quorum: restart the store with this member alone, keeping its data")
     p.add_argument("--hostname", default="", help="node name (default: the host name)")

@@ -373,6 +373,24 @@ class UnlockClusterResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class BackupClusterRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BackupClusterResponse(_message.Message):
+    __slots__ = ("backup", "key", "version", "stale", "cluster_id")
+    BACKUP_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    backup: bytes
+    key: str
+    version: int
+    stale: str
+    cluster_id: str
+    def __init__(self, backup: _Optional[bytes] = ..., key: _Optional[str] = ..., version: _Optional[int] = ..., stale: _Optional[str] = ..., cluster_id: _Optional[str] = ...) -> None: ...
+
 class RaftMember(_message.Message):
     __slots__ = ("node_id", "addr", "leader", "reachable")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]

@@ -169,6 +169,11 @@ class ControlStub:
                 request_serializer=control__pb2.UnlockClusterRequest.SerializeToString,
                 response_deserializer=control__pb2.UnlockClusterResponse.FromString,
                 _registered_method=True)
+        self.BackupCluster = channel.unary_unary(
+                '/shoal.Control/BackupCluster',
+                request_serializer=control__pb2.BackupClusterRequest.SerializeToString,
+                response_deserializer=control__pb2.BackupClusterResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/shoal.Control/Info',
                 request_serializer=control__pb2.InfoRequest.SerializeToString,
@@ -341,6 +346,12 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BackupCluster(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -484,6 +495,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.UnlockCluster,
                     request_deserializer=control__pb2.UnlockClusterRequest.FromString,
                     response_serializer=control__pb2.UnlockClusterResponse.SerializeToString,
+            ),
+            'BackupCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.BackupCluster,
+                    request_deserializer=control__pb2.BackupClusterRequest.FromString,
+                    response_serializer=control__pb2.BackupClusterResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -1220,6 +1236,33 @@ class Control:
             '/shoal.Control/UnlockCluster',
             control__pb2.UnlockClusterRequest.SerializeToString,
             control__pb2.UnlockClusterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackupCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.Control/BackupCluster',
+            control__pb2.BackupClusterRequest.SerializeToString,
+            control__pb2.BackupClusterResponse.FromString,
             options,
             channel_credentials,
             insecure,
