@@ -749,7 +749,7 @@ class Election:
         while not lost.is_set() and self._valid_for() > 0:
             wait = self._stand_back_until - time.monotonic()
             if wait > 0:
-                await _next_or_timeout(q, min(wait, 0.5))
+                await next_or_timeout(q, min(wait, 0.5))
                 continue
             try:
                 fence = await self._try_take(lease_id)
@@ -757,7 +757,7 @@ class Election:
                 log.info("election: campaign failed (%s); retrying", e.code().name)
                 fence = None
             if fence is None:
-                await _next_or_timeout(q, 0.5)
+                await next_or_timeout(q, 0.5)
                 continue
             log.info("election: node %s leads the control loops (revision %d)", self.node_id, fence.revision)
             yield fence
@@ -770,7 +770,7 @@ class Election:
                     break
                 if self._valid_for() <= 0:
                     break
-                await _next_or_timeout(q, min(0.1, max(0.01, self._valid_for())))
+                await next_or_timeout(q, min(0.1, max(0.01, self._valid_for())))
             log.info("election: node %s lost the leader key", self.node_id)
             yield None
             return
@@ -785,7 +785,8 @@ class Election:
                 await self.store.lease.LeaseRevoke(etcd_pb2.LeaseRevokeRequest(ID=self.lease_id), timeout=1.0)
 
 
-async def _next_or_timeout(q: asyncio.Queue[Any], timeout: float) -> None:
+async def next_or_timeout(q: asyncio.Queue[Any], timeout: float) -> None:
+    """Wait for the next item of `q` (or `timeout` s), then drop whatever else is queued."""
     try:
         async with asyncio.timeout(timeout):
             await q.get()

@@ -59,7 +59,7 @@ from shoal.manager.controlapi import ControlServicer
 from shoal.manager.dispatcher import Dispatcher
 from shoal.manager.encryption import DataKeyCodec, KeyDir
 from shoal.manager.etcdmember import EtcdConfig, EtcdMember
-from shoal.manager.etcdstore import Election, EtcdStore, Fence, rpc_unavailable
+from shoal.manager.etcdstore import Election, EtcdStore, Fence, next_or_timeout, rpc_unavailable
 from shoal.manager.keymanager import KeyManager
 from shoal.manager.logbroker import LogBroker
 from shoal.manager.orchestrator import leader_loops
@@ -193,6 +193,22 @@ def cert_ips(raft_addr: str) -> list[str]:
         return [str(ipaddress.ip_address(_host(raft_addr)))]
     except ValueError:
         return []
+
+
+async def start_local_server(server: grpc.aio.Server, sock: Path) -> None:
+    """Start `server` on the unix socket `sock`, created 0600 (no TLS: whoever can open it is root)."""
+    if len(str(sock).encode()) > 100:
+        raise ValueError(f"--listen-control-api path {sock} is too long for a unix socket: use a shorter path")
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    if sock.exists() or sock.is_symlink():
+        sock.unlink()
+    old_umask = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix:{sock}")
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(sock, stat.S_IRUSR | stat.S_IWUSR)
 
 
 class Manager:
@@ -385,22 +401,11 @@ class Manager:
 
         # Local control socket (0600).
         sock = Path(self.control_socket)
-        if len(str(sock).encode()) > 100:
-            raise ValueError(f"--listen-control-api path {sock} is too long for a unix socket: use a shorter path")
-        sock.parent.mkdir(parents=True, exist_ok=True)
-        if sock.exists() or sock.is_symlink():
-            sock.unlink()
         local = grpc.aio.server()
         control_pb2_grpc.add_ControlServicer_to_server(self.control, local)
         logs_pb2_grpc.add_LogsServicer_to_server(self.logbroker, local)
         watch_pb2_grpc.add_WatchServicer_to_server(self.watch, local)
-        old_umask = os.umask(0o177)
-        try:
-            local.add_insecure_port(f"unix:{sock}")
-            await local.start()
-        finally:
-            os.umask(old_umask)
-        os.chmod(sock, stat.S_IRUSR | stat.S_IWUSR)
+        await start_local_server(local, sock)
         self._servers.append(local)
 
         mtls = grpc.aio.server()
@@ -705,16 +710,6 @@ class Manager:
 
 
 # ---- the manager's own leader loops ----------------------------------------------------------
-async def _events_or_tick(q: asyncio.Queue[Any], period: float) -> None:
-    try:
-        async with asyncio.timeout(period):
-            await q.get()
-    except TimeoutError:
-        return
-    while not q.empty():
-        q.get_nowait()
-
-
 class ManagerStatusLoop:
     """Keeps each manager Node's `manager_status.leader` (the etcd leader) and `.reachability`
     (from the leading manager's member) current. Leader only."""
@@ -732,7 +727,7 @@ class ManagerStatusLoop:
                     await self.reconcile(self.manager.status())
                 except StoreError as e:
                     log.info("node=%s manager status update: %s", self.manager.node_id, e)
-                await _events_or_tick(q, self.period)
+                await next_or_timeout(q, self.period)
         finally:
             self.manager.unsubscribe(q)
 

@@ -552,19 +552,12 @@ class Swarmd:
                     )
                 return grpc.stream_stream_rpc_method_handler(locked)
 
+        from shoal.manager.manager import start_local_server
+
         sock = self._control_socket()
-        sock.parent.mkdir(parents=True, exist_ok=True)
-        if sock.exists() or sock.is_symlink():
-            sock.unlink()
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((Handler(),))
-        old_umask = os.umask(0o177)
-        try:
-            server.add_insecure_port(f"unix:{sock}")
-            await server.start()
-        finally:
-            os.umask(old_umask)
-        os.chmod(sock, 0o600)
+        await start_local_server(server, sock)
         log.warning("this manager is locked (autolock): nothing runs until `swarmctl cluster unlock` "
                     "gives it the unlock key on %s", sock)
         stop = asyncio.ensure_future(self.stop_event.wait())
