@@ -41,10 +41,12 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -374,6 +376,15 @@ def run(managers: int, n_faults: int, clients: int, keys: int, seed: int, histor
     try:
         lab.up(managers=managers, workers=0, timeout=120)
         out = asyncio.run(campaign(lab, managers, n_faults, clients, keys, seed))
+    except BaseException:
+        keep = Path(tempfile.mkdtemp(prefix=f"shoal-{lab_name}-logs-"))
+        with contextlib.suppress(Exception):
+            for h in lab.state().hosts:
+                for log in (Path(h.state_dir, "swarmd.log"), Path(h.state_dir, "etcd", "etcd.log")):
+                    if log.exists():
+                        shutil.copy(log, keep / f"{h.name}-{log.name}")
+        print(f"  the campaign failed; the hosts' logs are in {keep}", flush=True)
+        raise
     finally:
         with contextlib.suppress(Exception):
             heal([h for h in lab.state().hosts])

@@ -8,7 +8,9 @@ Keys (all under `/shoal/`):
 - `n/<kind>/<name>` the id holding a unique name (services, networks, secrets, configs, cluster);
 - `g/network`       a guard written by every network change: network checks span all networks
                     (VXLAN ids, subnets), so a network write compares the guard's revision;
-- `e/leader`        the control-loop leader (see `Election`), held under a lease.
+- `e/leader`        the control-loop leader (see `Election`), held under a lease;
+- `w/<token>`       a write marker: each transaction puts one, under a lease of about 2 minutes,
+                    so that a transaction sent again (its first answer lost) is recognized as done.
 
 Writes. `propose(txn)` first checks the transaction against the local cache (`StateMachine.check`:
 stale version, duplicate name, missing object, overlapping subnet -- the same one-sentence errors
@@ -27,9 +29,10 @@ cache lists everything at the current revision and applies the difference as eve
 Failures. Every etcd call has a deadline (`write_timeout`, 4 s): a write without a quorum fails
 with `Unavailable` naming how many managers are reachable; a write whose outcome is unknown (the
 deadline passed after it was sent) says so. Within the deadline, a Txn left unanswered for a second
-(a proposal lost with a killed leader) or refused as unavailable is sent again: its compares make
-a repeat harmless, and an earlier copy found committed counts as the write. Reads keep answering
-from the cache.
+(a proposal lost with a killed leader) or refused as unavailable is sent again, exactly once in
+effect: every copy carries the same write marker and compares that it is absent, so a copy after
+one that landed fails, finds the marker and returns the revision the first one landed at. Reads
+keep answering from the cache.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -51,6 +55,7 @@ from shoal.manager.store import (
     InvalidArgument,
     StateMachine,
     Store,
+    StoreError,
     Unavailable,
     name_of,
     unwrap,
@@ -65,6 +70,8 @@ NAME = PREFIX + b"n/"
 GUARD = PREFIX + b"g/"
 LEADER_KEY = PREFIX + b"e/leader"
 NETWORK_GUARD = GUARD + b"network"
+WRITE = PREFIX + b"w/"  # write markers: one per proposed transaction, on a short lease
+MARKER_TTL = 120  # seconds a write marker lives (a lease is used for new markers for half of that)
 
 _OBJECT_TYPES = {kind: type(getattr(objects_pb2.StoreObject(), kind)) for kind in KINDS}
 
@@ -200,6 +207,8 @@ class EtcdStore(Store):
         self.leader_key: etcd_pb2.KeyValue | None = None  # the control-loop leader key, as cached
         self._leader_subscribers: list[asyncio.Queue[etcd_pb2.KeyValue | None]] = []
         self._closed = False
+        self._lease_id = 0  # for write markers (see `_marker_lease`)
+        self._lease_until = 0.0
         self._watch_ok = asyncio.Event()
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -427,12 +436,11 @@ class EtcdStore(Store):
 
     # ---- writes --------------------------------------------------------------------------------
     def _txn_request(
-        self, txn: store_pb2.StoreTransaction, fence: Fence | None, effects: dict[tuple[str, str], bytes | None]
+        self, txn: store_pb2.StoreTransaction, fence: Fence | None, marker: bytes, lease: int
     ) -> etcd_pb2.TxnRequest:
-        """The etcd Txn for a transaction the cache has just checked (see the module docstring).
-
-        Fills `effects`: (kind, id) -> the object bytes it puts (meta.version 0, before sealing),
-        or None for a removal; what `_landed` looks for."""
+        """The etcd Txn for a transaction the cache has just checked (see the module docstring);
+        `marker` is its write marker key, put under `lease`. On a failed compare the Txn answers
+        with the marker's and (fenced) the leader key's current state, in that order."""
         req = etcd_pb2.TxnRequest()
         ops: dict[bytes, etcd_pb2.RequestOp] = {}
         ts = txn.timestamp_unix_nano
@@ -447,7 +455,6 @@ class EtcdStore(Store):
                 assert old is not None  # the check found it
                 req.compare.append(_compare(key, mod=src.meta.version or old.meta.version))
                 ops[key] = _delete(key)
-                effects[(kind, src.id)] = None
                 if kind in UNIQUE_NAMES and old is not None:
                     nk = name_key(kind, name_of(kind, old))
                     ops[nk] = _delete(nk)
@@ -464,9 +471,7 @@ class EtcdStore(Store):
                         obj.meta.created_at.CopyFrom(old.meta.created_at)
                 obj.meta.updated_at.FromNanoseconds(ts)
                 obj.meta.version = 0
-                data = obj.SerializeToString(deterministic=True)
-                effects[(kind, src.id)] = data
-                ops[key] = _put(key, self.codec.seal(key, data))
+                ops[key] = _put(key, self.codec.seal(key, obj.SerializeToString()))
                 if kind in UNIQUE_NAMES:
                     name = name_of(kind, src)
                     if old is None or name_of(kind, old) != name:
@@ -480,97 +485,98 @@ class EtcdStore(Store):
         if network:
             req.compare.append(_compare(NETWORK_GUARD, mod=self._guards.get(NETWORK_GUARD, 0)))
             ops[NETWORK_GUARD] = _put(NETWORK_GUARD, b"")
+        req.compare.append(_compare(marker, create=0))
+        ops[marker] = _put(marker, b"", lease)
+        req.failure.append(etcd_pb2.RequestOp(request_range=etcd_pb2.RangeRequest(key=marker)))
         if fence is not None:
             req.compare.append(_compare(LEADER_KEY, create=fence.revision))
             req.failure.append(etcd_pb2.RequestOp(request_range=etcd_pb2.RangeRequest(key=LEADER_KEY)))
         req.success.extend(ops.values())
         return req
 
+    async def _marker_revision(self, marker: bytes, deadline: float) -> int | None:
+        """The revision a write with this marker landed at, once the cache holds it; None if none did."""
+        try:
+            resp = await self.kv.Range(etcd_pb2.RangeRequest(key=marker),
+                                       timeout=max(0.1, deadline - time.monotonic()))
+        except grpc.aio.AioRpcError:
+            return None
+        if not resp.kvs:
+            return None
+        await self.wait_for(resp.kvs[0].mod_revision, max(0.5, deadline - time.monotonic()))
+        return resp.kvs[0].mod_revision
+
+    async def _marker_lease(self, timeout: float) -> int:
+        """A lease for new write markers: granted for MARKER_TTL s, used for half of that."""
+        now = time.monotonic()
+        if self._lease_id and now < self._lease_until:
+            return self._lease_id
+        resp = await self.lease.LeaseGrant(etcd_pb2.LeaseGrantRequest(TTL=MARKER_TTL), timeout=timeout)
+        self._lease_id, self._lease_until = resp.ID, now + MARKER_TTL / 2
+        return resp.ID
+
     async def propose(self, txn: store_pb2.StoreTransaction, fence: Fence | None = None) -> int:
         """Commit `txn` (all of it or nothing) and return its revision once the cache holds it.
 
         An attempt unanswered after `ATTEMPT_TIMEOUT` (a proposal forwarded to a leader that just
         died is lost without an answer), or refused as UNAVAILABLE (the member restarting, a leader
-        election), is sent again until the write deadline: its compares make a second copy fail
-        if the first one landed, and a write found in the cache exactly as sent returns as done."""
+        election), is sent again until the write deadline. Every attempt carries the same write
+        marker and compares that it is absent: an attempt after one that landed fails, sees the
+        marker, and the write returns the revision it landed at -- it takes effect once."""
         if not txn.actions:
             raise InvalidArgument("empty transaction: nothing to write")
         if self._closed:
             raise Unavailable("this manager is shutting down; retry on another manager")
         deadline = time.monotonic() + self.write_timeout
-        unknown: list[dict[tuple[str, str], bytes | None]] = []  # effects of attempts with no answer
+        marker = WRITE + secrets.token_hex(12).encode()
         failure: grpc.aio.AioRpcError | None = None
         conflicts = 0
         while True:
-            if unknown and (rev := self._landed(unknown)) is not None:
-                return rev
-            self.sm.check(txn)
-            effects: dict[tuple[str, str], bytes | None] = {}
-            req = self._txn_request(txn, fence, effects)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
+                self.sm.check(txn)
+                lease = await self._marker_lease(min(remaining, self.ATTEMPT_TIMEOUT))
+                req = self._txn_request(txn, fence, marker, lease)
                 resp = await self.kv.Txn(req, timeout=min(remaining, self.ATTEMPT_TIMEOUT))
             except grpc.aio.AioRpcError as e:
                 if e.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
                     raise await self._write_failed(e) from None
                 failure = e
-                unknown.append(effects)
                 if e.code() == grpc.StatusCode.UNAVAILABLE:  # answered at once: do not spin
                     await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
                 continue
+            except StoreError:
+                # The check sees a change: after an unanswered attempt, maybe that attempt's own.
+                if failure is not None and (rev := await self._marker_revision(marker, deadline)):
+                    return rev
+                raise
             if resp.succeeded:
                 await self.wait_for(resp.header.revision, max(0.5, deadline - time.monotonic()))
                 return resp.header.revision
-            # Something we relied on changed: catch up to what the compare saw, then check again.
+            landed = resp.responses[0].response_range.kvs if resp.responses else []
+            if landed:  # an earlier attempt of this very write committed
+                rev = landed[0].mod_revision
+                await self.wait_for(rev, max(0.5, deadline - time.monotonic()))
+                return rev
             if fence is not None:
-                held = resp.responses[-1].response_range.kvs if resp.responses else []
+                held = resp.responses[1].response_range.kvs if len(resp.responses) > 1 else []
                 if not held or held[0].create_revision != fence.revision:
-                    if unknown:  # an unanswered attempt may have landed while the fence held
-                        with contextlib.suppress(Unavailable):
-                            await self.wait_for(resp.header.revision, max(0.5, deadline - time.monotonic()))
-                        if (rev := self._landed(unknown)) is not None:
-                            return rev
                     raise FenceLost(
                         "this manager no longer holds the leader lease; its control loops stop "
                         "and the new leader's take over"
                     )
+            # Something we relied on changed: catch up to what the compare saw, then check again.
             conflicts += 1
             if conflicts >= 8:
                 raise Conflict(
                     "the objects of this write kept changing while it was retried; read them again and retry"
                 )
             await self.wait_for(resp.header.revision, max(0.5, deadline - time.monotonic()))
-        if unknown and (rev := self._landed(unknown)) is not None:
-            return rev
         if failure is not None:
             raise await self._write_failed(failure) from None
         raise Conflict("the objects of this write kept changing while it was retried; read them again and retry")
-
-    def _landed(self, attempts: list[dict[tuple[str, str], bytes | None]]) -> int | None:
-        """The revision at which one of these unanswered attempts committed, as the cache shows:
-        every object it put is there with the very bytes sent (its updated_at is this write's own
-        nanosecond), all at one revision, and every object it removed is gone. None otherwise."""
-        for effects in attempts:
-            rev: int | None = None
-            for (kind, oid), data in effects.items():
-                cur = self.sm.get(kind, oid)
-                if data is None:
-                    if cur is not None:
-                        break
-                    continue
-                if cur is None or rev not in (None, cur.meta.version):
-                    break
-                plain = type(cur)()
-                plain.CopyFrom(cur)
-                plain.meta.version = 0
-                if plain.SerializeToString(deterministic=True) != data:
-                    break
-                rev = cur.meta.version
-            else:
-                return rev if rev is not None else self.sm.version
-        return None
 
     async def _write_failed(self, e: grpc.aio.AioRpcError) -> Unavailable:
         if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):

@@ -82,8 +82,9 @@ def names(store: EtcdStore, kind: str = "secret") -> list[str]:
 
 
 async def etcd_keys(kv: etcd_pb2_grpc.KVStub) -> dict[bytes, bytes]:
+    """Every key under /shoal/ but the write markers (/shoal/w/, on their lease)."""
     r = await kv.Range(etcd_pb2.RangeRequest(key=b"/shoal/", range_end=b"/shoal0"), timeout=5)
-    return {x.key: x.value for x in r.kvs}
+    return {x.key: x.value for x in r.kvs if not x.key.startswith(b"/shoal/w/")}
 
 
 async def object_keys(kv: etcd_pb2_grpc.KVStub) -> dict[bytes, bytes]:
@@ -843,8 +844,9 @@ def test_election_claims_a_key_it_took_whose_answer_was_lost(etcd1: EtcdCluster)
 
 def test_a_write_whose_answer_was_lost_is_sent_again_and_counted_once(etcd1: EtcdCluster) -> None:
     """A Txn that commits but whose answer is lost (as when the leader dies after committing), and
-    one refused before etcd ran it: the store sends it again within its deadline; the compares make
-    the repeat fail if the first landed, and the store then finds its own write in the cache."""
+    one refused before etcd ran it: the store sends it again within its deadline; the write marker
+    every copy carries makes a repeat fail if the first landed, and the write returns as done --
+    even when another client changed the object in between (a create is never done twice)."""
 
     async def body() -> None:
         s = await etcd1.store()
@@ -867,6 +869,31 @@ def test_a_write_whose_answer_was_lost_is_sent_again_and_counted_once(etcd1: Etc
 
         s.kv.Txn = txn  # type: ignore[method-assign]
         kv = await etcd1.kv()
+        # A create lands, its answer is lost, and another client deletes the object before the
+        # copy goes out: the copy must not create it again (the write marker says it landed).
+        other = await etcd1.store()
+        plan[:] = ["lose"]
+
+        async def txn_then_delete(req: etcd_pb2.TxnRequest, **kw: Any) -> etcd_pb2.TxnResponse:
+            if plan == ["lose"] and any(op.request_put.key.startswith(b"/shoal/o/secret/") for op in req.success):
+                plan.clear()
+                resp = await real(req, **kw)
+                seen.append(resp.succeeded)
+                created = await eventually(lambda: other.resolve("secret", "ghost") if other.find("secret") else None)
+                await other.update(lambda tx: tx.delete(created))
+                raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(),
+                                           grpc.aio.Metadata(), "Deadline Exceeded")
+            return await txn(req, **kw)
+
+        s.kv.Txn = txn_then_delete  # type: ignore[method-assign]
+        await s.update(lambda tx: tx.create(secret("ghost", b"g")))
+        assert seen[0] is True
+        await s.wait_for(other.sm.version)
+        assert s.find("secret") == [] and other.find("secret") == [] and await etcd_keys(kv) == {}
+        markers = (await kv.Range(etcd_pb2.RangeRequest(key=b"/shoal/w/", range_end=b"/shoal/w0"), timeout=5)).kvs
+        assert markers and all(m.lease != 0 for m in markers)  # they expire with their lease
+        s.kv.Txn = txn  # type: ignore[method-assign]
+        seen.clear()
         plan[:] = ["lose"]
         sec = await s.update(lambda tx: tx.create(secret("once", b"1")))
         # committed; found in the cache at once, or the repeat's compare failed and then it was
