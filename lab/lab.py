@@ -458,7 +458,11 @@ class Lab:
                     nodes = c.ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes
             except Exception:  # a manager may be busy electing
                 nodes = []
-            ready = sorted(n.description.hostname for n in nodes if n.status.state == types_pb2.NodeStatus.READY)
+            # A manager counts once its own control socket is there: its Node is READY as soon as
+            # the CA admits it, before its etcd member has joined the store.
+            up = {h.name for h in state.hosts if h.role != "manager" or Path(h.socket).exists()}
+            ready = sorted(n.description.hostname for n in nodes
+                           if n.status.state == types_pb2.NodeStatus.READY and n.description.hostname in up)
             msg = f"{len(ready)}/{want} nodes ready" + (f": {' '.join(ready)}" if ready else "")
             if msg != shown:
                 self.progress(msg)
@@ -491,6 +495,9 @@ class Lab:
         h = st.host(host)
         if _alive(h.swarmd_pid) and "swarmd" in self._cmdline(h.swarmd_pid):
             raise LabError(f"swarmd on {h.name} is already running (pid {h.swarmd_pid})")
+        if not Path(h.state_dir, "node.json").exists():  # started bare, it would create a cluster of its own
+            raise LabError(f"{h.name} never joined the cluster (see {h.state_dir}/swarmd.log): "
+                           "run `swarmctl lab up` again")
         offset = self._start_swarmd(st, h)  # the state dir holds its identity: no join needed
         if h.role == "manager":
             self._wait_socket(h, timeout=timeout)

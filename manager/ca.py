@@ -473,6 +473,7 @@ async def join_cluster(
     advertise_addr: str = "",
     raft_addr: str = "",
     timeout: float = 15.0,
+    issue_timeout: float = 90.0,  # a manager may wait for the store to take a new member (one at a time)
 ) -> JoinResult:
     """Join through the manager at `addr` (host:2377): fetch the root CA over plaintext, check it
     against the token's digest, then send a CSR and the token over TLS (server verified against
@@ -498,7 +499,7 @@ async def join_cluster(
     creds = grpc.ssl_channel_credentials(ca_pem)
     try:
         async with grpc.aio.secure_channel(addr, creds, options=channel_options(JOIN_NAME)) as ch:
-            issued = await ca_pb2_grpc.CAStub(ch).IssueNodeCertificate(req, timeout=timeout, wait_for_ready=True)
+            issued = await ca_pb2_grpc.CAStub(ch).IssueNodeCertificate(req, timeout=issue_timeout, wait_for_ready=True)
     except grpc.aio.AioRpcError as e:
         if e.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT):
             raise JoinError(e.details()) from None

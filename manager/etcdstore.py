@@ -165,6 +165,12 @@ def _delete(key: bytes) -> etcd_pb2.RequestOp:
     return etcd_pb2.RequestOp(request_delete_range=etcd_pb2.DeleteRangeRequest(key=key))
 
 
+def _timed_out(e: grpc.aio.AioRpcError) -> bool:
+    """Our deadline passed, as gRPC says it or as etcd does when it ran out first (UNKNOWN)."""
+    return e.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (
+        e.code() == grpc.StatusCode.UNKNOWN and "context deadline exceeded" in (e.details() or ""))
+
+
 def rpc_unavailable(e: grpc.aio.AioRpcError, what: str) -> Unavailable:
     """A gRPC failure of an etcd call as the store's Unavailable, in one sentence."""
     code = e.code()
@@ -541,7 +547,7 @@ class EtcdStore(Store):
                 req = self._txn_request(txn, fence, marker, lease)
                 resp = await self.kv.Txn(req, timeout=min(remaining, self.ATTEMPT_TIMEOUT))
             except grpc.aio.AioRpcError as e:
-                if e.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                if not _timed_out(e) and e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise await self._write_failed(e) from None
                 failure = e
                 if e.code() == grpc.StatusCode.UNAVAILABLE:  # answered at once: do not spin
@@ -579,7 +585,7 @@ class EtcdStore(Store):
         raise Conflict("the objects of this write kept changing while it was retried; read them again and retry")
 
     async def _write_failed(self, e: grpc.aio.AioRpcError) -> Unavailable:
-        if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+        if _timed_out(e) or e.code() == grpc.StatusCode.UNAVAILABLE:
             why = None
             if self.quorum_message is not None:
                 with contextlib.suppress(Exception):

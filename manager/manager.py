@@ -299,7 +299,7 @@ class Manager:
         ml = await self.raft.cluster_api.MemberList(etcd_pb2.MemberListRequest(), timeout=1.0)
         active: set[str] = set()
         try:
-            metrics = await self.member.metrics()
+            metrics = await self.member.metrics(timeout=1.0)  # not the default 5 s: this runs every 0.5 s
             for labels, value in metrics.get("etcd_network_active_peers", []):
                 if value > 0:
                     active.add(labels.get("Remote", ""))
@@ -328,10 +328,13 @@ class Manager:
             st = await self.refresh_status()
         except grpc.aio.AioRpcError:
             st = self._status
-        if st.has_quorum:
+        if not st.members or st.has_quorum:
+            return None
+        if st.reachable * 2 > st.total:  # a majority is connected: the store is electing its leader
             return None
         return (f"no quorum: {st.reachable} of {st.total} managers reachable; "
-                "writes are refused until a majority is back")
+                "writes are refused until a majority is back (this one was not confirmed: it may still "
+                "take effect then, so read before you retry)")
 
     async def _status_loop(self) -> None:
         while True:
@@ -576,7 +579,8 @@ class Manager:
         """Add the manager's etcd member as a learner (RoleManager promotes it once caught up) and
         hand it the members to start with: "name=url", its own entry named after its node id."""
         url = peer_url(raft_addr)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 75  # < the joiner's 90 s
+        waited = False
         while True:
             try:
                 ml = await self.raft.cluster_api.MemberList(etcd_pb2.MemberListRequest(), timeout=2.0)
@@ -590,8 +594,13 @@ class Manager:
             except grpc.aio.AioRpcError as e:
                 # etcd takes one learner at a time, and no new member until the last one has been
                 # up for 5 s ("unhealthy cluster"): wait while another joining manager settles.
-                busy = any(w in (e.details() or "") for w in ("too many learner", "unhealthy cluster"))
+                busy = any(w in (e.details() or "") for w in ("too many learner", "unhealthy cluster")) or \
+                    e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
                 if busy and time.monotonic() < deadline:
+                    if not waited:
+                        log.info("node=%s manager %s waits to join the store: %s", self.node_id, issued.node_id,
+                                 e.details())
+                        waited = True
                     await asyncio.sleep(0.5)
                     continue
                 raise ca.JoinError(
@@ -838,7 +847,7 @@ class RoleManager:
             if m.learner:
                 try:
                     await api.MemberPromote(etcd_pb2.MemberPromoteRequest(ID=m.id), timeout=2.0)
-                    log.info("node=%s store member %s at %s promoted from learner to voter", me, m.name, m.addr)
+                    log.info("node=%s store member at %s promoted from learner to voter", me, m.addr)
                 except grpc.aio.AioRpcError as e:
                     log.debug("node=%s learner %s not promoted yet: %s", me, m.addr, e.details())
         # Members that no manager node owns: demoted (after a settle time) or removed nodes.
