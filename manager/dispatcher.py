@@ -19,7 +19,7 @@ The caller's node id comes from the CN of its mTLS client certificate. Unit test
 
 `run()` is a leader loop: it marks nodes whose heartbeats stopped DOWN (grace ≈ 3 heartbeat
 periods; with the default 1 s period a dead node is DOWN in under 3 s), and, when this manager
-has just become leader, gives every node one grace period to open a session here.
+has just become leader, gives every node two grace periods to open a session here.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ DEFAULT_HEARTBEAT_PERIOD = 1.0
 # A node is DOWN when no heartbeat came for GRACE_MULTIPLIER periods: an agent heartbeats every
 # period, so two missed heartbeats plus most of a third period (2.8 s at the 1 s default, < 3 s).
 GRACE_MULTIPLIER = 2.8
+# A new leader waits this many grace periods for nodes it has not seen: their agents must first
+# learn that the old leader is gone (its leader lease runs out) and then find this one.
+NEW_LEADER_GRACE = 2.0
 LEADER_ADDR_KEY = "shoal-leader-addr"
 NODE_ID_KEY = "shoal-node-id"
 API_PORT = 2377
@@ -341,7 +344,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         grace = self.grace()
         for n in self.store.find("node"):
             if n.status.state != types_pb2.NodeStatus.DOWN and n.id not in self._sessions:
-                self._unconfirmed[n.id] = now + grace
+                self._unconfirmed[n.id] = now + grace * NEW_LEADER_GRACE
         log.info("dispatcher leader loop started nodes_awaited=%d grace=%.1fs", len(self._unconfirmed), grace)
         try:
             while True:

@@ -247,7 +247,9 @@ class Manager:
         return [n for n in self.raft.find("node") if n.role == types_pb2.MANAGER]
 
     def leader_api_addr(self) -> str | None:
-        """The remote API address host:port of the manager running the control loops."""
+        """The remote API address host:port of the manager running the control loops; None while
+        there is none, or while its etcd member is out of this manager's reach (it died, and its
+        lease has not run out yet): agents then try the other managers instead of waiting on it."""
         key = self.raft.leader_key
         if key is None:
             return None
@@ -255,7 +257,12 @@ class Manager:
         if nid == self.node_id:
             return self.cfg.advertise_api
         n = self.raft.get("node", nid)
-        return n.manager_status.api_addr if n is not None and n.manager_status.api_addr else None
+        if n is None or not n.manager_status.api_addr:
+            return None
+        m = next((m for m in self._status.members if m.addr == n.manager_status.addr), None)
+        if m is not None and not m.reachable:
+            return None
+        return n.manager_status.api_addr
 
     def api_peers(self) -> list[tuple[str, str]]:
         """(node id, remote API host:port) of every manager."""
@@ -750,7 +757,7 @@ class ManagerStatusLoop:
                 continue
             m = members.get(n.manager_status.addr)
             leader = m is not None and m.leader
-            if m is None:
+            if m is None or m.learner:  # not (yet) a voting member of the store
                 reach = types_pb2.ManagerStatus.UNKNOWN
             else:
                 reach = types_pb2.ManagerStatus.REACHABLE if m.reachable else types_pb2.ManagerStatus.UNREACHABLE

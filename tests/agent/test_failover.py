@@ -66,6 +66,17 @@ def test_agent_follows_the_new_leader_after_the_leader_dies(registry) -> None:
             timeout=90,
             what="4 nodes READY",
         )
+
+        def store_members(sock: Path) -> list[str]:
+            """The managers whose etcd member is a voter this manager reaches (Leader or Reachable)."""
+            out = ctl(sock, "node", "ls", "--format", "json", check=False)
+            nodes = json.loads(out) if out.strip() else []
+            return [n["description"]["hostname"] for n in nodes
+                    if n.get("manager_status", {}).get("reachability") == "REACHABLE"]
+
+        # A manager's Node is READY when the CA admits it; its etcd member joins the store (one learner
+        # at a time) a few seconds later. Kill the leader only once all three are voters.
+        wait_until(lambda: len(store_members(sock1)) == 3, timeout=90, what="3 managers in the store")
         image = f"{registry.host}/library/busybox:latest"
         ctl(
             sock1,

@@ -118,7 +118,7 @@ class Daemon:
     def term(self) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
+        return self.proc.wait(60)  # a manager stopping while another is gone waits on etcd (<= 10 s)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
