@@ -407,12 +407,12 @@ def is_local_caller(context: grpc.ServicerContext | grpc.aio.ServicerContext) ->
 # ---- the CA service ----------------------------------------------------------------------------
 @dataclass
 class IssuedNode:
-    """What `CAServicer`'s issue hook returns: the new node's id and, for managers, Raft details."""
+    """What `CAServicer`'s issue hook returns: the new node's id and, for managers, the etcd members
+    to start with and the store's data key."""
 
     node_id: str
     certificate: bytes
     role: int
-    raft_key: bytes = b""
     raft_peers: tuple[str, ...] = ()
     cluster_id: str = ""
     data_key: bytes = b""  # managers only: the store's data key (see shoal.manager.encryption)
@@ -451,7 +451,6 @@ class CAServicer(ca_pb2_grpc.CAServicer):
             certificate=issued.certificate,
             root_ca=self._get_root_ca(),
             role=issued.role,
-            raft_key=issued.raft_key,
             raft_peers=list(issued.raft_peers),
             cluster_id=issued.cluster_id,
             data_key=issued.data_key if issued.role == types_pb2.MANAGER else b"",

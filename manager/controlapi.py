@@ -15,9 +15,10 @@ Semantics follow SwarmKit's controlapi:
   transaction (agents stop them, the task reaper deletes them);
 - a network, secret or config still used cannot be removed (FAILED_PRECONDITION);
 - a READY node cannot be removed without force, and a manager must be demoted first;
-- secrets never carry their data out, and the cluster never carries its CA key, Raft key, network
-  bootstrap keys or unlock key out (the unlock key only through `GetUnlockKey`); networks, tasks and nodes never carry IPsec keys of encrypted networks out
-  (`keymanager.public`; `keys_rotated_at` stays visible).
+- secrets never carry their data out, and the cluster never carries its CA key, network
+  bootstrap keys or unlock key out (the unlock key only through `GetUnlockKey`); networks, tasks
+  and nodes never carry IPsec keys of encrypted networks out (`keymanager.public`;
+  `keys_rotated_at` stays visible).
 
 `manager` (optional) gives Raft facts to `Info`: it may have `node_id` (str) and `info()` returning
 an `InfoResponse` (or an awaitable of one) with node_id, is_manager, leader_node_id and members; the
@@ -613,7 +614,6 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     def _redact_cluster(cluster: objects_pb2.Cluster) -> objects_pb2.Cluster:
         out = _copy(cluster)
         out.root_ca.ClearField("ca_key")
-        out.ClearField("raft_key")
         out.ClearField("network_bootstrap_keys")
         out.ClearField("unlock_key")
         return out

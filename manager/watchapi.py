@@ -27,7 +27,6 @@ def redact(ev: watch_pb2.WatchEvent) -> watch_pb2.WatchEvent:
             obj.secret.spec.ClearField("data")
         elif kind == "cluster":
             obj.cluster.root_ca.ClearField("ca_key")
-            obj.cluster.ClearField("raft_key")
             obj.cluster.ClearField("network_bootstrap_keys")
             obj.cluster.ClearField("unlock_key")
         elif kind in ("network", "task", "node"):

@@ -34,12 +34,11 @@ class IssueNodeCertificateRequest(_message.Message):
     def __init__(self, csr: _Optional[bytes] = ..., token: _Optional[str] = ..., hostname: _Optional[str] = ..., advertise_addr: _Optional[str] = ..., node_id: _Optional[str] = ..., raft_addr: _Optional[str] = ...) -> None: ...
 
 class IssueNodeCertificateResponse(_message.Message):
-    __slots__ = ("node_id", "certificate", "root_ca", "role", "raft_key", "raft_peers", "cluster_id", "data_key")
+    __slots__ = ("node_id", "certificate", "root_ca", "role", "raft_peers", "cluster_id", "data_key")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     ROOT_CA_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
-    RAFT_KEY_FIELD_NUMBER: _ClassVar[int]
     RAFT_PEERS_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -47,8 +46,7 @@ class IssueNodeCertificateResponse(_message.Message):
     certificate: bytes
     root_ca: bytes
     role: _types_pb2.NodeRole
-    raft_key: bytes
     raft_peers: _containers.RepeatedScalarFieldContainer[str]
     cluster_id: str
     data_key: bytes
-    def __init__(self, node_id: _Optional[str] = ..., certificate: _Optional[bytes] = ..., root_ca: _Optional[bytes] = ..., role: _Optional[_Union[_types_pb2.NodeRole, str]] = ..., raft_key: _Optional[bytes] = ..., raft_peers: _Optional[_Iterable[str]] = ..., cluster_id: _Optional[str] = ..., data_key: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., certificate: _Optional[bytes] = ..., root_ca: _Optional[bytes] = ..., role: _Optional[_Union[_types_pb2.NodeRole, str]] = ..., raft_peers: _Optional[_Iterable[str]] = ..., cluster_id: _Optional[str] = ..., data_key: _Optional[bytes] = ...) -> None: ...

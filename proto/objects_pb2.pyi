@@ -167,22 +167,20 @@ class RootCA(_message.Message):
     def __init__(self, ca_key: _Optional[bytes] = ..., ca_cert: _Optional[bytes] = ..., ca_cert_hash: _Optional[str] = ..., join_tokens: _Optional[_Union[_types_pb2.JoinTokens, _Mapping]] = ...) -> None: ...
 
 class Cluster(_message.Message):
-    __slots__ = ("id", "meta", "spec", "root_ca", "network_bootstrap_keys", "raft_key", "unlock_key")
+    __slots__ = ("id", "meta", "spec", "root_ca", "network_bootstrap_keys", "unlock_key")
     ID_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     ROOT_CA_FIELD_NUMBER: _ClassVar[int]
     NETWORK_BOOTSTRAP_KEYS_FIELD_NUMBER: _ClassVar[int]
-    RAFT_KEY_FIELD_NUMBER: _ClassVar[int]
     UNLOCK_KEY_FIELD_NUMBER: _ClassVar[int]
     id: str
     meta: _types_pb2.Meta
     spec: _specs_pb2.ClusterSpec
     root_ca: RootCA
     network_bootstrap_keys: _containers.RepeatedCompositeFieldContainer[_types_pb2.EncryptionKey]
-    raft_key: bytes
     unlock_key: bytes
-    def __init__(self, id: _Optional[str] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., spec: _Optional[_Union[_specs_pb2.ClusterSpec, _Mapping]] = ..., root_ca: _Optional[_Union[RootCA, _Mapping]] = ..., network_bootstrap_keys: _Optional[_Iterable[_Union[_types_pb2.EncryptionKey, _Mapping]]] = ..., raft_key: _Optional[bytes] = ..., unlock_key: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., spec: _Optional[_Union[_specs_pb2.ClusterSpec, _Mapping]] = ..., root_ca: _Optional[_Union[RootCA, _Mapping]] = ..., network_bootstrap_keys: _Optional[_Iterable[_Union[_types_pb2.EncryptionKey, _Mapping]]] = ..., unlock_key: _Optional[bytes] = ...) -> None: ...
 
 class StoreObject(_message.Message):
     __slots__ = ("node", "service", "task", "network", "secret", "config", "cluster")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shoal.proto import objects_pb2 as objects__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bstore.proto\x12\x05shoal\x1a\robjects.proto\"\x84\x01\n\x0bStoreAction\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.shoal.StoreAction.Kind\x12\"\n\x06object\x18\x02 \x01(\x0b\x32\x12.shoal.StoreObject\"*\n\x04Kind\x12\n\n\x06\x43REATE\x10\x00\x12\n\n\x06UPDATE\x10\x01\x12\n\n\x06\x44\x45LETE\x10\x02\"T\n\x10StoreTransaction\x12#\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x12.shoal.StoreAction\x12\x1b\n\x13timestamp_unix_nano\x18\x02 \x01(\x03\"E\n\rStoreSnapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12#\n\x07objects\x18\x02 \x03(\x0b\x32\x12.shoal.StoreObject\"<\n\x0cRaftLogEntry\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\x96\x01\n\x0cRaftSnapshot\x12#\n\x05store\x18\x01 \x01(\x0b\x32\x14.shoal.StoreSnapshot\x12)\n\x0clast_applied\x18\x02 \x01(\x0b\x32\x13.shoal.RaftLogEntry\x12%\n\x08previous\x18\x03 \x01(\x0b\x32\x13.shoal.RaftLogEntry\x12\x0f\n\x07members\x18\x04 \x03(\t\"\xdd\x01\n\rClusterBackup\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x19\n\x11\x63reated_unix_nano\x18\x04 \x01(\x03\x12.\n\x08key_kind\x18\x05 \x01(\x0e\x32\x1c.shoal.ClusterBackup.KeyKind\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12\x12\n\nciphertext\x18\x07 \x01(\x0c\")\n\x07KeyKind\x12\x0e\n\nBACKUP_KEY\x10\x00\x12\x0e\n\nUNLOCK_KEY\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bstore.proto\x12\x05shoal\x1a\robjects.proto\"\x84\x01\n\x0bStoreAction\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.shoal.StoreAction.Kind\x12\"\n\x06object\x18\x02 \x01(\x0b\x32\x12.shoal.StoreObject\"*\n\x04Kind\x12\n\n\x06\x43REATE\x10\x00\x12\n\n\x06UPDATE\x10\x01\x12\n\n\x06\x44\x45LETE\x10\x02\"T\n\x10StoreTransaction\x12#\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x12.shoal.StoreAction\x12\x1b\n\x13timestamp_unix_nano\x18\x02 \x01(\x03\"E\n\rStoreSnapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12#\n\x07objects\x18\x02 \x03(\x0b\x32\x12.shoal.StoreObject\"\xdd\x01\n\rClusterBackup\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x19\n\x11\x63reated_unix_nano\x18\x04 \x01(\x03\x12.\n\x08key_kind\x18\x05 \x01(\x0e\x32\x1c.shoal.ClusterBackup.KeyKind\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12\x12\n\nciphertext\x18\x07 \x01(\x0c\")\n\x07KeyKind\x12\x0e\n\nBACKUP_KEY\x10\x00\x12\x0e\n\nUNLOCK_KEY\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,12 +40,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STORETRANSACTION']._serialized_end=256
   _globals['_STORESNAPSHOT']._serialized_start=258
   _globals['_STORESNAPSHOT']._serialized_end=327
-  _globals['_RAFTLOGENTRY']._serialized_start=329
-  _globals['_RAFTLOGENTRY']._serialized_end=389
-  _globals['_RAFTSNAPSHOT']._serialized_start=392
-  _globals['_RAFTSNAPSHOT']._serialized_end=542
-  _globals['_CLUSTERBACKUP']._serialized_start=545
-  _globals['_CLUSTERBACKUP']._serialized_end=766
-  _globals['_CLUSTERBACKUP_KEYKIND']._serialized_start=725
-  _globals['_CLUSTERBACKUP_KEYKIND']._serialized_end=766
+  _globals['_CLUSTERBACKUP']._serialized_start=330
+  _globals['_CLUSTERBACKUP']._serialized_end=551
+  _globals['_CLUSTERBACKUP_KEYKIND']._serialized_start=510
+  _globals['_CLUSTERBACKUP_KEYKIND']._serialized_end=551
 # @@protoc_insertion_point(module_scope)

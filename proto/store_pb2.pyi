@@ -40,28 +40,6 @@ class StoreSnapshot(_message.Message):
     objects: _containers.RepeatedCompositeFieldContainer[_objects_pb2.StoreObject]
     def __init__(self, version: _Optional[int] = ..., objects: _Optional[_Iterable[_Union[_objects_pb2.StoreObject, _Mapping]]] = ...) -> None: ...
 
-class RaftLogEntry(_message.Message):
-    __slots__ = ("command", "index", "term")
-    COMMAND_FIELD_NUMBER: _ClassVar[int]
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    TERM_FIELD_NUMBER: _ClassVar[int]
-    command: bytes
-    index: int
-    term: int
-    def __init__(self, command: _Optional[bytes] = ..., index: _Optional[int] = ..., term: _Optional[int] = ...) -> None: ...
-
-class RaftSnapshot(_message.Message):
-    __slots__ = ("store", "last_applied", "previous", "members")
-    STORE_FIELD_NUMBER: _ClassVar[int]
-    LAST_APPLIED_FIELD_NUMBER: _ClassVar[int]
-    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
-    MEMBERS_FIELD_NUMBER: _ClassVar[int]
-    store: StoreSnapshot
-    last_applied: RaftLogEntry
-    previous: RaftLogEntry
-    members: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, store: _Optional[_Union[StoreSnapshot, _Mapping]] = ..., last_applied: _Optional[_Union[RaftLogEntry, _Mapping]] = ..., previous: _Optional[_Union[RaftLogEntry, _Mapping]] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
-
 class ClusterBackup(_message.Message):
     __slots__ = ("format", "cluster_id", "version", "created_unix_nano", "key_kind", "nonce", "ciphertext")
     class KeyKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):

