@@ -872,6 +872,13 @@ class RoleManager:
                 first = self._orphans.setdefault(addr, now)
                 if now - first < self.ORPHAN_GRACE:
                     continue
+            # Never below a quorum (etcd runs with --strict-reconfig-check=false, so this is the
+            # guard): the voters left must have a reachable majority.
+            left = [x for x in members.values() if x.id != m.id and not x.learner]
+            if not m.learner and sum(1 for x in left if x.reachable) * 2 <= len(left):
+                log.warning("node=%s not removing store member %s yet: only %d of the other %d are reachable",
+                            me, addr, sum(1 for x in left if x.reachable), len(left))
+                continue
             await self._check_fence()
             await api.MemberRemove(etcd_pb2.MemberRemoveRequest(ID=m.id), timeout=self.manager.cfg.write_timeout)
             self._orphans.pop(addr, None)
