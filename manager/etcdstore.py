@@ -186,7 +186,7 @@ class EtcdStore(Store):
     are reachable); the manager supplies it from its member's view of the cluster."""
 
     # One Txn attempt: unanswered after this long, it is sent again (see `propose`).
-    ATTEMPT_TIMEOUT = 1.0
+    ATTEMPT_TIMEOUT = 0.5
 
     def __init__(
         self,
