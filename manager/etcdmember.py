@@ -414,7 +414,7 @@ class EtcdMember:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _alive(pid):
+        while process_alive(pid):
             if time.monotonic() > deadline:
                 raise EtcdError(f"a stray etcd (pid {pid}) holds {self.data_dir} and did not die within 10 s "
                                 "of SIGKILL")
@@ -492,7 +492,7 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """The process exists and is not a zombie (a zombie holds no files, locks nor ports)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -508,7 +508,7 @@ def _is_member_process(pid: int, binary: str, data_dir: Path) -> bool:
             argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
     except OSError:
         return False
-    if not argv or os.path.basename(argv[0]) != os.path.basename(binary) or not _alive(pid):
+    if not argv or os.path.basename(argv[0]) != os.path.basename(binary) or not process_alive(pid):
         return False
     want = str(data_dir)
     for i, a in enumerate(argv):

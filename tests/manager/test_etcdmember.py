@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from shoal.manager import ca
-from shoal.manager.etcdmember import EtcdConfig, EtcdError, EtcdMember, parse_metrics
+from shoal.manager.etcdmember import EtcdConfig, EtcdError, EtcdMember, parse_metrics, process_alive
 from shoal.proto import etcd_pb2, etcd_pb2_grpc, types_pb2
 
 pytestmark = [
@@ -70,14 +70,6 @@ async def members() -> AsyncIterator[list[EtcdMember]]:
     finally:
         for m in started:
             await m.stop(timeout=5)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 async def put(m: EtcdMember, key: bytes, value: bytes) -> None:
@@ -317,20 +309,20 @@ def test_killed_parent_takes_etcd_down(root, base):
     try:
         assert child.stdout is not None
         etcd_pid = int(child.stdout.readline() or 0)
-        assert etcd_pid and alive(etcd_pid) and int((cfg.dir / "etcd.pid").read_text()) == etcd_pid
+        assert etcd_pid and process_alive(etcd_pid) and int((cfg.dir / "etcd.pid").read_text()) == etcd_pid
         m = EtcdMember(cfg)
         asyncio.run(put(m, b"/shoal/survives", b"yes"))
         os.kill(child.pid, signal.SIGKILL)
         child.wait(5)
         deadline = time.monotonic() + 5
-        while alive(etcd_pid) and time.monotonic() < deadline:
+        while process_alive(etcd_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not alive(etcd_pid), "etcd outlived its SIGKILLed parent"
+        assert not process_alive(etcd_pid), "etcd outlived its SIGKILLed parent"
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-        if etcd_pid and alive(etcd_pid):
+        if etcd_pid and process_alive(etcd_pid):
             os.kill(etcd_pid, signal.SIGKILL)
 
     async def again() -> None:
@@ -357,7 +349,7 @@ def test_start_kills_stray_of_same_data_dir_only(root, base):
             fresh = EtcdMember(cfg)  # as swarmd after a crash that left its etcd running
             ms.append(fresh)
             await fresh.start()
-            assert not alive(stray_pid) and fresh.pid != stray_pid
+            assert not process_alive(stray_pid) and fresh.pid != stray_pid
             assert await get(fresh, b"/shoal/x") == b"kept"
             assert int((cfg.dir / "etcd.pid").read_text()) == fresh.pid
             await fresh.stop()

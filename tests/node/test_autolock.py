@@ -182,6 +182,19 @@ def _remove_containers(made: list[Daemon]) -> None:
     for d in made:
         if (d.dir / "engine" / "containers").is_dir():
             asyncio.run(remove_all(d.dir / "engine"))
+    # The task network namespaces (n<node id[:6]>-c<task id[:12]>) a stopped swarmd did not release.
+    from pyroute2 import netns
+
+    ids = []
+    for d in made:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            ids.append(json.loads((d.dir / "node.json").read_text())["node_id"])
+    prefixes = tuple(f"n{nid[:6]}-c" for nid in ids)
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir("/run/netns"):
+            if prefixes and name.startswith(prefixes):
+                with contextlib.suppress(OSError):
+                    netns.remove(name)
 
 
 def files_holding(root: Path, needles: list[bytes]) -> list[str]:

@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 import pytest
 
+from shoal.manager.etcdmember import process_alive
 from shoal.manager.store import KINDS
 from shoal.proto import control_pb2, control_pb2_grpc, etcd_pb2, etcd_pb2_grpc, objects_pb2, types_pb2
 
@@ -64,14 +65,6 @@ def wait(cond: Callable[[], Any], what: str, timeout: float = 30.0, period: floa
             last = e
         time.sleep(period)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}: {last!r}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _proc_state(pid: int) -> str:
@@ -126,7 +119,7 @@ class Daemon:
             pid = int((self.dir / "etcd" / "etcd.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        if _alive(pid):
+        if process_alive(pid):
             self.etcd_pids.add(pid)
             return pid
         return None
@@ -199,16 +192,16 @@ class Daemon:
         self.kill9()
 
     def wait_etcd_gone(self, timeout: float = 15) -> None:
-        wait(lambda: not any(_alive(p) for p in self.etcd_pids), f"{self.name}'s etcd member to exit", timeout)
+        wait(lambda: not any(process_alive(p) for p in self.etcd_pids), f"{self.name}'s etcd member to exit", timeout)
 
     def cleanup(self) -> None:
         with contextlib.suppress(Exception):
             self.kill9()
         deadline = time.monotonic() + 15
-        while any(_alive(p) for p in self.etcd_pids) and time.monotonic() < deadline:
+        while any(process_alive(p) for p in self.etcd_pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         for p in self.etcd_pids:  # children of our swarmd that outlived its SIGTERM: ours to end
-            if _alive(p) and str(self.dir) in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"):
+            if process_alive(p) and str(self.dir) in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p, signal.SIGKILL)
 
