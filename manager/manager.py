@@ -445,12 +445,13 @@ class Manager:
 
     async def stop(self) -> None:
         log.info("node=%s manager stopping", self.node_id)
+        leading = self.store is not None and self.store.leading  # stopping the loops clears it
         for t in reversed(self._tasks):  # leadership first, the member last
             if t.get_name() == "etcd-member":
                 continue
             t.cancel()
             await asyncio.gather(t, return_exceptions=True)
-        if self.election is not None and self.store is not None and self.store.leading:
+        if self.election is not None and leading:
             await self.election.resign()  # the others need not wait for the lease to expire
         if self._front is not None:
             await self._front.close()
