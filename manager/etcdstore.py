@@ -500,18 +500,6 @@ class EtcdStore(Store):
         req.success.extend(ops.values())
         return req
 
-    async def _marker_revision(self, marker: bytes, deadline: float) -> int | None:
-        """The revision a write with this marker landed at, once the cache holds it; None if none did."""
-        try:
-            resp = await self.kv.Range(etcd_pb2.RangeRequest(key=marker),
-                                       timeout=max(0.1, deadline - time.monotonic()))
-        except grpc.aio.AioRpcError:
-            return None
-        if not resp.kvs:
-            return None
-        await self.wait_for(resp.kvs[0].mod_revision, max(0.5, deadline - time.monotonic()))
-        return resp.kvs[0].mod_revision
-
     async def _marker_lease(self, timeout: float) -> int:
         """A lease for new write markers: granted for MARKER_TTL s, used for half of that."""
         now = time.monotonic()
@@ -554,9 +542,15 @@ class EtcdStore(Store):
                     await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
                 continue
             except StoreError:
-                # The check sees a change: after an unanswered attempt, maybe that attempt's own.
-                if failure is not None and (rev := await self._marker_revision(marker, deadline)):
-                    return rev
+                # After an unanswered attempt the check may see that attempt's own effect, or the
+                # attempt may still be in flight: settle it before answering.
+                if failure is not None:
+                    rev = await self._settle(marker, deadline)
+                    if rev:
+                        return rev
+                    if rev is None:
+                        raise Unavailable("write outcome unknown: the store did not confirm it in time; "
+                                          "read the object again and retry") from None
                 raise
             if resp.succeeded:
                 await self.wait_for(resp.header.revision, max(0.5, deadline - time.monotonic()))
@@ -581,8 +575,33 @@ class EtcdStore(Store):
                 )
             await self.wait_for(resp.header.revision, max(0.5, deadline - time.monotonic()))
         if failure is not None:
+            rev = await self._settle(marker, time.monotonic() + self.ATTEMPT_TIMEOUT)
+            if rev:
+                return rev
             raise await self._write_failed(failure) from None
         raise Conflict("the objects of this write kept changing while it was retried; read them again and retry")
+
+    async def _settle(self, marker: bytes, deadline: float) -> int | None:
+        """After an unanswered attempt: claim the write marker, so that no copy still in flight can
+        ever land (they all compare it absent). The revision a copy landed at if one did; 0 when none
+        did and none will; None when etcd did not answer (the outcome stays unknown)."""
+        req = etcd_pb2.TxnRequest(
+            compare=[_compare(marker, create=0)],
+            success=[_put(marker, b"void", self._lease_id)],
+            failure=[etcd_pb2.RequestOp(request_range=etcd_pb2.RangeRequest(key=marker))],
+        )
+        try:
+            resp = await self.kv.Txn(req, timeout=max(0.2, deadline - time.monotonic()))
+        except grpc.aio.AioRpcError:
+            return None
+        if resp.succeeded:
+            return 0
+        kvs = resp.responses[0].response_range.kvs if resp.responses else []
+        if not kvs or kvs[0].value == b"void":
+            return 0
+        with contextlib.suppress(Unavailable):
+            await self.wait_for(kvs[0].mod_revision, max(0.5, deadline - time.monotonic()))
+        return kvs[0].mod_revision
 
     async def _write_failed(self, e: grpc.aio.AioRpcError) -> Unavailable:
         if _timed_out(e) or e.code() == grpc.StatusCode.UNAVAILABLE:
