@@ -31,8 +31,9 @@ with `Unavailable` naming how many managers are reachable; a write whose outcome
 deadline passed after it was sent) says so. Within the deadline, a Txn left unanswered for a second
 (a proposal lost with a killed leader) or refused as unavailable is sent again, exactly once in
 effect: every copy carries the same write marker and compares that it is absent, so a copy after
-one that landed fails, finds the marker and returns the revision the first one landed at. Reads
-keep answering from the cache.
+one that landed fails, finds the marker and returns the revision the first one landed at. Before
+a write with an unanswered attempt answers anything else, it claims the marker itself, so that no
+copy still in flight can land after the answer. Reads keep answering from the cache.
 """
 
 from __future__ import annotations
