@@ -4,8 +4,9 @@ The kernel is built from Debian's newest linux-source by ``scripts/uml-kernel`` 
 ``/var/cache/shoal/uml``, with everything the tests need built in (no modules). It runs as an ordinary host process (as root) with the host's root
 filesystem mounted read-only through hostfs, so the guest sees this checkout and its virtualenv at
 the same paths and cannot change anything on the host. The guest gets fresh tmpfs mounts on
-``/tmp``, ``/run``, ``/var/tmp`` and ``/dev/shm`` (the host's ``/tmp`` is hidden there: hand files to the guest
-elsewhere, or write them from the command itself), its own devtmpfs ``/dev``, proc, sysfs, cgroup2,
+``/tmp``, ``/run``, ``/var/tmp`` and ``/dev/shm`` (the host's ``/tmp`` is hidden there, except a
+checkout under it, mounted again read-only: hand files to the guest elsewhere, or write them from
+the command itself), its own devtmpfs ``/dev``, proc, sysfs, cgroup2,
 ``lo`` up. Nothing but lo: the guest has no network to the host.
 
 Import it as the other shared helpers are imported (``tests/`` is on ``sys.path`` under pytest)::
@@ -79,6 +80,15 @@ def kernel() -> Path:
     return Path(_prepared()["LINUX"])
 
 
+def _repo_mount() -> str:
+    """A checkout under one of the guest's fresh tmpfs mounts (CI may clone into /tmp) is hidden by
+    it: mount it again there, read-only, from the host."""
+    q = shlex.quote
+    if not any(REPO == Path(d) or Path(d) in REPO.parents for d in ("/tmp", "/var/tmp", "/run", "/dev/shm")):
+        return ""
+    return f"mkdir -p {q(str(REPO))}\nmount -r -t hostfs -o {q(str(REPO))} none {q(str(REPO))}\n"
+
+
 def _init_script(argv: list[str], env: dict[str, str], mark: str) -> str:
     q = shlex.quote
     cmd_env = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb", "PYTHONDONTWRITEBYTECODE": "1", **env}
@@ -101,7 +111,7 @@ ln -sf /proc/self/fd /dev/fd
 ln -sf /proc/self/fd/0 /dev/stdin
 ln -sf /proc/self/fd/1 /dev/stdout
 ln -sf /proc/self/fd/2 /dev/stderr
-ip link set lo up
+{_repo_mount()}ip link set lo up
 hostname shoal-uml
 cd {q(str(REPO))} || echo "cannot cd to {REPO}"
 echo {q(mark)} start
