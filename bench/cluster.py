@@ -87,13 +87,19 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def etcd_rss_mb(h) -> float:
-    """VmRSS (MB) of a manager's etcd member (its pid file in the state dir), 0 if none runs."""
+def etcd_pid(h) -> int:
+    """The pid of a lab manager's running etcd member (its pid file in the state dir), 0 if none."""
     try:
         pid = int(Path(h.state_dir, "etcd", "etcd.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        return 0.0
-    return rss_mb(pid) if _alive(pid) else 0.0
+        return 0
+    return pid if _alive(pid) else 0
+
+
+def etcd_rss_mb(h) -> float:
+    """VmRSS (MB) of a manager's etcd member, 0 if none runs."""
+    pid = etcd_pid(h)
+    return rss_mb(pid) if pid else 0.0
 
 
 def rss_by_role(st: LabState, suffix: str) -> dict[str, float | None]:

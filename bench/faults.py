@@ -55,6 +55,7 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cluster import etcd_pid  # noqa: E402
 from linearizability import Op, check, report, to_jsonl  # noqa: E402
 
 from shoal.lab.lab import Host, Lab, LabState, _alive  # noqa: E402
@@ -208,14 +209,6 @@ async def setup_registers(camp: Campaign, keys: int) -> None:
 
 
 # ---- faults ----------------------------------------------------------------------------------------
-def _etcd_pid(h: Host) -> int:
-    try:
-        pid = int(Path(h.state_dir, "etcd", "etcd.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-    return pid if _alive(pid) else 0
-
-
 def _signal(pids: list[int], sig: int) -> None:
     for pid in pids:
         if pid:
@@ -274,13 +267,13 @@ async def inject(camp: Campaign, kind: str) -> str:
     else:
         target = camp.rng.choice(hosts)
     if kind in ("kill-leader", "kill-random"):
-        _signal([target.swarmd_pid, _etcd_pid(target)], signal.SIGKILL)
+        _signal([target.swarmd_pid, etcd_pid(target)], signal.SIGKILL)
         await asyncio.sleep(hold)
         await loop.run_in_executor(None, camp.lab.kill, target.name)  # forget the pid
         await loop.run_in_executor(None, camp.lab.start, target.name)
         return f"SIGKILL {target.name} ({target.addr}) for {hold:.1f} s"
     if kind in ("pause", "pause-swarmd"):
-        pids = [target.swarmd_pid] + ([_etcd_pid(target)] if kind == "pause" else [])
+        pids = [target.swarmd_pid] + ([etcd_pid(target)] if kind == "pause" else [])
         _signal(pids, signal.SIGSTOP)
         await asyncio.sleep(hold)
         _signal(pids, signal.SIGCONT)
@@ -344,7 +337,7 @@ async def campaign(lab: Lab, managers: int, n_faults: int, clients: int, keys: i
     finally:
         heal(hosts)
         for h in camp.managers():  # nothing left paused
-            _signal([h.swarmd_pid, _etcd_pid(h)], signal.SIGCONT)
+            _signal([h.swarmd_pid, etcd_pid(h)], signal.SIGCONT)
         camp.stop.set()
         await asyncio.gather(*workers, return_exceptions=True)
     elapsed = time.monotonic() - t0
