@@ -566,6 +566,8 @@ def test_quorum_loss_fails_fast_reads_answer_and_heals(lab: Lab):
     # Reads answer from the cache (with a warning that they may be stale), quickly.
     r = ctl(m1, "secret", "ls", timeout=10)
     assert r.code == 0 and "before" in r.out and "during" not in r.out, r
+    assert "warning: this manager cannot reach a quorum: the answer comes from its own copy of the store" in r.err
+    assert "which may be stale" in r.err, r.err
     r = ctl(m1, "service", "ls", timeout=10)
     assert r.code == 0 and "web" in r.out, r
     assert r.secs < 5
