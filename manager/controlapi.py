@@ -14,6 +14,8 @@ Semantics follow SwarmKit's controlapi:
 - removing a service deletes it and sets desired_state REMOVE on its tasks in the same
   transaction (agents stop them, the task reaper deletes them);
 - a network, secret or config still used cannot be removed (FAILED_PRECONDITION);
+- a write naming a stale object version (the request's, or one the store saw change while it
+  committed, after `COMMIT_ATTEMPTS` tries) fails with ABORTED, "update out of sequence: ...";
 - a READY node cannot be removed without force, and a manager must be demoted first;
 - secrets never carry their data out, and the cluster never carries its CA key, network
   bootstrap keys or unlock key out (the unlock key only through `GetUnlockKey`); networks, tasks
@@ -50,9 +52,9 @@ from shoal.manager.store import (
     Store,
     StoreError,
     Tx,
-    describe,
     is_terminal,
     new_id,
+    stale_version,
 )
 from shoal.proto import control_pb2, control_pb2_grpc, objects_pb2, specs_pb2, types_pb2
 
@@ -146,27 +148,19 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
 
     @staticmethod
     def _resolve_for_write(tx: Tx, kind: str, ref: str, version: int = 0) -> Any:
-        """The current object (a copy to change) named by `ref`; stale `version` fails as a conflict."""
+        """The current object (a copy to change) named by `ref`; a stale `version` (the caller's)
+        raises `StaleVersion(client=True)`, which `_commit` never retries."""
         cur = tx.sm.resolve(kind, ref)
         if version and version != cur.meta.version:
-            raise Conflict(
-                f"update out of sequence: {describe(kind, cur)} was changed since it was read "
-                f"(version {cur.meta.version}, request had {version}); read it again and retry"
-            )
+            raise stale_version(kind, cur, version, client=True)
         return _copy(cur)
 
     async def _commit(self, fn: Callable[[Tx], T]) -> T:
-        """One transaction built by `fn` from the current state; built again when the store refuses it
-        because an object it read changed meanwhile (control loops write tasks and services all the
-        time). A stale version the caller sent fails in `fn` itself, so it is never retried away."""
-        for attempt in range(COMMIT_ATTEMPTS):
-            try:
-                return await self.store.update(fn)
-            except Conflict as e:
-                if "out of sequence" not in str(e) or attempt == COMMIT_ATTEMPTS - 1:
-                    raise
-                log.debug("control commit conflict, retrying: %s", e)
-        raise AssertionError("unreachable")
+        """One transaction built by `fn` from the current state; built again (`Store.update`'s
+        retries) when the store refuses it because an object it read changed meanwhile (control
+        loops write tasks and services all the time). A stale version the caller sent fails in `fn`
+        itself as a client `StaleVersion`, so it is never retried away; both answer ABORTED."""
+        return await self.store.update(fn, retries=COMMIT_ATTEMPTS - 1)
 
     # ---- nodes ---------------------------------------------------------------------------------
     @rpc
