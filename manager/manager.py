@@ -11,10 +11,10 @@ client on a root-only unix socket), opens the `EtcdStore` on it and serves:
 - the log broker (`shoal.manager.logbroker.LogBroker(store, manager=self)`): `Logs` on both, and
   `LogBroker` (agents) on the remote port.
 
-The remote port (2377) is `ca.RemoteAPIFront`: it splices each connection to one of three gRPC
+The remote port (2377) is `remoteapi.RemoteAPIFront`: it splices each connection to one of three gRPC
 listeners on abstract unix sockets (per network namespace): mutual TLS (Control, Dispatcher, Logs,
 LogBroker, CA), join (server TLS, CA only) and plaintext (root CA certificate only). Why: see
-`shoal.manager.ca`.
+`shoal.manager.remoteapi`.
 
 Leader loops. One manager at a time runs the loops built by the factories in `LEADER_LOOPS` (each
 `factory(store, manager)` returns an object with `async def run(self) -> None`, a list of them, or
@@ -53,7 +53,7 @@ from typing import Any
 
 import grpc
 
-from shoal.manager import ca
+from shoal.manager import ca, remoteapi
 from shoal.manager.allocator import Allocator
 from shoal.manager.controlapi import ControlServicer
 from shoal.manager.dispatcher import Dispatcher
@@ -226,7 +226,7 @@ class Manager:
         self.dispatcher: Any = None
         self.logbroker: Any = None
         self._servers: list[grpc.aio.Server] = []
-        self._front: ca.RemoteAPIFront | None = None
+        self._front: remoteapi.RemoteAPIFront | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.control_socket = cfg.control_socket or (cfg.state_dir / "swarmd.sock")
         self._leading = asyncio.Event()
@@ -435,7 +435,7 @@ class Manager:
         for s in (mtls, join, plain):
             await s.start()
             self._servers.append(s)
-        self._front = ca.RemoteAPIFront(cfg.remote_listen, paths["mtls"], paths["join"], paths["plain"])
+        self._front = remoteapi.RemoteAPIFront(cfg.remote_listen, paths["mtls"], paths["join"], paths["plain"])
         await self._front.start()
         self._tasks.append(asyncio.create_task(self._leadership(), name="leadership"))
         log.info(
