@@ -53,6 +53,7 @@ from shoal.manager.store import (
     StoreError,
     Tx,
     is_terminal,
+    kind_of,
     new_id,
     stale_version,
 )
@@ -62,6 +63,7 @@ log = logging.getLogger("shoal.controlapi")
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
+F = TypeVar("F", objects_pb2.Secret, objects_pb2.Config)
 COMMIT_ATTEMPTS = 5
 INGRESS_NAME = "ingress"
 
@@ -539,9 +541,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         self, request: control_pb2.CreateSecretRequest, context: Any
     ) -> control_pb2.CreateSecretResponse:
         validation.validate_secret_spec(request.spec)
-        secret = await self._commit(lambda tx: tx.create(objects_pb2.Secret(spec=request.spec)))
-        log.info("secret created id=%s name=%s", secret.id, secret.spec.annotations.name)
-        return control_pb2.CreateSecretResponse(secret=self._redact_secret(self.store.get("secret", secret.id)))
+        secret = await self._create_file_object(objects_pb2.Secret, request.spec)
+        return control_pb2.CreateSecretResponse(secret=self._redact_secret(secret))
 
     @rpc
     async def GetSecret(self, request: control_pb2.GetSecretRequest, context: Any) -> control_pb2.GetSecretResponse:
@@ -551,8 +552,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     async def RemoveSecret(
         self, request: control_pb2.RemoveSecretRequest, context: Any
     ) -> control_pb2.RemoveSecretResponse:
-        obj = await self._commit(lambda tx: self._remove_file_object(tx, "secret", request.secret_id))
-        log.info("secret removed id=%s name=%s", obj.id, obj.spec.annotations.name)
+        await self._remove_file_object("secret", request.secret_id)
         return control_pb2.RemoveSecretResponse()
 
     @rpc
@@ -566,9 +566,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         self, request: control_pb2.CreateConfigRequest, context: Any
     ) -> control_pb2.CreateConfigResponse:
         validation.validate_config_spec(request.spec)
-        config = await self._commit(lambda tx: tx.create(objects_pb2.Config(spec=request.spec)))
-        log.info("config created id=%s name=%s", config.id, config.spec.annotations.name)
-        return control_pb2.CreateConfigResponse(config=self.store.get("config", config.id))
+        config = await self._create_file_object(objects_pb2.Config, request.spec)
+        return control_pb2.CreateConfigResponse(config=config)
 
     @rpc
     async def GetConfig(self, request: control_pb2.GetConfigRequest, context: Any) -> control_pb2.GetConfigResponse:
@@ -578,16 +577,27 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     async def RemoveConfig(
         self, request: control_pb2.RemoveConfigRequest, context: Any
     ) -> control_pb2.RemoveConfigResponse:
-        obj = await self._commit(lambda tx: self._remove_file_object(tx, "config", request.config_id))
-        log.info("config removed id=%s name=%s", obj.id, obj.spec.annotations.name)
+        await self._remove_file_object("config", request.config_id)
         return control_pb2.RemoveConfigResponse()
 
     @rpc
     async def ListConfigs(self, request: control_pb2.ListConfigsRequest, context: Any) -> control_pb2.ListConfigsResponse:
         return control_pb2.ListConfigsResponse(configs=self._list("config", request.filters))
 
+    async def _create_file_object(self, cls: type[F], spec: Message) -> F:
+        """Create a secret or config (`cls`) from its validated `spec`; the stored object."""
+        created = await self._commit(lambda tx: tx.create(cls(spec=spec)))
+        kind = kind_of(created)
+        log.info("%s created id=%s name=%s", kind, created.id, created.spec.annotations.name)
+        return self.store.get(kind, created.id)
+
+    async def _remove_file_object(self, kind: str, ref: str) -> None:
+        """Remove the secret or config `ref` (`kind`); FAILED_PRECONDITION while a service uses it."""
+        obj = await self._commit(lambda tx: self._remove_unused(tx, kind, ref))
+        log.info("%s removed id=%s name=%s", kind, obj.id, obj.spec.annotations.name)
+
     @staticmethod
-    def _remove_file_object(tx: Tx, kind: str, ref: str) -> Any:
+    def _remove_unused(tx: Tx, kind: str, ref: str) -> Any:
         obj = tx.sm.resolve(kind, ref)
         users = []
         for svc in tx.sm.list("service"):

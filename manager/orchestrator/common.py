@@ -198,6 +198,18 @@ def copy_service(s: objects_pb2.Service) -> objects_pb2.Service:
     return c
 
 
+def shut_down(tx: Tx, task_id: str) -> objects_pb2.Task | None:
+    """In `tx`: set desired_state SHUTDOWN on the task, unless it is gone or already past RUNNING;
+    the updated task, or None."""
+    t = tx.get("task", task_id)
+    if t is None or t.desired_state > RUNNING:
+        return None
+    t = copy_task(t)
+    t.desired_state = types_pb2.SHUTDOWN
+    tx.update(t)
+    return t
+
+
 async def commit(store: Store, fn: Callable[[Tx], T], what: str, attempts: int = 5) -> T | None:
     """Run `fn` in a transaction, built again (`Store.update`) when a concurrent writer won: any
     conflict (a stale version above all), or an object `fn` wrote that was removed meanwhile
