@@ -11,7 +11,8 @@ cache, fed in order by etcd's watch (`apply_committed`), and `check` runs before
 transaction; `meta.version` is the etcd revision that last wrote the object.
 
 `Store` is what the rest of the manager uses: reads go to the local tables, writes are built with a
-`Tx` and proposed. Objects returned by reads are the store's own: treat them as read-only and copy
+`Tx` and proposed (`Store.update(fn, retries=N)` builds one again when the store refuses it with a
+`StaleVersion`: something it read changed meanwhile; it is the manager's one retry-on-conflict loop). Objects returned by reads are the store's own: treat them as read-only and copy
 (`Message.CopyFrom`) before changing one for an update.
 """
 
