@@ -14,6 +14,8 @@ Semantics follow SwarmKit's controlapi:
 - removing a service deletes it and sets desired_state REMOVE on its tasks in the same
   transaction (agents stop them, the task reaper deletes them);
 - a network, secret or config still used cannot be removed (FAILED_PRECONDITION);
+- a write naming a stale object version (the request's, or one the store saw change while it
+  committed, after `COMMIT_ATTEMPTS` tries) fails with ABORTED, "update out of sequence: ...";
 - a READY node cannot be removed without force, and a manager must be demoted first;
 - secrets never carry their data out, and the cluster never carries its CA key, network
   bootstrap keys or unlock key out (the unlock key only through `GetUnlockKey`); networks, tasks
@@ -50,9 +52,10 @@ from shoal.manager.store import (
     Store,
     StoreError,
     Tx,
-    describe,
     is_terminal,
+    kind_of,
     new_id,
+    stale_version,
 )
 from shoal.proto import control_pb2, control_pb2_grpc, objects_pb2, specs_pb2, types_pb2
 
@@ -60,6 +63,7 @@ log = logging.getLogger("shoal.controlapi")
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
+F = TypeVar("F", objects_pb2.Secret, objects_pb2.Config)
 COMMIT_ATTEMPTS = 5
 INGRESS_NAME = "ingress"
 
@@ -146,27 +150,19 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
 
     @staticmethod
     def _resolve_for_write(tx: Tx, kind: str, ref: str, version: int = 0) -> Any:
-        """The current object (a copy to change) named by `ref`; stale `version` fails as a conflict."""
+        """The current object (a copy to change) named by `ref`; a stale `version` (the caller's)
+        raises `StaleVersion(client=True)`, which `_commit` never retries."""
         cur = tx.sm.resolve(kind, ref)
         if version and version != cur.meta.version:
-            raise Conflict(
-                f"update out of sequence: {describe(kind, cur)} was changed since it was read "
-                f"(version {cur.meta.version}, request had {version}); read it again and retry"
-            )
+            raise stale_version(kind, cur, version, client=True)
         return _copy(cur)
 
     async def _commit(self, fn: Callable[[Tx], T]) -> T:
-        """One transaction built by `fn` from the current state; built again when the store refuses it
-        because an object it read changed meanwhile (control loops write tasks and services all the
-        time). A stale version the caller sent fails in `fn` itself, so it is never retried away."""
-        for attempt in range(COMMIT_ATTEMPTS):
-            try:
-                return await self.store.update(fn)
-            except Conflict as e:
-                if "out of sequence" not in str(e) or attempt == COMMIT_ATTEMPTS - 1:
-                    raise
-                log.debug("control commit conflict, retrying: %s", e)
-        raise AssertionError("unreachable")
+        """One transaction built by `fn` from the current state; built again (`Store.update`'s
+        retries) when the store refuses it because an object it read changed meanwhile (control
+        loops write tasks and services all the time). A stale version the caller sent fails in `fn`
+        itself as a client `StaleVersion`, so it is never retried away; both answer ABORTED."""
+        return await self.store.update(fn, retries=COMMIT_ATTEMPTS - 1)
 
     # ---- nodes ---------------------------------------------------------------------------------
     @rpc
@@ -545,9 +541,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         self, request: control_pb2.CreateSecretRequest, context: Any
     ) -> control_pb2.CreateSecretResponse:
         validation.validate_secret_spec(request.spec)
-        secret = await self._commit(lambda tx: tx.create(objects_pb2.Secret(spec=request.spec)))
-        log.info("secret created id=%s name=%s", secret.id, secret.spec.annotations.name)
-        return control_pb2.CreateSecretResponse(secret=self._redact_secret(self.store.get("secret", secret.id)))
+        secret = await self._create_file_object(objects_pb2.Secret, request.spec)
+        return control_pb2.CreateSecretResponse(secret=self._redact_secret(secret))
 
     @rpc
     async def GetSecret(self, request: control_pb2.GetSecretRequest, context: Any) -> control_pb2.GetSecretResponse:
@@ -557,8 +552,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     async def RemoveSecret(
         self, request: control_pb2.RemoveSecretRequest, context: Any
     ) -> control_pb2.RemoveSecretResponse:
-        obj = await self._commit(lambda tx: self._remove_file_object(tx, "secret", request.secret_id))
-        log.info("secret removed id=%s name=%s", obj.id, obj.spec.annotations.name)
+        await self._remove_file_object("secret", request.secret_id)
         return control_pb2.RemoveSecretResponse()
 
     @rpc
@@ -572,9 +566,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         self, request: control_pb2.CreateConfigRequest, context: Any
     ) -> control_pb2.CreateConfigResponse:
         validation.validate_config_spec(request.spec)
-        config = await self._commit(lambda tx: tx.create(objects_pb2.Config(spec=request.spec)))
-        log.info("config created id=%s name=%s", config.id, config.spec.annotations.name)
-        return control_pb2.CreateConfigResponse(config=self.store.get("config", config.id))
+        config = await self._create_file_object(objects_pb2.Config, request.spec)
+        return control_pb2.CreateConfigResponse(config=config)
 
     @rpc
     async def GetConfig(self, request: control_pb2.GetConfigRequest, context: Any) -> control_pb2.GetConfigResponse:
@@ -584,16 +577,27 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     async def RemoveConfig(
         self, request: control_pb2.RemoveConfigRequest, context: Any
     ) -> control_pb2.RemoveConfigResponse:
-        obj = await self._commit(lambda tx: self._remove_file_object(tx, "config", request.config_id))
-        log.info("config removed id=%s name=%s", obj.id, obj.spec.annotations.name)
+        await self._remove_file_object("config", request.config_id)
         return control_pb2.RemoveConfigResponse()
 
     @rpc
     async def ListConfigs(self, request: control_pb2.ListConfigsRequest, context: Any) -> control_pb2.ListConfigsResponse:
         return control_pb2.ListConfigsResponse(configs=self._list("config", request.filters))
 
+    async def _create_file_object(self, cls: type[F], spec: Message) -> F:
+        """Create a secret or config (`cls`) from its validated `spec`; the stored object."""
+        created = await self._commit(lambda tx: tx.create(cls(spec=spec)))
+        kind = kind_of(created)
+        log.info("%s created id=%s name=%s", kind, created.id, created.spec.annotations.name)
+        return self.store.get(kind, created.id)
+
+    async def _remove_file_object(self, kind: str, ref: str) -> None:
+        """Remove the secret or config `ref` (`kind`); FAILED_PRECONDITION while a service uses it."""
+        obj = await self._commit(lambda tx: self._remove_unused(tx, kind, ref))
+        log.info("%s removed id=%s name=%s", kind, obj.id, obj.spec.annotations.name)
+
     @staticmethod
-    def _remove_file_object(tx: Tx, kind: str, ref: str) -> Any:
+    def _remove_unused(tx: Tx, kind: str, ref: str) -> Any:
         obj = tx.sm.resolve(kind, ref)
         users = []
         for svc in tx.sm.list("service"):

@@ -27,14 +27,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from shoal.manager.keymanager import ipsec_keys, is_encrypted, strip_keys
-from shoal.manager.store import Conflict, Store, StoreError, Tx, new_id
+from shoal.manager.store import Store, StoreError, Tx, new_id
 from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_pb2, types_pb2
 
 log = logging.getLogger("shoal.dispatcher")
@@ -55,7 +55,10 @@ ASSIGNMENT_BATCH_WINDOW = 0.02
 STATUS_BATCH_WINDOW = 0.005
 # How often long-lived streams check that the session is alive and this manager still leads.
 STREAM_CHECK_PERIOD = 0.25
-MAX_CONFLICT_RETRIES = 8
+# A node or task status write refused as a stale version is built again this many times (8 attempts
+# in all), after CONFLICT_BACKOFF s times the attempt number (see `Store.update`).
+CONFLICT_RETRIES = 7
+CONFLICT_BACKOFF = 0.001
 
 
 def heartbeat_period(cluster: objects_pb2.Cluster | None) -> float:
@@ -323,7 +326,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             node.status.CopyFrom(types_pb2.NodeStatus(state=types_pb2.NodeStatus.READY, addr=addr))
             return tx.update(node)
 
-        return await _retry_conflicts(self.store, fn)
+        return await self.store.update(fn, CONFLICT_RETRIES, backoff=CONFLICT_BACKOFF)
 
     # ---- Heartbeat ---------------------------------------------------------------------------
     async def Heartbeat(  # noqa: N802
@@ -389,7 +392,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             node.status.message = why
             tx.update(node)
 
-        await _retry_conflicts(self.leader_store or self.store, fn)
+        await (self.leader_store or self.store).update(fn, CONFLICT_RETRIES, backoff=CONFLICT_BACKOFF)
         log.warning("node down node=%s reason=%r", node_id, why)
 
     # ---- Assignments ---------------------------------------------------------------------------
@@ -593,8 +596,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         while self._batch.updates or self._batch.waiters:
             batch, self._batch = self._batch, _StatusBatch()
             try:
-                applied = await _retry_conflicts(
-                    self.store, lambda tx, b=batch: _apply_statuses(tx, b.updates)
+                applied = await self.store.update(
+                    lambda tx, b=batch: _apply_statuses(tx, b.updates), CONFLICT_RETRIES,
+                    backoff=CONFLICT_BACKOFF,
                 )
                 log.debug("task status batch committed updates=%d applied=%d", len(batch.updates), applied)
                 for f in batch.waiters:
@@ -643,16 +647,6 @@ class _Unavailable(StoreError):
 
 def _status_code(e: StoreError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN)
-
-
-async def _retry_conflicts(store: Store, fn: Callable[[Tx], Any]) -> Any:
-    for attempt in range(MAX_CONFLICT_RETRIES):
-        try:
-            return await store.update(fn)
-        except Conflict:
-            if attempt == MAX_CONFLICT_RETRIES - 1:
-                raise
-            await asyncio.sleep(0.001 * (attempt + 1))
 
 
 def _peer_host(peer: str) -> str:

@@ -19,7 +19,9 @@ object's mod_revision (0 for a create), each newly claimed name key's absence, t
 and, for a fenced store (`fenced`), the leader key's create_revision. If a compare fails, the
 cache is brought up to the revision the failure was seen at and the check runs again: it then
 raises the precise error, or (the race touched nothing of ours) the Txn is sent again. A write
-returns once the cache holds it, so a caller reads its own writes.
+returns once the cache holds it, so a caller reads its own writes. A stale version -- an object
+changed since it was read, or compares that kept failing -- raises `StaleVersion`, exactly as the
+local store does, so `Store.update(fn, retries=N)` builds such a transaction again.
 
 Reads come from the cache, a `StateMachine` fed by one etcd watch on `/shoal/` that applies each
 revision's events atomically, in revision order; its version (the etcd revision) never goes
@@ -52,8 +54,8 @@ import grpc
 from shoal.manager.store import (
     KINDS,
     UNIQUE_NAMES,
-    Conflict,
     InvalidArgument,
+    StaleVersion,
     StateMachine,
     Store,
     StoreError,
@@ -80,6 +82,9 @@ _OBJECT_TYPES = {kind: type(getattr(objects_pb2.StoreObject(), kind)) for kind i
 # an object action is at most 3 operations and 3 compares.
 MAX_TXN_ACTIONS = 1000
 MAX_TXN_BYTES = 3 * 1024 * 1024
+# After this many failed compares in a row a write gives up with a StaleVersion (what it read kept changing).
+MAX_TXN_CONFLICTS = 8
+KEPT_CHANGING = "the objects of this write kept changing while it was retried; read them again and retry"
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -570,17 +575,15 @@ class EtcdStore(Store):
                     )
             # Something we relied on changed: catch up to what the compare saw, then check again.
             conflicts += 1
-            if conflicts >= 8:
-                raise Conflict(
-                    "the objects of this write kept changing while it was retried; read them again and retry"
-                )
+            if conflicts >= MAX_TXN_CONFLICTS:
+                raise StaleVersion(KEPT_CHANGING)
             await self.wait_for(resp.header.revision, max(0.5, deadline - time.monotonic()))
         if failure is not None:
             rev = await self._settle(marker, time.monotonic() + self.ATTEMPT_TIMEOUT)
             if rev:
                 return rev
             raise await self._write_failed(failure) from None
-        raise Conflict("the objects of this write kept changing while it was retried; read them again and retry")
+        raise StaleVersion(KEPT_CHANGING)
 
     async def _settle(self, marker: bytes, deadline: float) -> int | None:
         """After an unanswered attempt: claim the write marker, so that no copy still in flight can

@@ -11,31 +11,28 @@ client on a root-only unix socket), opens the `EtcdStore` on it and serves:
 - the log broker (`shoal.manager.logbroker.LogBroker(store, manager=self)`): `Logs` on both, and
   `LogBroker` (agents) on the remote port.
 
-The remote port (2377) is `ca.RemoteAPIFront`: it splices each connection to one of three gRPC
+The remote port (2377) is `remoteapi.RemoteAPIFront`: it splices each connection to one of three gRPC
 listeners on abstract unix sockets (per network namespace): mutual TLS (Control, Dispatcher, Logs,
 LogBroker, CA), join (server TLS, CA only) and plaintext (root CA certificate only). Why: see
-`shoal.manager.ca`.
+`shoal.manager.remoteapi`.
 
-Leader loops. One manager at a time runs the loops built by the factories in `LEADER_LOOPS` (each
-`factory(store, manager)` returns an object with `async def run(self) -> None`, a list of them, or
-None) plus the dispatcher's `run()`: the one holding the leader key (`etcdstore.Election`). The
-store the loops get is fenced by that claim (`EtcdStore.fenced`): each of their writes fails once
-the key is gone, so a paused or cut-off old leader never commits after a new one started. A new
-leader first waits until its cache holds the revision it won at; loops are cancelled when the key
-is lost and built afresh on the next term. A loop that raises is logged and restarted after 1 s.
+Leader loops. One manager at a time runs the loops built by the factories in
+`shoal.manager.leader.LEADER_LOOPS` (each `factory(store, manager)` returns an object with
+`async def run(self) -> None`, a list of them, or None; that module names them and their order)
+plus the dispatcher's `run()`: the one holding the leader key (`etcdstore.Election`). The store
+the loops get is fenced by that claim (`EtcdStore.fenced`): each of their writes fails once the
+key is gone, so a paused or cut-off old leader never commits after a new one started. A new leader
+first waits until its cache holds the revision it won at; loops are cancelled when the key is lost
+and built afresh on the next term. A loop that raises is logged and restarted after 1 s.
 
 Encryption at rest: the store seals every value with `cfg.data_key` (`encryption.DataKeyCodec`), and
 every manager (not only the leader) follows the Cluster object's autolock setting and unlock key,
 re-wrapping `<state_dir>/keys/dek` as they change (`_follow_unlock_key`). A joining or promoted
 manager receives the data key in its CA answer (`IssuedNode.data_key`).
 
-Two loops of this module: `RoleManager` reconciles etcd membership with each node's
-`spec.desired_role` (promote: role=MANAGER, the node then renews its certificate and joins as a
-learner, promoted to a voter once caught up; demote: role=WORKER, then the member is removed --
-never the last manager, never below a quorum; a leader resigns before it is demoted) and removes
-members that no manager node owns any more; `ManagerStatusLoop` keeps every manager Node's
-`manager_status` (etcd leader, reachability) current. `StoreStatus` is this manager's view of the
-members, refreshed every `STATUS_PERIOD` from its own member (member list, leader, active peers).
+Store status: `StoreStatus` (shoal.manager.storestatus) is this manager's view of the members,
+refreshed every `STATUS_PERIOD` from its own member (member list, leader, active peers); the
+leader loops, `Info` and the quorum sentence of a refused write read it.
 """
 
 from __future__ import annotations
@@ -46,24 +43,22 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from shoal.manager import ca
-from shoal.manager.allocator import Allocator
+from shoal.manager import ca, remoteapi
 from shoal.manager.controlapi import ControlServicer
 from shoal.manager.dispatcher import Dispatcher
 from shoal.manager.encryption import DataKeyCodec, KeyDir
 from shoal.manager.etcdmember import EtcdConfig, EtcdMember
-from shoal.manager.etcdstore import Election, EtcdStore, Fence, next_or_timeout, rpc_unavailable
-from shoal.manager.keymanager import KeyManager
+from shoal.manager.etcdstore import Election, EtcdStore, Fence, rpc_unavailable
+from shoal.manager.leader import LEADER_LOOPS
 from shoal.manager.logbroker import LogBroker
-from shoal.manager.orchestrator import leader_loops
-from shoal.manager.store import Conflict, Store, StoreError, Tx, Unavailable, new_id
+from shoal.manager.store import Tx, Unavailable, new_id
+from shoal.manager.storestatus import STATUS_PERIOD, MemberStatus, StoreStatus
 from shoal.manager.watchapi import WatchServicer
 from shoal.proto import (
     ca_pb2_grpc,
@@ -80,38 +75,6 @@ from shoal.proto import (
 )
 
 log = logging.getLogger(__name__)
-
-LoopFactory = Callable[[Store, "Manager"], Any]
-
-
-# ---- leader loops -----------------------------------------------------------------------------
-def _role_manager(store: Store, manager: Manager) -> Any:
-    return RoleManager(store, manager)
-
-
-def _manager_status(store: Store, manager: Manager) -> Any:
-    return ManagerStatusLoop(store, manager)
-
-
-def _allocator(store: Store, manager: Manager) -> Any:
-    return Allocator(store, manager)
-
-
-def _orchestration(store: Store, manager: Manager) -> Any:
-    return leader_loops(store)
-
-
-def _key_manager(store: Store, manager: Manager) -> Any:
-    return KeyManager(store, manager)
-
-
-# Every leader-only control loop, built anew each time this manager becomes leader. Add yours here:
-# a callable (store, manager) -> loop | list of loops | None; a loop has `async def run(self)`.
-# (The dispatcher's own `run()` is started by the Manager, as it is the object serving gRPC.)
-LEADER_LOOPS: list[LoopFactory] = [_role_manager, _manager_status, _allocator, _orchestration, _key_manager]
-
-
-STATUS_PERIOD = 0.5
 
 
 @dataclass
@@ -133,46 +96,6 @@ class ManagerConfig:
     # The store's data key (32 bytes, the same on every manager): every value in etcd is sealed
     # with it (`encryption.DataKeyCodec`). swarmd reads it from <state_dir>/keys.
     data_key: bytes = b""
-
-
-@dataclass(frozen=True)
-class MemberStatus:
-    id: int  # etcd member id
-    name: str  # the node id of the manager that runs it ("" until it has started)
-    addr: str  # peer address host:port
-    leader: bool  # the etcd (Raft) leader
-    reachable: bool  # this manager's member has an active connection to it (self: True)
-    is_self: bool
-    learner: bool
-
-
-@dataclass(frozen=True)
-class StoreStatus:
-    """This manager's view of the etcd cluster, from its own member."""
-
-    self_id: int = 0
-    leader_id: int = 0
-    members: tuple[MemberStatus, ...] = ()
-
-    @property
-    def voters(self) -> list[MemberStatus]:
-        return [m for m in self.members if not m.learner]
-
-    @property
-    def reachable(self) -> int:
-        return sum(1 for m in self.voters if m.reachable)
-
-    @property
-    def total(self) -> int:
-        return len(self.voters)
-
-    @property
-    def has_quorum(self) -> bool:
-        return self.leader_id != 0 and self.reachable * 2 > self.total
-
-    @property
-    def leader_addr(self) -> str | None:
-        return next((m.addr for m in self.members if m.leader), None)
 
 
 def _host(addr: str) -> str:
@@ -226,7 +149,7 @@ class Manager:
         self.dispatcher: Any = None
         self.logbroker: Any = None
         self._servers: list[grpc.aio.Server] = []
-        self._front: ca.RemoteAPIFront | None = None
+        self._front: remoteapi.RemoteAPIFront | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.control_socket = cfg.control_socket or (cfg.state_dir / "swarmd.sock")
         self._leading = asyncio.Event()
@@ -435,7 +358,7 @@ class Manager:
         for s in (mtls, join, plain):
             await s.start()
             self._servers.append(s)
-        self._front = ca.RemoteAPIFront(cfg.remote_listen, paths["mtls"], paths["join"], paths["plain"])
+        self._front = remoteapi.RemoteAPIFront(cfg.remote_listen, paths["mtls"], paths["join"], paths["plain"])
         await self._front.start()
         self._tasks.append(asyncio.create_task(self._leadership(), name="leadership"))
         log.info(
@@ -726,215 +649,3 @@ class Manager:
                 await asyncio.sleep(1)
 
 
-# ---- the manager's own leader loops ----------------------------------------------------------
-class ManagerStatusLoop:
-    """Keeps each manager Node's `manager_status.leader` (the etcd leader) and `.reachability`
-    (from the leading manager's member) current. Leader only."""
-
-    def __init__(self, store: Store, manager: Manager, period: float = 1.0) -> None:
-        self.store = store
-        self.manager = manager
-        self.period = period
-
-    async def run(self) -> None:
-        q = self.manager.subscribe()
-        try:
-            while True:
-                try:
-                    await self.reconcile(self.manager.status())
-                except StoreError as e:
-                    log.info("node=%s manager status update: %s", self.manager.node_id, e)
-                await next_or_timeout(q, self.period)
-        finally:
-            self.manager.unsubscribe(q)
-
-    async def reconcile(self, st: StoreStatus) -> None:
-        if not st.members:  # no view of the store's members yet: nothing to say about anyone
-            return
-        members = {m.addr: m for m in st.members}
-        changed: list[objects_pb2.Node] = []
-        for n in self.store.find("node"):
-            if n.role != types_pb2.MANAGER or not n.manager_status.addr:
-                continue
-            m = members.get(n.manager_status.addr)
-            leader = m is not None and m.leader
-            if m is None or m.learner:  # not (yet) a voting member of the store
-                reach = types_pb2.ManagerStatus.UNKNOWN
-            else:
-                reach = types_pb2.ManagerStatus.REACHABLE if m.reachable else types_pb2.ManagerStatus.UNREACHABLE
-            if n.manager_status.leader != leader or n.manager_status.reachability != reach:
-                new = objects_pb2.Node()
-                new.CopyFrom(n)
-                new.manager_status.leader = leader
-                new.manager_status.reachability = reach
-                changed.append(new)
-        if changed:
-            def fn(tx: Tx) -> None:
-                for n in changed:
-                    tx.update(n)
-
-            await self.store.update(fn)
-            for n in changed:
-                log.info(
-                    "node=%s manager %s is %s%s", self.manager.node_id, n.id,
-                    types_pb2.ManagerStatus.Reachability.Name(n.manager_status.reachability).lower(),
-                    " (leader)" if n.manager_status.leader else "",
-                )
-
-
-class RoleManager:
-    """Reconciles etcd membership with the nodes' desired roles (leader only), like swarmkit's."""
-
-    # A demoted manager gets this long to see its new role before its member is removed.
-    DEMOTE_SETTLE = 1.0
-    ORPHAN_GRACE = 10.0
-
-    def __init__(self, store: Store, manager: Manager, period: float = 1.0) -> None:
-        self.store = store
-        self.manager = manager
-        self.period = period
-        self._orphans: dict[str, float] = {}
-        self._demoted_at: dict[str, float] = {}
-
-    async def run(self) -> None:
-        watcher = self.store.watch(["node"])
-        q = self.manager.subscribe()
-        try:
-            while True:
-                try:
-                    await self.reconcile()
-                except StoreError as e:
-                    log.info("node=%s role manager: %s", self.manager.node_id, e)
-                except grpc.aio.AioRpcError as e:
-                    log.info("node=%s role manager: store membership call failed: %s", self.manager.node_id,
-                             e.details() or e.code().name)
-                wait_store = asyncio.ensure_future(watcher.queue.get())
-                wait_members = asyncio.ensure_future(q.get())
-                try:
-                    await asyncio.wait({wait_store, wait_members}, timeout=self.period,
-                                       return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    wait_store.cancel()
-                    wait_members.cancel()
-        finally:
-            watcher.close()
-            self.manager.unsubscribe(q)
-
-    async def reconcile(self) -> None:
-        me = self.manager.node_id
-        st = self.manager.status()
-        nodes = self.store.find("node")
-        members = {m.addr: m for m in st.members}
-        for n in nodes:
-            if n.spec.desired_role == types_pb2.MANAGER and n.role == types_pb2.WORKER:
-                await self._set_role(n, types_pb2.MANAGER)
-            elif n.spec.desired_role == types_pb2.WORKER and n.role == types_pb2.MANAGER:
-                managers = [x for x in nodes if x.role == types_pb2.MANAGER]
-                if len(managers) <= 1:
-                    log.warning("node=%s refusing to demote %s: it is the last manager", me, n.id)
-                    continue
-                if n.id == me:
-                    log.info("node=%s is being demoted: resigning the control loops first", me)
-                    assert self.manager.election is not None
-                    await self.manager.election.resign()
-                    return
-                remaining = [m for a, m in members.items() if a != n.manager_status.addr and not m.learner]
-                reachable = sum(1 for m in remaining if m.reachable)
-                if remaining and reachable * 2 <= len(remaining):
-                    log.warning(
-                        "node=%s not demoting %s yet: only %d of the other %d managers are reachable",
-                        me, n.id, reachable, len(remaining),
-                    )
-                    continue
-                await self._set_role(n, types_pb2.WORKER)
-                self._demoted_at[n.manager_status.addr] = time.monotonic()
-        api = self.manager.raft.cluster_api
-        if any(m.learner for m in st.members):
-            await self._check_fence()
-        for m in st.members:  # learners become voters once etcd finds them caught up
-            if m.learner:
-                try:
-                    await api.MemberPromote(etcd_pb2.MemberPromoteRequest(ID=m.id), timeout=2.0)
-                    log.info("node=%s store member at %s promoted from learner to voter", me, m.addr)
-                except grpc.aio.AioRpcError as e:
-                    log.debug("node=%s learner %s not promoted yet: %s", me, m.addr, e.details())
-        # Members that no manager node owns: demoted (after a settle time) or removed nodes.
-        owned = {n.manager_status.addr for n in nodes if n.role == types_pb2.MANAGER}
-        worker_addrs = {n.manager_status.addr for n in nodes if n.role == types_pb2.WORKER and n.manager_status.addr}
-        now = time.monotonic()
-        for addr, m in members.items():
-            if m.is_self or addr in owned:
-                self._orphans.pop(addr, None)
-                continue
-            if addr in worker_addrs:
-                if now - self._demoted_at.get(addr, 0.0) < self.DEMOTE_SETTLE:
-                    continue
-            else:
-                first = self._orphans.setdefault(addr, now)
-                if now - first < self.ORPHAN_GRACE:
-                    continue
-            # Never below a quorum (etcd runs with --strict-reconfig-check=false, so this is the
-            # guard): the voters left must have a reachable majority.
-            left = [x for x in members.values() if x.id != m.id and not x.learner]
-            if not m.learner and sum(1 for x in left if x.reachable) * 2 <= len(left):
-                log.warning("node=%s not removing store member %s yet: only %d of the other %d are reachable",
-                            me, addr, sum(1 for x in left if x.reachable), len(left))
-                continue
-            await self._check_fence()
-            await api.MemberRemove(etcd_pb2.MemberRemoveRequest(ID=m.id), timeout=self.manager.cfg.write_timeout)
-            self._orphans.pop(addr, None)
-            log.info("node=%s removed store member %s (no manager node owns it any more)", me, addr)
-            await self.manager.refresh_status()
-            for n in nodes:
-                if n.role == types_pb2.WORKER and n.manager_status.addr == addr:
-                    await self._clear_manager_status(n.id)
-
-    async def _check_fence(self) -> None:
-        """Membership calls are not store writes, so the lease fence does not guard them: before one,
-        check with a linearizable read that this manager still holds the leader key of its term (a
-        paused or cut-off old leader must not remove members on a stale view). Raises FenceLost."""
-        from shoal.manager.etcdstore import LEADER_KEY, FenceLost
-
-        fence = getattr(self.store, "fence", None)
-        if fence is None:  # an unfenced store (tests of the loop alone)
-            return
-        held = etcd_pb2.Compare(key=LEADER_KEY, target=etcd_pb2.Compare.CREATE, result=etcd_pb2.Compare.EQUAL,
-                                create_revision=fence.revision)
-        try:
-            resp = await self.manager.raft.kv.Txn(etcd_pb2.TxnRequest(compare=[held]), timeout=2.0)
-        except grpc.aio.AioRpcError as e:
-            raise rpc_unavailable(e, "leader lease check before a membership change") from None
-        if not resp.succeeded:
-            raise FenceLost("this manager no longer holds the leader lease: membership changes are left to "
-                            "the new leader")
-
-    async def _set_role(self, n: objects_pb2.Node, role: int) -> None:
-        def fn(tx: Tx) -> None:
-            cur = tx.get("node", n.id)
-            if cur is None or cur.role == role:
-                return
-            new = objects_pb2.Node()
-            new.CopyFrom(cur)
-            new.role = role
-            tx.update(new)
-
-        try:
-            await self.store.update(fn)
-        except Conflict:
-            return
-        log.info("node=%s node %s role is now %s", self.manager.node_id, n.id, types_pb2.NodeRole.Name(role).lower())
-
-    async def _clear_manager_status(self, node_id: str) -> None:
-        def fn(tx: Tx) -> None:
-            cur = tx.get("node", node_id)
-            if cur is None or cur.role != types_pb2.WORKER:
-                return
-            new = objects_pb2.Node()
-            new.CopyFrom(cur)
-            new.ClearField("manager_status")
-            tx.update(new)
-
-        try:
-            await self.store.update(fn)
-        except Conflict:
-            pass

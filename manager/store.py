@@ -11,7 +11,8 @@ cache, fed in order by etcd's watch (`apply_committed`), and `check` runs before
 transaction; `meta.version` is the etcd revision that last wrote the object.
 
 `Store` is what the rest of the manager uses: reads go to the local tables, writes are built with a
-`Tx` and proposed. Objects returned by reads are the store's own: treat them as read-only and copy
+`Tx` and proposed (`Store.update(fn, retries=N)` builds one again when the store refuses it with a
+`StaleVersion`: something it read changed meanwhile; it is the manager's one retry-on-conflict loop). Objects returned by reads are the store's own: treat them as read-only and copy
 (`Message.CopyFrom`) before changing one for an update.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import secrets
 import threading
 import time
@@ -46,6 +48,7 @@ _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 Obj = Message
 T = TypeVar("T")
+log = logging.getLogger("shoal.store")
 
 
 class StoreError(Exception):
@@ -64,6 +67,24 @@ class AlreadyExists(StoreError):
 
 class Conflict(StoreError):
     code = "FAILED_PRECONDITION"
+
+
+class StaleVersion(Conflict):
+    """An object changed since it was read: its version is not the one the write names.
+
+    Raised by the store when a transaction updates or removes an object at a version that is no
+    longer current (or, on etcd, when what it read kept changing while it was sent): `client` is
+    False, and `Store.update(fn, retries=N)` builds the transaction again from the current state.
+    Raised with `client=True` inside a transaction function when the version the caller sent in its
+    request (e.g. `UpdateServiceRequest.service_version`) is stale: that one is never retried (the
+    caller must read again), since building the transaction again cannot make the request current.
+    The control API answers either with ABORTED and this message."""
+
+    code = "ABORTED"
+
+    def __init__(self, message: str, *, client: bool = False) -> None:
+        super().__init__(message)
+        self.client = client
 
 
 class InvalidArgument(StoreError):
@@ -126,6 +147,15 @@ def network_subnet(net: objects_pb2.Network) -> ipaddress.IPv4Network | None:
 def describe(kind: str, obj: Any) -> str:
     name = name_of(kind, obj)
     return f"{kind} {name!r}" if name else f"{kind} {obj.id}"
+
+
+def stale_version(kind: str, cur: Any, version: int, *, client: bool = False) -> StaleVersion:
+    """The StaleVersion of an update of `cur` (the current object) that named `version`."""
+    return StaleVersion(
+        f"update out of sequence: {describe(kind, cur)} was changed since it was read "
+        f"(version {cur.meta.version}, request had {version}); read it again and retry",
+        client=client,
+    )
 
 
 class StateMachine:
@@ -221,10 +251,7 @@ class StateMachine:
             if old is None:
                 raise NotFound(f"{describe(kind, src)} does not exist (it may have been removed)")
             if src.meta.version != old.meta.version:
-                raise Conflict(
-                    f"update out of sequence: {describe(kind, old)} was changed since it was read "
-                    f"(version {old.meta.version}, request had {src.meta.version}); read it again and retry"
-                )
+                raise stale_version(kind, old, src.meta.version)
             self._check_name(kind, src, old)
             self._check_network(kind, src)
             obj = type(src)()
@@ -238,7 +265,7 @@ class StateMachine:
             if old is None:
                 raise NotFound(f"{describe(kind, src)} does not exist")
             if src.meta.version and src.meta.version != old.meta.version:
-                raise Conflict(
+                raise StaleVersion(
                     f"remove out of sequence: {describe(kind, old)} was changed since it was read; "
                     "read it again and retry"
                 )
@@ -538,15 +565,42 @@ class Store:
         (no quorum: they still answer, from this manager's copy). A local store is always current."""
         return None
 
-    async def update(self, fn: Callable[[Tx], T]) -> T:
+    async def update(
+        self,
+        fn: Callable[[Tx], T],
+        retries: int = 0,
+        *,
+        retry_on: tuple[type[StoreError], ...] = (),
+        backoff: float = 0.0,
+    ) -> T:
         """Run `fn` to build a transaction from current state, then commit it atomically.
 
-        Raises the StoreError of a failed precondition (nothing is applied then)."""
-        tx = Tx(self.sm)
-        result = fn(tx)
-        if tx.actions:
-            await self.propose(tx.transaction())
-        return result
+        This is the manager's one retry-on-conflict primitive. When the store refuses the
+        transaction with a `StaleVersion` (not `client`: something `fn` read changed before the
+        commit), `fn` runs again on the current state and its new transaction is proposed, up to
+        `retries` more times (after `backoff * attempt` seconds); so does any error of `retry_on`
+        (e.g. NotFound, for builders that read through `tx.get` and skip what is gone). A
+        `StaleVersion(client=True)` -- the caller's own version is stale -- is raised at once. `fn`
+        must therefore build from `tx` (or the store) each time, not from objects read before.
+
+        Raises the StoreError of a failed precondition, or the last one once the retries are spent
+        (nothing of that attempt is applied then)."""
+        attempt = 0
+        while True:
+            tx = Tx(self.sm)
+            try:
+                result = fn(tx)
+                if tx.actions:
+                    await self.propose(tx.transaction())
+                return result
+            except StoreError as e:
+                client = isinstance(e, StaleVersion) and e.client
+                if client or not isinstance(e, (StaleVersion, *retry_on)) or attempt >= retries:
+                    raise
+                attempt += 1
+                log.debug("store write conflict, building it again (attempt %d of %d): %s", attempt, retries, e)
+                if backoff:
+                    await asyncio.sleep(backoff * attempt)
 
     async def batch(self, actions: list[store_pb2.StoreAction], max_actions: int = 2000) -> int:
         """Commit many independent actions in transactions of at most `max_actions` each."""

@@ -5,25 +5,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections import defaultdict
+from collections.abc import Callable, Coroutine, Hashable
+from typing import Any, TypeVar
 
 from shoal.manager.orchestrator.common import (
+    ENDED_BY_ITSELF,
     RUNNING,
     TaskWaiters,
     commit_chunks,
-    copy_task,
+    created_key,
     drain_events,
+    is_live_service,
     restart_delay,
+    shut_down,
 )
 from shoal.manager.orchestrator.restart import DEFAULT_OLD_TASK_TIMEOUT, DelayedStart, RestartSupervisor
-from shoal.manager.orchestrator.update import UpdateSupervisor
+from shoal.manager.orchestrator.update import US, UpdateSupervisor, update_state
 from shoal.manager.store import Store, Tx
 from shoal.proto import objects_pb2, types_pb2, watch_pb2
 
 log = logging.getLogger("shoal.orchestrator")
 
 WE = watch_pb2.WatchEvent
+K = TypeVar("K", bound=Hashable)
 
 
 class OrchestratorBase:
@@ -49,6 +54,15 @@ class OrchestratorBase:
     # ---- subclass hooks ----------------------------------------------------------------------
     def owns(self, svc: objects_pb2.Service) -> bool:
         raise NotImplementedError
+
+    def service_to_reconcile(self, service_id: str) -> objects_pb2.Service | None:
+        """The service to reconcile: live (not removed or being removed) and ours; else None, and a
+        rolling update of it stops."""
+        svc = self.store.sm.get("service", service_id)
+        if not is_live_service(svc) or not self.owns(svc):
+            self.updates.cancel(service_id)
+            return None
+        return svc
 
     async def reconcile(self, service_id: str) -> None:
         raise NotImplementedError
@@ -185,27 +199,50 @@ class OrchestratorBase:
     def services_on_node(self, node_id: str) -> set[str]:
         return {t.service_id for t in self.store.sm.tasks_by_node(node_id)}
 
+    def live_tasks(
+        self,
+        svc: objects_pb2.Service,
+        tasks: list[objects_pb2.Task],
+        key: Callable[[objects_pb2.Task], K],
+        ended_counts: Callable[[K, list[objects_pb2.Task], objects_pb2.Task], bool],
+    ) -> dict[K, list[objects_pb2.Task]]:
+        """The places (`key` of a task: a slot, a node) that count as filled, with their tasks: those
+        that should run; else the latest task when it ended by itself and stays ended (no restart
+        due by the policy, no rollback under way) and `ended_counts(place, its tasks, latest)`."""
+        by_key: dict[K, list[objects_pb2.Task]] = defaultdict(list)
+        for t in tasks:
+            by_key[key(t)].append(t)
+        rollback = update_state(svc) == US.ROLLBACK_STARTED
+        live: dict[K, list[objects_pb2.Task]] = {}
+        for k, ts in by_key.items():
+            runnable = [t for t in ts if t.desired_state <= RUNNING]
+            if runnable:
+                live[k] = runnable
+                continue
+            latest = max(ts, key=created_key)
+            if (
+                ended_counts(k, ts, latest)
+                and latest.status.state in ENDED_BY_ITSELF
+                and not rollback
+                and not self.restarts.should_restart(latest, svc)
+            ):
+                live[k] = [latest]
+        return live
+
     async def shutdown_and_restart(
         self, svc: objects_pb2.Service, restart_ids: list[str], shutdown_ids: list[str]
-    ) -> bool:
-        """Restart ended tasks (by policy) and shut down tasks that must go; True when anything was written."""
+    ) -> objects_pb2.Service | None:
+        """Restart ended tasks (by policy) and shut down tasks that must go; the service as it is
+        then (read again when anything was written), or None when it is no longer live."""
         if not restart_ids and not shutdown_ids:
-            return False
+            return svc
         plans: list[DelayedStart | None] = []
 
         def restart_one(tid: str) -> Callable[[Tx], None]:
             return lambda tx: plans.append(self.restarts.restart(tx, svc, tid))
 
         def shutdown_one(tid: str) -> Callable[[Tx], None]:
-            def fn(tx: Tx) -> None:
-                t = tx.get("task", tid)
-                if t is None or t.desired_state > RUNNING:
-                    return
-                t = copy_task(t)
-                t.desired_state = types_pb2.SHUTDOWN
-                tx.update(t)
-
-            return fn
+            return lambda tx: shut_down(tx, tid)
 
         builders = [restart_one(t) for t in restart_ids] + [shutdown_one(t) for t in shutdown_ids]
         await commit_chunks(self.store, builders, f"restart tasks of service {svc.id}")
@@ -213,7 +250,8 @@ class OrchestratorBase:
             self.restarts.cancel(tid)
             log.info("%s: task %s of service %s shut down (node lost or unfit), replacing it", self.name, tid, svc.id)
         self.restarts.after_commit(plans)
-        return True
+        cur = self.store.sm.get("service", svc.id)
+        return cur if is_live_service(cur) else None
 
     async def wait_idle(self) -> None:
         """For tests: until the loop has handled everything queued so far."""

@@ -22,6 +22,7 @@ RUNNING = types_pb2.RUNNING
 DEFAULT_RESTART_DELAY = 5.0
 DEFAULT_MONITOR = 5.0
 DEFAULT_HISTORY_LIMIT = 5
+COMMIT_BACKOFF = 0.005  # seconds, times the attempt number, before `commit` builds a transaction again
 # States a task reaches by itself when it ends (as opposed to being shut down on purpose).
 ENDED_BY_ITSELF = frozenset({types_pb2.COMPLETE, types_pb2.FAILED, types_pb2.REJECTED})
 
@@ -197,17 +198,28 @@ def copy_service(s: objects_pb2.Service) -> objects_pb2.Service:
     return c
 
 
+def shut_down(tx: Tx, task_id: str) -> objects_pb2.Task | None:
+    """In `tx`: set desired_state SHUTDOWN on the task, unless it is gone or already past RUNNING;
+    the updated task, or None."""
+    t = tx.get("task", task_id)
+    if t is None or t.desired_state > RUNNING:
+        return None
+    t = copy_task(t)
+    t.desired_state = types_pb2.SHUTDOWN
+    tx.update(t)
+    return t
+
+
 async def commit(store: Store, fn: Callable[[Tx], T], what: str, attempts: int = 5) -> T | None:
-    """Run `fn` in a transaction, rebuilding it when a concurrent writer won (version conflict)."""
-    for i in range(attempts):
-        try:
-            return await store.update(fn)
-        except (Conflict, NotFound) as e:
-            if i == attempts - 1:
-                log.warning("%s: gave up after %d conflicts: %s", what, attempts, e)
-                return None
-            await asyncio.sleep(0.005 * (i + 1))
-    return None
+    """Run `fn` in a transaction, built again (`Store.update`) when a concurrent writer won: any
+    conflict (a stale version above all), or an object `fn` wrote that was removed meanwhile
+    (NotFound; builders read through `tx.get` and skip what is gone). After `attempts` tries it
+    gives up: logged, None (the next reconcile starts from the store again)."""
+    try:
+        return await store.update(fn, attempts - 1, retry_on=(Conflict, NotFound), backoff=COMMIT_BACKOFF)
+    except (Conflict, NotFound) as e:
+        log.warning("%s: gave up after %d conflicts: %s", what, attempts, e)
+        return None
 
 
 async def commit_chunks(store: Store, builders: Sequence[Callable[[Tx], Any]], what: str, chunk: int = 500) -> None:

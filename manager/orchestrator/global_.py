@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Callable
 
 from shoal.manager.orchestrator.base import WE, OrchestratorBase
 from shoal.manager.orchestrator.common import (
-    ENDED_BY_ITSELF,
     RUNNING,
     commit_chunks,
-    created_key,
     is_global,
-    is_live_service,
     new_task,
     node_fits_spec,
     node_ready_active,
 )
-from shoal.manager.orchestrator.update import US, Slot, update_state
+from shoal.manager.orchestrator.update import Slot
 from shoal.manager.store import Tx
 from shoal.proto import objects_pb2, types_pb2, watch_pb2
 
@@ -68,9 +64,8 @@ class GlobalOrchestrator(OrchestratorBase):
 
     async def reconcile(self, service_id: str) -> None:
         sm = self.store.sm
-        svc = sm.get("service", service_id)
-        if not is_live_service(svc) or not is_global(svc):
-            self.updates.cancel(service_id)
+        svc = self.service_to_reconcile(service_id)
+        if svc is None:
             return
         nodes = {n.id: n for n in sm.list("node")}
         tasks = sm.tasks_by_service(service_id)
@@ -84,31 +79,16 @@ class GlobalOrchestrator(OrchestratorBase):
             elif t.status.state > RUNNING:
                 if self.replace_when_due(t):
                     restart_ids.append(t.id)
-        if await self.shutdown_and_restart(svc, restart_ids, gone_ids):
-            svc = sm.get("service", service_id)
-            if not is_live_service(svc):
-                return
-            tasks = sm.tasks_by_service(service_id)
+        svc = await self.shutdown_and_restart(svc, restart_ids, gone_ids)
+        if svc is None:
+            return
+        tasks = sm.tasks_by_service(service_id)
 
-        by_node: dict[str, list[objects_pb2.Task]] = defaultdict(list)
-        for t in tasks:
-            by_node[t.node_id].append(t)
-        rollback = update_state(svc) == US.ROLLBACK_STARTED
-        live: dict[str, list[objects_pb2.Task]] = {}
-        for node_id, ts in by_node.items():
-            runnable = [t for t in ts if t.desired_state <= RUNNING]
-            if runnable:
-                live[node_id] = runnable
-                continue
-            latest = max(ts, key=created_key)
-            if (
-                latest.desired_state != types_pb2.REMOVE
-                and latest.status.state in ENDED_BY_ITSELF
-                and not rollback
-                and not self.restarts.should_restart(latest, svc)
-                and keeps_tasks(svc, nodes.get(node_id))
-            ):
-                live[node_id] = [latest]
+        live = self.live_tasks(
+            svc, tasks, lambda t: t.node_id,
+            lambda node_id, ts, latest: latest.desired_state != types_pb2.REMOVE
+            and keeps_tasks(svc, nodes.get(node_id)),
+        )
 
         builders: list[Callable[[Tx], None]] = []
         added = []

@@ -8,17 +8,14 @@ from collections.abc import Callable
 
 from shoal.manager.orchestrator.base import WE, OrchestratorBase
 from shoal.manager.orchestrator.common import (
-    ENDED_BY_ITSELF,
     RUNNING,
     commit_chunks,
     copy_task,
-    created_key,
-    is_live_service,
     is_replicated,
     new_task,
     node_lost,
 )
-from shoal.manager.orchestrator.update import US, Slot, update_state
+from shoal.manager.orchestrator.update import Slot
 from shoal.manager.store import Tx
 from shoal.proto import objects_pb2, types_pb2, watch_pb2
 
@@ -51,28 +48,15 @@ class ReplicatedOrchestrator(OrchestratorBase):
 
     def live_slots(self, svc: objects_pb2.Service, tasks: list[objects_pb2.Task]) -> dict[int, list[objects_pb2.Task]]:
         """Slots that count as filled: a task that should run, or a last task that ended and stays ended."""
-        by_slot: dict[int, list[objects_pb2.Task]] = defaultdict(list)
-        for t in tasks:
-            by_slot[t.slot].append(t)
-        rollback = update_state(svc) == US.ROLLBACK_STARTED
-        live: dict[int, list[objects_pb2.Task]] = {}
-        for slot, ts in by_slot.items():
-            runnable = [t for t in ts if t.desired_state <= RUNNING]
-            if runnable:
-                live[slot] = runnable
-                continue
-            if any(t.desired_state == types_pb2.REMOVE for t in ts):
-                continue
-            latest = max(ts, key=created_key)
-            if latest.status.state in ENDED_BY_ITSELF and not rollback and not self.restarts.should_restart(latest, svc):
-                live[slot] = [latest]
-        return live
+        return self.live_tasks(
+            svc, tasks, lambda t: t.slot,
+            lambda slot, ts, latest: not any(t.desired_state == types_pb2.REMOVE for t in ts),
+        )
 
     async def reconcile(self, service_id: str) -> None:
         sm = self.store.sm
-        svc = sm.get("service", service_id)
-        if not is_live_service(svc) or not is_replicated(svc):
-            self.updates.cancel(service_id)
+        svc = self.service_to_reconcile(service_id)
+        if svc is None:
             return
         tasks = sm.tasks_by_service(service_id)
 
@@ -86,11 +70,10 @@ class ReplicatedOrchestrator(OrchestratorBase):
                     restart_ids.append(t.id)
             elif t.node_id and node_lost(sm.get("node", t.node_id)):
                 lost_ids.append(t.id)
-        if await self.shutdown_and_restart(svc, restart_ids, lost_ids):
-            svc = sm.get("service", service_id)
-            if not is_live_service(svc):
-                return
-            tasks = sm.tasks_by_service(service_id)
+        svc = await self.shutdown_and_restart(svc, restart_ids, lost_ids)
+        if svc is None:
+            return
+        tasks = sm.tasks_by_service(service_id)
 
         # 2. Scale.
         want = svc.spec.replicated.replicas

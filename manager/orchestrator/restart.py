@@ -28,6 +28,7 @@ from shoal.manager.orchestrator.common import (
     new_task,
     restart_delay,
     seconds,
+    shut_down,
     task_timestamp,
 )
 from shoal.manager.store import Store, Tx
@@ -121,12 +122,9 @@ class RestartSupervisor:
     # ---- restarts ----------------------------------------------------------------------------
     def restart(self, tx: Tx, svc: objects_pb2.Service, task_id: str) -> DelayedStart | None:
         """In a transaction: shut the ended task down and, if the policy allows, create its replacement."""
-        cur = tx.get("task", task_id)
-        if cur is None or cur.desired_state > RUNNING:
+        cur = tx.get("task", task_id)  # as it was before this transaction shut it down
+        if shut_down(tx, task_id) is None:
             return None
-        old = copy_task(cur)
-        old.desired_state = types_pb2.SHUTDOWN
-        tx.update(old)
         if not self.should_restart(cur, svc):
             log.info(
                 "task %s of service %s ended (%s), not restarted by its policy",

@@ -34,6 +34,7 @@ from shoal.manager.orchestrator.common import (
     monitor_period,
     new_task,
     seconds,
+    shut_down,
     update_config,
 )
 from shoal.manager.orchestrator.restart import DelayedStart, RestartSupervisor
@@ -297,13 +298,9 @@ class Updater:
     def _shutdown_in(tx: Tx, ids: list[str]) -> objects_pb2.Task | None:
         last = None
         for tid in ids:
-            t = tx.get("task", tid)
-            if t is None or t.desired_state > RUNNING:
-                continue
-            t = copy_task(t)
-            t.desired_state = types_pb2.SHUTDOWN
-            tx.update(t)
-            last = t
+            t = shut_down(tx, tid)
+            if t is not None:
+                last = t
         return last
 
     async def _shutdown(self, tasks: list[objects_pb2.Task]) -> objects_pb2.Task | None:

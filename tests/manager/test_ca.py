@@ -12,7 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from shoal.manager import ca
+from shoal.manager import ca, remoteapi
 from shoal.manager.store import new_id
 from shoal.proto import ca_pb2, ca_pb2_grpc, types_pb2
 
@@ -122,7 +122,7 @@ def test_front_join_and_mutual_tls(root, tmp_path: Path):
         )
         servers = []
         addr = f"127.0.0.1:{_port()}"
-        front = ca.RemoteAPIFront(addr, paths["mtls"], paths["join"], paths["plain"])
+        front = remoteapi.RemoteAPIFront(addr, paths["mtls"], paths["join"], paths["plain"])
         try:
             for k, creds, svc in specs:
                 s = grpc.aio.server()

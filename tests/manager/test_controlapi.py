@@ -74,7 +74,7 @@ def test_service_create_get_list_update_rollback_remove(tmp_path) -> None:
             assert upd.previous_spec.replicated.replicas == 1 and upd.previous_spec_version == 1
 
             # A stale version is a conflict, and nothing changes.
-            await expect(C.FAILED_PRECONDITION, s.stub.UpdateService(control_pb2.UpdateServiceRequest(
+            await expect(C.ABORTED, s.stub.UpdateService(control_pb2.UpdateServiceRequest(
                 service_id="web", service_version=got.meta.version, spec=svc_spec(replicas=5))), "out of sequence")
             assert s.store.get("service", created.id).spec.replicated.replicas == 3
 
@@ -286,7 +286,7 @@ def test_nodes_update_promote_demote_remove(tmp_path) -> None:
             node = (await s.stub.UpdateNode(control_pb2.UpdateNodeRequest(
                 node_id="w1", node_version=cur.meta.version, spec=spec))).node
             assert node.spec.availability == types_pb2.DRAIN
-            await expect(C.FAILED_PRECONDITION, s.stub.UpdateNode(control_pb2.UpdateNodeRequest(
+            await expect(C.ABORTED, s.stub.UpdateNode(control_pb2.UpdateNodeRequest(
                 node_id="w1", node_version=cur.meta.version, spec=spec)), "out of sequence")
 
             # The last manager cannot be demoted.
@@ -439,7 +439,7 @@ def test_cluster_get_update_rotate_and_redaction(tmp_path) -> None:
             stored = s.store.cluster()
             assert stored.root_ca.ca_key == b"KEY"
 
-            await expect(C.FAILED_PRECONDITION, s.stub.UpdateCluster(control_pb2.UpdateClusterRequest(
+            await expect(C.ABORTED, s.stub.UpdateCluster(control_pb2.UpdateClusterRequest(
                 cluster_version=got.meta.version, spec=spec)), "out of sequence")
             spec.annotations.name = "other"
             await expect(C.INVALID_ARGUMENT, s.stub.UpdateCluster(control_pb2.UpdateClusterRequest(spec=spec)),

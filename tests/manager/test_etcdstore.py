@@ -24,6 +24,7 @@ from shoal.manager.store import (
     Conflict,
     InvalidArgument,
     NotFound,
+    StaleVersion,
     Tx,
     Unavailable,
 )
@@ -196,6 +197,7 @@ def test_stale_update_is_a_conflict_with_the_state_machine_message(etcd1: EtcdCl
             f"update out of sequence: secret 'shared' was changed since it was read "
             f"(version {newer}, request had {v}); read it again and retry"
         )
+        assert isinstance(e.value, StaleVersion) and not e.value.client
         assert a.get("secret", sec.id).spec.data == b"b wins"
         # the same when a's cache is known to be stale: etcd's compare refuses the Txn, a catches up
         # to the revision of that refusal and then raises the precise error; nothing is written
@@ -217,6 +219,29 @@ def test_stale_update_is_a_conflict_with_the_state_machine_message(etcd1: EtcdCl
         keys = await etcd_keys(await etcd1.kv())
         assert objects_pb2.Secret.FromString(keys[f"/shoal/o/secret/{sec.id}".encode()]).spec.data == b"b again"
         assert a.get("secret", sec.id).meta.version == newest
+        assert isinstance(e.value, StaleVersion) and not e.value.client
+        # with retries the transaction is built again from the current state and lands
+        attempts: list[int] = []
+
+        def rebuild(tx: Tx) -> None:
+            cur = stale if not attempts else copy(tx.get("secret", sec.id))
+            attempts.append(cur.meta.version)
+            cur.spec.data = b"a rebuilt"
+            tx.update(cur)
+
+        await a.update(rebuild, retries=2)
+        assert attempts == [newer, newest]
+        assert a.get("secret", sec.id).spec.data == b"a rebuilt"
+        # a stale version the caller sent is never retried away
+        client_calls: list[int] = []
+
+        def client_stale(tx: Tx) -> None:
+            client_calls.append(1)
+            raise StaleVersion("update out of sequence: the request's version is stale", client=True)
+
+        with pytest.raises(StaleVersion):
+            await a.update(client_stale, retries=3)
+        assert client_calls == [1]
 
     etcd1.run(body())
 

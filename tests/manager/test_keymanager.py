@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 
-from shoal.manager import manager as manager_mod
+from shoal.manager import leader
 from shoal.manager.allocator import allocate_network
 from shoal.manager.keymanager import (
     DEFAULT_ROTATION_NS,
@@ -168,6 +168,6 @@ def test_loop_follows_a_shorter_interval_at_once_and_stops_cleanly() -> None:
 
 def test_key_manager_is_a_leader_loop() -> None:
     assert any(
-        isinstance(f(LocalStore(), None), KeyManager) for f in manager_mod.LEADER_LOOPS
+        isinstance(f(LocalStore(), None), KeyManager) for f in leader.LEADER_LOOPS
         if f.__name__ == "_key_manager"
     )

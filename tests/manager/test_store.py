@@ -8,6 +8,7 @@ from shoal.manager.store import (
     InvalidArgument,
     LocalStore,
     NotFound,
+    StaleVersion,
     StateMachine,
     new_id,
 )
@@ -51,13 +52,71 @@ def test_create_get_update_delete_and_versions() -> None:
         assert st.get("service", svc.id).meta.version == 2
 
         # The copy still holds version 1: a second update with it is stale.
-        with pytest.raises(Conflict, match="out of sequence"):
+        with pytest.raises(Conflict, match="out of sequence") as e:
             await st.update(lambda tx: tx.update(changed))
+        assert isinstance(e.value, StaleVersion) and not e.value.client and e.value.code == "ABORTED"
 
         await st.update(lambda tx: tx.delete(st.get("service", svc.id)))
         assert st.get("service", svc.id) is None
         with pytest.raises(NotFound):
             st.resolve("service", "web")
+
+    run(main())
+
+
+def test_update_builds_again_on_a_stale_version_but_not_on_a_client_one() -> None:
+    async def main() -> None:
+        st = LocalStore()
+        svc = await st.update(lambda tx: tx.create(service("web")))
+        stale = objects_pb2.Service()
+        stale.CopyFrom(st.get("service", svc.id))
+        bumped = objects_pb2.Service()
+        bumped.CopyFrom(stale)
+        await st.update(lambda tx: tx.update(bumped))
+        calls: list[int] = []
+
+        def fn(tx) -> None:  # the first attempt writes what it read before: stale
+            cur = objects_pb2.Service()
+            cur.CopyFrom(stale if not calls else tx.get("service", svc.id))
+            calls.append(cur.meta.version)
+            cur.spec.replicated.replicas = 4
+            tx.update(cur)
+
+        with pytest.raises(StaleVersion, match="update out of sequence"):
+            await st.update(fn)
+        assert calls == [1]
+        calls.clear()
+        await st.update(fn, retries=2)
+        assert calls == [1, 2] and st.get("service", svc.id).spec.replicated.replicas == 4
+
+        # a stale remove is a StaleVersion as well
+        with pytest.raises(StaleVersion, match="remove out of sequence"):
+            await st.update(lambda tx: tx.delete(stale))
+
+        # the caller's stale version is raised at once, whatever the retries
+        client: list[int] = []
+
+        def client_stale(tx) -> None:
+            client.append(1)
+            raise StaleVersion("update out of sequence: the request is stale", client=True)
+
+        with pytest.raises(StaleVersion):
+            await st.update(client_stale, retries=5, retry_on=(Conflict,))
+        assert client == [1]
+
+        # other refusals are not retried unless named in retry_on
+        missing: list[int] = []
+
+        def gone(tx) -> None:
+            missing.append(1)
+            tx.update(objects_pb2.Service(id="nope"))
+
+        with pytest.raises(NotFound):
+            await st.update(gone, retries=3)
+        assert missing == [1]
+        with pytest.raises(NotFound):
+            await st.update(gone, retries=3, retry_on=(NotFound,))
+        assert missing == [1] * 5
 
     run(main())
 
