@@ -17,8 +17,8 @@ manager like a tool on that host):
 - registers `sec-K`: a secret whose label `v` holds the value; `create`, `delete`, `read`.
 
 Every operation is recorded with invocation and completion times (time.monotonic, one process) and
-its outcome: ok; fail when the answer proves it did not happen (FAILED_PRECONDITION, ALREADY_EXISTS,
-NOT_FOUND, or no connection at all); unknown otherwise (a timeout, UNAVAILABLE after it was sent,
+its outcome: ok; fail when the answer proves it did not happen (FAILED_PRECONDITION, ABORTED,
+ALREADY_EXISTS, NOT_FOUND, or no connection at all); unknown otherwise (a timeout, UNAVAILABLE after it was sent,
 the manager paused or killed mid-call). A read answered without a quorum (trailing metadata
 `x-shoal-stale`) is recorded as unknown: it carries no guarantee and says so.
 
@@ -64,7 +64,7 @@ from shoal.proto import control_pb2, control_pb2_grpc, specs_pb2, types_pb2  # n
 STALE_KEY = "x-shoal-stale"
 CALL_TIMEOUT = 5.0
 DEFINITE_FAILURES = {
-    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.INVALID_ARGUMENT,
 }
 FAULT_KINDS = ("kill-leader", "kill-random", "pause", "pause-swarmd", "isolate-leader", "split", "restart")
