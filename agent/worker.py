@@ -23,9 +23,9 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from shoal.agent.engine import NetworkSetup
 from shoal.agent.templates import expand_task
 from shoal.proto import dispatcher_pb2, objects_pb2, types_pb2
 
@@ -42,15 +42,6 @@ S = types_pb2
 INTERRUPTED = object()
 
 
-@dataclass
-class NetworkSetup:
-    """What the network driver prepared for one task's container."""
-
-    netns_path: str | None = None
-    resolv_conf: str | None = None
-    extra_hosts: list[str] = field(default_factory=list)
-
-
 class NetworkHooks(Protocol):
     """Where the node's networking plugs in (`shoal.agent.network.NetworkAgent`, wired by swarmd).
 
@@ -65,7 +56,7 @@ class NetworkHooks(Protocol):
     `deactivate(task_id)` -- before it is stopped or when it turns unhealthy -- so a rolling update
     never sends a client to a container that does not listen yet or is on its way out."""
 
-    async def prepare(self, task: objects_pb2.Task, *, active: bool = True) -> Any: ...
+    async def prepare(self, task: objects_pb2.Task, *, active: bool = True) -> NetworkSetup: ...
 
     async def activate(self, task_id: str) -> None: ...
 
@@ -158,12 +149,10 @@ class EngineAdapter:
             name=container_name(task),
             spec=c,
             resources=task.spec.resources,
-            netns_path=net.netns_path,
+            network=net,
             secrets={r.secret_id: secrets[r.secret_id].spec.data for r in c.secrets},
             configs={r.config_id: configs[r.config_id].spec.data for r in c.configs},
             labels=labels,
-            resolv_conf=net.resolv_conf,
-            extra_hosts=list(net.extra_hosts),
         )
         await self.engine.create(cfg)
 
@@ -361,12 +350,7 @@ class TaskController:
                 net = NetworkSetup()
                 if self.w.network is not None:
                     self._netns_prepared = True  # release() even if prepare fails half-way
-                    got = await self.w.network.prepare(task, active=False)
-                    net = NetworkSetup(
-                        netns_path=getattr(got, "netns_path", None),
-                        resolv_conf=getattr(got, "resolv_conf", None),
-                        extra_hosts=list(getattr(got, "extra_hosts", None) or []),
-                    )
+                    net = await self.w.network.prepare(task, active=False)
                 spec_task = expand_task(task, self.w.node_id, self.w.hostname)
                 await eng.create(spec_task, net, self.w.secrets, self.w.configs, self.w.node_id)
                 self.has_container = True
