@@ -105,7 +105,7 @@ class TaskController:
     """Drives one task; `update()` hands it a newer assignment, `drop()` tells it the task is gone."""
 
     def __init__(self, host: TaskHost, task: objects_pb2.Task, adopted: ContainerState | None = None) -> None:
-        self.w = host
+        self.host = host
         self.task = task
         self.state = max(task.status.state, S.ASSIGNED)
         self.adopted = adopted
@@ -158,7 +158,7 @@ class TaskController:
             S.TaskState.Name(t.state),
             f" err={t.err!r}" if t.err else "",
         )
-        self.w.report_status(self.id, st)
+        self.host.report_status(self.id, st)
 
     async def _interrupt(self, aw: Coroutine[Any, Any, T]) -> T | _Interrupted:
         """Run a long step (pull, wait) that a shutdown cancels; INTERRUPTED when it did."""
@@ -216,9 +216,9 @@ class TaskController:
     async def _adopt(self, info: ContainerState) -> None:
         status = info.status
         log.info("container re-adopted task=%s status=%s", self.id, status)
-        if self.w.network is not None and status != "exited":
+        if self.host.network is not None and status != "exited":
             try:  # idempotent: the namespace is kept, endpoint records and DNS come back
-                await self.w.network.prepare(self.task)  # active: it served before the restart
+                await self.host.network.prepare(self.task)  # active: it served before the restart
                 self._serving = status == "running"
             except Exception as e:
                 log.warning("network re-adoption failed task=%s err=%s", self.id, one_line(e))
@@ -234,16 +234,16 @@ class TaskController:
     async def _prepare(self) -> Outcome:
         """Pull the image, prepare the networking, create the container; REJECTED (with everything
         made so far undone) on any failure."""
-        eng, task = self.w.engine, self.task
+        eng, task = self.host.engine, self.task
         try:
-            check_task(task, self.w.secrets, self.w.configs)
+            check_task(task, self.host.secrets, self.host.configs)
             if await self._interrupt(eng.pull(task)) is INTERRUPTED or self.wants_stop():
                 return Outcome(Result.INTERRUPTED)
             net = NetworkSetup()
-            if self.w.network is not None:
-                net = await self.w.network.prepare(task, active=False)
-            spec_task = expand_task(task, self.w.node_id, self.w.hostname)
-            await eng.create(container_config(spec_task, net, self.w.secrets, self.w.configs, self.w.node_id))
+            if self.host.network is not None:
+                net = await self.host.network.prepare(task, active=False)
+            spec_task = expand_task(task, self.host.node_id, self.host.hostname)
+            await eng.create(container_config(spec_task, net, self.host.secrets, self.host.configs, self.host.node_id))
             self.has_container = True
         except asyncio.CancelledError:
             raise
@@ -255,7 +255,7 @@ class TaskController:
     async def _start(self) -> Outcome:
         """Start the container; as Docker, a task with a health check is RUNNING once healthy, so a
         start-first update stops an old task only when its replacement serves."""
-        eng = self.w.engine
+        eng = self.host.engine
         try:
             info = await eng.inspect(self.id)
             if info is None:
@@ -273,14 +273,14 @@ class TaskController:
             result = await self._interrupt(self._wait(has_health=True, until_healthy=True))
             if isinstance(result, _Interrupted):
                 return Outcome(Result.INTERRUPTED)  # shutdown requested: the main loop stops it
-            if result[0] != Result.DONE:
+            if result[0] is not Result.DONE:
                 return await self._failed(result)
             info = await eng.inspect(self.id)
         return Outcome(Result.DONE, pid=int(info.pid or 0) if info is not None else 0)
 
     async def _watch_running(self) -> Outcome:
         """Serve until the container exits or turns unhealthy."""
-        info = await self.w.engine.inspect(self.id)
+        info = await self.host.engine.inspect(self.id)
         if info is None:
             return Outcome(Result.GONE)
         has_health = self._has_health(info)
@@ -305,9 +305,9 @@ class TaskController:
     async def _wait(self, *, has_health: bool, until_healthy: bool) -> tuple[Result, ExitStatus | None]:
         """Until the container exits (EXITED, its exit) or turns unhealthy (UNHEALTHY, None); with
         `until_healthy`, until it is healthy (DONE, None), else the task serves while it is healthy."""
-        eng = self.w.engine
+        eng = self.host.engine
         # Health changes arrive through the engine's callback; polling is the fallback.
-        poll = HEALTH_POLL * (4 if self.w.health_events else 1)
+        poll = HEALTH_POLL * (4 if self.host.health_events else 1)
         wait_task = asyncio.ensure_future(eng.wait(self.id))
         health_task: asyncio.Future[Any] | None = None
         try:
@@ -340,9 +340,9 @@ class TaskController:
 
     async def _serve(self, active: bool) -> None:
         """Put the task in (or take it out of) its service's load balancing and DNS."""
-        if self.w.network is None or active == self._serving:
+        if self.host.network is None or active == self._serving:
             return
-        hook: Callable[[str], Awaitable[None]] = self.w.network.activate if active else self.w.network.deactivate
+        hook: Callable[[str], Awaitable[None]] = self.host.network.activate if active else self.host.network.deactivate
         try:
             await hook(self.id)
             self._serving = active
@@ -356,23 +356,23 @@ class TaskController:
             return
         serving = self._serving
         await self._serve(False)
-        if serving and not self._serving and self.w.converge_delay > 0:
+        if serving and not self._serving and self.host.converge_delay > 0:
             # As Docker (defaultGossipConvergeDelay): the other nodes hear of the deactivation by
             # gossip; the container keeps listening until they stopped sending new connections to it.
-            await asyncio.sleep(self.w.converge_delay)
+            await asyncio.sleep(self.host.converge_delay)
         c = self.task.spec.container
         grace = c.stop_grace_period.ToNanoseconds() / 1e9 if c.HasField("stop_grace_period") else None
         try:
-            info = await self.w.engine.inspect(self.id)
+            info = await self.host.engine.inspect(self.id)
             if info is not None and info.status in ("running", "created"):
-                await self.w.engine.stop(self.id, grace)
+                await self.host.engine.stop(self.id, grace)
         except Exception as e:
             log.warning("stopping container failed task=%s err=%s", self.id, one_line(e))
 
     async def _remove(self) -> None:
         if self.has_container:
             try:
-                await self.w.engine.remove(self.id)
+                await self.host.engine.remove(self.id)
             except Exception as e:
                 log.warning("removing container failed task=%s err=%s", self.id, one_line(e))
             self.has_container = False
@@ -381,15 +381,15 @@ class TaskController:
         self.removed = True
 
     async def _release_network(self) -> None:
-        if self.w.network is not None:  # release() is idempotent: call it whatever prepare() got to
+        if self.host.network is not None:  # release() is idempotent: call it whatever prepare() got to
             try:
-                await self.w.network.release(self.id)
+                await self.host.network.release(self.id)
             except Exception as e:
                 log.warning("releasing network attachments failed task=%s err=%s", self.id, one_line(e))
 
     async def _cleanup_after_failure(self) -> None:
         with contextlib.suppress(Exception):
-            if await self.w.engine.inspect(self.id) is not None:
-                await self.w.engine.remove(self.id)
+            if await self.host.engine.inspect(self.id) is not None:
+                await self.host.engine.remove(self.id)
         self.has_container = False
         await self._release_network()

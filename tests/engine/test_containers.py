@@ -380,7 +380,8 @@ def test_caps_sysctls_ulimits_netns(engine):
             sysctls={"net.core.somaxconn": "1234"},
             ulimits=[types_pb2.Ulimit(name="nofile", soft=512, hard=1024)],
         )
-        ex, lines = run(run_to_exit(engine, ContainerConfig(c, "caps.1", s, network=NetworkSetup(netns_path=f"/run/netns/{ns}"))))
+        net = NetworkSetup(netns_path=f"/run/netns/{ns}")
+        ex, lines = run(run_to_exit(engine, ContainerConfig(c, "caps.1", s, network=net)))
         ino = os.stat(f"/run/netns/{ns}").st_ino
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
