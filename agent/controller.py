@@ -34,6 +34,7 @@ from shoal.agent.taskstate import (
     adopt,
     crashed,
     next_step,
+    stopping,
     transition,
 )
 from shoal.agent.templates import expand_task
@@ -123,7 +124,7 @@ class TaskController:
         return self.task.id
 
     def wants_stop(self) -> bool:
-        return self.dropped or self.task.desired_state > S.RUNNING
+        return stopping(self.view())
 
     def view(self) -> TaskView:
         return TaskView(self.state, self.task.desired_state, self.dropped, self.has_container, self.removed)

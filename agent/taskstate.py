@@ -93,9 +93,15 @@ class TaskView:
     removed: bool = False  # its container was removed and its networking released
 
 
+def stopping(v: TaskView) -> bool:
+    """Whether the task is to stop: no longer assigned, or desired past RUNNING. A step that waits
+    (pull, start until healthy, watch) is cut short once this turns true."""
+    return v.dropped or v.desired > S.RUNNING
+
+
 def next_step(v: TaskView) -> Step:
     """The next step for the task in ``v``."""
-    if v.dropped or v.desired > S.RUNNING:
+    if stopping(v):
         if v.state < S.COMPLETE:
             return Step.SHUTDOWN
         if (v.dropped or v.desired >= S.REMOVE) and not v.removed:

@@ -20,6 +20,7 @@ from shoal.agent.taskstate import (
     crashed,
     exit_error,
     next_step,
+    stopping,
     transition,
 )
 from shoal.proto import types_pb2
@@ -56,6 +57,8 @@ def ex(code: int, *, oom: bool = False, reason: str = "") -> ExitStatus:
 def test_next_step_wanted_running_or_ready(state: int, container: bool) -> None:
     assert next_step(TaskView(state, S.RUNNING, has_container=container)) is WANT_RUNNING[state][container]
     assert next_step(TaskView(state, S.READY, has_container=container)) is WANT_READY[state][container]
+    assert not stopping(TaskView(state, S.RUNNING, has_container=container))
+    assert not stopping(TaskView(state, S.READY, has_container=container))
 
 
 @pytest.mark.parametrize("state", STATES, ids=S.TaskState.Name)
@@ -67,6 +70,7 @@ def test_next_step_past_running(state: int, container: bool) -> None:
     def step(desired: int, *, dropped: bool = False, removed: bool = False) -> Step:
         return next_step(TaskView(state, desired, dropped, container, removed))
 
+    assert stopping(TaskView(state, S.SHUTDOWN)) and stopping(TaskView(state, S.RUNNING, dropped=True))
     assert step(S.SHUTDOWN) is (W if finished else Step.SHUTDOWN)
     assert step(S.REMOVE) is (Step.REMOVE if finished else Step.SHUTDOWN)
     assert step(S.REMOVE, removed=True) is (W if finished else Step.SHUTDOWN)
