@@ -26,7 +26,9 @@ from typing import Any
 
 import grpc
 
-from shoal.agent.worker import NetworkHooks, Worker, container_name
+from shoal.agent.controller import NetworkHooks
+from shoal.agent.executor import ContainerEngine, container_name
+from shoal.agent.worker import Worker
 from shoal.netdriver import xfrm
 from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, logs_pb2, logs_pb2_grpc, types_pb2
 
@@ -123,7 +125,7 @@ class Agent:
         state_dir: str | os.PathLike[str],
         managers: Sequence[str],
         credentials: grpc.ChannelCredentials | None,
-        engine: Any,
+        engine: ContainerEngine,
         *,
         hostname: str | None = None,
         addr: str = "",

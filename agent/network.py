@@ -50,6 +50,7 @@ from pathlib import Path
 
 from pyroute2 import netns as pr_netns
 
+from shoal.agent.engine import NetworkSetup
 from shoal.netdriver.dns import DNSServer
 from shoal.netdriver.gossip import ENDPOINT_TABLE, EventKind, Gossip
 from shoal.netdriver.nslab import create_netns
@@ -65,13 +66,6 @@ PROTOCOLS = {
     types_pb2.PortConfig.UDP: "udp",
     types_pb2.PortConfig.SCTP: "sctp",
 }
-
-
-@dataclass
-class TaskNetworking:
-    netns_path: str
-    resolv_conf: str | None
-    addresses: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -449,7 +443,7 @@ class NetworkAgent:
     def _netns_name(self, task_id: str) -> str:
         return f"{self.prefix}-c{task_id[:12]}"
 
-    async def prepare(self, task: objects_pb2.Task, *, active: bool = True) -> TaskNetworking:
+    async def prepare(self, task: objects_pb2.Task, *, active: bool = True) -> NetworkSetup:
         """Make the task's network namespace and everything in it; undone by release().
 
         active=False: the endpoint is announced (peers, task name) but does not serve its service
@@ -469,7 +463,7 @@ class NetworkAgent:
         self._tasks[task.id] = local
         try:
             if self._driver is None:  # loopback node: a namespace with loopback only
-                return TaskNetworking(path, None)
+                return NetworkSetup(netns_path=path)
             for nid in nets:
                 await self._push_keys(nid)  # an encrypted network's sandbox is built with its keys
             ifaces = await asyncio.to_thread(self.driver.attach, task.id, path, list(task.networks))
@@ -503,7 +497,7 @@ class NetworkAgent:
             if isinstance(e, Exception):
                 log.warning("node=%s task=%s networking not prepared: %s", self.node_id, task.id, e)
             raise
-        return TaskNetworking(path, RESOLV_CONF if task.networks else None, [i.address for i in ifaces])
+        return NetworkSetup(path, RESOLV_CONF if task.networks else None, addresses=[i.address for i in ifaces])
 
     def _put_records(self, local: _Local) -> None:
         """The task's endpoint record on each of its networks (again, when something changed)."""

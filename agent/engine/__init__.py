@@ -9,9 +9,10 @@ API (all coroutines run on the caller's event loop; blocking work goes to thread
     img = await engine.pull("busybox", auth=RegistryAuth("alice", "pw"))   # -> Image
     imgs = await engine.load(Path("busybox.tar"))                     # docker-archive or OCI layout
     await engine.create(ContainerConfig(id=task_id, name="web.1." + task_id, spec=container_spec,
-                                        resources=resources, netns_path="/run/netns/…",
-                                        secrets={secret_id: b"…"}, configs={config_id: b"…"},
-                                        resolv_conf="nameserver 127.0.0.11\\n"))
+                                        resources=resources,
+                                        network=NetworkSetup(netns_path="/run/netns/…",
+                                                             resolv_conf="nameserver 127.0.0.11\\n"),
+                                        secrets={secret_id: b"…"}, configs={config_id: b"…"}))
     await engine.start(task_id)
     st = await engine.inspect(task_id)     # ContainerState: status created|running|exited, pid, exit, health
     ex = await engine.wait(task_id)        # ExitStatus: exit_code, oom_killed, finished_at, reason
@@ -60,8 +61,9 @@ Each container runs under conmon (its shim, in its own session) so it survives t
 is ``/shoal-<hash of ROOT>/<id>`` (cgroupfs driver, v1 or v2, runc creates and deletes it).
 """
 
+from shoal.agent.engine.container import ContainerConfig, ContainerState, ExitStatus, NetworkSetup
 from shoal.agent.engine.distribution import RegistryAuth
-from shoal.agent.engine.engine import ContainerConfig, ContainerState, Engine, ExitStatus
+from shoal.agent.engine.engine import Engine
 from shoal.agent.engine.errors import (
     AuthenticationFailed,
     ContainerExists,
@@ -105,6 +107,7 @@ __all__ = [
     "InvalidSpec",
     "InvalidState",
     "LogLine",
+    "NetworkSetup",
     "ProbeResult",
     "RegistryAuth",
     "RegistryError",

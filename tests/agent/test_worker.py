@@ -21,7 +21,8 @@ from agent_helpers import (
 )
 
 from shoal.agent.agent import Agent
-from shoal.agent.worker import NetworkSetup, Worker
+from shoal.agent.engine import NetworkSetup
+from shoal.agent.worker import Worker
 from shoal.proto import dispatcher_pb2, logs_pb2, logs_pb2_grpc, objects_pb2, specs_pb2, types_pb2
 
 pytestmark = pytest.mark.integration
@@ -138,7 +139,7 @@ def test_exit_codes_bad_image_and_secrets_through_the_dispatcher(engine_root, re
                 # The reaper deletes finished tasks: their containers go.
                 for t in (ok, bad, oom):
                     await st.update(lambda tx, t=t: tx.delete(st.get("task", t.id)))
-                await wait_for(lambda: not engine._metas(), what="containers removed")
+                await wait_for(lambda: not engine.state.metas(), what="containers removed")
         await engine.close()
 
     run(main())
@@ -169,7 +170,7 @@ def test_agent_restart_readopts_running_containers_without_duplicates(
             engine = new_engine(engine_root, registry)
             async with running_agent("n1", addr, engine, tmp_path) as agent:
                 await wait_for(agent.connected.is_set, what="session")
-                await wait_for(lambda: [c.id for c in engine._metas()] == [keep.id], what="orphan removed")
+                await wait_for(lambda: [c.id for c in engine.state.metas()] == [keep.id], what="orphan removed")
                 info = await engine.inspect(keep.id)
                 assert info.status == "running" and info.pid == pid  # the same process, not a new one
                 assert task_state(st, keep.id) == S.RUNNING

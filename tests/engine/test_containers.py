@@ -20,6 +20,7 @@ from shoal.agent.engine import (
     ExecutableNotFound,
     InvalidSpec,
     InvalidState,
+    NetworkSetup,
     UserNotFound,
 )
 from shoal.agent.engine.images import host_arch
@@ -112,7 +113,7 @@ def test_image_cmd_entrypoint_merge_and_hostname(engine):
             ],
         )
         ex2, lines2 = await run_to_exit(
-            engine, ContainerConfig(c2, "m.2", s2, resolv_conf="nameserver 127.0.0.11\n")
+            engine, ContainerConfig(c2, "m.2", s2, network=NetworkSetup(resolv_conf="nameserver 127.0.0.11\n"))
         )
         return ex, lines, ex2, lines2
 
@@ -196,7 +197,7 @@ def test_pids_and_cpu_limit(engine):
         await engine.start(c)
         ex = await asyncio.wait_for(engine.wait(c), 60)
         lines = [ln async for ln in engine.logs(c)]
-        meta = engine._meta(c)
+        meta = engine.state.meta(c)
         rel = meta.cgroups_path.lstrip("/")
         if engine.v2:
             quota = Path(f"/sys/fs/cgroup/{rel}/cpu.max").read_text().split()[0]
@@ -379,7 +380,8 @@ def test_caps_sysctls_ulimits_netns(engine):
             sysctls={"net.core.somaxconn": "1234"},
             ulimits=[types_pb2.Ulimit(name="nofile", soft=512, hard=1024)],
         )
-        ex, lines = run(run_to_exit(engine, ContainerConfig(c, "caps.1", s, netns_path=f"/run/netns/{ns}")))
+        net = NetworkSetup(netns_path=f"/run/netns/{ns}")
+        ex, lines = run(run_to_exit(engine, ContainerConfig(c, "caps.1", s, network=net)))
         ino = os.stat(f"/run/netns/{ns}").st_ino
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
