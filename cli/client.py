@@ -34,8 +34,10 @@ class CliError(Exception):
         self.code = code
 
     @property
-    def out_of_sequence(self) -> bool:
-        return self.code == "FAILED_PRECONDITION" and "out of sequence" in str(self)
+    def conflict(self) -> bool:
+        """The control API refused a write made against a stale version of the object (gRPC ABORTED):
+        reading it again and re-applying the change is the fix."""
+        return self.code == "ABORTED"
 
 
 def tls_files(tls_dir: str) -> tuple[Path, Path, Path]:

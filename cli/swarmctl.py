@@ -448,7 +448,7 @@ def _retrying(fn: Callable[[], Any]) -> Any:
         try:
             return fn()
         except CliError as e:
-            if not e.out_of_sequence or attempt == UPDATE_ATTEMPTS - 1:
+            if not e.conflict or attempt == UPDATE_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")
 
