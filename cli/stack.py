@@ -31,10 +31,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.cli import units
 from shoal.cli.client import Client, CliError
 from shoal.compose import LABEL_NAMESPACE, ComposeError, ComposeSource, StackSpec, convert, load, plan
 from shoal.compose import Plan as StackPlan
+from shoal.compose import units as sizes
 from shoal.proto import control_pb2, objects_pb2, specs_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ DEFAULT_ADDRESS_POOL = "10.0.0.0/8"  # the swarm's default, as Docker's
 # ---- parser --------------------------------------------------------------------------------------
 def _timeout(text: str) -> float:
     try:
-        return units.parse_duration(text) / 1e9
+        return sizes.parse_duration(text) / 1e9
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

@@ -22,6 +22,7 @@ from shoal.cli import output as out
 from shoal.cli import units
 from shoal.cli.client import Client, CliError
 from shoal.cli.progress import Snapshot, Waiter, measure
+from shoal.compose import units as sizes
 from shoal.proto import control_pb2, objects_pb2, specs_pb2, types_pb2
 
 DEFAULT_WAIT_TIMEOUT = 300.0
@@ -49,9 +50,9 @@ def uint(what: str) -> Callable[[str], int]:
     return typed(lambda t: units.parse_uint(t, what), what)
 
 
-DURATION = typed(units.parse_duration, "duration")
-BYTES = typed(units.parse_bytes, "size")
-CPUS = typed(units.parse_cpus, "cpus")
+DURATION = typed(sizes.parse_duration, "duration")
+BYTES = typed(sizes.parse_bytes, "size")
+CPUS = typed(sizes.parse_cpus, "cpus")
 RATIO = typed(units.parse_ratio, "ratio")
 PORT = typed(units.parse_port, "port")
 MOUNT = typed(units.parse_mount, "mount")
@@ -207,12 +208,12 @@ def cluster_inspect(c: Client, args: argparse.Namespace) -> None:
         print(f"ID:\t\t\t{cl.id}\nName:\t\t\t{s.annotations.name}")
         print(f"Task history limit:\t{s.orchestration.task_history_retention_limit}")
         hb = s.dispatcher.heartbeat_period
-        print(f"Heartbeat period:\t{units.format_duration(hb.seconds * 10**9 + hb.nanos) if hb.ByteSize() else 'default'}")
+        print(f"Heartbeat period:\t{sizes.format_duration(hb.seconds * 10**9 + hb.nanos) if hb.ByteSize() else 'default'}")
         ce = s.ca_config.node_cert_expiry
-        print(f"Node cert expiry:\t{units.format_duration(ce.seconds * 10**9 + ce.nanos) if ce.ByteSize() else 'default'}")
+        print(f"Node cert expiry:\t{sizes.format_duration(ce.seconds * 10**9 + ce.nanos) if ce.ByteSize() else 'default'}")
         kr = s.network_encryption.key_rotation_interval
         kr_ns = kr.seconds * 10**9 + kr.nanos
-        print(f"Network key rotation:\t{units.format_duration(kr_ns) if kr_ns else '12h (default)'}")
+        print(f"Network key rotation:\t{sizes.format_duration(kr_ns) if kr_ns else '12h (default)'}")
         print(f"Default address pool:\t{', '.join(s.default_address_pool) or '10.0.0.0/8 (default)'}")
         print(f"Subnet size:\t\t{s.subnet_size or 24}")
         print(f"CA digest:\t\t{cl.root_ca.ca_cert_hash}")
@@ -551,7 +552,7 @@ def _service_flags(p: argparse.ArgumentParser, update: bool) -> None:
     a("--with-registry-auth", action="store_true", help="send registry credentials to the agents")
     a("-d", "--detach", action="store_true", help="return at once instead of waiting for convergence")
     a("-q", "--quiet", action="store_true", help="suppress progress output")
-    a("--timeout", type=typed(lambda t: units.parse_duration(t) / 1e9, "duration"), default=DEFAULT_WAIT_TIMEOUT,
+    a("--timeout", type=typed(lambda t: sizes.parse_duration(t) / 1e9, "duration"), default=DEFAULT_WAIT_TIMEOUT,
       help="give up waiting for convergence after this long (default 5m)")
 
 
@@ -1303,7 +1304,7 @@ def build_parser() -> Parser:
             p.add_argument("service", metavar="SERVICE")
         p.add_argument("-d", "--detach", action="store_true", help="do not wait")
         p.add_argument("-q", "--quiet", action="store_true", help="suppress progress output")
-        p.add_argument("--timeout", type=typed(lambda t: units.parse_duration(t) / 1e9, "duration"),
+        p.add_argument("--timeout", type=typed(lambda t: sizes.parse_duration(t) / 1e9, "duration"),
                        default=DEFAULT_WAIT_TIMEOUT, help="give up waiting after this long (default 5m)")
     logs.register(sub, "service", parents=[CONN])
     p = leaf(sub, "ps", service_ps, "list the tasks of services")
