@@ -43,11 +43,11 @@ from shoal.cli.flagtypes import (
 )
 from shoal.proto import specs_pb2, types_pb2
 
-RESTART = {"none": types_pb2.RestartPolicy.NONE, "on-failure": types_pb2.RestartPolicy.ON_FAILURE,
-            "any": types_pb2.RestartPolicy.ANY}
-FAILURE_ACTION = {"pause": types_pb2.UpdateConfig.PAUSE, "continue": types_pb2.UpdateConfig.CONTINUE,
-                   "rollback": types_pb2.UpdateConfig.ROLLBACK}
-ORDER = {"stop-first": types_pb2.UpdateConfig.STOP_FIRST, "start-first": types_pb2.UpdateConfig.START_FIRST}
+_RESTART = {"none": types_pb2.RestartPolicy.NONE, "on-failure": types_pb2.RestartPolicy.ON_FAILURE,
+             "any": types_pb2.RestartPolicy.ANY}
+_FAILURE_ACTION = {"pause": types_pb2.UpdateConfig.PAUSE, "continue": types_pb2.UpdateConfig.CONTINUE,
+                    "rollback": types_pb2.UpdateConfig.ROLLBACK}
+_ORDER = {"stop-first": types_pb2.UpdateConfig.STOP_FIRST, "start-first": types_pb2.UpdateConfig.START_FIRST}
 
 
 def _add_single_flags(p: argparse.ArgumentParser, update: bool) -> None:
@@ -66,18 +66,18 @@ def _add_single_flags(p: argparse.ArgumentParser, update: bool) -> None:
     a("--memory-reservation", "--reserve-memory", dest="memory_reservation", type=BYTES, help="memory reservation")
     a("--cpu-reservation", "--reserve-cpu", dest="cpu_reservation", type=CPUS, help="CPU reservation")
     a("--pids-limit", "--limit-pids", dest="pids_limit", type=uint("pids limit"), help="max processes (0 = none)")
-    a("--restart-condition", choices=sorted(RESTART), help="when to restart tasks")
+    a("--restart-condition", choices=sorted(_RESTART), help="when to restart tasks")
     a("--restart-delay", type=DURATION, help="delay between restarts, e.g. 5s")
     a("--restart-max-attempts", type=uint("restart max attempts"), help="give up after this many restarts")
     a("--restart-window", type=DURATION, help="window in which restarts are counted")
     for which in ("update", "rollback"):
         a(f"--{which}-parallelism", type=uint(f"{which} parallelism"), help=f"tasks {which}d at once (0 = all)")
         a(f"--{which}-delay", type=DURATION, help=f"delay between {which} batches")
-        choices = sorted(FAILURE_ACTION) if which == "update" else ["continue", "pause"]
+        choices = sorted(_FAILURE_ACTION) if which == "update" else ["continue", "pause"]
         a(f"--{which}-failure-action", choices=choices, help=f"what to do when a task {which} fails")
         a(f"--{which}-monitor", type=DURATION, help="how long to watch each task for failure")
         a(f"--{which}-max-failure-ratio", type=RATIO, help="tolerated failure ratio, 0 to 1")
-        a(f"--{which}-order", choices=sorted(ORDER), help="stop-first or start-first")
+        a(f"--{which}-order", choices=sorted(_ORDER), help="stop-first or start-first")
     a("--health-cmd", help="command to check health (run by the shell)")
     a("--health-interval", type=DURATION, help="time between health checks")
     a("--health-timeout", type=DURATION, help="time a health check may take")
@@ -104,13 +104,13 @@ def _set_update_config(cfg: types_pb2.UpdateConfig, args: argparse.Namespace, wh
     if (v := getattr(args, f"{which}_delay")) is not None:
         cfg.delay.FromNanoseconds(v)
     if (v := getattr(args, f"{which}_failure_action")) is not None:
-        cfg.failure_action = FAILURE_ACTION[v]
+        cfg.failure_action = _FAILURE_ACTION[v]
     if (v := getattr(args, f"{which}_monitor")) is not None:
         cfg.monitor.FromNanoseconds(v)
     if (v := getattr(args, f"{which}_max_failure_ratio")) is not None:
         cfg.max_failure_ratio = v
     if (v := getattr(args, f"{which}_order")) is not None:
-        cfg.order = ORDER[v]
+        cfg.order = _ORDER[v]
 
 
 def registry_auth(image: str) -> str:
@@ -164,7 +164,7 @@ def _apply_single(spec: specs_pb2.ServiceSpec, args: argparse.Namespace) -> None
     if args.pids_limit is not None:
         res.pids_limit = args.pids_limit
     if args.restart_condition is not None:
-        t.restart.condition = RESTART[args.restart_condition]
+        t.restart.condition = _RESTART[args.restart_condition]
     if args.restart_delay is not None:
         t.restart.delay.FromNanoseconds(args.restart_delay)
     if args.restart_max_attempts is not None:
