@@ -59,5 +59,11 @@ def add_format(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
 
 
-def add_quiet(p: argparse.ArgumentParser) -> None:
+def add_listing_flags(p: argparse.ArgumentParser, filters: str, no_trunc: bool = True) -> None:
+    """The flags of a listing: `-f/--filter KEY=VALUE` (`filters`: the keys it takes), `--no-trunc`,
+    `-q/--quiet` (ids only) and `--format table|json`."""
+    p.add_argument("-f", "--filter", action="append", help=filters)
+    if no_trunc:
+        p.add_argument("--no-trunc", action="store_true", help="do not truncate output")
     p.add_argument("-q", "--quiet", action="store_true", help="only show ids")
+    add_format(p)

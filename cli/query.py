@@ -98,9 +98,13 @@ def print_list(args: argparse.Namespace, objs: Sequence[Any], headers: Sequence[
 
 
 def inspect(args: argparse.Namespace, c: Client, kind: str, refs: Sequence[str],
-            pretty: Callable[[Any], None] | None = None) -> None:
-    """`KIND inspect`: the objects as JSON, or `pretty(obj)` each with `--pretty`."""
+            pretty: Callable[[Any], None] | None = None, redact: Callable[[Any], None] | None = None) -> None:
+    """`KIND inspect`: the objects as JSON, or `pretty(obj)` each with `--pretty`; `redact(obj)` first
+    clears what must never be printed."""
     objs = [get(c, kind, node_ref(c, r) if kind == "node" else r) for r in refs]
+    if redact is not None:
+        for o in objs:
+            redact(o)
     if pretty is not None and getattr(args, "pretty", False):
         for i, o in enumerate(objs):
             if i:

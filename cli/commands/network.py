@@ -8,7 +8,7 @@ from typing import Any
 from shoal.cli import output as out
 from shoal.cli import query
 from shoal.cli.client import Client
-from shoal.cli.cmdline import add_format, add_group, add_leaf, add_quiet
+from shoal.cli.cmdline import add_group, add_leaf, add_listing_flags
 from shoal.cli.flagtypes import parse_labels
 from shoal.proto import control_pb2, objects_pb2, specs_pb2, types_pb2
 
@@ -27,10 +27,7 @@ def register(cmds: Any) -> None:
     p.add_argument("--label", action="append")
     p.add_argument("-o", "--opt", action="append", help="driver option KEY=VALUE (e.g. encrypted)")
     p = add_leaf(sub, "ls", network_ls, "list networks", aliases=["list"])
-    p.add_argument("-f", "--filter", action="append", help="name=, name-prefix=, id=, label=")
-    p.add_argument("--no-trunc", action="store_true")
-    add_quiet(p)
-    add_format(p)
+    add_listing_flags(p, "name=, name-prefix=, id=, label=")
     p = add_leaf(sub, "inspect", network_inspect, "show networks in detail")
     p.add_argument("refs", nargs="+", metavar="NETWORK")
     p.add_argument("--format", choices=("json",), default="json")
@@ -75,16 +72,8 @@ def _network_pretty(n: objects_pb2.Network) -> None:
 
 
 def network_inspect(c: Client, args: argparse.Namespace) -> None:
-    nets = [query.get(c, "network", r) for r in args.refs]
-    for n in nets:
-        n.ClearField("encryption_keys")  # the manager never sends them; never print them either
-    if args.pretty:
-        for i, n in enumerate(nets):
-            if i:
-                print()
-            _network_pretty(n)
-    else:
-        out.print_json(nets)
+    # the manager never sends a network's IPsec keys; never print them either
+    query.inspect(args, c, "network", args.refs, _network_pretty, redact=lambda n: n.ClearField("encryption_keys"))
 
 
 def network_ls(c: Client, args: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from shoal.cli import query, units
 from shoal.cli.client import Client
-from shoal.cli.cmdline import add_format, add_group, add_leaf, add_quiet
+from shoal.cli.cmdline import add_group, add_leaf, add_listing_flags
 from shoal.cli.errors import CliError, retry_on_conflict
 from shoal.cli.flagtypes import parse_labels
 from shoal.proto import control_pb2, objects_pb2, specs_pb2, types_pb2
@@ -17,9 +17,7 @@ from shoal.proto import control_pb2, objects_pb2, specs_pb2, types_pb2
 def register(cmds: Any) -> None:
     sub = add_group(cmds, "node", "manage nodes")
     p = add_leaf(sub, "ls", node_ls, "list nodes", aliases=["list"])
-    p.add_argument("-f", "--filter", action="append", help="name=, id=, label=, role=manager|worker")
-    add_quiet(p)
-    add_format(p)
+    add_listing_flags(p, "name=, id=, label=, role=manager|worker", no_trunc=False)
     p = add_leaf(sub, "inspect", node_inspect, "show nodes in detail")
     p.add_argument("nodes", nargs="+", metavar="NODE", help="id, id prefix, hostname or self")
     p.add_argument("--pretty", action="store_true", help="human-readable output")
@@ -41,10 +39,7 @@ def register(cmds: Any) -> None:
         p.add_argument("nodes", nargs="+", metavar="NODE")
     p = add_leaf(sub, "ps", node_ps, "list the tasks on nodes (default: this node)")
     p.add_argument("nodes", nargs="*", metavar="NODE")
-    p.add_argument("-f", "--filter", action="append", help="desired-state=, service=, id=, name=")
-    p.add_argument("--no-trunc", action="store_true")
-    add_quiet(p)
-    add_format(p)
+    add_listing_flags(p, "desired-state=, service=, id=, name=")
     p = add_leaf(sub, "rm", node_rm, "remove nodes from the swarm", aliases=["remove"])
     p.add_argument("nodes", nargs="+", metavar="NODE")
     p.add_argument("-f", "--force", action="store_true", help="remove a node that is not down")

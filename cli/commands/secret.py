@@ -11,7 +11,7 @@ from typing import Any
 from shoal.cli import output as out
 from shoal.cli import query
 from shoal.cli.client import Client
-from shoal.cli.cmdline import add_format, add_group, add_leaf, add_quiet
+from shoal.cli.cmdline import add_group, add_leaf, add_listing_flags
 from shoal.cli.errors import CliError
 from shoal.cli.flagtypes import parse_labels
 from shoal.proto import control_pb2, specs_pb2, types_pb2
@@ -35,10 +35,7 @@ def _register(cmds: Any, kind: str) -> None:
     p.add_argument("--file", dest="file_flag", help="read the data from this file (- for stdin)")
     p.add_argument("-l", "--label", action="append")
     p = add_leaf(sub, "ls", _file_ls(kind), f"list {kind}s", aliases=["list"])
-    p.add_argument("-f", "--filter", action="append", help="name=, name-prefix=, id=, label=")
-    p.add_argument("--no-trunc", action="store_true")
-    add_quiet(p)
-    add_format(p)
+    add_listing_flags(p, "name=, name-prefix=, id=, label=")
     p = add_leaf(sub, "inspect", _inspect(kind), f"show {kind}s in detail")
     p.add_argument("refs", nargs="+", metavar=kind.upper())
     p.add_argument("--format", choices=("json",), default="json")

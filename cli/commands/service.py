@@ -16,7 +16,7 @@ from typing import Any
 from shoal.cli import logs, query, servicespec, units
 from shoal.cli import output as out
 from shoal.cli.client import Client
-from shoal.cli.cmdline import CONN, DEFAULT_WAIT_TIMEOUT, add_format, add_group, add_leaf, add_quiet
+from shoal.cli.cmdline import CONN, DEFAULT_WAIT_TIMEOUT, add_group, add_leaf, add_listing_flags
 from shoal.cli.errors import CliError, retry_on_conflict
 from shoal.cli.flagtypes import TIMEOUT
 from shoal.cli.progress import Snapshot, Waiter, measure
@@ -34,9 +34,7 @@ def register(cmds: Any) -> None:
     p.add_argument("--rollback", action="store_true", help="roll back to the previous spec")
     p.add_argument("service", metavar="SERVICE")
     p = add_leaf(sub, "ls", service_ls, "list services", aliases=["list"])
-    p.add_argument("-f", "--filter", action="append", help="name=, name-prefix=, id=, label=")
-    add_quiet(p)
-    add_format(p)
+    add_listing_flags(p, "name=, name-prefix=, id=, label=", no_trunc=False)
     p = add_leaf(sub, "inspect", service_inspect, "show services in detail")
     p.add_argument("services", nargs="+", metavar="SERVICE")
     p.add_argument("--pretty", action="store_true", help="human-readable output")
@@ -55,10 +53,7 @@ def register(cmds: Any) -> None:
     logs.register(sub, "service", parents=[CONN])
     p = add_leaf(sub, "ps", service_ps, "list the tasks of services")
     p.add_argument("services", nargs="+", metavar="SERVICE")
-    p.add_argument("-f", "--filter", action="append", help="desired-state=, node=, id=, name=")
-    p.add_argument("--no-trunc", action="store_true")
-    add_quiet(p)
-    add_format(p)
+    add_listing_flags(p, "desired-state=, node=, id=, name=")
 
 
 def _wait_flags(p: argparse.ArgumentParser, detach_help: str, what: str = " for convergence") -> None:

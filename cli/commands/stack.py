@@ -33,7 +33,7 @@ from typing import Any
 
 from shoal.cli import query, servicespec
 from shoal.cli.client import Client
-from shoal.cli.cmdline import CONN, DEFAULT_WAIT_TIMEOUT
+from shoal.cli.cmdline import CONN, DEFAULT_WAIT_TIMEOUT, add_listing_flags
 from shoal.cli.commands.service import service_ls
 from shoal.cli.errors import CliError
 from shoal.cli.flagtypes import TIMEOUT
@@ -80,16 +80,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     q = leaf("services", stack_services, "list the services of a stack")
     q.add_argument("stack", metavar="STACK")
-    q.add_argument("-f", "--filter", action="append", help="name=, name-prefix=, id=, label=")
-    q.add_argument("-q", "--quiet", action="store_true", help="only show ids")
-    q.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    add_listing_flags(q, "name=, name-prefix=, id=, label=", no_trunc=False)
 
     q = leaf("ps", stack_ps, "list the tasks of a stack")
     q.add_argument("stack", metavar="STACK")
-    q.add_argument("-f", "--filter", action="append", help="desired-state=, node=, id=, name=")
-    q.add_argument("--no-trunc", action="store_true", help="do not truncate output")
-    q.add_argument("-q", "--quiet", action="store_true", help="only show ids")
-    q.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    add_listing_flags(q, "desired-state=, node=, id=, name=")
 
     q = leaf("rm", stack_rm, "remove stacks", aliases=["remove", "down"])
     q.add_argument("stacks", nargs="+", metavar="STACK")

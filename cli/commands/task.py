@@ -7,16 +7,13 @@ from typing import Any
 
 from shoal.cli import logs, query
 from shoal.cli.client import Client
-from shoal.cli.cmdline import CONN, add_format, add_group, add_leaf, add_quiet
+from shoal.cli.cmdline import CONN, add_group, add_leaf, add_listing_flags
 
 
 def register(cmds: Any) -> None:
     sub = add_group(cmds, "task", "list and inspect tasks")
     p = add_leaf(sub, "ls", task_ls, "list tasks", aliases=["list"])
-    p.add_argument("-f", "--filter", action="append", help="service=, node=, desired-state=, label=, id=")
-    p.add_argument("--no-trunc", action="store_true")
-    add_quiet(p)
-    add_format(p)
+    add_listing_flags(p, "service=, node=, desired-state=, label=, id=")
     p = add_leaf(sub, "inspect", task_inspect, "show tasks in detail")
     p.add_argument("tasks", nargs="+", metavar="TASK")
     p.add_argument("--format", choices=("json",), default="json")

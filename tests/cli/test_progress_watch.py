@@ -148,53 +148,55 @@ def test_converges_from_the_stream(mgr: Manager) -> None:
     assert (reads <= 4) if mgr.watch else (reads >= 8), c.calls
 
 
-def test_view_applies_events_and_drops_older_ones(tmp_path: Path) -> None:
+@pytest.fixture
+def watched(tmp_path: Path) -> Iterator[tuple[Manager, objects_pb2.Service, str, CountingClient]]:
+    """A manager with the Watch API, a service of 1 replica, its node's id, and a client."""
     m = Manager(tmp_path / "ctl.sock")
+    c = CountingClient(m.sock)
     try:
         svc = seed(m, 1)
-        node_id = m.store.sm.list("node")[0].id
-        c = CountingClient(m.sock)
-        with ServiceView(c, svc.id) as v:
-            assert v.snapshot().tasks == []
-            [tid] = run_tasks(m, svc, node_id, range(1, 2), types_pb2.PREPARING)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and not v.snapshot().tasks:
-                v.wait()
-            assert [t.status.state for t in v.snapshot().tasks] == [types_pb2.PREPARING]
-            assert not v.polling
-            old = v.snapshot().tasks[0]
-            set_state(m, [tid], types_pb2.RUNNING)
-            while time.monotonic() < deadline and v.snapshot().tasks[0].status.state != types_pb2.RUNNING:
-                v.wait()
-            assert v.snapshot().tasks[0].status.state == types_pb2.RUNNING
-            reads = c.calls["ListTasks"]
-            v._put(v._tasks, old, 1)  # an event older than the copy held changes nothing
-            assert v.snapshot().tasks[0].status.state == types_pb2.RUNNING and c.calls["ListTasks"] == reads
-        c.close()
+        yield m, svc, m.store.sm.list("node")[0].id, c
     finally:
+        c.close()
         m.stop()
 
 
-def test_a_broken_stream_is_followed_again_with_a_fresh_read(tmp_path: Path) -> None:
-    m = Manager(tmp_path / "ctl.sock")
-    try:
-        svc = seed(m, 1)
-        node_id = m.store.sm.list("node")[0].id
-        c = CountingClient(m.sock)
-        with ServiceView(c, svc.id) as v:
-            v.snapshot()
-            [tid] = run_tasks(m, svc, node_id, range(1, 2), types_pb2.PREPARING)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and not v._live:
-                v.wait()
-            assert v._live
-            v._call.cancel()  # as when the manager goes away: the stream ends with an error
-            v.wait()
-            assert v._live is False and not v.polling and v._call is not None  # subscribed again
-            set_state(m, [tid], types_pb2.RUNNING)  # may land before the new subscription: the read has it
-            while time.monotonic() < deadline and v.snapshot().tasks[0].status.state != types_pb2.RUNNING:
-                v.wait()
-            assert v.snapshot().tasks[0].status.state == types_pb2.RUNNING
-        c.close()
-    finally:
-        m.stop()
+def follow(v: ServiceView, done: Callable[[], bool], within: float = 5) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and not done():
+        v.wait()
+    assert done()
+
+
+def first_state(v: ServiceView) -> int:
+    tasks = v.snapshot().tasks
+    return tasks[0].status.state if tasks else -1
+
+
+def test_view_applies_events_and_drops_older_ones(watched: tuple[Manager, objects_pb2.Service, str, CountingClient]) -> None:
+    m, svc, node_id, c = watched
+    with ServiceView(c, svc.id) as v:
+        assert v.snapshot().tasks == []
+        [tid] = run_tasks(m, svc, node_id, range(1, 2), types_pb2.PREPARING)
+        follow(v, lambda: first_state(v) == types_pb2.PREPARING)
+        assert not v.polling
+        old = v.snapshot().tasks[0]
+        set_state(m, [tid], types_pb2.RUNNING)
+        follow(v, lambda: first_state(v) == types_pb2.RUNNING)
+        reads = c.calls["ListTasks"]
+        v._put(v._tasks, old, 1)  # an event older than the copy held changes nothing
+        assert first_state(v) == types_pb2.RUNNING and c.calls["ListTasks"] == reads
+
+
+def test_a_broken_stream_is_followed_again_with_a_fresh_read(
+        watched: tuple[Manager, objects_pb2.Service, str, CountingClient]) -> None:
+    m, svc, node_id, c = watched
+    with ServiceView(c, svc.id) as v:
+        v.snapshot()
+        [tid] = run_tasks(m, svc, node_id, range(1, 2), types_pb2.PREPARING)
+        follow(v, lambda: v._live)
+        v._call.cancel()  # as when the manager goes away: the stream ends with an error
+        v.wait()
+        assert v._live is False and not v.polling and v._call is not None  # subscribed again
+        set_state(m, [tid], types_pb2.RUNNING)  # may land before the new subscription: the read has it
+        follow(v, lambda: first_state(v) == types_pb2.RUNNING)
