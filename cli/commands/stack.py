@@ -33,7 +33,7 @@ from typing import Any
 
 from shoal.cli import query, servicespec
 from shoal.cli.client import Client
-from shoal.cli.cmdline import CONN, DEFAULT_WAIT_TIMEOUT, add_listing_flags
+from shoal.cli.cmdline import DEFAULT_WAIT_TIMEOUT, add_group, add_leaf, add_listing_flags
 from shoal.cli.commands.service import service_ls
 from shoal.cli.errors import CliError
 from shoal.cli.flagtypes import TIMEOUT
@@ -50,19 +50,10 @@ DEFAULT_ADDRESS_POOL = "10.0.0.0/8"  # the swarm's default, as Docker's
 
 
 # ---- parser --------------------------------------------------------------------------------------
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the `stack` command group to swarmctl's root subparsers; returns its parser."""
-    parents = [CONN]
-    p = subparsers.add_parser("stack", help="deploy and manage stacks from compose files", parents=parents)
-    p.set_defaults(func=None, parser=p)
-    sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", parser_class=type(p))
-
-    def leaf(name: str, func: Any, help_text: str, aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
-        q = sub.add_parser(name, help=help_text, parents=parents, aliases=list(aliases))
-        q.set_defaults(func=func)
-        return q
-
-    q = leaf("deploy", stack_deploy, "deploy a new stack or update an existing one", aliases=["up"])
+def register(subparsers: Any) -> None:
+    """Add the `stack` command group to swarmctl's root subparsers."""
+    sub = add_group(subparsers, "stack", "deploy and manage stacks from compose files")
+    q = add_leaf(sub, "deploy", stack_deploy, "deploy a new stack or update an existing one", aliases=["up"])
     q.add_argument("-c", "--compose-file", "-f", dest="files", action="append", metavar="FILE",
                    help="stack file (- for standard input); repeat to merge overrides, later files win")
     q.add_argument("--env-file", action="append", metavar="FILE",
@@ -75,24 +66,23 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--with-registry-auth", action="store_true", help="send registry credentials to the agents")
     q.add_argument("stack", metavar="STACK")
 
-    q = leaf("ls", stack_ls, "list stacks", aliases=["list"])
+    q = add_leaf(sub, "ls", stack_ls, "list stacks", aliases=["list"])
     q.add_argument("--format", choices=("table", "json"), default="table", help="output format")
 
-    q = leaf("services", stack_services, "list the services of a stack")
+    q = add_leaf(sub, "services", stack_services, "list the services of a stack")
     q.add_argument("stack", metavar="STACK")
     add_listing_flags(q, "name=, name-prefix=, id=, label=", no_trunc=False)
 
-    q = leaf("ps", stack_ps, "list the tasks of a stack")
+    q = add_leaf(sub, "ps", stack_ps, "list the tasks of a stack")
     q.add_argument("stack", metavar="STACK")
     add_listing_flags(q, "desired-state=, node=, id=, name=")
 
-    q = leaf("rm", stack_rm, "remove stacks", aliases=["remove", "down"])
+    q = add_leaf(sub, "rm", stack_rm, "remove stacks", aliases=["remove", "down"])
     q.add_argument("stacks", nargs="+", metavar="STACK")
     q.add_argument("-d", "--detach", action="store_true", help="do not wait for the services' tasks to stop")
     q.add_argument("-q", "--quiet", action="store_true", help="suppress progress output")
     q.add_argument("--timeout", type=TIMEOUT, default=DEFAULT_WAIT_TIMEOUT,
                    help="give up waiting for tasks to stop after this long (default 5m)")
-    return p
 
 
 # ---- reading the cluster -------------------------------------------------------------------------
