@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from shoal.cli.errors import CliError
 from shoal.proto import control_pb2_grpc
 
 # Trailing metadata of a read answered without a quorum (shoal.manager.controlapi.STALE_KEY).
@@ -24,18 +25,6 @@ DEFAULT_SOCKET = "/var/run/shoal/swarmd.sock"
 FALLBACK_SOCKETS = ("/var/lib/shoal/swarmd.sock",)
 MANAGER_NAME = "swarm-manager"
 DEFAULT_RPC_TIMEOUT = 30.0
-
-
-class CliError(Exception):
-    """An error shown to the user as `Error: <message>` with exit status 1 (`code`: the gRPC status name)."""
-
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-
-    @property
-    def out_of_sequence(self) -> bool:
-        return self.code == "FAILED_PRECONDITION" and "out of sequence" in str(self)
 
 
 def tls_files(tls_dir: str) -> tuple[Path, Path, Path]:

@@ -1,4 +1,4 @@
-"""Waiting for a service change to converge, like the docker CLI's progress loop (polling every 200 ms).
+"""Waiting for a service change to converge, like the docker CLI's progress loop, following the Watch stream.
 
 A create/update/scale/rollback has converged when, for the service's current spec version, every
 replica slot (replicated) or every node with a task (global) has a RUNNING task whose desired state
@@ -11,21 +11,46 @@ so the store having the change is all there is to wait for. It fails clearly whe
 update pauses (or its rollback pauses), when up-to-date tasks keep failing (as many failed or
 rejected tasks as desired replicas, at least 3, while none runs; or three times that many: the last
 error is shown), when every waiting task has had no suitable node for 10 s, and at the timeout.
+
+What the wait sees comes from `ServiceView`: one fresh read (GetService, ListTasks, ListNodes), then
+the Watch stream's events (services, tasks, nodes) applied on top of it, and the rules checked again
+after each change (and at least every TICK seconds, for the timers). How no change is missed:
+
+- The stream is opened before the read; an event older than the copy held (by `meta.version`, the
+  store's commit counter) is dropped, so events that overlap the read do no harm.
+- The manager registers the subscription only when the call reaches it, so a change between the read
+  and that moment could be in neither. Until the stream has delivered its first message the read is
+  therefore repeated every TICK seconds, and once more when the first message comes: from then on
+  every change is in the stream.
+- When the stream breaks after it has delivered (the manager restarts or is replaced, a connection
+  drops) a new stream is opened and everything is read fresh again, as at the start.
+- When the stream cannot be had at all (it fails before its first message: a manager without the Watch
+  API answers UNIMPLEMENTED), the view falls back to reading every `interval` (200 ms) as swarmctl did
+  before.
+
+An RPC error of a fresh read is a CliError, as it always was: a wait ends when its manager cannot be read.
 """
 
 from __future__ import annotations
 
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from shoal.cli.client import Client, CliError
-from shoal.cli.output import state_name
-from shoal.proto import control_pb2, objects_pb2, types_pb2
+import grpc
 
-POLL_INTERVAL = 0.2
+from shoal.cli.client import Client
+from shoal.cli.errors import CliError
+from shoal.cli.output import state_name
+from shoal.proto import control_pb2, objects_pb2, types_pb2, watch_pb2, watch_pb2_grpc
+
+POLL_INTERVAL = 0.2  # seconds between reads when the Watch stream cannot be had
+TICK = 1.0  # seconds a wait goes at most without checking its timers (and re-reading, until the stream is live)
+WATCH_KINDS = ("service", "task", "node")
 NO_TASKS_GRACE = 5.0
 NO_TASKS_TIMEOUT = 15.0  # seconds without any up-to-date task of a replicated service: no orchestrator
 UNPLACEABLE_GRACE = 10.0  # seconds every waiting task has had no suitable node: reported as a failure
@@ -98,6 +123,137 @@ def measure(svc: objects_pb2.Service, snap: Snapshot) -> Progress:
     return Progress(running, desired, slots, stopping)
 
 
+@dataclass
+class _StreamEnd:
+    """Put on a stream's queue when it ends: `code` is the gRPC status (None: it ended cleanly)."""
+
+    code: grpc.StatusCode | None
+
+
+class ServiceView:
+    """One service, its tasks and the nodes, kept current for a wait (see the module docstring for how
+    the read and the Watch stream combine). Use as a context manager; `snapshot()` is the current view,
+    `wait()` returns after a change or TICK seconds (`interval` seconds and a fresh read when polling)."""
+
+    def __init__(self, client: Client, service_id: str, with_service: bool = True,
+                 interval: float = POLL_INTERVAL) -> None:
+        self.client = client
+        self.service_id = service_id
+        self.with_service = with_service
+        self.interval = interval
+        self.polling = False
+        self._service: objects_pb2.Service | None = None
+        self._tasks: dict[str, objects_pb2.Task] = {}
+        self._nodes: dict[str, objects_pb2.Node] = {}
+        self._call: Any = None
+        self._queue: queue.Queue[watch_pb2.WatchMessage | _StreamEnd] = queue.Queue()
+        self._live = False  # the current stream has delivered a message: every change since is in it
+        self._stale = True  # a fresh read is due before the next snapshot
+
+    def __enter__(self) -> ServiceView:
+        self._subscribe()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cancel()
+
+    def snapshot(self) -> Snapshot:
+        if self._stale:
+            self._read()
+        return Snapshot(self._service, list(self._tasks.values()), list(self._nodes.values()))
+
+    def wait(self) -> None:
+        if self.polling:
+            time.sleep(self.interval)
+            self._stale = True
+            return
+        try:
+            item = self._queue.get(timeout=TICK)
+        except queue.Empty:
+            self._stale = self._stale or not self._live
+            return
+        while True:
+            self._take(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _take(self, item: watch_pb2.WatchMessage | _StreamEnd) -> None:
+        if isinstance(item, _StreamEnd):
+            if self._live:  # it worked and broke: subscribe again, read again
+                self._subscribe()
+            else:  # no stream to be had here: poll as before
+                self._cancel()
+                self.polling = True
+            self._stale = True
+            return
+        if not self._live:
+            self._live = True
+            self._stale = True  # the read before the subscription was live may have missed a change
+        for ev in item.events:
+            self._apply(ev)
+
+    def _apply(self, ev: watch_pb2.WatchEvent) -> None:
+        kind = ev.object.WhichOneof("object")
+        if kind == "task":
+            task = ev.object.task
+            if task.service_id == self.service_id:
+                self._put(self._tasks, task, ev.action)
+        elif kind == "node":
+            self._put(self._nodes, ev.object.node, ev.action)
+        elif kind == "service" and self.with_service and ev.object.service.id == self.service_id:
+            if ev.action == watch_pb2.WatchEvent.DELETE:
+                self._stale = True  # the fresh read says what a wait on a removed service says
+            elif self._service is None or ev.object.service.meta.version >= self._service.meta.version:
+                self._service = ev.object.service
+
+    @staticmethod
+    def _put(table: dict[str, Any], obj: Any, action: int) -> None:
+        held = table.get(obj.id)
+        if held is not None and obj.meta.version < held.meta.version:
+            return  # older than what the read gave
+        if action == watch_pb2.WatchEvent.DELETE:
+            table.pop(obj.id, None)
+        else:
+            table[obj.id] = obj
+
+    def _read(self) -> None:
+        if self.with_service:
+            self._service = self.client.call(
+                "GetService", control_pb2.GetServiceRequest(service_id=self.service_id)).service
+        tasks = self.client.call("ListTasks", control_pb2.ListTasksRequest(
+            filters=control_pb2.ListFilters(service_ids=[self.service_id]))).tasks
+        nodes = self.client.call("ListNodes", control_pb2.ListNodesRequest()).nodes
+        self._tasks = {t.id: t for t in tasks}
+        self._nodes = {n.id: n for n in nodes}
+        self._stale = False
+
+    def _subscribe(self) -> None:
+        self._cancel()
+        self._queue = queue.Queue()
+        self._live = False
+        self._stale = True
+        stub = watch_pb2_grpc.WatchStub(self.client.channel)
+        self._call = stub.Watch(watch_pb2.WatchRequest(kinds=list(WATCH_KINDS)))
+        threading.Thread(target=_pump, args=(self._call, self._queue), name="swarmctl-watch", daemon=True).start()
+
+    def _cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+def _pump(call: Any, q: queue.Queue[watch_pb2.WatchMessage | _StreamEnd]) -> None:
+    """A stream's messages onto its queue, then how it ended (a cancelled stream's queue is dropped)."""
+    try:
+        for msg in call:
+            q.put(msg)
+        q.put(_StreamEnd(None))
+    except grpc.RpcError as e:
+        q.put(_StreamEnd(e.code()))
+
+
 class Waiter:
     def __init__(self, client: Client, out: IO[str] | None = None, timeout: float = 300.0,
                  interval: float = POLL_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
@@ -129,28 +285,21 @@ class Waiter:
             self.out.flush()
             self._open = False
 
-    def _snapshot(self, service_id: str, with_service: bool = True) -> Snapshot:
-        svc = None
-        if with_service:
-            svc = self.client.call("GetService", control_pb2.GetServiceRequest(service_id=service_id)).service
-        tasks = self.client.call("ListTasks", control_pb2.ListTasksRequest(
-            filters=control_pb2.ListFilters(service_ids=[service_id]))).tasks
-        nodes = self.client.call("ListNodes", control_pb2.ListNodesRequest()).nodes
-        return Snapshot(svc, list(tasks), list(nodes))
-
     def converge(self, service_id: str, name: str) -> None:
         try:
-            self._converge(service_id, name)
+            with ServiceView(self.client, service_id, interval=self.interval) as view:
+                self._converge(view, name)
         finally:
             self._end_line()
 
     def removed(self, service_id: str, name: str) -> None:
         try:
-            self._removed(service_id, name)
+            with ServiceView(self.client, service_id, with_service=False, interval=self.interval) as view:
+                self._removed(view, name)
         finally:
             self._end_line()
 
-    def _converge(self, service_id: str, name: str) -> None:
+    def _converge(self, view: ServiceView, name: str) -> None:
         start = self.clock()
         failed: dict[str, str] = {}
         said_rollback = False
@@ -158,7 +307,7 @@ class Waiter:
         earlier: set[str] | None = None
         some_ran = False
         while True:
-            snap = self._snapshot(service_id)
+            snap = view.snapshot()
             svc = snap.service
             assert svc is not None
             if snap.active_ready == 0:
@@ -210,12 +359,12 @@ class Waiter:
             if elapsed >= self.timeout:
                 raise CliError(f"service {name} did not converge within {self.timeout:g}s: {prog.running} of "
                                f"{prog.desired} tasks running{_why(snap.tasks, svc, failed)}")
-            time.sleep(self.interval)
+            view.wait()
 
-    def _removed(self, service_id: str, name: str) -> None:
+    def _removed(self, view: ServiceView, name: str) -> None:
         start = self.clock()
         while True:
-            snap = self._snapshot(service_id, with_service=False)
+            snap = view.snapshot()
             if snap.active_ready == 0 and not snap.ready_nodes:
                 return
             live = [t for t in snap.tasks if t.node_id in snap.ready_nodes
@@ -228,7 +377,7 @@ class Waiter:
             if self.clock() - start >= self.timeout:
                 raise CliError(f"service {name} was removed, but {len(live)} of its tasks were still running after "
                                f"{self.timeout:g}s")
-            time.sleep(self.interval)
+            view.wait()
 
 
 def _is_global(svc: objects_pb2.Service) -> bool:

@@ -1,88 +1,24 @@
-"""Parsing of swarmctl's flag values: durations, byte sizes, CPUs, ports, mounts, secret/config refs.
+"""Parsing of swarmctl's flag values: whole numbers, ratios, ports, mounts, secret/config refs.
 
-Every parser raises `ValueError` with one sentence naming what was given and what is allowed; the
-caller adds the flag name. Only `shoal.proto` is imported here (the CLI is a client).
+Durations, byte sizes and CPU counts are parsed by `shoal.compose.units`, the one parser stack files
+and flags share. Every parser raises `ValueError` with one sentence naming what was given and what is
+allowed; the caller adds the flag name.
 """
 
 from __future__ import annotations
 
 import os
-import re
 
+from shoal.compose.units import parse_bytes
 from shoal.proto import types_pb2
 
-# --- durations (Go's time.ParseDuration syntax, as the docker CLI takes them) ---------------------
-_DURATION_UNITS = {"ns": 1, "us": 10**3, "µs": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
-_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
-
-def parse_duration(text: str) -> int:
-    """'1m30s' -> nanoseconds. '0' is allowed without a unit."""
-    s = text.strip()
-    if s == "0":
-        return 0
-    neg = s.startswith("-")
-    body = s.lstrip("+-")
-    pos, total = 0, 0.0
-    while pos < len(body):
-        m = _DURATION_RE.match(body, pos)
-        if m is None:
-            break
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    if not body or pos != len(body):
-        raise ValueError(f"invalid duration {text!r}: use a number with a unit, such as 500ms, 10s, 1m30s or 2h")
-    if neg:
-        raise ValueError(f"invalid duration {text!r}: it must not be negative")
-    return int(round(total))
-
-
-def format_duration(ns: int) -> str:
-    if ns == 0:
-        return "0s"
-    out = []
-    for unit, size in (("h", 3600 * 10**9), ("m", 60 * 10**9)):
-        if ns >= size:
-            out.append(f"{ns // size}{unit}")
-            ns %= size
-    if ns:
-        if ns % 10**9 == 0:
-            out.append(f"{ns // 10**9}s")
-        elif ns >= 10**9:
-            out.append(f"{ns / 1e9:g}s")
-        else:
-            out.append(f"{ns / 1e6:g}ms")
-    return "".join(out)
-
-
-# --- byte sizes (docker's RAMInBytes: binary units) ----------------------------------------------
-_BYTES_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)(b?)$", re.IGNORECASE)
-_BYTE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-
-
-def parse_bytes(text: str) -> int:
-    m = _BYTES_RE.match(text.strip())
-    if m is None or (m.group(3) and not m.group(2)):
-        raise ValueError(f"invalid size {text!r}: use a number with an optional unit b, k, m, g or t, such as 64m or 1.5g")
-    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
-
-
+# --- sizes and numbers ----------------------------------------------------------------------------------
 def format_bytes(n: int) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:g}{unit}"
     return f"{n}B"
-
-
-def parse_cpus(text: str) -> int:
-    """'0.5' -> 500000000 nano CPUs."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise ValueError(f"invalid CPU value {text!r}: give a number of CPUs such as 0.5 or 2") from None
-    if v < 0 or v != v or v == float("inf"):
-        raise ValueError(f"invalid CPU value {text!r}: give a number of CPUs of 0 or more")
-    return int(round(v * 1e9))
 
 
 def parse_uint(text: str, what: str) -> int:

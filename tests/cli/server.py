@@ -1,4 +1,5 @@
-"""A control API for swarmctl tests: ControlServicer over a LocalStore on a unix socket.
+"""A control API for swarmctl tests: ControlServicer and WatchServicer (as swarmd serves them) over a
+LocalStore on a unix socket.
 
     python tests/cli/server.py SOCKET [--seed]
 
@@ -23,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from shoal.manager.ca import generate_join_token
 from shoal.manager.controlapi import ControlServicer, add_to_server
 from shoal.manager.store import LocalStore, Tx
-from shoal.proto import objects_pb2, specs_pb2, types_pb2
+from shoal.manager.watchapi import WatchServicer
+from shoal.proto import objects_pb2, specs_pb2, types_pb2, watch_pb2_grpc
 
 
 def ca_cert_pem() -> bytes:
@@ -70,6 +72,7 @@ async def serve(sock: str, do_seed: bool) -> None:
         await store.update(seed)
     server = grpc.aio.server()
     add_to_server(ControlServicer(store), server)
+    watch_pb2_grpc.add_WatchServicer_to_server(WatchServicer(store), server)
     server.add_insecure_port(f"unix://{sock}")
     await server.start()
     stop = asyncio.Event()

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from shoal.cli import stack as stack_cli
-from shoal.cli.client import Client, CliError
+from shoal.cli.client import Client
+from shoal.cli.commands import stack as stack_cli
+from shoal.cli.errors import CliError
 from shoal.proto import control_pb2
 
 HERE = Path(__file__).resolve().parent

@@ -86,7 +86,9 @@ BAD_CREATES = [
     (["--name", "v4", "-p", "8080:80", "-p", "8080:81", "busybox"], "published port 8080/tcp is given twice"),
     (["--name", "v5", "--constraint", "node.colour==red", "busybox"], "unknown key 'node.colour'"),
     (["--name", "v6", "--constraint", "node.role=manager", "busybox"], "no == or != operator"),
-    (["--name", "v7", "--network", "nosuchnet", "busybox"], "network 'nosuchnet' not found"),
+    # swarmctl sends network names as given; the control API resolves them and names an unknown one
+    (["--name", "v7", "--network", "nosuchnet", "busybox"],
+     "network 'nosuchnet' not found: create it first (swarmctl network create) or fix the name"),
     (["--name", "v8", "--secret", "nosuch", "busybox"], "secret 'nosuch' not found"),
     (["--name", "v9", "--config", "nosuch", "busybox"], "config 'nosuch' not found"),
     (["--name", "v10", "--update-max-failure-ratio", "2", "busybox"], "max failure ratio 2 is out of range"),
@@ -171,6 +173,8 @@ def test_service_lifecycle(srv: Server) -> None:
     assert len(svc["spec"]["endpoint"]["ports"]) == 1 and "constraints" not in svc["spec"]["task"]["placement"]
     assert svc["spec_version"] == "2" and svc["previous_spec_version"] == "1"
     srv.fails("service", "update", "-d", "--image", "UPPER", "life", match="image reference 'UPPER' is invalid")
+    srv.fails("service", "update", "-d", "--network-add", "nosuchnet", "life",
+              match="network 'nosuchnet' not found: create it first (swarmctl network create) or fix the name")
 
     srv.ok("service", "rollback", "-d", "life")
     [svc] = json.loads(srv.ok("service", "inspect", "life"))

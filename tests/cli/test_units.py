@@ -1,10 +1,13 @@
-"""swarmctl's flag parsers."""
+"""swarmctl's flag parsers, and the duration/size/CPU parser it shares with stack files."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 
 from shoal.cli import units
+from shoal.compose import units as shared
 from shoal.proto import types_pb2
 
 
@@ -13,18 +16,18 @@ from shoal.proto import types_pb2
     ("1.5s", 1_500_000_000), ("10us", 10_000), ("3ns", 3), ("1h1m1s", 3661 * 10**9),
 ])
 def test_durations(text: str, ns: int) -> None:
-    assert units.parse_duration(text) == ns
+    assert shared.parse_duration(text) == ns
 
 
 @pytest.mark.parametrize("text", ["", "5", "5x", "s", "-1s", "1s2", "1 s", "abc"])
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="invalid duration"):
-        units.parse_duration(text)
+        shared.parse_duration(text)
 
 
 @pytest.mark.parametrize("ns,text", [(0, "0s"), (90 * 10**9, "1m30s"), (5 * 10**8, "500ms"), (7200 * 10**9, "2h")])
 def test_format_duration(ns: int, text: str) -> None:
-    assert units.format_duration(ns) == text
+    assert shared.format_duration(ns) == text
 
 
 @pytest.mark.parametrize("text,n", [
@@ -32,20 +35,67 @@ def test_format_duration(ns: int, text: str) -> None:
     ("1.5g", int(1.5 * (1 << 30))), ("512k", 512 << 10), ("10b", 10), ("2 GB", 2 << 30), ("1t", 1 << 40),
 ])
 def test_bytes(text: str, n: int) -> None:
-    assert units.parse_bytes(text) == n
+    assert shared.parse_bytes(text) == n
 
 
 @pytest.mark.parametrize("text", ["", "10q", "m", "-1m", "1.2.3m", "5ib"])
 def test_bad_bytes(text: str) -> None:
     with pytest.raises(ValueError, match="invalid size"):
-        units.parse_bytes(text)
+        shared.parse_bytes(text)
+
+
+# Where swarmctl's own parser (floats) and the stack files' parser (decimals) disagreed before they
+# became one (shoal.compose.units): each row is what both flag and stack file now give.
+@pytest.mark.parametrize("text,ns", [
+    ("9007199254740993ns", 9007199254740993),   # float: ...992
+    ("0.0000000015s", 1),                       # cut off as Go does; the CLI rounded to 2
+    ("1.9999999999999999ns", 1),                # float: 2
+    ("+1s", 10**9),                             # Go takes a sign; compose refused it
+    ("1\u03bcs", 1000),                         # Greek mu as Go takes it; the CLI refused it
+    ("1\u00b5s", 1000),
+])
+def test_duration_edges(text: str, ns: int) -> None:
+    assert shared.parse_duration(text) == ns
+
+
+@pytest.mark.parametrize("text,n", [
+    ("1.9999999999999999k", 2047),              # float: 2048
+    ("0.1k", 102),
+    (2048, 2048),
+])
+def test_bytes_edges(text: str | int, n: int) -> None:
+    assert shared.parse_bytes(text) == n
+
+
+@pytest.mark.parametrize("parse,text", [(shared.parse_bytes, "5ib"), (shared.parse_bytes, "1i"),
+                                        (shared.parse_duration, "-1s")])
+def test_refused_by_both(parse: Callable[[str], int], text: str) -> None:
+    with pytest.raises(ValueError, match="invalid"):  # compose took "1i" and "5ib" as 1 and 5 bytes
+        parse(text)
+
+
+def test_cpus_edges() -> None:
+    # the CLI truncated these to 0 and 123456789; docker (and compose) refuse them
+    for text in ("0.0000000001", "0.1234567891"):
+        with pytest.raises(ValueError, match="too precise"):
+            shared.parse_cpus(text)
+    assert shared.parse_cpus("0.123456789") == 123456789
+    assert shared.parse_cpus(1e-05) == 10_000
+
+
+@pytest.mark.parametrize("ns,text", [(1, "1ns"), (1500, "1.5us"), (500_000, "500us"), (1_500_000, "1.5ms"),
+                                     (10**9 + 1, "1.000000001s"), (3723 * 10**9 + 5 * 10**8, "1h2m3.5s")])
+def test_format_duration_exact(ns: int, text: str) -> None:
+    # the CLI printed 1e-06ms for 1ns and 1s for 1.000000001s
+    assert shared.format_duration(ns) == text
+    assert shared.parse_duration(text) == ns
 
 
 def test_cpus_and_uint() -> None:
-    assert units.parse_cpus("0.5") == 500_000_000 and units.parse_cpus("2") == 2_000_000_000
+    assert shared.parse_cpus("0.5") == 500_000_000 and shared.parse_cpus("2") == 2_000_000_000
     for bad in ("", "x", "-1", "nan", "inf"):
         with pytest.raises(ValueError, match="CPU"):
-            units.parse_cpus(bad)
+            shared.parse_cpus(bad)
     assert units.parse_uint("7", "replicas") == 7
     for bad in ("-1", "1.5", "", "x", str(1 << 64)):
         with pytest.raises(ValueError, match="replicas"):

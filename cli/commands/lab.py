@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from shoal.lab.lab import Lab, LabError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lab", help="a multi-host cluster of network-namespace hosts on this machine",
@@ -35,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        ("kill", "kill a host's swarmd (containers keep running)"),
                        ("start", "start a killed swarmd again (it re-adopts its containers)")):
         cmd(name, text).add_argument("host", help="host name (h1, h2, …) or underlay address")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, no_client=True)  # talks to no manager: run(args), no gRPC loaded
 
 
 def _progress(msg: str) -> None:
@@ -43,8 +45,6 @@ def _progress(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shoal.lab.lab import Lab, LabError
-
     if args.lab_cmd == "exec":  # `lab exec HOST --name X -- CMD`: the remainder swallowed --name
         while len(args.argv) >= 2 and args.argv[0] == "--name":
             args.name, args.argv = args.argv[1], args.argv[2:]

@@ -3,8 +3,8 @@
     swarmctl stack deploy -c stack.yml [-c override.yml] [--env-file F] [--prune] [-d] NAME
     swarmctl stack ls | services NAME | ps NAME | rm NAME…
 
-Wiring (in swarmctl's parser): `stack.register(cmds, parents=[CONN])` where `cmds` is the root
-parser's subparsers; the handlers take `(client, args)` like swarmctl's own.
+Wiring: `register(cmds)` adds the `stack` group to swarmctl's root subparsers; the handlers take
+`(client, args)` like every command's.
 
 A deploy loads, converts and plans the whole stack with `shoal.compose` and checks everything it
 can (the file, external networks/secrets/configs, names taken by other stacks, published ports
@@ -31,8 +31,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.cli import units
-from shoal.cli.client import Client, CliError
+from shoal.cli import query, servicespec
+from shoal.cli.client import Client
+from shoal.cli.cmdline import DEFAULT_WAIT_TIMEOUT, add_group, add_leaf, add_listing_flags
+from shoal.cli.commands.service import service_ls
+from shoal.cli.errors import CliError
+from shoal.cli.flagtypes import TIMEOUT
+from shoal.cli.output import print_table
+from shoal.cli.progress import Waiter
 from shoal.compose import LABEL_NAMESPACE, ComposeError, ComposeSource, StackSpec, convert, load, plan
 from shoal.compose import Plan as StackPlan
 from shoal.proto import control_pb2, objects_pb2, specs_pb2, types_pb2
@@ -40,38 +46,14 @@ from shoal.proto import control_pb2, objects_pb2, specs_pb2, types_pb2
 log = logging.getLogger(__name__)
 
 SECRET_DIGEST_LABEL = "com.shoal.stack.secret-sha256"
-DEFAULT_WAIT_TIMEOUT = 300.0
 DEFAULT_ADDRESS_POOL = "10.0.0.0/8"  # the swarm's default, as Docker's
 
 
 # ---- parser --------------------------------------------------------------------------------------
-def _timeout(text: str) -> float:
-    try:
-        return units.parse_duration(text) / 1e9
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-_timeout.__name__ = "duration"
-
-
-def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] | None = None) -> argparse.ArgumentParser:
-    """Add the `stack` command group to swarmctl's root subparsers; returns its parser."""
-    if parents is None:
-        from shoal.cli.swarmctl import CONN  # at call time swarmctl is loaded: no import cycle
-
-        parents = [CONN]
-    parents = list(parents)
-    p = subparsers.add_parser("stack", help="deploy and manage stacks from compose files", parents=parents)
-    p.set_defaults(func=None, parser=p)
-    sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", parser_class=type(p))
-
-    def leaf(name: str, func: Any, help_text: str, aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
-        q = sub.add_parser(name, help=help_text, parents=parents, aliases=list(aliases))
-        q.set_defaults(func=func)
-        return q
-
-    q = leaf("deploy", stack_deploy, "deploy a new stack or update an existing one", aliases=["up"])
+def register(subparsers: Any) -> None:
+    """Add the `stack` command group to swarmctl's root subparsers."""
+    sub = add_group(subparsers, "stack", "deploy and manage stacks from compose files")
+    q = add_leaf(sub, "deploy", stack_deploy, "deploy a new stack or update an existing one", aliases=["up"])
     q.add_argument("-c", "--compose-file", "-f", dest="files", action="append", metavar="FILE",
                    help="stack file (- for standard input); repeat to merge overrides, later files win")
     q.add_argument("--env-file", action="append", metavar="FILE",
@@ -79,49 +61,37 @@ def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] | None 
     q.add_argument("--prune", action="store_true", help="remove services that are no longer in the file")
     q.add_argument("-d", "--detach", action="store_true", help="return once the cluster has the stack, do not wait")
     q.add_argument("-q", "--quiet", action="store_true", help="suppress progress output")
-    q.add_argument("--timeout", type=_timeout, default=DEFAULT_WAIT_TIMEOUT,
+    q.add_argument("--timeout", type=TIMEOUT, default=DEFAULT_WAIT_TIMEOUT,
                    help="give up waiting for the services to converge after this long (default 5m)")
     q.add_argument("--with-registry-auth", action="store_true", help="send registry credentials to the agents")
     q.add_argument("stack", metavar="STACK")
 
-    q = leaf("ls", stack_ls, "list stacks", aliases=["list"])
+    q = add_leaf(sub, "ls", stack_ls, "list stacks", aliases=["list"])
     q.add_argument("--format", choices=("table", "json"), default="table", help="output format")
 
-    q = leaf("services", stack_services, "list the services of a stack")
+    q = add_leaf(sub, "services", stack_services, "list the services of a stack")
     q.add_argument("stack", metavar="STACK")
-    q.add_argument("-f", "--filter", action="append", help="name=, name-prefix=, id=, label=")
-    q.add_argument("-q", "--quiet", action="store_true", help="only show ids")
-    q.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    add_listing_flags(q, "name=, name-prefix=, id=, label=", no_trunc=False)
 
-    q = leaf("ps", stack_ps, "list the tasks of a stack")
+    q = add_leaf(sub, "ps", stack_ps, "list the tasks of a stack")
     q.add_argument("stack", metavar="STACK")
-    q.add_argument("-f", "--filter", action="append", help="desired-state=, node=, id=, name=")
-    q.add_argument("--no-trunc", action="store_true", help="do not truncate output")
-    q.add_argument("-q", "--quiet", action="store_true", help="only show ids")
-    q.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    add_listing_flags(q, "desired-state=, node=, id=, name=")
 
-    q = leaf("rm", stack_rm, "remove stacks", aliases=["remove", "down"])
+    q = add_leaf(sub, "rm", stack_rm, "remove stacks", aliases=["remove", "down"])
     q.add_argument("stacks", nargs="+", metavar="STACK")
     q.add_argument("-d", "--detach", action="store_true", help="do not wait for the services' tasks to stop")
     q.add_argument("-q", "--quiet", action="store_true", help="suppress progress output")
-    q.add_argument("--timeout", type=_timeout, default=DEFAULT_WAIT_TIMEOUT,
+    q.add_argument("--timeout", type=TIMEOUT, default=DEFAULT_WAIT_TIMEOUT,
                    help="give up waiting for tasks to stop after this long (default 5m)")
-    return p
 
 
 # ---- reading the cluster -------------------------------------------------------------------------
-def _list(c: Client, kind: str, filters: control_pb2.ListFilters | None = None) -> list[Any]:
-    plural = kind + "s"
-    req = getattr(control_pb2, f"List{plural.capitalize()}Request")(filters=filters)
-    return list(getattr(c.call(f"List{plural.capitalize()}", req), plural))
-
-
 def _of_stack(stack: str) -> control_pb2.ListFilters:
     return control_pb2.ListFilters(labels={LABEL_NAMESPACE: stack})
 
 
 def _stack_services(c: Client, stack: str) -> list[objects_pb2.Service]:
-    return [s for s in _list(c, "service", _of_stack(stack))
+    return [s for s in query.list_objects(c, "service", _of_stack(stack))
             if s.spec.annotations.labels.get(LABEL_NAMESPACE) == stack]
 
 
@@ -307,10 +277,10 @@ class Deployment:
 
 def prepare(c: Client, stack: StackSpec, prune: bool = False, registry_auth: bool = False) -> Deployment:
     """Read the cluster, plan the deploy and check everything before any write. Raises CliError."""
-    services = _list(c, "service")
-    networks = _list(c, "network")
-    secrets = _list(c, "secret")
-    configs = _list(c, "config")
+    services = query.list_objects(c, "service")
+    networks = query.list_objects(c, "network")
+    secrets = query.list_objects(c, "secret")
+    configs = query.list_objects(c, "config")
     _prepare_secrets(stack, secrets)
     try:
         p = plan(stack, services, networks, secrets, configs, prune=prune)
@@ -320,10 +290,8 @@ def prepare(c: Client, stack: StackSpec, prune: bool = False, registry_auth: boo
     _precheck(stack, p, services)
     _check_networks(p.create_networks, networks, _address_pools(c) if p.create_networks else [])
     if registry_auth:
-        from shoal.cli.swarmctl import _registry_auth
-
         for spec in p.create_services + [u.spec for u in p.update_services]:
-            spec.task.container.pull_options.registry_auth = _registry_auth(spec.task.container.image)
+            spec.task.container.pull_options.registry_auth = servicespec.registry_auth(spec.task.container.image)
     d = Deployment(stack=stack, plan=p, steps=[], ids={
         "network": {n.spec.annotations.name: n.id for n in networks},
         "secret": {s.spec.annotations.name: s.id for s in secrets},
@@ -414,8 +382,6 @@ def stack_deploy(c: Client, args: argparse.Namespace) -> None:
 
 def _wait(c: Client, args: argparse.Namespace, waits: list[tuple[str, str, str]]) -> list[str]:
     """Wait for each service in turn (one deadline for all); returns the failures, one sentence each."""
-    from shoal.cli.progress import Waiter
-
     sink = open(os.devnull, "w") if args.quiet else sys.stdout  # noqa: SIM115
     deadline = time.monotonic() + args.timeout
     failures = []
@@ -441,7 +407,7 @@ def _wait(c: Client, args: argparse.Namespace, waits: list[tuple[str, str, str]]
 # ---- listings ------------------------------------------------------------------------------------
 def stack_ls(c: Client, args: argparse.Namespace) -> None:
     counts: dict[str, int] = {}
-    for s in _list(c, "service", control_pb2.ListFilters(labels={LABEL_NAMESPACE: ""})):
+    for s in query.list_objects(c, "service", control_pb2.ListFilters(labels={LABEL_NAMESPACE: ""})):
         ns = s.spec.annotations.labels.get(LABEL_NAMESPACE)
         if ns:
             counts[ns] = counts.get(ns, 0) + 1
@@ -450,36 +416,30 @@ def stack_ls(c: Client, args: argparse.Namespace) -> None:
         json.dump([{"name": n, "services": k} for n, k in rows], sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
-    from shoal.cli.output import print_table
-
     print_table(["NAME", "SERVICES"], [[n, str(k)] for n, k in rows])
 
 
 def stack_services(c: Client, args: argparse.Namespace) -> None:
-    from shoal.cli import swarmctl as sc
-
-    f = sc._filters(args.filter, "service")
+    f = query.list_filters(args.filter, "service")
     f.labels[LABEL_NAMESPACE] = args.stack
-    if not _list(c, "service", f):
+    if not query.list_objects(c, "service", f):
         if args.format == "json":
             print("[]")
         elif not args.quiet:
             print(f"Nothing found in stack: {args.stack}", file=sys.stderr)
         return
-    sc.service_ls(c, argparse.Namespace(**{**vars(args), "filter": [*(args.filter or []),
+    service_ls(c, argparse.Namespace(**{**vars(args), "filter": [*(args.filter or []),
                                                                      f"label={LABEL_NAMESPACE}={args.stack}"]}))
 
 
 def stack_ps(c: Client, args: argparse.Namespace) -> None:
-    from shoal.cli import swarmctl as sc
-
     services = _stack_services(c, args.stack)
     if not services:
         raise CliError(f"nothing found in stack {args.stack}: no service has the label "
                        f"{LABEL_NAMESPACE}={args.stack} (swarmctl stack ls lists the stacks)")
-    f = sc._filters(args.filter, "task")
+    f = query.list_filters(args.filter, "task")
     f.service_ids.extend(s.id for s in services)
-    sc._print_tasks(c, args, _list(c, "task", f))
+    query.print_tasks(c, args, query.list_objects(c, "task", f))
 
 
 # ---- rm ------------------------------------------------------------------------------------------
@@ -496,7 +456,7 @@ def stack_rm(c: Client, args: argparse.Namespace) -> None:
 
 def _remove_stack(c: Client, args: argparse.Namespace, stack: str) -> None:
     services = _stack_services(c, stack)
-    others = {kind: [o for o in _list(c, kind, _of_stack(stack))
+    others = {kind: [o for o in query.list_objects(c, kind, _of_stack(stack))
                      if o.spec.annotations.labels.get(LABEL_NAMESPACE) == stack]
               for kind in ("network", "secret", "config")}
     if not services and not any(others.values()):

@@ -6,22 +6,22 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
-from shoal.proto import watch_pb2, watch_pb2_grpc
+from shoal.cli.cmdline import CONN
+from shoal.cli.errors import CliError
+from shoal.proto import types_pb2, watch_pb2, watch_pb2_grpc
 
 KINDS = ("node", "service", "task", "network", "secret", "config", "cluster")
 ACTIONS = {watch_pb2.WatchEvent.CREATE: "create", watch_pb2.WatchEvent.UPDATE: "update",
            watch_pb2.WatchEvent.DELETE: "remove"}
 
 
-def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Any:
-    p = subparsers.add_parser("events", help="follow changes in the cluster, one line per event",
-                              parents=list(parents))
+def register(subparsers: Any) -> Any:
+    p = subparsers.add_parser("events", help="follow changes in the cluster, one line per event", parents=[CONN])
     p.add_argument("--kind", action="append", choices=KINDS, default=[],
                    help="only objects of this kind (repeatable; default: all)")
     p.add_argument("--format", choices=("table", "json"), default="table")
@@ -43,21 +43,15 @@ def describe(ev: watch_pb2.WatchEvent) -> str:
     obj = getattr(ev.object, kind)
     extra = ""
     if kind == "task":
-        from shoal.proto import types_pb2
-
         extra = f" state={types_pb2.TaskState.Name(obj.status.state).lower()}"
         if obj.node_id:
             extra += f" node={obj.node_id[:12]}"
     elif kind == "node":
-        from shoal.proto import types_pb2
-
         extra = f" status={types_pb2.NodeStatus.State.Name(obj.status.state).lower()}"
     return f"{kind} {ACTIONS.get(ev.action, '?')} {obj.id[:12]} ({_name(kind, obj)}){extra}"
 
 
 def events(client: Any, args: argparse.Namespace) -> None:
-    from shoal.cli.client import CliError
-
     stub = watch_pb2_grpc.WatchStub(client.channel)
     seen = 0
     try:
