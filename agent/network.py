@@ -52,7 +52,7 @@ from pyroute2 import netns as pr_netns
 
 from shoal.netdriver.dns import DNSServer
 from shoal.netdriver.gossip import ENDPOINT_TABLE, EventKind, Gossip
-from shoal.netdriver.nslab import create_netns
+from shoal.netdriver.netns import create_netns
 from shoal.netdriver.overlay import Interface, OverlayDriver
 from shoal.proto import dispatcher_pb2, gossip_pb2, objects_pb2, types_pb2
 

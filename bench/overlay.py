@@ -22,7 +22,7 @@ import signal
 import statistics
 import sys
 
-from shoal.netdriver.nslab import NsLab
+from shoal.lab.nshosts import NsLab
 from shoal.netdriver.overlay import OverlayDriver, mac_from_ip
 from shoal.proto import objects_pb2
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from shoal.agent.netnode import NetNode, attachment, make_network, make_task, session_message
-from shoal.netdriver.nslab import NsLab
+from shoal.lab.nshosts import NsLab
 
 
 def pct(xs: list[float], p: float) -> float:

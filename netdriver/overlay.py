@@ -82,7 +82,7 @@ Layout on a host (prefix = ns_prefix)
   new keys are added before those of dropped keys go. Everything is reconciled against what the
   kernel holds (found by reqid and mark), so an agent restart adopts it. No anti-replay window
   (xfrm.REPLAY_WINDOW).
-* Netlink sockets in other namespaces are made by a short-lived setns thread (nslab.netns_socket),
+* Netlink sockets in other namespaces are made by a short-lived setns thread (netns.netns_socket),
   not by pyroute2's fork helper: attach takes ~10-25 ms.
 """
 
@@ -106,7 +106,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from shoal.proto import objects_pb2
 
 from . import nft, xfrm
-from .nslab import add_veth, create_netns, move_link, netns_socket, ns_path, open_ipr
+from .netns import add_veth, create_netns, move_link, netns_socket, ns_path, open_ipr
 
 log = logging.getLogger(__name__)
 

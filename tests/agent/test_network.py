@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from shoal.agent.netnode import NetNode, attachment, make_network, make_task, session_message
-from shoal.netdriver.nslab import NsLab
+from shoal.lab.nshosts import NsLab
 from shoal.proto import objects_pb2, types_pb2
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from shoal.lab.nshosts import NsLab
 from shoal.netdriver import nft, xfrm
-from shoal.netdriver.nslab import NsLab
 from shoal.netdriver.overlay import OverlayDriver, OverlayError, mac_from_ip
 from shoal.proto import objects_pb2
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from test_overlay import att, cleanup_all, drivers_for, make_net, snapshot
 
-from shoal.netdriver.nslab import NsLab
+from shoal.lab.nshosts import NsLab
 from shoal.netdriver.overlay import OverlayDriver, OverlayError, PortConflictError, mac_from_ip
 
 pytestmark = pytest.mark.integration
