@@ -51,8 +51,8 @@ from pathlib import Path
 from pyroute2 import netns as pr_netns
 
 from shoal.netdriver.dns import DNSServer
-from shoal.netdriver.gossip import ENDPOINT_TABLE, EventKind, Gossip
 from shoal.netdriver.netns import create_netns
+from shoal.netdriver.networkdb import ENDPOINT_TABLE, EventKind, NetworkDB
 from shoal.netdriver.overlay import Interface, OverlayDriver
 from shoal.proto import dispatcher_pb2, gossip_pb2, objects_pb2, types_pb2
 
@@ -86,7 +86,7 @@ class _Local:
 
 def primary_first(keys: Sequence[types_pb2.EncryptionKey], subsystems: Sequence[str]) -> list[bytes]:
     """Keys of the subsystems, primary (the one to send with) first, by Docker's rule
-    (Gossip.set_bootstrap_keys): ordered by lamport time, the second oldest is primary when there are two
+    (NetworkDB.set_bootstrap_keys): ordered by lamport time, the second oldest is primary when there are two
     or more -- the managers add a new key a whole rotation before anybody sends with it."""
     ks = [k.key for k in sorted(keys, key=lambda k: k.lamport_time) if k.subsystem in subsystems]
     if len(ks) > 1:
@@ -123,7 +123,7 @@ class NetworkAgent:
         self._driver_args = (node_id, advertise_addr, ns_prefix, gw_subnet)
         self._driver: OverlayDriver | None = None
         self.gossip_port = gossip_port
-        self.gossip: Gossip | None = None
+        self.gossip: NetworkDB | None = None
         self.dns: DNSServer | None = None
         self.upstream_dns = upstream_dns
         self._tasks: dict[str, _Local] = {}
@@ -193,7 +193,7 @@ class NetworkAgent:
     async def start(self, keys: Sequence[bytes]) -> None:
         node_id, addr, prefix, gw = self._driver_args
         self._driver = await asyncio.to_thread(OverlayDriver, node_id, addr, prefix, gw_subnet=gw)
-        self.gossip = Gossip(self.node_id, self.addr, self.addr, port=self.gossip_port, keys=list(keys))
+        self.gossip = NetworkDB(self.node_id, self.addr, self.addr, port=self.gossip_port, keys=list(keys))
         await self.gossip.start()
         self.dns = DNSServer(self.gossip, upstreams=self.upstream_dns)
         found = await asyncio.to_thread(self.driver.restore)
