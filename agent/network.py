@@ -51,9 +51,10 @@ from pathlib import Path
 from pyroute2 import netns as pr_netns
 
 from shoal.netdriver.dns import DNSServer
+from shoal.netdriver.driverapi import Interface, NetworkDriver
 from shoal.netdriver.netns import create_netns
 from shoal.netdriver.networkdb import ENDPOINT_TABLE, EventKind, NetworkDB
-from shoal.netdriver.overlay import Interface, OverlayDriver
+from shoal.netdriver.overlay.driver import OverlayDriver
 from shoal.proto import dispatcher_pb2, gossip_pb2, objects_pb2, types_pb2
 
 log = logging.getLogger("shoal.agent.network")
@@ -121,7 +122,7 @@ class NetworkAgent:
         # pyroute2's synchronous sockets refuse to be made on a thread that runs an event loop:
         # the driver is made (and always called) on worker threads.
         self._driver_args = (node_id, advertise_addr, ns_prefix, gw_subnet)
-        self._driver: OverlayDriver | None = None
+        self._driver: NetworkDriver | None = None
         self.gossip_port = gossip_port
         self.gossip: NetworkDB | None = None
         self.dns: DNSServer | None = None
@@ -185,7 +186,7 @@ class NetworkAgent:
 
     # ---- life ------------------------------------------------------------------------------
     @property
-    def driver(self) -> OverlayDriver:
+    def driver(self) -> NetworkDriver:
         if self._driver is None:
             raise RuntimeError("the overlay driver is not started")
         return self._driver

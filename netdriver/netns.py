@@ -8,6 +8,8 @@ runs gRPC threads aborts in the child).
     nsenter(path, argv) -> argv       # run a command in a namespace (None: this one)
     netns_socket(path, family, type)  # a socket made in that namespace
     open_ipr(path) -> IPRoute         # netlink handle in that namespace
+    with netlink(path) as ipr: ...    # the same, closed on exit
+    link_index(ipr, name) -> int | None; del_link(ipr, name)   # by name; a missing link is no error
     move_link(ipr, index, path) / add_veth(ipr, name, peer, peer_netns)
 
 Used by the overlay driver, nft, xfrm and the agent's DNS sandbox; the lab's namespace hosts
@@ -17,14 +19,17 @@ Used by the overlay driver, nft, xfrm and the agent's DNS sandbox; the lab's nam
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import pyroute2.config
 from pyroute2 import netns
 from pyroute2.iproute import IPRoute  # not `from pyroute2 import IPRoute`: see swarmd._lazy_pyroute2
+from pyroute2.netlink.exceptions import NetlinkError
 
 # pyroute2 forks short-lived helpers (netns sockets, netns creation) and stops them with SIGTERM.
 # A child that inherited a Python SIGTERM handler (sys.exit, or asyncio's wakeup fd shared with
@@ -130,6 +135,33 @@ def open_ipr(path: str | None) -> IPRoute:
     if path is None:
         return IPRoute(groups=0)
     return IPRoute(fileno=netns_socket(path).detach(), groups=0)
+
+
+@contextmanager
+def netlink(path: str | None) -> Iterator[IPRoute]:
+    """open_ipr(path) for the duration of a with block."""
+    ipr = open_ipr(path)
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def link_index(ipr: IPRoute, name: str) -> int | None:
+    """The index of the link called `name` in ipr's namespace, None if there is none."""
+    r = ipr.link_lookup(ifname=name)
+    return r[0] if r else None
+
+
+def del_link(ipr: IPRoute, name: str) -> None:
+    """Delete the link called `name` if it exists (also when it vanishes meanwhile)."""
+    idx = link_index(ipr, name)
+    if idx is not None:
+        try:
+            ipr.link("del", index=idx)
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise
 
 
 def move_link(ipr: IPRoute, index: int, path: str) -> None:
