@@ -9,6 +9,7 @@ under its lock, one concern each:
     gateway.py    the gateway bridge for egress: the bridge, task ports, address allocation
     peers.py      remote endpoints: FDB and neighbour entries on vxlan0
     esp.py        encrypted networks: xfrm policies and SAs, the host's ESP nft table
+    restore.py    what an earlier run left in the kernel, read back (after an agent restart)
     ../lb.py      load balancing: service VIPs, ingress routing mesh, published ports (nftables)
 
 Layout on a host (prefix = ns_prefix)

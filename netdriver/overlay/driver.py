@@ -77,6 +77,7 @@ from .model import (
     mac_from_ip,
     strip_prefix,
 )
+from .restore import scan_kernel
 
 log = logging.getLogger(__name__)
 
@@ -551,35 +552,18 @@ class OverlayDriver:
         still runs (that rebuilds their interfaces and VIP rules) and detach()es the others. It
         then re-sends service backends and published ports."""
         with self._lock:
-            tasks: set[str] = set()
-            for name in sandbox.owned_netns(self.prefix):
-                if name == self.ingress_sbox:
-                    continue
-                meta, mtu, ports = sandbox.scan(name)
-                n = sandbox.from_metadata(meta, name, mtu or 0)
-                if n is None:
-                    log.warning("overlay node=%s sandbox=%s has no metadata; removing it", self.node_id, name)
-                    sandbox.destroy(name, self.host_netns)
-                    continue
-                for task, link in ports:
-                    tasks.add(task)
-                    self._eps.setdefault(task, Endpoint(task_id=task, netns=None)).links.append((n.id, link))
-                self._nets[n.id] = n
-                fdb, neigh = peers.entries(n.sandbox)
-                vtep_of = dict(fdb)
-                for ip, mac in neigh:
-                    if mac in vtep_of:
-                        n.peers[ip] = (mac, vtep_of[mac])
-            for task, ip, link in gateway.ports(self.host_netns, self.gw_bridge):
-                self._gw_alloc[ip] = task
-                tasks.add(task)
-                ep = self._eps.setdefault(task, Endpoint(task_id=task, netns=None))
-                ep.gw_ip, ep.gw_link = ip, link
+            found = scan_kernel(self.prefix, self.host_netns, self.gw_bridge, self.node_id)
+            self._nets.update(found.networks)
+            for task, ep in found.endpoints.items():
+                held = self._eps.setdefault(task, Endpoint(task_id=task, netns=None))
+                held.links.extend(ep.links)
+                if ep.gw_ip is not None:
+                    held.gw_ip, held.gw_link = ep.gw_ip, ep.gw_link
+            self._gw_alloc.update(found.gw_alloc)
             if INGRESS_TASK in self._eps and self.ingress_sbox in list_netns():
                 self._eps[INGRESS_TASK].netns = ns_path(self.ingress_sbox)
-            # published ports, from the comments of the host table (ingress backends are re-sent)
-            self._host_ports.update(lb.read_host_ports(self.host_netns))
-            tasks.discard(INGRESS_TASK)
+            self._host_ports.update(found.host_ports)
+            tasks = found.tasks - {INGRESS_TASK}
             self._log("restored", networks=len(self._nets), tasks=len(tasks))
             return tasks
 
