@@ -126,7 +126,7 @@ async def test_suspected_node_refutes_with_higher_incarnation():
         # n0 wrongly suspects n2 (as after a lost ack); n2 must hear it and refute
         m = nodes[0].membership.member("n2")
         nodes[0].membership._on_suspect(gossip_pb2.MemberUpdate(node="n2", addr=m.addr, port=m.port,
-                                                        incarnation=m.incarnation, state=gossip_pb2.SUSPECT))
+                                                                incarnation=m.incarnation, state=gossip_pb2.SUSPECT))
         assert states(nodes[0])["n2"] == "suspect"
         await until(lambda: victim.membership.incarnation > inc, "n2 refutes")
         await until(lambda: all(states(g)["n2"] == "alive" for g in nodes), "n2 alive again everywhere")
