@@ -52,9 +52,10 @@ from pyroute2 import netns as pr_netns
 
 from shoal.agent.engine import NetworkSetup
 from shoal.netdriver.dns import DNSServer
-from shoal.netdriver.gossip import ENDPOINT_TABLE, EventKind, Gossip
-from shoal.netdriver.nslab import create_netns
-from shoal.netdriver.overlay import Interface, OverlayDriver
+from shoal.netdriver.driverapi import Interface, NetworkDriver
+from shoal.netdriver.netns import create_netns
+from shoal.netdriver.networkdb import ENDPOINT_TABLE, EventKind, NetworkDB
+from shoal.netdriver.overlay.driver import OverlayDriver
 from shoal.proto import dispatcher_pb2, gossip_pb2, objects_pb2, types_pb2
 
 log = logging.getLogger("shoal.agent.network")
@@ -80,7 +81,7 @@ class _Local:
 
 def primary_first(keys: Sequence[types_pb2.EncryptionKey], subsystems: Sequence[str]) -> list[bytes]:
     """Keys of the subsystems, primary (the one to send with) first, by Docker's rule
-    (Gossip.set_bootstrap_keys): ordered by lamport time, the second oldest is primary when there are two
+    (NetworkDB.set_bootstrap_keys): ordered by lamport time, the second oldest is primary when there are two
     or more -- the managers add a new key a whole rotation before anybody sends with it."""
     ks = [k.key for k in sorted(keys, key=lambda k: k.lamport_time) if k.subsystem in subsystems]
     if len(ks) > 1:
@@ -115,9 +116,9 @@ class NetworkAgent:
         # pyroute2's synchronous sockets refuse to be made on a thread that runs an event loop:
         # the driver is made (and always called) on worker threads.
         self._driver_args = (node_id, advertise_addr, ns_prefix, gw_subnet)
-        self._driver: OverlayDriver | None = None
+        self._driver: NetworkDriver | None = None
         self.gossip_port = gossip_port
-        self.gossip: Gossip | None = None
+        self.gossip: NetworkDB | None = None
         self.dns: DNSServer | None = None
         self.upstream_dns = upstream_dns
         self._tasks: dict[str, _Local] = {}
@@ -179,7 +180,7 @@ class NetworkAgent:
 
     # ---- life ------------------------------------------------------------------------------
     @property
-    def driver(self) -> OverlayDriver:
+    def driver(self) -> NetworkDriver:
         if self._driver is None:
             raise RuntimeError("the overlay driver is not started")
         return self._driver
@@ -187,7 +188,7 @@ class NetworkAgent:
     async def start(self, keys: Sequence[bytes]) -> None:
         node_id, addr, prefix, gw = self._driver_args
         self._driver = await asyncio.to_thread(OverlayDriver, node_id, addr, prefix, gw_subnet=gw)
-        self.gossip = Gossip(self.node_id, self.addr, self.addr, port=self.gossip_port, keys=list(keys))
+        self.gossip = NetworkDB(self.node_id, self.addr, self.addr, port=self.gossip_port, keys=list(keys))
         await self.gossip.start()
         self.dns = DNSServer(self.gossip, upstreams=self.upstream_dns)
         found = await asyncio.to_thread(self.driver.restore)

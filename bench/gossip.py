@@ -1,9 +1,9 @@
-"""Gossip benchmark: table propagation and failure detection among 10 nodes on loopback.
+"""NetworkDB benchmark: table propagation and failure detection among 10 nodes on loopback.
 
     .venv/bin/python bench/gossip.py [--nodes 10] [--entries 100] [--detect-runs 3]
 
 * propagation, separate processes: node 0 lives in this process, nodes 1..N-1 are child
-  processes (``python -m shoal.netdriver.gossip --events``) that print each table event with its
+  processes (``python tests/gossipnode.py --events``) that print each table event with its
   wall-clock time; time from ``put`` on node 0 until the last other node has the entry, over
   ``--entries`` entries put every 20 ms ("spaced") and all at once ("burst");
 * propagation, one process: the same with all N nodes on one event loop (spaced);
@@ -26,12 +26,14 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from shoal.netdriver.gossip import Gossip, GossipConfig
+from shoal.netdriver.networkdb import GossipConfig, NetworkDB
 
 PORT = 30000 + os.getpid() % 20000
 TABLE = "endpoint_table"
 NET = "benchnet"
+GOSSIPNODE = str(Path(__file__).resolve().parents[1] / "tests" / "gossipnode.py")  # one node as a process
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -54,7 +56,7 @@ class Child:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "shoal.netdriver.gossip", "--node-id", self.node_id, "--bind", self.addr,
+            sys.executable, GOSSIPNODE, "--node-id", self.node_id, "--bind", self.addr,
             "--port", str(PORT), "--join", self.seed, "--network", NET, "--events",
             *(["--lan-defaults"] if self.lan else []), "--put", f"{TABLE}/{NET}/own-{self.node_id}=x",
             "--log-level", "WARNING", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -95,10 +97,10 @@ async def wait_until(pred, timeout: float) -> bool:
     return True
 
 
-async def proc_cluster(n: int, block: int, lan: bool) -> tuple[Gossip, list[Child]]:
+async def proc_cluster(n: int, block: int, lan: bool) -> tuple[NetworkDB, list[Child]]:
     cfg = GossipConfig.memberlist_lan() if lan else GossipConfig()
     addr0 = f"127.99.{block}.1"
-    g0 = Gossip("node0", addr0, addr0, port=PORT, config=cfg)
+    g0 = NetworkDB("node0", addr0, addr0, port=PORT, config=cfg)
     children = [Child(f"node{i}", f"127.99.{block}.{i + 1}", f"{addr0}:{PORT}", lan) for i in range(1, n)]
     try:
         await g0.start()
@@ -152,7 +154,7 @@ async def propagation_procs(n: int, entries: int, block: int) -> dict:
 
 
 async def propagation_inproc(n: int, entries: int, block: int) -> list[float]:
-    nodes = [Gossip(f"node{i}", f"127.99.{block}.{i + 1}", f"127.99.{block}.{i + 1}", port=PORT) for i in range(n)]
+    nodes = [NetworkDB(f"node{i}", f"127.99.{block}.{i + 1}", f"127.99.{block}.{i + 1}", port=PORT) for i in range(n)]
     seen: dict[str, list[float]] = {}
     try:
         for g in nodes:

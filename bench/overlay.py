@@ -22,8 +22,9 @@ import signal
 import statistics
 import sys
 
-from shoal.netdriver.nslab import NsLab
-from shoal.netdriver.overlay import OverlayDriver, mac_from_ip
+from shoal.lab.nshosts import NsLab
+from shoal.netdriver.overlay.driver import OverlayDriver
+from shoal.netdriver.overlay.model import mac_from_ip
 from shoal.proto import objects_pb2
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

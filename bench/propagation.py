@@ -3,7 +3,7 @@
     .venv/bin/python bench/propagation.py [--hosts 10] [--tasks 100] [--releases 20] [--seed 1] [--no-vip]
 
 10 network-namespace hosts (NsLab, underlay 198.18.0.0/24), one NetworkAgent process on each
-(`python -m shoal.agent.netnode --events`, joined by session messages as swarmd does). 100 tasks of
+(`tests/netnode.py --events`, joined by session messages as swarmd does). 100 tasks of
 one service on one overlay network (198.19.16.0/22) are prepared one after another, each on a random
 host; the next one starts once the previous one has propagated. For each task: the time from
 prepare() returning on its host (the agent's clock) until its endpoint's FDB + neighbour entries are
@@ -31,8 +31,10 @@ import threading
 import time
 from pathlib import Path
 
-from shoal.agent.netnode import NetNode, attachment, make_network, make_task, session_message
-from shoal.netdriver.nslab import NsLab
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from netnode import NetNode, attachment, make_network, make_task, session_message  # noqa: E402
+
+from shoal.lab.nshosts import NsLab  # noqa: E402
 
 
 def pct(xs: list[float], p: float) -> float:

@@ -224,7 +224,7 @@ class Lab:
         if (BASE / self.name).exists() or self._leftover_namespaces():
             self.progress(f"cleaning up what an earlier lab {self.name!r} left behind")
             self.down()
-        from shoal.netdriver.nslab import NsLab
+        from shoal.lab.nshosts import NsLab
 
         t0 = time.monotonic()
         n = managers + workers

@@ -29,7 +29,7 @@ API::
 
     DNSServer(tables, *, upstreams=None, resolv_conf="/etc/resolv.conf", ttl=600,
               address="127.0.0.11", port=53, forward_timeout=2.0)
-        tables: anything with entries(table, network_id) -> dict[str, bytes] (a Gossip)
+        tables: anything with entries(table, network_id) -> dict[str, bytes] (a NetworkDB)
         await serve_in(container_id, netns_path, networks, stack=None, forward=True)
         update(container_id, networks, stack=None, forward=True)   # the container (dis)connected
         await stop_serving(container_id); await close()
@@ -52,7 +52,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from shoal.netdriver.gossip import ENDPOINT_TABLE
+from shoal.netdriver.networkdb import ENDPOINT_TABLE
 from shoal.proto.gossip_pb2 import EndpointRecord
 
 log = logging.getLogger("shoal.netdriver.dns")

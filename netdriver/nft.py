@@ -10,7 +10,7 @@ import json
 import logging
 import subprocess
 
-from .nslab import nsenter
+from .netns import nsenter
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ Membership changes are piggybacked on probes/acks and gossiped to ``gossip_nodes
 every ``gossip_interval``, each up to ``retransmit_mult * ceil(log10(n + 1))`` times. Incarnations start
 at the wall clock in milliseconds, so a restarted node supersedes its previous (dead) life.
 
-Used by :class:`shoal.netdriver.gossip.Gossip`, which adds network tables through the
+Used by :class:`shoal.netdriver.networkdb.NetworkDB`, which adds network tables through the
 :class:`Delegate` hooks. Public pieces::
 
     GossipConfig (dataclass of intervals), Member (dataclass), MemberState (proto enum values)
-    Memberlist(node_id, bind_addr, advertise_addr, port, keyring, config, delegate)
+    SwimMembership(node_id, bind_addr, advertise_addr, port, keyring, config, delegate)
         await start() / stop() / join(seeds) -> int / leave()
         members() -> list[Member]; alive_members() -> list[Member]; member(node_id)
         queue_broadcast(key, Message); send_packet(addr, port, messages)
@@ -215,7 +215,7 @@ class _Suspicion:
 
 
 class _UDP(asyncio.DatagramProtocol):
-    def __init__(self, owner: Memberlist) -> None:
+    def __init__(self, owner: SwimMembership) -> None:
         self.owner = owner
         self.closed = asyncio.get_running_loop().create_future()
 
@@ -247,7 +247,7 @@ async def cancel_and_wait(tasks: Sequence[asyncio.Task]) -> None:
             log.debug("task %s ended with %r", t.get_name(), t.exception())
 
 
-class Memberlist:
+class SwimMembership:
     def __init__(
         self,
         node_id: str,

@@ -2,7 +2,7 @@
 
 pyroute2 0.9 has no XFRM family, so this speaks the kernel's xfrm netlink structures
 (include/uapi/linux/xfrm.h) directly over a netlink socket opened in the
-wanted network namespace (nslab.netns_socket). Only what the overlay needs: AEAD rfc4106(gcm(aes)) SAs
+wanted network namespace (netns.netns_socket). Only what the overlay needs: AEAD rfc4106(gcm(aes)) SAs
 (no replay window, see REPLAY_WINDOW), output policies selecting UDP 4789 between two VTEPs with a packet mark, dumps
 and deletes; `derive_sa` turns a network key into the SPI and key of one direction between two VTEPs,
 and `esp_supported` probes whether a kernel can hold such an SA at all.
@@ -19,7 +19,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from .nslab import netns_socket
+from .netns import netns_socket
 
 NETLINK_XFRM = 6
 NLMSG_ERROR = 2

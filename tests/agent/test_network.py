@@ -1,7 +1,7 @@
 """NetworkAgent end to end across namespace hosts, without swarmd.
 
 Each host is a network namespace on an underlay bridge (NsLab); in it runs one NetworkAgent process
-(`python -m shoal.agent.netnode`, driven like swarmd drives it: session messages with the gossip key,
+(`tests/netnode.py`, driven like swarmd drives it: session messages with the gossip key,
 the managers and the node, then prepare/release of Task protobufs built as the allocator builds them).
 "Containers" are the namespaces prepare() makes, with busybox processes in them; commands that
 resolve names run with the task's resolv.conf bind-mounted over /etc/resolv.conf (a private mount
@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from netnode import NetNode, attachment, make_network, make_task, session_message
 
-from shoal.agent.netnode import NetNode, attachment, make_network, make_task, session_message
-from shoal.netdriver.nslab import NsLab
+from shoal.lab.nshosts import NsLab
 from shoal.proto import objects_pb2, types_pb2
 
 pytestmark = pytest.mark.integration

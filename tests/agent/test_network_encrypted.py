@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 from esp_wire import captured, needs_esp, sniff_underlay
+from netnode import attachment, make_network, make_task
 from test_network import Cluster, cluster  # noqa: F401 - the fixture
 
-from shoal.agent.netnode import attachment, make_network, make_task
 from shoal.netdriver import nft, xfrm
-from shoal.netdriver.overlay import ESP_TABLE
+from shoal.netdriver.overlay.model import ESP_TABLE
 from shoal.proto import types_pb2
 
 pytestmark = [pytest.mark.integration, needs_esp]

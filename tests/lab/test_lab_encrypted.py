@@ -18,7 +18,7 @@ from esp_wire import captured, needs_esp, sniff_between
 from test_lab import swarmctl, wait_for
 
 from shoal.netdriver import nft, xfrm
-from shoal.netdriver.overlay import ESP_MARK, ESP_TABLE
+from shoal.netdriver.overlay.model import ESP_MARK, ESP_TABLE
 
 pytestmark = pytest.mark.integration
 

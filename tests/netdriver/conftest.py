@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from shoal.netdriver.nslab import NsLab
+from shoal.lab.nshosts import NsLab
 
 _counter = itertools.count()
 

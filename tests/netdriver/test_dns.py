@@ -26,7 +26,7 @@ from shoal.netdriver.dns import (
     parse_query,
     parse_response,
 )
-from shoal.netdriver.gossip import ENDPOINT_TABLE, Gossip
+from shoal.netdriver.networkdb import ENDPOINT_TABLE, NetworkDB
 from shoal.netdriver.tables import TableStore
 from shoal.proto.gossip_pb2 import EndpointRecord, TableEntry
 
@@ -218,8 +218,8 @@ async def test_dns_in_container_namespaces(netns_pair):
     upstream = FakeUpstream()
     up_udp, _ = await loop.create_datagram_endpoint(lambda: upstream, local_addr=(up_addr, PORT))
     up_tcp = await asyncio.start_server(upstream.on_tcp, up_addr, PORT)
-    a = Gossip("dns-a", f"127.{NET}.250.1", f"127.{NET}.250.1", port=PORT)
-    b = Gossip("dns-b", f"127.{NET}.250.2", f"127.{NET}.250.2", port=PORT)
+    a = NetworkDB("dns-a", f"127.{NET}.250.1", f"127.{NET}.250.1", port=PORT)
+    b = NetworkDB("dns-b", f"127.{NET}.250.2", f"127.{NET}.250.2", port=PORT)
     dns = DNSServer(a, upstreams=[(up_addr, PORT)], forward_timeout=3)
     try:
         await a.start()

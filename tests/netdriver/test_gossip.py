@@ -1,4 +1,4 @@
-"""Gossip: SWIM membership and network tables between real nodes on loopback UDP/TCP sockets.
+"""NetworkDB: SWIM membership and network tables between real nodes on loopback UDP/TCP sockets.
 
 Several nodes live in one process (one event loop) on 127.0.x.y addresses; one test runs a node
 as a separate process and SIGKILLs it. Waits poll for a condition with a generous deadline; they
@@ -16,9 +16,10 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 
+import gossipnode
 import pytest
 
-from shoal.netdriver.gossip import ENDPOINT_TABLE, EventKind, Gossip, GossipConfig, TableEvent
+from shoal.netdriver.networkdb import ENDPOINT_TABLE, EventKind, GossipConfig, NetworkDB, TableEvent
 from shoal.proto import gossip_pb2
 
 pytestmark = pytest.mark.integration  # real sockets, several nodes, child processes
@@ -56,16 +57,16 @@ async def until(pred: Callable[[], bool], what: str, timeout: float = 30.0) -> N
         await asyncio.sleep(0.05)
 
 
-def states(g: Gossip) -> dict[str, str]:
+def states(g: NetworkDB) -> dict[str, str]:
     return {m.node_id: m.state_name for m in g.members()}
 
 
 @contextlib.asynccontextmanager
 async def cluster(n: int, keys=(KEY1,), config: GossipConfig | None = None, join: bool = True,
-                  prefix: str = "n") -> AsyncIterator[list[Gossip]]:
+                  prefix: str = "n") -> AsyncIterator[list[NetworkDB]]:
     addrs = fresh_addrs(n)
-    nodes = [Gossip(f"{prefix}{i}", a, a, port=PORT, keys=keys, config=config) for i, a in enumerate(addrs)]
-    started: list[Gossip] = []
+    nodes = [NetworkDB(f"{prefix}{i}", a, a, port=PORT, keys=keys, config=config) for i, a in enumerate(addrs)]
+    started: list[NetworkDB] = []
     try:
         for g in nodes:
             await g.start()
@@ -121,13 +122,13 @@ async def test_graceful_leave_marks_left_and_purges():
 async def test_suspected_node_refutes_with_higher_incarnation():
     async with cluster(3) as nodes:
         victim = nodes[2]
-        inc = victim.ml.incarnation
+        inc = victim.membership.incarnation
         # n0 wrongly suspects n2 (as after a lost ack); n2 must hear it and refute
-        m = nodes[0].ml.member("n2")
-        nodes[0].ml._on_suspect(gossip_pb2.MemberUpdate(node="n2", addr=m.addr, port=m.port,
-                                                        incarnation=m.incarnation, state=gossip_pb2.SUSPECT))
+        m = nodes[0].membership.member("n2")
+        nodes[0].membership._on_suspect(gossip_pb2.MemberUpdate(node="n2", addr=m.addr, port=m.port,
+                                                                incarnation=m.incarnation, state=gossip_pb2.SUSPECT))
         assert states(nodes[0])["n2"] == "suspect"
-        await until(lambda: victim.ml.incarnation > inc, "n2 refutes")
+        await until(lambda: victim.membership.incarnation > inc, "n2 refutes")
         await until(lambda: all(states(g)["n2"] == "alive" for g in nodes), "n2 alive again everywhere")
         # past the suspicion timeout nobody declares it dead
         await asyncio.sleep(1.5 * nodes[0].config.probe_interval * nodes[0].config.suspicion_mult)
@@ -137,8 +138,8 @@ async def test_suspected_node_refutes_with_higher_incarnation():
 @aiotest
 async def test_wrong_key_packets_dropped_and_rotation():
     addrs = fresh_addrs(3)
-    good = [Gossip(f"k{i}", addrs[i], addrs[i], port=PORT, keys=[KEY1]) for i in range(2)]
-    bad = Gossip("bad", addrs[2], addrs[2], port=PORT, keys=[KEY2])
+    good = [NetworkDB(f"k{i}", addrs[i], addrs[i], port=PORT, keys=[KEY1]) for i in range(2)]
+    bad = NetworkDB("bad", addrs[2], addrs[2], port=PORT, keys=[KEY2])
     plain = None
     try:
         for g in [*good, bad]:
@@ -146,7 +147,7 @@ async def test_wrong_key_packets_dropped_and_rotation():
         assert await good[1].join([f"{addrs[0]}:{PORT}"]) == 1
         assert await bad.join([f"{addrs[0]}:{PORT}"]) == 0
         # UDP from the wrong key: send a ping straight at k0
-        bad.ml.send_packet(addrs[0], PORT, [gossip_pb2.Message(ping=gossip_pb2.Ping(seq=1, target="k0"))])
+        bad.membership.send_packet(addrs[0], PORT, [gossip_pb2.Message(ping=gossip_pb2.Ping(seq=1, target="k0"))])
         await until(lambda: good[0].dropped_packets >= 2, "k0 dropped the bad stream and datagram")
         assert "bad" not in states(good[0]) and "bad" not in states(good[1])
         assert set(states(bad)) == {"bad"}
@@ -159,7 +160,7 @@ async def test_wrong_key_packets_dropped_and_rotation():
         await bad.stop()
         bad = None
         # a node without any key cannot talk to keyed nodes either
-        plain = Gossip("plain", addrs[2], addrs[2], port=PORT)
+        plain = NetworkDB("plain", addrs[2], addrs[2], port=PORT)
         await plain.start()
         assert await plain.join([f"{addrs[0]}:{PORT}"]) == 0
     finally:
@@ -262,7 +263,7 @@ async def test_ten_nodes_converge():
 
 def spawn_child(node_id: str, addr: str, seed: str, value: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "shoal.netdriver.gossip", "--node-id", node_id, "--bind", addr,
+        [sys.executable, gossipnode.PATH, "--node-id", node_id, "--bind", addr,
          "--port", str(PORT), "--join", seed, "--key-hex", KEY1.hex(), "--network", "netK",
          "--put", f"{ENDPOINT_TABLE}/netK/{node_id}-ep={value}"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -330,7 +331,7 @@ async def test_oversize_entry_goes_over_tcp_and_network_joined_before_cluster_jo
         await until(lambda: nodes[1].entries("t", "netO") == {"big": big}, "big entry on n1")
         # a node that joined the network (and wrote) before joining the cluster syncs on join
         addr = fresh_addrs(1)[0]
-        late = Gossip("late", addr, addr, port=PORT, keys=[KEY1])
+        late = NetworkDB("late", addr, addr, port=PORT, keys=[KEY1])
         try:
             await late.start()
             await late.join_network("netO")

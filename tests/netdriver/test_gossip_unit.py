@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shoal.netdriver.gossip import Gossip, GossipConfig
 from shoal.netdriver.keyring import Keyring, KeyringError
+from shoal.netdriver.networkdb import GossipConfig, NetworkDB
 
 KEY1 = bytes(range(32))
 KEY2 = bytes(range(100, 132))
@@ -42,16 +42,16 @@ def test_keyring_seal_open_rotation_and_rejection():
 
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="probe_timeout"):
-        Gossip("x", "127.0.0.1", "127.0.0.1", config=GossipConfig(probe_interval=0.2, probe_timeout=0.3))
+        NetworkDB("x", "127.0.0.1", "127.0.0.1", config=GossipConfig(probe_interval=0.2, probe_timeout=0.3))
     with pytest.raises(ValueError, match="gossip_interval"):
-        Gossip("x", "127.0.0.1", "127.0.0.1", config=GossipConfig(gossip_interval=0))
+        NetworkDB("x", "127.0.0.1", "127.0.0.1", config=GossipConfig(gossip_interval=0))
 
 
 def test_bootstrap_keys_primary_is_the_second_oldest():
     from shoal.proto.types_pb2 import EncryptionKey
 
     k = [bytes([i]) * 16 for i in range(1, 5)]
-    g = Gossip("x", "127.0.0.1", "127.0.0.1")
+    g = NetworkDB("x", "127.0.0.1", "127.0.0.1")
     g.set_bootstrap_keys([EncryptionKey(subsystem="networking:gossip", key=k[2], lamport_time=3),
                           EncryptionKey(subsystem="networking:gossip", key=k[0], lamport_time=1),
                           EncryptionKey(subsystem="networking:ipsec", key=k[3], lamport_time=9),
@@ -66,7 +66,7 @@ def test_bootstrap_keys_primary_is_the_second_oldest():
 
 
 def test_lifeguard_suspicion_timeout_shrinks_with_confirmations():
-    ml = Gossip("x", "127.0.0.1", "127.0.0.1").ml
+    ml = NetworkDB("x", "127.0.0.1", "127.0.0.1").membership
     lo, hi = 1.5, 4.5
     t = [ml._suspicion_timeout_for(c, 2, lo, hi) for c in range(4)]
     assert t[0] == hi and t[2] == lo and t[3] == lo and lo < t[1] < hi

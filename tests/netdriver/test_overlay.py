@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
+from shoal.lab.nshosts import NsLab
 from shoal.netdriver import nft, xfrm
-from shoal.netdriver.nslab import NsLab
-from shoal.netdriver.overlay import OverlayDriver, OverlayError, mac_from_ip
+from shoal.netdriver.overlay.driver import OverlayDriver
+from shoal.netdriver.overlay.model import OverlayError, mac_from_ip
 from shoal.proto import objects_pb2
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,8 @@ from esp_wire import captured, needs_esp, sniff_underlay
 from test_overlay import att, cleanup_all, drivers_for, make_net, ping, snapshot
 
 from shoal.netdriver import nft, xfrm
-from shoal.netdriver.overlay import ESP_TABLE, OverlayDriver, mac_from_ip
+from shoal.netdriver.overlay.driver import OverlayDriver
+from shoal.netdriver.overlay.model import ESP_TABLE, mac_from_ip
 
 pytestmark = pytest.mark.integration
 

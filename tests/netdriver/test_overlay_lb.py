@@ -9,8 +9,9 @@ import sys
 import pytest
 from test_overlay import att, cleanup_all, drivers_for, make_net, snapshot
 
-from shoal.netdriver.nslab import NsLab
-from shoal.netdriver.overlay import OverlayDriver, OverlayError, PortConflictError, mac_from_ip
+from shoal.lab.nshosts import NsLab
+from shoal.netdriver.overlay.driver import OverlayDriver
+from shoal.netdriver.overlay.model import OverlayError, PortConflictError, mac_from_ip
 
 pytestmark = pytest.mark.integration
 

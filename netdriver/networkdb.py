@@ -1,4 +1,4 @@
-"""Gossip for Shoal nodes: SWIM membership plus per-network tables (like libnetwork's NetworkDB).
+"""NetworkDB: the gossiped per-network tables of Shoal nodes (libnetwork's NetworkDB) on SWIM membership.
 
 One UDP and one TCP socket on ``port`` (7946 by default) carry everything, sealed with the
 cluster's gossip keys (:mod:`shoal.netdriver.keyring`: AES-GCM, key id in the header, send with
@@ -21,12 +21,12 @@ the nodes that joined that network:
   a node that hears an entry of its own it does not hold (a previous life's) deletes it.
 
 Events (create/update/delete with network id, key, value, owner; a delete carries the last value)
-reach :meth:`Gossip.subscribe` iterators and :meth:`Gossip.add_listener` callbacks, for local and
+reach :meth:`NetworkDB.subscribe` iterators and :meth:`NetworkDB.add_listener` callbacks, for local and
 remote changes alike (filter on ``event.owner != gossip.node_id`` for remote endpoints).
 
 API::
 
-    Gossip(node_id, bind_addr, advertise_addr, *, port=7946, keys=(), config=GossipConfig())
+    NetworkDB(node_id, bind_addr, advertise_addr, *, port=7946, keys=(), config=GossipConfig())
         await start() / stop() / join(seeds: Sequence[str]) -> int / leave()
         members() -> list[Member]                     # alive, suspect, dead and left members
         await join_network(network_id) / leave_network(network_id); networks() -> set[str]
@@ -41,24 +41,17 @@ API::
         keyring -> Keyring (add/use/remove keys for rotation)
 
 The endpoint table is ``ENDPOINT_TABLE`` with ``shoal.proto.gossip_pb2.EndpointRecord`` values.
-A Gossip lives on one asyncio event loop: call it from that loop's thread only.
+A NetworkDB lives on one asyncio event loop: call it from that loop's thread only.
 
-Run one node as a process (used by tests)::
-
-    python -m shoal.netdriver.gossip --node-id N --bind 127.0.0.5 --port 7946 \
-        [--join HOST:PORT]... [--key-hex HEX]... [--network NET]... [--put TABLE/NET/KEY=VALUE]...
+One node as a process (for tests and benchmarks) is ``tests/gossipnode.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
 import math
 import random
-import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -71,7 +64,7 @@ from shoal.netdriver.swim import (
     Delegate,
     GossipConfig,
     Member,
-    Memberlist,
+    SwimMembership,
     TransmitQueue,
     cancel_and_wait,
 )
@@ -79,9 +72,9 @@ from shoal.netdriver.tables import EventKind, LamportClock, TableEvent, TableSto
 from shoal.proto import gossip_pb2 as pb
 from shoal.proto import types_pb2
 
-__all__ = ["ALIVE", "DEAD", "LEFT", "SUSPECT", "ENDPOINT_TABLE", "EventKind", "Gossip", "GossipConfig", "Member", "Subscription", "TableEvent"]
+__all__ = ["ALIVE", "DEAD", "LEFT", "SUSPECT", "ENDPOINT_TABLE", "EventKind", "NetworkDB", "GossipConfig", "Member", "Subscription", "TableEvent"]
 
-log = logging.getLogger("shoal.netdriver.gossip")
+log = logging.getLogger(__name__)
 
 ENDPOINT_TABLE = "endpoint_table"
 _MAX_PACKETS_PER_FLUSH = 32
@@ -91,7 +84,7 @@ _STREAM_ERRORS = (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, Ke
 class Subscription:
     """Async iterator of :class:`TableEvent`; ends when closed or when the gossip stops."""
 
-    def __init__(self, owner: Gossip) -> None:
+    def __init__(self, owner: NetworkDB) -> None:
         self._owner = owner
         self._q: asyncio.Queue[TableEvent | None] = asyncio.Queue()
         self._closed = False
@@ -118,7 +111,9 @@ class Subscription:
             self._owner._subs.discard(self)
 
 
-class Gossip(Delegate):
+class NetworkDB(Delegate):
+    """One node's view of the cluster's network tables and of its members (see the module docstring)."""
+
     def __init__(
         self,
         node_id: str,
@@ -135,7 +130,7 @@ class Gossip(Delegate):
         self.config = config or GossipConfig()
         self.config.validate()
         self.keyring = Keyring(keys)
-        self.ml = Memberlist(node_id, bind_addr, advertise_addr, port, self.keyring, self.config, self)
+        self.membership = SwimMembership(node_id, bind_addr, advertise_addr, port, self.keyring, self.config, self)
         self.store = TableStore()
         self.table_clock = LamportClock()
         self.network_clock = LamportClock()
@@ -153,14 +148,14 @@ class Gossip(Delegate):
 
     @property
     def port(self) -> int:
-        return self.ml.port
+        return self.membership.port
 
     @property
     def advertise_addr(self) -> str:
-        return self.ml.advertise_addr
+        return self.membership.advertise_addr
 
     async def start(self) -> None:
-        await self.ml.start()
+        await self.membership.start()
         self._tasks = [
             asyncio.create_task(self._table_gossip_loop(), name=f"gossip-tables-{self.node_id}"),
             asyncio.create_task(self._anti_entropy_loop(), name=f"gossip-sync-{self.node_id}"),
@@ -170,14 +165,14 @@ class Gossip(Delegate):
     async def stop(self) -> None:
         await cancel_and_wait([*self._tasks, *self._bg])
         self._tasks = []
-        await self.ml.stop()
+        await self.membership.stop()
         for s in list(self._subs):
             s.close()
 
     async def join(self, seeds: Sequence[str]) -> int:
         """Join the cluster through ``seeds`` ("host" or "host:port"); returns how many answered.
         Networks joined before are then synced with a node of each."""
-        n = await self.ml.join(seeds)
+        n = await self.membership.join(seeds)
         if n and self._networks:
             await self._anti_entropy_once()
         return n
@@ -207,14 +202,14 @@ class Gossip(Delegate):
 
     async def leave(self) -> None:
         """Leave the cluster gracefully: the others purge this node's entries."""
-        await self.ml.leave()
+        await self.membership.leave()
 
     def members(self) -> list[Member]:
-        return self.ml.members()
+        return self.membership.members()
 
     @property
     def dropped_packets(self) -> int:
-        return self.ml.dropped
+        return self.membership.dropped
 
     # ----- networks --------------------------------------------------------------------------
 
@@ -226,15 +221,15 @@ class Gossip(Delegate):
         return ev is not None and not ev.leave
 
     def network_nodes(self, network_id: str) -> list[Member]:
-        return [m for m in self.ml.alive_members()
+        return [m for m in self.membership.alive_members()
                 if m.node_id != self.node_id and self._in_network(m.node_id, network_id)]
 
     def _announce(self, network_id: str, leave: bool) -> None:
         ev = pb.NetworkEvent(node=self.node_id, network_id=network_id, ltime=self.network_clock.next(), leave=leave)
         self._node_networks[(self.node_id, network_id)] = ev
-        self.ml.queue_broadcast(("net", self.node_id, network_id), pb.Message(network=ev))
-        for m in self.ml._gossip_targets(self.config.gossip_nodes):
-            self.ml.send_packet(m.addr, m.port, [])
+        self.membership.queue_broadcast(("net", self.node_id, network_id), pb.Message(network=ev))
+        for m in self.membership._gossip_targets(self.config.gossip_nodes):
+            self.membership.send_packet(m.addr, m.port, [])
 
     async def join_network(self, network_id: str) -> None:
         """Start sharing ``network_id``'s tables: announce it and fully sync with a node on it."""
@@ -282,7 +277,7 @@ class Gossip(Delegate):
         copy.CopyFrom(ev)
         self._node_networks[key] = copy
         if rebroadcast:
-            self.ml.queue_broadcast(("net", ev.node, ev.network_id), pb.Message(network=copy))
+            self.membership.queue_broadcast(("net", ev.node, ev.network_id), pb.Message(network=copy))
         if not ev.leave and (cur is None or cur.leave) and ev.network_id in self._networks:
             # a node new on one of our networks: hand it our own entries at once (its own sync
             # may have found nobody yet; anti-entropy would only catch up seconds later)
@@ -293,7 +288,7 @@ class Gossip(Delegate):
                 self._emit(tev)
 
     def _push_own_entries(self, node: str, network_id: str) -> None:
-        m = self.ml.member(node)
+        m = self.membership.member(node)
         if m is None or m.state not in (ALIVE, SUSPECT):
             return
         own = [pb.Message(entry=e) for e in self.store.network_entries(network_id)
@@ -306,12 +301,12 @@ class Gossip(Delegate):
             if n > budget:
                 continue  # too big for a datagram: anti-entropy (TCP) brings it
             if batch and size + n > budget:
-                self.ml.send_raw(m.addr, m.port, pb.Packet(source=self.node_id, messages=batch))
+                self.membership.send_raw(m.addr, m.port, pb.Packet(source=self.node_id, messages=batch))
                 batch, size = [], 0
             batch.append(msg)
             size += n
         if batch:
-            self.ml.send_raw(m.addr, m.port, pb.Packet(source=self.node_id, messages=batch))
+            self.membership.send_raw(m.addr, m.port, pb.Packet(source=self.node_id, messages=batch))
 
     # ----- tables ----------------------------------------------------------------------------
 
@@ -371,7 +366,7 @@ class Gossip(Delegate):
                     tomb.deleted, tomb.ltime = True, self.table_clock.next()
                     self._apply_local(tomb)
             return
-        m = self.ml.member(e.owner)
+        m = self.membership.member(e.owner)
         if m is not None and m.state in (DEAD, LEFT):
             return  # a dead node's entries are purged, not resurrected
         changed, ev = self.store.merge(e)
@@ -401,7 +396,7 @@ class Gossip(Delegate):
         for batch in q.batches(budget, limit, _MAX_PACKETS_PER_FLUSH, sends=1):
             pkt = pb.Packet(source=self.node_id, messages=batch)
             for t in targets:
-                self.ml.send_raw(t.addr, t.port, pkt)
+                self.membership.send_raw(t.addr, t.port, pkt)
 
     # ----- events ----------------------------------------------------------------------------
 
@@ -439,7 +434,7 @@ class Gossip(Delegate):
             except Exception:
                 log.exception("node=%s table listener failed", self.node_id)
 
-    # ----- Delegate hooks (called by Memberlist) ---------------------------------------------
+    # ----- Delegate hooks (called by SwimMembership) ---------------------------------------------
 
     def notify_alive(self, member: Member, rejoined: bool) -> None:
         # a member back from the dead (or forgotten, after a partition) whose networks we know:
@@ -494,13 +489,13 @@ class Gossip(Delegate):
         t.add_done_callback(self._bg.discard)
 
     async def _sync(self, peer: Member, network_ids: list[str]) -> None:
-        pp = self.ml.local_state(False, None)
+        pp = self.membership.local_state(False, None)
         del pp.sync_networks[:]
         del pp.entries[:]
         pp.sync_networks.extend(network_ids)
         for n in network_ids:
             pp.entries.extend(self.store.network_entries(n))
-        await self.ml.push_pull(peer.addr, peer.port, join=False, state=pp)
+        await self.membership.push_pull(peer.addr, peer.port, join=False, state=pp)
         log.debug("node=%s synced networks=%s with %s", self.node_id, ",".join(network_ids), peer.node_id)
 
     async def _sync_quietly(self, peer: Member, network_ids: list[str]) -> None:
@@ -538,64 +533,3 @@ class Gossip(Delegate):
             n = self.store.reap(time.monotonic() - self.config.tombstone_ttl)
             if n:
                 log.debug("node=%s reaped %d tombstones", self.node_id, n)
-
-
-# ----- one node as a process (tests, debugging) ----------------------------------------------
-
-
-async def _run(args: argparse.Namespace) -> None:
-    cfg = GossipConfig.memberlist_lan() if args.lan_defaults else GossipConfig()
-    if args.probe_interval:
-        cfg.probe_interval = args.probe_interval
-        cfg.probe_timeout = args.probe_interval / 2
-    g = Gossip(args.node_id, args.bind, args.advertise or args.bind, port=args.port,
-               keys=[bytes.fromhex(k) for k in args.key_hex], config=cfg)
-    if args.events:
-        def out(**kw) -> None:
-            print(json.dumps({"t": time.time(), **kw}), flush=True)
-
-        g.add_listener(lambda ev: out(kind=str(ev.kind), net=ev.network_id, key=ev.key, owner=ev.owner))
-        g.add_member_listener(lambda m: out(member=m.node_id, state=m.state_name))
-    await g.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        if args.join:
-            await g.join(args.join)
-        for n in args.network:
-            await g.join_network(n)
-        for spec in args.put:
-            path, _, value = spec.partition("=")
-            table, net, key = path.split("/", 2)
-            g.put(table, net, key, value.encode())
-        print("ready", flush=True)
-        await stop.wait()
-        await g.leave()
-    finally:
-        await g.stop()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m shoal.netdriver.gossip", description="Run one gossip node.")
-    ap.add_argument("--node-id", required=True)
-    ap.add_argument("--bind", required=True)
-    ap.add_argument("--advertise", default="")
-    ap.add_argument("--port", type=int, default=7946)
-    ap.add_argument("--join", action="append", default=[])
-    ap.add_argument("--key-hex", action="append", default=[])
-    ap.add_argument("--network", action="append", default=[])
-    ap.add_argument("--put", action="append", default=[], help="TABLE/NETWORK/KEY=VALUE")
-    ap.add_argument("--probe-interval", type=float, default=0.0)
-    ap.add_argument("--lan-defaults", action="store_true", help="memberlist's LAN timings instead of Shoal's")
-    ap.add_argument("--events", action="store_true", help="print table and member events as JSON lines")
-    ap.add_argument("--log-level", default="INFO")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(_run(args))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,9 @@
 """One node's networking (`NetworkAgent`) as a process, with a tiny control channel: tests and benchmarks
-drive namespace hosts with it, without swarmd.
+drive namespace hosts with it, without swarmd (tests/agent/test_network*.py, bench/propagation.py).
 
-Run it in a host's network namespace::
+Run it in a host's network namespace, by its path (so that it works from a clone anywhere)::
 
-    nsenter --net=/run/netns/HOST python -m shoal.agent.netnode --node-id N --addr 198.18.0.1 \
+    nsenter --net=/run/netns/HOST python tests/netnode.py --node-id N --addr 198.18.0.1 \
         --state-dir DIR --ns-prefix P [--gw-subnet CIDR] [--upstream-dns IP]... [--events]
 
 It runs `NetworkAgent.serve()` as swarmd does, and reads one JSON request per line on stdin,
@@ -48,7 +48,9 @@ from typing import IO, Any
 from shoal.agent.network import NetworkAgent
 from shoal.proto import dispatcher_pb2, objects_pb2, types_pb2
 
-log = logging.getLogger("shoal.agent.netnode")
+log = logging.getLogger("netnode")
+
+PATH = str(Path(__file__).resolve())  # argv[1] for sys.executable
 
 
 def _b64(msg: Any) -> str:
@@ -163,7 +165,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m shoal.agent.netnode", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="netnode.py", description=__doc__.split("\n")[0])
     ap.add_argument("--node-id", required=True)
     ap.add_argument("--addr", required=True, help="advertise (underlay) address of this host")
     ap.add_argument("--state-dir", required=True)
@@ -242,13 +244,13 @@ class NetNodeError(RuntimeError):
 
 
 class NetNode:
-    """A `python -m shoal.agent.netnode` process in the network namespace at `host_path`."""
+    """A `python tests/netnode.py` process in the network namespace at `host_path`."""
 
     def __init__(self, host_path: str, node_id: str, addr: str, state_dir: str, ns_prefix: str, *,
                  gw_subnet: str = "172.18.0.0/16", upstream_dns: Sequence[str] = (), events: bool = False,
                  log_file: str | None = None, on_event: Callable[[dict], None] | None = None) -> None:
         self.node_id, self.addr, self.host_path = node_id, addr, host_path
-        argv = ["nsenter", f"--net={host_path}", sys.executable, "-m", "shoal.agent.netnode", "--node-id", node_id,
+        argv = ["nsenter", f"--net={host_path}", sys.executable, PATH, "--node-id", node_id,
                 "--addr", addr, "--state-dir", state_dir, "--ns-prefix", ns_prefix, "--gw-subnet", gw_subnet]
         for u in upstream_dns:
             argv += ["--upstream-dns", u]
