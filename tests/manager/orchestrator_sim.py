@@ -340,6 +340,8 @@ class Sim:
             except (Conflict, NotFound):
                 await asyncio.sleep(0.001)
         self.history.append((time.monotonic(), tid, "", 0, state))
+        for obs in self.observers:  # every state an agent reports is seen, not only a 5 ms sample
+            obs(self)
 
     async def _agents(self) -> None:
         with self.store.watch(["task", "node"]) as w:
