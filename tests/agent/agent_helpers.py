@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from helpers.aio import run
+from helpers.waiting import wait_for_async
 
 from shoal.lab.images import busybox_image
 from shoal.lab.registry import Registry, push_image
@@ -37,10 +40,6 @@ HEALTHCHECK = {
         "Retries": 2,
     }
 }
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 @pytest.fixture(scope="session")
@@ -162,13 +161,7 @@ async def set_task(st: Store, tid: str, **fields) -> None:
     await st.update(fn)
 
 
-async def wait_for(pred, timeout: float = 60.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        if loop.time() > end:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        await asyncio.sleep(0.05)
+wait_for = functools.partial(wait_for_async, timeout=60.0)
 
 
 def task_state(st: Store, tid: str) -> int:

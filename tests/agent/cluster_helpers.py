@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -11,9 +12,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
+
+from helpers.waiting import wait_for
 
 from shoal.lab.registry import free_port
 
@@ -68,15 +70,7 @@ def ctl(sock: Path, *args: str, check: bool = True, timeout: float = 120) -> str
     return r.stdout
 
 
-def wait_until(pred, timeout: float = 60, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.2)
+wait_until = functools.partial(wait_for, timeout=60, interval=0.2)
 
 
 def running_pids(node: Node) -> dict[str, int]:

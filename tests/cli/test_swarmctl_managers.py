@@ -4,6 +4,7 @@ quorum error, exit 1; reads still answer). Services have 0 replicas: no containe
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -11,11 +12,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers.waiting import wait_for
 
 from shoal.lab.registry import free_port
 
@@ -69,14 +70,7 @@ class Daemon:
         return r.stdout
 
 
-def wait(cond: Callable[[], object], what: str, timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+wait = functools.partial(wait_for, timeout=60, interval=0.2)
 
 
 def manager_rows(d: Daemon) -> dict[str, list[str]]:

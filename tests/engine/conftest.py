@@ -10,7 +10,6 @@ end, even when the test fails) and ``fresh_engine`` (an Engine on a root of its 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import tempfile
@@ -18,16 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.aio import run
 
 from shoal.lab.images import busybox_image
 from shoal.lab.registry import Registry, push_image, push_index
 
 AUTH_USER, AUTH_PASSWORD = "alice", "wonderland"
 PREFIX = f"st{os.getpid() % 10000}"
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def _need_root() -> None:

@@ -11,6 +11,7 @@ their agents), real `swarmctl` processes, a real registry on loopback for the on
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import secrets
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from helpers.waiting import wait_for
 
+from shoal.lab.registry import free_port
 from shoal.manager.watchapi import redact
 from shoal.proto import control_pb2, control_pb2_grpc, objects_pb2, watch_pb2
 
@@ -36,24 +39,7 @@ SWARMCTL = [str(VENV_SWARMCTL)] if VENV_SWARMCTL.exists() else [sys.executable, 
 LOCKED = "this manager is locked: run `swarmctl cluster unlock` and give it the unlock key"
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait(cond: Callable[[], object], what: str, timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except grpc.RpcError as e:
-            last = e
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}: {last}")
+wait = functools.partial(wait_for, retry_on=(grpc.RpcError,))
 
 
 class Daemon:

@@ -16,10 +16,10 @@ The daemons' logs of a failed run are copied next to pytest's tmp_path."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +32,9 @@ from typing import Any
 
 import grpc
 import pytest
+from helpers.waiting import wait_for
 
+from shoal.lab.registry import free_port
 from shoal.manager.etcdmember import process_alive
 from shoal.manager.store import KINDS
 from shoal.proto import control_pb2, control_pb2_grpc, etcd_pb2, etcd_pb2_grpc, objects_pb2, types_pb2
@@ -47,24 +49,7 @@ QUORUM_TEXT = "no quorum: 1 of 3 managers reachable; writes are refused until a 
 
 
 # ---- harness -------------------------------------------------------------------------------------
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait(cond: Callable[[], Any], what: str, timeout: float = 30.0, period: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except (grpc.RpcError, OSError, ValueError) as e:
-            last = e
-        time.sleep(period)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}: {last!r}")
+wait = functools.partial(wait_for, retry_on=(grpc.RpcError, OSError, ValueError))
 
 
 def _proc_state(pid: int) -> str:
@@ -579,7 +564,7 @@ def test_quorum_loss_fails_fast_reads_answer_and_heals(lab: Lab):
     for d in (m2, m3):
         d.start()
     wait(lambda: ctl(m1, "secret", "create", "after", "-", input="s3cret").code == 0, "writes to work again", 60,
-         period=0.2)
+         interval=0.2)
     healed = time.monotonic() - t0
     wait(lambda: healthy([m1, m2, m3]), "3 reachable managers again", 30)
     for d in (m1, m2, m3):
@@ -622,7 +607,7 @@ def test_force_new_cluster_recovers_the_last_manager(lab: Lab):
     assert m1.info().node_id == ids["m1"]
     assert [m.ID for m in member_list(m1)] and len(member_list(m1)) == 1
     wait(lambda: ctl(m1, "secret", "create", "after-recovery", "-", input="x").code == 0, "writes on m1", 30,
-         period=0.2)
+         interval=0.2)
     print(f"\nforce-new-cluster: m1 answered alone {up:.2f} s after its start")
 
     # Everything is still there.
@@ -642,7 +627,7 @@ def test_force_new_cluster_recovers_the_last_manager(lab: Lab):
     assert r.code != 0 and "demote it first" in r.err, r
     ok(m1, "node", "demote", "m2", "m3")
     for name in ("m2", "m3"):
-        wait(lambda name=name: ctl(m1, "node", "rm", "--force", name).code == 0, f"node rm {name}", 30, period=0.3)
+        wait(lambda name=name: ctl(m1, "node", "rm", "--force", name).code == 0, f"node rm {name}", 30, interval=0.3)
     assert set(node_ls(m1)) == {"m1"}
 
     # A new manager joins: two members, a quorum, writes.
@@ -718,14 +703,14 @@ def test_node_ls_manager_status_follows_a_dead_manager(lab: Lab):
     t0 = time.monotonic()
     victim.kill9()
     st = wait(lambda: (s := manager_status(leader)) and s[victim.name] == "Unreachable" and s,
-              f"{victim.name} to show Unreachable", 15, period=0.1)
+              f"{victim.name} to show Unreachable", 15, interval=0.1)
     down = time.monotonic() - t0
     assert st[leader.name] == "Leader" and sorted(st.values()) == ["Leader", "Reachable", "Unreachable"], st
     victim.wait_etcd_gone()
     t1 = time.monotonic()
     victim.start()
     wait(lambda: manager_status(leader)[victim.name] == "Reachable", f"{victim.name} to be Reachable again", 30,
-         period=0.1)
+         interval=0.1)
     back = time.monotonic() - t1
     st = manager_status(leader)
     assert sorted(st.values()) == ["Leader", "Reachable", "Reachable"], st

@@ -5,42 +5,26 @@ tokens, restart with the same state dir, kill -9 of the leader, promotion and de
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
+from helpers.waiting import wait_for
 
+from shoal.lab.registry import free_port
 from shoal.proto import control_pb2, control_pb2_grpc, specs_pb2, types_pb2
 
 pytestmark = pytest.mark.integration
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait(cond: Callable[[], object], what: str, timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except grpc.RpcError as e:
-            last = e
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}: {last}")
+wait = functools.partial(wait_for, retry_on=(grpc.RpcError,))
 
 
 class Daemon:
