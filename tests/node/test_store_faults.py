@@ -32,9 +32,9 @@ from typing import Any
 
 import grpc
 import pytest
+from helpers.swarmd import Swarmd
 from helpers.waiting import wait_for
 
-from shoal.lab.registry import free_port
 from shoal.manager.etcdmember import process_alive
 from shoal.manager.store import KINDS
 from shoal.proto import control_pb2, control_pb2_grpc, etcd_pb2, etcd_pb2_grpc, objects_pb2, types_pb2
@@ -60,40 +60,17 @@ def _proc_state(pid: int) -> str:
         return "gone"
 
 
-class Daemon:
+class Daemon(Swarmd):
     """One swarmd with its own addresses on 127.0.0.x; `log` collects its stderr over restarts."""
 
     def __init__(self, base: Path, name: str, ip: str, extra: list[str] | None = None) -> None:
-        self.name = name
-        self.dir = base / name
-        self.ip = ip
-        self.api = f"{ip}:{free_port(ip)}"
-        self.peer = f"{ip}:{free_port(ip)}"
-        self.gossip = free_port(ip)
-        self.extra = extra or []
-        self.log = base / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(base, name, ip, extra, gossip=True)
         self.etcd_pids: set[int] = set()
-        self._channel: grpc.Channel | None = None
-
-    def start(self, extra: list[str] | None = None) -> Daemon:
-        args = [
-            sys.executable, "-m", "shoal.node.swarmd", "-d", str(self.dir), "--listen-remote-api", self.api,
-            "--listen-peer", self.peer, "--gossip-port", str(self.gossip), "--hostname", self.name,
-            *self.extra, *(extra or []),
-        ]
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
-        return self
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
-
-    @property
-    def sock(self) -> Path:
-        return self.dir / "swarmd.sock"
 
     @property
     def etcd_sock(self) -> Path:
@@ -109,37 +86,6 @@ class Daemon:
             return pid
         return None
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self, offset: int = 0) -> str:
-        try:
-            with open(self.log, "rb") as f:
-                f.seek(offset)
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_size(self) -> int:
-        try:
-            return self.log.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    # gRPC straight to the control socket (fast polling; the user-facing checks run swarmctl)
-    def control(self) -> control_pb2_grpc.ControlStub:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(f"unix:{self.sock}")
-        return control_pb2_grpc.ControlStub(self._channel)
-
-    def reset_channel(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-
-    def info(self) -> control_pb2.InfoResponse:
-        return self.control().Info(control_pb2.InfoRequest(), timeout=5)
-
     def node_id(self) -> str:
         return self.info().node_id
 
@@ -154,20 +100,8 @@ class Daemon:
         self.reset_channel()
 
     def term(self, timeout: float = 30) -> int:
-        assert self.proc is not None
         self.etcd_pid()
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self.reset_channel()
-        return code
-
-    def run_to_exit(self, extra: list[str], timeout: float = 60) -> tuple[int, str]:
-        p = subprocess.run(
-            [sys.executable, "-m", "shoal.node.swarmd", "-d", str(self.dir), "--listen-remote-api", self.api,
-             "--listen-peer", self.peer, "--gossip-port", str(self.gossip), "--hostname", self.name, *extra],
-            capture_output=True, text=True, timeout=timeout,
-        )
-        return p.returncode, p.stderr
+        return super().term(timeout)
 
     def crash(self) -> None:
         """The host dies: swarmd and its etcd member are SIGKILLed at once."""

@@ -7,76 +7,22 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 import pytest
+from helpers.swarmd import Swarmd as Daemon
 from helpers.waiting import wait_for
 
-from shoal.lab.registry import free_port
-from shoal.proto import control_pb2, control_pb2_grpc, specs_pb2, types_pb2
+from shoal.proto import control_pb2, specs_pb2, types_pb2
 
 pytestmark = pytest.mark.integration
 
 
 wait = functools.partial(wait_for, retry_on=(grpc.RpcError,))
-
-
-class Daemon:
-    def __init__(self, base: Path, name: str, ip: str, extra: list[str] | None = None) -> None:
-        self.name = name
-        self.dir = base / name
-        self.ip = ip
-        self.api = f"{ip}:{free_port(ip)}"
-        self.raft = f"{ip}:{free_port(ip)}"
-        self.extra = extra or []
-        self.log = base / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, extra: list[str] | None = None) -> Daemon:
-        args = [
-            sys.executable, "-m", "shoal.node.swarmd", "-d", str(self.dir), "--listen-remote-api", self.api,
-            "--listen-raft", self.raft, "--hostname", self.name, *self.extra, *(extra or []),
-        ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))  # noqa: SIM115
-        return self
-
-    def run_to_exit(self, extra: list[str]) -> tuple[int, str]:
-        p = subprocess.run(
-            [sys.executable, "-m", "shoal.node.swarmd", "-d", str(self.dir), "--listen-remote-api", self.api,
-             "--listen-raft", self.raft, "--hostname", self.name, *extra],
-            capture_output=True, text=True, timeout=60,
-        )
-        return p.returncode, p.stderr
-
-    @property
-    def sock(self) -> Path:
-        return self.dir / "swarmd.sock"
-
-    def control(self) -> control_pb2_grpc.ControlStub:
-        return control_pb2_grpc.ControlStub(grpc.insecure_channel(f"unix:{self.sock}"))
-
-    def info(self) -> control_pb2.InfoResponse:
-        return self.control().Info(control_pb2.InfoRequest(), timeout=5)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait()
-
-    def term(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
 
 
 @pytest.fixture
