@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from helpers.aio import run
+from helpers.registry import HEALTHCHECK, local_registry
 from helpers.waiting import wait_for_async
 
 from shoal.lab.images import busybox_image
@@ -32,28 +33,17 @@ from shoal.proto import (
 )
 
 PREFIX = f"st{os.getpid() % 10000}"
-HEALTHCHECK = {
-    "Healthcheck": {
-        "Test": ["CMD-SHELL", "test -e /tmp/healthy"],
-        "Interval": 200_000_000,
-        "Timeout": 2_000_000_000,
-        "Retries": 2,
-    }
-}
-
-
 @pytest.fixture(scope="session")
 def registry() -> Iterator[Registry]:
     if os.geteuid() != 0:
         pytest.fail("agent integration tests need root (or deselect with -m 'not integration')")
-    reg = Registry("127.0.0.1")
-    reg.start()
-    try:
+
+    def seed(reg: Registry) -> None:
         push_image(reg.url, "library/busybox", "latest", busybox_image())
         push_image(reg.url, "hc", "latest", busybox_image(config=HEALTHCHECK))
+
+    with local_registry(seed) as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 async def _remove_all(root: Path) -> None:

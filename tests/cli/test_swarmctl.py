@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers.controlapi import Server
-from helpers.paths import SWARMCTL
+from helpers.swarmctl import SWARMCTL
 
 
 @pytest.fixture(scope="module")

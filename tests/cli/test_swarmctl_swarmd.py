@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.paths import SWARMCTL
+from helpers.registry import local_registry
+from helpers.swarmctl import SWARMCTL
 from helpers.swarmd import Swarmd, remove_containers, unmount_under
 
-from shoal.lab.registry import Registry, seed_busybox
+from shoal.lab.registry import Registry
 
 pytestmark = pytest.mark.integration
 PREFIX = f"st{os.getpid() % 10000}"
@@ -66,13 +67,8 @@ class Manager(Swarmd):
 def registry() -> Iterator[Registry]:
     if os.geteuid() != 0:
         pytest.fail("swarmd tests need root (or deselect with -m 'not integration')")
-    reg = Registry("127.0.0.1")
-    reg.start()
-    try:
-        seed_busybox(reg.url)
+    with local_registry() as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from helpers.aio import run
+from helpers.registry import HEALTHCHECK
 
 from shoal.lab.images import busybox_image
 from shoal.lab.registry import Registry, push_image, push_index
@@ -29,16 +30,6 @@ PREFIX = f"st{os.getpid() % 10000}"
 def _need_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("engine integration tests need root (run as root, or deselect with -m 'not integration')")
-
-
-HEALTHCHECK = {
-    "Healthcheck": {
-        "Test": ["CMD-SHELL", "test -e /tmp/healthy"],
-        "Interval": 200_000_000,
-        "Timeout": 2_000_000_000,
-        "Retries": 2,
-    }
-}
 
 
 @pytest.fixture(scope="session")

@@ -26,8 +26,8 @@ from typing import Any
 
 import grpc
 
-from helpers.paths import SWARMCTL
 from helpers.pki import ca_cert_pem
+from helpers.swarmctl import SWARMCTL, expect_error, expect_ok
 from shoal.manager.ca import generate_join_token
 from shoal.manager.controlapi import ControlServicer, add_to_server
 from shoal.manager.store import LocalStore, Tx
@@ -125,19 +125,11 @@ class Server:
 
     def ok(self, *args: str, **kw: Any) -> str:
         """Its stdout; asserts exit code 0."""
-        r = self.run(*args, **kw)
-        assert r.returncode == 0, f"swarmctl {' '.join(args)} failed ({r.returncode}): {r.stderr}\n{r.stdout}"
-        return r.stdout
+        return expect_ok(self.run(*args, **kw), args)
 
     def fails(self, *args: str, match: str, code: int = 1, **kw: Any) -> str:
         """Its stderr; asserts exit code ``code`` and an ``Error: `` message holding ``match`` (any case)."""
-        r = self.run(*args, **kw)
-        assert r.returncode == code, f"swarmctl {' '.join(args)}: rc {r.returncode}, out {r.stdout!r} err {r.stderr!r}"
-        assert r.stderr.startswith("Error: "), r.stderr
-        if self.one_line_errors:
-            assert r.stderr.count("\n") == 1, r.stderr
-        assert match.lower() in r.stderr.lower(), r.stderr
-        return r.stderr
+        return expect_error(self.run(*args, **kw), args, match, code, fold_case=True, one_line=self.one_line_errors)
 
     def js(self, *args: str) -> list[dict]:
         """``swarmctl ARGS --format json``, parsed."""

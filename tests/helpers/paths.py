@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 #: The checkout (the folder holding pyproject.toml).
@@ -24,7 +23,3 @@ def _shared() -> Path:
 #: The shared compose corpus and docs (CI and every checkout keep a copy of shared/ beside the repository;
 #: a git worktree finds it beside its main checkout).
 SHARED = _shared()
-
-_VENV_SWARMCTL = ROOT / ".venv" / "bin" / "swarmctl"
-#: argv prefix that runs this checkout's swarmctl.
-SWARMCTL = [str(_VENV_SWARMCTL)] if _VENV_SWARMCTL.exists() else [sys.executable, "-m", "shoal.cli.swarmctl"]

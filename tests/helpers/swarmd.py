@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from helpers.paths import SWARMCTL
+from helpers.swarmctl import SWARMCTL, expect_error, expect_ok
 from shoal.lab.registry import free_port
 from shoal.proto import control_pb2, control_pb2_grpc
 
@@ -150,18 +150,11 @@ class Swarmd:
 
     def ok(self, *args: str, **kw: Any) -> str:
         """Its stdout; asserts exit code 0."""
-        r = self.ctl(*args, **kw)
-        assert r.returncode == 0, f"swarmctl {' '.join(args)} on {self.name}: rc {r.returncode}\n{r.stdout}\n{r.stderr}"
-        return r.stdout
+        return expect_ok(self.ctl(*args, **kw), args)
 
     def fails(self, *args: str, match: str, code: int = 1, **kw: Any) -> str:
         """Its stderr; asserts exit code ``code`` and an ``Error: `` message holding ``match``."""
-        r = self.ctl(*args, **kw)
-        err = r.stderr.lower() if self.fold_case else r.stderr
-        assert r.returncode == code and r.stderr.startswith("Error: ") and (
-            (match.lower() if self.fold_case else match) in err), (
-            f"swarmctl {' '.join(args)}: rc {r.returncode}\n{r.stdout}\n{r.stderr}")
-        return r.stderr
+        return expect_error(self.ctl(*args, **kw), args, match, code, fold_case=self.fold_case)
 
 
 def remove_containers(engine_root: Path) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from helpers.registry import local_registry
 from helpers.swarmd import Swarmd, remove_containers, remove_task_netns, unmount_under
 from helpers.waiting import wait_for
 
@@ -53,15 +54,8 @@ class Daemon(Swarmd):
 
 @pytest.fixture(scope="module")
 def registry() -> Iterator[object]:
-    from shoal.lab.registry import Registry, seed_busybox
-
-    reg = Registry("127.0.0.1")
-    reg.start()
-    try:
-        seed_busybox(reg.url)
+    with local_registry() as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 @pytest.fixture
