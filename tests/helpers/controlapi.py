@@ -1,8 +1,9 @@
 """The control API over a ``LocalStore`` on a unix socket, for tests that need no cluster behind it.
 
 - ``served(dir)``: in this process, with a real ``grpc.aio`` client (``Served.stub``).
-- ``Server(dir)``: in a child process (``python -m helpers.controlapi SOCKET [--seed]``) that real
-  ``swarmctl`` processes talk to; ``ok``/``fails``/``js`` run swarmctl against it and check the outcome.
+- ``Server(dir)``: in a child process (``python -m helpers.controlapi SOCKET [--seed]``), with the
+  Watch API beside it as swarmd serves them, that real ``swarmctl`` processes talk to; ``ok``,
+  ``fails`` and ``js`` run swarmctl against it and check the outcome.
 
 ``--seed`` (``seed``) creates what a fresh single-manager swarm has: the cluster object (with a root CA
 certificate and join tokens) and this manager's node (READY, leader), plus a DOWN worker ``w1``.
@@ -31,7 +32,8 @@ from helpers.swarmctl import SWARMCTL, expect_error, expect_ok
 from shoal.manager.ca import generate_join_token
 from shoal.manager.controlapi import ControlServicer, add_to_server
 from shoal.manager.store import LocalStore, Tx
-from shoal.proto import control_pb2_grpc, objects_pb2, specs_pb2, types_pb2
+from shoal.manager.watchapi import WatchServicer
+from shoal.proto import control_pb2_grpc, objects_pb2, specs_pb2, types_pb2, watch_pb2_grpc
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -142,6 +144,7 @@ async def _serve(sock: str, do_seed: bool) -> None:
         await store.update(seed)
     server = grpc.aio.server()
     add_to_server(ControlServicer(store), server)
+    watch_pb2_grpc.add_WatchServicer_to_server(WatchServicer(store), server)
     server.add_insecure_port(f"unix://{sock}")
     await server.start()
     stop = asyncio.Event()
