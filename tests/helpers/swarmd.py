@@ -36,6 +36,8 @@ class Swarmd:
     ctl_timeout: float = 60
     #: ``fails`` matches its text in stderr ignoring case
     fold_case: bool = False
+    #: ``control`` reuses one channel (see there)
+    keep_channel: bool = False
 
     def __init__(self, base: Path, name: str, ip: str = "127.0.0.1", extra: Sequence[str] | None = None, *,
                  hostname: str | None = None, peer: bool = True, gossip: bool = False) -> None:
@@ -86,6 +88,10 @@ class Swarmd:
 
     # gRPC straight to the control socket (fast polling; the user-facing checks run swarmctl)
     def control(self) -> control_pb2_grpc.ControlStub:
+        """A stub on a new channel, or with ``keep_channel`` on one channel kept until the process is
+        killed or stopped (a kept channel that saw the socket gone retries with gRPC's backoff)."""
+        if not self.keep_channel:
+            return control_pb2_grpc.ControlStub(grpc.insecure_channel(f"unix:{self.sock}"))
         if self._channel is None:
             self._channel = grpc.insecure_channel(f"unix:{self.sock}")
         return control_pb2_grpc.ControlStub(self._channel)

@@ -63,6 +63,8 @@ def _proc_state(pid: int) -> str:
 class Daemon(Swarmd):
     """One swarmd with its own addresses on 127.0.0.x; `log` collects its stderr over restarts."""
 
+    keep_channel = True
+
     def __init__(self, base: Path, name: str, ip: str, extra: list[str] | None = None) -> None:
         super().__init__(base, name, ip, extra, gossip=True)
         self.etcd_pids: set[int] = set()
