@@ -8,10 +8,17 @@ namespace, root-namespace link, nft table, mount or ``shoal-*`` cgroup that appe
 and is still there at its end; elsewhere (engineers' shared machines, with other labs coming and going)
 it only prints them. Names of other engineers' labs (``shoal-<lab>-…`` without this session's
 ``<pid % 10000>``) are never ours.
+
+It also sorts the tests by speed: ``fast`` marks every test that is neither ``integration`` nor
+``slow``; ``slow`` marks the unit tests listed in ``SLOW`` (those that take about half a second or
+more on a 2-core machine: real swarmctl processes, property tests, control loops waiting out real
+delays). ``-m fast`` is the quick answer (well under a minute), ``-m "not integration"`` all unit tests,
+no ``-m`` everything (docs/testing.md).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import subprocess
@@ -23,6 +30,27 @@ from dataclasses import dataclass, field
 import pytest
 
 MARK = "SHOAL_TEST_SESSION"
+
+# Unit tests that take seconds, by file (relative to tests/) and test function name (fnmatch pattern;
+# parametrized cases share their function's name). Measured with `pytest -m "not integration"
+# --durations=0`; move a test here when it passes ~0.5 s, out when it gets quick.
+SLOW: dict[str, tuple[str, ...]] = {
+    "cli/test_stack.py": ("*",),  # real swarmctl processes against a served control API (1-13 s each)
+    "cli/test_swarmctl.py": ("*",),  # the same
+    "compose/test_compose_plan.py": ("test_redeploy_is_noop_and_updates_converge",),
+    "compose/test_compose_properties.py": ("test_mutated_valid_document", "test_random_services",
+                                           "test_random_documents"),
+    "lab/test_vagrant.py": ("*",),  # `vagrant validate`
+    "manager/test_dispatcher.py": ("test_heartbeat_expiry_marks_node_down_and_session_reopens",),
+    "manager/test_keymanager.py": ("test_loop_follows_a_shorter_interval_at_once_and_stops_cleanly",),
+    "manager/test_orchestrator_property.py": ("test_orchestrator_converges",),
+    "manager/test_orchestrator_replicated.py": ("test_restart_delay_keeps_replacement_ready",
+                                                "test_rejected_replacements_come_one_restart_delay_apart"),
+    "manager/test_scheduler_property.py": ("test_scheduler_respects_every_filter",),
+    "netdriver/test_gossip_tables.py": ("test_any_delivery_order_converges",),
+    "node/test_swarmd_memory.py": ("*",),  # fresh interpreters importing the node
+}
+TESTS = os.path.dirname(os.path.abspath(__file__))
 TOKEN = f"{os.getpid() % 10000}"
 
 
@@ -33,6 +61,25 @@ class Snapshot:
     nft: set[str] = field(default_factory=set)
     mounts: set[str] = field(default_factory=set)
     cgroups: set[str] = field(default_factory=set)
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    rel = os.path.relpath(str(item.path), TESTS)
+    name = getattr(item, "originalname", item.name)
+    return any(fnmatch.fnmatchcase(name, pat) for pat in SLOW.get(rel, ()))
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` the tests listed in ``SLOW`` (unless ``integration``), and ``fast`` every other
+    test that is not ``integration``."""
+    for item in items:
+        if item.get_closest_marker("integration") is not None:
+            continue
+        if item.get_closest_marker("slow") is None and _is_slow(item):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
 
 
 def _lines(argv: list[str]) -> set[str]:

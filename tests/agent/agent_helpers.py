@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -14,6 +15,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from helpers.aio import run
+from helpers.registry import HEALTHCHECK, local_registry
+from helpers.waiting import wait_for_async
 
 from shoal.lab.images import busybox_image
 from shoal.lab.registry import Registry, push_image
@@ -29,32 +33,17 @@ from shoal.proto import (
 )
 
 PREFIX = f"st{os.getpid() % 10000}"
-HEALTHCHECK = {
-    "Healthcheck": {
-        "Test": ["CMD-SHELL", "test -e /tmp/healthy"],
-        "Interval": 200_000_000,
-        "Timeout": 2_000_000_000,
-        "Retries": 2,
-    }
-}
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
 @pytest.fixture(scope="session")
 def registry() -> Iterator[Registry]:
     if os.geteuid() != 0:
         pytest.fail("agent integration tests need root (or deselect with -m 'not integration')")
-    reg = Registry("127.0.0.1")
-    reg.start()
-    try:
+
+    def seed(reg: Registry) -> None:
         push_image(reg.url, "library/busybox", "latest", busybox_image())
         push_image(reg.url, "hc", "latest", busybox_image(config=HEALTHCHECK))
+
+    with local_registry(seed) as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 async def _remove_all(root: Path) -> None:
@@ -162,13 +151,7 @@ async def set_task(st: Store, tid: str, **fields) -> None:
     await st.update(fn)
 
 
-async def wait_for(pred, timeout: float = 60.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        if loop.time() > end:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        await asyncio.sleep(0.05)
+wait_for = functools.partial(wait_for_async, timeout=60.0)
 
 
 def task_state(st: Store, tid: str) -> int:

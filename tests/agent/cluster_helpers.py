@@ -3,60 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import os
+import functools
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
-from shoal.lab.registry import free_port
+from helpers.swarmd import Swarmd, remove_containers, remove_task_netns, unmount_under
+from helpers.waiting import wait_for
 
 SWARMCTL = [sys.executable, "-m", "shoal.cli.swarmctl"]
 
 
-class Node:
+class Node(Swarmd):
+    """A swarmd whose etcd peer address, when it needs one, comes in the start arguments."""
+
     def __init__(self, base: Path, name: str) -> None:
-        self.name = name
-        self.dir = base / name
-        self.api = f"127.0.0.1:{free_port()}"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(base, name, peer=False)
 
-    def start(self, *extra: str) -> None:
+    def start(self, *extra: str) -> None:  # type: ignore[override]
         self.dir.mkdir(exist_ok=True)
-        log = open(self.dir.parent / f"{self.name}.log", "ab")
-        argv = [
-            sys.executable,
-            "-m",
-            "shoal.node.swarmd",
-            "-d",
-            str(self.dir),
-            "--listen-remote-api",
-            self.api,
-            "--hostname",
-            self.name,
-            *extra,
-        ]
-        self.proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-        log.close()
+        super().start(extra)
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(sig)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    def stop(self, sig: int = signal.SIGTERM) -> None:  # type: ignore[override]
+        super().stop(sig, timeout=20)
 
 
 def ctl(sock: Path, *args: str, check: bool = True, timeout: float = 120) -> str:
@@ -68,15 +41,7 @@ def ctl(sock: Path, *args: str, check: bool = True, timeout: float = 120) -> str
     return r.stdout
 
 
-def wait_until(pred, timeout: float = 60, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.2)
+wait_until = functools.partial(wait_for, timeout=60, interval=0.2)
 
 
 def running_pids(node: Node) -> dict[str, int]:
@@ -107,39 +72,14 @@ def sessions(log: Path) -> list[tuple[datetime, str]]:
     return out
 
 
-def cleanup_engine(root: Path) -> None:
-    from shoal.agent.engine import Engine
-
-    async def main() -> None:
-        e = Engine(root)
-        for c in await e.list():
-            with contextlib.suppress(Exception):
-                await e.remove(c.id)
-        await e.close()
-
-    if (root / "containers").is_dir():
-        asyncio.run(main())
-
-
 def cleanup_cluster(base: Path, nodes) -> None:  # type: ignore[no-untyped-def]
     """Stop every swarmd (by PID), remove every container, unmount leftovers, delete the dir."""
     for n in reversed(list(nodes)):
         n.stop()
     for n in nodes:
-        cleanup_engine(n.dir / "engine")
-    ids = []
-    for n in nodes:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            ids.append(json.loads((n.dir / "node.json").read_text())["node_id"])
-    from pyroute2 import netns
-
-    for name in task_netns(ids):  # left by a swarmd that did not get to release them
-        with contextlib.suppress(OSError):
-            netns.remove(name)
-    with open("/proc/self/mountinfo") as f:
-        mps = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(base))]
-    for mp in sorted(mps, reverse=True):
-        os.system(f"umount -l {mp!r} 2>/dev/null")
+        remove_containers(n.dir / "engine")
+    remove_task_netns(nodes)
+    unmount_under(base)
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -150,12 +90,3 @@ def dump_logs(base: Path, nodes, lines: int = 30) -> None:  # type: ignore[no-un
             sys.stderr.write(
                 f"---- {n.name} log tail\n" + "\n".join(log.read_text().splitlines()[-lines:]) + "\n"
             )
-
-
-def task_netns(node_ids) -> list[str]:  # type: ignore[no-untyped-def]
-    """The task network namespaces the nodes' networking made (named n<node id[:6]>-c<task id[:12]>)."""
-    prefixes = tuple(f"n{nid[:6]}-c" for nid in node_ids)
-    try:
-        return sorted(n for n in os.listdir("/run/netns") if n.startswith(prefixes))
-    except FileNotFoundError:
-        return []

@@ -19,13 +19,14 @@ from cluster_helpers import (
     cleanup_cluster,
     ctl,
     dump_logs,
-    free_port,
     running_containers,
     running_pids,
     sessions,
-    task_netns,
     wait_until,
 )
+from helpers.swarmd import task_netns
+
+from shoal.lab.registry import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -18,11 +18,12 @@ from cluster_helpers import (
     cleanup_cluster,
     ctl,
     dump_logs,
-    free_port,
     running_containers,
     sessions,
     wait_until,
 )
+
+from shoal.lab.registry import free_port
 
 pytestmark = pytest.mark.integration
 

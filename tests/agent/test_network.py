@@ -14,10 +14,10 @@ import collections
 import os
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers.waiting import wait_for
 from netnode import NetNode, attachment, make_network, make_task, session_message
 
 from shoal.lab.nshosts import NsLab
@@ -29,16 +29,6 @@ GW_SUBNET = "198.19.250.0/24"
 OUTSIDE = "198.18.0.254"  # the underlay namespace: the lab's "outside world"
 KEY = bytes(range(16))
 IFACES = "ip -o -4 addr show; ip -br link show; ip route show"  # a container's interfaces, to compare
-
-
-def wait_for(pred: Callable[[], object], what: str, timeout: float = 30.0) -> float:
-    """Poll until pred() is true; returns the seconds it took."""
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"gave up after {timeout} s waiting for: {what}")
-        time.sleep(0.05)
-    return time.monotonic() - t0
 
 
 class Cluster:

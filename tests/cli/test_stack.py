@@ -1,4 +1,4 @@
-"""`swarmctl stack …` as real processes against a served ControlServicer (tests/cli/server.py, LocalStore).
+"""`swarmctl stack …` as real processes against a served ControlServicer (helpers.controlapi, LocalStore).
 
 The served store has no orchestrator: services get no tasks, so deploys here use --detach, except
 against a store without nodes, where the wait ends at once (nothing can run the tasks yet).
@@ -8,27 +8,22 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import controlapi
+from helpers.paths import SHARED
 
 from shoal.cli.client import Client
 from shoal.cli.commands import stack as stack_cli
 from shoal.cli.errors import CliError
 from shoal.proto import control_pb2
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
-VENV_SWARMCTL = ROOT / ".venv" / "bin" / "swarmctl"
-VOTING_APP = ROOT.parent / "shared" / "compose" / "examples" / "example-voting-app.docker-stack.yml"
+VOTING_APP = SHARED / "compose" / "examples" / "example-voting-app.docker-stack.yml"
 PREFIX = f"st{os.getpid() % 10000}"
 NAMESPACE = "com.docker.stack.namespace"
 
-
-SWARMCTL = [str(VENV_SWARMCTL)] if VENV_SWARMCTL.exists() else [sys.executable, "-m", "shoal.cli.swarmctl"]
 
 
 STACK_FILE = """\
@@ -91,45 +86,9 @@ configs:
 """
 
 
-class Server:
-    def __init__(self, tmp: Path, *flags: str) -> None:
-        self.socket = str(tmp / "ctl.sock")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "server.py"), self.socket, *flags],
-                                     stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if line.strip() != "ready":
-            self.stop()
-            raise RuntimeError(f"test server did not start: {line!r}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def run(self, *args: str, input: str | None = None, cwd: Path | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        full = dict(os.environ, SWARM_SOCKET=self.socket, **(env or {}))
-        return subprocess.run(SWARMCTL + list(args), capture_output=True, text=True, input=input, env=full,
-                              timeout=120, cwd=cwd)
-
-    def ok(self, *args: str, **kw: object) -> str:
-        r = self.run(*args, **kw)  # type: ignore[arg-type]
-        assert r.returncode == 0, f"swarmctl {' '.join(args)} failed ({r.returncode}): {r.stderr}\n{r.stdout}"
-        return r.stdout
-
-    def fails(self, *args: str, match: str, **kw: object) -> str:
-        r = self.run(*args, **kw)  # type: ignore[arg-type]
-        assert r.returncode == 1, f"swarmctl {' '.join(args)}: rc {r.returncode}, out {r.stdout!r} err {r.stderr!r}"
-        assert r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1, r.stderr
-        assert match.lower() in r.stderr.lower(), r.stderr
-        return r.stderr
-
-    def js(self, *args: str) -> list[dict]:
-        return json.loads(self.ok(*args, "--format", "json"))
+class Server(controlapi.Server):
+    timeout = 120
+    one_line_errors = True
 
     def everything(self) -> dict[str, list[str]]:
         """Names of every service, network, secret and config."""

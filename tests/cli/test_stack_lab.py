@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.swarmctl import SWARMCTL
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent.parent
-VENV_SWARMCTL = ROOT / ".venv" / "bin" / "swarmctl"
-SWARMCTL = [str(VENV_SWARMCTL)] if VENV_SWARMCTL.exists() else [sys.executable, "-m", "shoal.cli.swarmctl"]
 PREFIX = f"st{os.getpid() % 10000}"
 NAMESPACE = "com.docker.stack.namespace"
 LIVE = ("ASSIGNED", "ACCEPTED", "PREPARING", "READY", "STARTING", "RUNNING")

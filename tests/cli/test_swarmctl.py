@@ -1,57 +1,16 @@
-"""Real `swarmctl` processes against a served ControlServicer (tests/cli/server.py over a LocalStore)."""
+"""Real `swarmctl` processes against a served ControlServicer (helpers.controlapi over a LocalStore)."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
-VENV_SWARMCTL = ROOT / ".venv" / "bin" / "swarmctl"
-SWARMCTL = [str(VENV_SWARMCTL)] if VENV_SWARMCTL.exists() else [sys.executable, "-m", "shoal.cli.swarmctl"]
-
-
-class Server:
-    def __init__(self, tmp: Path, *flags: str) -> None:
-        self.socket = str(tmp / "ctl.sock")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "server.py"), self.socket, *flags],
-                                     stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if line.strip() != "ready":
-            self.stop()
-            raise RuntimeError(f"test server did not start: {line!r}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def run(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ, SWARM_SOCKET=self.socket)
-        return subprocess.run(SWARMCTL + list(args), capture_output=True, text=True, input=input, env=env,
-                              timeout=timeout)
-
-    def ok(self, *args: str, input: str | None = None) -> str:
-        r = self.run(*args, input=input)
-        assert r.returncode == 0, f"swarmctl {' '.join(args)} failed ({r.returncode}): {r.stderr}"
-        return r.stdout
-
-    def fails(self, *args: str, match: str, code: int = 1, input: str | None = None) -> str:
-        r = self.run(*args, input=input)
-        assert r.returncode == code, f"swarmctl {' '.join(args)}: rc {r.returncode}, out {r.stdout!r} err {r.stderr!r}"
-        assert r.stderr.startswith("Error: "), r.stderr
-        assert match.lower() in r.stderr.lower(), r.stderr
-        return r.stderr
+from helpers.controlapi import Server
+from helpers.swarmctl import SWARMCTL
 
 
 @pytest.fixture(scope="module")

@@ -4,79 +4,36 @@ quorum error, exit 1; reads still answer). Services have 0 replicas: no containe
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from shoal.lab.registry import free_port
+from helpers.swarmd import Swarmd, unmount_under
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parent.parent.parent
-VENV_SWARMCTL = ROOT / ".venv" / "bin" / "swarmctl"
-SWARMCTL = [str(VENV_SWARMCTL)] if VENV_SWARMCTL.exists() else [sys.executable, "-m", "shoal.cli.swarmctl"]
 PREFIX = f"st{os.getpid() % 10000}"
 
 
-class Daemon:
+class Daemon(Swarmd):
     def __init__(self, base: Path, name: str) -> None:
-        self.name = f"{PREFIX}{name}"
-        self.dir = base / name
-        self.api = f"127.0.0.1:{free_port()}"
-        self.raft = f"127.0.0.1:{free_port()}"
-        self.log = base / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.extra: list[str] = []
+        super().__init__(base, name, hostname=f"{PREFIX}{name}")
 
-    def start(self, *extra: str) -> Daemon:
+    def start(self, *extra: str) -> Daemon:  # type: ignore[override]
+        """Start it; arguments given once (a join) are kept for the restarts."""
         if extra:
             self.extra = list(extra)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shoal.node.swarmd", "-d", str(self.dir), "--listen-remote-api", self.api,
-                 "--listen-raft", self.raft, "--hostname", self.name, *self.extra],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        super().start()
         return self
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(SWARMCTL + ["--socket", str(self.dir / "swarmd.sock"), *args], capture_output=True,
-                              text=True, timeout=timeout)
-
-    def ok(self, *args: str) -> str:
-        r = self.ctl(*args)
-        assert r.returncode == 0, f"swarmctl {' '.join(args)} on {self.name} failed: {r.stderr}"
-        return r.stdout
-
-
-def wait(cond: Callable[[], object], what: str, timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+wait = functools.partial(wait_for, timeout=60, interval=0.2)
 
 
 def manager_rows(d: Daemon) -> dict[str, list[str]]:
@@ -115,10 +72,7 @@ def cluster() -> Iterator[Callable[[str], Daemon]]:
     finally:
         for d in made:
             d.kill()
-        with open("/proc/self/mountinfo") as f:
-            mps = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(base))]
-        for mp in sorted(mps, reverse=True):
-            subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+        unmount_under(base)
         shutil.rmtree(base, ignore_errors=True)
 
 

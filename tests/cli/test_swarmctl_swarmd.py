@@ -3,48 +3,40 @@ own agent running runc containers) and a real registry on loopback. Needs root."
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from helpers.registry import local_registry
+from helpers.swarmctl import SWARMCTL
+from helpers.swarmd import Swarmd, remove_containers, unmount_under
 
-from shoal.lab.registry import Registry, free_port, seed_busybox
+from shoal.lab.registry import Registry
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parent.parent.parent
-VENV_SWARMCTL = ROOT / ".venv" / "bin" / "swarmctl"
-SWARMCTL = [str(VENV_SWARMCTL)] if VENV_SWARMCTL.exists() else [sys.executable, "-m", "shoal.cli.swarmctl"]
 PREFIX = f"st{os.getpid() % 10000}"
 
 
-class Manager:
+class Manager(Swarmd):
+    """One manager (and its agent) that runs containers; swarmctl may take minutes (image pulls)."""
+
+    ctl_timeout = 180
+    fold_case = True
+
     def __init__(self) -> None:
         self.base = Path(tempfile.mkdtemp(prefix=f"{PREFIX}c-", dir="/var/tmp"))
-        self.dir = self.base / "m1"
-        self.api = f"127.0.0.1:{free_port()}"
-        self.log = self.base / "m1.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(self.base, "m1", hostname=f"{PREFIX}m1")
 
-    @property
-    def sock(self) -> Path:
-        return self.dir / "swarmd.sock"
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shoal.node.swarmd", "-d", str(self.dir), "--listen-remote-api", self.api,
-                 "--listen-raft", f"127.0.0.1:{free_port()}", "--hostname", f"{PREFIX}m1"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    def start(self) -> None:  # type: ignore[override]
+        super().start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.sock.exists():
@@ -55,53 +47,19 @@ class Manager:
             time.sleep(0.2)
         raise AssertionError(f"swarmd did not come up: {self.log.read_text()[-3000:]}")
 
-    def run(self, *args: str, input: str | None = None, timeout: float = 180,
-            remote: bool = False) -> subprocess.CompletedProcess[str]:
-        conn = ["--host", self.api, "--tls-dir", str(self.dir)] if remote else ["--socket", str(self.sock)]
-        return subprocess.run(SWARMCTL + conn + list(args), capture_output=True, text=True, input=input,
-                              timeout=timeout)
+    run = Swarmd.ctl
 
-    def ok(self, *args: str, **kw: object) -> str:
-        r = self.run(*args, **kw)  # type: ignore[arg-type]
+    def ok(self, *args: str, **kw: Any) -> str:
+        r = self.run(*args, **kw)
         if r.returncode != 0:
             tasks = self.run("task", "ls", "--no-trunc").stdout
             raise AssertionError(f"swarmctl {' '.join(args)} failed ({r.returncode}): {r.stderr}\n{r.stdout}\n"
                                  f"tasks:\n{tasks}")
         return r.stdout
 
-    def fails(self, *args: str, match: str, **kw: object) -> str:
-        r = self.run(*args, **kw)  # type: ignore[arg-type]
-        assert r.returncode == 1, f"swarmctl {' '.join(args)}: rc {r.returncode} {r.stdout!r} {r.stderr!r}"
-        assert r.stderr.startswith("Error: ") and match.lower() in r.stderr.lower(), r.stderr
-        return r.stderr
-
-    def stop(self) -> None:
-        p, self.proc = self.proc, None
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
     def cleanup(self) -> None:
-        root = self.dir / "engine"
-        if (root / "containers").is_dir():
-            from shoal.agent.engine import Engine
-
-            async def remove_all() -> None:
-                e = Engine(root)
-                for c in await e.list():
-                    with contextlib.suppress(Exception):
-                        await e.remove(c.id)
-                await e.close()
-
-            asyncio.run(remove_all())
-        with open("/proc/self/mountinfo") as f:
-            mps = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(self.base))]
-        for mp in sorted(mps, reverse=True):
-            subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+        remove_containers(self.dir / "engine")
+        unmount_under(self.base)
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -109,13 +67,8 @@ class Manager:
 def registry() -> Iterator[Registry]:
     if os.geteuid() != 0:
         pytest.fail("swarmd tests need root (or deselect with -m 'not integration')")
-    reg = Registry("127.0.0.1")
-    reg.start()
-    try:
-        seed_busybox(reg.url)
+    with local_registry() as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 @pytest.fixture(scope="module")

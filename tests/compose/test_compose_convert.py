@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers.paths import SHARED
 
 from shoal.compose import ComposeError, convert, load
 from shoal.proto import types_pb2
@@ -344,7 +345,7 @@ def test_specs_pass_the_control_api_validation(write, stackdir: Path) -> None:
     (stackdir / "db_pass.txt").write_text("s3cret\n")
     (stackdir / "nginx.conf").write_text("server {}\n")
     stacks = [convert(load([write("stack.yml", FULL)], environment={"FROM_SHELL": "sh", "API_KEY": "k"}), "demo")]
-    examples = Path(__file__).resolve().parents[2].parent / "shared" / "compose" / "examples"
+    examples = SHARED / "compose" / "examples"
     for f in sorted(examples.iterdir()):
         try:
             stacks.append(convert(load([f], environment={"PLEX_MEDIA_PATH": "/srv", "HOME": "/home/u"}), "st"))

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from helpers.paths import SHARED as SHARED_DIR
 
 from shoal.compose import ComposeError, convert, load, to_dict
 from shoal.proto import types_pb2
 
-# CI and every checkout keep a copy of shared/ beside the repository.
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "compose"
+SHARED = SHARED_DIR / "compose"
 EXAMPLES = SHARED / "examples"
 NO_IMAGE = "has no image; `stack deploy` needs an image for every service (build is not supported"
 

@@ -10,7 +10,6 @@ end, even when the test fails) and ``fresh_engine`` (an Engine on a root of its 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import tempfile
@@ -18,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.aio import run
+from helpers.registry import HEALTHCHECK
 
 from shoal.lab.images import busybox_image
 from shoal.lab.registry import Registry, push_image, push_index
@@ -26,23 +27,9 @@ AUTH_USER, AUTH_PASSWORD = "alice", "wonderland"
 PREFIX = f"st{os.getpid() % 10000}"
 
 
-def run(coro):
-    return asyncio.run(coro)
-
-
 def _need_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("engine integration tests need root (run as root, or deselect with -m 'not integration')")
-
-
-HEALTHCHECK = {
-    "Healthcheck": {
-        "Test": ["CMD-SHELL", "test -e /tmp/healthy"],
-        "Interval": 200_000_000,
-        "Timeout": 2_000_000_000,
-        "Retries": 2,
-    }
-}
 
 
 @pytest.fixture(scope="session")

@@ -9,19 +9,17 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.swarmctl import SWARMCTL
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-VENV_SWARMCTL = ROOT / ".venv" / "bin" / "swarmctl"
-SWARMCTL = [str(VENV_SWARMCTL)] if VENV_SWARMCTL.exists() else [sys.executable, "-m", "shoal.cli.swarmctl"]
 NAME = f"ls{os.getpid() % 10000}"
 ANSWER = re.compile(r"^(\d\d:\d\d:\d\d) (.*)$")
 

@@ -2,14 +2,11 @@ import asyncio
 import ipaddress
 
 import pytest
+from helpers.aio import run
 
 from shoal.manager.allocator import INGRESS_NAME, Allocator, allocate_network, mac_for
 from shoal.manager.store import Conflict, InvalidArgument, LocalStore
 from shoal.proto import objects_pb2, specs_pb2, store_pb2, types_pb2
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def cluster(pool: str = "198.19.0.0/16", size: int = 24) -> objects_pb2.Cluster:

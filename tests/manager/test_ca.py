@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 from pathlib import Path
 
 import grpc
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from helpers.pki import identity
 
+from shoal.lab.registry import free_port as _port
 from shoal.manager import ca, remoteapi
 from shoal.manager.store import new_id
 from shoal.proto import ca_pb2, ca_pb2_grpc, types_pb2
@@ -22,11 +23,6 @@ TOKEN_RE = re.compile(r"^SWMTKN-1-[0-9a-z]{50}-[0-9a-z]{25}$")
 @pytest.fixture(scope="module")
 def root() -> ca.RootCA:
     return ca.RootCA.create("clusterid0")
-
-
-def identity(root: ca.RootCA, role: int, cluster: str = "clusterid0") -> ca.TLSIdentity:
-    _, key = ca.new_key()
-    return ca.TLSIdentity(key, root.issue(ca.make_csr(key), new_id(), role, cluster), root.cert_pem)
 
 
 def test_join_token_format_and_digest(root):
@@ -85,12 +81,6 @@ def test_node_certificate_fields(root, tmp_path: Path):
     assert ca.TLSIdentity.load(tmp_path / "certs") == worker
     with pytest.raises(ca.JoinError, match="not a PEM CSR"):
         root.issue(b"junk", "n", types_pb2.WORKER, "c")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Who(ca_pb2_grpc.CAServicer):

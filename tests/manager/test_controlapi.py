@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
-from controlapi_helpers import served
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from helpers.aio import run
+from helpers.controlapi import served
+from helpers.pki import ca_cert_pem, identity
 
 from shoal.proto import control_pb2, control_pb2_grpc, objects_pb2, specs_pb2, types_pb2
 
 C = grpc.StatusCode
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def svc_spec(name: str = "web", image: str = "busybox:latest", replicas: int = 1, **kw) -> specs_pb2.ServiceSpec:
@@ -37,20 +30,6 @@ async def expect(code: grpc.StatusCode, call, match: str = ""):
     assert ei.value.code() == code, ei.value.details()
     assert match.lower() in ei.value.details().lower(), ei.value.details()
     return ei.value.details()
-
-
-def ca_cert_pem() -> bytes:
-    import datetime
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "swarm-ca")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def test_service_create_get_list_update_rollback_remove(tmp_path) -> None:
@@ -505,11 +484,7 @@ def test_remote_callers_must_hold_a_manager_identity() -> None:
 
     root = ca.RootCA.create("cl1")
 
-    def identity(node_id: str, role: int) -> ca.TLSIdentity:
-        _, key_pem = ca.new_key()
-        return ca.TLSIdentity(key_pem, root.issue(ca.make_csr(key_pem), node_id, role, "cl1"), root.cert_pem)
-
-    manager, worker = identity("m1", types_pb2.MANAGER), identity("w1", types_pb2.WORKER)
+    manager, worker = identity(root, types_pb2.MANAGER, "m1"), identity(root, types_pb2.WORKER, "w1")
 
     async def main() -> None:
         server = grpc.aio.server()

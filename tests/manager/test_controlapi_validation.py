@@ -3,12 +3,12 @@ nothing changes in the store. Table-driven, through a real grpc.aio server and c
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import grpc
 import pytest
-from controlapi_helpers import served
+from helpers.aio import run
+from helpers.controlapi import served
 
 from shoal.manager import validation
 from shoal.manager.store import InvalidArgument
@@ -185,10 +185,6 @@ BAD_SERVICE_SPECS: list[tuple[str, Callable[[specs_pb2.ServiceSpec], None], str]
                                           _set("task.resources.reservations.memory_bytes", 16 << 20)(s)),
      "memory reservation is larger than the memory limit"),
 ]
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 async def _expect_invalid(s, call, match: str) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
 from etcd_cluster import CLUSTER, EtcdCluster, etcd_cluster
+from helpers.aio import run
+from helpers.waiting import wait_for_async
 
 from shoal.manager.ca import RootCA
 from shoal.manager.dispatcher import LEADER_ADDR_KEY, NODE_ID_KEY, Dispatcher
@@ -19,10 +22,6 @@ from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_
 
 AM = dispatcher_pb2.AssignmentsMessage
 AC = dispatcher_pb2.AssignmentChange
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 @contextlib.asynccontextmanager
@@ -126,12 +125,7 @@ async def change_task(store: Store, tid: str, **fields) -> None:
     await store.update(fn)
 
 
-async def wait_for(pred, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.02)
+wait_for = functools.partial(wait_for_async, timeout=10.0, interval=0.02)
 
 
 def kinds(msg: dispatcher_pb2.AssignmentsMessage) -> list[tuple[str, str, int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from helpers.waiting import wait_for_async
 
+from shoal.lab.registry import free_port
 from shoal.manager import ca
 from shoal.manager.etcdmember import EtcdConfig, EtcdError, EtcdMember, parse_metrics, process_alive
 from shoal.proto import etcd_pb2, etcd_pb2_grpc, types_pb2
@@ -45,12 +48,6 @@ def base() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="etcd", dir="/tmp"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(root: ca.RootCA, base: Path, name: str, role: int = types_pb2.MANAGER, **kw: object) -> EtcdConfig:
@@ -83,16 +80,7 @@ async def get(m: EtcdMember, key: bytes) -> bytes | None:
     return r.kvs[0].value if r.kvs else None
 
 
-async def eventually(check, timeout: float = 10, step: float = 0.05):  # noqa: ANN001, ANN201
-    """Await `check()` until it returns something truthy; return it, or fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s (last: {got!r})")
-        await asyncio.sleep(step)
+eventually = functools.partial(wait_for_async, timeout=10, interval=0.05)
 
 
 # ---- (a) one member ------------------------------------------------------------------------------

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 import pytest
 from etcd_cluster import CLUSTER, EtcdCluster, etcd_cluster
+from helpers.waiting import wait_for_async
 
 from shoal.manager import ca
 from shoal.manager.etcdstore import Election, EtcdStore, Fence, FenceLost
@@ -93,17 +95,7 @@ async def object_keys(kv: etcd_pb2_grpc.KVStub) -> dict[bytes, bytes]:
     return {k: v for k, v in (await etcd_keys(kv)).items() if not k.startswith(b"/shoal/e/")}
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10, step: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if isinstance(got, Awaitable):
-            got = await got
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s (last: {got!r})")
-        await asyncio.sleep(step)
+eventually = functools.partial(wait_for_async, timeout=10, interval=0.02)
 
 
 def drain(w: Any) -> list[watch_pb2.WatchEvent]:

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import time
 
+from helpers.aio import run_bounded as run
+
 from shoal.manager import leader
 from shoal.manager.allocator import allocate_network
 from shoal.manager.keymanager import (
@@ -19,14 +21,6 @@ from shoal.manager.store import LocalStore, Tx
 from shoal.proto import objects_pb2, specs_pb2, types_pb2
 
 S = 10**9
-
-
-def run(coro):
-    async def bounded():
-        async with asyncio.timeout(60):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 async def new_store(interval_ns: int | None = None) -> LocalStore:

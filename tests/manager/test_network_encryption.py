@@ -3,11 +3,11 @@ and keys never leaving the store through attachments, the control API or the wat
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
-from controlapi_helpers import served
+from helpers.aio import run
+from helpers.controlapi import served
 
 from shoal.manager import validation
 from shoal.manager.allocator import Allocator, allocate_network
@@ -15,10 +15,6 @@ from shoal.manager.keymanager import IPSEC_SUBSYSTEM, ipsec_keys, public
 from shoal.manager.store import InvalidArgument, LocalStore, StateMachine, Store
 from shoal.manager.watchapi import redact
 from shoal.proto import control_pb2, objects_pb2, specs_pb2, store_pb2, types_pb2, watch_pb2
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 class RecordingStore(LocalStore):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from controlapi_helpers import served
+from helpers.controlapi import served
 from orchestrator_sim import Sim, dur
 
 from shoal.proto import control_pb2, specs_pb2, types_pb2

@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
+from helpers.aio import run_bounded as run
 from orchestrator_sim import Sim, service_spec
 
 from shoal.proto import types_pb2
-
-
-def run(coro):
-    async def bounded():
-        async with asyncio.timeout(60):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def test_global_on_5_nodes_with_1_drained() -> None:

@@ -5,19 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+from helpers.aio import run_bounded as run
 from orchestrator_sim import Sim, dur, service_spec
 
 from shoal.proto import types_pb2
 
 UC = types_pb2.UpdateConfig
-
-
-def run(coro):
-    async def bounded():
-        async with asyncio.timeout(60):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def set_image(image: str):

@@ -8,19 +8,12 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
+from helpers.aio import run_bounded as run
 from orchestrator_sim import GB, node
 
 from shoal.manager.scheduler import Scheduler, parse_constraints
 from shoal.manager.store import LocalStore, new_id
 from shoal.proto import objects_pb2, types_pb2
-
-
-def run(coro):
-    async def bounded():
-        async with asyncio.timeout(60):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def pending_task(

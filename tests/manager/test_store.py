@@ -1,6 +1,7 @@
 import asyncio
 
 import pytest
+from helpers.aio import run
 
 from shoal.manager.store import (
     AlreadyExists,
@@ -23,10 +24,6 @@ def service(name: str, **labels: str) -> objects_pb2.Service:
             replicated=specs_pb2.ReplicatedService(replicas=1),
         )
     )
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def test_ids_are_25_chars_and_random() -> None:

@@ -6,13 +6,13 @@ to a fake upstream resolver of the test on loopback."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import struct
 import subprocess
 import sys
 
 import pytest
+from helpers.aio import aiotest
 
 from shoal.netdriver.dns import (
     RCODE_NXDOMAIN,
@@ -33,14 +33,6 @@ from shoal.proto.gossip_pb2 import EndpointRecord, TableEntry
 PORT = 20000 + (os.getpid() + 7) % 20000
 NET = 10 + (os.getpid() + 3) % 200
 TYPE_AAAA = 28
-
-
-def aiotest(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(fn(*args, **kwargs))
-
-    return wrapper
 
 
 # records: network netA holds stack "demo" (web in vip mode with an alias, db in dnsrr mode) and

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import gossipnode
 import pytest
+from helpers.aio import aiotest
+from helpers.waiting import wait_for_async as until
 
 from shoal.netdriver.networkdb import ENDPOINT_TABLE, EventKind, GossipConfig, NetworkDB, TableEvent
 from shoal.proto import gossip_pb2
@@ -32,29 +33,10 @@ KEY1 = bytes(range(32))
 KEY2 = bytes(range(100, 132))
 
 
-def aiotest(fn):
-    """Run an async test function on a fresh event loop (no pytest plugin needed)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(fn(*args, **kwargs))
-
-    return wrapper
-
-
 def fresh_addrs(n: int) -> list[str]:
     """n unused loopback addresses for this test (unique per test run and per call)."""
     block = next(_seq)
     return [f"127.{_NET}.{block}.{i + 1}" for i in range(n)]
-
-
-async def until(pred: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"gave up waiting for: {what}")
-        await asyncio.sleep(0.05)
 
 
 def states(g: NetworkDB) -> dict[str, str]:

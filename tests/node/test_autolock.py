@@ -11,102 +11,38 @@ their agents), real `swarmctl` processes, a real registry on loopback for the on
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from helpers.registry import local_registry
+from helpers.swarmd import Swarmd, remove_containers, remove_task_netns, unmount_under
+from helpers.waiting import wait_for
 
 from shoal.manager.watchapi import redact
-from shoal.proto import control_pb2, control_pb2_grpc, objects_pb2, watch_pb2
+from shoal.proto import control_pb2, objects_pb2, watch_pb2
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-VENV_SWARMCTL = ROOT / ".venv" / "bin" / "swarmctl"
-SWARMCTL = [str(VENV_SWARMCTL)] if VENV_SWARMCTL.exists() else [sys.executable, "-m", "shoal.cli.swarmctl"]
 LOCKED = "this manager is locked: run `swarmctl cluster unlock` and give it the unlock key"
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+wait = functools.partial(wait_for, retry_on=(grpc.RpcError,))
 
 
-def wait(cond: Callable[[], object], what: str, timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except grpc.RpcError as e:
-            last = e
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}: {last}")
-
-
-class Daemon:
-    def __init__(self, base: Path, name: str, ip: str, extra: list[str]) -> None:
-        self.name = name
-        self.dir = base / name
-        self.ip = ip
-        self.api = f"{ip}:{free_port(ip)}"
-        self.peer = f"{ip}:{free_port(ip)}"
-        self.extra = extra
-        self.log = base / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def argv(self, extra: list[str] | None = None) -> list[str]:
-        return [sys.executable, "-m", "shoal.node.swarmd", "-d", str(self.dir), "--listen-remote-api", self.api,
-                "--listen-peer", self.peer, "--hostname", self.name, *self.extra, *(extra or [])]
-
-    def start(self, extra: list[str] | None = None, stdin: str | None = None) -> Daemon:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv(extra), stdout=subprocess.DEVNULL, stderr=log,
-                                         stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE)
-        if stdin is not None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(stdin.encode())
-            self.proc.stdin.close()
-        return self
-
-    @property
-    def sock(self) -> Path:
-        return self.dir / "swarmd.sock"
-
-    def control(self) -> control_pb2_grpc.ControlStub:
-        return control_pb2_grpc.ControlStub(grpc.insecure_channel(f"unix:{self.sock}"))
-
-    def info(self) -> control_pb2.InfoResponse:
-        return self.control().Info(control_pb2.InfoRequest(), timeout=5)
+class Daemon(Swarmd):
+    term_timeout = 60  # a manager stopping while another is gone waits on etcd (<= 10 s)
 
     def ready(self) -> bool:
         return self.sock.exists() and bool(self.info().leader_node_id)
-
-    def ctl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*SWARMCTL, "--socket", str(self.sock), *args], capture_output=True, text=True,
-                              input=input, timeout=60)
-
-    def ok(self, *args: str, input: str | None = None) -> str:
-        r = self.ctl(*args, input=input)
-        assert r.returncode == 0, f"swarmctl {' '.join(args)}: rc {r.returncode}\n{r.stdout}\n{r.stderr}"
-        return r.stdout
-
-    def fails(self, *args: str, match: str, input: str | None = None) -> None:
-        r = self.ctl(*args, input=input)
-        assert r.returncode == 1 and r.stderr.startswith("Error: ") and match in r.stderr, (
-            f"swarmctl {' '.join(args)}: rc {r.returncode}\n{r.stdout}\n{r.stderr}")
 
     def children(self) -> list[int]:
         assert self.proc is not None
@@ -115,28 +51,11 @@ class Daemon:
             out += [int(p) for p in (t / "children").read_text().split()]
         return out
 
-    def term(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)  # a manager stopping while another is gone waits on etcd (<= 10 s)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
 
 @pytest.fixture(scope="module")
 def registry() -> Iterator[object]:
-    from shoal.lab.registry import Registry, seed_busybox
-
-    reg = Registry("127.0.0.1")
-    reg.start()
-    try:
-        seed_busybox(reg.url)
+    with local_registry() as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 @pytest.fixture
@@ -159,42 +78,14 @@ def daemons(tmp_path: Path, registry: object) -> Iterator[Callable[..., Daemon]]
         for d in made:  # keep the logs of a failed run next to pytest's tmp_path
             if d.log.exists():
                 (tmp_path / d.log.name).write_bytes(d.log.read_bytes())
-        with open("/proc/self/mountinfo") as f:
-            mps = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(base))]
-        for mp in sorted(mps, reverse=True):
-            subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+        unmount_under(base)
         subprocess.run(["rm", "-rf", str(base)], check=False)
 
 
 def _remove_containers(made: list[Daemon]) -> None:
-    import asyncio
-    import contextlib
-
-    from shoal.agent.engine import Engine
-
-    async def remove_all(root: Path) -> None:
-        e = Engine(root)
-        for c in await e.list():
-            with contextlib.suppress(Exception):
-                await e.remove(c.id)
-        await e.close()
-
     for d in made:
-        if (d.dir / "engine" / "containers").is_dir():
-            asyncio.run(remove_all(d.dir / "engine"))
-    # The task network namespaces (n<node id[:6]>-c<task id[:12]>) a stopped swarmd did not release.
-    from pyroute2 import netns
-
-    ids = []
-    for d in made:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            ids.append(json.loads((d.dir / "node.json").read_text())["node_id"])
-    prefixes = tuple(f"n{nid[:6]}-c" for nid in ids)
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir("/run/netns"):
-            if prefixes and name.startswith(prefixes):
-                with contextlib.suppress(OSError):
-                    netns.remove(name)
+        remove_containers(d.dir / "engine")
+    remove_task_netns(made)
 
 
 def files_holding(root: Path, needles: list[bytes]) -> list[str]:

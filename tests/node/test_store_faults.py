@@ -16,10 +16,10 @@ The daemons' logs of a failed run are copied next to pytest's tmp_path."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +32,8 @@ from typing import Any
 
 import grpc
 import pytest
+from helpers.swarmd import Swarmd
+from helpers.waiting import wait_for
 
 from shoal.manager.etcdmember import process_alive
 from shoal.manager.store import KINDS
@@ -47,24 +49,7 @@ QUORUM_TEXT = "no quorum: 1 of 3 managers reachable; writes are refused until a 
 
 
 # ---- harness -------------------------------------------------------------------------------------
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait(cond: Callable[[], Any], what: str, timeout: float = 30.0, period: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except (grpc.RpcError, OSError, ValueError) as e:
-            last = e
-        time.sleep(period)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}: {last!r}")
+wait = functools.partial(wait_for, retry_on=(grpc.RpcError, OSError, ValueError))
 
 
 def _proc_state(pid: int) -> str:
@@ -75,40 +60,19 @@ def _proc_state(pid: int) -> str:
         return "gone"
 
 
-class Daemon:
+class Daemon(Swarmd):
     """One swarmd with its own addresses on 127.0.0.x; `log` collects its stderr over restarts."""
 
-    def __init__(self, base: Path, name: str, ip: str, extra: list[str] | None = None) -> None:
-        self.name = name
-        self.dir = base / name
-        self.ip = ip
-        self.api = f"{ip}:{free_port(ip)}"
-        self.peer = f"{ip}:{free_port(ip)}"
-        self.gossip = free_port(ip)
-        self.extra = extra or []
-        self.log = base / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.etcd_pids: set[int] = set()
-        self._channel: grpc.Channel | None = None
+    keep_channel = True
 
-    def start(self, extra: list[str] | None = None) -> Daemon:
-        args = [
-            sys.executable, "-m", "shoal.node.swarmd", "-d", str(self.dir), "--listen-remote-api", self.api,
-            "--listen-peer", self.peer, "--gossip-port", str(self.gossip), "--hostname", self.name,
-            *self.extra, *(extra or []),
-        ]
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
-        return self
+    def __init__(self, base: Path, name: str, ip: str, extra: list[str] | None = None) -> None:
+        super().__init__(base, name, ip, extra, gossip=True)
+        self.etcd_pids: set[int] = set()
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
-
-    @property
-    def sock(self) -> Path:
-        return self.dir / "swarmd.sock"
 
     @property
     def etcd_sock(self) -> Path:
@@ -124,37 +88,6 @@ class Daemon:
             return pid
         return None
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self, offset: int = 0) -> str:
-        try:
-            with open(self.log, "rb") as f:
-                f.seek(offset)
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_size(self) -> int:
-        try:
-            return self.log.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    # gRPC straight to the control socket (fast polling; the user-facing checks run swarmctl)
-    def control(self) -> control_pb2_grpc.ControlStub:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(f"unix:{self.sock}")
-        return control_pb2_grpc.ControlStub(self._channel)
-
-    def reset_channel(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-
-    def info(self) -> control_pb2.InfoResponse:
-        return self.control().Info(control_pb2.InfoRequest(), timeout=5)
-
     def node_id(self) -> str:
         return self.info().node_id
 
@@ -169,20 +102,8 @@ class Daemon:
         self.reset_channel()
 
     def term(self, timeout: float = 30) -> int:
-        assert self.proc is not None
         self.etcd_pid()
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self.reset_channel()
-        return code
-
-    def run_to_exit(self, extra: list[str], timeout: float = 60) -> tuple[int, str]:
-        p = subprocess.run(
-            [sys.executable, "-m", "shoal.node.swarmd", "-d", str(self.dir), "--listen-remote-api", self.api,
-             "--listen-peer", self.peer, "--gossip-port", str(self.gossip), "--hostname", self.name, *extra],
-            capture_output=True, text=True, timeout=timeout,
-        )
-        return p.returncode, p.stderr
+        return super().term(timeout)
 
     def crash(self) -> None:
         """The host dies: swarmd and its etcd member are SIGKILLed at once."""
@@ -579,7 +500,7 @@ def test_quorum_loss_fails_fast_reads_answer_and_heals(lab: Lab):
     for d in (m2, m3):
         d.start()
     wait(lambda: ctl(m1, "secret", "create", "after", "-", input="s3cret").code == 0, "writes to work again", 60,
-         period=0.2)
+         interval=0.2)
     healed = time.monotonic() - t0
     wait(lambda: healthy([m1, m2, m3]), "3 reachable managers again", 30)
     for d in (m1, m2, m3):
@@ -622,7 +543,7 @@ def test_force_new_cluster_recovers_the_last_manager(lab: Lab):
     assert m1.info().node_id == ids["m1"]
     assert [m.ID for m in member_list(m1)] and len(member_list(m1)) == 1
     wait(lambda: ctl(m1, "secret", "create", "after-recovery", "-", input="x").code == 0, "writes on m1", 30,
-         period=0.2)
+         interval=0.2)
     print(f"\nforce-new-cluster: m1 answered alone {up:.2f} s after its start")
 
     # Everything is still there.
@@ -642,7 +563,7 @@ def test_force_new_cluster_recovers_the_last_manager(lab: Lab):
     assert r.code != 0 and "demote it first" in r.err, r
     ok(m1, "node", "demote", "m2", "m3")
     for name in ("m2", "m3"):
-        wait(lambda name=name: ctl(m1, "node", "rm", "--force", name).code == 0, f"node rm {name}", 30, period=0.3)
+        wait(lambda name=name: ctl(m1, "node", "rm", "--force", name).code == 0, f"node rm {name}", 30, interval=0.3)
     assert set(node_ls(m1)) == {"m1"}
 
     # A new manager joins: two members, a quorum, writes.
@@ -718,14 +639,14 @@ def test_node_ls_manager_status_follows_a_dead_manager(lab: Lab):
     t0 = time.monotonic()
     victim.kill9()
     st = wait(lambda: (s := manager_status(leader)) and s[victim.name] == "Unreachable" and s,
-              f"{victim.name} to show Unreachable", 15, period=0.1)
+              f"{victim.name} to show Unreachable", 15, interval=0.1)
     down = time.monotonic() - t0
     assert st[leader.name] == "Leader" and sorted(st.values()) == ["Leader", "Reachable", "Unreachable"], st
     victim.wait_etcd_gone()
     t1 = time.monotonic()
     victim.start()
     wait(lambda: manager_status(leader)[victim.name] == "Reachable", f"{victim.name} to be Reachable again", 30,
-         period=0.1)
+         interval=0.1)
     back = time.monotonic() - t1
     st = manager_status(leader)
     assert sorted(st.values()) == ["Leader", "Reachable", "Reachable"], st

@@ -5,94 +5,24 @@ tokens, restart with the same state dir, kill -9 of the leader, promotion and de
 
 from __future__ import annotations
 
+import functools
 import os
-import signal
-import socket
 import stat
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
+from helpers.swarmd import Swarmd as Daemon
+from helpers.waiting import wait_for
 
-from shoal.proto import control_pb2, control_pb2_grpc, specs_pb2, types_pb2
+from shoal.proto import control_pb2, specs_pb2, types_pb2
 
 pytestmark = pytest.mark.integration
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait(cond: Callable[[], object], what: str, timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except grpc.RpcError as e:
-            last = e
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}: {last}")
-
-
-class Daemon:
-    def __init__(self, base: Path, name: str, ip: str, extra: list[str] | None = None) -> None:
-        self.name = name
-        self.dir = base / name
-        self.ip = ip
-        self.api = f"{ip}:{free_port(ip)}"
-        self.raft = f"{ip}:{free_port(ip)}"
-        self.extra = extra or []
-        self.log = base / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, extra: list[str] | None = None) -> Daemon:
-        args = [
-            sys.executable, "-m", "shoal.node.swarmd", "-d", str(self.dir), "--listen-remote-api", self.api,
-            "--listen-raft", self.raft, "--hostname", self.name, *self.extra, *(extra or []),
-        ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))  # noqa: SIM115
-        return self
-
-    def run_to_exit(self, extra: list[str]) -> tuple[int, str]:
-        p = subprocess.run(
-            [sys.executable, "-m", "shoal.node.swarmd", "-d", str(self.dir), "--listen-remote-api", self.api,
-             "--listen-raft", self.raft, "--hostname", self.name, *extra],
-            capture_output=True, text=True, timeout=60,
-        )
-        return p.returncode, p.stderr
-
-    @property
-    def sock(self) -> Path:
-        return self.dir / "swarmd.sock"
-
-    def control(self) -> control_pb2_grpc.ControlStub:
-        return control_pb2_grpc.ControlStub(grpc.insecure_channel(f"unix:{self.sock}"))
-
-    def info(self) -> control_pb2.InfoResponse:
-        return self.control().Info(control_pb2.InfoRequest(), timeout=5)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait()
-
-    def term(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
+wait = functools.partial(wait_for, retry_on=(grpc.RpcError,))
 
 
 @pytest.fixture
