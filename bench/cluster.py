@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/cluster.py [--managers 3] [--workers 2] [--skip-failover]
 
+cli_create_* time the same creates through a `swarmctl service create` process (the venv's console
+script, which waits for convergence by default: its progress follows the Watch stream), from the
+process's start to its exit; the gap to create_* is the CLI's own cost (start-up, watch, output).
+
 swarmd RSS is read twice: idle (rss_*_idle_mb, a few seconds after `lab up`, before any service) and
 after the create_* workload (rss_*_after_load_mb). A manager's figure is swarmd plus its etcd member
 (target 110 MB idle, against dockerd + containerd's 157 MB); the agent's target is 50 MB.
@@ -17,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -78,6 +83,26 @@ def create_and_wait(c, name: str, replicas: int, timeout: float) -> float | None
     wait(lambda: not c.ListTasks(control_pb2.ListTasksRequest(
         filters=control_pb2.ListFilters(service_ids=[svc.id])), timeout=5).tasks, 60, 0.1)
     return dt if ok else None
+
+
+SWARMCTL = Path(sys.executable).with_name("swarmctl")
+
+
+def cli_create_and_wait(c, h, name: str, replicas: int, timeout: float) -> float | None:
+    """Seconds from starting `swarmctl service create --replicas N` on host h's socket to its exit (it
+    returns once every replica runs); None when it failed."""
+    argv = [str(SWARMCTL), "--socket", h.socket, "service", "create", "--name", name, "--replicas", str(replicas),
+            "--restart-condition", "any", "busybox", "sleep", "3600"]
+    t0 = time.monotonic()
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    dt = time.monotonic() - t0
+    if r.returncode != 0:
+        print(f"  swarmctl failed ({r.returncode}): {r.stderr.strip()[-300:]}", file=sys.stderr)
+    svc = c.GetService(control_pb2.GetServiceRequest(service_id=name), timeout=10).service
+    c.RemoveService(control_pb2.RemoveServiceRequest(service_id=svc.id), timeout=10)
+    wait(lambda: not c.ListTasks(control_pb2.ListTasksRequest(
+        filters=control_pb2.ListFilters(service_ids=[svc.id])), timeout=5).tasks, 60, 0.1)
+    return dt if r.returncode == 0 else None
 
 
 def rss_mb(pid: int) -> float:
@@ -192,6 +217,10 @@ def main() -> int:
             runs = [create_and_wait(c, f"b{n}-{i}", n, 120) for i in range(a.runs if n < 100 else 1)]
             ok = [r for r in runs if r is not None]
             res[key] = statistics.median(ok) if ok else None
+        for n in (1, 12):
+            runs = [cli_create_and_wait(c, st.hosts[0], f"c{n}-{i}", n, 120) for i in range(a.runs)]
+            ok = [r for r in runs if r is not None]
+            res[f"cli_create_{n}"] = statistics.median(ok) if ok else None
         time.sleep(2)
         res.update(rss_by_role(st, "after_load_mb"))  # after the create_* workload (services removed)
         if not a.skip_failover:

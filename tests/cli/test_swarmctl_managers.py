@@ -132,6 +132,8 @@ def test_managers_failover_promote_demote_and_quorum_loss(cluster) -> None:
     alive = next(d for d in survivors if d not in down)
     for d in down:
         d.kill()
+    for d in down:  # down means their etcd members too (each stops gracefully on its swarmd's death)
+        d.wait_etcd_gone()
     r = alive.ctl("service", "create", "-d", "--name", "s3", "--replicas", "0", "busybox", timeout=60)
     assert r.returncode == 1 and r.stderr.startswith("Error: ") and "quorum" in r.stderr, r.stderr
     names = [s["spec"]["annotations"]["name"] for s in json.loads(alive.ok("service", "ls", "--format", "json"))]

@@ -22,7 +22,9 @@ from typing import Any
 import grpc
 
 from helpers.swarmctl import SWARMCTL, expect_error, expect_ok
+from helpers.waiting import wait_for
 from shoal.lab.registry import free_port
+from shoal.manager.etcdmember import process_alive
 from shoal.proto import control_pb2, control_pb2_grpc
 
 
@@ -51,6 +53,7 @@ class Swarmd:
         self.log = base / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
+        self.etcd_pids: set[int] = set()  # every etcd member pid seen for it (see ``etcd_pid``)
 
     def argv(self, extra: Sequence[str] = (), own_extra: bool = True) -> list[str]:
         """The command line: addresses, hostname, then ``self.extra`` (unless ``own_extra`` is False) and ``extra``."""
@@ -104,8 +107,27 @@ class Swarmd:
     def info(self) -> control_pb2.InfoResponse:
         return self.control().Info(control_pb2.InfoRequest(), timeout=5)
 
+    def etcd_pid(self) -> int | None:
+        """The pid of its running etcd member (a manager's), remembered in ``etcd_pids``; None if none runs."""
+        try:
+            pid = int((self.dir / "etcd" / "etcd.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if process_alive(pid):
+            self.etcd_pids.add(pid)
+            return pid
+        return None
+
+    def wait_etcd_gone(self, timeout: float = 15) -> None:
+        """Until every etcd member seen for it has exited. A SIGKILLed swarmd's member gets SIGTERM
+        (PDEATHSIG) and stops gracefully -- a leader hands its leadership over first -- so for a moment
+        it still counts towards the quorum."""
+        wait_for(lambda: not any(process_alive(p) for p in self.etcd_pids), f"{self.name}'s etcd member to exit",
+                 timeout)
+
     def kill(self) -> None:
-        """SIGKILL, when it runs."""
+        """SIGKILL, when it runs (its etcd member's pid is noted first, for ``wait_etcd_gone``)."""
+        self.etcd_pid()
         if self.alive():
             assert self.proc is not None
             self.proc.kill()

@@ -67,7 +67,6 @@ class Daemon(Swarmd):
 
     def __init__(self, base: Path, name: str, ip: str, extra: list[str] | None = None) -> None:
         super().__init__(base, name, ip, extra, gossip=True)
-        self.etcd_pids: set[int] = set()
 
     @property
     def pid(self) -> int:
@@ -77,16 +76,6 @@ class Daemon(Swarmd):
     @property
     def etcd_sock(self) -> Path:
         return self.dir / "etcd" / "client.sock:0"  # etcdmember.SOCKET_NAME
-
-    def etcd_pid(self) -> int | None:
-        try:
-            pid = int((self.dir / "etcd" / "etcd.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        if process_alive(pid):
-            self.etcd_pids.add(pid)
-            return pid
-        return None
 
     def node_id(self) -> str:
         return self.info().node_id
@@ -111,9 +100,6 @@ class Daemon(Swarmd):
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
         self.kill9()
-
-    def wait_etcd_gone(self, timeout: float = 15) -> None:
-        wait(lambda: not any(process_alive(p) for p in self.etcd_pids), f"{self.name}'s etcd member to exit", timeout)
 
     def cleanup(self) -> None:
         with contextlib.suppress(Exception):
