@@ -10,7 +10,7 @@ import json
 import logging
 import subprocess
 
-from .netns import nsenter
+from shoal.netdriver.netns import nsenter
 
 log = logging.getLogger(__name__)
 

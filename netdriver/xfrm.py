@@ -19,7 +19,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from .netns import netns_socket
+from shoal.netdriver.netns import netns_socket
 
 NETLINK_XFRM = 6
 NLMSG_ERROR = 2

@@ -67,15 +67,25 @@ def _room(module: str) -> str:
 
 
 def _imports(path: Path) -> list[str]:
-    """Every module `path` imports (absolute names, `shoal.` kept)."""
+    """Every module `path` imports (absolute names, `shoal.` kept; a relative import is resolved)."""
     out: list[str] = []
+    package = _module(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
     for n in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(n, ast.Import):
             out += [a.name for a in n.names]
-        elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
-            out.append(n.module)
+        elif isinstance(n, ast.ImportFrom):
+            if n.level:
+                base = ["shoal", *package[: len(package) - (n.level - 1)]]
+                module = ".".join(base + ([n.module] if n.module else []))
+            elif n.module:
+                module = n.module
+            else:
+                continue
+            out.append(module)
             # `from shoal.netdriver import lb` imports shoal.netdriver.lb
-            out += [f"{n.module}.{a.name}" for a in n.names if n.module.startswith("shoal.")]
+            out += [f"{module}.{a.name}" for a in n.names if module.startswith("shoal.")]
     return out
 
 

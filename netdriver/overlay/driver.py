@@ -62,10 +62,8 @@ from collections.abc import Sequence
 from shoal.netdriver import lb, nft, xfrm
 from shoal.netdriver.driverapi import Interface
 from shoal.netdriver.netns import create_netns, list_netns, ns_path, remove_netns
-from shoal.proto import objects_pb2
-
-from . import endpoints, esp, gateway, peers, sandbox
-from .model import (
+from shoal.netdriver.overlay import endpoints, esp, gateway, peers, sandbox
+from shoal.netdriver.overlay.model import (
     ESP_OVERHEAD,
     INGRESS_TASK,
     VXLAN_OVERHEAD,
@@ -77,7 +75,8 @@ from .model import (
     mac_from_ip,
     strip_prefix,
 )
-from .restore import scan_kernel
+from shoal.netdriver.overlay.restore import scan_kernel
+from shoal.proto import objects_pb2
 
 log = logging.getLogger(__name__)
 

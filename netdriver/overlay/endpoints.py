@@ -12,10 +12,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from shoal.netdriver.driverapi import Interface
 from shoal.netdriver.netns import add_veth, del_link, link_index, list_netns, netlink, ns_path
+from shoal.netdriver.overlay.model import Endpoint, Network, link_hash, mac_from_ip
+from shoal.netdriver.overlay.sandbox import sandbox_name
 from shoal.proto import objects_pb2
-
-from .model import Endpoint, Network, link_hash, mac_from_ip
-from .sandbox import sandbox_name
 
 
 def free_ifnames(path: str) -> list[str]:

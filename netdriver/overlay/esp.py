@@ -15,8 +15,7 @@ import logging
 from collections.abc import Iterable, Sequence
 
 from shoal.netdriver import nft, xfrm
-
-from .model import ESP_MARK, ESP_TABLE, VXLAN_PORT, Network, OverlayError
+from shoal.netdriver.overlay.model import ESP_MARK, ESP_TABLE, VXLAN_PORT, Network, OverlayError
 
 log = logging.getLogger(__name__)
 

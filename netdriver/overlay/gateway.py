@@ -11,8 +11,7 @@ import ipaddress
 
 from shoal.netdriver import nft
 from shoal.netdriver.netns import add_veth, del_link, link_index, netlink
-
-from .model import OverlayError, link_hash
+from shoal.netdriver.overlay.model import OverlayError, link_hash
 
 
 def exists(host_netns: str | None, bridge: str) -> bool:

@@ -8,8 +8,7 @@ import errno
 from pyroute2.netlink.exceptions import NetlinkError
 
 from shoal.netdriver.netns import link_index, netlink, ns_path
-
-from .model import NTF_SELF, NUD_PERMANENT, Network
+from shoal.netdriver.overlay.model import NTF_SELF, NUD_PERMANENT, Network
 
 
 def program(n: Network, ip: str, mac: str, vtep: str) -> None:

@@ -9,9 +9,8 @@ import logging
 from dataclasses import dataclass, field
 
 from shoal.netdriver import lb
-
-from . import gateway, peers, sandbox
-from .model import Endpoint, Network, Published
+from shoal.netdriver.overlay import gateway, peers, sandbox
+from shoal.netdriver.overlay.model import Endpoint, Network, Published
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,10 @@ advertise address, no learning, ARP proxy). vxlan0 is created in the host namesp
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
+from collections.abc import Iterator
 
 from pyroute2.iproute import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -21,8 +23,7 @@ from shoal.netdriver.netns import (
     ns_path,
     remove_netns,
 )
-
-from .model import VXLAN_PORT, Network, OverlayError
+from shoal.netdriver.overlay.model import VXLAN_PORT, Network, OverlayError
 
 
 def sandbox_name(prefix: str, network_id: str) -> str:
@@ -87,19 +88,25 @@ def build(n: Network, created: bool, host_netns: str | None, advertise_addr: str
         _add_vxlan(n, sb, host_netns, advertise_addr)
 
 
+@contextlib.contextmanager
+def _refused(code: int, message: str) -> Iterator[None]:
+    """A netlink refusal with errno `code` becomes an OverlayError saying `message`; others pass."""
+    try:
+        yield
+    except NetlinkError as e:
+        if e.code == code:
+            raise OverlayError(message) from e
+        raise
+
+
 def _add_vxlan(n: Network, sb: str, host_netns: str | None, advertise_addr: str) -> None:
     tmp = f"vx-{n.vni}"
     with netlink(host_netns) as h:
         del_link(h, tmp)  # a leftover of a crash between create and move
-        try:
+        with _refused(errno.EEXIST, f"network {n.id}: a VXLAN device with VNI {n.vni} already exists on this "
+                      "host; remove the other network or give this one another VNI"):
             h.link("add", ifname=tmp, kind="vxlan", vxlan_id=n.vni, vxlan_port=VXLAN_PORT,
                    vxlan_local=advertise_addr, vxlan_learning=0, vxlan_proxy=1, mtu=n.mtu)
-        except NetlinkError as e:
-            if e.code == errno.EEXIST:
-                raise OverlayError(
-                    f"network {n.id}: a VXLAN device with VNI {n.vni} already exists on this host; "
-                    "remove the other network or give this one another VNI") from e
-            raise
         try:
             move_link(h, link_index(h, tmp), sb)
         except BaseException:
@@ -108,14 +115,9 @@ def _add_vxlan(n: Network, sb: str, host_netns: str | None, advertise_addr: str)
     with netlink(sb) as ipr:
         vx = link_index(ipr, tmp)
         ipr.link("set", index=vx, ifname="vxlan0", mtu=n.mtu, master=link_index(ipr, "br0"))
-        try:
+        with _refused(errno.EADDRINUSE, f"network {n.id}: UDP port {VXLAN_PORT} on {advertise_addr} is already "
+                      f"bound by another program; stop it (see `ss -ulpn sport = {VXLAN_PORT}`)"):
             ipr.link("set", index=vx, state="up")
-        except NetlinkError as e:
-            if e.code == errno.EADDRINUSE:
-                raise OverlayError(
-                    f"network {n.id}: UDP port {VXLAN_PORT} on {advertise_addr} is already bound by "
-                    "another program; stop it (see `ss -ulpn sport = {VXLAN_PORT}`)") from e
-            raise
 
 
 def vxlan_vni(ipr: IPRoute, idx: int) -> int | None:
