@@ -1,0 +1,30 @@
+"""The ``SLOW`` table of tests/conftest.py names real tests: a slow test renamed or moved would
+otherwise drop out of it without a word and run with the ``fast`` set."""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+from pathlib import Path
+
+from conftest import SLOW
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _test_names(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    return {n.name for n in ast.walk(tree)
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name.startswith("test")}
+
+
+def test_every_slow_entry_names_a_test() -> None:
+    stale = []
+    for rel, patterns in SLOW.items():
+        path = TESTS / rel
+        if not path.is_file():
+            stale.append(f"{rel}: no such test file")
+            continue
+        names = _test_names(path)
+        stale += [f"{rel}: no test matches {p!r}" for p in patterns if not fnmatch.filter(names, p)]
+    assert not stale, "SLOW in tests/conftest.py names tests that do not exist:\n" + "\n".join(stale)
