@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import waiting
 from helpers.swarmctl import SWARMCTL
 
 pytestmark = pytest.mark.integration
@@ -47,15 +48,9 @@ def lab(*args: str, check: bool = True, timeout: float = 120) -> subprocess.Comp
     return swarmctl("lab", "--name", NAME, *args, check=check, timeout=timeout)
 
 
-def wait_for(what: str, cond: Callable[[], Any], timeout: float = 60, period: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(period)
-    raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s (last: {last!r})")
+def wait_for(cond: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    """helpers.waiting.wait_for with the lab's pace: a minute by default, a look every 0.2 s."""
+    return waiting.wait_for(cond, what, timeout, interval=0.2)
 
 
 def alive(pid: int) -> bool:
@@ -222,7 +217,7 @@ def test_replicated_service_runs_on_several_hosts(cluster: Lab) -> None:
         assert routes.strip() == ""
     finally:
         remove_service(cluster, "spread")
-    wait_for("the containers of `spread` to end", lambda: not any(alive(p) for _, _, p, _ in running), 30)
+    wait_for(lambda: not any(alive(p) for _, _, p, _ in running), "the containers of `spread` to end", 30)
     assert cluster.tasks("spread") == [] or all(t["desired_state"] != "RUNNING" for t in cluster.tasks("spread"))
 
 
@@ -244,7 +239,7 @@ def test_killed_agent_keeps_containers_and_readopts_them(cluster: Lab) -> None:
         lab("start", "h4")
         assert "stopped" not in cluster.status()["h4"]["state"]
         # the same tasks with the same container processes, and nothing new
-        after = wait_for("the tasks of `adopt` to settle", lambda: (r := cluster.running("adopt")) == before and r)
+        after = wait_for(lambda: (r := cluster.running("adopt")) == before and r, "the tasks of `adopt` to settle")
         assert after == before
         assert all(alive(pid) for _, _, pid, _ in on_h4)
         assert {t["id"] for t in cluster.tasks("adopt")} == ids, "tasks were replaced"
@@ -274,16 +269,16 @@ def test_partitioned_leader_is_replaced(cluster: Lab) -> None:
     try:
         assert "partitioned" in cluster.status()[old]["state"]
         _write_through(cluster.sockets[other], "afterleader")
-        new = wait_for("a new leader", lambda: (ld := cluster.leader()) not in ("", old) and ld)
+        new = wait_for(lambda: (ld := cluster.leader()) not in ("", old) and ld, "a new leader")
         assert new != old
-        wait_for("the new service to run", lambda: len(cluster.running("afterleader", cluster.sockets[other])) == 2)
+        wait_for(lambda: len(cluster.running("afterleader", cluster.sockets[other])) == 2, "the new service to run")
     finally:
         lab("heal", old)
-    wait_for("every host ready after the heal",
-             lambda: all(r["state"] == "ready" for r in cluster.status().values()))
+    wait_for(lambda: all(r["state"] == "ready" for r in cluster.status().values()),
+             "every host ready after the heal")
     # the old leader serves the new state (as a follower)
-    wait_for("the old leader to see the new service",
-             lambda: len(cluster.running("afterleader", cluster.sockets[old])) == 2)
+    wait_for(lambda: len(cluster.running("afterleader", cluster.sockets[old])) == 2,
+             "the old leader to see the new service")
     remove_service(cluster, "afterleader", cluster.sockets[other])
 
 
@@ -298,16 +293,16 @@ def test_partitioned_worker_tasks_move_and_no_duplicates_after_heal(cluster: Lab
         assert gone, before
         lab("partition", worker)
         try:
-            wait_for(f"{worker} DOWN", lambda: any(n["description"]["hostname"] == worker and n["status"]["state"] == "DOWN"
-                                                   for n in cluster.nodes(sock).values()), 60)
-            moved = wait_for(f"the tasks of {worker} running elsewhere", lambda: (
-                len(r := cluster.running("move", sock)) == 6 and all(x[0] != worker for x in r) and r), 60)
+            wait_for(lambda: any(n["description"]["hostname"] == worker and n["status"]["state"] == "DOWN"
+                                                   for n in cluster.nodes(sock).values()), f"{worker} DOWN", 60)
+            moved = wait_for(lambda: (
+                len(r := cluster.running("move", sock)) == 6 and all(x[0] != worker for x in r) and r), f"the tasks of {worker} running elsewhere", 60)
             assert {x[1] for x in moved} == {x[1] for x in before}
         finally:
             lab("heal", worker)
-        wait_for(f"{worker} ready again", lambda: cluster.status()[worker]["state"] == "ready", 60)
+        wait_for(lambda: cluster.status()[worker]["state"] == "ready", f"{worker} ready again", 60)
         # the old tasks of the healed worker are shut down: no slot runs twice
-        wait_for("the old containers to end", lambda: not any(alive(p) for _, _, p, _ in gone), 60)
+        wait_for(lambda: not any(alive(p) for _, _, p, _ in gone), "the old containers to end", 60)
         final = cluster.running("move", sock)
         assert len(final) == 6 and len({x[1] for x in final}) == 6, final
         assert all(alive(p) for _, _, p, _ in final)
@@ -316,7 +311,7 @@ def test_partitioned_worker_tasks_move_and_no_duplicates_after_heal(cluster: Lab
             states = {t["id"]: t["status"]["state"] for t in cluster.tasks("move", sock)}
             return all(states.get(tid) not in LIVE for *_, tid in gone)
 
-        wait_for("the old tasks to be reported shut down", old_tasks_down, 60)
+        wait_for(old_tasks_down, "the old tasks to be reported shut down", 60)
     finally:
         remove_service(cluster, "move", sock)
 
@@ -338,21 +333,21 @@ def test_demo_stack_answers_from_several_hosts(cluster: Lab) -> None:
         swarmctl("stack", "deploy", "-f", str(stack), "demo", sock=cluster.sock, timeout=180)
         web = cluster.running("demo_web")
         assert len({h for h, *_ in web}) == 3, web  # max one per node
-        hosts = wait_for("answers from web replicas on two hosts", lambda: len(h := client_hosts(cluster)) >= 2 and h)
+        hosts = wait_for(lambda: len(h := client_hosts(cluster)) >= 2 and h, "answers from web replicas on two hosts")
         assert hosts <= {h for h, *_ in web}
         # the published port answers on every host, from the underlay's "outside world"
         from shoal.lab.lab import LabState
 
         ul = f"/run/netns/{LabState.load(NAME).prefix}-ul"
         for i in (1, 4, 5):
-            page = wait_for(f"port 8080 of h{i}", lambda i=i: subprocess.run(
+            page = wait_for(lambda i=i: subprocess.run(
                 ["nsenter", f"--net={ul}", "busybox", "wget", "-q", "-O", "-", f"http://198.18.0.{i}:8080/"],
-                capture_output=True, text=True, timeout=10).stdout, 30)
+                capture_output=True, text=True, timeout=10).stdout, f"port 8080 of h{i}", 30)
             assert "says hello from Shoal (token 18 bytes)" in page, page
     finally:
         swarmctl("stack", "rm", "demo", sock=cluster.sock, check=False, timeout=120)
     pids = [p for _, _, p, _ in web]
-    wait_for("the demo's containers to end", lambda: not any(alive(p) for p in pids), 60)
+    wait_for(lambda: not any(alive(p) for p in pids), "the demo's containers to end", 60)
     nets = json.loads(swarmctl("network", "ls", "--format", "json", sock=cluster.sock).stdout)
     assert [n["spec"]["annotations"]["name"] for n in nets] == ["ingress"], nets
 
@@ -381,15 +376,15 @@ def test_encrypted_network(cluster: Lab) -> None:
                 out = swarmctl("service", "ps", "--no-trunc", "vault", sock=sock).stdout
                 return out if "IPsec ESP" in out else None
 
-            ps = wait_for("the task to pend with the reason", pending, 30)
+            ps = wait_for(pending, "the task to pend with the reason", 30)
             assert "encrypted network secure" in ps and "CONFIG_INET_ESP" in ps, ps
             assert cluster.running("vault") == []
         else:
             assert all("ipsec-esp" in c for c in caps.values()), caps
-            wait_for("vault to run", lambda: cluster.running("vault"), 60)
+            wait_for(lambda: cluster.running("vault"), "vault to run", 60)
     finally:
         remove_service(cluster, "vault")
-        wait_for("vault's tasks to go", lambda: not cluster.tasks("vault"), 60)
+        wait_for(lambda: not cluster.tasks("vault"), "vault's tasks to go", 60)
         swarmctl("network", "rm", "secure", sock=sock, check=False)
     nets = swarmctl("network", "ls", sock=sock).stdout
     assert "secure" not in nets

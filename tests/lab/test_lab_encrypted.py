@@ -52,7 +52,7 @@ def fresh_answers(sock: str, n: int = 3) -> None:
     """Wait until the client got n more answers than it had."""
     have = last_fetch(sock)
     try:
-        wait_for(f"{n} answers after fetch {have}", lambda: answered_after(sock, have) >= n, 60)
+        wait_for(lambda: answered_after(sock, have) >= n, f"{n} answers after fetch {have}", 60)
     except AssertionError:  # what the hosts hold, for the report
         for h in ("h1", "h2"):
             print(h, lab("exec", h, "--", "ip", "-s", "xfrm", "state", check=False).stdout)
@@ -87,8 +87,8 @@ def test_encrypted_service_across_hosts() -> None:
                  "busybox", "sh", "-c", WEB, sock=sock)
         swarmctl("service", "create", "--name", "client", "--network", "secure", "--constraint",
                  "node.hostname==h1", "busybox", "sh", "-c", CLIENT, sock=sock)
-        wait_for("the client's first answers",
-                 lambda: [a for _, a in client_lines(sock)].count("hello-encrypted") >= 3, 60)
+        wait_for(lambda: [a for _, a in client_lines(sock)].count("hello-encrypted") >= 3,
+                 "the client's first answers", 60)
 
         # on the wire between h1 and h2: ESP, and no VXLAN in clear
         sniffer = sniff_between(ul, "198.18.0.1", "198.18.0.2", 3)
@@ -102,7 +102,7 @@ def test_encrypted_service_across_hosts() -> None:
         swarmctl("cluster", "update", "--network-key-rotation", "2s", sock=sock)
         first = swarmctl("network", "inspect", "secure", sock=sock).stdout
         spis = {s.spi for s in host_xfrm("h1")[0]}
-        wait_for("two rotations", lambda: len(spis & {s.spi for s in host_xfrm("h1")[0]}) <= 1, 30)
+        wait_for(lambda: len(spis & {s.spi for s in host_xfrm("h1")[0]}) <= 1, "two rotations", 30)
         assert json.loads(swarmctl("network", "inspect", "secure", sock=sock).stdout)[0]["keys_rotated_at"] != \
             json.loads(first)[0]["keys_rotated_at"]
         swarmctl("cluster", "update", "--network-key-rotation", "0", sock=sock)
@@ -116,13 +116,13 @@ def test_encrypted_service_across_hosts() -> None:
         # Meanwhile h1 takes h2's endpoints out of service (as for any network), and h2's web task is
         # replaced once h2 is back; then the answers come again, still encrypted.
         lab("kill", "h2")
-        wait_for("h2 down", lambda: any(
+        wait_for(lambda: any(
             n["status"]["state"] == "DOWN" for n in json.loads(swarmctl("node", "ls", "--format", "json",
-                                                                         sock=sock).stdout)), 60)
+                                                                         sock=sock).stdout)), "h2 down", 60)
         lab("start", "h2")
-        wait_for("h2 ready again", lambda: all(
+        wait_for(lambda: all(
             n["status"]["state"] == "READY" for n in json.loads(swarmctl("node", "ls", "--format", "json",
-                                                                          sock=sock).stdout)), 60)
+                                                                          sock=sock).stdout)), "h2 ready again", 60)
         fresh_answers(sock)
         assert len(host_xfrm("h2")[0]) == 4
         sniffer = sniff_between(ul, "198.18.0.1", "198.18.0.2", 3)
@@ -131,11 +131,11 @@ def test_encrypted_service_across_hosts() -> None:
 
         # the services and the network go: so do every SA, policy and the hosts' ipsec tables
         swarmctl("service", "rm", "client", "web", sock=sock)
-        wait_for("the tasks to go", lambda: not json.loads(
-            swarmctl("task", "ls", "--format", "json", sock=sock).stdout), 60)
+        wait_for(lambda: not json.loads(
+            swarmctl("task", "ls", "--format", "json", sock=sock).stdout), "the tasks to go", 60)
         swarmctl("network", "rm", "secure", sock=sock)
         for h in st.hosts:
-            wait_for(f"{h.name} to drop its SAs", lambda h=h: host_xfrm(h.name) == ([], []), 30)
+            wait_for(lambda h=h: host_xfrm(h.name) == ([], []), f"{h.name} to drop its SAs", 30)
             assert ("ip", ESP_TABLE) not in nft.list_tables(h.netns)
     finally:
         lab("down", check=False)

@@ -9,12 +9,12 @@ import json
 import os
 import re
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import waiting
 from helpers.swarmctl import SWARMCTL
 
 pytestmark = pytest.mark.integration
@@ -24,15 +24,9 @@ NAME = f"ls{os.getpid() % 10000}"
 ANSWER = re.compile(r"^(\d\d:\d\d:\d\d) (.*)$")
 
 
-def wait_for(what: str, cond: Callable[[], Any], timeout: float = 60, period: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(period)
-    raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s (last: {last!r})")
+def wait_for(cond: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    """helpers.waiting.wait_for with the lab's pace: a minute by default, a look every 0.2 s."""
+    return waiting.wait_for(cond, what, timeout, interval=0.2)
 
 
 def alive(pid: int) -> bool:
@@ -80,7 +74,7 @@ def deploy(sock: str) -> None:
 
 def test_rolling_update_is_invisible_to_the_client(sock: str) -> None:
     deploy(sock)
-    wait_for("the client's first answers", lambda: len(client_lines(sock)) >= 3)
+    wait_for(lambda: len(client_lines(sock)) >= 3, "the client's first answers")
     old = {t["id"] for t in web_tasks(sock) if t["desired_state"] == "RUNNING"}
     assert len(old) == 3
     seen_before = len(client_lines(sock))
@@ -90,7 +84,7 @@ def test_rolling_update_is_invisible_to_the_client(sock: str) -> None:
     new = {t["id"] for t in web_tasks(sock) if t["desired_state"] == "RUNNING" and t["status"]["state"] == "RUNNING"}
     assert len(new) == 3 and not new & old
     # ten more requests after the update converged (the old replicas are gone by then)
-    wait_for("ten more answers", lambda: len(client_lines(sock)) >= seen_before + 10 + 3, 60)
+    wait_for(lambda: len(client_lines(sock)) >= seen_before + 10 + 3, "ten more answers", 60)
     during = client_lines(sock)[seen_before:]
     failed = [ln for ln in during if "says hello from Shoal" not in ln[1]]
     assert failed == [], f"{len(failed)} of {len(during)} requests failed: {failed[:5]}"
@@ -106,7 +100,7 @@ def test_stack_keeps_serving_with_the_leader_partitioned(sock: str) -> None:
     # a fresh stack: nothing left over from the update above
     ctl("stack", "rm", "demo", sock=sock, check=False)
     deploy(sock)
-    wait_for("the client's answers", lambda: len(client_lines(sock)) >= 1)
+    wait_for(lambda: len(client_lines(sock)) >= 1, "the client's answers")
     leader = next(h for h, r in lab_status().items() if r["leader"])
     other = next(h for h, r in lab_status().items() if r["role"] == "manager" and h != leader)
     other_sock = str(Path(sock).parent.parent / other / "swarmd.sock")
@@ -118,32 +112,32 @@ def test_stack_keeps_serving_with_the_leader_partitioned(sock: str) -> None:
                     "sleep", "1000", sock=other_sock, check=False, timeout=30)
             return r.returncode == 0 or "already exists" in r.stderr
 
-        wait_for("a write accepted by a new leader", write, 60)
+        wait_for(write, "a write accepted by a new leader", 60)
         # ... and the stack keeps serving: five answers in a row from the web replicas still reachable
         def five_in_a_row() -> bool:
             tail = [a for _, a in client_lines(other_sock)[-5:]]
             return len(tail) == 5 and all("says hello from Shoal" in a for a in tail)
 
-        wait_for("the client to get answers again", five_in_a_row, 60)
+        wait_for(five_in_a_row, "the client to get answers again", 60)
     finally:
         ctl("lab", "heal", leader, "--name", NAME)
         ctl("service", "rm", "probe", sock=other_sock, check=False)
-    wait_for("every host ready after the heal", lambda: all(r["state"] == "ready" for r in lab_status().values()), 60)
+    wait_for(lambda: all(r["state"] == "ready" for r in lab_status().values()), "every host ready after the heal", 60)
 
 
 def test_stack_rm_leaves_no_container_network_or_sandbox(sock: str) -> None:
     deploy(sock)
-    wait_for("the client's answers", lambda: len(client_lines(sock)) >= 1)
+    wait_for(lambda: len(client_lines(sock)) >= 1, "the client's answers")
     pids = [int(t["status"].get("container", {}).get("pid", 0)) for t in web_tasks(sock)]
     assert any(pids)
     ctl("stack", "rm", "demo", sock=sock)
-    wait_for("every demo container to end", lambda: not any(alive(p) for p in pids if p), 60)
+    wait_for(lambda: not any(alive(p) for p in pids if p), "every demo container to end", 60)
     nets = json.loads(ctl("network", "ls", "--format", "json", sock=sock).stdout)
     assert [n["spec"]["annotations"]["name"] for n in nets] == ["ingress"]
     # no container or overlay sandbox of the stack left on any host: only the ingress network's
     ingress = nets[0]["id"][:12]
     for h in ("h1", "h2", "h3", "h4", "h5"):
-        wait_for(f"{h}'s demo sandboxes to go", lambda h=h: sandboxes(h, ingress) == [], 30)
+        wait_for(lambda h=h: sandboxes(h, ingress) == [], f"{h}'s demo sandboxes to go", 30)
 
 
 def sandboxes(host: str, ingress: str) -> list[str]:
