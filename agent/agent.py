@@ -124,7 +124,9 @@ class Agent:
         node_id: str,
         state_dir: str | os.PathLike[str],
         managers: Sequence[str],
-        credentials: grpc.ChannelCredentials | None,
+        # mTLS to managers: fixed, or a function giving the node's current ones (renewals), called for
+        # each new session's channel; None = plaintext with the node id in metadata (tests only)
+        credentials: grpc.ChannelCredentials | Callable[[], grpc.ChannelCredentials] | None,
         engine: ContainerEngine,
         *,
         hostname: str | None = None,
@@ -186,7 +188,8 @@ class Agent:
         ]
         if self.credentials is None:
             return grpc.aio.insecure_channel(addr, options=opts)
-        return grpc.aio.secure_channel(addr, self.credentials, options=opts)
+        creds = self.credentials() if callable(self.credentials) else self.credentials
+        return grpc.aio.secure_channel(addr, creds, options=opts)
 
     async def run(self) -> None:
         """Run until cancelled: keep a session with the leader and drive the worker."""
@@ -444,7 +447,7 @@ def start_agent_task(
     """swarmd's agent hook: the engine under `<state dir>/engine` and an agent on mutual TLS.
 
     `ctx` is swarmd's `AgentContext` (node_id, hostname, state_dir, identity with key_pem/cert_pem/
-    ca_pem, managers, advertise_addr). Cancel the task to stop the agent; containers keep running
+    ca_pem, credentials following renewals, managers, advertise_addr). Cancel the task to stop the agent; containers keep running
     and the next start re-adopts them."""
     from pathlib import Path
 
@@ -455,8 +458,12 @@ def start_agent_task(
         registry_mirrors=list(registry_mirrors),
         insecure_registries=list(insecure_registries),
     )
-    ident = ctx.identity
-    creds = grpc.ssl_channel_credentials(ident.ca_pem, ident.key_pem, ident.cert_pem)
+    creds: grpc.ChannelCredentials | Callable[[], grpc.ChannelCredentials]
+    if getattr(ctx, "credentials", None) is not None:
+        creds = ctx.credentials.channel_credentials  # renewed certificates from the next session on
+    else:
+        ident = ctx.identity
+        creds = grpc.ssl_channel_credentials(ident.ca_pem, ident.key_pem, ident.cert_pem)
     agent = Agent(
         ctx.node_id,
         ctx.state_dir,

@@ -50,7 +50,11 @@ WORKER_OU = "swarm-worker"
 MANAGER_NAME = "swarm-manager"  # DNS name clients verify on a manager's certificate
 JOIN_NAME = "swarm-ca"  # SNI of a joining node's TLS connection to 2377
 CA_VALIDITY = datetime.timedelta(days=20 * 365)
-NODE_VALIDITY = datetime.timedelta(days=90)
+NODE_VALIDITY = datetime.timedelta(days=90)  # default of `cluster update --cert-expiry`
+MIN_NODE_VALIDITY = datetime.timedelta(minutes=1)  # Docker's is 1 hour; shorter is for labs and tests
+MAX_BACKDATE = datetime.timedelta(hours=1)  # tolerated clock skew between nodes (Docker's backdate)
+# A node renews at a random point between these fractions of its certificate's life (SwarmKit's).
+RENEW_FROM, RENEW_UNTIL = 0.5, 0.8
 _ROLE_OU = {types_pb2.MANAGER: MANAGER_OU, types_pb2.WORKER: WORKER_OU}
 _OU_ROLE = {v: k for k, v in _ROLE_OU.items()}
 
@@ -203,7 +207,8 @@ class RootCA:
         *,
         ips: Sequence[str] = (),
     ) -> bytes:
-        """Sign a node certificate for the public key in `csr_pem` (the CSR's subject is ignored).
+        """Sign a node certificate for the public key in `csr_pem` (the CSR's subject is ignored),
+        valid for `validity` from now (never past the root's own expiry), backdated by `backdate`.
 
         `ips` are added as IP address SANs: a manager's peer address, because an etcd peer checks the
         certificate of the member it dials against the host of that member's peer URL. An entry that
@@ -244,7 +249,7 @@ class RootCA:
             .issuer_name(ca_cert.subject)
             .public_key(csr.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_before(now - backdate(validity))
             .not_valid_after(min(now + validity, ca_cert.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
@@ -262,6 +267,57 @@ class RootCA:
             .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
         )
         return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def backdate(validity: datetime.timedelta) -> datetime.timedelta:
+    """How far before its issue time a certificate of `validity` starts: an hour (clock skew between
+    nodes), but never more than the validity, so that `issued_at` can recover the issue time."""
+    return min(MAX_BACKDATE, validity)
+
+
+def load_cert(cert_pem: bytes | str) -> x509.Certificate:
+    """The first certificate of a PEM (a node's leaf, when the PEM is a chain)."""
+    return x509.load_pem_x509_certificate(_pem(cert_pem))
+
+
+def issued_at(cert: x509.Certificate) -> datetime.datetime:
+    """When the CA signed `cert`: its start plus the backdate (see `backdate`; the backdate is the
+    smaller of an hour and the validity, so it is the smaller of an hour and half the span)."""
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return start + min(MAX_BACKDATE, (end - start) / 2)
+
+
+def renewal_time(cert_pem: bytes | str, fraction: float) -> datetime.datetime:
+    """When a node renews `cert_pem`: at `fraction` (drawn uniformly from RENEW_FROM..RENEW_UNTIL by
+    the caller) of the time between its issue and its expiry."""
+    cert = load_cert(cert_pem)
+    start = issued_at(cert)
+    return start + (cert.not_valid_after_utc - start) * fraction
+
+
+def expiry(cert_pem: bytes | str) -> datetime.datetime:
+    return load_cert(cert_pem).not_valid_after_utc
+
+
+def tls_info(cert_pem: bytes | str, ca_cert_pem: bytes | str) -> types_pb2.NodeTLSInfo:
+    """What `swarmctl node inspect` shows of a node certificate: the issuing root and the validity."""
+    cert = load_cert(cert_pem)
+    issuer = load_cert(ca_cert_pem)
+    info = types_pb2.NodeTLSInfo(
+        cert_issuer_subject=cert.issuer.rfc4514_string(),
+        cert_issuer_public_key=issuer.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        cert_serial=f"{cert.serial_number:x}",
+    )
+    info.cert_not_before.FromDatetime(cert.not_valid_before_utc)
+    info.cert_not_after.FromDatetime(cert.not_valid_after_utc)
+    return info
+
+
+def validity_of(spec_expiry_ns: int) -> datetime.timedelta:
+    """The node certificate validity a cluster asks for (`ca_config.node_cert_expiry`, 0 = default)."""
+    return datetime.timedelta(microseconds=spec_expiry_ns // 1000) if spec_expiry_ns > 0 else NODE_VALIDITY
 
 
 @dataclass(frozen=True)
@@ -334,19 +390,73 @@ class TLSIdentity:
             return None
 
 
+class NodeCredentials:
+    """A node's TLS identity as it changes (renewal, role change): the one place every server and
+    client of the node reads it, so that the next TLS handshake of each uses the newest certificate
+    with nothing restarted. Connections already open keep the certificate they were opened with (TLS
+    checks a certificate once, at the handshake), so a renewal drops no session.
+
+    `update` saves the identity to `directory` (if given) first, then calls every `subscribe`d
+    function with it (the etcd member rewrites its peer files). `server_credentials` are dynamic:
+    gRPC asks them for the current certificate at each new handshake."""
+
+    def __init__(self, identity: TLSIdentity, directory: str | os.PathLike[str] | None = None) -> None:
+        self._identity = identity
+        self._dir = Path(directory) if directory is not None else None
+        self._generation = 0
+        self._listeners: list[Callable[[TLSIdentity], None]] = []
+
+    @property
+    def current(self) -> TLSIdentity:
+        return self._identity
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every `update`."""
+        return self._generation
+
+    def update(self, identity: TLSIdentity) -> None:
+        if self._dir is not None:
+            identity.save(self._dir)
+        self._identity = identity
+        self._generation += 1
+        for fn in list(self._listeners):
+            fn(identity)
+
+    def subscribe(self, fn: Callable[[TLSIdentity], None]) -> None:
+        self._listeners.append(fn)
+
+    def unsubscribe(self, fn: Callable[[TLSIdentity], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    def server_credentials(self, *, client_auth: bool = True) -> grpc.ServerCredentials:
+        """TLS server credentials that follow `update`: mutual TLS against the node's trusted roots
+        (`client_auth`), or server-only TLS (the join listener)."""
+        served = [-1]
+
+        def config() -> grpc.ServerCertificateConfiguration:
+            ident = self._identity
+            return grpc.ssl_server_certificate_configuration(
+                [(ident.key_pem, ident.cert_pem)], root_certificates=ident.ca_pem if client_auth else None
+            )
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:  # gRPC: None = unchanged
+            if served[0] == self._generation:
+                return None
+            served[0] = self._generation
+            return config()
+
+        served[0] = self._generation
+        return grpc.dynamic_ssl_server_credentials(config(), fetch, require_client_authentication=client_auth)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Client credentials of the current identity: build them for each new channel (a channel
+        keeps the credentials it was made with)."""
+        return channel_credentials(self._identity)
+
+
 # ---- gRPC credentials and caller identity ------------------------------------------------------
-def server_credentials(identity: TLSIdentity) -> grpc.ServerCredentials:
-    """Mutual TLS: the client must present a certificate signed by the cluster's root CA."""
-    return grpc.ssl_server_credentials(
-        [(identity.key_pem, identity.cert_pem)], root_certificates=identity.ca_pem, require_client_auth=True
-    )
-
-
-def join_server_credentials(identity: TLSIdentity) -> grpc.ServerCredentials:
-    """Server-only TLS for joining nodes (they have no certificate yet)."""
-    return grpc.ssl_server_credentials([(identity.key_pem, identity.cert_pem)])
-
-
 def channel_credentials(identity: TLSIdentity) -> grpc.ChannelCredentials:
     """Client side of mutual TLS to a manager. Use with `channel_options()` (server name check)."""
     return grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem)

@@ -12,7 +12,8 @@ it dies (`run`), stops it (`stop`) and reads its Prometheus metrics (`metrics`).
                      directory, which is the member dir); gRPC target `unix://<abs path>`; the
                      clients are this manager's own processes only;
 - `tls/`             the manager's certificate, key and the cluster root CA as etcd reads them
-                     (rewritten on every start, files 0600);
+                     (files 0600; `tls` is a symlink to a `tls-<n>/` folder, rewritten on every
+                     start and replaced in one rename by `update_tls`);
 - `etcd.log`         etcd's own log (zap JSON lines, level warn and above), appended;
 - `etcd.pid`         the pid of the running etcd.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -326,12 +328,36 @@ class EtcdMember:
                 f"{MAX_SOCKET_PATH} a unix socket path allows: give swarmd a shorter --state-dir than "
                 f"{self.dir.parent}"
             )
-        for d in (self.dir, self.data_dir, self.tls_dir):
+        for d in (self.dir, self.data_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
+        self._write_tls()
+
+    def update_tls(self, cert_pem: bytes, key_pem: bytes) -> None:
+        """A renewed certificate and key. etcd reads its certificate files at every new peer
+        handshake, so the next connection uses them with no restart (connections already open go on;
+        the trusted roots, `ca.crt`, are read at start only)."""
+        self.config = dataclasses.replace(self.config, cert_pem=cert_pem, key_pem=key_pem)
+        self._write_tls()
+
+    def _write_tls(self) -> None:
+        """Write the TLS files into a new `tls-<n>` folder and point the `tls` symlink at it with one
+        rename: a handshake reads either the old pair or the new one, never a certificate with the
+        other's key (up to the moment between etcd's two reads)."""
         c = self.config
-        for name, data in (("peer.crt", c.cert_pem), ("peer.key", c.key_pem), ("ca.crt", c.ca_pem)):
-            _write_private(self.tls_dir / name, data)
+        name = f"tls-{time.time_ns():x}"
+        new = self.dir / name
+        new.mkdir(mode=0o700)
+        for fname, data in (("peer.crt", c.cert_pem), ("peer.key", c.key_pem), ("ca.crt", c.ca_pem)):
+            _write_private(new / fname, data)
+        link = self.dir / (name + ".link")
+        os.symlink(name, link)
+        if self.tls_dir.is_dir() and not self.tls_dir.is_symlink():
+            shutil.rmtree(self.tls_dir)  # a real folder, as members made before renewals had
+        os.replace(link, self.tls_dir)
+        for old in self.dir.glob("tls-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
 
     async def _spawn(self) -> None:
         """Start the process (no readiness wait). Called with the lock held."""

@@ -11,7 +11,7 @@ Two gRPC services on one object (register it for both):
 - `LogBroker.ListenSubscriptions` / `PublishLogs` (agents, node id from the mTLS certificate).
 
 Only the leader's broker has agents connected. On a follower, `SubscribeLogs` is relayed to the
-leader when the manager has a TLS identity (`manager.cfg.identity`) and the leader's address
+leader when the manager has TLS credentials (`manager.credentials`) and the leader's address
 (`manager.leader_api_addr()`); otherwise it fails with UNAVAILABLE and the leader's address in
 `shoal-leader-addr`.
 """
@@ -239,7 +239,8 @@ class LogBroker(logs_pb2_grpc.LogsServicer, logs_pb2_grpc.LogBrokerServicer):
     async def _relay(
         self, request: logs_pb2.SubscribeLogsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[logs_pb2.SubscribeLogsMessage]:
-        identity = getattr(getattr(self.manager, "cfg", None), "identity", None)
+        creds = getattr(self.manager, "credentials", None)
+        identity = creds.current if creds is not None else None
         leader = self._leader_addr()
         if identity is None or not leader:
             await self._not_leader(context)

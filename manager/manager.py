@@ -38,6 +38,7 @@ leader loops, `Info` and the quorum sentence of a refused write read it.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ipaddress
 import logging
 import os
@@ -96,6 +97,8 @@ class ManagerConfig:
     # The store's data key (32 bytes, the same on every manager): every value in etcd is sealed
     # with it (`encryption.DataKeyCodec`). swarmd reads it from <state_dir>/keys.
     data_key: bytes = b""
+    # The node's credentials as renewals change them (swarmd's); default: `identity`, never renewed.
+    credentials: ca.NodeCredentials | None = None
 
 
 def _host(addr: str) -> str:
@@ -141,6 +144,7 @@ class Manager:
     def __init__(self, cfg: ManagerConfig) -> None:
         self.cfg = cfg
         self.node_id = cfg.identity.node_id
+        self.credentials = cfg.credentials or ca.NodeCredentials(cfg.identity)
         self.cluster_id = cfg.cluster_id
         self.member: EtcdMember | None = None
         self.store: EtcdStore | None = None
@@ -286,9 +290,9 @@ class Manager:
             name=self.node_id,
             peer_url=peer_url(cfg.raft_addr),
             peer_listen=peer_url(cfg.raft_listen) if cfg.raft_listen else "",
-            cert_pem=cfg.identity.cert_pem,
-            key_pem=cfg.identity.key_pem,
-            ca_pem=cfg.identity.ca_pem,
+            cert_pem=self.credentials.current.cert_pem,
+            key_pem=self.credentials.current.key_pem,
+            ca_pem=self.credentials.current.ca_pem,
             initial_cluster=initial,
             initial_state="existing" if initial else "new",
             force_new_cluster=cfg.force_new_cluster,
@@ -301,6 +305,7 @@ class Manager:
         if not cfg.data_key:
             raise ValueError("ManagerConfig.data_key is empty: swarmd passes the data key from <state_dir>/keys")
         self.member = EtcdMember(self._etcd_config())
+        self.credentials.subscribe(self._renewed)
         if self.member.has_data and not cfg.force_new_cluster:
             # A restart: the member answers only once a quorum of members runs, however long
             # that takes (the other managers may be restarting too).
@@ -348,10 +353,10 @@ class Manager:
         logs_pb2_grpc.add_LogBrokerServicer_to_server(self.logbroker, mtls)
         watch_pb2_grpc.add_WatchServicer_to_server(self.watch, mtls)
         ca_pb2_grpc.add_CAServicer_to_server(ca_svc, mtls)
-        mtls.add_secure_port(f"unix-abstract:{paths['mtls'][1:]}", ca.server_credentials(cfg.identity))
+        mtls.add_secure_port(f"unix-abstract:{paths['mtls'][1:]}", self.credentials.server_credentials())
         join = grpc.aio.server()
         ca_pb2_grpc.add_CAServicer_to_server(ca_svc, join)
-        join.add_secure_port(f"unix-abstract:{paths['join'][1:]}", ca.join_server_credentials(cfg.identity))
+        join.add_secure_port(f"unix-abstract:{paths['join'][1:]}", self.credentials.server_credentials(client_auth=False))
         plain = grpc.aio.server()
         ca_pb2_grpc.add_CAServicer_to_server(ca_plain, plain)
         plain.add_insecure_port(f"unix-abstract:{paths['plain'][1:]}")
@@ -366,8 +371,15 @@ class Manager:
             self.node_id, cfg.raft_addr, cfg.remote_listen, cfg.advertise_api, sock,
         )
 
+    def _renewed(self, identity: ca.TLSIdentity) -> None:
+        """A renewed certificate: the etcd member's peer TLS uses it from its next handshake on (etcd
+        reads its certificate files at every handshake; the gRPC listeners follow by themselves)."""
+        if self.member is not None:
+            self.member.update_tls(identity.cert_pem, identity.key_pem)
+
     async def stop(self) -> None:
         log.info("node=%s manager stopping", self.node_id)
+        self.credentials.unsubscribe(self._renewed)
         leading = self.store is not None and self.store.leading  # stopping the loops clears it
         for t in reversed(self._tasks):  # leadership first, the member last
             if t.get_name() == "etcd-member":
@@ -473,8 +485,7 @@ class Manager:
         if role == types_pb2.MANAGER and not req.raft_addr:
             raise ca.JoinError("a manager must send its store peer address (raft_addr) to join")
         node_id = new_id()
-        ips = cert_ips(req.raft_addr) if role == types_pb2.MANAGER else []
-        cert = root.issue(req.csr, node_id, role, cluster.id, ips=ips)
+        cert = self._sign(root, cluster, req.csr, node_id, role, req.raft_addr)
         node = objects_pb2.Node(
             id=node_id,
             spec=specs_pb2.NodeSpec(
@@ -488,6 +499,7 @@ class Manager:
             status=types_pb2.NodeStatus(state=types_pb2.NodeStatus.READY, message="joined"),
             role=role,
             certificate=cert,
+            tls_info=ca.tls_info(cert, root.cert_pem),
         )
         if role == types_pb2.MANAGER:
             node.manager_status.CopyFrom(
@@ -505,6 +517,14 @@ class Manager:
         if role == types_pb2.MANAGER:
             await self._admit_manager(req.raft_addr, issued, cluster)
         return issued
+
+    @staticmethod
+    def _sign(root: ca.RootCA, cluster: objects_pb2.Cluster, csr: bytes, node_id: str, role: int,
+              raft_addr: str) -> bytes:
+        """A certificate for `csr`, valid for the cluster's `--cert-expiry`; a manager's names its
+        store peer address `raft_addr` (etcd peers check it)."""
+        ips = cert_ips(raft_addr) if role == types_pb2.MANAGER else []
+        return root.issue(csr, node_id, role, cluster.id, ca.validity_of(cluster.spec.ca_config.node_cert_expiry.ToNanoseconds()), ips=ips)
 
     async def _admit_manager(self, raft_addr: str, issued: ca.IssuedNode, cluster: objects_pb2.Cluster) -> None:
         """Add the manager's etcd member as a learner (RoleManager promotes it once caught up) and
@@ -546,6 +566,8 @@ class Manager:
     async def _renew(
         self, req: Any, peer: ca.PeerIdentity, cluster: objects_pb2.Cluster, root: ca.RootCA
     ) -> ca.IssuedNode:
+        """An existing node's call: a new certificate when it asks for one (`req.renew`) or when its
+        role changed (promote/demote); otherwise an answer without one (a role check)."""
         if req.node_id and req.node_id != peer.node_id:
             raise ca.JoinError("a node can only renew its own certificate")
         node = self.raft.get("node", peer.node_id)
@@ -554,28 +576,40 @@ class Manager:
                 f"node {peer.node_id} is not part of the swarm any more (it was removed): "
                 "join again with a join token after clearing its state dir"
             )
-        if node.role == peer.role:
+        promoted = node.role == types_pb2.MANAGER and peer.role != types_pb2.MANAGER
+        validity = ca.validity_of(cluster.spec.ca_config.node_cert_expiry.ToNanoseconds())
+        # `cluster update --cert-expiry` shortened the validity below what the node holds: the
+        # node's next role check brings it a certificate of the new length at once.
+        outlives = node.HasField("tls_info") and \
+            node.tls_info.cert_not_after.ToDatetime(datetime.UTC) > datetime.datetime.now(datetime.UTC) + validity
+        if node.role == peer.role and not req.renew and not outlives:
             return ca.IssuedNode(node.id, b"", node.role, cluster_id=cluster.id)
-        ips = cert_ips(req.raft_addr) if node.role == types_pb2.MANAGER else []
-        cert = root.issue(req.csr, node.id, node.role, cluster.id, ips=ips)
+        if promoted and not req.raft_addr:
+            raise ca.JoinError("a promoted node must send its store peer address (raft_addr) to renew")
+        raft_addr = req.raft_addr or node.manager_status.addr
+        cert = self._sign(root, cluster, req.csr, node.id, node.role, raft_addr)
+        info = ca.tls_info(cert, root.cert_pem)
 
         def fn(tx: Tx) -> None:
             cur = tx.get("node", node.id)
+            if cur is None:
+                raise ca.JoinError(f"node {node.id} was removed from the swarm while it renewed its certificate")
             n = objects_pb2.Node()
             n.CopyFrom(cur)
             n.certificate = cert
-            if n.role == types_pb2.MANAGER:
+            n.tls_info.CopyFrom(info)
+            if promoted:
                 n.manager_status.addr = req.raft_addr
                 n.manager_status.api_addr = req.advertise_addr
             tx.update(n)
 
-        if node.role == types_pb2.MANAGER and not req.raft_addr:
-            raise ca.JoinError("a promoted node must send its store peer address (raft_addr) to renew")
         await self.raft.update(fn)
         issued = ca.IssuedNode(node.id, cert, node.role, cluster_id=cluster.id,
-                               data_key=self.cfg.data_key if node.role == types_pb2.MANAGER else b"")
-        log.info("node=%s renewed node %s as %s", self.node_id, node.id, types_pb2.NodeRole.Name(node.role).lower())
-        if node.role == types_pb2.MANAGER:
+                               data_key=self.cfg.data_key if promoted else b"")
+        what = "renewed the certificate of" if node.role == peer.role else "issued a new role certificate to"
+        log.info("node=%s %s node %s (%s, valid until %s)", self.node_id, what, node.id,
+                 types_pb2.NodeRole.Name(node.role).lower(), info.cert_not_after.ToJsonString())
+        if promoted:
             await self._admit_manager(req.raft_addr, issued, cluster)
         return issued
 

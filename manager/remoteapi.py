@@ -8,8 +8,8 @@ three internal gRPC listeners on unix sockets (the manager starts them, see
 `shoal.manager.manager`):
 
 - TLS with SNI "swarm-ca" (`ca.JOIN_NAME`, a joining node): server-only TLS, CA service only
-  (`ca.join_server_credentials`);
-- any other TLS: mutual TLS required (`ca.server_credentials`): Control, Dispatcher, CA;
+  (`ca.NodeCredentials.server_credentials(client_auth=False)`);
+- any other TLS: mutual TLS required (`ca.NodeCredentials.server_credentials()`): Control, Dispatcher, CA;
 - plaintext HTTP/2: `GetRootCACertificate` only -- public data, checked by the joiner against the
   digest in its token before it opens the TLS channel that carries the token.
 

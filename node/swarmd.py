@@ -27,17 +27,20 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import datetime
 import importlib
 import importlib.util
 import ipaddress
 import json
 import logging
 import os
+import random
 import secrets
 import shutil
 import signal
 import socket
 import sys
+import time
 import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +59,7 @@ log = logging.getLogger("shoal.swarmd")
 DEFAULT_API_PORT = 2377
 DEFAULT_PEER_PORT = 2380
 ROLE_CHECK_PERIOD = 2.0
+RENEW_BACKOFF_MAX = 60.0  # a failing renewal is retried at most this far apart
 LOCKED_MESSAGE = "this manager is locked: run `swarmctl cluster unlock` and give it the unlock key"
 
 
@@ -95,7 +99,7 @@ class AgentContext:
     cluster_id: str
     hostname: str
     state_dir: Path
-    identity: ca.TLSIdentity  # mTLS to managers: ca.secure_channel(addr, identity)
+    identity: ca.TLSIdentity  # mTLS to managers at start; `credentials` follows renewals
     # Remote API addresses (host:port) of managers. The agent may update this list in place with
     # the managers its dispatcher session announces; swarmd's role checks use it too.
     managers: list[str]
@@ -105,6 +109,7 @@ class AgentContext:
     insecure_registries: list[str] = field(default_factory=list)  # HOST:PORT reached over plain HTTP
     egress_subnet: str = "172.18.0.0/16"                          # the node's gateway bridge (egress NAT)
     gossip_port: int = 7946
+    credentials: ca.NodeCredentials | None = None  # the node's TLS identity as renewals change it
 
 
 async def start_agent(ctx: AgentContext) -> asyncio.Task[None] | None:
@@ -248,6 +253,15 @@ def _default_advertise_host(listen_host: str) -> str:
             return "127.0.0.1"
 
 
+def expired_message(node_id: str, identity: ca.TLSIdentity, state_dir: Path) -> str:
+    """The one sentence for a worker whose certificate expired (off, or cut off from every manager,
+    for longer than the cluster's certificate expiry): no manager accepts it any more."""
+    when = ca.expiry(identity.cert_pem).isoformat(timespec="seconds")
+    return (f"the certificate of node {node_id} expired at {when}, so no manager accepts this node any more: "
+            f"on a manager run `swarmctl node rm --force {node_id}`, then remove {state_dir} and join again "
+            "with a token from `swarmctl swarm join-token worker`")
+
+
 class NodeIdFilter(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
@@ -264,7 +278,8 @@ class Swarmd:
         self.dir = Path(args.state_dir).resolve()
         self.idfilter = idfilter
         self.state: NodeState | None = None
-        self.identity: ca.TLSIdentity | None = None
+        self.identity: ca.TLSIdentity | None = None  # as found or made at start; then `credentials`
+        self.credentials: ca.NodeCredentials | None = None
         self.manager: Manager | None = None
         self.agent: asyncio.Task[None] | None = None
         self.agent_ctx: AgentContext | None = None
@@ -415,6 +430,7 @@ class Swarmd:
             ),
             role=types_pb2.MANAGER,
             certificate=self.identity.cert_pem,
+            tls_info=ca.tls_info(self.identity.cert_pem, root.cert_pem),
         )
         first = store_pb2.StoreSnapshot(version=pending.version)
         first.objects.extend(pending.objects[:-1])
@@ -473,8 +489,8 @@ class Swarmd:
         from shoal.manager.encryption import KeyDir
         from shoal.manager.manager import Manager, ManagerConfig  # not loaded on a worker
 
-        st, ident = self.state, self.identity
-        assert st is not None and ident is not None
+        st, creds = self.state, self.credentials
+        assert st is not None and creds is not None
         if data_key is None:
             data_key = KeyDir(self.dir / "keys").load()
             if data_key is None:
@@ -483,7 +499,8 @@ class Swarmd:
         self.manager = Manager(
             ManagerConfig(
                 state_dir=self.dir,
-                identity=ident,
+                identity=creds.current,
+                credentials=creds,
                 cluster_id=st.cluster_id,
                 remote_listen=st.listen_api,
                 advertise_api=st.advertise_api,
@@ -575,39 +592,87 @@ class Swarmd:
             await self.manager.stop()
             self.manager = None
 
-    async def _role_watch(self) -> None:
-        """Ask a manager, every few seconds, whether this node's role changed (promote/demote);
-        switch the manager role on or off with a renewed certificate when it did."""
-        assert self.state is not None and self.identity is not None
-        csr = ca.make_csr(self.identity.key_pem)
+    async def _certificates(self) -> None:
+        """The node's certificate loop. Every ROLE_CHECK_PERIOD it asks a manager whether this node's
+        role changed (promote/demote), and switches the manager role on or off with the certificate of
+        the new role when it did. At a random point between 50 % and 80 % of its certificate's life it
+        asks for a new certificate for a new key (renewal), and retries with backoff until one comes.
+        Either certificate goes to `self.credentials`: the next TLS handshake of every server and
+        client of the node uses it; open connections (the agent's session) go on undisturbed."""
+        assert self.state is not None and self.credentials is not None
+        creds = self.credentials
+        rng = random.Random()
+        renew_at = ca.renewal_time(creds.current.cert_pem, rng.uniform(ca.RENEW_FROM, ca.RENEW_UNTIL))
+        retry_at, backoff = 0.0, ROLE_CHECK_PERIOD
+        csr_for: tuple[bytes, bytes] = (b"", b"")  # (key, its CSR): role checks reuse it
         while True:
             await asyncio.sleep(ROLE_CHECK_PERIOD)
-            resp = await self._check_role(csr)
-            if resp is None or not resp.certificate or resp.role == self.identity.role:
-                continue
-            new_role = "manager" if resp.role == types_pb2.MANAGER else "worker"
-            if new_role == "manager" and not resp.data_key:
-                log.error("promoted, but the manager sent no data key for the store: retrying")
-                continue
-            log.info("role changed to %s: switching", new_role)
-            self.identity = ca.TLSIdentity(self.identity.key_pem, resp.certificate, self.identity.ca_pem)
-            self.identity.save(self.dir / "certificates")
-            if new_role == "manager":
-                shutil.rmtree(self.dir / "etcd", ignore_errors=True)  # a member of an earlier term
-                from shoal.manager.encryption import KeyDir
-
-                KeyDir(self.dir / "keys").create(resp.data_key)  # re-wrapped by the manager if autolocked
-                self.state.role = "manager"
-                self.state.save(self.dir)
-                await self.start_manager(list(resp.raft_peers))
+            ident = creds.current
+            renew = datetime.datetime.now(datetime.UTC) >= renew_at and time.monotonic() >= retry_at
+            if renew:
+                key_pem = ca.new_key()[1]
+                csr = ca.make_csr(key_pem)
             else:
-                await self.stop_manager()
-                shutil.rmtree(self.dir / "etcd", ignore_errors=True)
-                shutil.rmtree(self.dir / "keys", ignore_errors=True)  # a worker holds no data key
-                self.state.role = "worker"
-                self.state.save(self.dir)
-            log.info("now a %s", new_role)
-            trim_heap()
+                if csr_for[0] != ident.key_pem:
+                    csr_for = (ident.key_pem, ca.make_csr(ident.key_pem))
+                key_pem, csr = csr_for
+            resp = await self._ask_ca(csr, renew)
+            if resp is None or not resp.certificate:
+                if renew:
+                    retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, RENEW_BACKOFF_MAX)
+                    self._warn_renewal_failed(ident)
+                continue
+            new = ca.TLSIdentity(key_pem, resp.certificate, ident.ca_pem)
+            try:
+                info = ca.cert_info(new.cert_pem, ident.ca_pem)
+            except (ValueError, TypeError) as e:  # cryptography: a signature or issuer mismatch
+                log.error("a manager sent a certificate this node cannot use (%s): ignoring it", e)
+                continue
+            if info.node_id != self.state.node_id:
+                log.error("a manager sent a certificate for node %s, not this node: ignoring it", info.node_id)
+                continue
+            if info.role == ident.role:
+                creds.update(new)
+                renew_at = ca.renewal_time(new.cert_pem, rng.uniform(ca.RENEW_FROM, ca.RENEW_UNTIL))
+                retry_at, backoff = 0.0, ROLE_CHECK_PERIOD
+                log.info("certificate renewed: valid until %s, next renewal at %s",
+                         ca.expiry(new.cert_pem).isoformat(timespec="seconds"), renew_at.isoformat(timespec="seconds"))
+                continue
+            await self._switch_role(resp, new)
+            renew_at = ca.renewal_time(new.cert_pem, rng.uniform(ca.RENEW_FROM, ca.RENEW_UNTIL))
+
+    def _warn_renewal_failed(self, ident: ca.TLSIdentity) -> None:
+        left = (ca.expiry(ident.cert_pem) - datetime.datetime.now(datetime.UTC)).total_seconds()
+        if left <= 0:
+            log.error("%s", expired_message(self.state.node_id if self.state else "?", ident, self.dir))
+        else:
+            log.warning("certificate renewal failed (no manager answered): retrying; it expires in %.0f s", left)
+
+    async def _switch_role(self, resp: ca_pb2.IssueNodeCertificateResponse, new: ca.TLSIdentity) -> None:
+        """Promoted or demoted: take the new role's certificate and start or stop the manager role."""
+        assert self.state is not None and self.credentials is not None
+        new_role = "manager" if resp.role == types_pb2.MANAGER else "worker"
+        if new_role == "manager" and not resp.data_key:
+            log.error("promoted, but the manager sent no data key for the store: retrying")
+            return
+        log.info("role changed to %s: switching", new_role)
+        self.credentials.update(new)
+        if new_role == "manager":
+            shutil.rmtree(self.dir / "etcd", ignore_errors=True)  # a member of an earlier term
+            from shoal.manager.encryption import KeyDir
+
+            KeyDir(self.dir / "keys").create(resp.data_key)  # re-wrapped by the manager if autolocked
+            self.state.role = "manager"
+            self.state.save(self.dir)
+            await self.start_manager(list(resp.raft_peers))
+        else:
+            await self.stop_manager()
+            shutil.rmtree(self.dir / "etcd", ignore_errors=True)
+            shutil.rmtree(self.dir / "keys", ignore_errors=True)  # a worker holds no data key
+            self.state.role = "worker"
+            self.state.save(self.dir)
+        log.info("now a %s", new_role)
+        trim_heap()
 
     def _manager_addrs(self) -> list[str]:
         assert self.state is not None
@@ -628,23 +693,26 @@ class Swarmd:
                 addrs.append(a)
         return addrs
 
-    async def _check_role(self, csr: bytes) -> ca_pb2.IssueNodeCertificateResponse | None:
-        assert self.state is not None and self.identity is not None
+    async def _ask_ca(self, csr: bytes, renew: bool) -> ca_pb2.IssueNodeCertificateResponse | None:
+        """Send this node's CSR to the CA of the first manager that answers: a role check, or a
+        renewal (`renew`). None if no manager answered or each refused."""
+        assert self.state is not None and self.credentials is not None
         st = self.state
         raft_addr = st.raft_addr or self._addresses()[2]
         if not st.raft_addr:
             st.raft_addr = raft_addr
             st.raft_listen = self._addresses()[3]
         req = ca_pb2.IssueNodeCertificateRequest(
-            csr=csr, node_id=st.node_id, hostname=st.hostname, advertise_addr=st.advertise_api, raft_addr=raft_addr
+            csr=csr, node_id=st.node_id, hostname=st.hostname, advertise_addr=st.advertise_api, raft_addr=raft_addr,
+            renew=renew,
         )
         for addr in self._manager_addrs():
             try:
-                async with ca.secure_channel(addr, self.identity) as ch:
+                async with ca.secure_channel(addr, self.credentials.current) as ch:
                     return await ca_pb2_grpc.CAStub(ch).IssueNodeCertificate(req, timeout=5)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.PERMISSION_DENIED:
-                    log.warning("role check refused by %s: %s", addr, e.details())
+                    log.warning("%s refused by %s: %s", "renewal" if renew else "role check", addr, e.details())
                 continue
         return None
 
@@ -676,6 +744,9 @@ class Swarmd:
         await self.setup()
         st = self.state
         assert st is not None and self.identity is not None
+        if st.role == "worker" and ca.expiry(self.identity.cert_pem) <= datetime.datetime.now(datetime.UTC):
+            raise SystemExit(expired_message(st.node_id, self.identity, self.dir))
+        self.credentials = ca.NodeCredentials(self.identity, self.dir / "certificates")
         try:
             if st.role == "manager":
                 bootstrap = None
@@ -703,9 +774,10 @@ class Swarmd:
                 _split(st.advertise_api, 0)[0], st.role == "manager",
                 registry_mirrors=list(self.args.registry_mirror), insecure_registries=list(self.args.insecure_registry),
                 egress_subnet=self.args.egress_subnet, gossip_port=self.args.gossip_port,
+                credentials=self.credentials,
             )
             self.agent = await start_agent(self.agent_ctx)
-            self.role_task = asyncio.create_task(self._role_watch())
+            self.role_task = asyncio.create_task(self._certificates(), name="certificates")
             log.info("swarmd ready: node %s, %s, remote API %s", st.node_id, st.role, st.advertise_api)
             loop.call_later(3.0, trim_heap)  # once the first session and role check are done
             await self.stop_event.wait()

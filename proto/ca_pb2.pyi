@@ -18,20 +18,22 @@ class GetRootCACertificateResponse(_message.Message):
     def __init__(self, certificate: _Optional[bytes] = ...) -> None: ...
 
 class IssueNodeCertificateRequest(_message.Message):
-    __slots__ = ("csr", "token", "hostname", "advertise_addr", "node_id", "raft_addr")
+    __slots__ = ("csr", "token", "hostname", "advertise_addr", "node_id", "raft_addr", "renew")
     CSR_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     ADVERTISE_ADDR_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RAFT_ADDR_FIELD_NUMBER: _ClassVar[int]
+    RENEW_FIELD_NUMBER: _ClassVar[int]
     csr: bytes
     token: str
     hostname: str
     advertise_addr: str
     node_id: str
     raft_addr: str
-    def __init__(self, csr: _Optional[bytes] = ..., token: _Optional[str] = ..., hostname: _Optional[str] = ..., advertise_addr: _Optional[str] = ..., node_id: _Optional[str] = ..., raft_addr: _Optional[str] = ...) -> None: ...
+    renew: bool
+    def __init__(self, csr: _Optional[bytes] = ..., token: _Optional[str] = ..., hostname: _Optional[str] = ..., advertise_addr: _Optional[str] = ..., node_id: _Optional[str] = ..., raft_addr: _Optional[str] = ..., renew: _Optional[bool] = ...) -> None: ...
 
 class IssueNodeCertificateResponse(_message.Message):
     __slots__ = ("node_id", "certificate", "root_ca", "role", "raft_peers", "cluster_id", "data_key")

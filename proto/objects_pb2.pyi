@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Node(_message.Message):
-    __slots__ = ("id", "meta", "spec", "description", "status", "manager_status", "role", "certificate", "attachments")
+    __slots__ = ("id", "meta", "spec", "description", "status", "manager_status", "role", "certificate", "tls_info", "attachments")
     ID_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class Node(_message.Message):
     MANAGER_STATUS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    TLS_INFO_FIELD_NUMBER: _ClassVar[int]
     ATTACHMENTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     meta: _types_pb2.Meta
@@ -30,8 +31,9 @@ class Node(_message.Message):
     manager_status: _types_pb2.ManagerStatus
     role: _types_pb2.NodeRole
     certificate: bytes
+    tls_info: _types_pb2.NodeTLSInfo
     attachments: _containers.RepeatedCompositeFieldContainer[NetworkAttachment]
-    def __init__(self, id: _Optional[str] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., spec: _Optional[_Union[_specs_pb2.NodeSpec, _Mapping]] = ..., description: _Optional[_Union[_types_pb2.NodeDescription, _Mapping]] = ..., status: _Optional[_Union[_types_pb2.NodeStatus, _Mapping]] = ..., manager_status: _Optional[_Union[_types_pb2.ManagerStatus, _Mapping]] = ..., role: _Optional[_Union[_types_pb2.NodeRole, str]] = ..., certificate: _Optional[bytes] = ..., attachments: _Optional[_Iterable[_Union[NetworkAttachment, _Mapping]]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., spec: _Optional[_Union[_specs_pb2.NodeSpec, _Mapping]] = ..., description: _Optional[_Union[_types_pb2.NodeDescription, _Mapping]] = ..., status: _Optional[_Union[_types_pb2.NodeStatus, _Mapping]] = ..., manager_status: _Optional[_Union[_types_pb2.ManagerStatus, _Mapping]] = ..., role: _Optional[_Union[_types_pb2.NodeRole, str]] = ..., certificate: _Optional[bytes] = ..., tls_info: _Optional[_Union[_types_pb2.NodeTLSInfo, _Mapping]] = ..., attachments: _Optional[_Iterable[_Union[NetworkAttachment, _Mapping]]] = ...) -> None: ...
 
 class Service(_message.Message):
     __slots__ = ("id", "meta", "spec", "spec_version", "previous_spec", "previous_spec_version", "endpoint", "update_status", "pending_delete")
@@ -155,16 +157,26 @@ class Config(_message.Message):
     def __init__(self, id: _Optional[str] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., spec: _Optional[_Union[_specs_pb2.ConfigSpec, _Mapping]] = ...) -> None: ...
 
 class RootCA(_message.Message):
-    __slots__ = ("ca_key", "ca_cert", "ca_cert_hash", "join_tokens")
+    __slots__ = ("ca_key", "ca_cert", "ca_cert_hash", "join_tokens", "revoked_nodes")
     CA_KEY_FIELD_NUMBER: _ClassVar[int]
     CA_CERT_FIELD_NUMBER: _ClassVar[int]
     CA_CERT_HASH_FIELD_NUMBER: _ClassVar[int]
     JOIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_NODES_FIELD_NUMBER: _ClassVar[int]
     ca_key: bytes
     ca_cert: bytes
     ca_cert_hash: str
     join_tokens: _types_pb2.JoinTokens
-    def __init__(self, ca_key: _Optional[bytes] = ..., ca_cert: _Optional[bytes] = ..., ca_cert_hash: _Optional[str] = ..., join_tokens: _Optional[_Union[_types_pb2.JoinTokens, _Mapping]] = ...) -> None: ...
+    revoked_nodes: _containers.RepeatedCompositeFieldContainer[RevokedNode]
+    def __init__(self, ca_key: _Optional[bytes] = ..., ca_cert: _Optional[bytes] = ..., ca_cert_hash: _Optional[str] = ..., join_tokens: _Optional[_Union[_types_pb2.JoinTokens, _Mapping]] = ..., revoked_nodes: _Optional[_Iterable[_Union[RevokedNode, _Mapping]]] = ...) -> None: ...
+
+class RevokedNode(_message.Message):
+    __slots__ = ("node_id", "not_after")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    not_after: _timestamp_pb2.Timestamp
+    def __init__(self, node_id: _Optional[str] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Cluster(_message.Message):
     __slots__ = ("id", "meta", "spec", "root_ca", "network_bootstrap_keys", "unlock_key")

@@ -622,6 +622,20 @@ class NodeDescription(_message.Message):
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, hostname: _Optional[str] = ..., platform: _Optional[_Union[Platform, _Mapping]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., engine: _Optional[_Union[NodeDescription.EngineDescription, _Mapping]] = ..., addr: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class NodeTLSInfo(_message.Message):
+    __slots__ = ("cert_issuer_subject", "cert_issuer_public_key", "cert_not_before", "cert_not_after", "cert_serial")
+    CERT_ISSUER_SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    CERT_ISSUER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    CERT_NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    CERT_NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CERT_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    cert_issuer_subject: str
+    cert_issuer_public_key: bytes
+    cert_not_before: _timestamp_pb2.Timestamp
+    cert_not_after: _timestamp_pb2.Timestamp
+    cert_serial: str
+    def __init__(self, cert_issuer_subject: _Optional[str] = ..., cert_issuer_public_key: _Optional[bytes] = ..., cert_not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cert_not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cert_serial: _Optional[str] = ...) -> None: ...
+
 class NodeStatus(_message.Message):
     __slots__ = ("state", "message", "addr")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):

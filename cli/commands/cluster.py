@@ -28,7 +28,9 @@ def register(cmds: Any) -> None:
     p.add_argument("--task-history-limit", type=uint("task history limit"), help="tasks kept per slot")
     p.add_argument("--heartbeat-period", "--dispatcher-heartbeat", dest="heartbeat_period", type=DURATION,
                    help="agents' heartbeat period")
-    p.add_argument("--cert-expiry", type=DURATION, help="node certificate validity")
+    p.add_argument("--cert-expiry", type=DURATION, metavar="DURATION",
+                   help="validity of node certificates (default 2160h = 90 days, at least 1m); nodes renew "
+                        "theirs at a random 50-80%% of it")
     p.add_argument("--network-key-rotation", type=DURATION, metavar="DURATION",
                    help="how often the IPsec keys of encrypted networks are replaced (default 12h, at least 1s)")
     p.add_argument("--default-addr-pool", action="append", help="address pool for networks (CIDR)")
@@ -83,7 +85,25 @@ def _print_unlock_command(key: str) -> None:
           "since without it you will not be able to restart the manager.")
 
 
+MIN_CERT_EXPIRY_NS = 60 * 10**9  # = shoal.manager.validation's (the manager checks it too)
+HOUR_NS = 3600 * 10**9
+
+
+def _check_cert_expiry(ns: int | None) -> None:
+    """`--cert-expiry`: at least a minute; below an hour (Docker's minimum) only with a warning."""
+    if ns is None:
+        return
+    if ns < MIN_CERT_EXPIRY_NS:
+        raise CliError(f"--cert-expiry {format_duration(ns)} is too short: give at least 1m "
+                       "(the default is 2160h, 90 days)")
+    if ns < HOUR_NS:
+        lo, hi = format_duration(ns // 2), format_duration(ns * 4 // 5)
+        print(f"warning: --cert-expiry {format_duration(ns)} is shorter than an hour: every node will renew "
+              f"its certificate every {lo} to {hi}; use this for labs and tests", file=sys.stderr)
+
+
 def cluster_update(c: Client, args: argparse.Namespace) -> None:
+    _check_cert_expiry(args.cert_expiry)
     autolock_was: list[bool] = []
     cl = retry_on_conflict(lambda: _cluster_update_once(c, args, autolock_was))
     if cl.spec.encryption_config.autolock_managers and autolock_was and not autolock_was[-1]:

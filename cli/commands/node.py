@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import time
 from collections.abc import Callable
 from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from shoal.cli import query, units
 from shoal.cli.client import Client
 from shoal.cli.cmdline import add_group, add_leaf, add_listing_flags
 from shoal.cli.errors import CliError, retry_on_conflict
 from shoal.cli.flagtypes import parse_labels
+from shoal.compose.units import format_duration
 from shoal.proto import control_pb2, objects_pb2, specs_pb2, types_pb2
 
 
@@ -92,6 +97,17 @@ def _node_pretty(n: objects_pb2.Node) -> None:
     print(f"Engine Version:\t\t{d.engine.engine_version}")
     if d.capabilities:
         print(f"Capabilities:\t\t{', '.join(d.capabilities)}")
+    if n.HasField("tls_info"):
+        t = n.tls_info
+        print(f"TLS Info:\n Issuer Subject:\t{t.cert_issuer_subject}\n"
+              f" Issuer Public Key:\t{base64.b64encode(t.cert_issuer_public_key).decode()}")
+        print(f" Certificate Expiry:\t{t.cert_not_after.ToJsonString()} ({_until(t.cert_not_after)})")
+
+
+def _until(ts: Timestamp) -> str:
+    left = ts.ToNanoseconds() - time.time_ns()
+    return f"in {format_duration(left // 10**9 * 10**9)}" if left > 0 else \
+        f"expired {format_duration(-left // 10**9 * 10**9)} ago"
 
 
 def node_inspect(c: Client, args: argparse.Namespace) -> None:

@@ -106,8 +106,8 @@ def test_front_join_and_mutual_tls(root, tmp_path: Path):
 
         paths = {k: str(tmp_path / f"{k}.sock") for k in ("mtls", "join", "plain")}
         specs = (
-            ("mtls", ca.server_credentials(mgr), _Who()),
-            ("join", ca.join_server_credentials(mgr), ca.CAServicer(lambda: root.cert_pem, issue)),
+            ("mtls", ca.NodeCredentials(mgr).server_credentials(), _Who()),
+            ("join", ca.NodeCredentials(mgr).server_credentials(client_auth=False), ca.CAServicer(lambda: root.cert_pem, issue)),
             ("plain", None, ca.CAServicer(lambda: root.cert_pem, issue, plain=True)),
         )
         servers = []

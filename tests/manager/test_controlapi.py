@@ -489,7 +489,7 @@ def test_remote_callers_must_hold_a_manager_identity() -> None:
     async def main() -> None:
         server = grpc.aio.server()
         add_to_server(ControlServicer(LocalStore()), server)
-        port = server.add_secure_port("127.0.0.1:0", ca.server_credentials(manager))
+        port = server.add_secure_port("127.0.0.1:0", ca.NodeCredentials(manager).server_credentials())
         await server.start()
         try:
             async with ca.secure_channel(f"127.0.0.1:{port}", worker) as ch:

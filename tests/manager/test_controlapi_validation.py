@@ -342,7 +342,7 @@ BAD_CLUSTER_SPECS = [
      "dispatcher heartbeat period is out of range"),
     ("heartbeat huge", _cl(dispatcher=specs_pb2.ClusterSpec.Dispatcher(heartbeat_period={"seconds": 7200})),
      "dispatcher heartbeat period is out of range"),
-    ("cert expiry", _cl(ca_config=specs_pb2.ClusterSpec.CAConfig(node_cert_expiry={"seconds": 60})),
+    ("cert expiry", _cl(ca_config=specs_pb2.ClusterSpec.CAConfig(node_cert_expiry={"seconds": 59})),
      "node certificate expiry is too short"),
     ("subnet size", _cl(subnet_size=31), "subnet size /31 is out of range"),
     ("key rotation tiny", _cl(network_encryption=specs_pb2.ClusterSpec.NetworkEncryption(

@@ -6,11 +6,7 @@ tokens, restart with the same state dir, kill -9 of the leader, promotion and de
 from __future__ import annotations
 
 import functools
-import os
 import stat
-import subprocess
-import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -23,28 +19,6 @@ pytestmark = pytest.mark.integration
 
 
 wait = functools.partial(wait_for, retry_on=(grpc.RpcError,))
-
-
-@pytest.fixture
-def daemons(tmp_path: Path):
-    base = Path(f"/tmp/sd{os.getpid() % 10000}-{time.monotonic_ns() % 100000}")  # short: unix socket paths
-    base.mkdir()
-    made: list[Daemon] = []
-
-    def make(name: str, ip: str, extra: list[str] | None = None) -> Daemon:
-        d = Daemon(base, name, ip, extra)
-        made.append(d)
-        return d
-
-    try:
-        yield make
-    finally:
-        for d in made:
-            d.kill()
-        for d in made:  # keep the logs of a failed run next to pytest's tmp_path
-            if d.log.exists():
-                (tmp_path / d.log.name).write_bytes(d.log.read_bytes())
-        subprocess.run(["rm", "-rf", str(base)], check=False)
 
 
 def leader_id(d: Daemon) -> str:

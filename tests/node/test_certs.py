@@ -1,0 +1,136 @@
+"""Node certificates over a cluster's life: renewal at 50-80 % of their life with a one-minute
+`--cert-expiry`, used at once by every server and client of the node (gRPC listeners, the agent's
+next session, etcd's peer TLS) without dropping a session; `node inspect` shows issuer and expiry;
+an expired worker certificate gets one sentence naming the fix. Real swarmd processes on 127.0.0.x."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import socket
+import ssl
+import time
+
+import grpc
+import pytest
+from cryptography import x509
+from helpers.swarmd import Swarmd as Daemon
+from helpers.waiting import wait_for
+
+from shoal.manager import ca
+from shoal.proto import control_pb2
+
+pytestmark = pytest.mark.integration
+
+wait = functools.partial(wait_for, retry_on=(grpc.RpcError,))
+LIFE = 60.0  # seconds: --cert-expiry 1m
+CHECK = 2.0  # swarmd's ROLE_CHECK_PERIOD: a renewal is asked for at most this long after it is due
+
+
+def nodes(d: Daemon) -> dict[str, object]:
+    return {n.description.hostname: n for n in d.control().ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes}
+
+
+def healthy(d: Daemon, n: int) -> bool:
+    info = d.info()
+    return len(info.members) == n and all(m.reachable for m in info.members) and bool(info.leader_node_id)
+
+
+def served_certificate(d: Daemon) -> x509.Certificate:
+    """The certificate a manager's remote API serves now (a new TLS handshake, as a joining node makes)."""
+    host, port = d.api.rsplit(":", 1)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, int(port)), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname=ca.JOIN_NAME) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_one_minute_certificates_renew_without_dropping_a_session(daemons) -> None:
+    m1 = daemons("m1", "127.0.0.1").start()
+    wait(lambda: m1.sock.exists() and m1.control().ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes,
+         "m1 to create its cluster")
+    cl = m1.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster
+    tokens = cl.root_ca.join_tokens
+    m2 = daemons("m2", "127.0.0.2", ["--join-addr", m1.api, "--join-token", tokens.manager]).start()
+    wait(lambda: m2.sock.exists() and healthy(m1, 2), "m2 to join", 60)
+    m3 = daemons("m3", "127.0.0.3", ["--join-addr", m1.api, "--join-token", tokens.manager]).start()
+    wait(lambda: m3.sock.exists() and healthy(m1, 3), "m3 to join", 60)
+    w1 = daemons("w1", "127.0.0.4", ["--join-addr", m1.api, "--join-token", tokens.worker]).start()
+    wait(lambda: len(nodes(m1)) == 4 and "session opened" in w1.log_text(), "w1 to join and open its session")
+    all_daemons = (m1, m2, m3, w1)
+
+    # The default is 90 days; node inspect shows who issued the certificate and until when.
+    n1 = nodes(m1)["m1"]
+    left = n1.tls_info.cert_not_after.ToSeconds() - time.time()
+    assert 89 * 86400 < left <= 90 * 86400
+    assert n1.tls_info.cert_issuer_subject == f"O={cl.id},CN=swarm-ca"
+    pretty = m1.ok("node", "inspect", "--pretty", "m1")
+    assert f"Issuer Subject:\t{n1.tls_info.cert_issuer_subject}" in pretty
+    assert "Certificate Expiry:\t" in pretty and "(in 89d" in pretty or "(in 2159h" in pretty or "(in 2160h" in pretty
+
+    # Bad values: one sentence naming the flag, nothing changed.
+    m1.fails("cluster", "update", "--cert-expiry", "0s",
+             match="--cert-expiry 0s is too short: give at least 1m (the default is 2160h, 90 days)")
+    m1.fails("cluster", "update", "--cert-expiry", "30s", match="--cert-expiry 30s is too short")
+    cl2 = m1.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster
+    assert cl2.meta.version == cl.meta.version and not cl2.spec.ca_config.HasField("node_cert_expiry")
+
+    # A minute, with the warning; every node's next role check brings it a one-minute certificate.
+    r = m1.ctl("cluster", "update", "--cert-expiry", "1m")
+    assert r.returncode == 0, r.stderr
+    assert "warning: --cert-expiry 1m is shorter than an hour: every node will renew its certificate every " \
+           "30s to 48s" in r.stderr
+    wait(lambda: all(n.tls_info.cert_not_after.ToSeconds() - time.time() <= LIFE for n in nodes(m1).values()),
+         "every node to hold a one-minute certificate", 15)
+
+    # Each node renews at 50-80 % of each certificate's life; follow every issued certificate.
+    seen: dict[str, dict[str, tuple[float, float]]] = {h: {} for h in ("m1", "m2", "m3", "w1")}  # serial -> (start, end)
+    first_short_end = max(n.tls_info.cert_not_after.ToSeconds() for n in nodes(m1).values())
+
+    def renewed_twice() -> bool:
+        for h, n in nodes(m1).items():
+            t = n.tls_info
+            seen[h][t.cert_serial] = (t.cert_not_before.ToSeconds(), t.cert_not_after.ToSeconds())
+        return all(len(s) >= 3 for s in seen.values())  # the first one-minute certificate, and 2 renewals
+
+    wait(renewed_twice, "every node to renew its one-minute certificate twice", 3.5 * LIFE, interval=0.5)
+    for h, certs in seen.items():
+        spans = sorted(certs.values())
+        spans = [s for s in spans if s[1] - s[0] <= 2 * LIFE + 1]  # one-minute ones (backdated by a minute)
+        for (_, end_a), (_, end_b) in zip(spans, spans[1:], strict=False):
+            issued_a, issued_b = end_a - LIFE, end_b - LIFE
+            frac = (issued_b - issued_a) / LIFE
+            assert 0.5 - 0.05 <= frac <= 0.8 + (CHECK + 1.5) / LIFE, f"{h} renewed at {frac:.0%} of the life"
+
+    # What each node holds on disk is its newest certificate; managers serve it on a new handshake.
+    wait(lambda: all(
+        f"{ca.load_cert((d.dir / 'certificates' / 'node.crt').read_bytes()).serial_number:x}"
+        == nodes(m1)[d.name].tls_info.cert_serial for d in all_daemons), "node.crt to be the newest certificate", 10)
+    for d in (m1, m2, m3):
+        served = served_certificate(d)
+        assert served.not_valid_after_utc > datetime.datetime.now(datetime.UTC)
+        assert served.not_valid_after_utc.timestamp() - time.time() <= LIFE + 1
+
+    # The first one-minute certificates have expired: a manager killed and started again reaches its
+    # peers' etcd members (new peer handshakes on both sides) and the cluster with renewed certificates.
+    wait(lambda: time.time() > first_short_end + 1, "the first one-minute certificates to expire", LIFE)
+    leader = m1.info().leader_node_id
+    other = next(d for d in (m2, m3) if d.info().node_id != leader)
+    other.kill()
+    other.wait_etcd_gone()
+    other.start([])
+    wait(lambda: other.sock.exists() and healthy(other, 3) and healthy(m1, 3), "the restarted manager to rejoin", 60)
+    m1.control().CreateSecret(control_pb2.CreateSecretRequest(spec={"annotations": {"name": "after-renewals"},
+                                                                   "data": b"x"}), timeout=10)
+    # swarmctl over mutual TLS with the renewed files of a state dir
+    assert "w1" in other.ok("node", "ls", remote=True)
+
+    # Not one agent session dropped on the nodes that kept running.
+    for d in (m1, w1):
+        assert d.log_text().count("shoal.agent: session opened") == 1, f"{d.name} opened its session again"
+    assert "certificate renewed" in w1.log_text()
