@@ -42,6 +42,7 @@ from google.protobuf.message import Message
 
 from shoal.manager import backup, validation
 from shoal.manager.allocator import allocate_network
+from shoal.manager.authz import revoke
 from shoal.manager.encryption import format_unlock_key, new_unlock_key
 from shoal.manager.keymanager import public
 from shoal.manager.store import (
@@ -231,10 +232,11 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                     f"node {name} is not down and can't be removed: stop its swarmd first, or use --force"
                 )
             tx.delete(node)
+            revoke(tx, node)
             return node
 
         node = await self._commit(fn)
-        log.info("node removed id=%s force=%s", node.id, request.force)
+        log.info("node removed id=%s force=%s; its certificate is revoked", node.id, request.force)
         return control_pb2.RemoveNodeResponse()
 
     # ---- tasks ---------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ client on a root-only unix socket), opens the `EtcdStore` on it and serves:
   socket (mode 0600, no TLS: whoever can open it is root on this host) and on the remote port;
 - the Dispatcher (`shoal.manager.dispatcher.Dispatcher(store, manager=self)`) and the CA service
   (`shoal.manager.ca.CAServicer`) on the remote port;
+- on the remote port's mutual-TLS listener, `shoal.manager.authz.Authorizer`: the certificates of
+  removed nodes refused and their open calls ended, a demoted manager's manager rights ended;
 - the log broker (`shoal.manager.logbroker.LogBroker(store, manager=self)`): `Logs` on both, and
   `LogBroker` (agents) on the remote port.
 
@@ -51,6 +53,7 @@ from typing import Any
 import grpc
 
 from shoal.manager import ca, remoteapi
+from shoal.manager.authz import Authorizer
 from shoal.manager.controlapi import ControlServicer
 from shoal.manager.dispatcher import Dispatcher
 from shoal.manager.encryption import DataKeyCodec, KeyDir
@@ -346,7 +349,9 @@ class Manager:
         await start_local_server(local, sock)
         self._servers.append(local)
 
-        mtls = grpc.aio.server()
+        self.authz = Authorizer(self.store)
+        self._tasks.append(asyncio.create_task(self.authz.run(), name="authz"))
+        mtls = grpc.aio.server(interceptors=[self.authz])
         control_pb2_grpc.add_ControlServicer_to_server(self.control, mtls)
         dispatcher_pb2_grpc.add_DispatcherServicer_to_server(self.dispatcher, mtls)
         logs_pb2_grpc.add_LogsServicer_to_server(self.logbroker, mtls)

@@ -10,6 +10,7 @@ import functools
 import socket
 import ssl
 import time
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -18,7 +19,16 @@ from helpers.swarmd import Swarmd as Daemon
 from helpers.waiting import wait_for
 
 from shoal.manager import ca
-from shoal.proto import control_pb2
+from shoal.proto import (
+    ca_pb2,
+    ca_pb2_grpc,
+    control_pb2,
+    control_pb2_grpc,
+    dispatcher_pb2,
+    dispatcher_pb2_grpc,
+    watch_pb2,
+    watch_pb2_grpc,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -134,3 +144,72 @@ def test_one_minute_certificates_renew_without_dropping_a_session(daemons) -> No
     for d in (m1, w1):
         assert d.log_text().count("shoal.agent: session opened") == 1, f"{d.name} opened its session again"
     assert "certificate renewed" in w1.log_text()
+
+
+def mtls(d: Daemon, ident: ca.TLSIdentity) -> grpc.Channel:
+    """A channel to a manager's remote API with a node identity (a copy of its certificate files)."""
+    creds = grpc.ssl_channel_credentials(ident.ca_pem, ident.key_pem, ident.cert_pem)
+    return grpc.secure_channel(d.api, creds, options=ca.channel_options())
+
+
+def refused(call: Callable[[], object], match: str) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value
+    assert match in (e.value.details() or ""), e.value.details()
+
+
+def test_removed_node_and_demoted_manager_lose_their_rights_at_once(daemons) -> None:
+    m1 = daemons("m1", "127.0.0.1").start()
+    wait(lambda: m1.sock.exists() and m1.control().ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes,
+         "m1 to create its cluster")
+    tokens = m1.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster.root_ca.join_tokens
+    m2 = daemons("m2", "127.0.0.2", ["--join-addr", m1.api, "--join-token", tokens.manager]).start()
+    wait(lambda: m2.sock.exists() and healthy(m1, 2), "m2 to join", 60)
+    w1 = daemons("w1", "127.0.0.3", ["--join-addr", m1.api, "--join-token", tokens.worker]).start()
+    wait(lambda: "shoal.agent: session opened" in w1.log_text() and len(nodes(m1)) == 3, "w1 to join")
+    w1_ident = ca.TLSIdentity.load(w1.dir / "certificates")
+    m2_ident = ca.TLSIdentity.load(w1.dir.parent / "m2" / "certificates")
+    assert w1_ident is not None and m2_ident is not None
+    w1_id, m2_id = w1_ident.node_id, m2_ident.node_id
+
+    # Before: the worker's certificate opens a session and a role check; the manager's the control API.
+    with mtls(m1, w1_ident) as ch:
+        ca_pb2_grpc.CAStub(ch).IssueNodeCertificate(ca_pb2.IssueNodeCertificateRequest(
+            csr=ca.make_csr(w1_ident.key_pem), node_id=w1_id), timeout=10)
+    with mtls(m1, m2_ident) as ch:
+        assert len(control_pb2_grpc.ControlStub(ch).ListNodes(control_pb2.ListNodesRequest(), timeout=10).nodes) == 3
+        # a stream left open across the demotion
+        watch = watch_pb2_grpc.WatchStub(ch).Watch(watch_pb2.WatchRequest(kinds=["service"]), timeout=60)
+
+        # Demote m2: its open stream ends and its (still valid) manager certificate opens no manager
+        # service any more, on either manager; the CA still answers it (the role check that demotes it).
+        m1.ok("node", "demote", "m2")
+        with pytest.raises(grpc.RpcError) as e:
+            next(iter(watch))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert f"node {m2_id} was demoted: its manager rights have ended" in e.value.details()
+    for d in (m1, m2):
+        if d is m2 and not m2.sock.exists():
+            continue  # m2 has switched to its worker role already: nothing of a manager listens
+        with mtls(d, m2_ident) as ch:
+            refused(lambda ch=ch: control_pb2_grpc.ControlStub(ch).ListNodes(control_pb2.ListNodesRequest(), timeout=10),
+                    "was demoted: its manager rights have ended")
+
+    # Remove the worker (forced: it still runs): its live session ends at once, and its certificate
+    # is refused on every service of the remote API, with the sentence saying why.
+    m1.ok("node", "rm", "--force", "w1")
+    wait(lambda: "was revoked when the node was removed" in w1.log_text(), "w1's session to be ended", 10)
+    revoked = f"the certificate of node {w1_id} was revoked when the node was removed from the swarm (node rm)"
+    with mtls(m1, w1_ident) as ch:
+        refused(lambda: ca_pb2_grpc.CAStub(ch).IssueNodeCertificate(ca_pb2.IssueNodeCertificateRequest(
+            csr=ca.make_csr(w1_ident.key_pem), node_id=w1_id, renew=True), timeout=10), revoked)
+        refused(lambda: next(iter(dispatcher_pb2_grpc.DispatcherStub(ch).Session(
+            dispatcher_pb2.SessionRequest(), timeout=10))), revoked)
+        refused(lambda: dispatcher_pb2_grpc.DispatcherStub(ch).Heartbeat(
+            dispatcher_pb2.HeartbeatRequest(session_id="x"), timeout=10), revoked)
+        refused(lambda: control_pb2_grpc.ControlStub(ch).ListNodes(control_pb2.ListNodesRequest(), timeout=10), revoked)
+    cluster = m1.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster
+    entry = next(r for r in cluster.root_ca.revoked_nodes if r.node_id == w1_id)
+    assert entry.not_after.ToSeconds() == ca.load_cert(w1_ident.cert_pem).not_valid_after_utc.timestamp()
+    assert "Error: " not in m1.ok("node", "ls")
