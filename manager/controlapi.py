@@ -672,7 +672,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                 if request.rotate_manager_token:
                     cluster.root_ca.join_tokens.manager = generate(cluster.root_ca.ca_cert)
             # Autolock: the managers' unlock key exists exactly while autolock is on (each manager
-            # follows it and re-wraps its data key; see Manager._follow_unlock_key).
+            # follows it and re-wraps its data key; see Manager._follow_cluster_keys).
             if spec.encryption_config.autolock_managers:
                 if not cluster.unlock_key or request.rotate_unlock_key:
                     cluster.unlock_key = new_unlock_key()

@@ -14,7 +14,12 @@ fsync of the directory):
 - `dek`: JSON `{"version": 1, "locked": bool, "wrapped": base64}`: the DEK wrapped (AES-256-GCM,
   associated data naming the format and the `locked` flag) by a key-encryption key (KEK);
 - `kek`: JSON `{"version": 1, "kek": base64}`, only while the cluster is *not* autolocked: a random
-  KEK, so the state dir alone opens the data, as in Docker without autolock.
+  KEK, so the state dir alone opens the data, as in Docker without autolock;
+- `root-ca`: the cluster's root CA (certificate and key) and certificate expiry, sealed with the DEK
+  like a store value: a manager whose own certificate expired while it was off signs itself a new
+  one from it before its etcd member starts (see `shoal.manager.manager`), since etcd peers refuse
+  an expired certificate and the store could not get a quorum back otherwise. It holds nothing the
+  store does not (sealed with the same key).
 
 Autolock: the KEK is derived (HKDF-SHA256) from the cluster's unlock key, `SWMKEY-1-` + base64 (no
 padding) of 32 random bytes, which the operator keeps and no manager keeps on disk; `dek` says
@@ -43,6 +48,7 @@ NONCE_BYTES = 12
 VALUE_FORMAT = b"\x01"
 FILE_VERSION = 1
 UNLOCK_KEY_PREFIX = "SWMKEY-1-"
+ROOT_CA_AAD = b"keys/root-ca"
 _KDF_SALT = b"shoal autolock"
 _KDF_INFO = b"shoal manager key-encryption key v1"
 
@@ -272,6 +278,23 @@ class KeyDir:
         """A new manager's keys: `dek` wrapped with a random KEK (autolock is applied once the
         manager follows the cluster object)."""
         self.write_unlocked(dek)
+
+    @property
+    def root_ca_path(self) -> Path:
+        return self.path / "root-ca"
+
+    def save_root_ca(self, dek: bytes, data: bytes) -> None:
+        """Keep `data` (a serialized Cluster holding the root CA) sealed with the data key."""
+        self._ensure_dir()
+        write_atomic(self.root_ca_path, DataKeyCodec(dek).seal(ROOT_CA_AAD, data))
+
+    def load_root_ca(self, dek: bytes) -> bytes | None:
+        """What `save_root_ca` kept, or None when there is none (a manager of an older version)."""
+        try:
+            sealed = self.root_ca_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return DataKeyCodec(dek).open(ROOT_CA_AAD, sealed)
 
     def sync(self, dek: bytes, unlock_key: bytes | None) -> str | None:
         """Make the files match the cluster: wrapped with `unlock_key`'s KEK and no `kek` file

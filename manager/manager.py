@@ -29,8 +29,14 @@ and built afresh on the next term. A loop that raises is logged and restarted af
 
 Encryption at rest: the store seals every value with `cfg.data_key` (`encryption.DataKeyCodec`), and
 every manager (not only the leader) follows the Cluster object's autolock setting and unlock key,
-re-wrapping `<state_dir>/keys/dek` as they change (`_follow_unlock_key`). A joining or promoted
-manager receives the data key in its CA answer (`IssuedNode.data_key`).
+re-wrapping `<state_dir>/keys/dek` as they change (`_follow_cluster_keys`, which also keeps a sealed
+copy of the root CA in `keys/root-ca`). A joining or promoted manager receives the data key in its CA
+answer (`IssuedNode.data_key`).
+
+Certificates: `credentials` (`ca.NodeCredentials`, swarmd's) is the node's identity as renewals
+change it; the remote API's listeners and the etcd member's peer files follow it. A manager whose
+certificate expired while it was off signs itself a new one from `keys/root-ca` before its member
+starts (`_renew_if_expired`).
 
 Store status: `StoreStatus` (shoal.manager.storestatus) is this manager's view of the members,
 refreshed every `STATUS_PERIOD` from its own member (member list, leader, active peers); the
@@ -61,7 +67,7 @@ from shoal.manager.etcdmember import EtcdConfig, EtcdMember
 from shoal.manager.etcdstore import Election, EtcdStore, Fence, rpc_unavailable
 from shoal.manager.leader import LEADER_LOOPS
 from shoal.manager.logbroker import LogBroker
-from shoal.manager.store import Tx, Unavailable, new_id
+from shoal.manager.store import StoreError, Tx, Unavailable, new_id
 from shoal.manager.storestatus import STATUS_PERIOD, MemberStatus, StoreStatus
 from shoal.manager.watchapi import WatchServicer
 from shoal.proto import (
@@ -102,6 +108,15 @@ class ManagerConfig:
     data_key: bytes = b""
     # The node's credentials as renewals change them (swarmd's); default: `identity`, never renewed.
     credentials: ca.NodeCredentials | None = None
+
+
+class ExpiredCertificate(Exception):
+    """The manager's certificate expired and it cannot renew it itself; the message says what to do."""
+
+
+# A manager starting with less than this left on its certificate renews it itself (see
+# `Manager._renew_if_expired`): the renewal loop could not reach a CA before it expires.
+EXPIRY_MARGIN = datetime.timedelta(seconds=20)
 
 
 def _host(addr: str) -> str:
@@ -307,6 +322,7 @@ class Manager:
         cfg = self.cfg
         if not cfg.data_key:
             raise ValueError("ManagerConfig.data_key is empty: swarmd passes the data key from <state_dir>/keys")
+        renewed = self._renew_if_expired()
         self.member = EtcdMember(self._etcd_config())
         self.credentials.subscribe(self._renewed)
         if self.member.has_data and not cfg.force_new_cluster:
@@ -330,7 +346,9 @@ class Manager:
         self._tasks.append(asyncio.create_task(self._status_loop(), name="store-status"))
         if bootstrap is not None:
             await self.bootstrap(bootstrap)
-        self._tasks.append(asyncio.create_task(self._follow_unlock_key(), name="unlock-key"))
+        self._tasks.append(asyncio.create_task(self._follow_cluster_keys(), name="cluster-keys"))
+        if renewed:
+            self._tasks.append(asyncio.create_task(self._record_own_certificate(), name="own-certificate"))
         self.control = ControlServicer(self.store, manager=self)
         self.dispatcher = Dispatcher(self.store, manager=self)
         self.logbroker = LogBroker(self.store, manager=self)
@@ -444,11 +462,14 @@ class Manager:
         log.info("node=%s cluster %s created with %d objects", self.node_id, cluster.id, len(objects.objects))
 
     # ---- encryption at rest ----------------------------------------------------------------------
-    async def _follow_unlock_key(self) -> None:
+    async def _follow_cluster_keys(self) -> None:
         """Keep `<state_dir>/keys` as the Cluster object wants it: the data key wrapped with the
         cluster's unlock key and no `keys/kek` while autolock is on, with a random KEK in `keys/kek`
-        while it is off; re-wrapped when the unlock key is rotated. One log line per change."""
+        while it is off; re-wrapped when the unlock key is rotated; and `keys/root-ca`, the sealed
+        copy of the root CA an expired manager renews itself from (see `_renew_if_expired`). One log
+        line per change."""
         keys = KeyDir(self.cfg.state_dir / "keys")
+        kept_root = b""
         watcher = self.raft.watch(["cluster"])
         try:
             while True:
@@ -456,10 +477,16 @@ class Manager:
                 cluster = self.raft.cluster()
                 if cluster is not None:
                     autolock = cluster.spec.encryption_config.autolock_managers and bool(cluster.unlock_key)
+                    root = objects_pb2.Cluster(id=cluster.id, root_ca=cluster.root_ca)
+                    root.spec.ca_config.CopyFrom(cluster.spec.ca_config)
+                    root_bytes = root.SerializeToString(deterministic=True)
                     try:
                         change = keys.sync(self.cfg.data_key, cluster.unlock_key if autolock else None)
                         if change:
                             log.info("node=%s %s", self.node_id, change)
+                        if root_bytes != kept_root:
+                            keys.save_root_ca(self.cfg.data_key, root_bytes)
+                            kept_root = root_bytes
                     except OSError as e:
                         log.error("node=%s cannot write the data key to %s: %s; retrying in 5 s",
                                   self.node_id, keys.path, e)
@@ -472,6 +499,55 @@ class Manager:
                     pass
         finally:
             watcher.close()
+
+    def _renew_if_expired(self) -> bool:
+        """Before the etcd member starts: a manager whose certificate expired while it was off (or
+        expires within `EXPIRY_MARGIN`) signs itself a new one from `keys/root-ca`. Its etcd peers
+        would refuse the expired one (and it theirs), so a cluster whose managers were all off that
+        long would never get its quorum back. True if it renewed (the store learns the certificate
+        once it answers: `_record_own_certificate`)."""
+        ident = self.credentials.current
+        left = ca.expiry(ident.cert_pem) - datetime.datetime.now(datetime.UTC)
+        if left > EXPIRY_MARGIN:
+            return False
+        data = KeyDir(self.cfg.state_dir / "keys").load_root_ca(self.cfg.data_key)
+        if data is None:
+            raise ExpiredCertificate(
+                f"the certificate of manager {self.node_id} expired at {ca.expiry(ident.cert_pem).isoformat()} and "
+                "this manager holds no copy of the root CA to renew it (it last ran an older version): restore "
+                "the cluster on another manager, or from a backup (swarmd --restore)")
+        kept = objects_pb2.Cluster.FromString(data)
+        root = ca.RootCA(kept.root_ca.ca_cert, kept.root_ca.ca_key)
+        _, key = ca.new_key()
+        cert = self._sign(root, kept, ca.make_csr(key), self.node_id, types_pb2.MANAGER, self.cfg.raft_addr)
+        self.credentials.update(ca.TLSIdentity(key, cert, ident.ca_pem))
+        log.warning("node=%s this manager's certificate expired at %s (off longer than its life): renewed it "
+                    "from the root CA kept in keys/root-ca, valid until %s", self.node_id,
+                    (datetime.datetime.now(datetime.UTC) + left).isoformat(timespec="seconds"),
+                    ca.expiry(cert).isoformat(timespec="seconds"))
+        return True
+
+    async def _record_own_certificate(self) -> None:
+        """Write this manager's own certificate (renewed by `_renew_if_expired`) on its Node."""
+        cert = self.credentials.current.cert_pem
+
+        def fn(tx: Tx) -> None:
+            cur = tx.get("node", self.node_id)
+            if cur is None or cur.certificate == cert:
+                return
+            n = objects_pb2.Node()
+            n.CopyFrom(cur)
+            n.certificate = cert
+            n.tls_info.CopyFrom(ca.tls_info(cert, self.credentials.current.ca_pem))
+            tx.update(n)
+
+        while True:
+            try:
+                await self.raft.update(fn)
+                return
+            except StoreError as e:
+                log.info("node=%s recording the renewed certificate: %s; retrying", self.node_id, e)
+                await asyncio.sleep(1)
 
     # ---- CA --------------------------------------------------------------------------------------
     def _root_ca_pem(self) -> bytes:

@@ -752,6 +752,8 @@ class Swarmd:
                 bootstrap = None
                 if not st.bootstrapped:
                     bootstrap = store_pb2.StoreSnapshot.FromString((self.dir / "bootstrap.pb").read_bytes())
+                from shoal.manager.manager import ExpiredCertificate  # managers only
+
                 try:
                     if not await self.start_manager_unlocked(getattr(self, "_initial_cluster", None), bootstrap):
                         log.info("stopped while locked")
@@ -759,6 +761,8 @@ class Swarmd:
                     # --force-new-cluster is spent: a manager role started later by this process (after
                     # a demotion and a promotion) joins the cluster as any member does.
                     self.args.force_new_cluster = False
+                except ExpiredCertificate as e:
+                    raise SystemExit(str(e)) from None
                 except OSError as e:
                     log.error("cannot start the manager role: %s", e)
                     raise SystemExit(

@@ -145,6 +145,26 @@ def test_one_minute_certificates_renew_without_dropping_a_session(daemons) -> No
         assert d.log_text().count("shoal.agent: session opened") == 1, f"{d.name} opened its session again"
     assert "certificate renewed" in w1.log_text()
 
+    # Everything off for longer than a certificate's life: the managers renew their own expired
+    # certificates from keys/root-ca and get their quorum back; the worker says what to do.
+    for d in all_daemons:
+        assert d.term() == 0
+    on_disk = [ca.expiry((d.dir / "certificates" / "node.crt").read_bytes()).timestamp() for d in all_daemons]
+    wait(lambda: time.time() > max(on_disk) + 1, "every certificate on disk to expire", LIFE + 5)
+    for d in (m1, m2, m3):
+        d.start([])
+    wait(lambda: all(d.sock.exists() and healthy(d, 3) for d in (m1, m2, m3)), "the managers' quorum back", 60)
+    for d in (m1, m2, m3):
+        assert served_certificate(d).not_valid_after_utc > datetime.datetime.now(datetime.UTC)
+        assert "renewed it from the root CA kept in keys/root-ca" in d.log_text()
+    wait(lambda: nodes(m1)["m1"].tls_info.cert_not_after.ToSeconds() > time.time(), "m1's new certificate on record")
+    code, err = w1.run_to_exit([])
+    w1_id = nodes(m1)["w1"].id
+    assert code != 0
+    assert f"the certificate of node {w1_id} expired at " in err
+    assert f"so no manager accepts this node any more: on a manager run `swarmctl node rm --force {w1_id}`, then " \
+           f"remove {w1.dir} and join again with a token from `swarmctl swarm join-token worker`" in err
+
 
 def mtls(d: Daemon, ident: ca.TLSIdentity) -> grpc.Channel:
     """A channel to a manager's remote API with a node identity (a copy of its certificate files)."""
