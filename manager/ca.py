@@ -33,12 +33,13 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shoal.manager.store import StoreError
-from shoal.proto import ca_pb2, ca_pb2_grpc, types_pb2
+from shoal.proto import ca_pb2, ca_pb2_grpc, objects_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,8 @@ def role_for_token(token: str, join_tokens: types_pb2.JoinTokens, ca_cert_pem: b
     t = parse_join_token(token)
     if not hmac.compare_digest(t.digest, ca_digest(ca_cert_pem)):
         raise JoinError(
-            "join token belongs to another cluster (its CA digest does not match this cluster's root CA): "
-            "get a token from this cluster with `swarmctl swarm join-token worker`"
+            "join token's CA digest does not match this cluster's root CA: it belongs to another cluster, or "
+            "was made before a root CA rotation; get a current one with `swarmctl swarm join-token worker`"
         )
     if join_tokens.manager and hmac.compare_digest(t.raw, join_tokens.manager):
         return types_pb2.MANAGER
@@ -137,8 +138,9 @@ def verify_root_ca(token: str, ca_cert_pem: bytes) -> None:
     t = parse_join_token(token)
     if not hmac.compare_digest(t.digest, ca_digest(ca_cert_pem)):
         raise JoinError(
-            "the root CA certificate sent by the manager does not match the digest in the join token: "
-            "the address is not a manager of the token's cluster, or the connection is being intercepted"
+            "the root CA certificate sent by the manager does not match the digest in the join token: the token "
+            "was made before a root CA rotation (get a current one with `swarmctl swarm join-token worker`), the "
+            "address is not a manager of the token's cluster, or the connection is being intercepted"
         )
 
 
@@ -269,6 +271,93 @@ class RootCA:
         return cert.public_bytes(serialization.Encoding.PEM)
 
 
+# ---- root rotation -----------------------------------------------------------------------------
+def cross_sign(old: RootCA, new_cert_pem: bytes) -> bytes:
+    """The new root's subject and public key in a CA certificate signed by the `old` root: a node
+    certificate issued by the new root, sent with this after it, is accepted by a party that trusts
+    only the old root (SwarmKit's cross-signing)."""
+    if old.key_pem is None:
+        raise ValueError("the current root CA key is not available to cross-sign the new root")
+    new = load_cert(new_cert_pem)
+    old_cert = load_cert(old.cert_pem)
+    old_key = serialization.load_pem_private_key(old.key_pem, None)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(new.subject)
+        .issuer_name(old_cert.subject)
+        .public_key(new.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(new.not_valid_before_utc)
+        .not_valid_after(min(new.not_valid_after_utc, old_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(new.public_key()), critical=False)  # type: ignore[arg-type]
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(old_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(old_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def check_root_pair(cert_pem: bytes, key_pem: bytes) -> RootCA:
+    """A root given with `--ca-cert FILE --ca-key FILE`, checked: ValueError with one sentence
+    naming the flag otherwise."""
+    try:
+        cert = load_cert(cert_pem)
+    except ValueError as e:
+        raise ValueError(f"--ca-cert is not a PEM certificate ({e}): give the root CA certificate in PEM") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--ca-key is not an unencrypted PEM private key ({e}): give the root CA's key in PEM, "
+                         "without a passphrase") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ValueError("--ca-key must be an ECDSA or RSA key")
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is None or not bc.ca:
+        raise ValueError("--ca-cert is not a CA certificate (its basic constraints do not say CA:TRUE): "
+                         "give a root CA certificate")
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, pub) != \
+            cert.public_key().public_bytes(serialization.Encoding.DER, pub):
+        raise ValueError("--ca-key does not belong to --ca-cert (their public keys differ): give the key that "
+                         "signs with that certificate")
+    now = datetime.datetime.now(datetime.UTC)
+    if cert.not_valid_after_utc <= now + datetime.timedelta(days=1):
+        raise ValueError(f"--ca-cert expires at {cert.not_valid_after_utc.isoformat()}, within a day: "
+                         "give a root CA certificate valid for longer")
+    return RootCA(cert.public_bytes(serialization.Encoding.PEM), key_pem)
+
+
+def trust_bundle(root_ca: objects_pb2.RootCA) -> bytes:
+    """The roots a node trusts now: the cluster's, and during a rotation the new one after it (the
+    current root first: a joining node checks the first against its token's digest)."""
+    if root_ca.HasField("root_rotation"):
+        return root_ca.ca_cert + root_ca.root_rotation.ca_cert
+    return root_ca.ca_cert
+
+
+def issuing_root(root_ca: objects_pb2.RootCA) -> tuple[RootCA, bytes]:
+    """The root that signs node certificates now (a rotation's new one while it runs) and the
+    cross-signed certificate node certificates carry after their own (empty if none)."""
+    if root_ca.HasField("root_rotation"):
+        r = root_ca.root_rotation
+        return RootCA(r.ca_cert, r.ca_key), r.cross_signed_ca_cert
+    return RootCA(root_ca.ca_cert, root_ca.ca_key), root_ca.cross_signed_ca_cert
+
+
+def issuer_key(cert_pem: bytes | str) -> bytes:
+    """DER of a certificate's public key: how `NodeTLSInfo.cert_issuer_public_key` names a root."""
+    return load_cert(cert_pem).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 def backdate(validity: datetime.timedelta) -> datetime.timedelta:
     """How far before its issue time a certificate of `validity` starts: an hour (clock skew between
     nodes), but never more than the validity, so that `issued_at` can recover the issue time."""
@@ -299,10 +388,11 @@ def expiry(cert_pem: bytes | str) -> datetime.datetime:
     return load_cert(cert_pem).not_valid_after_utc
 
 
-def tls_info(cert_pem: bytes | str, ca_cert_pem: bytes | str) -> types_pb2.NodeTLSInfo:
-    """What `swarmctl node inspect` shows of a node certificate: the issuing root and the validity."""
+def tls_info(cert_pem: bytes | str, trust_pem: bytes | str) -> types_pb2.NodeTLSInfo:
+    """What `swarmctl node inspect` shows of a node certificate: the root of `trust_pem` (a bundle)
+    that issued it, and its validity."""
     cert = load_cert(cert_pem)
-    issuer = load_cert(ca_cert_pem)
+    issuer = issuer_in(cert, trust_pem) or load_certs(trust_pem)[0]
     info = types_pb2.NodeTLSInfo(
         cert_issuer_subject=cert.issuer.rfc4514_string(),
         cert_issuer_public_key=issuer.public_key().public_bytes(
@@ -313,6 +403,28 @@ def tls_info(cert_pem: bytes | str, ca_cert_pem: bytes | str) -> types_pb2.NodeT
     info.cert_not_before.FromDatetime(cert.not_valid_before_utc)
     info.cert_not_after.FromDatetime(cert.not_valid_after_utc)
     return info
+
+
+def load_certs(pem: bytes | str) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle or chain, in order."""
+    return x509.load_pem_x509_certificates(_pem(pem))
+
+
+def issuer_in(cert: x509.Certificate, trust_pem: bytes | str) -> x509.Certificate | None:
+    """The root of the bundle `trust_pem` that signed `cert`, or None."""
+    for root in load_certs(trust_pem):
+        try:
+            cert.verify_directly_issued_by(root)
+            return root
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    return None
+
+
+def verify_issued(cert: x509.Certificate, trust_pem: bytes | str) -> None:
+    """`cert` was signed by one of the roots in `trust_pem` (a bundle); ValueError if by none."""
+    if issuer_in(cert, trust_pem) is None:
+        raise ValueError(f"certificate {cert.serial_number:x} was not issued by a root this node trusts")
 
 
 def validity_of(spec_expiry_ns: int) -> datetime.timedelta:
@@ -328,11 +440,11 @@ class CertInfo:
 
 
 def cert_info(cert_pem: bytes | str, ca_cert_pem: bytes | None = None) -> CertInfo:
-    """Node id, role and cluster id of a node certificate (checked against `ca_cert_pem` if given)."""
+    """Node id, role and cluster id of a node certificate (checked to be issued by a root of the
+    trust bundle `ca_cert_pem` if given: ValueError otherwise)."""
     cert = x509.load_pem_x509_certificate(_pem(cert_pem))
     if ca_cert_pem is not None:
-        ca = x509.load_pem_x509_certificate(ca_cert_pem)
-        cert.verify_directly_issued_by(ca)
+        verify_issued(cert, ca_cert_pem)
 
     def attr(oid: x509.ObjectIdentifier) -> str:
         vals = cert.subject.get_attributes_for_oid(oid)

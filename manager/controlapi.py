@@ -620,6 +620,9 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     def _redact_cluster(cluster: objects_pb2.Cluster) -> objects_pb2.Cluster:
         out = _copy(cluster)
         out.root_ca.ClearField("ca_key")
+        out.root_ca.root_rotation.ClearField("ca_key")
+        if not cluster.root_ca.HasField("root_rotation"):
+            out.root_ca.ClearField("root_rotation")
         out.ClearField("network_bootstrap_keys")
         out.ClearField("unlock_key")
         return out
@@ -633,6 +636,42 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     @rpc
     async def GetCluster(self, request: control_pb2.GetClusterRequest, context: Any) -> control_pb2.GetClusterResponse:
         return control_pb2.GetClusterResponse(cluster=self._redact_cluster(self._cluster()))
+
+    @rpc
+    async def RotateRootCA(
+        self, request: control_pb2.RotateRootCARequest, context: Any
+    ) -> control_pb2.RotateRootCAResponse:
+        """Start a root rotation (see `shoal.manager.rotation`): to the given root, checked first, or
+        to a new one. A rotation under way is replaced; the current root cross-signs the new one."""
+        from shoal.manager import ca
+
+        if bool(request.ca_cert) != bool(request.ca_key):
+            raise InvalidArgument("--ca-cert and --ca-key go together: give both, or neither for a new root "
+                                  "the manager makes")
+        cur = self._cluster()
+        if request.ca_cert:
+            try:
+                new = ca.check_root_pair(request.ca_cert, request.ca_key)
+            except ValueError as e:
+                raise InvalidArgument(str(e)) from None
+            if new.digest == cur.root_ca.ca_cert_hash:
+                raise InvalidArgument("--ca-cert is the cluster's root CA already: give another root, or none "
+                                      "for a new one")
+        else:
+            new = ca.RootCA.create(cur.id)
+        cross = ca.cross_sign(ca.RootCA(cur.root_ca.ca_cert, cur.root_ca.ca_key), new.cert_pem)
+
+        def fn(tx: Tx) -> objects_pb2.Cluster:
+            cluster = _copy(tx.get("cluster", cur.id))
+            if cluster.root_ca.ca_cert != cur.root_ca.ca_cert:
+                raise Conflict("the root CA changed while this rotation was being prepared: run it again")
+            cluster.root_ca.root_rotation.CopyFrom(objects_pb2.RootRotation(
+                ca_cert=new.cert_pem, ca_key=new.key_pem, cross_signed_ca_cert=cross, ca_cert_hash=new.digest))
+            return tx.update(cluster)
+
+        await self._commit(fn)
+        log.info("root CA rotation started id=%s to=%s given=%s", cur.id, new.digest[:12], bool(request.ca_cert))
+        return control_pb2.RotateRootCAResponse(ca_cert_hash=new.digest)
 
     @rpc
     async def UpdateCluster(

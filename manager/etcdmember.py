@@ -107,6 +107,7 @@ class EtcdMember:
         self._force_new = config.force_new_cluster  # a one-shot: only the first spawn gets it
         self._had_data = False  # has_data at the last spawn
         self._stopping = False
+        self._restarting = False  # `restart` replaces the process: `run` waits for it, then goes on
         self._lock = asyncio.Lock()
 
     # ---- paths and state ---------------------------------------------------------------------
@@ -217,6 +218,10 @@ class EtcdMember:
             code = await proc.wait()
             if self._stopping:
                 return
+            if self._restarting or self._proc is not proc:
+                async with self._lock:  # held by `restart` until the new process runs
+                    pass
+                continue
             if time.monotonic() - self._started_at >= BACKOFF_RESET:
                 delay = BACKOFF_MIN
             last = self._tail(1)
@@ -234,6 +239,36 @@ class EtcdMember:
                     except (EtcdError, OSError) as e:
                         log.error("etcd member %s could not be restarted: %s; retrying in %.1f s",
                                   self.name, e, delay)
+
+    async def restart(self, ca_pem: bytes, timeout: float = 30) -> None:
+        """Stop etcd and start it again trusting the roots `ca_pem` (etcd reads its trusted roots at
+        start only: after a root rotation). Waits until it answers (EtcdError otherwise); a running
+        `run` supervises the new process."""
+        self.config = dataclasses.replace(self.config, ca_pem=ca_pem)
+        t0 = time.monotonic()
+        async with self._lock:
+            self._restarting = True
+            try:
+                proc = self._proc
+                if proc is not None and proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGTERM)
+                    try:
+                        await asyncio.wait_for(proc.wait(), 10)
+                    except TimeoutError:
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.kill()
+                        await proc.wait()
+                    self._remove_pidfile(proc.pid)
+                await self._spawn()
+                proc = self._proc
+            finally:
+                self._restarting = False
+        assert proc is not None
+        if not await self._poll_ready(t0 + timeout, proc):
+            raise EtcdError(f"etcd member {self.name} did not answer within {timeout:g} s of its restart. "
+                            f"{self._tail_text()}")
+        log.info("etcd member %s restarted with new trusted roots in %.2f s", self.name, time.monotonic() - t0)
 
     async def stop(self, timeout: float = 10) -> None:
         """Stop etcd: SIGTERM, SIGKILL after `timeout` seconds, and wait for it. A running `run`

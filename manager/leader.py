@@ -18,7 +18,9 @@ the leader key is lost):
 4. the orchestration loops, in this order: `ReplicatedOrchestrator`, `GlobalOrchestrator`,
    `ConstraintEnforcer`, `TaskReaper` (shoal.manager.orchestrator) and the `Scheduler`
    (shoal.manager.scheduler) -- services become tasks, and tasks get nodes;
-5. `KeyManager` (shoal.manager.keymanager) -- rotation of the encrypted networks' keys.
+5. `KeyManager` (shoal.manager.keymanager) -- rotation of the encrypted networks' keys;
+6. `RootRotation` (shoal.manager.rotation) -- finishes a root CA rotation once every node holds a
+   certificate of the new root.
 
 The loops meet only through the store (watch events and transactions), so the order is that of
 their start, not a pipeline: each one's first pass sees what the store holds then.
@@ -43,6 +45,7 @@ from shoal.manager.orchestrator import (
     ReplicatedOrchestrator,
     TaskReaper,
 )
+from shoal.manager.rotation import RootRotation
 from shoal.manager.scheduler import Scheduler
 from shoal.manager.store import Conflict, Store, StoreError, Tx
 from shoal.manager.storestatus import StoreStatus
@@ -105,9 +108,14 @@ def _key_manager(store: Store, manager: LeaderHost) -> LeaderLoop:
     return KeyManager(store, manager)
 
 
+def _root_rotation(store: Store, manager: LeaderHost) -> LeaderLoop:
+    return RootRotation(store, manager)
+
+
 # Every leader-only control loop, built anew each time this manager becomes leader, in this order
 # (see the module docstring). Add yours here: a LoopFactory.
-LEADER_LOOPS: list[LoopFactory] = [_role_manager, _manager_status, _allocator, _orchestration, _key_manager]
+LEADER_LOOPS: list[LoopFactory] = [_role_manager, _manager_status, _allocator, _orchestration, _key_manager,
+                                   _root_rotation]
 
 
 # ---- the manager's own leader loops --------------------------------------------------------------

@@ -63,7 +63,7 @@ from shoal.manager.authz import Authorizer
 from shoal.manager.controlapi import ControlServicer
 from shoal.manager.dispatcher import Dispatcher
 from shoal.manager.encryption import DataKeyCodec, KeyDir
-from shoal.manager.etcdmember import EtcdConfig, EtcdMember
+from shoal.manager.etcdmember import EtcdConfig, EtcdError, EtcdMember
 from shoal.manager.etcdstore import Election, EtcdStore, Fence, rpc_unavailable
 from shoal.manager.leader import LEADER_LOOPS
 from shoal.manager.logbroker import LogBroker
@@ -117,6 +117,7 @@ class ExpiredCertificate(Exception):
 # A manager starting with less than this left on its certificate renews it itself (see
 # `Manager._renew_if_expired`): the renewal loop could not reach a CA before it expires.
 EXPIRY_MARGIN = datetime.timedelta(seconds=20)
+TRUST_STAGGER = 6.0  # seconds between two managers' etcd restarts after a root rotation
 
 
 def _host(addr: str) -> str:
@@ -177,6 +178,7 @@ class Manager:
         self._leading = asyncio.Event()
         self._status = StoreStatus()
         self._status_subscribers: list[asyncio.Queue[StoreStatus]] = []
+        self._trust_pending_since: float | None = None  # see _refresh_store_trust
 
     @property
     def raft(self) -> EtcdStore:
@@ -491,6 +493,9 @@ class Manager:
                         log.error("node=%s cannot write the data key to %s: %s; retrying in 5 s",
                                   self.node_id, keys.path, e)
                         retry = 5.0
+                    again = await self._refresh_store_trust(cluster)
+                    if again is not None:
+                        retry = again if retry is None else min(retry, again)
                 try:
                     async with asyncio.timeout(retry):
                         if await watcher.queue.get() is None:
@@ -499,6 +504,40 @@ class Manager:
                     pass
         finally:
             watcher.close()
+
+    async def _refresh_store_trust(self, cluster: objects_pb2.Cluster) -> float | None:
+        """After a root rotation, restart this manager's etcd member so that it trusts the new root
+        alone: etcd reads its trusted roots at start only (until then it still accepts the old root,
+        and peers' certificates carry the cross-signed root for it). Never while a rotation runs;
+        never on the manager leading the control loops (the agents' sessions are there; it refreshes
+        once it leads no more); only while every member is reachable; one manager at a time (in node
+        id order, `TRUST_STAGGER` apart). Returns in how many seconds to look again, None when done."""
+        if self.member is None or cluster.root_ca.HasField("root_rotation"):
+            self._trust_pending_since = None
+            return None
+        want = ca.trust_bundle(cluster.root_ca)
+        if self.member.config.ca_pem == want:
+            self._trust_pending_since = None
+            return None
+        now = time.monotonic()
+        if self._trust_pending_since is None:
+            self._trust_pending_since = now
+        if self.is_leader():
+            return 5.0
+        if not self._status.members or not all(m.reachable for m in self._status.members):
+            return 1.0
+        ids = sorted(nid for nid, _ in self.api_peers())
+        wait = (ids.index(self.node_id) if self.node_id in ids else len(ids)) * TRUST_STAGGER
+        if now - self._trust_pending_since < wait:
+            return wait - (now - self._trust_pending_since)
+        log.info("node=%s restarting its etcd member to trust the new root CA alone", self.node_id)
+        try:
+            await self.member.restart(want)
+        except EtcdError as e:
+            log.error("node=%s etcd member restart with the new root failed: %s; retrying", self.node_id, e)
+            return 5.0
+        self._trust_pending_since = None
+        return None
 
     def _renew_if_expired(self) -> bool:
         """Before the etcd member starts: a manager whose certificate expired while it was off (or
@@ -517,10 +556,9 @@ class Manager:
                 "this manager holds no copy of the root CA to renew it (it last ran an older version): restore "
                 "the cluster on another manager, or from a backup (swarmd --restore)")
         kept = objects_pb2.Cluster.FromString(data)
-        root = ca.RootCA(kept.root_ca.ca_cert, kept.root_ca.ca_key)
         _, key = ca.new_key()
-        cert = self._sign(root, kept, ca.make_csr(key), self.node_id, types_pb2.MANAGER, self.cfg.raft_addr)
-        self.credentials.update(ca.TLSIdentity(key, cert, ident.ca_pem))
+        cert = self._sign(kept, ca.make_csr(key), self.node_id, types_pb2.MANAGER, self.cfg.raft_addr)
+        self.credentials.update(ca.TLSIdentity(key, cert, ca.trust_bundle(kept.root_ca)))
         log.warning("node=%s this manager's certificate expired at %s (off longer than its life): renewed it "
                     "from the root CA kept in keys/root-ca, valid until %s", self.node_id,
                     (datetime.datetime.now(datetime.UTC) + left).isoformat(timespec="seconds"),
@@ -551,22 +589,22 @@ class Manager:
 
     # ---- CA --------------------------------------------------------------------------------------
     def _root_ca_pem(self) -> bytes:
+        """The roots to trust now (both during a rotation), the cluster's current one first."""
         cluster = self.raft.cluster()
-        return cluster.root_ca.ca_cert if cluster is not None else self.cfg.identity.ca_pem
+        return ca.trust_bundle(cluster.root_ca) if cluster is not None else self.credentials.current.ca_pem
 
     async def issue_node_certificate(self, req: Any, peer: ca.PeerIdentity | None) -> ca.IssuedNode:
         """The CA's issue hook: a join with a token, or an existing node's role check / renewal."""
         cluster = self.raft.cluster()
         if cluster is None:
             raise ca.JoinError("this manager has no cluster state yet; retry in a moment")
-        root = ca.RootCA(cluster.root_ca.ca_cert, cluster.root_ca.ca_key)
         if peer is not None:
-            return await self._renew(req, peer, cluster, root)
+            return await self._renew(req, peer, cluster)
         role = ca.role_for_token(req.token, cluster.root_ca.join_tokens, cluster.root_ca.ca_cert)
         if role == types_pb2.MANAGER and not req.raft_addr:
             raise ca.JoinError("a manager must send its store peer address (raft_addr) to join")
         node_id = new_id()
-        cert = self._sign(root, cluster, req.csr, node_id, role, req.raft_addr)
+        cert = self._sign(cluster, req.csr, node_id, role, req.raft_addr)
         node = objects_pb2.Node(
             id=node_id,
             spec=specs_pb2.NodeSpec(
@@ -580,7 +618,7 @@ class Manager:
             status=types_pb2.NodeStatus(state=types_pb2.NodeStatus.READY, message="joined"),
             role=role,
             certificate=cert,
-            tls_info=ca.tls_info(cert, root.cert_pem),
+            tls_info=ca.tls_info(cert, ca.trust_bundle(cluster.root_ca)),
         )
         if role == types_pb2.MANAGER:
             node.manager_status.CopyFrom(
@@ -600,12 +638,14 @@ class Manager:
         return issued
 
     @staticmethod
-    def _sign(root: ca.RootCA, cluster: objects_pb2.Cluster, csr: bytes, node_id: str, role: int,
-              raft_addr: str) -> bytes:
-        """A certificate for `csr`, valid for the cluster's `--cert-expiry`; a manager's names its
-        store peer address `raft_addr` (etcd peers check it)."""
+    def _sign(cluster: objects_pb2.Cluster, csr: bytes, node_id: str, role: int, raft_addr: str) -> bytes:
+        """A certificate for `csr` from the root that issues now (a rotation's new one while it
+        runs), valid for the cluster's `--cert-expiry`, followed by the cross-signed root when there
+        is one; a manager's names its store peer address `raft_addr` (etcd peers check it)."""
+        root, chain = ca.issuing_root(cluster.root_ca)
         ips = cert_ips(raft_addr) if role == types_pb2.MANAGER else []
-        return root.issue(csr, node_id, role, cluster.id, ca.validity_of(cluster.spec.ca_config.node_cert_expiry.ToNanoseconds()), ips=ips)
+        validity = ca.validity_of(cluster.spec.ca_config.node_cert_expiry.ToNanoseconds())
+        return root.issue(csr, node_id, role, cluster.id, validity, ips=ips) + chain
 
     async def _admit_manager(self, raft_addr: str, issued: ca.IssuedNode, cluster: objects_pb2.Cluster) -> None:
         """Add the manager's etcd member as a learner (RoleManager promotes it once caught up) and
@@ -644,11 +684,11 @@ class Manager:
         )
         log.info("node=%s added manager %s to the store as a learner at %s", self.node_id, issued.node_id, url)
 
-    async def _renew(
-        self, req: Any, peer: ca.PeerIdentity, cluster: objects_pb2.Cluster, root: ca.RootCA
-    ) -> ca.IssuedNode:
-        """An existing node's call: a new certificate when it asks for one (`req.renew`) or when its
-        role changed (promote/demote); otherwise an answer without one (a role check)."""
+    async def _renew(self, req: Any, peer: ca.PeerIdentity, cluster: objects_pb2.Cluster) -> ca.IssuedNode:
+        """An existing node's call: a new certificate when it asks for one (`req.renew`), when its
+        role changed (promote/demote), when a root rotation runs and its certificate is of the old
+        root, or when it outlives a shortened `--cert-expiry`; otherwise an answer without one (a
+        role check). The answer carries the roots to trust now (`CAServicer`)."""
         if req.node_id and req.node_id != peer.node_id:
             raise ca.JoinError("a node can only renew its own certificate")
         node = self.raft.get("node", peer.node_id)
@@ -663,13 +703,15 @@ class Manager:
         # node's next role check brings it a certificate of the new length at once.
         outlives = node.HasField("tls_info") and \
             node.tls_info.cert_not_after.ToDatetime(datetime.UTC) > datetime.datetime.now(datetime.UTC) + validity
-        if node.role == peer.role and not req.renew and not outlives:
+        root, _ = ca.issuing_root(cluster.root_ca)
+        old_root = node.tls_info.cert_issuer_public_key != ca.issuer_key(root.cert_pem)
+        if node.role == peer.role and not req.renew and not outlives and not old_root:
             return ca.IssuedNode(node.id, b"", node.role, cluster_id=cluster.id)
         if promoted and not req.raft_addr:
             raise ca.JoinError("a promoted node must send its store peer address (raft_addr) to renew")
         raft_addr = req.raft_addr or node.manager_status.addr
-        cert = self._sign(root, cluster, req.csr, node.id, node.role, raft_addr)
-        info = ca.tls_info(cert, root.cert_pem)
+        cert = self._sign(cluster, req.csr, node.id, node.role, raft_addr)
+        info = ca.tls_info(cert, ca.trust_bundle(cluster.root_ca))
 
         def fn(tx: Tx) -> None:
             cur = tx.get("node", node.id)

@@ -617,14 +617,21 @@ class Swarmd:
                     csr_for = (ident.key_pem, ca.make_csr(ident.key_pem))
                 key_pem, csr = csr_for
             resp = await self._ask_ca(csr, renew)
+            if resp is not None and resp.root_ca and resp.root_ca != ident.ca_pem:
+                # a root rotation began or ended: trust what the manager (authenticated) trusts now
+                log.info("trusted root CAs changed: now %d root(s), %s first", len(ca.load_certs(resp.root_ca)),
+                         ca.ca_digest(resp.root_ca)[:12])
+                if not resp.certificate:
+                    creds.update(ca.TLSIdentity(ident.key_pem, ident.cert_pem, resp.root_ca))
             if resp is None or not resp.certificate:
                 if renew:
                     retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, RENEW_BACKOFF_MAX)
                     self._warn_renewal_failed(ident)
                 continue
-            new = ca.TLSIdentity(key_pem, resp.certificate, ident.ca_pem)
+            trust = resp.root_ca or ident.ca_pem
+            new = ca.TLSIdentity(key_pem, resp.certificate, trust)
             try:
-                info = ca.cert_info(new.cert_pem, ident.ca_pem)
+                info = ca.cert_info(new.cert_pem, trust)
             except (ValueError, TypeError) as e:  # cryptography: a signature or issuer mismatch
                 log.error("a manager sent a certificate this node cannot use (%s): ignoring it", e)
                 continue

@@ -331,6 +331,20 @@ class GetClusterResponse(_message.Message):
     cluster: _objects_pb2.Cluster
     def __init__(self, cluster: _Optional[_Union[_objects_pb2.Cluster, _Mapping]] = ...) -> None: ...
 
+class RotateRootCARequest(_message.Message):
+    __slots__ = ("ca_cert", "ca_key")
+    CA_CERT_FIELD_NUMBER: _ClassVar[int]
+    CA_KEY_FIELD_NUMBER: _ClassVar[int]
+    ca_cert: bytes
+    ca_key: bytes
+    def __init__(self, ca_cert: _Optional[bytes] = ..., ca_key: _Optional[bytes] = ...) -> None: ...
+
+class RotateRootCAResponse(_message.Message):
+    __slots__ = ("ca_cert_hash",)
+    CA_CERT_HASH_FIELD_NUMBER: _ClassVar[int]
+    ca_cert_hash: str
+    def __init__(self, ca_cert_hash: _Optional[str] = ...) -> None: ...
+
 class UpdateClusterRequest(_message.Message):
     __slots__ = ("cluster_version", "spec", "rotate_worker_token", "rotate_manager_token", "rotate_unlock_key")
     CLUSTER_VERSION_FIELD_NUMBER: _ClassVar[int]

@@ -164,6 +164,11 @@ class ControlStub:
                 request_serializer=control__pb2.GetUnlockKeyRequest.SerializeToString,
                 response_deserializer=control__pb2.GetUnlockKeyResponse.FromString,
                 _registered_method=True)
+        self.RotateRootCA = channel.unary_unary(
+                '/shoal.Control/RotateRootCA',
+                request_serializer=control__pb2.RotateRootCARequest.SerializeToString,
+                response_deserializer=control__pb2.RotateRootCAResponse.FromString,
+                _registered_method=True)
         self.UnlockCluster = channel.unary_unary(
                 '/shoal.Control/UnlockCluster',
                 request_serializer=control__pb2.UnlockClusterRequest.SerializeToString,
@@ -340,6 +345,12 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateRootCA(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UnlockCluster(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -490,6 +501,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.GetUnlockKey,
                     request_deserializer=control__pb2.GetUnlockKeyRequest.FromString,
                     response_serializer=control__pb2.GetUnlockKeyResponse.SerializeToString,
+            ),
+            'RotateRootCA': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateRootCA,
+                    request_deserializer=control__pb2.RotateRootCARequest.FromString,
+                    response_serializer=control__pb2.RotateRootCAResponse.SerializeToString,
             ),
             'UnlockCluster': grpc.unary_unary_rpc_method_handler(
                     servicer.UnlockCluster,
@@ -1209,6 +1225,33 @@ class Control:
             '/shoal.Control/GetUnlockKey',
             control__pb2.GetUnlockKeyRequest.SerializeToString,
             control__pb2.GetUnlockKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateRootCA(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.Control/RotateRootCA',
+            control__pb2.RotateRootCARequest.SerializeToString,
+            control__pb2.RotateRootCAResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -157,18 +157,34 @@ class Config(_message.Message):
     def __init__(self, id: _Optional[str] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., spec: _Optional[_Union[_specs_pb2.ConfigSpec, _Mapping]] = ...) -> None: ...
 
 class RootCA(_message.Message):
-    __slots__ = ("ca_key", "ca_cert", "ca_cert_hash", "join_tokens", "revoked_nodes")
+    __slots__ = ("ca_key", "ca_cert", "ca_cert_hash", "join_tokens", "revoked_nodes", "root_rotation", "cross_signed_ca_cert")
     CA_KEY_FIELD_NUMBER: _ClassVar[int]
     CA_CERT_FIELD_NUMBER: _ClassVar[int]
     CA_CERT_HASH_FIELD_NUMBER: _ClassVar[int]
     JOIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REVOKED_NODES_FIELD_NUMBER: _ClassVar[int]
+    ROOT_ROTATION_FIELD_NUMBER: _ClassVar[int]
+    CROSS_SIGNED_CA_CERT_FIELD_NUMBER: _ClassVar[int]
     ca_key: bytes
     ca_cert: bytes
     ca_cert_hash: str
     join_tokens: _types_pb2.JoinTokens
     revoked_nodes: _containers.RepeatedCompositeFieldContainer[RevokedNode]
-    def __init__(self, ca_key: _Optional[bytes] = ..., ca_cert: _Optional[bytes] = ..., ca_cert_hash: _Optional[str] = ..., join_tokens: _Optional[_Union[_types_pb2.JoinTokens, _Mapping]] = ..., revoked_nodes: _Optional[_Iterable[_Union[RevokedNode, _Mapping]]] = ...) -> None: ...
+    root_rotation: RootRotation
+    cross_signed_ca_cert: bytes
+    def __init__(self, ca_key: _Optional[bytes] = ..., ca_cert: _Optional[bytes] = ..., ca_cert_hash: _Optional[str] = ..., join_tokens: _Optional[_Union[_types_pb2.JoinTokens, _Mapping]] = ..., revoked_nodes: _Optional[_Iterable[_Union[RevokedNode, _Mapping]]] = ..., root_rotation: _Optional[_Union[RootRotation, _Mapping]] = ..., cross_signed_ca_cert: _Optional[bytes] = ...) -> None: ...
+
+class RootRotation(_message.Message):
+    __slots__ = ("ca_cert", "ca_key", "cross_signed_ca_cert", "ca_cert_hash")
+    CA_CERT_FIELD_NUMBER: _ClassVar[int]
+    CA_KEY_FIELD_NUMBER: _ClassVar[int]
+    CROSS_SIGNED_CA_CERT_FIELD_NUMBER: _ClassVar[int]
+    CA_CERT_HASH_FIELD_NUMBER: _ClassVar[int]
+    ca_cert: bytes
+    ca_key: bytes
+    cross_signed_ca_cert: bytes
+    ca_cert_hash: str
+    def __init__(self, ca_cert: _Optional[bytes] = ..., ca_key: _Optional[bytes] = ..., cross_signed_ca_cert: _Optional[bytes] = ..., ca_cert_hash: _Optional[str] = ...) -> None: ...
 
 class RevokedNode(_message.Message):
     __slots__ = ("node_id", "not_after")

@@ -6,6 +6,7 @@ import argparse
 import getpass
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,14 @@ def register(cmds: Any) -> None:
     p.add_argument("--rotate-manager-token", action="store_true", help="rotate the manager join token")
     p.add_argument("--autolock", type=BOOL, nargs="?", const=True, default=None, metavar="true|false",
                    help="lock restarted managers until `swarmctl cluster unlock` gives them the unlock key")
+    p = add_leaf(sub, "ca", cluster_ca, "show the root CA certificate, or rotate the root CA")
+    p.add_argument("--rotate", action="store_true",
+                   help="rotate to a new root CA (made by the manager, or given with --ca-cert/--ca-key); every node "
+                        "gets a certificate of it, then the old root is dropped")
+    p.add_argument("--ca-cert", metavar="FILE", help="PEM certificate of the root CA to rotate to (with --ca-key)")
+    p.add_argument("--ca-key", metavar="FILE", help="PEM key of that root CA, unencrypted (with --ca-cert)")
+    p.add_argument("-d", "--detach", action="store_true", help="return once the rotation has started")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only the root CA certificate")
     p = add_leaf(sub, "unlock", cluster_unlock, "unlock a locked manager (reads the unlock key from stdin or a prompt)")
     p = add_leaf(sub, "unlock-key", cluster_unlock_key, "show (or rotate) the managers' unlock key")
     p.add_argument("-q", "--quiet", action="store_true", help="only show the key")
@@ -140,6 +149,79 @@ def _cluster_update_once(c: Client, args: argparse.Namespace, autolock_was: list
     return c.call("UpdateCluster", control_pb2.UpdateClusterRequest(
         cluster_version=cl.meta.version, spec=spec, rotate_worker_token=args.rotate_worker_token,
         rotate_manager_token=args.rotate_manager_token)).cluster
+
+
+def _read_pem(flag: str, path: str | None) -> bytes:
+    if not path:
+        return b""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise CliError(f"{flag} {path}: cannot read it ({e.strerror or e}): give a readable PEM file") from None
+
+
+def cluster_ca(c: Client, args: argparse.Namespace) -> None:
+    """`cluster ca`: the root CA certificate; with --rotate (or --ca-cert/--ca-key) a root rotation,
+    followed until every node holds a certificate of the new root and it is the cluster's."""
+    if bool(args.ca_cert) != bool(args.ca_key):
+        raise CliError("--ca-cert and --ca-key go together: give both, or neither for a new root made by the manager")
+    if not (args.rotate or args.ca_cert):
+        sys.stdout.write(c.call("GetCluster", control_pb2.GetClusterRequest()).cluster.root_ca.ca_cert.decode())
+        return
+    cert, key = _read_pem("--ca-cert", args.ca_cert), _read_pem("--ca-key", args.ca_key)
+    target = c.call("RotateRootCA", control_pb2.RotateRootCARequest(ca_cert=cert, ca_key=key)).ca_cert_hash
+    if not args.quiet:
+        print(f"desired root digest: {target}", file=sys.stderr)
+    if not args.detach:
+        _follow_rotation(c, target, quiet=args.quiet)
+    sys.stdout.write(c.call("GetCluster", control_pb2.GetClusterRequest()).cluster.root_ca.ca_cert.decode())
+
+
+ROTATION_POLL = 0.5
+ROTATION_HINT_AFTER = 30.0  # seconds without progress before naming the nodes the rotation waits for
+
+
+def _follow_rotation(c: Client, target: str, *, quiet: bool) -> None:
+    """Until the cluster's root is `target`: `rotated TLS certificates: N/M nodes` at every change,
+    and after a while without progress the nodes still holding a certificate of the old root."""
+    last, since, hinted = (-1, -1), time.monotonic(), False
+    while True:
+        cl = c.call("GetCluster", control_pb2.GetClusterRequest()).cluster
+        rot = cl.root_ca.root_rotation if cl.root_ca.HasField("root_rotation") else None
+        if rot is None and cl.root_ca.ca_cert_hash == target:
+            break
+        if rot is None or rot.ca_cert_hash != target:
+            now = cl.root_ca.root_rotation.ca_cert_hash if rot is not None else cl.root_ca.ca_cert_hash
+            raise CliError(f"the rotation to root {target[:12]} was replaced by another one (to root {now[:12]}): "
+                           "follow that one with `swarmctl cluster ca`")
+        nodes = query.list_objects(c, "node")
+        new_key = _cert_key(rot.ca_cert)
+        waiting = [n for n in nodes if n.tls_info.cert_issuer_public_key != new_key]
+        count = (len(nodes) - len(waiting), len(nodes))
+        if count != last:
+            last, since, hinted = count, time.monotonic(), False
+            if not quiet:
+                print(f"rotated TLS certificates: {count[0]}/{count[1]} nodes", file=sys.stderr)
+        elif not hinted and time.monotonic() - since > ROTATION_HINT_AFTER and not quiet:
+            hinted = True
+            names = ", ".join(f"{n.description.hostname or n.id} "
+                              f"({types_pb2.NodeStatus.State.Name(n.status.state).lower()})" for n in waiting)
+            print(f"waiting for {names}: a node gets its new certificate when it is up; remove one that will not "
+                  "come back with `swarmctl node rm`", file=sys.stderr)
+        time.sleep(ROTATION_POLL)
+    if not quiet:
+        n = len(query.list_objects(c, "node"))
+        print(f"rotated TLS certificates: {n}/{n} nodes\nroot CA rotation done: the old root is dropped",
+              file=sys.stderr)
+
+
+def _cert_key(cert_pem: bytes) -> bytes:
+    """DER of a certificate's public key (what NodeTLSInfo.cert_issuer_public_key holds)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return x509.load_pem_x509_certificate(cert_pem).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def cluster_unlock(c: Client, args: argparse.Namespace) -> None:

@@ -9,12 +9,14 @@ import datetime
 import functools
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Callable
 
 import grpc
 import pytest
 from cryptography import x509
+from helpers.swarmctl import SWARMCTL
 from helpers.swarmd import Swarmd as Daemon
 from helpers.waiting import wait_for
 
@@ -233,3 +235,105 @@ def test_removed_node_and_demoted_manager_lose_their_rights_at_once(daemons) -> 
     entry = next(r for r in cluster.root_ca.revoked_nodes if r.node_id == w1_id)
     assert entry.not_after.ToSeconds() == ca.load_cert(w1_ident.cert_pem).not_valid_after_utc.timestamp()
     assert "Error: " not in m1.ok("node", "ls")
+
+
+def rotation_of(d: Daemon) -> object | None:
+    cl = d.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster
+    return cl.root_ca.root_rotation if cl.root_ca.HasField("root_rotation") else None
+
+
+def test_root_rotation_with_managers_down_partway(daemons, tmp_path) -> None:
+    m1 = daemons("m1", "127.0.0.1").start()
+    wait(lambda: m1.sock.exists() and m1.control().ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes,
+         "m1 to create its cluster")
+    before = m1.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster
+    tokens = before.root_ca.join_tokens
+    m2 = daemons("m2", "127.0.0.2", ["--join-addr", m1.api, "--join-token", tokens.manager]).start()
+    wait(lambda: m2.sock.exists() and healthy(m1, 2), "m2 to join", 60)
+    m3 = daemons("m3", "127.0.0.3", ["--join-addr", m1.api, "--join-token", tokens.manager]).start()
+    wait(lambda: m3.sock.exists() and healthy(m1, 3), "m3 to join", 60)
+    w1 = daemons("w1", "127.0.0.4", ["--join-addr", m1.api, "--join-token", tokens.worker]).start()
+    wait(lambda: len(nodes(m1)) == 4 and "shoal.agent: session opened" in w1.log_text(), "w1 to join")
+    w1_old = ca.TLSIdentity.load(w1.dir / "certificates")
+    assert w1_old is not None
+
+    # Bad input: one sentence naming the flag, and no rotation starts.
+    other = ca.RootCA.create("other")
+    (tmp_path / "ca.crt").write_bytes(other.cert_pem)
+    (tmp_path / "ca.key").write_bytes(other.key_pem or b"")
+    (tmp_path / "wrong.key").write_bytes(ca.new_key()[1])
+    (tmp_path / "node.crt").write_bytes(w1_old.cert_pem)
+    (tmp_path / "node.key").write_bytes(w1_old.key_pem)
+    for argv, match in (
+        (["--ca-cert", str(tmp_path / "ca.crt")], "--ca-cert and --ca-key go together"),
+        (["--ca-cert", "/nonexistent/ca.crt", "--ca-key", str(tmp_path / "ca.key")],
+         "--ca-cert /nonexistent/ca.crt: cannot read it (No such file or directory)"),
+        (["--ca-cert", str(tmp_path / "ca.crt"), "--ca-key", str(tmp_path / "wrong.key")],
+         "--ca-key does not belong to --ca-cert (their public keys differ)"),
+        (["--ca-cert", str(tmp_path / "node.crt"), "--ca-key", str(tmp_path / "node.key")],
+         "--ca-cert is not a CA certificate"),
+        (["--ca-cert", str(tmp_path / "ca.key"), "--ca-key", str(tmp_path / "ca.key")],
+         "--ca-cert is not a PEM certificate"),
+    ):
+        m1.fails("cluster", "ca", "--rotate", *argv, match=match)
+        assert rotation_of(m1) is None
+
+    # m3 is down when the rotation starts, so it cannot finish; then the leader dies too. A new
+    # leader finishes it once m3 is back and has its new certificate.
+    m3.kill()
+    m3.wait_etcd_gone()
+    rot = subprocess.Popen([*SWARMCTL, "--socket", str(m2.sock), "cluster", "ca", "--rotate",
+                            "--ca-cert", str(tmp_path / "ca.crt"), "--ca-key", str(tmp_path / "ca.key")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        new_key = ca.issuer_key(other.cert_pem)
+        wait(lambda: sum(n.tls_info.cert_issuer_public_key == new_key for n in nodes(m2).values()) == 3,
+             "the 3 running nodes to hold certificates of the new root", 20)
+        assert rotation_of(m2) is not None  # waits for m3
+        assert "trusted root CAs changed: now 2 root(s)" in w1.log_text()
+        leader = m1.info().leader_node_id
+        assert leader == nodes(m1)["m1"].id
+        m1.kill()  # the leader, partway
+        m1.wait_etcd_gone()
+        m3.start([])
+        out, err = rot.communicate(timeout=90)
+    finally:
+        if rot.poll() is None:
+            rot.kill()
+            rot.wait()
+    assert rot.returncode == 0, err
+    assert f"desired root digest: {other.digest}" in err
+    assert "rotated TLS certificates: 2/4 nodes" in err or "rotated TLS certificates: 3/4 nodes" in err
+    assert "rotated TLS certificates: 4/4 nodes\nroot CA rotation done: the old root is dropped" in err
+    assert out == other.cert_pem.decode()
+    m1.start([])
+    wait(lambda: m1.sock.exists() and healthy(m2, 3), "m1 back with the rotated cluster", 60)
+
+    after = m2.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster
+    assert after.root_ca.ca_cert == other.cert_pem and after.root_ca.ca_cert_hash == other.digest
+    assert not after.root_ca.HasField("root_rotation")
+    for role in ("worker", "manager"):
+        old_t, new_t = getattr(tokens, role), getattr(after.root_ca.join_tokens, role)
+        assert new_t.split("-")[2] == other.digest and new_t.split("-")[3] == old_t.split("-")[3]
+    # every node trusts the new root alone, and holds a certificate of it
+    wait(lambda: all((d.dir / "certificates" / "swarm-root-ca.crt").read_bytes() == other.cert_pem
+                     for d in (m1, m2, m3, w1)), "every node to trust the new root alone", 20)
+    assert all(n.tls_info.cert_issuer_public_key == new_key for n in nodes(m2).values())
+    # a certificate of the old root opens nothing any more
+    with mtls(m2, w1_old) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            ca_pb2_grpc.CAStub(ch).IssueNodeCertificate(ca_pb2.IssueNodeCertificateRequest(
+                csr=ca.make_csr(w1_old.key_pem)), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    # the old token is refused with the sentence; the new one joins
+    w2 = daemons("w2", "127.0.0.5")
+    code, err = w2.run_to_exit(["--join-addr", m2.api, "--join-token", tokens.worker])
+    assert code != 0 and "does not match the digest in the join token: the token was made before a root CA rotation" in err
+    w2.start(["--join-addr", m2.api, "--join-token", after.root_ca.join_tokens.worker])
+    wait(lambda: len(nodes(m2)) == 5 and "shoal.agent: session opened" in w2.log_text(), "w2 to join with the new token")
+    # the etcd members of the managers not leading restart to trust the new root alone
+    leader = m2.info().leader_node_id
+    followers = [d for d in (m1, m2, m3) if nodes(m2)[d.name].id != leader]
+    wait(lambda: all((d.dir / "etcd" / "tls" / "ca.crt").read_bytes() == other.cert_pem for d in followers),
+         "the followers' etcd members to trust the new root alone", 60)
+    wait(lambda: healthy(m2, 3), "the store healthy after the restarts", 30)
