@@ -202,46 +202,37 @@ class Keyring:
             data = entry[1].decrypt(blob[n:n + 12], blob[n + 12:], blob[:n] + label)
         except InvalidTag as e:
             raise KeyringError("authentication failed") from e
+        # the replay checks, inlined (this runs for every packet)
         where = (sender, label)
-        reason = self._replay_reason(where, sender, epoch, counter, ms)
-        if reason is not None:
+        w = self._windows.get(where)
+        reason = ""
+        if sender == self.sender:
+            reason = "reflected"
+        elif abs(self._clock() * 1000 - ms) > self._max_age_ms:
+            reason = "stale"
+        elif w is not None and epoch <= w[0]:
+            if epoch < w[0]:
+                reason = "old epoch"
+            elif counter <= w[1]:
+                d = w[1] - counter
+                if d >= WINDOW:
+                    reason = "too old"
+                elif w[2] >> d & 1:
+                    reason = "duplicate"
+        if reason:
             self.replay_drops[reason] += 1
             raise ReplayError(reason, f"sender {sender.hex()} epoch {epoch} counter {counter} time {ms}")
-        self._accept(where, epoch, counter)
-        return data
-
-    def _replay_reason(self, where: tuple[bytes, bytes], sender: bytes, epoch: int, counter: int,
-                       ms: int) -> str | None:
-        if sender == self.sender:
-            return "reflected"
-        if abs(int(self._clock() * 1000) - ms) > self._max_age_ms:
-            return "stale"
-        w = self._windows.get(where)
-        if w is None or epoch > w[0]:
-            return None
-        if epoch < w[0]:
-            return "old epoch"
-        if counter > w[1]:
-            return None
-        d = w[1] - counter
-        if d >= WINDOW:
-            return "too old"
-        if w[2] >> d & 1:
-            return "duplicate"
-        return None
-
-    def _accept(self, where: tuple[bytes, bytes], epoch: int, counter: int) -> None:
-        w = self._windows.get(where)
+        # accepted: move the window
         if w is None or epoch > w[0]:
             self._windows[where] = [epoch, counter, 1]
-            self._windows.move_to_end(where)
-            while len(self._windows) > MAX_SENDERS:
+            if len(self._windows) > MAX_SENDERS:
                 self._windows.popitem(last=False)
-            return
-        if counter > w[1]:
+        elif counter > w[1]:
             d = counter - w[1]
             w[2] = ((w[2] << d) | 1) & _MASK if d < WINDOW else 1
             w[1] = counter
+            self._windows.move_to_end(where)
         else:
             w[2] |= 1 << (w[1] - counter)
-        self._windows.move_to_end(where)
+            self._windows.move_to_end(where)
+        return data
