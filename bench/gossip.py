@@ -1,6 +1,12 @@
 """NetworkDB benchmark: table propagation and failure detection among 10 nodes on loopback.
 
-    .venv/bin/python bench/gossip.py [--nodes 10] [--entries 100] [--detect-runs 3]
+    .venv/bin/python bench/gossip.py [--nodes 10] [--entries 100] [--detect-runs 3] [--no-key]
+
+Every node seals its packets with one gossip key (as in a cluster, where the managers always hand
+one out); ``--no-key`` runs them in plaintext instead.
+
+* sealing: CPU time of ``Keyring.seal`` and ``Keyring.open`` per packet (64, 512 and 1400-byte
+  payloads, sender and receiver keyrings apart) and the bytes the sealed format adds;
 
 * propagation, separate processes: node 0 lives in this process, nodes 1..N-1 are child
   processes (``python tests/gossipnode.py --events``) that print each table event with its
@@ -28,12 +34,15 @@ import sys
 import time
 from pathlib import Path
 
+from shoal.netdriver.keyring import Keyring
 from shoal.netdriver.networkdb import GossipConfig, NetworkDB
 
 PORT = 30000 + os.getpid() % 20000
 TABLE = "endpoint_table"
 NET = "benchnet"
 GOSSIPNODE = str(Path(__file__).resolve().parents[1] / "tests" / "gossipnode.py")  # one node as a process
+KEY = bytes(range(32))
+KEYS: list[bytes] = [KEY]  # main() empties it for --no-key
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -58,6 +67,7 @@ class Child:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, GOSSIPNODE, "--node-id", self.node_id, "--bind", self.addr,
             "--port", str(PORT), "--join", self.seed, "--network", NET, "--events",
+            *[a for k in KEYS for a in ("--key-hex", k.hex())],
             *(["--lan-defaults"] if self.lan else []), "--put", f"{TABLE}/{NET}/own-{self.node_id}=x",
             "--log-level", "WARNING", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.reader = asyncio.get_running_loop().create_task(self._read())
@@ -100,7 +110,7 @@ async def wait_until(pred, timeout: float) -> bool:
 async def proc_cluster(n: int, block: int, lan: bool) -> tuple[NetworkDB, list[Child]]:
     cfg = GossipConfig.memberlist_lan() if lan else GossipConfig()
     addr0 = f"127.99.{block}.1"
-    g0 = NetworkDB("node0", addr0, addr0, port=PORT, config=cfg)
+    g0 = NetworkDB("node0", addr0, addr0, port=PORT, keys=KEYS, config=cfg)
     children = [Child(f"node{i}", f"127.99.{block}.{i + 1}", f"{addr0}:{PORT}", lan) for i in range(1, n)]
     try:
         await g0.start()
@@ -154,7 +164,8 @@ async def propagation_procs(n: int, entries: int, block: int) -> dict:
 
 
 async def propagation_inproc(n: int, entries: int, block: int) -> list[float]:
-    nodes = [NetworkDB(f"node{i}", f"127.99.{block}.{i + 1}", f"127.99.{block}.{i + 1}", port=PORT) for i in range(n)]
+    nodes = [NetworkDB(f"node{i}", f"127.99.{block}.{i + 1}", f"127.99.{block}.{i + 1}", port=PORT, keys=KEYS)
+             for i in range(n)]
     seen: dict[str, list[float]] = {}
     try:
         for g in nodes:
@@ -222,13 +233,37 @@ async def detection(n: int, block: int, lan: bool) -> dict:
         await g0.stop()
 
 
+def sealing(rounds: int = 20000) -> dict:
+    """Microseconds per seal and per open of one packet, and the bytes sealing adds."""
+    tx, rx = Keyring([KEY]), Keyring([KEY])
+    out: dict = {}
+    for size in (64, 512, 1400):
+        data = os.urandom(size)
+        blobs = []
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            blobs.append(tx.seal(data, b"udp"))
+        t1 = time.perf_counter()
+        for b in blobs:
+            rx.open(b, b"udp")
+        t2 = time.perf_counter()
+        out[f"seal_{size}B_us"] = round((t1 - t0) / rounds * 1e6, 2)
+        out[f"open_{size}B_us"] = round((t2 - t1) / rounds * 1e6, 2)
+        out["overhead_bytes"] = len(blobs[0]) - size
+    return out
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=10)
     ap.add_argument("--entries", type=int, default=100)
     ap.add_argument("--detect-runs", type=int, default=3)
+    ap.add_argument("--no-key", action="store_true", help="plaintext gossip (no key)")
     args = ap.parse_args()
+    if args.no_key:
+        KEYS.clear()
     n = args.nodes
+    seal = sealing()
     block = 1 + os.getpid() % 200
 
     procs = await propagation_procs(n, args.entries, block)
@@ -246,6 +281,8 @@ async def main() -> None:
         "bench": "gossip",
         "nodes": n,
         "entries": args.entries,
+        "key": bool(KEYS),
+        **seal,
         "propagation_procs_spaced_p50_s": round(pct(procs["spaced"], 50), 4),
         "propagation_procs_spaced_p99_s": round(pct(procs["spaced"], 99), 4),
         "propagation_procs_burst_p50_s": round(pct(procs["burst"], 50), 4),

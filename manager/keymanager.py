@@ -1,4 +1,5 @@
-"""IPsec keys of encrypted overlay networks, and their rotation (a leader loop), like Docker Swarm's.
+"""IPsec keys of encrypted overlay networks and the cluster's gossip keys, and their rotation (one
+leader loop), like Docker Swarm's.
 
 An overlay network created with the driver option `encrypted` carries its IPsec keys in the store:
 `Network.encryption_keys`, subsystem `networking:ipsec`, 32 random bytes each, oldest first by
@@ -17,6 +18,20 @@ Keys and timestamps are made here, before the transaction is proposed; the store
 them, so every replica holds the same bytes. Keys leave the store only in the dispatcher's
 `NetworkKeys` assignments, to nodes with tasks on the network: `public` strips them from anything
 else that carries a Network (API answers, watch events, task and node attachments).
+
+Gossip keys (`Cluster.network_bootstrap_keys`, subsystem `networking:gossip`) follow the same order:
+the same loop keeps `KEYS_KEPT` of them and, every rotation interval, adds one new key (lamport time =
+the highest + 1) and drops the oldest. Agents get them in every session message (the dispatcher sends
+a new one whenever the Cluster changes) and apply them with `NetworkDB.set_bootstrap_keys` (send with
+the second oldest, accept all). Before a rotation every node sends with B and accepts A, B, C; after
+it a node sends with C and accepts B, C, D: whichever of the two rings a node holds, it reads what
+the others send, so members never lose each other during a change. A cluster with fewer than
+`KEYS_KEPT` gossip keys (swarmd makes one) is topped up first, around the key that is primary now
+(one key P becomes F, P, N), so that top-up changes no node's sending key either.
+
+The Cluster has no field for the time of the last gossip rotation, so, like swarmkit's key manager,
+the loop counts the interval from the start of its leader term or from its last rotation: two
+rotations are never closer than one interval, and a leader change starts the count again.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ log = logging.getLogger("shoal.keymanager")
 
 ENCRYPTED_OPTION = "encrypted"  # overlay driver option; present (any value) means encrypted, as in Docker
 IPSEC_SUBSYSTEM = "networking:ipsec"
+GOSSIP_SUBSYSTEMS = ("networking:gossip", "")  # "" = gossip, as the agents read it
 KEY_BYTES = 32
 KEYS_KEPT = 3
 DEFAULT_ROTATION_NS = 12 * 3600 * 10**9
@@ -53,8 +69,49 @@ def ipsec_keys(net: objects_pb2.Network) -> list[types_pb2.EncryptionKey]:
     return sorted((k for k in net.encryption_keys if k.subsystem == IPSEC_SUBSYSTEM), key=lambda k: k.lamport_time)
 
 
-def new_key(lamport_time: int) -> types_pb2.EncryptionKey:
-    return types_pb2.EncryptionKey(subsystem=IPSEC_SUBSYSTEM, key=os.urandom(KEY_BYTES), lamport_time=lamport_time)
+def new_key(lamport_time: int, subsystem: str = IPSEC_SUBSYSTEM) -> types_pb2.EncryptionKey:
+    return types_pb2.EncryptionKey(subsystem=subsystem, key=os.urandom(KEY_BYTES), lamport_time=lamport_time)
+
+
+def gossip_keys(cluster: objects_pb2.Cluster) -> list[types_pb2.EncryptionKey]:
+    """The cluster's gossip keys, oldest first."""
+    return sorted((k for k in cluster.network_bootstrap_keys if k.subsystem in GOSSIP_SUBSYSTEMS),
+                  key=lambda k: k.lamport_time)
+
+
+def _set_gossip_keys(cluster: objects_pb2.Cluster, keys: list[types_pb2.EncryptionKey]) -> None:
+    others = [k for k in cluster.network_bootstrap_keys if k.subsystem not in GOSSIP_SUBSYSTEMS]
+    del cluster.network_bootstrap_keys[:]
+    cluster.network_bootstrap_keys.extend(others)
+    cluster.network_bootstrap_keys.extend(keys)
+
+
+def top_up_gossip_keys(cluster: objects_pb2.Cluster) -> bool:
+    """Give a cluster with fewer than KEYS_KEPT gossip keys its KEYS_KEPT, keeping the key the agents
+    send with now (the second oldest, or the only one) in the second oldest place. False: nothing to do."""
+    keys = gossip_keys(cluster)
+    sub = "networking:gossip"
+    if len(keys) >= KEYS_KEPT:
+        return False
+    if not keys:
+        out = [new_key(i, sub) for i in range(1, KEYS_KEPT + 1)]
+    elif len(keys) == 1:  # P -> F, P, N (lamport times renumbered from P's, order is what counts)
+        p = types_pb2.EncryptionKey()
+        p.CopyFrom(keys[0])
+        base = p.lamport_time
+        p.lamport_time = base + 1
+        out = [new_key(base, sub), p, new_key(base + 2, sub)]
+    else:  # A, P -> A, P, N
+        out = [*keys, new_key(keys[-1].lamport_time + 1, sub)]
+    _set_gossip_keys(cluster, out)
+    return True
+
+
+def rotate_gossip_keys(cluster: objects_pb2.Cluster) -> None:
+    """Add one gossip key after the newest, keep the newest KEYS_KEPT."""
+    keys = gossip_keys(cluster)
+    top = keys[-1].lamport_time if keys else 0
+    _set_gossip_keys(cluster, [*keys, new_key(top + 1, "networking:gossip")][-KEYS_KEPT:])
 
 
 def give_initial_keys(net: objects_pb2.Network, now_ns: int | None = None) -> None:
@@ -120,11 +177,13 @@ def strip_keys(obj: Any) -> None:
 
 
 class KeyManager:
-    """Leader loop: rotates the IPsec keys of encrypted networks. `await run()` until cancelled."""
+    """Leader loop: rotates the IPsec keys of encrypted networks and the cluster's gossip keys.
+    `await run()` until cancelled."""
 
     def __init__(self, store: Store, manager: Any = None) -> None:
         self.store = store
         self.manager = manager
+        self._gossip_since: int | None = None  # wall-clock ns: term start or last gossip rotation
 
     async def run(self) -> None:
         # Cluster events: a changed interval counts at once. Network events: new networks, rotations.
@@ -148,10 +207,11 @@ class KeyManager:
                     w.queue.get_nowait()
 
     async def rotate_due(self, now_ns: int | None = None) -> float:
-        """Rotate every encrypted network whose interval is over; returns seconds until the next is due."""
+        """Rotate the gossip keys and every encrypted network whose interval is over; returns seconds
+        until the next rotation is due."""
         interval = rotation_interval_ns(self.store.cluster())
         now = time.time_ns() if now_ns is None else now_ns
-        next_due = now + int(MAX_SLEEP * 1e9)
+        next_due = min(now + int(MAX_SLEEP * 1e9), await self._gossip_due(interval, now))
         for net in self.store.sm.list("network"):
             if not is_encrypted(net) or net.pending_delete or not ipsec_keys(net):
                 continue  # networks without keys get theirs from the allocator
@@ -167,6 +227,46 @@ class KeyManager:
                 )
             next_due = min(next_due, now + interval)
         return max(0.0, (next_due - now) / 1e9)
+
+    async def _gossip_due(self, interval: int, now: int) -> int:
+        """Top up or rotate the cluster's gossip keys if due; returns when the next rotation is due."""
+        if self._gossip_since is None or self._gossip_since > now + interval:  # term start, or a clock step back
+            self._gossip_since = now
+        cluster = self.store.cluster()
+        if cluster is None:
+            return now + interval
+        if len(gossip_keys(cluster)) < KEYS_KEPT:
+            # alone in its transaction, and the first rotation one whole interval after it: the key
+            # added behind the primary must reach every node before anybody sends with it
+            got = await self.store.update(lambda tx: self._gossip(tx, cluster.id, rotate=False))
+            if got is not None:
+                log.info("gossip keys topped up to %d lamport_times=%s", KEYS_KEPT,
+                         [k.lamport_time for k in gossip_keys(got)])
+            self._gossip_since = now
+            return now + interval
+        if now < self._gossip_since + interval:
+            return self._gossip_since + interval
+        got = await self.store.update(lambda tx: self._gossip(tx, cluster.id, rotate=True))
+        self._gossip_since = now
+        if got is not None:
+            log.info("gossip keys rotated lamport_time=%d", gossip_keys(got)[-1].lamport_time)
+        return now + interval
+
+    @staticmethod
+    def _gossip(tx: Tx, cluster_id: str, rotate: bool) -> objects_pb2.Cluster | None:
+        """Top up the cluster's gossip keys if it has too few, else (rotate) rotate them: never both
+        in one transaction."""
+        cur = tx.get("cluster", cluster_id)
+        if cur is None:
+            return None
+        cluster = objects_pb2.Cluster()
+        cluster.CopyFrom(cur)
+        if top_up_gossip_keys(cluster):
+            return tx.update(cluster)
+        if not rotate:
+            return None
+        rotate_gossip_keys(cluster)
+        return tx.update(cluster)
 
     @staticmethod
     def _due_at(net: objects_pb2.Network, interval: int, now: int) -> int:

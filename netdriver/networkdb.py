@@ -2,7 +2,8 @@
 
 One UDP and one TCP socket on ``port`` (7946 by default) carry everything, sealed with the
 cluster's gossip keys (:mod:`shoal.netdriver.keyring`: AES-GCM, key id in the header, send with
-the primary key, accept every key of the ring). Membership is :mod:`shoal.netdriver.swim`.
+the primary key, accept every key of the ring; replays dropped by sender epoch, counter window and
+a timestamp at most ``config.replay_max_age`` off). Membership is :mod:`shoal.netdriver.swim`.
 
 Tables: entries keyed ``(table, network_id, key)`` → value bytes, owned by the node that wrote them
 and versioned by a Lamport clock (:mod:`shoal.netdriver.tables`). A network's entries live only on
@@ -29,6 +30,7 @@ API::
     NetworkDB(node_id, bind_addr, advertise_addr, *, port=7946, keys=(), config=GossipConfig())
         await start() / stop() / join(seeds: Sequence[str]) -> int / leave()
         members() -> list[Member]                     # alive, suspect, dead and left members
+        dropped_packets -> int; replayed_packets -> int  # refused packets; of them, replays
         await join_network(network_id) / leave_network(network_id); networks() -> set[str]
         network_nodes(network_id) -> list[Member]     # live members on the network (self excluded)
         put(table, network_id, key, value: bytes) / delete(table, network_id, key)
@@ -129,7 +131,7 @@ class NetworkDB(Delegate):
         self.node_id = node_id
         self.config = config or GossipConfig()
         self.config.validate()
-        self.keyring = Keyring(keys)
+        self.keyring = Keyring(keys, sender=node_id, max_age=self.config.replay_max_age)
         self.membership = SwimMembership(node_id, bind_addr, advertise_addr, port, self.keyring, self.config, self)
         self.store = TableStore()
         self.table_clock = LamportClock()
@@ -209,7 +211,13 @@ class NetworkDB(Delegate):
 
     @property
     def dropped_packets(self) -> int:
+        """Packets and frames dropped: not authenticated, not decodable, or replays."""
         return self.membership.dropped
+
+    @property
+    def replayed_packets(self) -> int:
+        """Packets and frames dropped by the replay checks (:mod:`shoal.netdriver.keyring`)."""
+        return self.keyring.replayed
 
     # ----- networks --------------------------------------------------------------------------
 

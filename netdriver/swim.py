@@ -66,6 +66,7 @@ class GossipConfig:
     leave_timeout: float = 1.0           # how long leave() waits for its broadcasts to go out
     reconnect_interval: float = 10.0     # try to rejoin one random failed (dead) member this often,
     reconnect_timeout: float = 3600.0    # for this long after it failed (heals partitions)
+    replay_max_age: float = 60.0         # packets sealed longer ago (or ahead) by the sender's clock are dropped
 
     @classmethod
     def memberlist_lan(cls) -> GossipConfig:
@@ -77,7 +78,7 @@ class GossipConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         for name in ("probe_interval", "probe_timeout", "suspicion_mult", "gossip_interval", "push_pull_interval",
-                     "table_sync_interval", "tombstone_ttl", "dead_reclaim_time", "tcp_timeout"):
+                     "table_sync_interval", "tombstone_ttl", "dead_reclaim_time", "tcp_timeout", "replay_max_age"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"GossipConfig.{name} must be > 0")
         if self.probe_timeout >= self.probe_interval:
@@ -280,7 +281,7 @@ class SwimMembership:
         self._streams: set[asyncio.StreamWriter] = set()  # open inbound stream connections
         self._tasks: list[asyncio.Task] = []
         self._leaving = False
-        self.dropped = 0          # packets that failed authentication/decoding
+        self.dropped = 0          # packets that failed authentication/decoding or were replays
         self.stats = {"udp_sent": 0, "udp_recv": 0, "tcp_sent": 0}
 
     # ----- lifecycle -------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""The key manager: rotation of the IPsec keys of encrypted networks (leader loop) on a LocalStore."""
+"""The key manager: rotation of the IPsec keys of encrypted networks and of the cluster's gossip keys
+(one leader loop) on a LocalStore."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 
 from helpers.aio import run_bounded as run
@@ -14,6 +16,7 @@ from shoal.manager.keymanager import (
     DEFAULT_ROTATION_NS,
     KEYS_KEPT,
     KeyManager,
+    gossip_keys,
     ipsec_keys,
     rotation_interval_ns,
 )
@@ -23,10 +26,16 @@ from shoal.proto import objects_pb2, specs_pb2, types_pb2
 S = 10**9
 
 
-async def new_store(interval_ns: int | None = None) -> LocalStore:
+GOSSIP = "networking:gossip"
+
+
+async def new_store(interval_ns: int | None = None, gossip: int = KEYS_KEPT) -> LocalStore:
+    """A store with a cluster holding ``gossip`` gossip keys (lamport times 1..gossip)."""
     st = LocalStore()
     cl = objects_pb2.Cluster(spec=specs_pb2.ClusterSpec(annotations=types_pb2.Annotations(name="default"),
                                                         default_address_pool=["198.19.0.0/16"]))
+    for i in range(1, gossip + 1):
+        cl.network_bootstrap_keys.add(subsystem=GOSSIP, key=bytes([i]) * 16, lamport_time=i)
     if interval_ns is not None:
         cl.spec.network_encryption.key_rotation_interval.FromNanoseconds(interval_ns)
     await st.update(lambda tx: tx.create(cl))
@@ -86,7 +95,8 @@ def test_rotation_adds_one_key_keeps_the_newest_three_and_stamps_the_time() -> N
         assert [k.key for k in keys[:2]] == [k.key for k in before[1:]]
         assert len(keys[2].key) == 32 and keys[2].key not in {k.key for k in before}
         assert got.keys_rotated_at.ToNanoseconds() == now
-        assert got.meta.version == st.sm.version and 59 < wait <= 60
+        # next due: this network in 60 s, the gossip keys 60 s after the first pass (59 s from now)
+        assert got.meta.version == st.sm.version and wait == 59
         assert not st.get("network", plain.id).encryption_keys
 
         # Again one interval later: the oldest goes, lamport times keep counting.
@@ -165,3 +175,82 @@ def test_key_manager_is_a_leader_loop() -> None:
         isinstance(f(LocalStore(), None), KeyManager) for f in leader.LEADER_LOOPS
         if f.__name__ == "_key_manager"
     )
+
+
+def sending_key(cluster: objects_pb2.Cluster) -> bytes:
+    """The key the agents send with (NetworkDB.set_bootstrap_keys): the second oldest, or the only one."""
+    keys = gossip_keys(cluster)
+    return keys[1].key if len(keys) > 1 else keys[0].key
+
+
+def test_gossip_keys_topped_up_around_the_sending_key_then_rotated_in_order() -> None:
+    async def main() -> None:
+        st = await new_store(60 * S, gossip=1)  # as swarmd makes a cluster: one key, lamport time 1
+        other = types_pb2.EncryptionKey(subsystem="other", key=b"o" * 16, lamport_time=7)
+
+        def add_other(tx: Tx) -> None:
+            cl = objects_pb2.Cluster()
+            cl.CopyFrom(st.cluster())
+            cl.network_bootstrap_keys.append(other)
+            tx.update(cl)
+
+        await st.update(add_other)
+        km = KeyManager(st)
+        t0 = 1_000_000 * S
+        first = st.cluster()
+        p = sending_key(first)
+
+        # First pass: topped up to three keys, the one nodes send with now still second oldest.
+        wait = await km.rotate_due(now_ns=t0)
+        rings = [st.cluster()]
+        keys = gossip_keys(rings[0])
+        assert len(keys) == KEYS_KEPT and keys[1].key == p and sending_key(rings[0]) == p
+        assert len({k.key for k in keys}) == 3 and all(len(k.key) == 32 for k in (keys[0], keys[2]))
+        assert all(k.subsystem == GOSSIP for k in keys)
+        assert list(rings[0].network_bootstrap_keys).count(other) == 1
+        assert wait == 60  # the first rotation one whole interval after the top-up
+
+        # Not due before the interval is over: nothing written.
+        version = st.sm.version
+        assert await km.rotate_due(now_ns=t0 + 59 * S) == 1 and st.sm.version == version
+
+        # Each rotation: one new key after the newest, the oldest dropped, the next one sends.
+        for i in range(1, 4):
+            await km.rotate_due(now_ns=t0 + i * 60 * S)
+            rings.append(st.cluster())
+        for old, new in itertools.pairwise(rings):
+            o, n = gossip_keys(old), gossip_keys(new)
+            assert [k.key for k in n[:2]] == [k.key for k in o[1:]]
+            assert n[2].lamport_time == o[2].lamport_time + 1 and n[2].key not in {k.key for k in o}
+            # the order that never partitions: each ring's sending key is accepted by the other ring
+            assert sending_key(new) in {k.key for k in o} and sending_key(old) in {k.key for k in n}
+            assert list(new.network_bootstrap_keys).count(other) == 1
+        assert p not in {k.key for k in gossip_keys(rings[-1])}
+
+    run(main())
+
+
+def test_gossip_top_up_from_none_and_from_two_keys() -> None:
+    async def main() -> None:
+        st = await new_store(gossip=0)
+        await KeyManager(st).rotate_due()
+        assert [k.lamport_time for k in gossip_keys(st.cluster())] == [1, 2, 3]
+
+        st = await new_store(gossip=2)
+        before = gossip_keys(st.cluster())
+        await KeyManager(st).rotate_due()
+        after = gossip_keys(st.cluster())
+        assert [k.key for k in after[:2]] == [k.key for k in before] and after[2].lamport_time == 3
+        assert sending_key(st.cluster()) == before[1].key
+
+        # A new leader (a new KeyManager) counts the interval from its own start.
+        st = await new_store(60 * S)
+        keys = [k.key for k in gossip_keys(st.cluster())]
+        km = KeyManager(st)
+        await km.rotate_due(now_ns=100 * S)
+        await km.rotate_due(now_ns=159 * S)
+        assert [k.key for k in gossip_keys(st.cluster())] == keys
+        await km.rotate_due(now_ns=160 * S)
+        assert [k.key for k in gossip_keys(st.cluster())][:2] == keys[1:]
+
+    run(main())

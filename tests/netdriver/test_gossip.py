@@ -20,6 +20,8 @@ import pytest
 from helpers.aio import aiotest
 from helpers.waiting import wait_for_async as until
 
+from shoal.netdriver import swim
+from shoal.netdriver.keyring import Keyring
 from shoal.netdriver.networkdb import ENDPOINT_TABLE, EventKind, GossipConfig, NetworkDB, TableEvent
 from shoal.proto import gossip_pb2
 
@@ -385,3 +387,101 @@ async def test_nodes_hand_their_entries_to_a_newcomer_on_the_network():
         await c.join_network("netN")
         assert c.entries("t", "netN") == {}
         await until(lambda: c.entries("t", "netN") == {"a": b"1", "b": b"2"}, "a and b pushed their entries to c")
+
+
+# ----- replays -----------------------------------------------------------------------------------
+
+
+def spy_open(blob: bytes, label: bytes) -> gossip_pb2.Packet | gossip_pb2.Stream:
+    """Decrypt a captured packet with a keyring of our own (its windows are its own)."""
+    data = Keyring([KEY1], sender="spy").open(blob, label)
+    return (gossip_pb2.Packet if label == b"udp" else gossip_pb2.Stream).FromString(data)
+
+
+@aiotest
+async def test_replayed_datagram_and_frame_are_dropped_also_after_the_receiver_restarts():
+    # tombstones reaped after 1 s: a replayed put would then bring the deleted entry back
+    cfg = GossipConfig(tombstone_ttl=1.0, replay_max_age=3.0, table_sync_interval=1000.0)
+    async with cluster(3, config=cfg) as nodes:
+        n0, n1, _ = nodes
+        for g in nodes:
+            await g.join_network("netZ")
+        # capture what n0 sends to n1 (the real transport, wrapped)
+        transport = n0.membership._transport
+        real_sendto = transport.sendto
+        to_n1: list[bytes] = []
+
+        def sendto(data: bytes, addr) -> None:
+            if addr[0] == n1.advertise_addr:
+                to_n1.append(bytes(data))
+            real_sendto(data, addr)
+
+        transport.sendto = sendto
+        n0.put("t", "netZ", "k", b"captured")
+        await until(lambda: all(g.entries("t", "netZ") == {"k": b"captured"} for g in nodes), "k everywhere")
+        await until(lambda: not len(n0._net_queues["netZ"]), "n0's retransmits done")
+        transport.sendto = real_sendto
+        puts = [b for b in to_n1 if any(m.entry.key == "k" for m in spy_open(b, b"udp").messages)]
+        assert puts, "no datagram of n0 to n1 carried the entry"
+        # and a TCP frame: n0's anti-entropy push-pull with n1, captured where it is written
+        frames: list[bytes] = []
+        real_write_frame = swim.write_frame
+
+        def write_frame(writer, blob: bytes) -> None:
+            frames.append(blob)
+            real_write_frame(writer, blob)
+
+        swim.write_frame = write_frame
+        try:
+            await n0._sync(n0.membership.member("n1"), ["netZ"])
+        finally:
+            swim.write_frame = real_write_frame
+        request = frames[0]
+        assert spy_open(request, b"tcp").push_pull.source == "n0"
+
+        n0.delete("t", "netZ", "k")
+        await until(lambda: all(g.entries("t", "netZ") == {} for g in nodes), "k deleted everywhere")
+        await until(lambda: n1.store.get("t", "netZ", "k") is None, "n1 reaped the tombstone")
+
+        # an attacker on another address sends the captures again
+        attacker = fresh_addrs(1)[0]
+        loop = asyncio.get_running_loop()
+        sock, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(attacker, 0))
+        fresh = None
+        try:
+            replayed, dropped = n1.replayed_packets, n1.dropped_packets
+            for b in to_n1:
+                sock.sendto(b, (n1.advertise_addr, PORT))
+            await until(lambda: n1.replayed_packets == replayed + len(to_n1), "n1 dropped every replayed datagram")
+            assert n1.dropped_packets == dropped + len(to_n1)
+            assert n1.keyring.replay_drops["duplicate"] >= len(to_n1)
+            assert n1.entries("t", "netZ") == {} and n1.store.get("t", "netZ", "k") is None
+
+            # the TCP frame, on a connection of its own: dropped, no answer
+            reader, writer = await asyncio.open_connection(n1.advertise_addr, PORT, local_addr=(attacker, 0))
+            swim.write_frame(writer, request)
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed without a reply
+            writer.close()
+            await writer.wait_closed()
+            assert n1.replayed_packets == replayed + len(to_n1) + 1
+
+            # n1 restarts: no windows any more, but the captures are older than replay_max_age now
+            await asyncio.sleep(cfg.replay_max_age)
+            addr = n1.advertise_addr
+            await n1.stop()
+            fresh = NetworkDB("n1", addr, addr, port=PORT, keys=[KEY1], config=cfg)
+            await fresh.start()
+            assert await fresh.join([f"{n0.advertise_addr}:{PORT}"]) == 1
+            await fresh.join_network("netZ")
+            for b in to_n1:
+                sock.sendto(b, (addr, PORT))
+            await until(lambda: fresh.keyring.replay_drops["stale"] == len(to_n1), "the restarted n1 dropped them")
+            assert fresh.entries("t", "netZ") == {}
+            # gossip among the others goes on
+            n0.put("t", "netZ", "after", b"1")
+            await until(lambda: fresh.entries("t", "netZ") == {"after": b"1"}, "fresh traffic still accepted")
+        finally:
+            sock.close()
+            if fresh is not None:
+                await fresh.stop()
