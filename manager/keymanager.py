@@ -29,9 +29,9 @@ the others send, so members never lose each other during a change. A cluster wit
 `KEYS_KEPT` gossip keys (swarmd makes one) is topped up first, around the key that is primary now
 (one key P becomes F, P, N), so that top-up changes no node's sending key either.
 
-The Cluster has no field for the time of the last gossip rotation, so, like swarmkit's key manager,
-the loop counts the interval from the start of its leader term or from its last rotation: two
-rotations are never closer than one interval, and a leader change starts the count again.
+The time of the last top-up or rotation is `Cluster.gossip_keys_rotated_at`, written in the same
+transaction, so the interval counts across leader changes (a cluster without it counts from the
+start of the leader's term).
 """
 
 from __future__ import annotations
@@ -230,15 +230,17 @@ class KeyManager:
 
     async def _gossip_due(self, interval: int, now: int) -> int:
         """Top up or rotate the cluster's gossip keys if due; returns when the next rotation is due."""
+        cluster = self.store.cluster()
+        if cluster is not None and cluster.HasField("gossip_keys_rotated_at"):
+            self._gossip_since = cluster.gossip_keys_rotated_at.ToNanoseconds()
         if self._gossip_since is None or self._gossip_since > now + interval:  # term start, or a clock step back
             self._gossip_since = now
-        cluster = self.store.cluster()
         if cluster is None:
             return now + interval
         if len(gossip_keys(cluster)) < KEYS_KEPT:
             # alone in its transaction, and the first rotation one whole interval after it: the key
             # added behind the primary must reach every node before anybody sends with it
-            got = await self.store.update(lambda tx: self._gossip(tx, cluster.id, rotate=False))
+            got = await self.store.update(lambda tx: self._gossip(tx, cluster.id, False, now))
             if got is not None:
                 log.info("gossip keys topped up to %d lamport_times=%s", KEYS_KEPT,
                          [k.lamport_time for k in gossip_keys(got)])
@@ -246,26 +248,28 @@ class KeyManager:
             return now + interval
         if now < self._gossip_since + interval:
             return self._gossip_since + interval
-        got = await self.store.update(lambda tx: self._gossip(tx, cluster.id, rotate=True))
+        got = await self.store.update(lambda tx: self._gossip(tx, cluster.id, True, now))
         self._gossip_since = now
         if got is not None:
             log.info("gossip keys rotated lamport_time=%d", gossip_keys(got)[-1].lamport_time)
         return now + interval
 
     @staticmethod
-    def _gossip(tx: Tx, cluster_id: str, rotate: bool) -> objects_pb2.Cluster | None:
+    def _gossip(tx: Tx, cluster_id: str, rotate: bool, now: int) -> objects_pb2.Cluster | None:
         """Top up the cluster's gossip keys if it has too few, else (rotate) rotate them: never both
-        in one transaction."""
+        in one transaction; `now` (ns) becomes `gossip_keys_rotated_at`."""
         cur = tx.get("cluster", cluster_id)
         if cur is None:
             return None
         cluster = objects_pb2.Cluster()
         cluster.CopyFrom(cur)
         if top_up_gossip_keys(cluster):
+            cluster.gossip_keys_rotated_at.FromNanoseconds(now)
             return tx.update(cluster)
         if not rotate:
             return None
         rotate_gossip_keys(cluster)
+        cluster.gossip_keys_rotated_at.FromNanoseconds(now)
         return tx.update(cluster)
 
     @staticmethod

@@ -18,7 +18,7 @@ the leader key is lost):
 4. the orchestration loops, in this order: `ReplicatedOrchestrator`, `GlobalOrchestrator`,
    `ConstraintEnforcer`, `TaskReaper` (shoal.manager.orchestrator) and the `Scheduler`
    (shoal.manager.scheduler) -- services become tasks, and tasks get nodes;
-5. `KeyManager` (shoal.manager.keymanager) -- rotation of the encrypted networks' keys;
+5. `KeyManager` (shoal.manager.keymanager) -- rotation of the encrypted networks' IPsec keys and of the cluster's gossip keys;
 6. `RootRotation` (shoal.manager.rotation) -- finishes a root CA rotation once every node holds a
    certificate of the new root.
 

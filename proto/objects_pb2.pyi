@@ -195,20 +195,22 @@ class RevokedNode(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Cluster(_message.Message):
-    __slots__ = ("id", "meta", "spec", "root_ca", "network_bootstrap_keys", "unlock_key")
+    __slots__ = ("id", "meta", "spec", "root_ca", "network_bootstrap_keys", "unlock_key", "gossip_keys_rotated_at")
     ID_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     ROOT_CA_FIELD_NUMBER: _ClassVar[int]
     NETWORK_BOOTSTRAP_KEYS_FIELD_NUMBER: _ClassVar[int]
     UNLOCK_KEY_FIELD_NUMBER: _ClassVar[int]
+    GOSSIP_KEYS_ROTATED_AT_FIELD_NUMBER: _ClassVar[int]
     id: str
     meta: _types_pb2.Meta
     spec: _specs_pb2.ClusterSpec
     root_ca: RootCA
     network_bootstrap_keys: _containers.RepeatedCompositeFieldContainer[_types_pb2.EncryptionKey]
     unlock_key: bytes
-    def __init__(self, id: _Optional[str] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., spec: _Optional[_Union[_specs_pb2.ClusterSpec, _Mapping]] = ..., root_ca: _Optional[_Union[RootCA, _Mapping]] = ..., network_bootstrap_keys: _Optional[_Iterable[_Union[_types_pb2.EncryptionKey, _Mapping]]] = ..., unlock_key: _Optional[bytes] = ...) -> None: ...
+    gossip_keys_rotated_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., spec: _Optional[_Union[_specs_pb2.ClusterSpec, _Mapping]] = ..., root_ca: _Optional[_Union[RootCA, _Mapping]] = ..., network_bootstrap_keys: _Optional[_Iterable[_Union[_types_pb2.EncryptionKey, _Mapping]]] = ..., unlock_key: _Optional[bytes] = ..., gossip_keys_rotated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class StoreObject(_message.Message):
     __slots__ = ("node", "service", "task", "network", "secret", "config", "cluster")

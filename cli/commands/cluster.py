@@ -33,7 +33,8 @@ def register(cmds: Any) -> None:
                    help="validity of node certificates (default 2160h = 90 days, at least 1m); nodes renew "
                         "theirs at a random 50-80%% of it")
     p.add_argument("--network-key-rotation", type=DURATION, metavar="DURATION",
-                   help="how often the IPsec keys of encrypted networks are replaced (default 12h, at least 1s)")
+                   help="how often the IPsec keys of encrypted networks and the gossip keys are replaced "
+                        "(default 12h, at least 1s)")
     p.add_argument("--default-addr-pool", action="append", help="address pool for networks (CIDR)")
     p.add_argument("--subnet-size", type=uint("subnet size"), help="prefix length of network subnets")
     p.add_argument("--label-add", action="append", help="add a cluster label KEY=VALUE")

@@ -226,6 +226,11 @@ def test_gossip_keys_topped_up_around_the_sending_key_then_rotated_in_order() ->
             assert sending_key(new) in {k.key for k in o} and sending_key(old) in {k.key for k in n}
             assert list(new.network_bootstrap_keys).count(other) == 1
         assert p not in {k.key for k in gossip_keys(rings[-1])}
+        assert rings[-1].gossip_keys_rotated_at.ToNanoseconds() == t0 + 3 * 60 * S
+
+        # A new leader's key manager counts from the last rotation on record, not from its term.
+        version = st.sm.version
+        assert await KeyManager(st).rotate_due(now_ns=t0 + 3 * 60 * S + 20 * S) == 40 and st.sm.version == version
 
     run(main())
 
