@@ -384,6 +384,12 @@ def renewal_time(cert_pem: bytes | str, fraction: float) -> datetime.datetime:
     return start + (cert.not_valid_after_utc - start) * fraction
 
 
+def lifetime(cert_pem: bytes | str) -> datetime.timedelta:
+    """From the certificate's issue (`issued_at`) to its expiry."""
+    cert = load_cert(cert_pem)
+    return cert.not_valid_after_utc - issued_at(cert)
+
+
 def expiry(cert_pem: bytes | str) -> datetime.datetime:
     return load_cert(cert_pem).not_valid_after_utc
 

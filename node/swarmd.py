@@ -616,7 +616,9 @@ class Swarmd:
                 if csr_for[0] != ident.key_pem:
                     csr_for = (ident.key_pem, ca.make_csr(ident.key_pem))
                 key_pem, csr = csr_for
+            t0 = time.monotonic()
             resp = await self._ask_ca(csr, renew)
+            took = time.monotonic() - t0
             if resp is not None and resp.root_ca and resp.root_ca != ident.ca_pem:
                 # a root rotation began or ended: trust what the manager (authenticated) trusts now
                 log.info("trusted root CAs changed: now %d root(s), %s first", len(ca.load_certs(resp.root_ca)),
@@ -624,8 +626,9 @@ class Swarmd:
                 if not resp.certificate:
                     creds.update(ca.TLSIdentity(ident.key_pem, ident.cert_pem, resp.root_ca))
             if resp is None or not resp.certificate:
-                if renew:
-                    retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, RENEW_BACKOFF_MAX)
+                if renew:  # backoff: doubling, at most a minute and a tenth of the certificate's life
+                    cap = min(RENEW_BACKOFF_MAX, ca.lifetime(ident.cert_pem).total_seconds() / 10)
+                    retry_at, backoff = time.monotonic() + backoff, max(ROLE_CHECK_PERIOD, min(backoff * 2, cap))
                     self._warn_renewal_failed(ident)
                 continue
             trust = resp.root_ca or ident.ca_pem
@@ -642,7 +645,7 @@ class Swarmd:
                 creds.update(new)
                 renew_at = ca.renewal_time(new.cert_pem, rng.uniform(ca.RENEW_FROM, ca.RENEW_UNTIL))
                 retry_at, backoff = 0.0, ROLE_CHECK_PERIOD
-                log.info("certificate renewed: valid until %s, next renewal at %s",
+                log.info("certificate renewed in %.0f ms: valid until %s, next renewal at %s", took * 1000,
                          ca.expiry(new.cert_pem).isoformat(timespec="seconds"), renew_at.isoformat(timespec="seconds"))
                 continue
             await self._switch_role(resp, new)

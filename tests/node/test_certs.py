@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import signal
 import socket
 import ssl
 import subprocess
@@ -337,3 +338,34 @@ def test_root_rotation_with_managers_down_partway(daemons, tmp_path) -> None:
     wait(lambda: all((d.dir / "etcd" / "tls" / "ca.crt").read_bytes() == other.cert_pem for d in followers),
          "the followers' etcd members to trust the new root alone", 60)
     wait(lambda: healthy(m2, 3), "the store healthy after the restarts", 30)
+
+
+def test_a_renewal_that_finds_no_manager_is_retried_until_one_answers(daemons) -> None:
+    m1 = daemons("m1", "127.0.0.1").start()
+    wait(lambda: m1.sock.exists() and m1.control().ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes,
+         "m1 to create its cluster")
+    token = m1.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster.root_ca.join_tokens.worker
+    w1 = daemons("w1", "127.0.0.2", ["--join-addr", m1.api, "--join-token", token]).start()
+    wait(lambda: len(nodes(m1)) == 2 and "shoal.agent: session opened" in w1.log_text(), "w1 to join")
+    m1.ok("cluster", "update", "--cert-expiry", "1m")
+
+    # Right after a renewal of w1, the only manager stops answering (SIGSTOP) until 10 s before
+    # w1's certificate expires (past 80 % of its life): w1's next renewal fails, and is retried
+    # until the manager answers again, in time.
+    renewals = w1.log_text().count("certificate renewed")
+    wait(lambda: w1.log_text().count("certificate renewed") > renewals, "a renewal of w1", LIFE)
+    w1_cert = ca.TLSIdentity.load(w1.dir / "certificates")
+    assert w1_cert is not None
+    expires = ca.expiry(w1_cert.cert_pem).timestamp()
+    offset = w1.log_size()
+    assert m1.proc is not None
+    m1.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait(lambda: "certificate renewal failed (no manager answered): retrying" in w1.log_text(offset),
+             "w1's renewal to fail", LIFE)
+        time.sleep(max(0.0, expires - 10 - time.time()))
+    finally:
+        m1.proc.send_signal(signal.SIGCONT)
+    wait(lambda: "certificate renewed" in w1.log_text(offset), "w1 to renew once the manager answers", 20)
+    renewed = ca.TLSIdentity.load(w1.dir / "certificates")
+    assert renewed is not None and ca.expiry(renewed.cert_pem).timestamp() > expires
