@@ -30,6 +30,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -178,22 +179,8 @@ class RootCA:
             ]
         )
         now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + CA_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        return cls(cert.public_bytes(serialization.Encoding.PEM), key_pem)
+        cert = _ca_certificate(name, key.public_key(), name, key, now - MAX_BACKDATE, now + CA_VALIDITY, path_length=1)
+        return cls(cert, key_pem)
 
     @property
     def digest(self) -> str:
@@ -281,22 +268,26 @@ def cross_sign(old: RootCA, new_cert_pem: bytes) -> bytes:
     new = load_cert(new_cert_pem)
     old_cert = load_cert(old.cert_pem)
     old_key = serialization.load_pem_private_key(old.key_pem, None)
+    return _ca_certificate(new.subject, new.public_key(), old_cert.subject, old_key, new.not_valid_before_utc,
+                           min(new.not_valid_after_utc, old_cert.not_valid_after_utc), path_length=0)
+
+
+def _ca_certificate(subject: x509.Name, public_key: Any, issuer: x509.Name, signing_key: Any,
+                    not_before: datetime.datetime, not_after: datetime.datetime, *, path_length: int) -> bytes:
+    """PEM of a CA certificate for `public_key`, signed by `signing_key` (the same key: a root)."""
     cert = (
         x509.CertificateBuilder()
-        .subject_name(new.subject)
-        .issuer_name(old_cert.subject)
-        .public_key(new.public_key())
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(new.not_valid_before_utc)
-        .not_valid_after(min(new.not_valid_after_utc, old_cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(new.public_key()), critical=False)  # type: ignore[arg-type]
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(old_cert.public_key()),  # type: ignore[arg-type]
-            critical=False,
-        )
-        .sign(old_key, hashes.SHA256())  # type: ignore[arg-type]
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()), critical=False)
+        .sign(signing_key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM)
 

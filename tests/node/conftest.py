@@ -14,14 +14,14 @@ from helpers.swarmd import Swarmd as Daemon
 
 @pytest.fixture
 def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """`daemons(name, ip, extra)`: a swarmd (not started) under a short base dir; every one is killed,
+    """`daemons(name, ip, extra, kind=Swarmd)`: a swarmd (not started) under a short base dir; every one is killed,
     its log kept next to pytest's tmp_path and the base removed at the end."""
     base = Path(f"/tmp/sd{os.getpid() % 10000}-{time.monotonic_ns() % 100000}")  # short: unix socket paths
     base.mkdir()
     made: list[Daemon] = []
 
-    def make(name: str, ip: str, extra: list[str] | None = None) -> Daemon:
-        d = Daemon(base, name, ip, extra)
+    def make(name: str, ip: str, extra: list[str] | None = None, kind: type[Daemon] = Daemon) -> Daemon:
+        d = kind(base, name, ip, extra)
         made.append(d)
         return d
 

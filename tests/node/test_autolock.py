@@ -59,13 +59,13 @@ def registry() -> Iterator[object]:
 
 
 @pytest.fixture
-def daemons(tmp_path: Path, registry: object) -> Iterator[Callable[..., Daemon]]:
-    base = Path(f"/tmp/al{os.getpid() % 10000}-{time.monotonic_ns() % 100000}")  # short: unix socket paths
-    base.mkdir()
+def daemons(daemons: Callable[..., Daemon], registry: object) -> Iterator[Callable[..., Daemon]]:
+    """tests/node/conftest.py's daemons, pulling from the local registry, whose containers, task
+    namespaces and mounts are removed before the state dirs go."""
     made: list[Daemon] = []
 
     def make(name: str, ip: str, extra: list[str] | None = None) -> Daemon:
-        d = Daemon(base, name, ip, ["--insecure-registry", registry.host, *(extra or [])])  # type: ignore[attr-defined]
+        d = daemons(name, ip, ["--insecure-registry", registry.host, *(extra or [])], kind=Daemon)  # type: ignore[attr-defined]
         made.append(d)
         return d
 
@@ -75,11 +75,8 @@ def daemons(tmp_path: Path, registry: object) -> Iterator[Callable[..., Daemon]]
         for d in made:
             d.kill()
         _remove_containers(made)
-        for d in made:  # keep the logs of a failed run next to pytest's tmp_path
-            if d.log.exists():
-                (tmp_path / d.log.name).write_bytes(d.log.read_bytes())
-        unmount_under(base)
-        subprocess.run(["rm", "-rf", str(base)], check=False)
+        if made:
+            unmount_under(made[0].dir.parent)
 
 
 def _remove_containers(made: list[Daemon]) -> None:

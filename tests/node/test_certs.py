@@ -63,18 +63,28 @@ def served_certificate(d: Daemon) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
-def test_one_minute_certificates_renew_without_dropping_a_session(daemons) -> None:
+def cluster(daemons: Callable[..., Daemon], managers: int, workers: int = 1) -> list[Daemon]:
+    """m1..mN and w1..wM on 127.0.0.x, joined one after the other; the workers' sessions open."""
     m1 = daemons("m1", "127.0.0.1").start()
     wait(lambda: m1.sock.exists() and m1.control().ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes,
          "m1 to create its cluster")
+    tokens = m1.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster.root_ca.join_tokens
+    out = [m1]
+    for i in range(2, managers + 1):
+        d = daemons(f"m{i}", f"127.0.0.{i}", ["--join-addr", m1.api, "--join-token", tokens.manager]).start()
+        wait(lambda d=d, i=i: d.sock.exists() and healthy(m1, i), f"m{i} to join", 60)
+        out.append(d)
+    for i in range(1, workers + 1):
+        d = daemons(f"w{i}", f"127.0.0.{managers + i}", ["--join-addr", m1.api, "--join-token", tokens.worker]).start()
+        wait(lambda d=d: "shoal.agent: session opened" in d.log_text(), f"w{i} to join and open its session")
+        out.append(d)
+    wait(lambda: len(nodes(m1)) == managers + workers, "every node on record")
+    return out
+
+
+def test_one_minute_certificates_renew_without_dropping_a_session(daemons) -> None:
+    m1, m2, m3, w1 = cluster(daemons, 3)
     cl = m1.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster
-    tokens = cl.root_ca.join_tokens
-    m2 = daemons("m2", "127.0.0.2", ["--join-addr", m1.api, "--join-token", tokens.manager]).start()
-    wait(lambda: m2.sock.exists() and healthy(m1, 2), "m2 to join", 60)
-    m3 = daemons("m3", "127.0.0.3", ["--join-addr", m1.api, "--join-token", tokens.manager]).start()
-    wait(lambda: m3.sock.exists() and healthy(m1, 3), "m3 to join", 60)
-    w1 = daemons("w1", "127.0.0.4", ["--join-addr", m1.api, "--join-token", tokens.worker]).start()
-    wait(lambda: len(nodes(m1)) == 4 and "session opened" in w1.log_text(), "w1 to join and open its session")
     all_daemons = (m1, m2, m3, w1)
 
     # The default is 90 days; node inspect shows who issued the certificate and until when.
@@ -183,14 +193,7 @@ def refused(call: Callable[[], object], match: str) -> None:
 
 
 def test_removed_node_and_demoted_manager_lose_their_rights_at_once(daemons) -> None:
-    m1 = daemons("m1", "127.0.0.1").start()
-    wait(lambda: m1.sock.exists() and m1.control().ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes,
-         "m1 to create its cluster")
-    tokens = m1.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster.root_ca.join_tokens
-    m2 = daemons("m2", "127.0.0.2", ["--join-addr", m1.api, "--join-token", tokens.manager]).start()
-    wait(lambda: m2.sock.exists() and healthy(m1, 2), "m2 to join", 60)
-    w1 = daemons("w1", "127.0.0.3", ["--join-addr", m1.api, "--join-token", tokens.worker]).start()
-    wait(lambda: "shoal.agent: session opened" in w1.log_text() and len(nodes(m1)) == 3, "w1 to join")
+    m1, m2, w1 = cluster(daemons, 2)
     w1_ident = ca.TLSIdentity.load(w1.dir / "certificates")
     m2_ident = ca.TLSIdentity.load(w1.dir.parent / "m2" / "certificates")
     assert w1_ident is not None and m2_ident is not None
@@ -232,8 +235,8 @@ def test_removed_node_and_demoted_manager_lose_their_rights_at_once(daemons) -> 
         refused(lambda: dispatcher_pb2_grpc.DispatcherStub(ch).Heartbeat(
             dispatcher_pb2.HeartbeatRequest(session_id="x"), timeout=10), revoked)
         refused(lambda: control_pb2_grpc.ControlStub(ch).ListNodes(control_pb2.ListNodesRequest(), timeout=10), revoked)
-    cluster = m1.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster
-    entry = next(r for r in cluster.root_ca.revoked_nodes if r.node_id == w1_id)
+    cl = m1.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster
+    entry = next(r for r in cl.root_ca.revoked_nodes if r.node_id == w1_id)
     assert entry.not_after.ToSeconds() == ca.load_cert(w1_ident.cert_pem).not_valid_after_utc.timestamp()
     assert "Error: " not in m1.ok("node", "ls")
 
@@ -244,17 +247,8 @@ def rotation_of(d: Daemon) -> object | None:
 
 
 def test_root_rotation_with_managers_down_partway(daemons, tmp_path) -> None:
-    m1 = daemons("m1", "127.0.0.1").start()
-    wait(lambda: m1.sock.exists() and m1.control().ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes,
-         "m1 to create its cluster")
-    before = m1.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster
-    tokens = before.root_ca.join_tokens
-    m2 = daemons("m2", "127.0.0.2", ["--join-addr", m1.api, "--join-token", tokens.manager]).start()
-    wait(lambda: m2.sock.exists() and healthy(m1, 2), "m2 to join", 60)
-    m3 = daemons("m3", "127.0.0.3", ["--join-addr", m1.api, "--join-token", tokens.manager]).start()
-    wait(lambda: m3.sock.exists() and healthy(m1, 3), "m3 to join", 60)
-    w1 = daemons("w1", "127.0.0.4", ["--join-addr", m1.api, "--join-token", tokens.worker]).start()
-    wait(lambda: len(nodes(m1)) == 4 and "shoal.agent: session opened" in w1.log_text(), "w1 to join")
+    m1, m2, m3, w1 = cluster(daemons, 3)
+    tokens = m1.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster.root_ca.join_tokens
     w1_old = ca.TLSIdentity.load(w1.dir / "certificates")
     assert w1_old is not None
 
@@ -341,12 +335,7 @@ def test_root_rotation_with_managers_down_partway(daemons, tmp_path) -> None:
 
 
 def test_a_renewal_that_finds_no_manager_is_retried_until_one_answers(daemons) -> None:
-    m1 = daemons("m1", "127.0.0.1").start()
-    wait(lambda: m1.sock.exists() and m1.control().ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes,
-         "m1 to create its cluster")
-    token = m1.control().GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster.root_ca.join_tokens.worker
-    w1 = daemons("w1", "127.0.0.2", ["--join-addr", m1.api, "--join-token", token]).start()
-    wait(lambda: len(nodes(m1)) == 2 and "shoal.agent: session opened" in w1.log_text(), "w1 to join")
+    m1, w1 = cluster(daemons, 1)
     m1.ok("cluster", "update", "--cert-expiry", "1m")
 
     # Right after a renewal of w1, the only manager stops answering (SIGSTOP) until 10 s before
