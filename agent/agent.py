@@ -41,6 +41,7 @@ RECONNECT_DELAY = 0.1  # first retry after a broken session; doubles up to MAX_R
 MAX_RECONNECT_DELAY = 0.5
 UNREGISTERED_DELAY = 10.0
 CONNECT_TIMEOUT = 1.5
+RESTARTING_TIMEOUT = 1.0  # the last heartbeat of a graceful stop (see Agent._say_restarting)
 STATUS_BATCH = 500
 LOG_BATCH = 100
 
@@ -248,12 +249,16 @@ class Agent:
             self.manager_addr = addr
             self._on_session_message(first)
             log.info("session opened node=%s manager=%s session=%s", self.node_id, addr, self.session_id)
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._session_messages(call))
-                tg.create_task(self._heartbeats(stub))
-                tg.create_task(self._assignments(stub))
-                tg.create_task(self._send_statuses(stub))
-                tg.create_task(self._log_subscriptions(channel))
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._session_messages(call))
+                    tg.create_task(self._heartbeats(stub))
+                    tg.create_task(self._assignments(stub))
+                    tg.create_task(self._send_statuses(stub))
+                    tg.create_task(self._log_subscriptions(channel))
+            except asyncio.CancelledError:
+                await self._say_restarting(stub)
+                raise
         finally:
             for t in self._subs.values():
                 t.cancel()
@@ -276,6 +281,18 @@ class Agent:
             if msg is grpc.aio.EOF:
                 raise ConnectionError("the dispatcher ended the session")
             self._on_session_message(msg)
+
+    async def _say_restarting(self, stub: dispatcher_pb2_grpc.DispatcherStub) -> None:
+        """The agent is stopped (swarmd's SIGTERM: an upgrade, a reboot): a last heartbeat tells the
+        dispatcher the node will be back, so it is not marked DOWN, nor its tasks replaced, within the
+        cluster's restart window. Best effort, at most a second: a crash sends nothing."""
+        req = dispatcher_pb2.HeartbeatRequest(session_id=self.session_id, restarting=True)
+        try:
+            await stub.Heartbeat(req, metadata=self._md, timeout=RESTARTING_TIMEOUT)
+            log.info("told the dispatcher this node is restarting node=%s", self.node_id)
+        except grpc.aio.AioRpcError as e:
+            log.info("could not tell the dispatcher this node is restarting node=%s: %s", self.node_id,
+                     e.code().name)
 
     async def _heartbeats(self, stub: dispatcher_pb2_grpc.DispatcherStub) -> None:
         req = dispatcher_pb2.HeartbeatRequest(session_id=self.session_id)

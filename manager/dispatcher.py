@@ -20,6 +20,14 @@ The caller's node id comes from the CN of its mTLS client certificate. Unit test
 `run()` is a leader loop: it marks nodes whose heartbeats stopped DOWN (grace ≈ 3 heartbeat
 periods; with the default 1 s period a dead node is DOWN in under 3 s), and, when this manager
 has just become leader, gives every node two grace periods to open a session here.
+
+Restarts are not failures. An agent that stops gracefully (swarmd got SIGTERM: an upgrade, a
+reboot) says so in a last `Heartbeat(restarting=True)`: its node becomes DISCONNECTED with a
+`restart_deadline` = now + the cluster's restart window (`dispatcher.restart_window`, default
+60 s), and is marked DOWN (its tasks then replaced) only if no session of it opens by then. The
+deadline is in the store, so a new leader honours it too. DISCONNECTED keeps the node's tasks where
+they are (orchestrators replace tasks of DOWN nodes only) and places no new ones there. A crash
+followed by an immediate restart needs nothing of this: the agent is back within the grace.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_
 log = logging.getLogger("shoal.dispatcher")
 
 DEFAULT_HEARTBEAT_PERIOD = 1.0
+DEFAULT_RESTART_WINDOW = 60.0  # seconds a gracefully stopped node has to come back (see the docstring)
 # A node is DOWN when no heartbeat came for GRACE_MULTIPLIER periods: an agent heartbeats every
 # period, so two missed heartbeats plus most of a third period (2.8 s at the 1 s default, < 3 s).
 GRACE_MULTIPLIER = 2.8
@@ -59,6 +68,14 @@ STREAM_CHECK_PERIOD = 0.25
 # in all), after CONFLICT_BACKOFF s times the attempt number (see `Store.update`).
 CONFLICT_RETRIES = 7
 CONFLICT_BACKOFF = 0.001
+
+
+def restart_window(cluster: objects_pb2.Cluster | None) -> float:
+    if cluster is not None and cluster.spec.dispatcher.HasField("restart_window"):
+        w = cluster.spec.dispatcher.restart_window.ToNanoseconds() / 1e9
+        if w > 0:
+            return w
+    return DEFAULT_RESTART_WINDOW
 
 
 def heartbeat_period(cluster: objects_pb2.Cluster | None) -> float:
@@ -127,6 +144,7 @@ class _Session:
     node_id: str
     expires: float
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    restarting: bool = False  # its agent stopped gracefully: `expires` is the restart deadline
 
 
 @dataclass
@@ -173,6 +191,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
 
     def grace(self) -> float:
         return self.period() * GRACE_MULTIPLIER
+
+    def restart_window(self) -> float:
+        return restart_window(self.store.cluster())
 
     def leader_addr(self) -> str:
         fn = getattr(self.manager, "leader_api_addr", None)
@@ -334,7 +355,14 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
     ) -> dispatcher_pb2.HeartbeatResponse:
         s = await self._session_for(context, request.session_id)
         period = self.period()
-        s.expires = time.monotonic() + period * GRACE_MULTIPLIER
+        if request.restarting:
+            window = self.restart_window()
+            s.expires, s.restarting = time.monotonic() + window, True
+            s.closed.set()  # its streams end; the entry stays until the deadline or its next session
+            await self._mark_restarting(s.node_id, window)
+            self._ensure_flag().set()
+        else:
+            s.expires = time.monotonic() + period * GRACE_MULTIPLIER
         resp = dispatcher_pb2.HeartbeatResponse()
         resp.period.FromNanoseconds(int(period * 1e9))
         return resp
@@ -345,9 +373,13 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         wake = self._ensure_flag()
         now = time.monotonic()
         grace = self.grace()
+        wall = time.time()
         for n in self.store.find("node"):
             if n.status.state != types_pb2.NodeStatus.DOWN and n.id not in self._sessions:
-                self._unconfirmed[n.id] = now + grace * NEW_LEADER_GRACE
+                deadline = now + grace * NEW_LEADER_GRACE
+                if n.status.HasField("restart_deadline"):  # restarting under the last leader
+                    deadline = max(deadline, now + n.status.restart_deadline.ToNanoseconds() / 1e9 - wall)
+                self._unconfirmed[n.id] = deadline
         log.info("dispatcher leader loop started nodes_awaited=%d grace=%.1fs", len(self._unconfirmed), grace)
         try:
             while True:
@@ -357,7 +389,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                     if s.expires <= now:
                         del self._sessions[node_id]
                         s.closed.set()
-                        expired.append((node_id, "heartbeat failure"))
+                        expired.append((node_id, "not back within the restart window after a graceful stop"
+                                        if s.restarting else "heartbeat failure"))
                 for node_id, deadline in list(self._unconfirmed.items()):
                     if deadline <= now:
                         del self._unconfirmed[node_id]
@@ -380,6 +413,21 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 s.closed.set()
             self._sessions.clear()
             self._unconfirmed.clear()
+
+    async def _mark_restarting(self, node_id: str, window: float) -> None:
+        def fn(tx: Tx) -> None:
+            cur = tx.get("node", node_id)
+            if cur is None or cur.status.state == types_pb2.NodeStatus.DOWN:
+                return
+            node = objects_pb2.Node()
+            node.CopyFrom(cur)
+            node.status.state = types_pb2.NodeStatus.DISCONNECTED
+            node.status.message = f"swarmd stopped gracefully: marked down unless back within {window:g} s"
+            node.status.restart_deadline.FromNanoseconds(time.time_ns() + int(window * 1e9))
+            tx.update(node)
+
+        await (self.leader_store or self.store).update(fn, CONFLICT_RETRIES, backoff=CONFLICT_BACKOFF)
+        log.info("node restarting node=%s window=%gs: not marked down until then", node_id, window)
 
     async def _mark_down(self, node_id: str, why: str) -> None:
         def fn(tx: Tx) -> None:

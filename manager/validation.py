@@ -517,6 +517,10 @@ def validate_cluster_spec(spec: specs_pb2.ClusterSpec) -> None:
     hb = duration_ns(spec.dispatcher.heartbeat_period)
     if hb < 0 or (hb and not MIN_HEARTBEAT_NS <= hb <= MAX_HEARTBEAT_NS):
         raise InvalidArgument("dispatcher heartbeat period is out of range: give a duration from 100ms to 1h")
+    rw = duration_ns(spec.dispatcher.restart_window)
+    if rw < 0 or (rw and not MIN_HEARTBEAT_NS * 10 <= rw <= 24 * MAX_HEARTBEAT_NS):
+        raise InvalidArgument("dispatcher restart window is out of range: give 0 (the default, 60s) or a duration "
+                              "from 1s to 24h")
     validate_duration("node certificate expiry", spec.ca_config.node_cert_expiry, MIN_CERT_EXPIRY_NS)
     rot = duration_ns(spec.network_encryption.key_rotation_interval)
     if rot < 0 or 0 < rot < MIN_ROTATION_NS:

@@ -96,10 +96,12 @@ class ClusterSpec(_message.Message):
         task_history_retention_limit: int
         def __init__(self, task_history_retention_limit: _Optional[int] = ...) -> None: ...
     class Dispatcher(_message.Message):
-        __slots__ = ("heartbeat_period",)
+        __slots__ = ("heartbeat_period", "restart_window")
         HEARTBEAT_PERIOD_FIELD_NUMBER: _ClassVar[int]
+        RESTART_WINDOW_FIELD_NUMBER: _ClassVar[int]
         heartbeat_period: _duration_pb2.Duration
-        def __init__(self, heartbeat_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+        restart_window: _duration_pb2.Duration
+        def __init__(self, heartbeat_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., restart_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
     class CAConfig(_message.Message):
         __slots__ = ("node_cert_expiry",)
         NODE_CERT_EXPIRY_FIELD_NUMBER: _ClassVar[int]

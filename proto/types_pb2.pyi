@@ -637,7 +637,7 @@ class NodeTLSInfo(_message.Message):
     def __init__(self, cert_issuer_subject: _Optional[str] = ..., cert_issuer_public_key: _Optional[bytes] = ..., cert_not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cert_not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cert_serial: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("state", "message", "addr")
+    __slots__ = ("state", "message", "addr", "restart_deadline")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         UNKNOWN: _ClassVar[NodeStatus.State]
@@ -651,10 +651,12 @@ class NodeStatus(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ADDR_FIELD_NUMBER: _ClassVar[int]
+    RESTART_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     state: NodeStatus.State
     message: str
     addr: str
-    def __init__(self, state: _Optional[_Union[NodeStatus.State, str]] = ..., message: _Optional[str] = ..., addr: _Optional[str] = ...) -> None: ...
+    restart_deadline: _timestamp_pb2.Timestamp
+    def __init__(self, state: _Optional[_Union[NodeStatus.State, str]] = ..., message: _Optional[str] = ..., addr: _Optional[str] = ..., restart_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ManagerStatus(_message.Message):
     __slots__ = ("raft_id", "addr", "leader", "reachability", "api_addr")

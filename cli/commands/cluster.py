@@ -29,6 +29,9 @@ def register(cmds: Any) -> None:
     p.add_argument("--task-history-limit", type=uint("task history limit"), help="tasks kept per slot")
     p.add_argument("--heartbeat-period", "--dispatcher-heartbeat", dest="heartbeat_period", type=DURATION,
                    help="agents' heartbeat period")
+    p.add_argument("--restart-window", type=DURATION, metavar="DURATION",
+                   help="how long a node whose swarmd stopped gracefully (an upgrade) keeps its tasks before "
+                        "it is marked down (default 60s)")
     p.add_argument("--cert-expiry", type=DURATION, metavar="DURATION",
                    help="validity of node certificates (default 2160h = 90 days, at least 1m); nodes renew "
                         "theirs at a random 50-80%% of it")
@@ -75,6 +78,8 @@ def cluster_inspect(c: Client, args: argparse.Namespace) -> None:
         print(f"Task history limit:\t{s.orchestration.task_history_retention_limit}")
         hb = s.dispatcher.heartbeat_period
         print(f"Heartbeat period:\t{format_duration(hb.seconds * 10**9 + hb.nanos) if hb.ByteSize() else 'default'}")
+        rw = s.dispatcher.restart_window
+        print(f"Restart window:\t\t{format_duration(rw.seconds * 10**9 + rw.nanos) if rw.ByteSize() else '60s (default)'}")
         ce = s.ca_config.node_cert_expiry
         print(f"Node cert expiry:\t{format_duration(ce.seconds * 10**9 + ce.nanos) if ce.ByteSize() else 'default'}")
         kr = s.network_encryption.key_rotation_interval
@@ -135,6 +140,8 @@ def _cluster_update_once(c: Client, args: argparse.Namespace, autolock_was: list
         spec.orchestration.task_history_retention_limit = args.task_history_limit
     if args.heartbeat_period is not None:
         spec.dispatcher.heartbeat_period.FromNanoseconds(args.heartbeat_period)
+    if args.restart_window is not None:
+        spec.dispatcher.restart_window.FromNanoseconds(args.restart_window)
     if args.cert_expiry is not None:
         spec.ca_config.node_cert_expiry.FromNanoseconds(args.cert_expiry)
     if args.network_key_rotation is not None:

@@ -282,6 +282,70 @@ def test_heartbeat_expiry_marks_node_down_and_session_reopens() -> None:
     run(main())
 
 
+def test_graceful_stop_keeps_the_node_for_the_restart_window_also_under_a_new_leader() -> None:
+    """Heartbeat(restarting): DISCONNECTED with a deadline, not DOWN within the window (many grace
+    periods), READY again on the next session; not back in time: DOWN, saying why. A new leader's
+    dispatcher honours a deadline written under the old one."""
+
+    async def main() -> None:
+        st = LocalStore()
+        await add_cluster(st, period_s=0.1)  # grace 0.28 s
+        cl = objects_pb2.Cluster()
+        cl.CopyFrom(st.cluster())
+        cl.spec.dispatcher.restart_window.FromNanoseconds(1_500_000_000)
+        await st.update(lambda tx: tx.update(cl))
+        await add_node(st, "n1")
+        state = lambda: st.get("node", "n1").status  # noqa: E731
+        async with serve(st) as (disp, addr):
+            loop_task = asyncio.create_task(disp.run())
+            c = Client(addr, "n1")
+            try:
+                await c.open()
+                t0 = time.monotonic()
+                await c.stub.Heartbeat(dispatcher_pb2.HeartbeatRequest(session_id=c.session_id, restarting=True),
+                                       metadata=c.md)
+                assert state().state == types_pb2.NodeStatus.DISCONNECTED
+                left = state().restart_deadline.ToNanoseconds() / 1e9 - time.time()
+                assert 1.3 < left <= 1.5
+                await asyncio.sleep(1.0)  # > 3 grace periods
+                assert state().state == types_pb2.NodeStatus.DISCONNECTED
+                c.session_call.cancel()
+                await c.open()  # back in time
+                assert state().state == types_pb2.NodeStatus.READY and not state().HasField("restart_deadline")
+                await c.stub.Heartbeat(dispatcher_pb2.HeartbeatRequest(session_id=c.session_id, restarting=True),
+                                       metadata=c.md)
+                t0 = time.monotonic()
+                await wait_for(lambda: state().state == types_pb2.NodeStatus.DOWN, timeout=5)
+                assert time.monotonic() - t0 >= 1.4
+                assert state().message == "not back within the restart window after a graceful stop"
+            finally:
+                await c.close()
+                loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop_task
+
+            # A node that stopped gracefully under the old leader: the new leader waits for its deadline
+            # (without it, 2 grace periods: 0.56 s).
+            n = objects_pb2.Node()
+            n.CopyFrom(st.get("node", "n1"))
+            n.status.state = types_pb2.NodeStatus.DISCONNECTED
+            n.status.restart_deadline.FromNanoseconds(time.time_ns() + 1_500_000_000)
+            await st.update(lambda tx: tx.update(n))
+            t0 = time.monotonic()
+            new_leader = asyncio.create_task(disp.run())
+            try:
+                await asyncio.sleep(1.0)
+                assert state().state == types_pb2.NodeStatus.DISCONNECTED
+                await wait_for(lambda: state().state == types_pb2.NodeStatus.DOWN, timeout=5)
+                assert time.monotonic() - t0 >= 1.4
+            finally:
+                new_leader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await new_leader
+
+    run(main())
+
+
 def test_assignments_complete_then_incremental_with_only_own_secrets() -> None:
     async def main() -> None:
         st = LocalStore()
