@@ -1,0 +1,195 @@
+"""A worker's swarmd restarted under its running tasks: how soon it is back in session, and how many
+of its containers had to start again (goal 0). Real swarmd processes on loopback (1 manager + 1
+worker), a local registry, 4 busybox replicas on the worker, the default 1 s heartbeat. As root.
+
+    .venv/bin/python bench/restart.py [--runs 5] [--away 5]
+
+Each run, in turn: `kill -9` then an immediate start (a crash under systemd's Restart=always), and
+SIGTERM then a start `--away` seconds later (an upgrade). Measured from the signal (kill -9) or from
+the start (SIGTERM): until the agent's `session opened` log line. Counted over all runs: containers
+whose process changed, tasks replaced, and `node down` lines of the manager. Prints a table and one
+JSON line; never fails on a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+
+from shoal.lab.images import busybox_image
+from shoal.lab.registry import Registry, free_port, push_image
+from shoal.proto import control_pb2, control_pb2_grpc, types_pb2
+
+SWARMCTL = [sys.executable, "-m", "shoal.cli.swarmctl"]
+SESSION = re.compile(r"^(\S+ \S+) .*shoal\.agent: session opened", re.M)
+
+
+class Daemon:
+    def __init__(self, base: Path, name: str, ip: str, extra: list[str]) -> None:
+        self.dir, self.log = base / name, base / f"{name}.log"
+        self.api = f"{ip}:{free_port(ip)}"
+        self.argv = [sys.executable, "-m", "shoal.node.swarmd", "-d", str(self.dir), "--listen-remote-api", self.api,
+                     "--listen-peer", f"{ip}:{free_port(ip)}", "--hostname", name, *extra]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, extra: list[str] | None = None) -> None:
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen([*self.argv, *(extra or [])], stdout=f, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(30)
+
+    def sessions(self) -> list[datetime]:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return [datetime.strptime(m, "%Y-%m-%d %H:%M:%S,%f") for m in SESSION.findall(text)]
+
+
+def wait(pred, what: str, timeout: float = 60):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            got = pred()
+        except grpc.RpcError:
+            got = None
+        if got:
+            return got
+        time.sleep(0.05)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--away", type=float, default=5.0)
+    a = ap.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="rs", dir="/var/tmp"))
+    reg = Registry("127.0.0.1")
+    reg.start()
+    m1 = Daemon(base, "m1", "127.0.0.1", ["--insecure-registry", reg.host])
+    w1: Daemon | None = None
+    res: dict[str, object] = {}
+    try:
+        push_image(reg.url, "library/busybox", "latest", busybox_image())
+        m1.start()
+        sock = m1.dir / "swarmd.sock"
+        c = control_pb2_grpc.ControlStub(grpc.insecure_channel(f"unix://{sock}"))
+        cl = wait(lambda: sock.exists() and c.GetCluster(control_pb2.GetClusterRequest(), timeout=5).cluster, "m1")
+        w1 = Daemon(base, "w1", "127.0.0.2", ["--insecure-registry", reg.host, "--join-addr", m1.api,
+                                               "--join-token", cl.root_ca.join_tokens.worker])
+        w1.start()
+        wait(lambda: w1.sessions(), "w1's session")
+        subprocess.run([*SWARMCTL, "--socket", str(sock), "service", "create", "--name", "r", "--replicas", "4",
+                        "--constraint", "node.role==worker", f"{reg.host}/library/busybox:latest", "sleep", "3600"],
+                       check=True, capture_output=True, timeout=120)
+
+        def running() -> dict[str, int]:
+            """Running task id -> the pid of its container process, as the worker's engine records it."""
+            ts = c.ListTasks(control_pb2.ListTasksRequest(), timeout=5).tasks
+            ids = {t.id for t in ts if t.desired_state == types_pb2.RUNNING and t.status.state == types_pb2.RUNNING}
+            pids = _container_pids(base / "w1" / "engine")
+            return {tid: pids.get(tid, 0) for tid in ids}
+
+        before = wait(lambda: len(r := running()) == 4 and all(r.values()) and r, "4 tasks running")
+        crash, graceful = [], []
+        for _ in range(a.runs):
+            n = len(w1.sessions())
+            t0 = datetime.now()
+            w1.signal(signal.SIGKILL)
+            w1.start()
+            got = wait(lambda n=n: len(s := w1.sessions()) > n and s, "session after kill -9")
+            crash.append((got[-1] - t0).total_seconds())
+            wait(lambda: running() == before, "the same tasks after kill -9", 30)
+            time.sleep(1)
+            n = len(w1.sessions())
+            w1.signal(signal.SIGTERM)
+            time.sleep(a.away)
+            t0 = datetime.now()
+            w1.start()
+            got = wait(lambda n=n: len(s := w1.sessions()) > n and s, "session after SIGTERM")
+            graceful.append((got[-1] - t0).total_seconds())
+            wait(lambda: running() == before, "the same tasks after SIGTERM", 30)
+            time.sleep(1)
+        after = running()
+        res = {
+            "kill9_to_session_p50_s": round(statistics.median(crash), 3), "kill9_to_session_max_s": round(max(crash), 3),
+            "start_to_session_p50_s": round(statistics.median(graceful), 3),
+            "start_to_session_max_s": round(max(graceful), 3),
+            "containers_restarted": sum(1 for tid, pid in before.items() if after.get(tid) != pid),
+            "tasks_replaced": len(set(before) ^ set(after)),
+            "node_down_lines": m1.log.read_text(errors="replace").count("node down node="),
+            "runs": a.runs, "away_s": a.away,
+        }
+    finally:
+        for d in (w1, m1):
+            if d is not None and d.proc is not None and d.proc.poll() is None:
+                d.signal(signal.SIGKILL)
+        time.sleep(3)  # the killed manager's etcd member stops by itself (PDEATHSIG)
+        reg.stop()
+        _remove_containers(base / "w1" / "engine")
+        with open("/proc/self/mountinfo") as f:  # what the killed worker left mounted
+            mounts = sorted((ln.split()[4] for ln in f if ln.split()[4].startswith(str(base))), reverse=True)
+        for mp in mounts:
+            subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"\nswarmd restarts under 4 running tasks, 1+1 nodes on loopback, {platform.node()}, {os.cpu_count()} cores, "
+          f"{time.strftime('%Y-%m-%d')}")
+    for k, v in res.items():
+        print(f"{k:<26}{v!s:>10}")
+    print(json.dumps({"bench": "restart", "results": res}))
+    return 0
+
+
+def _container_pids(root: Path) -> dict[str, int]:
+    """Task id -> pid of each running container of the engine at `root` (container ids are task ids)."""
+    import asyncio
+
+    from shoal.agent.engine import Engine
+
+    async def ls() -> dict[str, int]:
+        e = Engine(root)
+        try:
+            return {ct.id: ct.pid for ct in await e.list() if ct.status == "running"}
+        finally:
+            await e.close()
+
+    return asyncio.run(ls())
+
+
+def _remove_containers(root: Path) -> None:
+    """The containers conmon kept running after the worker was killed: ours, by the engine's record."""
+    if not (root / "containers").is_dir():
+        return
+    import asyncio
+
+    from shoal.agent.engine import Engine
+
+    async def rm() -> None:
+        e = Engine(root)
+        try:
+            for ct in await e.list():
+                await e.remove(ct.id)
+        finally:
+            await e.close()
+
+    asyncio.run(rm())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
