@@ -1,5 +1,5 @@
-"""Network membership events of NetworkDB without sockets: ties of equal Lamport times (issue 16,
-item 8).
+"""Network membership events of NetworkDB without sockets: ties of equal Lamport times, and the
+entries of a node that left a network (issue 16, item 8: a leave lost for 30 s).
 
 Nodes are NetworkDB objects that are never started: UDP delivery is a direct ``handle_message``
 call, and a TCP push-pull is routed in memory to the other node's real push-pull handling
@@ -7,6 +7,8 @@ call, and a TCP push-pull is routed in memory to the other node's real push-pull
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from helpers.aio import aiotest
 
@@ -104,3 +106,55 @@ async def test_tie_against_the_owner_is_resolved_by_the_owner_reasserting():
     await sync(a, b)
     assert held(b, "n0") == held(a, "n0")
     assert [m.node_id for m in b.network_nodes(NET)] == ["n0"]
+
+
+# ----- a node that left a network: its entries do not come back ---------------------------------
+
+
+async def three_on_net_with_b() -> tuple[NetworkDB, NetworkDB, NetworkDB, pb.Message]:
+    nodes = await make(3)
+    n0, n1, n2 = nodes["n0"], nodes["n1"], nodes["n2"]
+    for g in (n0, n1, n2):
+        await g.join_network(NET)
+    for g in (n0, n1, n2):
+        for other in ("n0", "n1", "n2"):
+            if other != g.node_id:
+                deliver(g, pb.Message(network=nodes[other]._node_networks[(other, NET)]), other)
+    n1.put("t", NET, "b", b"vb")
+    entry = pb.Message(entry=n1.store.get("t", NET, "b"))
+    deliver(n0, entry, "n1")
+    deliver(n2, entry, "n1")
+    assert all(g.entries("t", NET) == {"b": b"vb"} for g in (n0, n1, n2))
+    await n1.leave_network(NET)
+    leave = pb.Message(network=n1._node_networks[("n1", NET)])
+    deliver(n0, leave, "n1")  # n0 hears the leave; n2 has not yet
+    assert n0.entries("t", NET) == {} and n2.entries("t", NET) == {"b": b"vb"}
+    return n0, n1, n2, entry
+
+
+@aiotest
+async def test_push_pull_from_a_member_that_missed_the_leave_repairs_it_and_resurrects_nothing():
+    n0, n1, n2, _ = await three_on_net_with_b()
+    await sync(n2, n0)  # n2's anti-entropy with n0: n2 pushes b, n0 answers with the leave
+    assert held(n2, "n1") == held(n0, "n1") and held(n0, "n1")[1]
+    assert n0.entries("t", NET) == {} and n2.entries("t", NET) == {}
+    await sync(n0, n2)
+    assert n0.entries("t", NET) == {} and n2.entries("t", NET) == {}
+
+
+@aiotest
+async def test_push_pull_to_a_member_that_missed_the_leave_repairs_it_and_resurrects_nothing():
+    n0, n1, n2, _ = await three_on_net_with_b()
+    await sync(n0, n2)  # n0 pushes the leave; n2's answer (made before it merged) still holds b
+    assert held(n2, "n1") == held(n0, "n1") and held(n0, "n1")[1]
+    assert n0.entries("t", NET) == {} and n2.entries("t", NET) == {}
+
+
+@aiotest
+async def test_a_late_retransmit_of_a_departed_nodes_entry_is_dropped():
+    n0, n1, n2, entry = await three_on_net_with_b()
+    n0._net_queues[NET].clear()  # n0's own retransmits of b are done
+    deliver(n0, entry, "n2")  # n2's retransmit queue still held b when n0 heard the leave
+    await asyncio.sleep(0)
+    assert n0.entries("t", NET) == {}
+    assert ("t", "b") not in n0._net_queues[NET]._items  # nor passed on
