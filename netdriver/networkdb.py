@@ -18,8 +18,12 @@ the nodes that joined that network:
 * every ``table_sync_interval`` (±25 %) a node push-pulls each of its networks with a random node
   of that network over TCP (anti-entropy);
 * deletes are tombstones, reaped after ``tombstone_ttl``;
-* entries of a node that dies, leaves the cluster or leaves the network are purged everywhere;
-  a node that hears an entry of its own it does not hold (a previous life's) deletes it.
+* entries of a node that dies, leaves the cluster or leaves the network are purged everywhere,
+  and its entries that still arrive later (retransmits, push-pulls from nodes that had not heard
+  of it yet) are dropped; a node that hears an entry of its own it does not hold (a previous
+  life's) deletes it;
+* a node's network events are ordered by (Lamport time, leave): of two with the same time the
+  leave wins on every node, and push-pull carries every event, so all nodes agree.
 
 Events (create/update/delete with network id, key, value, owner; a delete carries the last value)
 reach :meth:`NetworkDB.subscribe` iterators and :meth:`NetworkDB.add_listener` callbacks, for local and
@@ -81,6 +85,14 @@ log = logging.getLogger(__name__)
 ENDPOINT_TABLE = "endpoint_table"
 _MAX_PACKETS_PER_FLUSH = 32
 _STREAM_ERRORS = (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, KeyringError, ValueError)
+
+
+def _net_version(ev: pb.NetworkEvent) -> tuple[int, bool]:
+    """The order of one node's membership events on one network: the Lamport time, then a leave
+    before a join, so that two events with one time (a restarted node's clock can repeat a time its
+    previous life used) resolve the same way on every node, whatever order they arrive in; the node
+    itself then hears the winning leave and, if it is on the network, announces its join again, later."""
+    return ev.ltime, ev.leave
 
 
 class Subscription:
@@ -270,11 +282,15 @@ class NetworkDB(Delegate):
             self._emit(ev)
         log.info("node=%s left network=%s", self.node_id, network_id)
 
+    def _left_network(self, node: str, network_id: str) -> bool:
+        ev = self._node_networks.get((node, network_id))
+        return ev is not None and ev.leave
+
     def _on_network_event(self, ev: pb.NetworkEvent, rebroadcast: bool) -> None:
         self.network_clock.witness(ev.ltime)
         key = (ev.node, ev.network_id)
         cur = self._node_networks.get(key)
-        if cur is not None and cur.ltime >= ev.ltime:
+        if cur is not None and _net_version(cur) >= _net_version(ev):
             return
         if ev.node == self.node_id:
             # someone holds a newer but wrong idea of our membership: re-assert ours
@@ -377,6 +393,10 @@ class NetworkDB(Delegate):
         m = self.membership.member(e.owner)
         if m is not None and m.state in (DEAD, LEFT):
             return  # a dead node's entries are purged, not resurrected
+        if self._left_network(e.owner, e.network_id):
+            # nor those of a node that left the network: a member that has not heard the leave yet
+            # still retransmits them, or pushes them in a push-pull (issue 16, item 8)
+            return
         changed, ev = self.store.merge(e)
         if changed and rebroadcast:
             self._queue_entry(e)

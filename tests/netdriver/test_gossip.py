@@ -193,6 +193,30 @@ async def test_tables_only_network_members_and_full_sync_on_join():
 
 
 @aiotest
+async def test_late_copy_of_a_departed_nodes_entry_does_not_come_back():
+    # issue 16, item 8: a member that hears a leave late still retransmits (or pushes) the leaver's
+    # entries; the nodes that already purged them must not take them back
+    async with cluster(3) as nodes:
+        n0, n1, n2 = nodes
+        for g in nodes:
+            await g.join_network("netR")
+        n1.put("t", "netR", "b", b"vb")
+        await until(lambda: all(g.entries("t", "netR") == {"b": b"vb"} for g in nodes), "b everywhere")
+        stale = gossip_pb2.TableEntry()
+        stale.CopyFrom(n2.store.get("t", "netR", "b"))
+        await n1.leave_network("netR")
+        await until(lambda: n0.entries("t", "netR") == n2.entries("t", "netR") == {}, "b purged after the leave")
+        # n2 sends the stale copy over UDP, then a marker in the same packet (handled in order)
+        marker = gossip_pb2.NetworkEvent(node="n9", network_id="netZ", ltime=1, leave=True)
+        n2.membership.send_raw(n0.advertise_addr, PORT, gossip_pb2.Packet(source="n2", messages=[
+            gossip_pb2.Message(entry=stale), gossip_pb2.Message(network=marker)]))
+        await until(lambda: ("n9", "netZ") in n0._node_networks, "n0 handled the packet")
+        assert n0.entries("t", "netR") == {}
+        await n2._sync(n2.membership.member("n0"), ["netR"])
+        assert n0.entries("t", "netR") == n2.entries("t", "netR") == {}
+
+
+@aiotest
 async def test_update_and_tombstone_delete_propagate():
     cfg = GossipConfig(tombstone_ttl=2.0)
     async with cluster(3, config=cfg) as nodes:
