@@ -7,11 +7,22 @@ conntrack NAT mapping, so connections to live backends survive backend changes):
 * `ip shoal` in each container: the VIPs of its networks' services (output-hook nat,
   `numgen inc` round robin over the backends; a VIP without backends is rejected at once);
 * `ip shoal` in the host namespace: published ports (`fib daddr type local` DNAT in prerouting and
-  output; host mode -> the task's gateway-bridge address, ingress -> the ingress sandbox's
-  gateway address, same port), egress masquerade of the gateway bridge's subnet, and a hairpin
-  masquerade for containers reaching their own node's published ports;
+  output, so every address of the node answers, 127.0.0.1 included; host mode -> the task's
+  gateway-bridge address, ingress -> the ingress sandbox's gateway address, same port), egress
+  masquerade of the gateway bridge's subnet, a hairpin masquerade for containers reaching their
+  own node's published ports, and the loopback path (below);
 * `ip shoal` in the ingress sandbox: published port -> backend task IP:target port over the
   ingress network (round robin), masqueraded.
+
+Loopback (`curl 127.0.0.1:8080` on a node), as Docker without its userland proxy: a connection
+from 127.0.0.1 DNATed to a gateway-bridge address needs `route_localnet` on the gateway bridge
+(the kernel otherwise refuses a 127/8 source or destination on a non-loopback link, both ways) and
+a masquerade of the 127/8 source to the bridge's address (the task cannot answer 127.0.0.1). The
+sysctl is set on our bridge only, while the node has a published port, and set back when the last
+one goes. What route_localnet would open besides (kube-proxy's CVE-2020-8558, moby#41872: a
+neighbour or a container sending a crafted packet to 127.0.0.1 reaching the node's loopback
+services or a published port) is closed by a raw-priority prerouting drop of any packet for 127/8
+that did not come in on `lo`.
 
 The overlay driver (shoal.netdriver.overlay.driver) keeps the state (which services, which
 ports, which containers) under its lock and calls these functions to write it.
@@ -34,6 +45,7 @@ log = logging.getLogger(__name__)
 
 TABLE = "shoal"
 INGRESS_OWNER = "ingress"  # Published.owner of ports of the routing mesh
+LOOPBACK_NET = "127.0.0.0/8"
 
 Ports = Mapping[tuple[str, int], Published]  # (protocol, published port) -> what it goes to
 
@@ -132,8 +144,9 @@ def port_bound(host_netns: str | None, proto: str, port: int) -> bool:
 
 
 def write_host_table(host_netns: str | None, ports: Ports, ingress_gw_ip: str | None,
-                     gw_net: ipaddress.IPv4Network, gw_bridge: str) -> None:
-    """The host namespace's table: published ports, egress masquerade, hairpin."""
+                     gw_net: ipaddress.IPv4Network, gw_bridge: str) -> bool:
+    """The host namespace's table: published ports, egress masquerade, hairpin, loopback guard.
+    Returns whether it holds a published port (then set_route_localnet(on=True))."""
     rules = []
     for (proto, port), p in sorted(ports.items()):
         if p.owner == INGRESS_OWNER:
@@ -145,15 +158,29 @@ def write_host_table(host_netns: str | None, ports: Ports, ingress_gw_ip: str | 
             rules.append(f"fib daddr type local {proto} dport {port} dnat to {p.target}"
                          f' comment "{p.owner} {proto} {port} {p.target}"')
     r = "".join(f"    {x}\n" for x in rules)
+    # from the node's own 127.0.0.1 to a published port: the task answers the bridge's address
+    loopback = (f"    ip saddr {LOOPBACK_NET} oifname \"{gw_bridge}\" ct status dnat masquerade\n"
+                if rules else "")
     body = (
+        # before conntrack and NAT: nothing for 127/8 comes in from a link (see the module doc)
+        "  chain guard { type filter hook prerouting priority -300; policy accept;\n"
+        f"    iifname != \"lo\" ip daddr {LOOPBACK_NET} drop\n  }}\n"
         f"  chain pre {{ type nat hook prerouting priority -100; policy accept;\n{r}  }}\n"
         f"  chain out {{ type nat hook output priority -100; policy accept;\n{r}  }}\n"
         "  chain post { type nat hook postrouting priority 100; policy accept;\n"
         f"    ip saddr {gw_net} oifname != \"{gw_bridge}\" masquerade\n"
         # hairpin: a container reaching a port published on its own node comes back through
         # the bridge; without this the answer would bypass the DNAT and be dropped
-        f"    ip saddr {gw_net} oifname \"{gw_bridge}\" ct status dnat masquerade\n  }}")
+        f"    ip saddr {gw_net} oifname \"{gw_bridge}\" ct status dnat masquerade\n{loopback}  }}")
     nft.replace_table(host_netns, "ip", TABLE, body)
+    return bool(rules)
+
+
+def set_route_localnet(host_netns: str | None, gw_bridge: str, on: bool) -> None:
+    """Let 127.0.0.1 reach published ports through the gateway bridge (on), or not (off). Only
+    the bridge's own setting: never `all`, never another link. Call it after write_host_table()
+    (whose guard chain must be in place before it is turned on)."""
+    nft.set_sysctl(host_netns, f"net.ipv4.conf.{gw_bridge}.route_localnet", "1" if on else "0")
 
 
 def read_host_ports(host_netns: str | None) -> dict[tuple[str, int], Published]:

@@ -117,6 +117,7 @@ class OverlayDriver:
         self._ingress_gw_ip: str | None = None
         self._keys: dict[str, list[bytes]] = {}  # network id -> IPsec keys, primary first
         self._gw_ready = False  # gateway bridge, forwarding and host nft table checked by this run
+        self._route_localnet: bool | None = None  # what this run last wrote on the gateway bridge
         self.underlay_mtu = underlay_mtu or sandbox.detect_mtu(self.host_netns, advertise_addr)
 
     def _log(self, event: str, **kv: object) -> None:
@@ -363,6 +364,7 @@ class OverlayDriver:
     def _ensure_gw(self) -> None:
         if gateway.ensure_bridge(self.host_netns, self.gw_bridge, self.gw_net, self.gw_gateway,
                                  checked=self._gw_ready):
+            self._route_localnet = None
             self._sync_host_nft()
             self._gw_ready = True
 
@@ -527,7 +529,12 @@ class OverlayDriver:
     def _sync_host_nft(self) -> None:
         if not gateway.exists(self.host_netns, self.gw_bridge):
             return
-        lb.write_host_table(self.host_netns, self._host_ports, self._ingress_gw_ip, self.gw_net, self.gw_bridge)
+        has_ports = lb.write_host_table(self.host_netns, self._host_ports, self._ingress_gw_ip, self.gw_net,
+                                        self.gw_bridge)
+        # 127.0.0.1 -> published ports; written when it changes (None: unknown, e.g. a new bridge)
+        if has_ports != self._route_localnet and (has_ports or self._route_localnet is not None):
+            lb.set_route_localnet(self.host_netns, self.gw_bridge, has_ports)
+        self._route_localnet = has_ports
 
     def _sync_ingress_nft(self) -> None:
         if self._ingress is None:
@@ -562,6 +569,8 @@ class OverlayDriver:
             if INGRESS_TASK in self._eps and self.ingress_sbox in list_netns():
                 self._eps[INGRESS_TASK].netns = ns_path(self.ingress_sbox)
             self._host_ports.update(found.host_ports)
+            if found.host_ports:  # an earlier run published ports: it turned route_localnet on
+                self._route_localnet = True
             tasks = found.tasks - {INGRESS_TASK}
             self._log("restored", networks=len(self._nets), tasks=len(tasks))
             return tasks
