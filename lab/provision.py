@@ -85,19 +85,12 @@ def join_tokens(socket: str, timeout: float = 60, poll: float = 0.5) -> dict[str
             time.sleep(poll)
 
 
-UNIT = """[Unit]
-Description=Shoal node daemon (swarmd)
-After=network-online.target
-Wants=network-online.target
+UNIT_TEMPLATE = Path(__file__).with_name("swarmd.service")
 
-[Service]
-ExecStart={argv}
-Restart=on-failure
-KillMode=process
 
-[Install]
-WantedBy=multi-user.target
-"""
+def unit_text(argv: Sequence[str]) -> str:
+    """The systemd unit for swarmd with this command line (lab/swarmd.service, shipped with Shoal)."""
+    return UNIT_TEMPLATE.read_text().replace("@EXEC_START@", " ".join(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = swarmd_argv(a.state_dir, a.addr, a.hostname, a.role, socket=socket, init=a.init,
                       join_addr=a.join_addr, token=token, addr_pool=a.addr_pool)
     Path(a.state_dir).mkdir(parents=True, exist_ok=True)
-    Path("/etc/systemd/system/swarmd.service").write_text(UNIT.format(argv=" ".join(cmd)))
+    Path("/etc/systemd/system/swarmd.service").write_text(unit_text(cmd))
     subprocess.run(["systemctl", "daemon-reload"], check=True)
     subprocess.run(["systemctl", "enable", "--now", "swarmd.service"], check=True)
     if a.init:

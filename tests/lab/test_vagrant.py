@@ -65,3 +65,23 @@ def test_swarmd_argv_refuses_init_and_join_together() -> None:
         provision.swarmd_argv("/s", "1.2.3.4", "h", "manager", socket="/s/x", init=True, join_addr="x")
     with pytest.raises(ValueError, match="role"):
         provision.swarmd_argv("/s", "1.2.3.4", "h", "boss", socket="/s/x")
+
+
+def test_systemd_unit_restarts_always_and_leaves_the_containers_alive(tmp_path: Path) -> None:
+    """The unit provisioning installs: systemd's own checker finds nothing wrong in it, it restarts
+    swarmd whatever ended it, and stopping it signals swarmd alone (KillMode=process), so the
+    containers' monitors live on (what a real systemd does with it: issue 16's nspawn test)."""
+    argv = provision.swarmd_argv("/var/lib/shoal", "192.168.56.11", "m1", "manager",
+                                 socket="/var/lib/shoal/swarmd.sock", init=True)
+    text = provision.unit_text(argv)
+    unit = tmp_path / "swarmd.service"
+    unit.write_text(text)
+    directives = dict(ln.split("=", 1) for ln in text.splitlines() if "=" in ln and not ln.startswith("#"))
+    assert directives["ExecStart"] == " ".join(argv) and "@" not in directives["ExecStart"]
+    assert directives["Restart"] == "always" and directives["KillMode"] == "process"
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    # the checker does find a mistake (so its silence above means something)
+    unit.write_text(text.replace("KillMode=process", "KillMode=bogus"))
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert "Failed to parse kill mode" in r.stderr
