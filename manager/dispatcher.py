@@ -415,33 +415,30 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             self._unconfirmed.clear()
 
     async def _mark_restarting(self, node_id: str, window: float) -> None:
-        def fn(tx: Tx) -> None:
-            cur = tx.get("node", node_id)
-            if cur is None or cur.status.state == types_pb2.NodeStatus.DOWN:
-                return
-            node = objects_pb2.Node()
-            node.CopyFrom(cur)
-            node.status.state = types_pb2.NodeStatus.DISCONNECTED
-            node.status.message = f"swarmd stopped gracefully: marked down unless back within {window:g} s"
-            node.status.restart_deadline.FromNanoseconds(time.time_ns() + int(window * 1e9))
-            tx.update(node)
-
-        await (self.leader_store or self.store).update(fn, CONFLICT_RETRIES, backoff=CONFLICT_BACKOFF)
+        await self._set_state(node_id, types_pb2.NodeStatus.DISCONNECTED,
+                              f"swarmd stopped gracefully: marked down unless back within {window:g} s",
+                              time.time_ns() + int(window * 1e9))
         log.info("node restarting node=%s window=%gs: not marked down until then", node_id, window)
 
     async def _mark_down(self, node_id: str, why: str) -> None:
+        await self._set_state(node_id, types_pb2.NodeStatus.DOWN, why)
+        log.warning("node down node=%s reason=%r", node_id, why)
+
+    async def _set_state(self, node_id: str, state: int, message: str, restart_deadline_ns: int = 0) -> None:
+        """The node's status (unless it is gone or DOWN already), written by the leader's fenced store."""
         def fn(tx: Tx) -> None:
             cur = tx.get("node", node_id)
             if cur is None or cur.status.state == types_pb2.NodeStatus.DOWN:
                 return
             node = objects_pb2.Node()
             node.CopyFrom(cur)
-            node.status.state = types_pb2.NodeStatus.DOWN
-            node.status.message = why
+            node.status.state = state
+            node.status.message = message
+            if restart_deadline_ns:
+                node.status.restart_deadline.FromNanoseconds(restart_deadline_ns)
             tx.update(node)
 
         await (self.leader_store or self.store).update(fn, CONFLICT_RETRIES, backoff=CONFLICT_BACKOFF)
-        log.warning("node down node=%s reason=%r", node_id, why)
 
     # ---- Assignments ---------------------------------------------------------------------------
     async def Assignments(  # noqa: N802

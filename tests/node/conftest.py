@@ -25,6 +25,7 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         made.append(d)
         return d
 
+    make.made, make.base = made, base  # type: ignore[attr-defined]  # for fixtures built on this one
     try:
         yield make
     finally:

@@ -62,21 +62,15 @@ def registry() -> Iterator[object]:
 def daemons(daemons: Callable[..., Daemon], registry: object) -> Iterator[Callable[..., Daemon]]:
     """tests/node/conftest.py's daemons, pulling from the local registry, whose containers, task
     namespaces and mounts are removed before the state dirs go."""
-    made: list[Daemon] = []
-
-    def make(name: str, ip: str, extra: list[str] | None = None) -> Daemon:
-        d = daemons(name, ip, ["--insecure-registry", registry.host, *(extra or [])], kind=Daemon)  # type: ignore[attr-defined]
-        made.append(d)
-        return d
-
     try:
-        yield make
+        yield lambda name, ip, extra=None: daemons(
+            name, ip, ["--insecure-registry", registry.host, *(extra or [])], kind=Daemon)  # type: ignore[attr-defined]
     finally:
+        made = daemons.made  # type: ignore[attr-defined]
         for d in made:
             d.kill()
         _remove_containers(made)
-        if made:
-            unmount_under(made[0].dir.parent)
+        unmount_under(daemons.base)  # type: ignore[attr-defined]
 
 
 def _remove_containers(made: list[Daemon]) -> None:
