@@ -70,20 +70,21 @@ CONFLICT_RETRIES = 7
 CONFLICT_BACKOFF = 0.001
 
 
+def _dispatcher_seconds(cluster: objects_pb2.Cluster | None, field: str, default: float) -> float:
+    """A duration of the cluster's dispatcher settings in seconds; `default` when unset or 0."""
+    if cluster is not None and cluster.spec.dispatcher.HasField(field):
+        v = getattr(cluster.spec.dispatcher, field).ToNanoseconds() / 1e9
+        if v > 0:
+            return v
+    return default
+
+
 def restart_window(cluster: objects_pb2.Cluster | None) -> float:
-    if cluster is not None and cluster.spec.dispatcher.HasField("restart_window"):
-        w = cluster.spec.dispatcher.restart_window.ToNanoseconds() / 1e9
-        if w > 0:
-            return w
-    return DEFAULT_RESTART_WINDOW
+    return _dispatcher_seconds(cluster, "restart_window", DEFAULT_RESTART_WINDOW)
 
 
 def heartbeat_period(cluster: objects_pb2.Cluster | None) -> float:
-    if cluster is not None and cluster.spec.dispatcher.HasField("heartbeat_period"):
-        p = cluster.spec.dispatcher.heartbeat_period.ToNanoseconds() / 1e9
-        if p > 0:
-            return p
-    return DEFAULT_HEARTBEAT_PERIOD
+    return _dispatcher_seconds(cluster, "heartbeat_period", DEFAULT_HEARTBEAT_PERIOD)
 
 
 def node_id_from_auth_context(context: grpc.aio.ServicerContext) -> str | None:
