@@ -143,6 +143,7 @@ def main() -> int:
         time.sleep(3)  # the killed manager's etcd member stops by itself (PDEATHSIG)
         reg.stop()
         _remove_containers(base / "w1" / "engine")
+        _remove_task_netns(base / "w1")
         with open("/proc/self/mountinfo") as f:  # what the killed worker left mounted
             mounts = sorted((ln.split()[4] for ln in f if ln.split()[4].startswith(str(base))), reverse=True)
         for mp in mounts:
@@ -170,6 +171,18 @@ def _container_pids(root: Path) -> dict[str, int]:
             await e.close()
 
     return asyncio.run(ls())
+
+
+def _remove_task_netns(state_dir: Path) -> None:
+    """The network namespaces of the killed worker's tasks (`n<node id[:6]>-c<task id[:12]>`)."""
+    try:
+        node_id = json.loads((state_dir / "node.json").read_text())["node_id"]
+    except (OSError, ValueError, KeyError):
+        return
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for name in (ln.split()[0] for ln in out.splitlines() if ln.strip()):
+        if name.startswith(f"n{node_id[:6]}-c"):
+            subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
 
 
 def _remove_containers(root: Path) -> None:
