@@ -45,6 +45,7 @@ from shoal.agent.engine.state import (
     cgroup_v2,
     now,
     pid_start,
+    remove_cgroup,
 )
 from shoal.agent.engine.volumes import Volumes
 
@@ -310,8 +311,7 @@ class Engine:
         self.bundles.unmount(cid)
         cg = meta.cgroups_path if meta else f"/shoal-{self.tag}/{cid}"
         for p in self._cgroup_dirs(cg):
-            with contextlib.suppress(OSError):
-                os.rmdir(p)
+            remove_cgroup(p)
         if meta:
             self.volume_store.drop(meta.anon_volumes)
         shutil.rmtree(self.state.dir(cid), ignore_errors=True)
@@ -320,8 +320,7 @@ class Engine:
         if not self._creating and not any(self.cdir.iterdir()):
             # the engine's parent cgroup, once it holds no container (runc makes it again on create)
             for p in self._cgroup_dirs(f"/shoal-{self.tag}"):
-                with contextlib.suppress(OSError):
-                    os.rmdir(p)
+                remove_cgroup(p, attempts=1)  # the parent: one try, no wait
 
     # -- status -----------------------------------------------------------------------------
     def _container_state(self, meta: Meta) -> ContainerState:
@@ -475,8 +474,7 @@ class Engine:
                 with contextlib.suppress(OSError):
                     umount(mp)
             for p in self._cgroup_dirs(f"/shoal-{self.tag}"):
-                with contextlib.suppress(OSError):
-                    os.rmdir(p)
+                remove_cgroup(p, attempts=1)  # the parent: one try, no wait
 
         await asyncio.to_thread(leftovers)
         log.info("engine destroyed root=%s", self.root)

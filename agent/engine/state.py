@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -45,7 +46,8 @@ def cgroup_dirs(cg: str, v2: bool) -> list[str]:
     """The directories of cgroup ``cg`` (one on v2, one per mounted controller on v1) that exist."""
     rel = cg.lstrip("/")
     if v2:
-        return [f"/sys/fs/cgroup/{rel}"]
+        p = f"/sys/fs/cgroup/{rel}"
+        return [p] if os.path.isdir(p) else []
     out = []
     with contextlib.suppress(OSError):
         for c in os.listdir("/sys/fs/cgroup"):
@@ -53,6 +55,26 @@ def cgroup_dirs(cg: str, v2: bool) -> list[str]:
             if os.path.isdir(p) and not os.path.islink(f"/sys/fs/cgroup/{c}"):
                 out.append(p)
     return out
+
+
+def remove_cgroup(path: str, attempts: int = 8) -> None:
+    """rmdir a cgroup directory, if it exists. Right after its last process exited the kernel may
+    still refuse it (EBUSY, cgroup v2 above all: the dying task is released asynchronously), so that
+    is retried for about a second, as runc does; any other failure is logged and left."""
+    delay = 0.01
+    for attempt in range(attempts):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or attempt == attempts - 1:
+                if attempts > 1:
+                    log.warning("cannot remove cgroup %s: %s", path, e.strerror or e)
+                return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
 
 
 def pid_start(pid: int) -> int | None:
