@@ -313,9 +313,7 @@ def check_root_pair(cert_pem: bytes, key_pem: bytes) -> RootCA:
     if bc is None or not bc.ca:
         raise ValueError("--ca-cert is not a CA certificate (its basic constraints do not say CA:TRUE): "
                          "give a root CA certificate")
-    pub = serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(serialization.Encoding.DER, pub) != \
-            cert.public_key().public_bytes(serialization.Encoding.DER, pub):
+    if _spki(key.public_key()) != _spki(cert.public_key()):
         raise ValueError("--ca-key does not belong to --ca-cert (their public keys differ): give the key that "
                          "signs with that certificate")
     now = datetime.datetime.now(datetime.UTC)
@@ -344,9 +342,11 @@ def issuing_root(root_ca: objects_pb2.RootCA) -> tuple[RootCA, bytes]:
 
 def issuer_key(cert_pem: bytes | str) -> bytes:
     """DER of a certificate's public key: how `NodeTLSInfo.cert_issuer_public_key` names a root."""
-    return load_cert(cert_pem).public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return _spki(load_cert(cert_pem).public_key())
+
+
+def _spki(public_key: Any) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def backdate(validity: datetime.timedelta) -> datetime.timedelta:
@@ -392,9 +392,7 @@ def tls_info(cert_pem: bytes | str, trust_pem: bytes | str) -> types_pb2.NodeTLS
     issuer = issuer_in(cert, trust_pem) or load_certs(trust_pem)[0]
     info = types_pb2.NodeTLSInfo(
         cert_issuer_subject=cert.issuer.rfc4514_string(),
-        cert_issuer_public_key=issuer.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        ),
+        cert_issuer_public_key=_spki(issuer.public_key()),
         cert_serial=f"{cert.serial_number:x}",
     )
     info.cert_not_before.FromDatetime(cert.not_valid_before_utc)

@@ -249,17 +249,8 @@ class EtcdMember:
         async with self._lock:
             self._restarting = True
             try:
-                proc = self._proc
-                if proc is not None and proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.send_signal(signal.SIGTERM)
-                    try:
-                        await asyncio.wait_for(proc.wait(), 10)
-                    except TimeoutError:
-                        with contextlib.suppress(ProcessLookupError):
-                            proc.kill()
-                        await proc.wait()
-                    self._remove_pidfile(proc.pid)
+                if self._proc is not None:
+                    await self._terminate(self._proc, 10)
                 await self._spawn()
                 proc = self._proc
             finally:
@@ -276,22 +267,25 @@ class EtcdMember:
         async with self._lock:
             self._stopping = True
             proc = self._proc
-            if proc is None:
-                return
-            if proc.returncode is None:
+            if proc is not None:
+                await self._terminate(proc, timeout)
+
+    async def _terminate(self, proc: asyncio.subprocess.Process, timeout: float) -> None:
+        """SIGTERM, SIGKILL after `timeout` seconds, wait for it, drop its pidfile. Called with the
+        lock held."""
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                log.warning("etcd did not stop within %.0f s of SIGTERM, killing it member=%s pid=%d",
+                            timeout, self.name, proc.pid)
                 with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), timeout)
-                except TimeoutError:
-                    log.warning("etcd did not stop within %.0f s of SIGTERM, killing it member=%s pid=%d",
-                                timeout, self.name, proc.pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    await proc.wait()
-                log.info("etcd stopped member=%s pid=%d code=%s", self.name, proc.pid,
-                         _describe_code(proc.returncode))
-            self._remove_pidfile(proc.pid)
+                    proc.kill()
+                await proc.wait()
+            log.info("etcd stopped member=%s pid=%d code=%s", self.name, proc.pid, _describe_code(proc.returncode))
+        self._remove_pidfile(proc.pid)
 
     # ---- client helpers ----------------------------------------------------------------------
     async def status(self, timeout: float = 2) -> etcd_pb2.StatusResponse:

@@ -546,13 +546,13 @@ class Manager:
         long would never get its quorum back. True if it renewed (the store learns the certificate
         once it answers: `_record_own_certificate`)."""
         ident = self.credentials.current
-        left = ca.expiry(ident.cert_pem) - datetime.datetime.now(datetime.UTC)
-        if left > EXPIRY_MARGIN:
+        expired_at = ca.expiry(ident.cert_pem)
+        if expired_at - datetime.datetime.now(datetime.UTC) > EXPIRY_MARGIN:
             return False
         data = KeyDir(self.cfg.state_dir / "keys").load_root_ca(self.cfg.data_key)
         if data is None:
             raise ExpiredCertificate(
-                f"the certificate of manager {self.node_id} expired at {ca.expiry(ident.cert_pem).isoformat()} and "
+                f"the certificate of manager {self.node_id} expired at {expired_at.isoformat()} and "
                 "this manager holds no copy of the root CA to renew it (it last ran an older version): restore "
                 "the cluster on another manager, or from a backup (swarmd --restore)")
         kept = objects_pb2.Cluster.FromString(data)
@@ -561,7 +561,7 @@ class Manager:
         self.credentials.update(ca.TLSIdentity(key, cert, ca.trust_bundle(kept.root_ca)))
         log.warning("node=%s this manager's certificate expired at %s (off longer than its life): renewed it "
                     "from the root CA kept in keys/root-ca, valid until %s", self.node_id,
-                    (datetime.datetime.now(datetime.UTC) + left).isoformat(timespec="seconds"),
+                    expired_at.isoformat(timespec="seconds"),
                     ca.expiry(cert).isoformat(timespec="seconds"))
         return True
 

@@ -602,7 +602,11 @@ class Swarmd:
         assert self.state is not None and self.credentials is not None
         creds = self.credentials
         rng = random.Random()
-        renew_at = ca.renewal_time(creds.current.cert_pem, rng.uniform(ca.RENEW_FROM, ca.RENEW_UNTIL))
+
+        def renewal_time(cert_pem: bytes) -> datetime.datetime:
+            return ca.renewal_time(cert_pem, rng.uniform(ca.RENEW_FROM, ca.RENEW_UNTIL))
+
+        renew_at = renewal_time(creds.current.cert_pem)
         retry_at, backoff = 0.0, ROLE_CHECK_PERIOD
         csr_for: tuple[bytes, bytes] = (b"", b"")  # (key, its CSR): role checks reuse it
         while True:
@@ -643,13 +647,13 @@ class Swarmd:
                 continue
             if info.role == ident.role:
                 creds.update(new)
-                renew_at = ca.renewal_time(new.cert_pem, rng.uniform(ca.RENEW_FROM, ca.RENEW_UNTIL))
+                renew_at = renewal_time(new.cert_pem)
                 retry_at, backoff = 0.0, ROLE_CHECK_PERIOD
                 log.info("certificate renewed in %.0f ms: valid until %s, next renewal at %s", took * 1000,
                          ca.expiry(new.cert_pem).isoformat(timespec="seconds"), renew_at.isoformat(timespec="seconds"))
                 continue
             await self._switch_role(resp, new)
-            renew_at = ca.renewal_time(new.cert_pem, rng.uniform(ca.RENEW_FROM, ca.RENEW_UNTIL))
+            renew_at = renewal_time(new.cert_pem)
 
     def _warn_renewal_failed(self, ident: ca.TLSIdentity) -> None:
         left = (ca.expiry(ident.cert_pem) - datetime.datetime.now(datetime.UTC)).total_seconds()
