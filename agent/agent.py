@@ -28,6 +28,7 @@ import grpc
 
 from shoal.agent.controller import NetworkHooks
 from shoal.agent.executor import ContainerEngine, container_name
+from shoal.agent.localstate import LocalState
 from shoal.agent.worker import Worker
 from shoal.netdriver import xfrm
 from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, logs_pb2, logs_pb2_grpc, types_pb2
@@ -136,7 +137,10 @@ class Agent:
         network: NetworkHooks | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
         on_session: Callable[[dispatcher_pb2.SessionMessage], None] | None = None,
+        state: LocalState | None = None,
     ) -> None:
+        """`state`: where the assignments and the last session message are kept for the next run
+        (see `shoal.agent.localstate`); None keeps nothing."""
         if not managers:
             raise ValueError("managers is empty: give at least one manager address host:port")
         self.node_id = node_id
@@ -148,7 +152,8 @@ class Agent:
         self.labels = labels or {}
         self.channel_options = list(channel_options)
         self.on_session = on_session
-        self.worker = Worker(engine, node_id, self._report, network=network, hostname=hostname or "")
+        self.state = state
+        self.worker = Worker(engine, node_id, self._report, network=network, hostname=hostname or "", state=state)
         self.session_id = ""
         self.manager_addr = ""  # the manager of the current session
         self.connected = asyncio.Event()
@@ -269,6 +274,11 @@ class Agent:
         addrs = [p.addr for p in msg.managers if p.addr]
         if addrs:
             self.managers = list(dict.fromkeys(addrs + [a for a in self.managers if a not in addrs]))
+        if self.state is not None:
+            try:
+                self.state.save_session(msg)
+            except OSError as e:
+                log.warning("session message not kept on disk node=%s: %s", self.node_id, e)
         if self.on_session is not None:
             try:
                 self.on_session(msg)
@@ -460,6 +470,7 @@ def start_agent_task(
     network: NetworkHooks | None = None,
     labels: dict[str, str] | None = None,
     on_session: Callable[[dispatcher_pb2.SessionMessage], None] | None = None,
+    state: LocalState | None = None,
 ) -> asyncio.Task[None]:
     """swarmd's agent hook: the engine under `<state dir>/engine` and an agent on mutual TLS.
 
@@ -496,6 +507,7 @@ def start_agent_task(
             ("grpc.default_authority", MANAGER_NAME),
         ],
         on_session=on_session,
+        state=state,
     )
 
     async def main() -> None:

@@ -43,6 +43,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,14 +52,18 @@ from pathlib import Path
 from pyroute2 import netns as pr_netns
 
 from shoal.agent.engine import NetworkSetup
+from shoal.agent.localstate import LocalState, RecordDir
 from shoal.netdriver.dns import DNSServer
 from shoal.netdriver.driverapi import Interface, NetworkDriver
 from shoal.netdriver.netns import create_netns
 from shoal.netdriver.networkdb import ENDPOINT_TABLE, EventKind, NetworkDB
 from shoal.netdriver.overlay.driver import OverlayDriver
+from shoal.netdriver.swim import ALIVE
 from shoal.proto import dispatcher_pb2, gossip_pb2, objects_pb2, types_pb2
 
 log = logging.getLogger("shoal.agent.network")
+
+JOIN_PEERS = 3  # gossip peers kept on disk that a restarted node joins through, besides the managers
 
 STACK_LABEL = "com.docker.stack.namespace"
 RESOLV_CONF = "nameserver 127.0.0.11\noptions ndots:0\n"
@@ -108,11 +113,17 @@ class NetworkAgent:
         gossip_port: int = 7946,
         gw_subnet: str = "172.18.0.0/16",
         upstream_dns: Sequence[str] | None = None,
+        state: LocalState | None = None,
     ) -> None:
+        """`state`: the agent's records (shoal.agent.localstate); with one, serve() starts at once from
+        the last session message kept there, before any manager answers."""
         self.node_id = node_id
+        self.local_state = state
         self.addr = advertise_addr
         self.prefix = ns_prefix
         self.state_dir = Path(state_dir)
+        # the tasks prepared here, for the next run's start() (restored before any session)
+        self._prepared: RecordDir[objects_pb2.Task] = RecordDir(self.state_dir / "network" / "tasks", objects_pb2.Task)
         # pyroute2's synchronous sockets refuse to be made on a thread that runs an event loop:
         # the driver is made (and always called) on worker threads.
         self._driver_args = (node_id, advertise_addr, ns_prefix, gw_subnet)
@@ -148,8 +159,18 @@ class NetworkAgent:
 
     async def serve(self) -> None:
         """The node's networking loop: start gossip with the keys of the first session message,
-        then follow session messages (keys, seeds, the node's ingress address) and the tables."""
-        msg = await self._sessions.get()
+        then follow session messages (keys, seeds, the node's ingress address) and the tables.
+
+        With a LocalState that holds a session message with gossip keys (an agent restart), that one
+        is the first: names, VIPs and published ports are back before any manager answers, and the
+        gossip joins through the managers and the peers it last knew (a few of them), so that it
+        fills its tables from the other nodes even when no manager is reachable."""
+        saved = self.local_state.last_session() if self.local_state is not None else None
+        if saved is not None and saved.network_bootstrap_keys:
+            log.info("node=%s networking starts from the last session kept on disk", self.node_id)
+            msg = saved
+        else:
+            msg = await self._sessions.get()
         if self.loopback:
             self._error = (f"this node advertises the loopback address {self.addr}; overlay networks need an "
                            "address other hosts reach (swarmd --advertise-remote-api)")
@@ -171,7 +192,7 @@ class NetworkAgent:
                     if msg.network_bootstrap_keys:
                         self.gossip.set_bootstrap_keys(msg.network_bootstrap_keys)
                     host_port = [m.addr.rsplit(":", 1)[0] for m in msg.managers if m.addr]
-                    await self.join([f"{h}:{self.gossip_port}" for h in host_port])
+                    await self.join([f"{h}:{self.gossip_port}" for h in host_port] + self._known_peers())
                     if msg.HasField("node"):
                         await self.set_node(msg.node)
                 except Exception as e:
@@ -198,7 +219,7 @@ class NetworkAgent:
         # networks, would purge its endpoints until the worker prepare()s them again.
         again = 0
         for tid in sorted(found):
-            task = self._load_task(tid)
+            task = self._prepared.get(tid)
             if task is None or not os.path.exists(f"/run/netns/{self._netns_name(tid)}"):
                 continue
             try:
@@ -214,26 +235,6 @@ class NetworkAgent:
             len(found),
             again,
         )
-
-    # ---- the tasks prepared here, kept in the state dir for the next run ---------------------------
-    def _task_file(self, task_id: str) -> Path:
-        return self.state_dir / "network" / "tasks" / f"{task_id}.pb"
-
-    def _save_task(self, task: objects_pb2.Task) -> None:
-        path = self._task_file(task.id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(task.SerializeToString())
-        os.replace(tmp, path)
-
-    def _load_task(self, task_id: str) -> objects_pb2.Task | None:
-        try:
-            return objects_pb2.Task.FromString(self._task_file(task_id).read_bytes())
-        except FileNotFoundError:
-            return None
-        except Exception as e:
-            log.warning("node=%s task=%s saved networking unreadable: %s", self.node_id, task_id, e)
-            return None
 
     def set_keys(self, keys: Sequence[bytes]) -> None:
         """Replace the gossip keys (primary first); keys no longer listed stop working."""
@@ -262,15 +263,31 @@ class NetworkAgent:
         if keys and self._driver is not None:
             await asyncio.to_thread(self._driver.set_network_keys, network_id, keys)
 
+    def _known_peers(self) -> list[str]:
+        """A few of the gossip peers this node last heard (kept on disk), as extra join seeds."""
+        peers = self.local_state.gossip_peers() if self.local_state is not None else []
+        return random.sample(peers, min(len(peers), JOIN_PEERS))
+
+    def _keep_peers(self) -> None:
+        if self.local_state is None or self.gossip is None:
+            return
+        try:
+            self.local_state.save_gossip_peers(
+                f"{m.addr}:{m.port}" for m in self.gossip.members() if m.node_id != self.node_id and m.state == ALIVE)
+        except OSError as e:
+            log.warning("node=%s gossip peers not kept on disk: %s", self.node_id, e)
+
     async def join(self, seeds: Sequence[str]) -> int:
         assert self.gossip is not None
-        seeds = [s for s in seeds if s and not s.startswith(f"{self.addr}:")]
+        seeds = list(dict.fromkeys(s for s in seeds if s and not s.startswith(f"{self.addr}:")))
         try:
             return await self.gossip.join(seeds) if seeds else 0
         finally:
             self._joined.set()
+            self._keep_peers()
 
     async def stop(self) -> None:
+        self._keep_peers()
         if self.dns is not None:
             await self.dns.close()
         if self.gossip is not None:
@@ -489,7 +506,7 @@ class NetworkAgent:
                 await self.dns.serve_in(task.id, path, user_nets, stack or None, forward=egress)
             for nid in nets:
                 self._dirty.put_nowait(nid)
-            await asyncio.to_thread(self._save_task, task)
+            await asyncio.to_thread(self._prepared.put, task.id, task)
         except BaseException as e:
             try:
                 await self.release(task.id)
@@ -563,7 +580,7 @@ class NetworkAgent:
         network sandboxes no other local task uses. Also for a task this process never prepared
         (found by restore() after an agent restart)."""
         local = self._tasks.pop(task_id, None)
-        self._task_file(task_id).unlink(missing_ok=True)
+        self._prepared.delete(task_id)
         nets = list(local.networks) if local else []
         self._delete_records(task_id, nets)  # first: the other nodes stop sending to it at once
         if self.dns is not None:
@@ -612,6 +629,5 @@ class NetworkAgent:
             self._ingress_ports.clear()
         if self._driver is not None:
             await asyncio.to_thread(self._driver.cleanup)
-        for f in self._task_file("x").parent.glob("*.pb"):
-            f.unlink(missing_ok=True)
+        self._prepared.clear()
         log.info("node=%s networking cleaned up", self.node_id)

@@ -9,6 +9,13 @@ The container id is the task id and its labels carry the task, service and node 
 worker (after an agent restart) re-adopts the containers that still run, reports their state, and
 stops and removes those whose task is no longer assigned. Containers of finished tasks stay (for
 `task logs`) until their task is removed.
+
+With a `LocalState` (`shoal.agent.localstate`), the worker keeps its assignments on disk as they
+change (tasks with their last reported status, encrypted networks' keys sealed) and `start()`
+resumes, before any manager answers, the task of every container it finds that was assigned: its
+controller re-adopts the container, watches it and reports what happens once a session is up. Tasks
+with no container wait for a manager (their secrets' data is never on disk). The first complete
+assignment set from a dispatcher is the authority: what it does not list is stopped and removed.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 from shoal.agent.controller import NetworkHooks, TaskController, one_line
 from shoal.agent.engine import ContainerState
 from shoal.agent.executor import LABEL_NODE_ID, LABEL_TASK_ID, ContainerEngine, EngineAdapter
+from shoal.agent.localstate import LocalState
 from shoal.proto import dispatcher_pb2, objects_pb2, types_pb2
 
 log = logging.getLogger("shoal.worker")
@@ -44,9 +52,12 @@ class Worker:
         network: NetworkHooks | None = None,
         hostname: str = "",
         converge_delay: float = GOSSIP_CONVERGE_DELAY,
+        state: LocalState | None = None,
     ) -> None:
         """`converge_delay`: seconds between taking a serving task out of its service's load balancing
-        and stopping its container, for the other nodes to hear of it."""
+        and stopping its container, for the other nodes to hear of it. `state`: where assignments are
+        kept for the next run (None: nowhere)."""
+        self.state = state
         self.converge_delay = converge_delay
         self.engine = engine if isinstance(engine, EngineAdapter) else EngineAdapter(engine)
         self.hostname = hostname or socket.gethostname()  # for {{.Node.Hostname}} templates
@@ -68,6 +79,8 @@ class Worker:
         self.tasks: dict[str, objects_pb2.Task] = {}
         self.secrets: dict[str, objects_pb2.Secret] = {}
         self.configs: dict[str, objects_pb2.Config] = {}
+        self.network_keys: dict[str, list[types_pb2.EncryptionKey]] = {}  # encrypted network -> its keys
+        self._reported: dict[str, types_pb2.TaskStatus] = {}  # task id -> the last status reported
         self.controllers: dict[str, TaskController] = {}
         self._runners: set[asyncio.Task[None]] = set()
         self._adoptable: dict[str, ContainerState] | None = None  # task id -> container info, until first COMPLETE set
@@ -76,10 +89,27 @@ class Worker:
 
     def report_status(self, task_id: str, status: types_pb2.TaskStatus) -> None:
         """A task's new status, from its controller."""
+        if task_id in self.tasks:
+            self._reported[task_id] = status
+            self._persist(task_id)
         self._report(task_id, status)
 
+    def _persist(self, tid: str) -> None:
+        """The task's record on disk: as assigned, with the newest status this agent reported."""
+        t = self.tasks.get(tid)
+        if self.state is None or t is None:
+            return
+        st = self._reported.get(tid)
+        if st is not None and st.state >= t.status.state:
+            rec = objects_pb2.Task()
+            rec.CopyFrom(t)
+            rec.status.CopyFrom(st)
+            t = rec
+        self.state.tasks.put(tid, t)
+
     async def start(self) -> None:
-        """Find this node's existing containers (after an agent restart) for adoption."""
+        """Find this node's existing containers (after an agent restart) for adoption, and resume at
+        once the assigned tasks among them (with a `LocalState`)."""
         found: dict[str, ContainerState] = {}
         for info in await self.engine.list():
             labels = dict(info.labels or {})
@@ -87,7 +117,17 @@ class Worker:
             if tid and labels.get(LABEL_NODE_ID, self.node_id) == self.node_id:
                 found[tid] = info
         self._adoptable = found
-        log.info("worker started node=%s existing_containers=%d", self.node_id, len(found))
+        resumed = 0
+        if self.state is not None:
+            self.network_keys = self.state.network_keys()
+            if self.network is not None and self.network_keys:
+                self.network.set_all_network_keys(self.network_keys)
+            for tid, task in self.state.tasks.items():
+                if tid in found and task.id == tid:
+                    self._reported[tid] = task.status
+                    self._set_task(task)
+                    resumed += 1
+        log.info("worker started node=%s existing_containers=%d resumed=%d", self.node_id, len(found), resumed)
 
     async def close(self) -> None:
         """Stop driving tasks (containers keep running; a new worker re-adopts them)."""
@@ -109,8 +149,7 @@ class Worker:
                     keys[obj.network_id] = list(obj.keys)
                     continue
                 {"task": tasks, "secret": secrets, "config": configs}[item][obj.id] = obj
-            if self.network is not None:  # before the tasks: their networks are built with the keys
-                self.network.set_all_network_keys(keys)
+            self._set_network_keys(keys)
             self.assign(tasks.values(), secrets.values(), configs.values())
         else:
             self.update(msg.changes)
@@ -125,6 +164,9 @@ class Worker:
         self.secrets = {s.id: s for s in secrets}
         self.configs = {c.id: c for c in configs}
         new = {t.id: t for t in tasks}
+        if self.state is not None:
+            for tid in set(self.state.tasks.keys()) - set(new):
+                self.state.tasks.delete(tid)
         for tid in list(self.tasks):
             if tid not in new:
                 self._drop(tid)
@@ -140,6 +182,7 @@ class Worker:
         self.changed = asyncio.Event()
 
     def update(self, changes: Iterable[dispatcher_pb2.AssignmentChange]) -> None:
+        keys = dict(self.network_keys)
         for ch in changes:
             item = ch.assignment.WhichOneof("item")
             obj = getattr(ch.assignment, item)
@@ -147,19 +190,33 @@ class Worker:
             if item == "task":
                 self._drop(obj.id) if remove else self._set_task(obj)
             elif item == "network_keys":
-                if self.network is not None:
-                    self.network.set_network_keys(obj.network_id, None if remove else list(obj.keys))
+                if remove:
+                    keys.pop(obj.network_id, None)
+                else:
+                    keys[obj.network_id] = list(obj.keys)
             else:
                 table = self.secrets if item == "secret" else self.configs
                 if remove:
                     table.pop(obj.id, None)
                 else:
                     table[obj.id] = obj
+        if keys != self.network_keys:
+            self._set_network_keys(keys)
         self.changed.set()
         self.changed = asyncio.Event()
 
+    def _set_network_keys(self, keys: dict[str, list[types_pb2.EncryptionKey]]) -> None:
+        """All the encrypted networks' keys: to the networking (before any task is prepared with them)
+        and to disk."""
+        if self.network is not None:
+            self.network.set_all_network_keys(keys)
+        if self.state is not None and keys != self.network_keys:
+            self.state.save_network_keys(keys)
+        self.network_keys = keys
+
     def _set_task(self, t: objects_pb2.Task) -> None:
         self.tasks[t.id] = t
+        self._persist(t.id)
         ctl = self.controllers.get(t.id)
         if ctl is not None:
             ctl.update(t)
@@ -177,6 +234,9 @@ class Worker:
 
     def _drop(self, tid: str) -> None:
         self.tasks.pop(tid, None)
+        self._reported.pop(tid, None)
+        if self.state is not None:
+            self.state.tasks.delete(tid)
         ctl = self.controllers.get(tid)
         if ctl is not None:
             ctl.drop()

@@ -488,9 +488,10 @@ class Lab:
         h.swarmd_pid = 0
         st.save()
 
-    def start(self, host: str, timeout: float = 60) -> None:
+    def start(self, host: str, timeout: float = 60, *, wait: bool = True) -> None:
         """Start a killed swarmd again (it resumes from its state dir and re-adopts its containers);
-        returns once its agent has a session again (and, on a manager, its socket answers)."""
+        returns once its agent has a session again (and, on a manager, its socket answers), or with
+        wait=False as soon as it runs (still alive after its first second)."""
         st = self.state()
         h = st.host(host)
         if _alive(h.swarmd_pid) and "swarmd" in self._cmdline(h.swarmd_pid):
@@ -499,6 +500,10 @@ class Lab:
             raise LabError(f"{h.name} never joined the cluster (see {h.state_dir}/swarmd.log): "
                            "run `swarmctl lab up` again")
         offset = self._start_swarmd(st, h)  # the state dir holds its identity: no join needed
+        if not wait:
+            time.sleep(1.0)
+            self._check_alive(h)
+            return
         if h.role == "manager":
             self._wait_socket(h, timeout=timeout)
         self._wait_session(h, offset, timeout=timeout)

@@ -117,16 +117,20 @@ async def start_agent(ctx: AgentContext) -> asyncio.Task[None] | None:
 
     `shoal.agent.agent.start_agent_task(ctx)` builds the engine under `<state dir>/engine` and the
     agent's mTLS session with the dispatcher; `shoal.agent.network.NetworkAgent` gives its tasks
-    overlay networks (started with the gossip keys of the first session message). swarmd cancels
-    the task on shutdown (containers keep running and are adopted on the next start)."""
+    overlay networks (started with the gossip keys of the first session message). Both keep what the
+    next start needs in `<state dir>/worker` (`shoal.agent.localstate`): a restarted node re-adopts its
+    containers and serves their names and VIPs before any manager answers. swarmd cancels the task
+    on shutdown (containers keep running and are adopted on the next start)."""
     from shoal.agent.agent import start_agent_task
+    from shoal.agent.localstate import LocalState
     from shoal.agent.network import NetworkAgent
 
+    state = LocalState(Path(ctx.state_dir) / "worker")
     net = NetworkAgent(ctx.node_id, ctx.advertise_addr, ctx.state_dir, f"n{ctx.node_id[:6]}",
-                       gossip_port=ctx.gossip_port, gw_subnet=ctx.egress_subnet)
+                       gossip_port=ctx.gossip_port, gw_subnet=ctx.egress_subnet, state=state)
     agent_task = start_agent_task(
         ctx, registry_mirrors=ctx.registry_mirrors, insecure_registries=ctx.insecure_registries,
-        network=net, on_session=net.on_session,
+        network=net, on_session=net.on_session, state=state,
     )
 
     async def node_agent() -> None:

@@ -36,7 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, text in (("partition", "cut a host off the underlay"), ("heal", "reconnect a partitioned host"),
                        ("kill", "kill a host's swarmd (containers keep running)"),
                        ("start", "start a killed swarmd again (it re-adopts its containers)")):
-        cmd(name, text).add_argument("host", help="host name (h1, h2, …) or underlay address")
+        c = cmd(name, text)
+        c.add_argument("host", help="host name (h1, h2, …) or underlay address")
+        if name == "start":
+            c.add_argument("--no-wait", action="store_true",
+                           help="return once swarmd runs, without waiting for its session with a leader "
+                                "(when no manager can answer yet: managers without quorum, all managers down)")
     p.set_defaults(func=run, no_client=True)  # talks to no manager: run(args), no gRPC loaded
 
 
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         elif cmd == "kill":
             lab.kill(args.host)
         elif cmd == "start":
-            lab.start(args.host)
+            lab.start(args.host, wait=not args.no_wait)
     except LabError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1

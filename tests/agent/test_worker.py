@@ -321,3 +321,68 @@ def test_network_hooks_around_the_container_life(engine_root, registry) -> None:
             await net.release(t.id)
 
     run(main())
+
+
+def test_a_restarted_worker_resumes_its_tasks_from_disk_before_any_manager(engine_root, registry, tmp_path) -> None:
+    """Issue 16: assignments on disk. A worker with a LocalState keeps its tasks (with their last
+    reported status), never a secret's data nor a network key in clear; a new worker on the same
+    state resumes the task of every running container at start(), before any assignment arrives:
+    same container, same process, networking prepared again. A task with no container waits for a
+    manager, and the first complete set is the authority (what it leaves out is stopped)."""
+    from shoal.agent.localstate import LocalState
+
+    async def main() -> None:
+        net = NetnsHooks()
+        sec = objects_pb2.Secret(id="sec1")
+        sec.spec.annotations.name = "pw"
+        sec.spec.data = b"the-secret-payload-in-clear"
+        keep = make_task("n1", "sleep", "600", secrets=[sec], grace_s=0)
+        ipsec = types_pb2.EncryptionKey(subsystem="networking:ipsec", key=b"K" * 32, lamport_time=1)
+        msg = dispatcher_pb2.AssignmentsMessage(type=dispatcher_pb2.AssignmentsMessage.COMPLETE)
+        msg.changes.add().assignment.task.CopyFrom(keep)
+        msg.changes.add().assignment.secret.CopyFrom(sec)
+        msg.changes.add().assignment.network_keys.CopyFrom(dispatcher_pb2.NetworkKeys(network_id="netX", keys=[ipsec]))
+        state_dir = tmp_path / "worker"
+        try:
+            engine = new_engine(engine_root, registry)
+            seen: list[tuple[str, int]] = []
+            w = Worker(engine, "n1", lambda tid, st: seen.append((tid, st.state)), network=net,
+                       state=LocalState(state_dir))
+            await w.start()
+            w.apply(msg)
+            await wait_for(lambda: (keep.id, S.RUNNING) in seen, what="RUNNING")
+            pid = (await engine.inspect(keep.id)).pid
+            on_disk = b"".join(p.read_bytes() for p in state_dir.rglob("*") if p.is_file())
+            assert b"the-secret-payload-in-clear" not in on_disk and b"K" * 32 not in on_disk
+            # a task that never got a container (assigned while the agent went away)
+            late = make_task("n1", "sleep", "600", slot=2)
+            LocalState(state_dir).tasks.put(late.id, late)
+            await w.close()
+            await engine.close()
+
+            # The restart: no assignment is ever applied until the checks below are done.
+            seen.clear()
+            net.calls.clear()
+            engine = new_engine(engine_root, registry)
+            state = LocalState(state_dir)
+            assert state.tasks.get(keep.id).status.state == S.RUNNING  # the status it last reported
+            w = Worker(engine, "n1", lambda tid, st: seen.append((tid, st.state)), network=net, state=state)
+            await w.start()
+            assert list(w.controllers) == [keep.id]  # resumed at once; `late` waits for a manager
+            assert ("keys", "netX") in net.calls  # encrypted networks' keys back before any prepare
+            await wait_for(lambda: ("prepare", keep.id) in net.calls, what="networking prepared again")
+            await wait_for(lambda: (keep.id, S.RUNNING) in seen, what="RUNNING reported again")
+            info = await engine.inspect(keep.id)
+            assert info.status == "running" and info.pid == pid  # the same process
+
+            # A manager answers: its complete set no longer lists `keep` -> stopped and removed.
+            w.apply(dispatcher_pb2.AssignmentsMessage(type=dispatcher_pb2.AssignmentsMessage.COMPLETE))
+            await wait_for(lambda: not w.controllers, what="controller gone")
+            assert await engine.list() == []
+            assert state.tasks.keys() == [] and state.network_keys() == {}
+            await w.close()
+            await engine.close()
+        finally:
+            await net.release(keep.id)
+
+    run(main())

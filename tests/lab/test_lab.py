@@ -390,6 +390,72 @@ def test_encrypted_network(cluster: Lab) -> None:
     assert "secure" not in nets
 
 
+def _in_task(host: str, task: dict, *argv: str, timeout: float = 10) -> subprocess.CompletedProcess:
+    """Run a command in a task's network namespace on a lab host (the agent names it
+    n<node:6>-c<task:12>, under the host's own /run/netns)."""
+    ns = f"/run/netns/n{task['node_id'][:6]}-c{task['id'][:12]}"
+    try:
+        return lab("exec", host, "--", "nsenter", f"--net={ns}", *argv, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return subprocess.CompletedProcess(e.cmd, -9, "", f"timed out after {timeout:g} s")
+
+
+def _answers(host: str, task: dict, name: str) -> set[str]:
+    """The hostnames that answer http://NAME/ from the task, as its resolver (127.0.0.11, served by
+    swarmd) gives NAME."""
+    out = _in_task(host, task, "busybox", "nslookup", name, "127.0.0.11").stdout
+    addrs = re.findall(r"^Address: (198\.19\.[\d.]+)$", out, re.M)
+    if len(addrs) != 1:  # the service's VIP, alone
+        return set()
+    seen = set()
+    for _ in range(6):
+        r = _in_task(host, task, "timeout", "3", "busybox", "wget", "-q", "-O", "-", f"http://{addrs[0]}/")
+        seen.add(r.stdout.strip())
+    return seen - {""}
+
+
+def test_workers_serve_names_and_vips_with_every_manager_down(cluster: Lab) -> None:
+    """Issue 16: assignments on disk. With all three managers down, a worker whose swarmd is killed
+    and started again re-adopts its containers and brings back, from what it kept on disk, the
+    service's name and VIP balanced over both workers' replicas (its gossip refills from the other
+    worker). When the managers return, nothing was replaced."""
+    sock = cluster.sock
+    managers = [h for h, r in cluster.status().items() if r["role"] == "manager"]
+    try:
+        swarmctl("network", "create", "-d", "overlay", "offnet", sock=sock)
+        swarmctl("service", "create", "--name", "offweb", "--replicas", "2", "--network", "offnet",
+                 "--constraint", "node.role==worker", "--replicas-max-per-node", "1", "--stop-grace-period", "1s",
+                 "busybox", "sh", "-c", "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 80 -h /www",
+                 sock=sock)
+        before = wait_for(lambda: len(r := cluster.running("offweb")) == 2 and r, "offweb on both workers")
+        assert {h for h, *_ in before} == {"h4", "h5"}, before
+        tasks = {t["id"]: t for t in cluster.tasks("offweb")}
+        on_h4 = next(tasks[tid] for h, _, _, tid in before if h == "h4")
+        names = {tid[:12] for tid in tasks}  # each replica's hostname
+        wait_for(lambda: _answers("h4", on_h4, "offweb") == names, "both replicas behind the VIP from h4")
+
+        for m in managers:
+            lab("kill", m)
+        lab("kill", "h4")
+        lab("start", "--no-wait", "h4")
+        # no manager anywhere: the name, the VIP and both replicas answer again from h4's task
+        wait_for(lambda: _answers("h4", on_h4, "offweb") == names, "both replicas behind the VIP with no manager", 30)
+        assert all(alive(pid) for _, _, pid, _ in before), "a container died"
+    finally:
+        for m in managers:
+            if "stopped" in cluster.status()[m]["state"]:
+                lab("start", "--no-wait", m)
+    # swarmctl fails (AssertionError) until the managers have their quorum back
+    waiting.wait_for(lambda: len(cluster.running("offweb")) == 2, "the managers back with offweb running", 90,
+                     interval=0.5, retry_on=(AssertionError,))
+    assert cluster.running("offweb") == before  # the same tasks, containers and processes
+    assert {t["id"] for t in cluster.tasks("offweb")} == set(tasks), "tasks were replaced"
+    wait_for(lambda: all(n["status"]["state"] == "READY" for n in cluster.nodes().values()), "every node ready")
+    remove_service(cluster, "offweb")
+    wait_for(lambda: not cluster.tasks("offweb"), "offweb's tasks to go", 60)
+    swarmctl("network", "rm", "offnet", sock=sock, check=False)
+
+
 def test_down_leaves_nothing_behind(cluster: Lab) -> None:
     before: dict[str, set[str]] = cluster.before  # type: ignore[attr-defined]
     # leave something of everything running: containers, an overlay network, a published port
