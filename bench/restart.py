@@ -36,6 +36,7 @@ from shoal.proto import control_pb2, control_pb2_grpc, types_pb2
 
 SWARMCTL = [sys.executable, "-m", "shoal.cli.swarmctl"]
 SESSION = re.compile(r"^(\S+ \S+) .*shoal\.agent: session opened", re.M)
+RESTORED = re.compile(r"^(\S+ \S+) .*network agent started .* restored=(\d+)", re.M)
 
 
 class Daemon:
@@ -78,7 +79,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--away", type=float, default=5.0)
+    ap.add_argument("--lab", action="store_true", help="a worker with overlay networks, on a namespace lab")
     a = ap.parse_args()
+    if a.lab:
+        return lab_main(a.runs, a.away)
     base = Path(tempfile.mkdtemp(prefix="rs", dir="/var/tmp"))
     reg = Registry("127.0.0.1")
     reg.start()
@@ -154,6 +158,78 @@ def main() -> int:
     for k, v in res.items():
         print(f"{k:<26}{v!s:>10}")
     print(json.dumps({"bench": "restart", "results": res}))
+    return 0
+
+
+def _log_times(path: Path, pattern: re.Pattern[str], after: datetime) -> list[datetime]:
+    text = path.read_text(errors="replace")
+    times = [datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f") for m in pattern.finditer(text)]
+    return [t for t in times if t >= after]
+
+
+def lab_main(runs: int, away: float) -> int:
+    """--lab: a 1+2 namespace lab; a service on an overlay network, a replica on each worker. Each run,
+    h3's swarmd gets SIGTERM, stays away `away` s and is started again; then kill -9 and a start at
+    once. Measured from the start: the restored networking (`network agent started ... restored=N`,
+    from which its tasks' names and VIPs answer, before any session) and the session."""
+    from shoal.lab.lab import Lab, _alive
+
+    lab = Lab("rst", progress=lambda m: print(f"  {m}", file=sys.stderr))
+    res: dict[str, object] = {}
+    try:
+        st = lab.up(1, 2)
+        sock = str(st.hosts[0].socket)
+        c = control_pb2_grpc.ControlStub(grpc.insecure_channel(f"unix://{sock}"))
+        for args in (["network", "create", "-d", "overlay", "rnet"],
+                     ["service", "create", "--name", "r", "--replicas", "2", "--network", "rnet",
+                      "--constraint", "node.role==worker", "--replicas-max-per-node", "1",
+                      "busybox", "httpd", "-f", "-p", "80"]):
+            subprocess.run([*SWARMCTL, "--socket", sock, *args], check=True, capture_output=True, timeout=120)
+
+        def running() -> dict[str, int]:
+            ts = c.ListTasks(control_pb2.ListTasksRequest(), timeout=5).tasks
+            return {t.id: t.status.container.pid for t in ts
+                    if t.desired_state == types_pb2.RUNNING and t.status.state == types_pb2.RUNNING}
+
+        before = wait(lambda: len(r := running()) == 2 and r, "2 tasks running")
+        log = Path(st.host("h3").state_dir) / "swarmd.log"
+        served: dict[str, list[float]] = {"sigterm": [], "kill9": []}
+        session: dict[str, list[float]] = {"sigterm": [], "kill9": []}
+        for _ in range(runs):
+            for how in ("sigterm", "kill9"):
+                pid = lab.state().host("h3").swarmd_pid
+                if how == "sigterm":
+                    os.kill(pid, signal.SIGTERM)
+                    wait(lambda pid=pid: not _alive(pid), "swarmd to exit after SIGTERM")
+                    time.sleep(away)
+                else:
+                    lab.kill("h3")
+                t0 = datetime.now()
+                lab.start("h3", wait=False)
+                got = wait(lambda t0=t0: _log_times(log, RESTORED, t0), "networking restored")
+                served[how].append((got[0] - t0).total_seconds())
+                got = wait(lambda t0=t0: _log_times(log, SESSION, t0), "session")
+                session[how].append((got[0] - t0).total_seconds())
+                wait(lambda: running() == before, f"the same tasks after {how}", 30)
+                time.sleep(1)
+        after = running()
+        for how in ("sigterm", "kill9"):
+            res[f"{how}_start_to_served_p50_s"] = round(statistics.median(served[how]), 3)
+            res[f"{how}_start_to_session_p50_s"] = round(statistics.median(session[how]), 3)
+        res.update({
+            "containers_restarted": sum(1 for tid, pid in before.items() if after.get(tid) != pid),
+            "tasks_replaced": len(set(before) ^ set(after)),
+            "node_down_lines": (Path(st.hosts[0].state_dir) / "swarmd.log").read_text(errors="replace")
+            .count("node down node="),
+            "runs": runs, "away_s": away,
+        })
+    finally:
+        lab.down()
+    print(f"\nswarmd restarts of a worker with an overlay network, 1+2 namespace lab, {platform.node()}, "
+          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
+    for k, v in res.items():
+        print(f"{k:<30}{v!s:>10}")
+    print(json.dumps({"bench": "restart-lab", "results": res}))
     return 0
 
 
