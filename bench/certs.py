@@ -21,9 +21,7 @@ Prints a table and one JSON line; never fails on a figure. Takes the lab down at
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -33,6 +31,7 @@ import time
 from pathlib import Path
 
 import grpc
+from report import report
 
 from shoal.lab.lab import Lab
 from shoal.proto import control_pb2, control_pb2_grpc, types_pb2
@@ -159,11 +158,7 @@ def main() -> int:
             print("  failures:", failed_overlay[:5], prober.failures[:5], file=sys.stderr)
     finally:
         lab.down()
-    print(f"\nCertificates on a loaded {a.managers}+{a.workers} namespace lab, {platform.node()}, "
-          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
-    for k, v in res.items():
-        print(f"{k:<22}{v!s:>12}")
-    print(json.dumps({"bench": "certs", "results": res}))
+    report("certs", f"Certificates on a loaded {a.managers}+{a.workers} namespace lab", res)
     return 0
 
 

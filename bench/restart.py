@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -29,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 import grpc
+from report import report
 
 from shoal.lab.images import busybox_image
 from shoal.lab.registry import Registry, free_port, push_image
@@ -153,11 +153,7 @@ def main() -> int:
         for mp in mounts:
             subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
-    print(f"\nswarmd restarts under 4 running tasks, 1+1 nodes on loopback, {platform.node()}, {os.cpu_count()} cores, "
-          f"{time.strftime('%Y-%m-%d')}")
-    for k, v in res.items():
-        print(f"{k:<26}{v!s:>10}")
-    print(json.dumps({"bench": "restart", "results": res}))
+    report("restart", "swarmd restarts under 4 running tasks, 1+1 nodes on loopback", res)
     return 0
 
 
@@ -225,11 +221,7 @@ def lab_main(runs: int, away: float) -> int:
         })
     finally:
         lab.down()
-    print(f"\nswarmd restarts of a worker with an overlay network, 1+2 namespace lab, {platform.node()}, "
-          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
-    for k, v in res.items():
-        print(f"{k:<30}{v!s:>10}")
-    print(json.dumps({"bench": "restart-lab", "results": res}))
+    report("restart-lab", "swarmd restarts of a worker with an overlay network, 1+2 namespace lab", res)
     return 0
 
 

@@ -28,9 +28,7 @@ Prints a table and one JSON line; never fails on a figure. Takes the lab down at
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
 import re
 import subprocess
@@ -40,6 +38,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import grpc
+from report import report
 
 from shoal.lab.lab import Lab
 from shoal.proto import control_pb2, control_pb2_grpc, types_pb2
@@ -193,11 +192,7 @@ def main() -> int:
         })
     finally:
         lab.down()
-    print(f"\nSoak of a {a.managers}+{a.workers} namespace lab, {platform.node()}, {os.cpu_count()} cores, "
-          f"{time.strftime('%Y-%m-%d')}")
-    for k, v in res.items():
-        print(f"{k:<30}{v!s:>20}")
-    print(json.dumps({"bench": "soak", "results": res}))
+    report("soak", f"Soak of a {a.managers}+{a.workers} namespace lab", res)
     return 0
 
 
