@@ -98,6 +98,14 @@ def _fstype(path: str) -> str:
     return kind
 
 
+def _cgroup_roots() -> list[str]:
+    """Where nspawn's cgroup is made: the name=systemd and unified hierarchies of a cgroup v1 (hybrid)
+    host such as this one; /sys/fs/cgroup itself on a cgroup v2 host (not tried)."""
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return ["/sys/fs/cgroup"]
+    return [h for h in ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified") if os.path.isdir(h)]
+
+
 def _start_time(pid: int) -> int:
     """A process's start time (clock ticks since boot): a pid and this name one process for good."""
     with open(f"/proc/{pid}/stat") as f:
@@ -197,8 +205,8 @@ def _boot(m: Machine, rootfs: str) -> None:
     _run([*ns, "addr", "add", f"{ADDR}/24", "dev", "nsp0"])
     _run([*ns, "link", "set", "nsp0", "up"])
     _run([*ns, "link", "set", "nsp1", "up"])
-    for h in ("systemd", "unified"):
-        os.mkdir(f"/sys/fs/cgroup/{h}/{m.cgroup}")
+    for h in _cgroup_roots():
+        os.mkdir(f"{h}/{m.cgroup}")
     if _fstype("/run") != "tmpfs" and not _is_mountpoint("/run/systemd/nspawn"):
         os.makedirs("/run/systemd/nspawn", exist_ok=True)
         _run(["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", "/run/systemd/nspawn"])
@@ -207,8 +215,8 @@ def _boot(m: Machine, rootfs: str) -> None:
     binds = {b for b in binds if b != "/usr" and not any(b != o and b.startswith(o + "/") for o in binds)}
 
     def into_cgroup() -> None:
-        for h in ("systemd", "unified"):
-            with open(f"/sys/fs/cgroup/{h}/{m.cgroup}/cgroup.procs", "w") as f:
+        for h in _cgroup_roots():
+            with open(f"{h}/{m.cgroup}/cgroup.procs", "w") as f:
                 f.write("0")
 
     argv = ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet", "-D", str(m.root),
@@ -261,8 +269,8 @@ def _teardown(m: Machine) -> None:
         with contextlib.suppress(OSError):
             os.rmdir("/run/systemd/nspawn")
     subprocess.run(["ip", "netns", "del", m.netns], check=False, capture_output=True)
-    for h in ("systemd", "unified"):
-        top = Path(f"/sys/fs/cgroup/{h}/{m.cgroup}")
+    for h in _cgroup_roots():
+        top = Path(f"{h}/{m.cgroup}")
         if top.is_dir():  # deepest first; a cgroup is removed with rmdir once it has no process
             for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
                 with contextlib.suppress(OSError):
