@@ -70,7 +70,7 @@ def test_swarmd_argv_refuses_init_and_join_together() -> None:
 def test_systemd_unit_restarts_always_and_leaves_the_containers_alive(tmp_path: Path) -> None:
     """The unit provisioning installs: systemd's own checker finds nothing wrong in it, it restarts
     swarmd whatever ended it, and stopping it signals swarmd alone (KillMode=process), so the
-    containers' monitors live on (what a real systemd does with it: issue 16's nspawn test)."""
+    containers' monitors live on (what a real systemd does with it: tests/lab/test_systemd_unit.py)."""
     argv = provision.swarmd_argv("/var/lib/shoal", "192.168.56.11", "m1", "manager",
                                  socket="/var/lib/shoal/swarmd.sock", init=True)
     text = provision.unit_text(argv)
