@@ -288,6 +288,7 @@ class Swarmd:
         self.agent: asyncio.Task[None] | None = None
         self.agent_ctx: AgentContext | None = None
         self.role_task: asyncio.Task[None] | None = None
+        self.engine_api: asyncio.Server | None = None  # the Docker Engine API (shoal.engineapi)
         self.stop_event = asyncio.Event()
 
     # ---- init / join / resume ----------------------------------------------------------------
@@ -752,6 +753,25 @@ class Swarmd:
                     "keeping its data; remove the lost managers (node demote, then node rm --force) and join "
                     "new ones. Do not keep the flag for later starts.", st.node_id)
 
+    async def _start_engine_api(self) -> asyncio.Server | None:
+        """The Docker Engine API on `--engine-api-socket` (default STATE_DIR/docker.sock): every node
+        answers /_ping, /version and /info; the swarm endpoints need the manager role (shoal.engineapi)."""
+        if self.args.no_engine_api:
+            return None
+        from shoal.engineapi import api as engineapi
+        from shoal.engineapi.server import NodeInfo
+
+        st = self.state
+        assert st is not None
+        path = Path(self.args.engine_api_socket) if self.args.engine_api_socket else self.dir / "docker.sock"
+        node = NodeInfo(st.node_id, st.cluster_id, st.hostname, _split(st.advertise_api, 0)[0],
+                        managers=self._manager_addrs, is_manager=lambda: self.manager is not None)
+        try:
+            return await engineapi.start(path, node, self._control_socket())
+        except OSError as e:
+            raise SystemExit(f"cannot listen on the Engine API socket {path}: {e.strerror or e} "
+                             "(--engine-api-socket PATH, or --no-engine-api)") from None
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -799,12 +819,17 @@ class Swarmd:
                 credentials=self.credentials,
             )
             self.agent = await start_agent(self.agent_ctx)
+            self.engine_api = await self._start_engine_api()
             self.role_task = asyncio.create_task(self._certificates(), name="certificates")
             log.info("swarmd ready: node %s, %s, remote API %s", st.node_id, st.role, st.advertise_api)
             loop.call_later(3.0, trim_heap)  # once the first session and role check are done
             await self.stop_event.wait()
             log.info("SIGTERM: shutting down")
         finally:
+            if self.engine_api is not None:
+                from shoal.engineapi import api as engineapi
+
+                await engineapi.stop(self.engine_api)
             for t in (self.role_task, self.agent):
                 if t is not None:
                     t.cancel()
@@ -820,6 +845,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--listen-remote-api", default=f"0.0.0.0:{DEFAULT_API_PORT}", help="ADDR:PORT of the manager API")
     p.add_argument("--advertise-remote-api", default="", help="ADDR:PORT other nodes reach the manager API at")
     p.add_argument("--listen-control-api", default="", help="unix socket of the local control API (default STATE_DIR/swarmd.sock)")
+    p.add_argument("--engine-api-socket", default="",
+                   help="unix socket of the Docker Engine API 1.41 (default STATE_DIR/docker.sock): "
+                        "`docker -H unix://PATH service ls`")
+    p.add_argument("--no-engine-api", action="store_true", help="do not serve the Docker Engine API")
     p.add_argument("--listen-peer", "--listen-raft", dest="listen_peer", default="",
                    help="ADDR:PORT of the store's peer port between managers (default advertise address, port 2380)")
     p.add_argument("--restore", default="", metavar="FILE",
