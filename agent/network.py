@@ -161,12 +161,12 @@ class NetworkAgent:
         """The node's networking loop: start gossip with the keys of the first session message,
         then follow session messages (keys, seeds, the node's ingress address) and the tables.
 
-        With a LocalState that holds a session message with gossip keys (an agent restart), that one
-        is the first: names, VIPs and published ports are back before any manager answers, and the
+        With a LocalState that holds a session message with gossip keys for this node (an agent
+        restart; not one of an identity the state dir had before), that one is the first: names, VIPs and published ports are back before any manager answers, and the
         gossip joins through the managers and the peers it last knew (a few of them), so that it
         fills its tables from the other nodes even when no manager is reachable."""
         saved = self.local_state.last_session() if self.local_state is not None else None
-        if saved is not None and saved.network_bootstrap_keys:
+        if saved is not None and saved.network_bootstrap_keys and saved.node.id == self.node_id:
             log.info("node=%s networking starts from the last session kept on disk", self.node_id)
             msg = saved
         else:

@@ -123,7 +123,7 @@ class Worker:
             if self.network is not None and self.network_keys:
                 self.network.set_all_network_keys(self.network_keys)
             for tid, task in self.state.tasks.items():
-                if tid in found and task.id == tid:
+                if tid in found and task.id == tid and task.node_id == self.node_id:
                     self._reported[tid] = task.status
                     self._set_task(task)
                     resumed += 1

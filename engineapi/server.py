@@ -197,24 +197,39 @@ class EngineContext:
         self.node = node
         self.control_socket = str(control_socket)
         self._channel: grpc.aio.Channel | None = None
-        self._stub: Any = None
+        self._stubs: dict[str, Any] = {}
+
+    def _stub(self, name: str) -> Any:
+        if not self.node.is_manager():
+            raise APIError(503, NOT_MANAGER)
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(f"unix://{self.control_socket}")
+        if name not in self._stubs:
+            import importlib
+
+            module = importlib.import_module(f"shoal.proto.{name.lower()}_pb2_grpc")
+            self._stubs[name] = getattr(module, f"{name}Stub")(self._channel)
+        return self._stubs[name]
 
     @property
     def control(self) -> Any:
         """A `ControlStub` on the local control socket."""
-        if not self.node.is_manager():
-            raise APIError(503, NOT_MANAGER)
-        if self._stub is None:
-            from shoal.proto import control_pb2_grpc
+        return self._stub("Control")
 
-            self._channel = grpc.aio.insecure_channel(f"unix://{self.control_socket}")
-            self._stub = control_pb2_grpc.ControlStub(self._channel)
-        return self._stub
+    @property
+    def watch(self) -> Any:
+        """A `WatchStub` (the store's changes) on the local control socket."""
+        return self._stub("Watch")
+
+    @property
+    def logs(self) -> Any:
+        """A `LogsStub` (service and task logs) on the local control socket."""
+        return self._stub("Logs")
 
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
-            self._channel, self._stub = None, None
+            self._channel, self._stubs = None, {}
 
 
 # ---- the app --------------------------------------------------------------------------------------

@@ -565,7 +565,7 @@ class Lab:
         managers = [h for h in st.hosts if h.role == "manager"]
         h = next((h for h in managers if _alive(h.swarmd_pid) and not h.partitioned),
                  next((h for h in managers if _alive(h.swarmd_pid)), st.hosts[0]))
-        return f"export SWARM_SOCKET={h.socket}"
+        return f"export SWARM_SOCKET={h.socket}\nexport DOCKER_HOST=unix://{Path(h.state_dir) / 'docker.sock'}"
 
     # ---- down --------------------------------------------------------------------------------
     def down(self) -> None:

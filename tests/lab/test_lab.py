@@ -150,7 +150,8 @@ def cluster() -> Iterator[Lab]:
         m = re.search(r"^export SWARM_SOCKET=(\S+)$", up.stdout, re.M)
         assert m, up.stdout
         assert "5/5 nodes ready" in up.stderr, up.stderr
-        env = lab("env").stdout.strip()
+        env = lab("env").stdout.strip().splitlines()[0]
+        assert lab("env").stdout.splitlines()[1] == f"export DOCKER_HOST=unix://{Path(env.split('=', 1)[1]).parent}/docker.sock"
         from shoal.lab.lab import LabState
 
         st = LabState.load(NAME)
@@ -181,6 +182,15 @@ def test_up_status_and_env(cluster: Lab) -> None:
     # the hosts are separate: own hostname and underlay address, the lab's namespaces under /run/netns
     out = lab("exec", "h4", "--", "sh", "-c", "hostname; ip -4 -o addr show dev eth0").stdout
     assert out.splitlines()[0] == "h4" and "198.18.0.4/24" in out
+    # `lab env`'s DOCKER_HOST: the docker CLI drives the lab (Engine API on the manager's docker.sock)
+    docker_host = lab("env").stdout.splitlines()[1].split("=", 1)[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+    r = subprocess.run(["docker", "node", "ls", "--format", "{{.Hostname}} {{.ManagerStatus}}"], capture_output=True,
+                       text=True, timeout=60, env={**env, "DOCKER_HOST": docker_host})
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.split("\n")[:-1]) == sorted(
+        f"h{i} {s}" for i, s in zip(range(1, 6), [rows[f"h{i}"]["leader"] and "Leader" or "Reachable" for i in (1, 2, 3)]
+                                    + ["", ""], strict=True)), r.stdout
     # a second `up` of a running lab refuses and changes nothing
     again = lab("up", check=False)
     assert again.returncode != 0 and "already up" in again.stderr
