@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
+from collections.abc import Callable
 
 from shoal.engineapi import events, nodes, objects, services, system
-from shoal.engineapi.server import App, EngineContext, NodeInfo, serve_unix
+from shoal.engineapi.server import App, EngineContext, NodeInfo, serve_tls, serve_unix
 
 MODULES = (system, nodes, services, objects, events)
 
@@ -29,6 +31,15 @@ async def start(path: str | os.PathLike[str], node: NodeInfo, control_socket: st
     API through `control_socket` while the node is a manager."""
     ctx = EngineContext(node, control_socket)
     server = await serve_unix(path, build_app(ctx))
+    server.engine_ctx = ctx  # type: ignore[attr-defined]
+    return server
+
+
+async def start_tls(addr: tuple[str, int], node: NodeInfo, control_socket: str | os.PathLike[str],
+                    ssl_ctx: ssl.SSLContext, authorize: Callable[[bytes], str | None]) -> asyncio.Server:
+    """Serve the Engine API on TCP with mutual TLS (see server.serve_tls)."""
+    ctx = EngineContext(node, control_socket)
+    server = await serve_tls(addr[0], addr[1], build_app(ctx), ssl_ctx, authorize)
     server.engine_ctx = ctx  # type: ignore[attr-defined]
     return server
 

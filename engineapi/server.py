@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,7 +399,10 @@ def _http_date() -> str:
     return formatdate(usegmt=True)
 
 
-async def _connection(app: App, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _connection(app: App, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      authorize: Callable[[bytes], str | None] | None = None) -> None:
+    """Serve one connection. `authorize` (TCP with mutual TLS): called with the client certificate's
+    DER before each request; a sentence refuses the request with a 403."""
     try:
         while True:
             try:
@@ -412,7 +416,12 @@ async def _connection(app: App, reader: asyncio.StreamReader, writer: asyncio.St
             if req is None:
                 return
             keep_alive = req.headers.get("connection", "").lower() != "close"
-            resp = await app.handle(req)
+            refusal = None
+            if authorize is not None:
+                sslobj = writer.get_extra_info("ssl_object")
+                der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+                refusal = authorize(der) if der else "a client certificate is required"
+            resp = json_response({"message": refusal}, 403) if refusal else await app.handle(req)
             await _write_response(writer, req, resp, keep_alive)
             if not keep_alive:
                 return
@@ -422,6 +431,17 @@ async def _connection(app: App, reader: asyncio.StreamReader, writer: asyncio.St
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+
+
+async def serve_tls(host: str, port: int, app: App, ssl_ctx: ssl.SSLContext,
+                    authorize: Callable[[bytes], str | None]) -> asyncio.Server:
+    """Listen on TCP with TLS: `ssl_ctx` requires a client certificate (mutual TLS), and `authorize`
+    decides for each request from it (see `_connection`)."""
+    server = await asyncio.start_server(
+        lambda r, w: _connection(app, r, w, authorize), host=host, port=port, ssl=ssl_ctx, limit=MAX_HEADER_LINE,
+        ssl_handshake_timeout=10)
+    log.info("Docker Engine API %s listening on tcp://%s:%d (mutual TLS)", API_VERSION, host, port)
+    return server
 
 
 async def serve_unix(path: str | os.PathLike[str], app: App, mode: int = 0o600) -> asyncio.Server:

@@ -39,6 +39,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import time
 import types
@@ -289,6 +290,7 @@ class Swarmd:
         self.agent_ctx: AgentContext | None = None
         self.role_task: asyncio.Task[None] | None = None
         self.engine_api: asyncio.Server | None = None  # the Docker Engine API (shoal.engineapi)
+        self.engine_api_tls: asyncio.Server | None = None  # and on TCP with mutual TLS (--engine-api-addr)
         self.stop_event = asyncio.Event()
 
     # ---- init / join / resume ----------------------------------------------------------------
@@ -767,10 +769,52 @@ class Swarmd:
         node = NodeInfo(st.node_id, st.cluster_id, st.hostname, _split(st.advertise_api, 0)[0],
                         managers=self._manager_addrs, is_manager=lambda: self.manager is not None)
         try:
-            return await engineapi.start(path, node, self._control_socket())
+            server = await engineapi.start(path, node, self._control_socket())
         except OSError as e:
             raise SystemExit(f"cannot listen on the Engine API socket {path}: {e.strerror or e} "
                              "(--engine-api-socket PATH, or --no-engine-api)") from None
+        if self.args.engine_api_addr:
+            host, port = _split(self.args.engine_api_addr, 2376)
+            try:
+                self.engine_api_tls = await engineapi.start_tls(
+                    (host, port), node, self._control_socket(), self._engine_api_ssl(), self._engine_api_authorize)
+            except OSError as e:
+                raise SystemExit(f"cannot listen on --engine-api-addr {self.args.engine_api_addr}: {e.strerror or e}") \
+                    from None
+        return server
+
+    def _engine_api_ssl(self) -> ssl.SSLContext:
+        """The Engine API's TLS on TCP: this node's certificate, client certificates required and
+        verified against the cluster's roots. A renewal reloads the certificate for the next
+        handshakes; roots added by a root rotation are trusted from then on (the old ones stay until
+        swarmd restarts)."""
+        assert self.credentials is not None
+        certs = self.dir / "certificates"
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+
+        def load(ident: ca.TLSIdentity) -> None:
+            ctx.load_cert_chain(certs / "node.crt", certs / "node.key")
+            ctx.load_verify_locations(cadata=ident.ca_pem.decode())
+
+        load(self.credentials.current)
+        self.credentials.subscribe(load)
+        return ctx
+
+    def _engine_api_authorize(self, der: bytes) -> str | None:
+        """Who may use the Engine API on TCP: a manager's certificate of this cluster that the store
+        still honours (not removed, not demoted: the 2377 listener's rule, shoal.manager.authz)."""
+        try:
+            info = ca.cert_info(ssl.DER_cert_to_PEM_cert(der).encode())
+        except ValueError as e:
+            return f"the client certificate is not a node certificate of this cluster: {e}"
+        if info.role != types_pb2.MANAGER:
+            return (f"the client certificate is node {info.node_id}'s, a worker's: the Engine API takes a "
+                    "manager's certificate (the files in a manager's STATE_DIR/certificates)")
+        if self.manager is None:
+            return "this node is no longer a manager: use a manager's Engine API"
+        return self.manager.authz.refusal(ca.PeerIdentity(info.node_id, info.role, info.cluster_id), "/shoal.Control/")
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -826,10 +870,11 @@ class Swarmd:
             await self.stop_event.wait()
             log.info("SIGTERM: shutting down")
         finally:
-            if self.engine_api is not None:
-                from shoal.engineapi import api as engineapi
+            for server in (self.engine_api, self.engine_api_tls):
+                if server is not None:
+                    from shoal.engineapi import api as engineapi
 
-                await engineapi.stop(self.engine_api)
+                    await engineapi.stop(server)
             for t in (self.role_task, self.agent):
                 if t is not None:
                     t.cancel()
@@ -849,6 +894,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="unix socket of the Docker Engine API 1.41 (default STATE_DIR/docker.sock): "
                         "`docker -H unix://PATH service ls`")
     p.add_argument("--no-engine-api", action="store_true", help="do not serve the Docker Engine API")
+    p.add_argument("--engine-api-addr", default="", metavar="ADDR[:PORT]",
+                   help="also serve the Docker Engine API on TCP with mutual TLS (port 2376 by default); "
+                        "clients use a manager's certificate: docker --tlsverify -H tcp://ADDR:2376")
     p.add_argument("--listen-peer", "--listen-raft", dest="listen_peer", default="",
                    help="ADDR:PORT of the store's peer port between managers (default advertise address, port 2380)")
     p.add_argument("--restore", default="", metavar="FILE",
