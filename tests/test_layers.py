@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ROOMS = ("proto", "compose", "manager", "agent", "netdriver", "node", "cli", "lab")
+ROOMS = ("proto", "compose", "manager", "agent", "netdriver", "node", "cli", "lab", "engineapi")
 
 # room -> the rooms (or single modules) it may import (itself always). `agent.engine` is a room of its
 # own inside agent/.
@@ -26,7 +26,8 @@ ALLOWED: dict[str, set[str]] = {
     "agent": {"agent.engine", "netdriver", "proto"},
     "lab": {"netdriver.netns", "proto"},
     "cli": {"compose", "lab", "proto"},
-    "node": {"manager", "agent", "agent.engine", "netdriver", "proto"},
+    "engineapi": {"proto"},
+    "node": {"manager", "agent", "agent.engine", "netdriver", "proto", "engineapi"},
 }
 
 # Inside a room: module (prefix) -> modules (prefixes) it must not import.
@@ -49,6 +50,11 @@ NOT_BELOW: list[tuple[str, tuple[str, ...]]] = [
     ("netdriver.lb", ("netdriver.overlay.driver",)),
     ("netdriver.netns", ("netdriver.overlay", "netdriver.lb")),
     ("netdriver.driverapi", ("netdriver.overlay", "netdriver.lb")),
+    # engineapi: the HTTP server and the shared converters sit under the endpoint modules and the app.
+    ("engineapi.server", ("engineapi.convert", "engineapi.api", "engineapi.system", "engineapi.nodes",
+                          "engineapi.services", "engineapi.objects", "engineapi.events")),
+    ("engineapi.convert", ("engineapi.api", "engineapi.system", "engineapi.nodes", "engineapi.services",
+                           "engineapi.objects", "engineapi.events")),
 ]
 
 # The task state machine is pure: no I/O module may be imported there.
