@@ -102,7 +102,8 @@ def snapshot() -> Snapshot:
         links=set(os.listdir("/sys/class/net")),
         nft=_lines(["nft", "list", "tables"]),
         mounts=mounts,
-        cgroups=set(glob.glob("/sys/fs/cgroup/*/shoal-*")),
+        # v1: one hierarchy per controller (/sys/fs/cgroup/memory/shoal-…); v2: one tree (/sys/fs/cgroup/shoal-…)
+        cgroups=set(glob.glob("/sys/fs/cgroup/*/shoal-*")) | set(glob.glob("/sys/fs/cgroup/shoal-*")),
     )
 
 
