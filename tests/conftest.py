@@ -14,6 +14,11 @@ It also sorts the tests by speed: ``fast`` marks every test that is neither ``in
 more on a 2-core machine: real swarmctl processes, property tests, control loops waiting out real
 delays). ``-m fast`` is the quick answer (well under a minute), ``-m "not integration"`` all unit tests,
 no ``-m`` everything (docs/testing.md).
+
+Tests marked ``uml`` (they boot the User-Mode Linux kernel of tests/uml.py) run last, in their
+collection order: scripts/test builds that kernel in the background meanwhile, and before the first
+of them the session waits for the build outside the tests' own timeouts (a failed build fails each of
+them with the end of the build's log).
 """
 
 from __future__ import annotations
@@ -80,6 +85,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.fast)
+    items.sort(key=lambda item: item.get_closest_marker("uml") is not None)  # stable: the UML ones last
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)  # outermost: before pytest-timeout starts the test's clock
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Before a ``uml`` test, wait for the kernel build scripts/test runs in the background (its
+    outcome is the test's: tests/uml.py raises with the log's tail when the build failed)."""
+    if item.get_closest_marker("uml") is not None:
+        import uml
+
+        uml.await_build()
+    yield
 
 
 def _lines(argv: list[str]) -> set[str]:
@@ -102,7 +119,8 @@ def snapshot() -> Snapshot:
         links=set(os.listdir("/sys/class/net")),
         nft=_lines(["nft", "list", "tables"]),
         mounts=mounts,
-        cgroups=set(glob.glob("/sys/fs/cgroup/*/shoal-*")),
+        # v1: one hierarchy per controller (/sys/fs/cgroup/memory/shoal-…); v2: one tree (/sys/fs/cgroup/shoal-…)
+        cgroups=set(glob.glob("/sys/fs/cgroup/*/shoal-*")) | set(glob.glob("/sys/fs/cgroup/shoal-*")),
     )
 
 

@@ -40,3 +40,15 @@ def test_every_slow_entry_names_a_test() -> None:
         names = _test_names(path)
         stale += [f"{rel}: no test matches {p!r}" for p in patterns if not fnmatch.filter(names, p)]
     assert not stale, "SLOW in tests/conftest.py names tests that do not exist:\n" + "\n".join(stale)
+
+
+def test_every_test_that_boots_uml_is_marked_uml() -> None:
+    """A test booting the UML kernel without the ``uml`` mark would run early, while scripts/test's
+    background build may still be going, and wait for it inside its own timeout."""
+    boots = ("uml.run(", "uml.pytest(", "uml.kernel(")
+    # calls uml.kernel() only with a failed build on record: it raises before anything boots
+    never_boots = {"test_uml_build_wait.py"}
+    unmarked = [rel for p in sorted(TESTS.rglob("test_*.py"))
+                if (rel := str(p.relative_to(TESTS))) not in never_boots
+                and any(b in p.read_text() for b in boots) and "pytest.mark.uml" not in p.read_text()]
+    assert not unmarked, f"these test files boot the UML kernel but carry no pytest.mark.uml: {unmarked}"

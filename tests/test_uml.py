@@ -11,7 +11,7 @@ import uuid
 import pytest
 import uml
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.uml]
 
 
 @pytest.fixture(scope="module", autouse=True)

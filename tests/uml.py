@@ -1,7 +1,9 @@
 """Run commands (and pytest) inside a User-Mode Linux kernel, for kernel features the host lacks.
 
 The kernel is built from Debian's newest linux-source by ``scripts/uml-kernel`` into
-``/var/cache/shoal/uml``, with everything the tests need built in (no modules). It runs as an ordinary host process (as root) with the host's root
+``/var/cache/shoal/uml`` (``$SHOAL_UML_CACHE``), with everything the tests need built in (no modules);
+``scripts/test`` builds it in the background while the other tests run, and the first use here waits
+for that build (:func:`await_build`). It runs as an ordinary host process (as root) with the host's root
 filesystem mounted read-only through hostfs, so the guest sees this checkout and its virtualenv at
 the same paths and cannot change anything on the host. The guest gets fresh tmpfs mounts on
 ``/tmp``, ``/run``, ``/var/tmp`` and ``/dev/shm`` (the host's ``/tmp`` is hidden there, except a
@@ -36,6 +38,10 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "uml-kernel"
 STAMP = Path(os.environ.get("SHOAL_UML_CACHE", "/var/cache/shoal/uml")) / "stamp"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# scripts/test builds the kernel in the background while the other tests run: it names the build's
+# log here, and writes the build's exit status to ``<log>.rc`` when it ends.
+BUILD_LOG = os.environ.get("SHOAL_UML_BUILD_LOG", "")
+BUILD_WAIT = 1800.0  # seconds: a cold build is ~6 min on 2 cores alone, longer beside the other tests
 
 
 class UmlError(RuntimeError):
@@ -62,7 +68,41 @@ def _stamp() -> dict[str, str]:
     return dict(ln.split("=", 1) for ln in lines if "=" in ln)
 
 
+_build_outcome: list[str] = []  # once the background build has ended: "" (it succeeded) or why it failed
+
+
+def await_build(timeout: float = BUILD_WAIT) -> str:
+    """Wait for the kernel build scripts/test started in the background (``SHOAL_UML_BUILD_LOG``) to
+    end. Returns "" when it succeeded or none was started, else a message saying why not: it failed
+    (with the end of its log) or did not end within ``timeout`` seconds (the build goes on)."""
+    if not BUILD_LOG:
+        return ""
+    if _build_outcome:
+        return _build_outcome[0]
+    rc_file = Path(BUILD_LOG + ".rc")
+    deadline = time.monotonic() + timeout
+    while not rc_file.exists():
+        if time.monotonic() > deadline:
+            return (f"the UML kernel build scripts/test started in the background has not ended after {timeout:g} s; "
+                    f"its log {BUILD_LOG} ends with:\n{_tail(_read(BUILD_LOG))}")
+        time.sleep(0.25)
+    rc = rc_file.read_text().strip()
+    _build_outcome.append("" if rc == "0" else f"scripts/uml-kernel failed (exit {rc}) in the background; its log "
+                                                f"{BUILD_LOG} ends with:\n{_tail(_read(BUILD_LOG))}")
+    return _build_outcome[0]
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError as e:
+        return f"(cannot read it: {e})"
+
+
 def _prepared() -> dict[str, str]:
+    failed = await_build()
+    if failed:
+        raise UmlError(failed)
     info = _stamp()
     if info.get("LINUX") and os.access(info["LINUX"], os.X_OK):
         return info

@@ -141,6 +141,7 @@ def test_encrypted_service_across_hosts() -> None:
         lab("down", check=False)
 
 
+@pytest.mark.uml
 def test_lab_encrypted_in_uml() -> None:
     """Runs the test above inside a User-Mode Linux kernel that has IPsec ESP."""
     if xfrm.esp_supported() or os.environ.get("SHOAL_UML"):

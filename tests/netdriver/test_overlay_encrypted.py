@@ -210,6 +210,7 @@ def test_key_rotation_keeps_connections_and_keys_come_late(nslab, netprogs):
     assert snapshot(lab, netprogs) == before
 
 
+@pytest.mark.uml
 def test_encrypted_overlays_in_uml():
     """Runs this module's ESP tests inside a User-Mode Linux kernel that has IPsec ESP."""
     if xfrm.esp_supported() or os.environ.get("SHOAL_UML"):
