@@ -45,12 +45,13 @@ class Sources:
 
 def build_registry(sources: Sources) -> CollectorRegistry:
     """A registry with every package's metrics enabled (once per process)."""
-    from prometheus_client import CollectorRegistry, ProcessCollector
+    from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics
 
     from shoal.agent import metrics as agent_metrics
     from shoal.manager import metrics as manager_metrics
     from shoal.netdriver import metrics as gossip_metrics
 
+    disable_created_metrics()  # no `*_created` series: they double the output and say only the start time
     reg = CollectorRegistry()
     ProcessCollector(registry=reg)
     manager_metrics.enable(reg, sources.manager)

@@ -800,6 +800,17 @@ class Swarmd:
         _memdebug_install()
         if self.args.force_new_cluster:
             self._check_force_new_cluster()
+        # First (a bad address fails before anything is made), and before the manager role starts:
+        # its control API servers take the metrics interceptor.
+        self.metrics = await self._start_metrics()
+        try:
+            return await self._run()
+        finally:
+            if self.metrics is not None:
+                await self.metrics.stop()
+
+    async def _run(self) -> int:
+        loop = asyncio.get_running_loop()
         await self.setup()
         st = self.state
         assert st is not None and self.identity is not None
@@ -807,8 +818,6 @@ class Swarmd:
             raise SystemExit(expired_message(st.node_id, self.identity, self.dir))
         self.credentials = ca.NodeCredentials(self.identity, self.dir / "certificates")
         try:
-            # Before the manager role starts: its control API servers take the metrics interceptor.
-            self.metrics = await self._start_metrics()
             if st.role == "manager":
                 bootstrap = None
                 if not st.bootstrapped:
@@ -858,8 +867,6 @@ class Swarmd:
                     t.cancel()
                     await asyncio.gather(t, return_exceptions=True)
             await self.stop_manager()
-            if self.metrics is not None:
-                await self.metrics.stop()
         log.info("swarmd stopped")
         return 0
 

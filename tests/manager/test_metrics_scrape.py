@@ -129,6 +129,10 @@ def test_scrape_before_and_after_a_service(node: Node, registry: Registry) -> No
     moved("shoal_controlapi_requests_total", method="CreateService", code="OK")
     moved("shoal_controlapi_request_duration_seconds_count", method="CreateService")
     moved("shoal_controlapi_requests_total", method="GetService", code="OK")  # swarmctl's progress polling
+    # The remote API (mutual TLS, behind the authorizer) is counted too.
+    lists = v(after, "shoal_controlapi_requests_total", method="ListNodes", code="OK")
+    node.ok("node", "ls", remote=True)
+    assert v(node.scrape(), "shoal_controlapi_requests_total", method="ListNodes", code="OK") == lists + 1
     moved("shoal_store_write_duration_seconds_count", by=3)  # service, 2 tasks, assignments, statuses
     moved("shoal_store_watch_latency_seconds_count", by=3)
     assert v(after, "shoal_store_write_duration_seconds_sum") > v(before, "shoal_store_write_duration_seconds_sum")
@@ -150,6 +154,29 @@ def test_scrape_before_and_after_a_service(node: Node, registry: Registry) -> No
     wait_for(lambda: v(node.scrape(), "shoal_scheduler_pending_tasks") == 1, timeout=30, what="1 pending task")
     assert v(node.scrape(), "shoal_manager_tasks", state="PENDING") == 1
     node.ok("service", "rm", name, f"{name}x")
+
+
+def test_pull_and_create_failures_are_counted(node: Node, registry: Registry) -> None:
+    before = node.scrape()
+    name = f"{PREFIX}bad"
+    # An image the registry does not have: the pull fails (result="error").
+    node.ok("service", "create", "-d", "--name", f"{name}img", "--restart-max-attempts", "1",
+            f"{registry.host}/library/nosuch:latest", "true")
+    # A bind mount whose source does not exist: the container cannot be created (stage="create").
+    node.ok("service", "create", "-d", "--name", f"{name}mnt", "--restart-max-attempts", "1",
+            "--mount", f"type=bind,source=/nonexistent-{PREFIX},target=/x",
+            f"{registry.host}/library/busybox:latest", "sleep", "600")
+    try:
+        wait_for(lambda: v(node.scrape(), "shoal_agent_image_pull_duration_seconds_count", result="error")
+                 > v(before, "shoal_agent_image_pull_duration_seconds_count", result="error"),
+                 timeout=60, what="a failed pull observed")
+        wait_for(lambda: v(node.scrape(), "shoal_agent_container_failures_total", stage="create")
+                 > v(before, "shoal_agent_container_failures_total", stage="create"),
+                 timeout=60, what="a failed container create counted")
+        after = node.scrape()
+        assert v(after, "shoal_agent_container_starts_total") == v(before, "shoal_agent_container_starts_total")
+    finally:
+        node.ok("service", "rm", f"{name}img", f"{name}mnt")
 
 
 def test_etcd_member_metrics_are_relayed(node: Node) -> None:
