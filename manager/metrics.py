@@ -25,8 +25,9 @@ Metrics (names, types and labels are listed in docs/operations.md, "Metrics"):
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
@@ -196,8 +197,8 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
 
 class ControlAPIMetrics(grpc.aio.ServerInterceptor):
     """Counts and times every call of the Control service (`/shoal.Control/...`) by method and status
-    code: OK, the code a handler aborted with, or UNKNOWN for an exception that escaped it. Calls of
-    other services pass untouched."""
+    code: OK, the code a handler aborted with, CANCELLED when the caller went away, or UNKNOWN for an
+    exception that escaped the handler. Calls of other services pass untouched."""
 
     def __init__(self, metrics: ManagerMetrics) -> None:
         self.metrics = metrics
@@ -207,20 +208,12 @@ class ControlAPIMetrics(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(CONTROL_PREFIX):
+        # Every Control method is unary (proto/control.proto); anything else passes untouched.
+        if handler is None or not details.method.startswith(CONTROL_PREFIX) or not handler.unary_unary:
             return handler
         method = details.method[len(CONTROL_PREFIX):]
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(
-            self._stream(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            self._unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer)
 
     def _done(self, method: str, code: str, t0: float) -> None:
         self.metrics.control_requests.labels(method, code).inc()
@@ -237,21 +230,8 @@ class ControlAPIMetrics(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 code = _code_name(context)
                 raise
-            finally:
-                self._done(method, code, t0)
-
-        return behavior
-
-    def _stream(self, inner: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
-        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            t0 = time.monotonic()
-            code = "UNKNOWN"
-            try:
-                async for msg in inner(request, context):
-                    yield msg
-                code = _code_name(context)
-            except grpc.aio.AbortError:
-                code = _code_name(context)
+            except asyncio.CancelledError:  # the caller went away (or its deadline passed)
+                code = "CANCELLED"
                 raise
             finally:
                 self._done(method, code, t0)

@@ -142,3 +142,38 @@ def test_hooks_count_only_when_enabled(enabled) -> None:
     metrics.observe_store_write(0.003)  # off: nothing to count, nothing raised
     metrics.count_heartbeat()
     assert metrics.current() is None
+
+
+def test_escaped_exception_is_unknown_and_other_services_are_not_counted(tmp_path: Path, enabled) -> None:
+    reg, m, _, _ = enabled
+
+    async def boom(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise RuntimeError("a bug in a handler")
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return request
+
+    class Handlers(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+            fn = {"/shoal.Control/Boom": boom, "/shoal.Other/Echo": echo}.get(details.method)
+            return grpc.unary_unary_rpc_method_handler(fn) if fn else None
+
+    async def main() -> None:
+        server = grpc.aio.server(interceptors=[metrics.ControlAPIMetrics(m)])
+        server.add_generic_rpc_handlers((Handlers(),))
+        sock = str(tmp_path / "g.sock")
+        server.add_insecure_port(f"unix://{sock}")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"unix://{sock}") as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    await ch.unary_unary("/shoal.Control/Boom")(b"x")
+                assert ei.value.code() == grpc.StatusCode.UNKNOWN
+                assert await ch.unary_unary("/shoal.Other/Echo")(b"x") == b"x"
+        finally:
+            await server.stop(None)
+
+    run(main())
+    s = samples(reg)
+    assert s[("shoal_controlapi_requests_total", (("code", "UNKNOWN"), ("method", "Boom")))] == 1
+    assert not [k for k in s if ("method", "Echo") in k[1]]
