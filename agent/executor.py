@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Protocol
 
+from shoal.agent import metrics
 from shoal.agent.engine import (
     ContainerConfig,
     ContainerNotFound,
@@ -131,20 +133,33 @@ class EngineAdapter:
         """Ask the registry (as Docker does); fall back to a local copy when the registry is unreachable."""
         c = task.spec.container
         auth = RegistryAuth.from_b64(c.pull_options.registry_auth) if c.pull_options.registry_auth else None
+        t0 = time.monotonic()
         try:
             await self.engine.pull(c.image, auth)
-        except RegistryUnreachable as e:
-            if await self.engine.image(c.image) is None:
+        except Exception as e:  # a cancelled pull (task removed, agent stopping) is not counted
+            metrics.observe_pull(time.monotonic() - t0, ok=False)
+            if not isinstance(e, RegistryUnreachable) or await self.engine.image(c.image) is None:
                 raise
             log.warning(
                 "registry unreachable, using the local image task=%s image=%s err=%s", task.id, c.image, e
             )
+        else:
+            metrics.observe_pull(time.monotonic() - t0, ok=True)
 
     async def create(self, cfg: ContainerConfig) -> None:
-        await self.engine.create(cfg)
+        try:
+            await self.engine.create(cfg)
+        except Exception:
+            metrics.count_failure("create")
+            raise
 
     async def start(self, cid: str) -> None:
-        await self.engine.start(cid)
+        try:
+            await self.engine.start(cid)
+        except Exception:
+            metrics.count_failure("start")
+            raise
+        metrics.count_start()
 
     async def wait(self, cid: str) -> ExitStatus:
         return await self.engine.wait(cid)

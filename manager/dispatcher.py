@@ -41,6 +41,7 @@ from typing import Any
 
 import grpc
 
+from shoal.manager import metrics
 from shoal.manager.keymanager import ipsec_keys, is_encrypted, strip_keys
 from shoal.manager.store import Store, StoreError, Tx, new_id
 from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_pb2, types_pb2
@@ -187,6 +188,10 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self.leader_store: Store | None = None
 
     # ---- helpers ---------------------------------------------------------------------------
+    def session_count(self) -> int:
+        """Agent sessions this dispatcher holds (`shoal_dispatcher_sessions`)."""
+        return len(self._sessions)
+
     def period(self) -> float:
         return heartbeat_period(self.store.cluster())
 
@@ -274,6 +279,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._sessions[node_id] = session
         self._unconfirmed.pop(node_id, None)
         self._ensure_flag().set()
+        metrics.count_session_opened()
         log.info("session opened node=%s session=%s addr=%s", node_id, session.id, node.status.addr)
 
         last: dispatcher_pb2.SessionMessage | None = None
@@ -364,6 +370,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             self._ensure_flag().set()
         else:
             s.expires = time.monotonic() + period * GRACE_MULTIPLIER
+        metrics.count_heartbeat()
         resp = dispatcher_pb2.HeartbeatResponse()
         resp.period.FromNanoseconds(int(period * 1e9))
         return resp

@@ -293,15 +293,18 @@ class EtcdMember:
         async with grpc.aio.insecure_channel(self.client_target) as ch:
             return await etcd_pb2_grpc.MaintenanceStub(ch).Status(etcd_pb2.StatusRequest(), timeout=timeout)
 
+    async def metrics_text(self, timeout: float = 5) -> bytes:
+        """etcd's own /metrics, as the member serves it (Prometheus text format), for swarmd to relay."""
+        try:
+            return await asyncio.wait_for(self._http_get("/metrics"), timeout)
+        except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as e:
+            raise EtcdError(f"etcd member {self.name}: GET /metrics on {self.socket_path} failed: "
+                            f"{e or type(e).__name__}") from None
+
     async def metrics(self, timeout: float = 5) -> Metrics:
         """etcd's Prometheus metrics (GET /metrics over the client socket), parsed: metric name ->
         [(labels, value)]. Raises EtcdError if the socket does not answer a 200 in `timeout` s."""
-        try:
-            body = await asyncio.wait_for(self._http_get("/metrics"), timeout)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
-            raise EtcdError(f"etcd member {self.name}: GET /metrics on {self.socket_path} failed: "
-                            f"{e or type(e).__name__}") from None
-        return parse_metrics(body.decode("utf-8", "replace"))
+        return parse_metrics((await self.metrics_text(timeout)).decode("utf-8", "replace"))
 
     # ---- internals ---------------------------------------------------------------------------
     def _argv(self, binary: str) -> list[str]:

@@ -51,6 +51,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from shoal.manager import metrics
 from shoal.manager.store import (
     KINDS,
     UNIQUE_NAMES,
@@ -516,6 +517,13 @@ class EtcdStore(Store):
         return resp.ID
 
     async def propose(self, txn: store_pb2.StoreTransaction, fence: Fence | None = None) -> int:
+        """`_propose`, timed for `shoal_store_write_duration_seconds` when it commits."""
+        t0 = time.monotonic()
+        rev = await self._propose(txn, fence)
+        metrics.observe_store_write(time.monotonic() - t0)
+        return rev
+
+    async def _propose(self, txn: store_pb2.StoreTransaction, fence: Fence | None = None) -> int:
         """Commit `txn` (all of it or nothing) and return its revision once the cache holds it.
 
         An attempt unanswered after `ATTEMPT_TIMEOUT` (a proposal forwarded to a leader that just
@@ -559,7 +567,9 @@ class EtcdStore(Store):
                                           "read the object again and retry") from None
                 raise
             if resp.succeeded:
+                answered = time.monotonic()
                 await self.wait_for(resp.header.revision, max(0.5, deadline - time.monotonic()))
+                metrics.observe_store_watch(time.monotonic() - answered)
                 return resp.header.revision
             landed = resp.responses[0].response_range.kvs if resp.responses else []
             if landed:  # an earlier attempt of this very write committed

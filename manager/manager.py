@@ -58,7 +58,7 @@ from typing import Any
 
 import grpc
 
-from shoal.manager import ca, remoteapi
+from shoal.manager import ca, metrics, remoteapi
 from shoal.manager.authz import Authorizer
 from shoal.manager.controlapi import ControlServicer
 from shoal.manager.dispatcher import Dispatcher
@@ -85,6 +85,18 @@ from shoal.proto import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ManagerSnapshot:
+    """The manager's state the metrics' gauges show at a scrape (`shoal.manager.metrics`)."""
+
+    store_leader: bool  # this manager's etcd member is the Raft leader
+    raft_term: int
+    revision: int  # the revision this manager's cache holds
+    control_leader: bool  # this manager runs the control loops
+    tasks_by_state: dict[str, int]
+    dispatcher_sessions: int
 
 
 @dataclass
@@ -179,6 +191,7 @@ class Manager:
         self._status = StoreStatus()
         self._status_subscribers: list[asyncio.Queue[StoreStatus]] = []
         self._trust_pending_since: float | None = None  # see _refresh_store_trust
+        self.raft_term = 0  # the store's Raft term, from the last status refresh
 
     @property
     def raft(self) -> EtcdStore:
@@ -221,6 +234,25 @@ class Manager:
     def status(self) -> StoreStatus:
         return self._status
 
+    def metrics_snapshot(self) -> ManagerSnapshot | None:
+        """What the metrics' gauges show (`shoal.manager.metrics`); None until the store is up."""
+        store = self.store
+        if store is None:
+            return None
+        by_state: dict[str, int] = {}
+        for t in store.find("task"):
+            name = types_pb2.TaskState.Name(t.status.state)
+            by_state[name] = by_state.get(name, 0) + 1
+        st = self._status
+        return ManagerSnapshot(
+            store_leader=st.self_id != 0 and st.self_id == st.leader_id,
+            raft_term=self.raft_term,
+            revision=store.sm.version,
+            control_leader=self.is_leader(),
+            tasks_by_state=by_state,
+            dispatcher_sessions=self.dispatcher.session_count() if self.dispatcher is not None else 0,
+        )
+
     def subscribe(self) -> asyncio.Queue[StoreStatus]:
         """A queue receiving a `StoreStatus` whenever the members, their leader or reachability change."""
         q: asyncio.Queue[StoreStatus] = asyncio.Queue()
@@ -260,6 +292,7 @@ class Manager:
         except Exception as e:  # metrics are best effort: without them peers count as unreachable
             log.debug("node=%s etcd metrics: %s", self.node_id, e)
         self_id = st.header.member_id
+        self.raft_term = st.raftTerm
         members = []
         for m in ml.members:
             is_self = m.ID == self_id
@@ -362,7 +395,9 @@ class Manager:
 
         # Local control socket (0600).
         sock = Path(self.control_socket)
-        local = grpc.aio.server()
+        m = metrics.current()
+        counted: list[grpc.aio.ServerInterceptor] = [metrics.ControlAPIMetrics(m)] if m is not None else []
+        local = grpc.aio.server(interceptors=counted)
         control_pb2_grpc.add_ControlServicer_to_server(self.control, local)
         logs_pb2_grpc.add_LogsServicer_to_server(self.logbroker, local)
         watch_pb2_grpc.add_WatchServicer_to_server(self.watch, local)
@@ -371,7 +406,7 @@ class Manager:
 
         self.authz = Authorizer(self.store)
         self._tasks.append(asyncio.create_task(self.authz.run(), name="authz"))
-        mtls = grpc.aio.server(interceptors=[self.authz])
+        mtls = grpc.aio.server(interceptors=[self.authz, *counted])
         control_pb2_grpc.add_ControlServicer_to_server(self.control, mtls)
         dispatcher_pb2_grpc.add_DispatcherServicer_to_server(self.dispatcher, mtls)
         logs_pb2_grpc.add_LogsServicer_to_server(self.logbroker, mtls)

@@ -221,6 +221,13 @@ class NetworkDB(Delegate):
     def members(self) -> list[Member]:
         return self.membership.members()
 
+    def table_sizes(self) -> dict[str, int]:
+        """Live entries (tombstones not counted) of each table this node holds, all networks together."""
+        sizes: dict[str, int] = {}
+        for e in self.store.live():
+            sizes[e.table] = sizes.get(e.table, 0) + 1
+        return sizes
+
     @property
     def dropped_packets(self) -> int:
         """Packets and frames dropped: not authenticated, not decodable, or replays."""

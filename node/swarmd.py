@@ -291,6 +291,7 @@ class Swarmd:
         self.role_task: asyncio.Task[None] | None = None
         self.engine_api: asyncio.Server | None = None  # the Docker Engine API (shoal.engineapi)
         self.engine_api_tls: asyncio.Server | None = None  # and on TCP with mutual TLS (--engine-api-addr)
+        self.metrics: Any = None  # shoal.node.metrics.MetricsServer with --metrics-addr
         self.stop_event = asyncio.Event()
 
     # ---- init / join / resume ----------------------------------------------------------------
@@ -816,6 +817,26 @@ class Swarmd:
             return "this node is no longer a manager: use a manager's Engine API"
         return self.manager.authz.refusal(ca.PeerIdentity(info.node_id, info.role, info.cluster_id), "/shoal.Control/")
 
+    def _gossip(self) -> Any:
+        """This node's live gossip (`NetworkDB`), once its networking has started; else None."""
+        net = getattr(self.agent, "network", None)
+        return getattr(net, "gossip", None)
+
+    async def _start_metrics(self) -> Any:
+        """`--metrics-addr`: serve /metrics (shoal.node.metrics). Without it prometheus_client is never
+        imported (~2.4 MB resident on an idle worker)."""
+        if not self.args.metrics_addr:
+            return None
+        from shoal.node import metrics
+
+        sources = metrics.Sources(manager=lambda: self.manager, gossip=self._gossip)
+        try:
+            return await metrics.start(self.args.metrics_addr, sources)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        except OSError as e:
+            raise SystemExit(f"cannot listen on --metrics-addr {self.args.metrics_addr}: {e.strerror or e}") from None
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -823,6 +844,17 @@ class Swarmd:
         _memdebug_install()
         if self.args.force_new_cluster:
             self._check_force_new_cluster()
+        # First (a bad address fails before anything is made), and before the manager role starts:
+        # its control API servers take the metrics interceptor.
+        self.metrics = await self._start_metrics()
+        try:
+            return await self._run()
+        finally:
+            if self.metrics is not None:
+                await self.metrics.stop()
+
+    async def _run(self) -> int:
+        loop = asyncio.get_running_loop()
         await self.setup()
         st = self.state
         assert st is not None and self.identity is not None
@@ -916,6 +948,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--egress-subnet", default="172.18.0.0/16",
                    help="subnet of the node's gateway bridge that gives containers egress (default 172.18.0.0/16)")
     p.add_argument("--gossip-port", type=int, default=7946, help="gossip port, TCP and UDP (default 7946)")
+    p.add_argument("--metrics-addr", default="", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics (and, on a manager, its etcd "
+                        "member's at /metrics/etcd); off by default")
     p.add_argument("--log-level", default=os.environ.get("SWARMD_LOG_LEVEL", "info"))
     return p.parse_args(argv)
 

@@ -81,15 +81,21 @@ def await_build(timeout: float = BUILD_WAIT) -> str:
         return _build_outcome[0]
     rc_file = Path(BUILD_LOG + ".rc")
     deadline = time.monotonic() + timeout
-    while not rc_file.exists():
+    while not (rc := _read_rc(rc_file)):  # scripts/test renames it into place; an empty one is not done
         if time.monotonic() > deadline:
             return (f"the UML kernel build scripts/test started in the background has not ended after {timeout:g} s; "
                     f"its log {BUILD_LOG} ends with:\n{_tail(_read(BUILD_LOG))}")
         time.sleep(0.25)
-    rc = rc_file.read_text().strip()
     _build_outcome.append("" if rc == "0" else f"scripts/uml-kernel failed (exit {rc}) in the background; its log "
                                                 f"{BUILD_LOG} ends with:\n{_tail(_read(BUILD_LOG))}")
     return _build_outcome[0]
+
+
+def _read_rc(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def _read(path: str) -> str:

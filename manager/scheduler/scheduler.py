@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from shoal.manager import metrics
 from shoal.manager.scheduler.constraint import normalize_arch, parse_constraints, parse_spread
 from shoal.manager.scheduler.filters import (
     Group,
@@ -196,7 +197,19 @@ class Scheduler:
                 self._dirty = True
 
     # ---- loop --------------------------------------------------------------------------------
+    def pending_count(self) -> int:
+        """Tasks this scheduler holds as pending (`shoal_scheduler_pending_tasks`)."""
+        return len(self._pending)
+
     async def run(self) -> None:
+        """The loop (`_run`); while it runs, the metrics' pending gauge reads this scheduler."""
+        metrics.set_scheduler_pending(self.pending_count)
+        try:
+            await self._run()
+        finally:
+            metrics.set_scheduler_pending(None)
+
+    async def _run(self) -> None:
         log.info("scheduler started")
         loop = asyncio.get_running_loop()
         # Unfiltered: a filtered watch copies every event of every transaction; other kinds are ignored.
@@ -429,7 +442,7 @@ class Scheduler:
         return done
 
     def _committed(self, part: Iterable[store_pb2.StoreAction], version: int) -> int:
-        n = 0
+        n = unplaced = 0
         for a in part:
             t = a.object.task
             rec = self._recs.get(t.id)
@@ -437,7 +450,10 @@ class Scheduler:
                 rec.version = version
             if t.status.state == ASSIGNED:
                 n += 1
+            else:  # a pending task's new message: no node fits it
+                unplaced += 1
         self.placed += n
+        metrics.count_decisions(assigned=n, unplaced=unplaced)
         return n
 
     def _resync(self, tid: str) -> None:
