@@ -5,7 +5,8 @@
     await stop(server)
 
 Modules and what they serve: `system` (/_ping, /version, /info, /swarm), `nodes`, `services`
-(/services, /tasks, service logs, /distribution), `objects` (/networks, /secrets, /configs).
+(/services, /tasks), `objects` (/networks, /secrets, /configs, /distribution), `logs` (service and
+task logs).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import os
 
-from shoal.engineapi import nodes, objects, services, system
+from shoal.engineapi import logs, nodes, objects, services, system
 from shoal.engineapi.server import App, EngineContext, NodeInfo, serve_unix
 
-MODULES = (system, nodes, services, objects)
+MODULES = (system, nodes, services, objects, logs)
 
 
 def build_app(ctx: EngineContext) -> App:
