@@ -8,7 +8,7 @@ not have (EnableIPv6, ConfigOnly, ConfigFrom, IPAM options or another IPAM drive
 Scope local) is refused with a 400 when set and accepted when empty. Names are unique in Shoal
 (`CheckDuplicate` is always on).
 
-Secrets and configs: list (filters name, id, label, as Docker's: exact-or-regex names, id prefixes),
+Secrets and configs: list (filters name and id: prefixes, names: exact, label: k or k=v, as dockerd's),
 inspect, create (`Data` base64), update (`?version=`; labels only, as Docker allows: the name cannot
 change and the data must be absent or the same) and delete. A secret never shows its data; a config
 does.
@@ -516,12 +516,13 @@ def routes(ctx: EngineContext) -> list[Route]:
             return getattr(await lookup(k, ref, rpc("Get", **{f"{k}_id": ref})), k)
 
         async def list_(req: Request) -> Response:
+            # As dockerd maps them (daemon/cluster/filters.go): name and id are prefixes, names exact.
             f = req.filters()
             _check_filters(f, ("name", "id", "label", "names"))
-            if "names" in f:  # Docker's exact-name filter
-                f = {**f, "name": [f"^{re.escape(n)}$" for n in f.pop("names")]}
-            objs = list(getattr(await rpc("List"), f"{k}s"))
-            objs = sorted(_filter_objects(objs, f), key=lambda o: (o.spec.annotations.name, o.id))
+            lf = control_pb2.ListFilters(names=f.get("names", []), name_prefixes=f.get("name", []),
+                                         id_prefixes=f.get("id", []))
+            lf.labels.update(label_filter(f.get("label", [])))
+            objs = getattr(await rpc("List", filters=lf), f"{k}s")
             return json_response([file_object_json(fk, o) for o in objs])
 
         async def inspect(req: Request) -> Response:

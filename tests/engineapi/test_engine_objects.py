@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,6 +113,9 @@ def test_secrets_create_ls_inspect_update_rm(mgr: EngineManager, tmp_path: Path)
     assert rows == {"eaos1": sid, "eaos2": sid2}, lines
     assert mgr.dok("secret", "ls", "--filter", "label=env=prod", "--format", "{{.Name}}").split() == ["eaos2"]
     assert mgr.dok("secret", "ls", "--filter", "name=eaos1", "-q").split() == [sid]
+    assert mgr.dok("secret", "ls", "--filter", "name=eaos", "-q").split() == [sid, sid2]  # a prefix, as dockerd
+    st, _, body = http(mgr.docker_sock, "GET", "/v1.41/secrets?filters=" + urllib.parse.quote('{"names":{"eaos":true}}'))
+    assert (st, json.loads(body)) == (200, [])  # names: exact
     [sec] = mgr.djson("secret", "inspect", "eaos2")
     assert sec["ID"] == sid2 and sec["Spec"] == {"Name": "eaos2", "Labels": {"env": "prod"}}  # no Data, ever
     assert set(sec) == {"ID", "Version", "CreatedAt", "UpdatedAt", "Spec"}
@@ -179,6 +183,9 @@ def test_configs_create_ls_inspect_update_rm(mgr: EngineManager, tmp_path: Path)
     [c2] = mgr.djson("config", "inspect", "eaoc2")
     assert base64.b64decode(c2["Spec"]["Data"]) == b"from swarmctl"
 
+    # posted back as read (Data included): no change; then the labels changed
+    st, _ = post(mgr, f"/configs/{cid}/update?version={cfg['Version']['Index']}", cfg["Spec"])
+    assert st == 200 and mgr.djson("config", "inspect", cid)[0]["Version"] == cfg["Version"]
     st, _ = post(mgr, f"/configs/{cid}/update?version={cfg['Version']['Index']}", {**cfg["Spec"], "Labels": {}})
     assert st == 200
     assert swarmctl_json(mgr, "config", "inspect", cid)["spec"]["annotations"].get("labels", {}) == {}
