@@ -16,10 +16,10 @@ import os
 import ssl
 from collections.abc import Callable
 
-from shoal.engineapi import events, nodes, objects, services, system
+from shoal.engineapi import events, logs, nodes, objects, services, system
 from shoal.engineapi.server import App, EngineContext, NodeInfo, serve_tls, serve_unix
 
-MODULES = (system, nodes, services, objects, events)
+MODULES = (system, nodes, services, objects, logs, events)
 
 
 def build_app(ctx: EngineContext) -> App:

@@ -49,6 +49,7 @@ MIN_API_VERSION = "1.24"
 MAX_BODY = 64 << 20  # a service spec, a secret (≤ 500 KB) or a config: far below
 MAX_HEADER_LINE = 64 << 10
 MAX_HEADERS = 200
+STREAM_EOF_POLL = 0.25  # how often a streamed response looks whether its client went away
 SERVER = "Shoal/0.1.0 (linux)"
 VERSION_PREFIX = re.compile(r"^/v(\d+)\.(\d+)(/.*)$")
 
@@ -188,6 +189,8 @@ class NodeInfo:
     addr: str  # the node's address (no port)
     managers: Callable[[], list[str]]  # remote API addresses (host:port) of the managers
     is_manager: Callable[[], bool]  # now: a promotion or demotion changes it
+    # registries reached over plain HTTP (swarmd --insecure-registry HOST:PORT, a host or a CIDR)
+    insecure_registries: list[str] = field(default_factory=list)
 
 
 class EngineContext:
@@ -221,11 +224,6 @@ class EngineContext:
     def watch(self) -> Any:
         """A `WatchStub` (the store's changes) on the local control socket."""
         return self._stub("Watch")
-
-    @property
-    def logs(self) -> Any:
-        """A `LogsStub` (service and task logs) on the local control socket."""
-        return self._stub("Logs")
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -365,8 +363,46 @@ async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     return Request(method.upper(), unquote(url.path), query, headers, body)
 
 
+async def _client_gone(reader: asyncio.StreamReader) -> None:
+    """Returns once the client has closed its end of the connection (seen as EOF on the read side)."""
+    while not reader.at_eof():
+        await asyncio.sleep(STREAM_EOF_POLL)
+
+
+async def _pump(writer: asyncio.StreamWriter, reader: asyncio.StreamReader | None, resp: StreamResponse) -> None:
+    """Send `resp.chunks` as HTTP chunks until the iterator ends; when the client goes away meanwhile
+    (a `docker service logs -f` ended with ^C), the iterator is cancelled where it waits -- so its
+    `finally` ends what feeds it -- and ConnectionError is raised."""
+    it = resp.chunks.__aiter__()
+    gone = asyncio.ensure_future(_client_gone(reader)) if reader is not None else None
+    try:
+        while True:
+            nxt = asyncio.ensure_future(it.__anext__())
+            waiting = {nxt} if gone is None else {nxt, gone}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await nxt
+                raise ConnectionResetError("the client closed the connection during a streamed response")
+            try:
+                chunk = nxt.result()
+            except StopAsyncIteration:
+                return
+            if chunk:
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+    finally:
+        if gone is not None:
+            gone.cancel()
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
 async def _write_response(writer: asyncio.StreamWriter, req: Request, resp: Response | StreamResponse,
-                          keep_alive: bool) -> None:
+                          keep_alive: bool, reader: asyncio.StreamReader | None = None) -> None:
     head = [f"HTTP/1.1 {resp.status} {REASONS.get(resp.status, 'Status')}"]
     headers = _common_headers() + list(resp.headers.items())
     if resp.content_type:
@@ -379,10 +415,7 @@ async def _write_response(writer: asyncio.StreamWriter, req: Request, resp: Resp
         writer.write(("\r\n".join(head + [f"{k}: {v}" for k, v in headers]) + "\r\n\r\n").encode("latin-1"))
         await writer.drain()
         if req.method != "HEAD":
-            async for chunk in resp.chunks:
-                if chunk:
-                    writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                    await writer.drain()
+            await _pump(writer, reader, resp)
             writer.write(b"0\r\n\r\n")
     else:
         if resp.status != 204:
@@ -422,7 +455,7 @@ async def _connection(app: App, reader: asyncio.StreamReader, writer: asyncio.St
                 der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
                 refusal = authorize(der) if der else "a client certificate is required"
             resp = json_response({"message": refusal}, 403) if refusal else await app.handle(req)
-            await _write_response(writer, req, resp, keep_alive)
+            await _write_response(writer, req, resp, keep_alive, reader)
             if not keep_alive:
                 return
     except (ConnectionError, asyncio.IncompleteReadError):

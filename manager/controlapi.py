@@ -30,6 +30,7 @@ servicer fills store_version and cluster_id. Without it, Info answers for a sing
 from __future__ import annotations
 
 import functools
+import hmac
 import inspect
 import logging
 import random
@@ -585,6 +586,47 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     @rpc
     async def ListConfigs(self, request: control_pb2.ListConfigsRequest, context: Any) -> control_pb2.ListConfigsResponse:
         return control_pb2.ListConfigsResponse(configs=self._list("config", request.filters))
+
+    @rpc
+    async def UpdateSecret(
+        self, request: control_pb2.UpdateSecretRequest, context: Any
+    ) -> control_pb2.UpdateSecretResponse:
+        secret = await self._update_file_object("secret", request.secret_id, request.secret_version, request.spec)
+        return control_pb2.UpdateSecretResponse(secret=self._redact_secret(secret))
+
+    @rpc
+    async def UpdateConfig(
+        self, request: control_pb2.UpdateConfigRequest, context: Any
+    ) -> control_pb2.UpdateConfigResponse:
+        config = await self._update_file_object("config", request.config_id, request.config_version, request.spec)
+        return control_pb2.UpdateConfigResponse(config=config)
+
+    async def _update_file_object(self, kind: str, ref: str, version: int, spec: Any) -> Any:
+        """Set the labels of the secret or config `ref` (`kind`) at `version` (0: any) to `spec`'s, as
+        Docker allows: the name cannot change and the data must be empty or the same (INVALID_ARGUMENT
+        otherwise, nothing written); the same labels write nothing."""
+        validation.validate_labels(f"{kind} label", spec.annotations.labels)
+
+        def fn(tx: Tx) -> Any:
+            obj = self._resolve_for_write(tx, kind, ref, version)
+            if spec.annotations.name != obj.spec.annotations.name:
+                raise InvalidArgument(
+                    f"only updates to Labels are allowed: {kind} {obj.spec.annotations.name} cannot be renamed to "
+                    f"{spec.annotations.name!r}; create a new {kind} instead")
+            if spec.data and not hmac.compare_digest(spec.data, obj.spec.data):
+                raise InvalidArgument(
+                    f"only updates to Labels are allowed: the data of {kind} {obj.spec.annotations.name} cannot "
+                    f"change; create a new {kind} with the new data (and rotate the services to it)")
+            if dict(obj.spec.annotations.labels) == dict(spec.annotations.labels):
+                return obj
+            obj.spec.annotations.labels.clear()
+            obj.spec.annotations.labels.update(spec.annotations.labels)
+            tx.update(obj)
+            return obj
+
+        obj = await self._commit(fn)
+        log.info("%s updated id=%s name=%s", kind, obj.id, obj.spec.annotations.name)
+        return self.store.get(kind, obj.id)
 
     async def _create_file_object(self, cls: type[F], spec: Message) -> F:
         """Create a secret or config (`cls`) from its validated `spec`; the stored object."""

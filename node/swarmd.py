@@ -768,7 +768,8 @@ class Swarmd:
         assert st is not None
         path = Path(self.args.engine_api_socket) if self.args.engine_api_socket else self.dir / "docker.sock"
         node = NodeInfo(st.node_id, st.cluster_id, st.hostname, _split(st.advertise_api, 0)[0],
-                        managers=self._manager_addrs, is_manager=lambda: self.manager is not None)
+                        managers=self._manager_addrs, is_manager=lambda: self.manager is not None,
+                        insecure_registries=list(self.args.insecure_registry))
         try:
             server = await engineapi.start(path, node, self._control_socket())
         except OSError as e:

@@ -275,6 +275,22 @@ class ListSecretsResponse(_message.Message):
     secrets: _containers.RepeatedCompositeFieldContainer[_objects_pb2.Secret]
     def __init__(self, secrets: _Optional[_Iterable[_Union[_objects_pb2.Secret, _Mapping]]] = ...) -> None: ...
 
+class UpdateSecretRequest(_message.Message):
+    __slots__ = ("secret_id", "secret_version", "spec")
+    SECRET_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    secret_id: str
+    secret_version: int
+    spec: _specs_pb2.SecretSpec
+    def __init__(self, secret_id: _Optional[str] = ..., secret_version: _Optional[int] = ..., spec: _Optional[_Union[_specs_pb2.SecretSpec, _Mapping]] = ...) -> None: ...
+
+class UpdateSecretResponse(_message.Message):
+    __slots__ = ("secret",)
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    secret: _objects_pb2.Secret
+    def __init__(self, secret: _Optional[_Union[_objects_pb2.Secret, _Mapping]] = ...) -> None: ...
+
 class CreateConfigRequest(_message.Message):
     __slots__ = ("spec",)
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +336,22 @@ class ListConfigsResponse(_message.Message):
     CONFIGS_FIELD_NUMBER: _ClassVar[int]
     configs: _containers.RepeatedCompositeFieldContainer[_objects_pb2.Config]
     def __init__(self, configs: _Optional[_Iterable[_Union[_objects_pb2.Config, _Mapping]]] = ...) -> None: ...
+
+class UpdateConfigRequest(_message.Message):
+    __slots__ = ("config_id", "config_version", "spec")
+    CONFIG_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    config_id: str
+    config_version: int
+    spec: _specs_pb2.ConfigSpec
+    def __init__(self, config_id: _Optional[str] = ..., config_version: _Optional[int] = ..., spec: _Optional[_Union[_specs_pb2.ConfigSpec, _Mapping]] = ...) -> None: ...
+
+class UpdateConfigResponse(_message.Message):
+    __slots__ = ("config",)
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    config: _objects_pb2.Config
+    def __init__(self, config: _Optional[_Union[_objects_pb2.Config, _Mapping]] = ...) -> None: ...
 
 class GetClusterRequest(_message.Message):
     __slots__ = ()

@@ -129,6 +129,11 @@ class ControlStub:
                 request_serializer=control__pb2.ListSecretsRequest.SerializeToString,
                 response_deserializer=control__pb2.ListSecretsResponse.FromString,
                 _registered_method=True)
+        self.UpdateSecret = channel.unary_unary(
+                '/shoal.Control/UpdateSecret',
+                request_serializer=control__pb2.UpdateSecretRequest.SerializeToString,
+                response_deserializer=control__pb2.UpdateSecretResponse.FromString,
+                _registered_method=True)
         self.CreateConfig = channel.unary_unary(
                 '/shoal.Control/CreateConfig',
                 request_serializer=control__pb2.CreateConfigRequest.SerializeToString,
@@ -148,6 +153,11 @@ class ControlStub:
                 '/shoal.Control/ListConfigs',
                 request_serializer=control__pb2.ListConfigsRequest.SerializeToString,
                 response_deserializer=control__pb2.ListConfigsResponse.FromString,
+                _registered_method=True)
+        self.UpdateConfig = channel.unary_unary(
+                '/shoal.Control/UpdateConfig',
+                request_serializer=control__pb2.UpdateConfigRequest.SerializeToString,
+                response_deserializer=control__pb2.UpdateConfigResponse.FromString,
                 _registered_method=True)
         self.GetCluster = channel.unary_unary(
                 '/shoal.Control/GetCluster',
@@ -303,6 +313,12 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateSecret(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateConfig(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -322,6 +338,12 @@ class ControlServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListConfigs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateConfig(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -467,6 +489,11 @@ def add_ControlServicer_to_server(servicer, server):
                     request_deserializer=control__pb2.ListSecretsRequest.FromString,
                     response_serializer=control__pb2.ListSecretsResponse.SerializeToString,
             ),
+            'UpdateSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSecret,
+                    request_deserializer=control__pb2.UpdateSecretRequest.FromString,
+                    response_serializer=control__pb2.UpdateSecretResponse.SerializeToString,
+            ),
             'CreateConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateConfig,
                     request_deserializer=control__pb2.CreateConfigRequest.FromString,
@@ -486,6 +513,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ListConfigs,
                     request_deserializer=control__pb2.ListConfigsRequest.FromString,
                     response_serializer=control__pb2.ListConfigsResponse.SerializeToString,
+            ),
+            'UpdateConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateConfig,
+                    request_deserializer=control__pb2.UpdateConfigRequest.FromString,
+                    response_serializer=control__pb2.UpdateConfigResponse.SerializeToString,
             ),
             'GetCluster': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCluster,
@@ -1047,6 +1079,33 @@ class Control:
             _registered_method=True)
 
     @staticmethod
+    def UpdateSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.Control/UpdateSecret',
+            control__pb2.UpdateSecretRequest.SerializeToString,
+            control__pb2.UpdateSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateConfig(request,
             target,
             options=(),
@@ -1144,6 +1203,33 @@ class Control:
             '/shoal.Control/ListConfigs',
             control__pb2.ListConfigsRequest.SerializeToString,
             control__pb2.ListConfigsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.Control/UpdateConfig',
+            control__pb2.UpdateConfigRequest.SerializeToString,
+            control__pb2.UpdateConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
