@@ -120,6 +120,36 @@ def task_json(t: objects_pb2.Task) -> dict[str, Any]:
     return out
 
 
+def up_to_date(svc: objects_pb2.Service, t: objects_pb2.Task) -> bool:
+    """The `_up-to-date` task filter (Docker's UpToDate, swarmkit's `!IsTaskDirty`): the task was made
+    from the service's current spec version, or from the same task template and endpoint (a scale or a
+    rollback changes the version without replacing such tasks). A change of placement alone replaces
+    only tasks whose node no longer fits; the orchestrator decides that, so such a task counts as up
+    to date while it is meant to run (it is told to shut down when it is replaced)."""
+    if t.spec_version and t.spec_version == svc.spec_version:
+        return True
+    if t.endpoint.spec != svc.spec.endpoint:
+        return False
+    if t.spec == svc.spec.task:
+        return True
+    a, b = types_pb2.TaskSpec(), types_pb2.TaskSpec()
+    a.CopyFrom(t.spec)
+    b.CopyFrom(svc.spec.task)
+    a.ClearField("placement")
+    b.ClearField("placement")
+    return a == b and t.desired_state <= types_pb2.RUNNING
+
+
+def keep_mount_order(new: types_pb2.ContainerSpec, current: types_pb2.ContainerSpec) -> None:
+    """`docker service update` re-sorts the mounts it posts back (by source, then target) even when
+    no mount flag was given: the same mounts in another order keep the stored order, so that this is
+    no change (a real reordering would matter only for nested targets, which Docker's sort would break)."""
+    ser = [m.SerializeToString(deterministic=True) for m in current.mounts]
+    if len(new.mounts) == len(ser) and sorted(m.SerializeToString(deterministic=True) for m in new.mounts) == sorted(ser):
+        del new.mounts[:]
+        new.mounts.extend(current.mounts)
+
+
 def registry_auth(req: Request) -> str:
     """The `X-Registry-Auth` header when it carries credentials ("" for none or `{}`)."""
     raw = req.headers.get("x-registry-auth", "").strip()
@@ -219,6 +249,7 @@ def routes(ctx: EngineContext) -> list[Route]:
             spec.task.container.pull_options.registry_auth = auth
         elif kept.task.container.HasField("pull_options"):
             spec.task.container.pull_options.CopyFrom(kept.task.container.pull_options)
+        keep_mount_order(spec.task.container, svc.spec.task.container)
         await ctx.control.UpdateService(control_pb2.UpdateServiceRequest(
             service_id=svc.id, service_version=version, spec=spec), timeout=30)
         return json_response({"Warnings": None})
@@ -243,8 +274,8 @@ def routes(ctx: EngineContext) -> list[Route]:
         tasks = list((await ctx.control.ListTasks(control_pb2.ListTasksRequest(filters=lf), timeout=10)).tasks)
         if "_up-to-date" in f and any(v.lower() in ("true", "1") for v in f["_up-to-date"]):
             services = (await ctx.control.ListServices(control_pb2.ListServicesRequest(), timeout=10)).services
-            current = {s.id: s.spec_version for s in services}
-            tasks = [t for t in tasks if current.get(t.service_id) == t.spec_version]
+            by_id = {s.id: s for s in services}
+            tasks = [t for t in tasks if t.service_id in by_id and up_to_date(by_id[t.service_id], t)]
         return json_response([task_json(t) for t in tasks])
 
     async def inspect_task(req: Request) -> Response:
