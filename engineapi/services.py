@@ -140,14 +140,25 @@ def up_to_date(svc: objects_pb2.Service, t: objects_pb2.Task) -> bool:
     return a == b and t.desired_state <= types_pb2.RUNNING
 
 
-def keep_mount_order(new: types_pb2.ContainerSpec, current: types_pb2.ContainerSpec) -> None:
-    """`docker service update` re-sorts the mounts it posts back (by source, then target) even when
-    no mount flag was given: the same mounts in another order keep the stored order, so that this is
-    no change (a real reordering would matter only for nested targets, which Docker's sort would break)."""
-    ser = [m.SerializeToString(deterministic=True) for m in current.mounts]
-    if len(new.mounts) == len(ser) and sorted(m.SerializeToString(deterministic=True) for m in new.mounts) == sorted(ser):
+def keep_list_order(new: types_pb2.ContainerSpec, current: types_pb2.ContainerSpec) -> None:
+    """The docker CLI's `service update` posts some lists back in another order than it read them:
+    the mounts re-sorted (by source, then target) even when no mount flag was given, the environment
+    rebuilt from a map after --env-add/--env-rm. The same mounts in another order, or the same
+    environment (each variable once) in another order, keep the stored order: that is no change.
+    (Mount order would matter only for nested targets, which Docker's own sort does not keep either.)"""
+    def same(a: list[bytes], b: list[bytes]) -> bool:
+        return len(a) == len(b) and sorted(a) == sorted(b)
+
+    def ser(ms: Any) -> list[bytes]:
+        return [m.SerializeToString(deterministic=True) for m in ms]
+
+    if list(new.mounts) != list(current.mounts) and same(ser(new.mounts), ser(current.mounts)):
         del new.mounts[:]
         new.mounts.extend(current.mounts)
+    keys = [e.partition("=")[0] for e in current.env]
+    if list(new.env) != list(current.env) and len(set(keys)) == len(keys) and sorted(new.env) == sorted(current.env):
+        del new.env[:]
+        new.env.extend(current.env)
 
 
 def registry_auth(req: Request) -> str:
@@ -249,7 +260,7 @@ def routes(ctx: EngineContext) -> list[Route]:
             spec.task.container.pull_options.registry_auth = auth
         elif kept.task.container.HasField("pull_options"):
             spec.task.container.pull_options.CopyFrom(kept.task.container.pull_options)
-        keep_mount_order(spec.task.container, svc.spec.task.container)
+        keep_list_order(spec.task.container, svc.spec.task.container)
         await ctx.control.UpdateService(control_pb2.UpdateServiceRequest(
             service_id=svc.id, service_version=version, spec=spec), timeout=30)
         return json_response({"Warnings": None})

@@ -13,6 +13,7 @@ the ServiceSpec, as `docker stack deploy` sends them.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -130,6 +131,15 @@ def test_create_converges_and_shows_in_ls_ps_inspect(mgr: EngineManager) -> None
     assert st == 200 and [s["ServiceStatus"] for s in listed] == [
         {"RunningTasks": 3, "DesiredTasks": 3, "CompletedTasks": 0}]
 
+    for f in (filters(id=sid[:6]), filters(label="tier=front"), filters(label="tier"), filters(mode="replicated")):
+        st, listed = api(mgr, "GET", "/services?" + f)
+        assert [s["ID"] for s in listed] == [sid], f
+        assert "ServiceStatus" not in listed[0]
+    for f in (filters(id="zzz"), filters(label="tier=back"), filters(mode="global"), filters(name="x")):
+        assert api(mgr, "GET", "/services?" + f) == (200, []), f
+    st, err = api(mgr, "GET", "/services?" + filters(mode="replicated-job"))
+    assert st == 400 and "mode is replicated or global" in err["message"]
+
     # swarmctl reads what docker wrote
     [ctl] = json.loads(mgr.ok("service", "inspect", "web", "--format", "json"))
     assert ctl["id"] == sid and ctl["spec"]["task"]["container"]["env"] == ["A=1"]
@@ -144,11 +154,16 @@ def test_update_image_and_env_rollback_scale(mgr: EngineManager) -> None:
     out = mgr.dok("service", "update", "--env-add", "B=2", "--image", v2, "web")
     assert "verify: Service web converged" in out, out
     [svc] = mgr.djson("service", "inspect", "web")
-    assert svc["Spec"]["TaskTemplate"]["ContainerSpec"]["Env"] == ["A=1", "B=2"]
+    env = svc["Spec"]["TaskTemplate"]["ContainerSpec"]["Env"]
+    assert sorted(env) == ["A=1", "B=2"]  # the CLI rebuilds the list from a map: either order
     assert svc["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == v2
     assert svc["PreviousSpec"]["TaskTemplate"]["ContainerSpec"]["Env"] == ["A=1"]
     assert svc["UpdateStatus"]["State"] == "completed" and svc["UpdateStatus"]["Message"]
     assert spec_version(mgr, "web") == before + 1
+    for _ in range(3):  # the CLI posts the environment back in any order: no change, each time
+        mgr.dok("service", "update", "--detach", "web")
+    assert spec_version(mgr, "web") == before + 1
+    assert mgr.djson("service", "inspect", "web")[0]["Spec"]["TaskTemplate"]["ContainerSpec"]["Env"] == env
     running = [r for r in table(mgr.dok("service", "ps", "web")) if r[5:6] == ["Running"] and r[4] == "Running"]
     assert len(running) == 3 and all(r[2] == v2 for r in running), running
 
@@ -156,7 +171,7 @@ def test_update_image_and_env_rollback_scale(mgr: EngineManager) -> None:
     assert "rollback: manually requested rollback" in out and "verify: Service web converged" in out, out
     [svc] = mgr.djson("service", "inspect", "web")
     assert svc["Spec"]["TaskTemplate"]["ContainerSpec"]["Env"] == ["A=1"]
-    assert svc["PreviousSpec"]["TaskTemplate"]["ContainerSpec"]["Env"] == ["A=1", "B=2"]
+    assert svc["PreviousSpec"]["TaskTemplate"]["ContainerSpec"]["Env"] == env
     assert svc["UpdateStatus"]["State"] == "rollback_completed"
     assert json.loads(mgr.ok("service", "inspect", "web", "--format", "json"))[0]["spec"]["task"]["container"][
         "env"] == ["A=1"]
@@ -335,6 +350,11 @@ def test_errors_in_dockers_words_and_nothing_half_applied(mgr: EngineManager) ->
     version = svc["Version"]["Index"]
     st, body = api(mgr, "POST", f"/services/{svc['ID']}/update?version={version - 1}", svc["Spec"])
     assert (st, body) == (500, {"message": "rpc error: code = Unknown desc = update out of sequence"})
+    st, plain = api(mgr, "GET", "/services/web?insertDefaults=false")  # what the CLI posts back
+    st, body = api(mgr, "POST", f"/services/{svc['ID']}/update?version={version}", plain["Spec"])
+    assert (st, body) == (200, {"Warnings": None})
+    [svc] = mgr.djson("service", "inspect", "web")
+    assert svc["Version"]["Index"] == version  # the same spec: no change, not even a new version
     spec = dict(svc["Spec"], Name="renamed")
     st, body = api(mgr, "POST", f"/services/{svc['ID']}/update?version={version}", spec)
     assert st == 400 and "renaming services is not supported" in body["message"]
@@ -352,6 +372,26 @@ def test_errors_in_dockers_words_and_nothing_half_applied(mgr: EngineManager) ->
     assert mgr.dok("service", "ls", "-q") == before
     [after] = mgr.djson("service", "inspect", "web")
     assert after["Version"] == svc["Version"]  # nothing half-applied
+
+
+def test_registry_credentials_from_the_header_are_kept_on_update(mgr: EngineManager) -> None:
+    auth = base64.urlsafe_b64encode(json.dumps({"username": "u", "password": "p"}).encode()).decode()
+    st, _, raw = http(mgr.docker_sock, "POST", "/v1.41/services/create", json.dumps(
+        {"Name": "authd", "TaskTemplate": {"ContainerSpec": {"Image": mgr.image}},
+         "Mode": {"Replicated": {"Replicas": 0}}}).encode(), {"X-Registry-Auth": auth})
+    assert st == 201, raw
+    [ctl] = json.loads(mgr.ok("service", "inspect", "authd", "--format", "json"))
+    assert ctl["spec"]["task"]["container"]["pull_options"] == {"registry_auth": auth}
+    st, svc = api(mgr, "GET", "/services/authd")
+    assert auth not in json.dumps(svc)  # never shown, as Docker does not
+    before = spec_version(mgr, "authd")
+    mgr.dok("service", "update", "--detach", "authd")  # registryAuthFrom=spec: the stored ones stay
+    [ctl] = json.loads(mgr.ok("service", "inspect", "authd", "--format", "json"))
+    assert int(ctl["spec_version"]) == before and ctl["spec"]["task"]["container"]["pull_options"] == {
+        "registry_auth": auth}
+    st, _, raw = http(mgr.docker_sock, "POST", "/v1.41/services/create", b'{"Name":"x"}', {"X-Registry-Auth": "%%%"})
+    assert st == 400 and "X-Registry-Auth is not base64 of a JSON object" in json.loads(raw)["message"]
+    assert mgr.dok("service", "rm", "authd").strip() == "authd"
 
 
 def test_create_without_name_and_remove(mgr: EngineManager) -> None:

@@ -295,3 +295,23 @@ def test_insert_defaults_fills_what_shoal_does_when_unset() -> None:
     assert doc["TaskTemplate"]["ContainerSpec"]["StopGracePeriod"] == 10_000_000_000
     assert doc["TaskTemplate"]["RestartPolicy"] == {"Condition": "on-failure", "Delay": 5_000_000_000, "MaxAttempts": 0}
     assert task_spec_json(spec_from_json(copy.deepcopy(CLI_CREATE)).task)["Runtime"] == "container"
+
+
+def test_an_update_that_only_reorders_mounts_or_env_keeps_the_stored_order() -> None:
+    from shoal.engineapi.services import keep_list_order
+
+    cur = full_spec().task.container
+    new = types_pb2.ContainerSpec()
+    new.CopyFrom(cur)
+    new.mounts.reverse()
+    new.env.reverse()
+    keep_list_order(new, cur)
+    assert new == cur
+    # a real change, or a duplicated variable (whose order decides its value), stays as sent
+    new.env[:] = ["A=1", "A=2"]
+    dup = types_pb2.ContainerSpec(env=["A=2", "A=1"])
+    keep_list_order(new, dup)
+    assert list(new.env) == ["A=1", "A=2"]
+    del new.mounts[0]
+    keep_list_order(new, cur)
+    assert len(new.mounts) == len(cur.mounts) - 1
