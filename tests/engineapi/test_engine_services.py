@@ -333,7 +333,7 @@ def test_swarmctl_and_docker_edit_each_others_services(mgr: EngineManager) -> No
     assert spec_version(mgr, "ctlsvc") == before
     mgr.dok("service", "update", "--detach", "--env-add", "Y=2", "ctlsvc")
     [ctl] = json.loads(mgr.ok("service", "inspect", "ctlsvc", "--format", "json"))
-    assert ctl["spec"]["task"]["container"]["env"] == ["X=1", "Y=2"] and int(ctl["spec_version"]) == before + 1
+    assert sorted(ctl["spec"]["task"]["container"]["env"]) == ["X=1", "Y=2"] and int(ctl["spec_version"]) == before + 1
     mgr.ok("service", "update", "-d", "--label-add", "by=swarmctl", "ctlsvc")
     [svc] = mgr.djson("service", "inspect", "ctlsvc")
     assert svc["Spec"]["Labels"] == {"by": "swarmctl", "from": "swarmctl"}
