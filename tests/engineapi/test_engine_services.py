@@ -218,6 +218,14 @@ def test_tasks_list_filters_and_inspect(mgr: EngineManager) -> None:
     assert st == 400 and "desired-state=dreaming" in err["message"]
     st, err = api(mgr, "GET", "/tasks/nosuch")
     assert (st, err) == (404, {"message": "task nosuch not found"})
+    # a task no node fits stays pending: no NodeID, no ContainerStatus
+    mgr.dok("service", "create", "--detach", "--name", "nowhere", "--constraint", "node.labels.eas==none",
+            mgr.image, "sleep", "600")
+    [pending] = wait_until("nowhere's task", lambda: api(mgr, "GET", "/tasks?" + filters(service="nowhere"))[1])
+    assert pending["Status"]["State"] == "pending" and pending["DesiredState"] == "running", pending["Status"]
+    assert "NodeID" not in pending and "ContainerStatus" not in pending["Status"] and pending["Slot"] == 1
+    assert [r[3:5] for r in table(mgr.dok("service", "ls")) if r[1:2] == ["nowhere"]] == [["0/1", mgr.image]]
+    assert mgr.dok("service", "rm", "nowhere").strip() == "nowhere"
     # node ps reads the same tasks
     ps = table(mgr.dok("node", "ps", "self", "--filter", "desired-state=running"))
     assert sum(1 for r in ps if r[1].startswith("web.")) == 5
