@@ -319,6 +319,13 @@ def test_networks_secrets_and_configs_by_name_in_the_spec(mgr: EngineManager) ->
                              api(mgr, "GET", "/services/netted?insertDefaults=false")))[1]
         assert svc["Spec"]["TaskTemplate"]["Networks"] == [{"Target": net_id, "Aliases": ["n"]}]
         assert {v["NetworkID"] for v in svc["Endpoint"]["VirtualIPs"]} == {net_id}
+        task = wait_until("netted's task attached", lambda: next(
+            (t for t in api(mgr, "GET", "/tasks?" + filters(service="netted"))[1] if t.get("NetworksAttachments")),
+            None))
+        [att] = task["NetworksAttachments"]
+        assert att["Network"]["ID"] == net_id and att["Network"]["Spec"]["Name"] == "easnet"
+        assert att["Network"]["Spec"]["Scope"] == "swarm" and att["Network"]["DriverState"]["Name"] == "overlay"
+        assert att["Network"]["IPAMOptions"]["Configs"][0]["Subnet"] and att["Addresses"][0].count("/") == 1
         before = spec_version(mgr, "netted")
         mgr.dok("service", "update", "--detach", "netted")
         assert spec_version(mgr, "netted") == before
