@@ -6,7 +6,12 @@ updated) in the form of `shoal.engineapi.servicespec`, `Endpoint` (Spec, allocat
 `UpdateStatus` once an update or rollback ran, and with `?status=true` on lists `ServiceStatus`
 {RunningTasks, DesiredTasks, CompletedTasks} (tasks on nodes that are down do not count, as in
 Docker). Task JSON as §5.4: no `Slot` for global tasks, no `NodeID` while pending, `Labels` the
-task's own, and the `label` filter matches the service's labels too.
+task's own, and the `label` filter matches the service's labels too; `_up-to-date` (the CLI's
+progress loop) keeps the tasks not dirty against the current spec (`up_to_date`).
+
+Updates: the Spec the CLI read and posts back is the stored spec (servicespec's round trip), and the
+lists it re-sorts (mounts, environment) keep the stored order (`keep_list_order`): no change, no
+new spec version, no rolling restart.
 
 Registry credentials: Docker sends them in the `X-Registry-Auth` header (base64 JSON), not in the
 spec; on create they become the spec's `pull_options`; an update keeps the stored ones unless the
@@ -280,7 +285,7 @@ def routes(ctx: EngineContext) -> list[Route]:
         lf.labels.update(label_filter(f.get("label", [])))
         for d in f.get("desired-state", []):
             if d not in DESIRED_STATE_FILTER:
-                raise APIError(400, f"invalid filter 'desired-state={d}': use running, shutdown or accepted")
+                raise APIError(400, f"invalid filter 'desired-state={d}': use one of {', '.join(DESIRED_STATE_FILTER)}")
             lf.desired_states.append(DESIRED_STATE_FILTER[d])
         tasks = list((await ctx.control.ListTasks(control_pb2.ListTasksRequest(filters=lf), timeout=10)).tasks)
         if "_up-to-date" in f and any(v.lower() in ("true", "1") for v in f["_up-to-date"]):
