@@ -62,7 +62,9 @@ def _empty(v: Any) -> bool:
 
 class _Obj:
     """One JSON object being read: typed getters that name the field in their 400, and a final check
-    that every key left unread is empty (Docker fields Shoal has not)."""
+    that every key left unread is empty (Docker fields Shoal has not). Keys match as dockerd's Go
+    decoder matches them: exactly, else ignoring case (the docker SDK for Python sends
+    `{"replicated": {"Replicas": 2}}` as a service's Mode)."""
 
     def __init__(self, doc: Any, path: str) -> None:
         if doc is None:
@@ -70,14 +72,19 @@ class _Obj:
         if not isinstance(doc, dict):
             raise APIError(400, f"{path} must be a JSON object, got {_show(doc)}")
         self.doc, self.path, self.seen = doc, path, set()
+        self._folded = {k.lower(): k for k in doc if isinstance(k, str)}
+
+    def _key(self, key: str) -> str:
+        return key if key in self.doc else self._folded.get(key.lower(), key)
 
     def has(self, key: str) -> bool:
         """The key is there and not null (a message field: present, even when empty)."""
-        return self.doc.get(key) is not None
+        return self.doc.get(self._key(key)) is not None
 
     def raw(self, key: str) -> Any:
-        self.seen.add(key)
-        return self.doc.get(key)
+        k = self._key(key)
+        self.seen.add(k)
+        return self.doc.get(k)
 
     def at(self, key: str) -> str:
         return f"{self.path}.{key}"

@@ -52,9 +52,11 @@ NOT_BELOW: list[tuple[str, tuple[str, ...]]] = [
     ("netdriver.driverapi", ("netdriver.overlay", "netdriver.lb")),
     # engineapi: the HTTP server and the shared converters sit under the endpoint modules and the app.
     ("engineapi.server", ("engineapi.convert", "engineapi.api", "engineapi.system", "engineapi.nodes",
-                          "engineapi.services", "engineapi.objects", "engineapi.events", "engineapi.logs")),
+                          "engineapi.services", "engineapi.servicespec", "engineapi.objects", "engineapi.events",
+                          "engineapi.logs")),
     ("engineapi.convert", ("engineapi.api", "engineapi.system", "engineapi.nodes", "engineapi.services",
-                           "engineapi.objects", "engineapi.events", "engineapi.logs")),
+                           "engineapi.servicespec", "engineapi.objects", "engineapi.events", "engineapi.logs")),
+    ("engineapi.servicespec", ("engineapi.services", "engineapi.api")),
 ]
 
 # The task state machine is pure: no I/O module may be imported there.

@@ -31,6 +31,11 @@ from shoal.lab.registry import Registry, free_port, push_image
 pytestmark = pytest.mark.integration
 
 
+def unpinned(image: str) -> str:
+    """The image reference without the digest the docker CLI pins (GET /distribution)."""
+    return image.split("@", 1)[0]
+
+
 @pytest.fixture(scope="module")
 def mgr(registry: Registry) -> Iterator[EngineManager]:
     """This module's manager (names and directories with the prefix `eas`), and a second tag
@@ -113,8 +118,10 @@ def test_create_converges_and_shows_in_ls_ps_inspect(mgr: EngineManager) -> None
     spec = svc["Spec"]
     assert spec["Name"] == "web" and spec["Labels"] == {"tier": "front"} and spec["Mode"] == {"Replicated": {"Replicas": 3}}
     cs = spec["TaskTemplate"]["ContainerSpec"]
-    assert (cs["Image"], cs["Args"], cs["Env"], cs["StopGracePeriod"]) == (mgr.image, ["sleep", "600"], ["A=1"],
-                                                                         1_000_000_000)
+    # the CLI pinned the digest /distribution gave it (the local registry's), as against Docker
+    assert cs["Image"].startswith(f"{mgr.image}@sha256:") and len(cs["Image"]) == len(mgr.image) + 72
+    assert (unpinned(cs["Image"]), cs["Args"], cs["Env"], cs["StopGracePeriod"]) == (
+        mgr.image, ["sleep", "600"], ["A=1"], 1_000_000_000)
     # insertDefaults=true (inspect): what Shoal does for the unset restart policy, as Docker shows it
     assert spec["TaskTemplate"]["RestartPolicy"] == {"Condition": "any", "Delay": 5_000_000_000, "MaxAttempts": 0}
     assert spec["UpdateConfig"] == {"Parallelism": 3, "FailureAction": "pause", "Monitor": 1_000_000_000,
@@ -156,7 +163,7 @@ def test_update_image_and_env_rollback_scale(mgr: EngineManager) -> None:
     [svc] = mgr.djson("service", "inspect", "web")
     env = svc["Spec"]["TaskTemplate"]["ContainerSpec"]["Env"]
     assert sorted(env) == ["A=1", "B=2"]  # the CLI rebuilds the list from a map: either order
-    assert svc["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == v2
+    assert unpinned(svc["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]) == v2
     assert svc["PreviousSpec"]["TaskTemplate"]["ContainerSpec"]["Env"] == ["A=1"]
     assert svc["UpdateStatus"]["State"] == "completed" and svc["UpdateStatus"]["Message"]
     assert spec_version(mgr, "web") == before + 1
@@ -183,11 +190,11 @@ def test_update_image_and_env_rollback_scale(mgr: EngineManager) -> None:
     # the up-to-date tasks, as the progress loop asks: those made from the current task template (the
     # rolled-back-to tasks of before the update too), none of the v2 update's
     st, tasks = api(mgr, "GET", "/tasks?" + filters(service="web", _up_to_date="true"))
-    assert st == 200 and all(t["Spec"]["ContainerSpec"]["Image"] == mgr.image for t in tasks)
+    assert st == 200 and all(unpinned(t["Spec"]["ContainerSpec"]["Image"]) == mgr.image for t in tasks)
     live = [t for t in tasks if t["DesiredState"] == "running"]
     assert sorted(t["Slot"] for t in live) == [1, 2, 3, 4, 5] and all(t["Status"]["State"] == "running" for t in live)
     st, every = api(mgr, "GET", "/tasks?" + filters(service="web"))
-    assert any(t["Spec"]["ContainerSpec"]["Image"] == v2 for t in every)  # the history has them
+    assert any(unpinned(t["Spec"]["ContainerSpec"]["Image"]) == v2 for t in every)  # the history has them
 
 
 def test_tasks_list_filters_and_inspect(mgr: EngineManager) -> None:
@@ -267,7 +274,9 @@ def test_spec_flags_are_stored_shown_and_round_trip(mgr: EngineManager) -> None:
     assert t["Resources"] == {"Limits": {"MemoryBytes": 64 << 20}, "Reservations": {"MemoryBytes": 16 << 20}}
     assert t["RestartPolicy"] == {"Condition": "on-failure", "Delay": 5_000_000_000, "MaxAttempts": 0}
     assert t["Placement"] == {"Constraints": ["node.role==manager"],
-                              "Preferences": [{"Spread": {"SpreadDescriptor": "node.labels.zone"}}]}
+                              "Preferences": [{"Spread": {"SpreadDescriptor": "node.labels.zone"}}],
+                              # what /distribution said the image runs on: the CLI adds it, as with Docker
+                              "Platforms": [{"Architecture": "amd64", "OS": "linux"}]}
     assert t["ContainerSpec"]["Healthcheck"] == {"Test": ["CMD-SHELL", "true"], "Interval": 1_000_000_000}
     assert t["ContainerSpec"]["Mounts"] == [{"Type": "tmpfs", "Target": "/t"},
                                             {"Type": "volume", "Source": "easvol", "Target": "/v"},

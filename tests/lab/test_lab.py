@@ -362,6 +362,66 @@ def test_demo_stack_answers_from_several_hosts(cluster: Lab) -> None:
     assert [n["spec"]["annotations"]["name"] for n in nets] == ["ingress"], nets
 
 
+def docker(*args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+    """The stock docker CLI against the lab's Engine API (`lab env`'s DOCKER_HOST)."""
+    host = lab("env").stdout.splitlines()[1].split("=", 1)[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+    r = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
+                       env={**env, "DOCKER_HOST": host, "DOCKER_CONFIG": "/nonexistent"})
+    if check and r.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def test_docker_stack_deploy_through_the_engine_api(cluster: Lab, tmp_path: Path) -> None:
+    """`docker stack deploy -c FILE` with the stock docker CLI (it parses the file itself and calls the
+    Engine API): an overlay network, a secret and a config from files, a published port answering on
+    every node, `stack ls/services/ps`, swarmctl seeing the same stack, and `stack rm`."""
+    (tmp_path / "pw.txt").write_text("hunter2\n")
+    (tmp_path / "page.html").write_text("hello from a docker stack\n")
+    (tmp_path / "stack.yml").write_text("""
+version: "3.8"
+services:
+  web:
+    image: busybox
+    command: ["sh", "-c", "cp /cfg/index.html /tmp/ && exec httpd -f -p 80 -h /tmp"]
+    networks: [appnet]
+    ports: ["8083:80"]
+    secrets: [pw]
+    configs: [{source: page, target: /cfg/index.html}]
+    stop_grace_period: 1s
+    deploy: {replicas: 2}
+networks:
+  appnet: {driver: overlay}
+secrets:
+  pw: {file: ./pw.txt}
+configs:
+  page: {file: ./page.html}
+""")
+    try:
+        out = docker("stack", "deploy", "-c", str(tmp_path / "stack.yml"), "dk").stdout
+        for line in ("Creating network dk_appnet", "Creating secret dk_pw", "Creating config dk_page",
+                     "Creating service dk_web"):
+            assert line in out, out
+        assert docker("stack", "ls").stdout.split() == ["NAME", "SERVICES", "dk", "1"]
+        wait_for(lambda: "2/2" in docker("stack", "services", "dk").stdout, "dk_web 2/2")
+        assert "dk_web" in swarmctl("stack", "services", "dk", sock=cluster.sock).stdout
+        ps = docker("stack", "ps", "dk", "--format", "{{.Name}} {{.CurrentState}}").stdout.splitlines()
+        assert sorted(p.split()[0] for p in ps if "Running" in p) == ["dk_web.1", "dk_web.2"], ps
+        from shoal.lab.lab import LabState
+
+        ul = f"/run/netns/{LabState.load(NAME).prefix}-ul"
+        page = wait_for(lambda: subprocess.run(
+            ["nsenter", f"--net={ul}", "timeout", "5", "busybox", "wget", "-q", "-O", "-", "http://198.18.0.4:8083/"],
+            capture_output=True, text=True, timeout=10).stdout, "port 8083 through the routing mesh", 30)
+        assert page == "hello from a docker stack\n"
+    finally:
+        docker("stack", "rm", "dk", check=False)
+    wait_for(lambda: not cluster.tasks("dk_web"), "dk_web's tasks to go", 60)
+    names = swarmctl("network", "ls", sock=cluster.sock).stdout + swarmctl("secret", "ls", sock=cluster.sock).stdout
+    assert "dk_appnet" not in names and "dk_pw" not in names
+
+
 def test_encrypted_network(cluster: Lab) -> None:
     """--opt encrypted end to end through the managers. On a kernel without IPsec ESP (this project's
     machines: the data path itself is tested in a UML kernel, tests/netdriver/test_overlay_encrypted.py)
