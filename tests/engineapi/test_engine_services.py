@@ -429,3 +429,28 @@ def test_create_without_name_and_remove(mgr: EngineManager) -> None:
     assert (st, body) == (200, None)
     assert mgr.dok("service", "rm", "web").strip() == "web"
     assert mgr.dok("service", "ls", "-q").strip() == ""
+
+
+def test_cli_secret_config_and_network_flags(mgr: EngineManager) -> None:
+    """`docker service create --secret --config --network`: the CLI resolves the names through the Engine
+    API (GET /secrets, /configs, /networks) and sends ids; Shoal stores and shows them."""
+    sid = mgr.dok("secret", "create", "easflag-s", "-", input="pw").strip()
+    cid = mgr.dok("config", "create", "easflag-c", "-", input="cfg").strip()
+    nid = mgr.dok("network", "create", "-d", "overlay", "easflag-n").strip()
+    try:
+        svc = mgr.dok("service", "create", "--detach", "--name", "flags", "--secret", "easflag-s",
+                      "--config", "source=easflag-c,target=/etc/c.txt", "--network", "easflag-n",
+                      mgr.image, "sleep", "600").strip()
+        [s] = mgr.djson("service", "inspect", svc)
+        cs = s["Spec"]["TaskTemplate"]["ContainerSpec"]
+        assert [(x["SecretID"], x["SecretName"], x["File"]["Name"]) for x in cs["Secrets"]] == [(sid, "easflag-s", "easflag-s")]
+        assert [(x["ConfigID"], x["ConfigName"], x["File"]["Name"]) for x in cs["Configs"]] == [(cid, "easflag-c", "/etc/c.txt")]
+        assert [n["Target"] for n in s["Spec"]["TaskTemplate"]["Networks"]] == [nid]
+        shown = mgr.ok("service", "inspect", "flags")
+        assert sid in shown and cid in shown and nid in shown  # swarmctl sees the same references
+    finally:
+        mgr.docker("service", "rm", "flags")
+        for kind, name in (("secret", "easflag-s"), ("config", "easflag-c"), ("network", "easflag-n")):
+            deadline = time.monotonic() + 30
+            while mgr.docker(kind, "rm", name).returncode != 0 and time.monotonic() < deadline:
+                time.sleep(0.5)  # in use until the service's tasks are gone
