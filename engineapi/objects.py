@@ -32,9 +32,7 @@ import ipaddress
 import json
 import re
 import ssl
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -352,6 +350,9 @@ class _Registry:
             self.ssl.verify_mode = ssl.CERT_NONE
 
     def _open(self, method: str, url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        import urllib.error  # here: a worker's swarmd, which never asks a registry, does not load them
+        import urllib.request
+
         req = urllib.request.Request(url, method=method, headers=headers)
         handlers: list[Any] = [urllib.request.HTTPSHandler(context=self.ssl)] if self.ssl else []
         opener = urllib.request.build_opener(*handlers)

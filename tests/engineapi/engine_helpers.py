@@ -13,6 +13,7 @@ mounts, state dir). `http(sock, method, path, body)` sends one raw HTTP/1.1 requ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from typing import Any
 
 import pytest
 from helpers.registry import local_registry
-from helpers.swarmd import Swarmd, remove_containers, unmount_under
+from helpers.swarmd import Swarmd, remove_containers, remove_task_netns, unmount_under
 
 from shoal.lab.registry import Registry
 
@@ -132,9 +133,12 @@ def registry() -> Iterator[Registry]:
         yield reg
 
 
-@pytest.fixture(scope="module")
-def mgr(registry: Registry) -> Iterator[EngineManager]:
-    m = EngineManager(registry)
+@contextlib.contextmanager
+def running_manager(registry: Registry | None, prefix: str = "ea") -> Iterator[EngineManager]:
+    """A started `EngineManager` (hostname `<prefix>m1`), stopped afterwards and everything it made
+    removed: containers, mounts, its tasks' network namespaces, the state dir. Its log's tail goes to
+    stderr when the start or the tests failed."""
+    m = EngineManager(registry, prefix=prefix)
     try:
         m.start()
         yield m
@@ -144,4 +148,11 @@ def mgr(registry: Registry) -> Iterator[EngineManager]:
         raise
     finally:
         m.stop()
+        remove_task_netns([m])
         m.cleanup()
+
+
+@pytest.fixture(scope="module")
+def mgr(registry: Registry) -> Iterator[EngineManager]:
+    with running_manager(registry) as m:
+        yield m

@@ -97,6 +97,13 @@ def test_services_networks_secrets_and_configs(client: docker.DockerClient, mgr:
         assert got.attrs["Spec"]["TaskTemplate"]["ContainerSpec"]["Env"] == ["SDK=1"]
         # swarmctl sees the service docker made, with its options
         assert "sdkweb" in mgr.ok("service", "ls")
+        # `networks=` by name: stored as the network's id (its tasks
+        # cannot run on this loopback manager, which has no data path: only the spec is checked)
+        netted = client.services.create(mgr.image, ["sleep", "600"], name="sdknetted", networks=["sdknet"])
+        try:
+            assert client.services.get(netted.id).attrs["Spec"]["TaskTemplate"]["Networks"][0]["Target"] == net.id
+        finally:
+            netted.remove()
     finally:
         if svc is not None:
             svc.remove()

@@ -13,12 +13,11 @@ import select
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
-from engine_helpers import DOCKER, EngineManager, http
+from engine_helpers import DOCKER, EngineManager, http, running_manager
 from helpers.waiting import wait_for
 
 from shoal.lab.registry import Registry
@@ -31,17 +30,8 @@ RFC3339NANO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z"
 
 @pytest.fixture(scope="module")
 def mgr(registry: Registry) -> Iterator[EngineManager]:
-    m = EngineManager(registry, prefix="eao")
-    try:
-        m.start()
+    with running_manager(registry, "eao") as m:
         yield m
-    except BaseException:
-        if m.log.exists():
-            sys.stderr.write("---- swarmd log tail\n" + "\n".join(m.log.read_text().splitlines()[-40:]) + "\n")
-        raise
-    finally:
-        m.stop()
-        m.cleanup()
 
 
 def frames(body: bytes) -> list[tuple[int, bytes]]:

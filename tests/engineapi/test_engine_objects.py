@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from engine_helpers import EngineManager, http
+from engine_helpers import EngineManager, http, running_manager
 
 from shoal.lab.registry import Registry
 
@@ -23,17 +22,8 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def mgr(registry: Registry) -> Iterator[EngineManager]:
-    m = EngineManager(registry, prefix="eao")
-    try:
-        m.start()
+    with running_manager(registry, "eao") as m:
         yield m
-    except BaseException:
-        if m.log.exists():
-            sys.stderr.write("---- swarmd log tail\n" + "\n".join(m.log.read_text().splitlines()[-40:]) + "\n")
-        raise
-    finally:
-        m.stop()
-        m.cleanup()
 
 
 def post(mgr: EngineManager, path: str, doc: object) -> tuple[int, dict]:

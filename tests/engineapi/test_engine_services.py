@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
 import pytest
-from engine_helpers import EngineManager, http
+from engine_helpers import EngineManager, http, running_manager
 
 from shoal.lab.images import busybox_image
 from shoal.lab.registry import Registry, free_port, push_image
@@ -41,29 +39,8 @@ def mgr(registry: Registry) -> Iterator[EngineManager]:
     """This module's manager (names and directories with the prefix `eas`), and a second tag
     `busybox:v2` of the test image for `service update --image`."""
     push_image(registry.url, "library/busybox", "v2", busybox_image())
-    m = EngineManager(registry, prefix="eas")
-    netns_prefix = ""
-    try:
-        m.start()
-        netns_prefix = f"n{m.info().node_id[:6]}-"  # the agent's task namespaces (shoal.agent.network)
+    with running_manager(registry, "eas") as m:
         yield m
-    except BaseException:
-        if m.log.exists():
-            sys.stderr.write("---- swarmd log tail\n" + "\n".join(m.log.read_text().splitlines()[-40:]) + "\n")
-        raise
-    finally:
-        m.stop()
-        m.cleanup()
-        if netns_prefix:
-            remove_netns(netns_prefix)
-
-
-def remove_netns(prefix: str) -> None:
-    """The task network namespaces of this module's node, which a stopped swarmd leaves behind when
-    its tasks were still running (the containers are removed by `cleanup`)."""
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    for name in (line.split()[0] for line in listed.splitlines() if line.startswith(prefix)):
-        subprocess.run(["ip", "netns", "del", name], check=True)
 
 
 def api(mgr: EngineManager, method: str, path: str, body: Any = None) -> tuple[int, Any]:

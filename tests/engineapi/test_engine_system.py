@@ -58,6 +58,13 @@ def test_node_ls_inspect_update_and_errors(mgr: EngineManager) -> None:
     # errors, worded as Docker's
     mgr.dfail("node", "inspect", "nosuch", match="Error response from daemon: node nosuch not found")
     mgr.dfail("node", "rm", "nosuch", match="Error response from daemon: node nosuch not found")
+    mgr.ok("service", "create", "--name", "onnode", mgr.image, "sleep", "600")
+    try:
+        rows = [r.split() for r in mgr.dok("node", "ps", "self").splitlines()]
+        assert rows[0][:4] == ["ID", "NAME", "IMAGE", "NODE"] and [r[1] for r in rows[1:]] == ["onnode.1"], rows
+        assert rows[1][3:6] == ["eam1", "Running", "Running"], rows
+    finally:
+        mgr.ok("service", "rm", "onnode")
     err = mgr.dfail("node", "rm", "eam1", match="Error response from daemon: rpc error: code = FailedPrecondition desc = ")
     assert "demote" in err or "not down" in err, err
     stale = node["Version"]["Index"] - 1
@@ -150,6 +157,21 @@ def test_a_workers_socket_answers_info_and_refuses_swarm_calls(mgr: EngineManage
                   "node or promote the current node to a manager.")
         st, hs, _ = http(sock, "GET", "/_ping")
         assert st == 200 and hs["swarm"] == "active/worker"
+
+        # promote and demote through the manager's socket: Docker's words, and the role follows
+        wait_ready = time.monotonic() + 60
+        while "Ready" not in mgr.dok("node", "ls", "--filter", "name=eaw1", "--format", "{{.Status}}"):
+            assert time.monotonic() < wait_ready, "eaw1 never became Ready"
+            time.sleep(0.3)
+        assert mgr.dok("node", "promote", "eaw1").strip() == "Node eaw1 promoted to a manager in the swarm."
+        assert mgr.djson("node", "inspect", "eaw1")[0]["Spec"]["Role"] == "manager"
+        deadline = time.monotonic() + 90
+        while mgr.docker("node", "ls", "--filter", "role=manager", "--format", "{{.Hostname}}").stdout.split() \
+                != ["eam1", "eaw1"] or not (w.dir / "swarmd.sock").exists():
+            assert time.monotonic() < deadline, "eaw1 never became a manager"
+            time.sleep(0.5)
+        assert mgr.dok("node", "demote", "eaw1").strip() == "Manager eaw1 demoted in the swarm."
+        assert mgr.djson("node", "inspect", "eaw1")[0]["Spec"]["Role"] == "worker"
     finally:
         w.stop()
         mgr.ok("node", "rm", "--force", "eaw1")
