@@ -172,6 +172,10 @@ def test_a_workers_socket_answers_info_and_refuses_swarm_calls(mgr: EngineManage
             time.sleep(0.5)
         assert mgr.dok("node", "demote", "eaw1").strip() == "Manager eaw1 demoted in the swarm."
         assert mgr.djson("node", "inspect", "eaw1")[0]["Spec"]["Role"] == "worker"
+        deadline = time.monotonic() + 60
+        while len(mgr.info().members) != 1:  # its store member has left: stopping it keeps the quorum
+            assert time.monotonic() < deadline, "eaw1's store member never left"
+            time.sleep(0.3)
     finally:
         w.stop()
         mgr.ok("node", "rm", "--force", "eaw1")
