@@ -18,7 +18,9 @@ no ``-m`` everything (docs/testing.md).
 Tests marked ``uml`` (they boot the User-Mode Linux kernel of tests/uml.py) run last, in their
 collection order: scripts/test builds that kernel in the background meanwhile, and before the first
 of them the session waits for the build outside the tests' own timeouts (a failed build fails each of
-them with the end of the build's log).
+them with the end of the build's log). A whole-suite run of scripts/test runs them in a second
+pytest beside the others (``-m uml`` and ``-m "not uml"``), where ``SHOAL_LEFTOVER_SCOPE=processes``
+limits the leftover check to that session's own processes.
 """
 
 from __future__ import annotations

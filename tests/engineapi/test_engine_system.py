@@ -167,7 +167,8 @@ def test_a_workers_socket_answers_info_and_refuses_swarm_calls(mgr: EngineManage
         assert mgr.djson("node", "inspect", "eaw1")[0]["Spec"]["Role"] == "manager"
         deadline = time.monotonic() + 90
         while mgr.docker("node", "ls", "--filter", "role=manager", "--format", "{{.Hostname}}").stdout.split() \
-                != ["eam1", "eaw1"] or not (w.dir / "swarmd.sock").exists():
+                != ["eam1", "eaw1"] or not (w.dir / "swarmd.sock").exists() \
+                or sum(m.reachable for m in mgr.info().members) != 2:  # its store member joined
             assert time.monotonic() < deadline, "eaw1 never became a manager"
             time.sleep(0.5)
         assert mgr.dok("node", "demote", "eaw1").strip() == "Manager eaw1 demoted in the swarm."
