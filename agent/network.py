@@ -63,7 +63,7 @@ from shoal.proto import dispatcher_pb2, gossip_pb2, objects_pb2, types_pb2
 
 log = logging.getLogger("shoal.agent.network")
 
-JOIN_PEERS = 3  # gossip peers kept on disk that a restarted node joins through, besides the managers
+JOIN_PEER_TRIES = 16  # kept gossip peers tried, one at a time, when no manager answers a join
 
 STACK_LABEL = "com.docker.stack.namespace"
 RESOLV_CONF = "nameserver 127.0.0.11\noptions ndots:0\n"
@@ -192,7 +192,7 @@ class NetworkAgent:
                     if msg.network_bootstrap_keys:
                         self.gossip.set_bootstrap_keys(msg.network_bootstrap_keys)
                     host_port = [m.addr.rsplit(":", 1)[0] for m in msg.managers if m.addr]
-                    await self.join([f"{h}:{self.gossip_port}" for h in host_port] + self._known_peers())
+                    await self.join([f"{h}:{self.gossip_port}" for h in host_port])
                     if msg.HasField("node"):
                         await self.set_node(msg.node)
                 except Exception as e:
@@ -264,9 +264,9 @@ class NetworkAgent:
             await asyncio.to_thread(self._driver.set_network_keys, network_id, keys)
 
     def _known_peers(self) -> list[str]:
-        """A few of the gossip peers this node last heard (kept on disk), as extra join seeds."""
+        """The gossip peers this node last heard (kept on disk), in a random order."""
         peers = self.local_state.gossip_peers() if self.local_state is not None else []
-        return random.sample(peers, min(len(peers), JOIN_PEERS))
+        return random.sample(peers, len(peers))
 
     def _keep_peers(self) -> None:
         if self.local_state is None or self.gossip is None:
@@ -278,10 +278,21 @@ class NetworkAgent:
             log.warning("node=%s gossip peers not kept on disk: %s", self.node_id, e)
 
     async def join(self, seeds: Sequence[str]) -> int:
+        """Join the gossip through `seeds` (the managers' hosts); when none answers (every manager
+        down), through the peers kept on disk, one at a time in a random order until one answers (at
+        most JOIN_PEER_TRIES): any live node fills the tables. Returns how many answered."""
         assert self.gossip is not None
-        seeds = list(dict.fromkeys(s for s in seeds if s and not s.startswith(f"{self.addr}:")))
+        mine = f"{self.addr}:"
+        seeds = list(dict.fromkeys(s for s in seeds if s and not s.startswith(mine)))
         try:
-            return await self.gossip.join(seeds) if seeds else 0
+            n = await self.gossip.join(seeds) if seeds else 0
+            if n == 0:
+                for peer in [p for p in self._known_peers() if p not in seeds and not p.startswith(mine)][
+                        :JOIN_PEER_TRIES]:
+                    if await self.gossip.join([peer]):
+                        log.info("node=%s no manager answered: joined the gossip through %s", self.node_id, peer)
+                        return 1
+            return n
         finally:
             self._joined.set()
             self._keep_peers()
