@@ -58,7 +58,7 @@ from shoal.netdriver.driverapi import Interface, NetworkDriver
 from shoal.netdriver.netns import create_netns
 from shoal.netdriver.networkdb import ENDPOINT_TABLE, EventKind, NetworkDB
 from shoal.netdriver.overlay.driver import OverlayDriver
-from shoal.netdriver.swim import ALIVE
+from shoal.netdriver.swim import LEFT
 from shoal.proto import dispatcher_pb2, gossip_pb2, objects_pb2, types_pb2
 
 log = logging.getLogger("shoal.agent.network")
@@ -210,6 +210,7 @@ class NetworkAgent:
         node_id, addr, prefix, gw = self._driver_args
         self._driver = await asyncio.to_thread(OverlayDriver, node_id, addr, prefix, gw_subnet=gw)
         self.gossip = NetworkDB(self.node_id, self.addr, self.addr, port=self.gossip_port, keys=list(keys))
+        self.gossip.add_member_listener(lambda _member: self._keep_peers())
         await self.gossip.start()
         self.dns = DNSServer(self.gossip, upstreams=self.upstream_dns)
         found = await asyncio.to_thread(self.driver.restore)
@@ -269,11 +270,14 @@ class NetworkAgent:
         return random.sample(peers, len(peers))
 
     def _keep_peers(self) -> None:
+        """The gossip members this node knows (but those that left) to disk: the candidates a restart
+        joins through when no manager answers. Called as the membership changes; the file is written
+        only when the list changed."""
         if self.local_state is None or self.gossip is None:
             return
         try:
             self.local_state.save_gossip_peers(
-                f"{m.addr}:{m.port}" for m in self.gossip.members() if m.node_id != self.node_id and m.state == ALIVE)
+                f"{m.addr}:{m.port}" for m in self.gossip.members() if m.node_id != self.node_id and m.state != LEFT)
         except OSError as e:
             log.warning("node=%s gossip peers not kept on disk: %s", self.node_id, e)
 
