@@ -842,6 +842,7 @@ class Swarmd:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGUSR1, _dump_stacks)
         _memdebug_install()
         if self.args.force_new_cluster:
             self._check_force_new_cluster()
@@ -954,6 +955,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "member's at /metrics/etcd); off by default")
     p.add_argument("--log-level", default=os.environ.get("SWARMD_LOG_LEVEL", "info"))
     return p.parse_args(argv)
+
+
+def _dump_stacks() -> None:
+    """SIGUSR1: every asyncio task's stack and every thread's, to the log (a stuck start or shutdown)."""
+    import faulthandler
+
+    for task in asyncio.all_tasks():
+        where = [f"  {f.f_code.co_filename}:{f.f_lineno} in {f.f_code.co_name}" for f in task.get_stack(limit=12)]
+        log.warning("SIGUSR1 task %s:\n%s", task.get_name(), "\n".join(where) or "  (not started)")
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,10 +135,18 @@ class Swarmd:
         self.reset_channel()
 
     def term(self, timeout: float | None = None) -> int:
-        """SIGTERM and its exit code (``subprocess.TimeoutExpired`` when it does not exit in time)."""
+        """SIGTERM and its exit code. When it does not exit in time: SIGUSR1 (swarmd logs every task's
+        and thread's stack) and an AssertionError with the log's end."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout or self.term_timeout)
+        try:
+            code = self.proc.wait(timeout or self.term_timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2)
+            raise AssertionError(f"swarmd {self.name} did not exit within {timeout or self.term_timeout:g} s of "
+                                 f"SIGTERM; its stacks (SIGUSR1) and log:\n{self.log_text()[-12000:]}") from None
         self.reset_channel()
         return code
 
