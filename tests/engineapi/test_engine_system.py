@@ -10,7 +10,7 @@ import time
 
 import pytest
 from engine_helpers import EngineManager, http
-from helpers.swarmd import Swarmd
+from helpers.swarmd import Swarmd, remove_task_netns
 
 pytestmark = pytest.mark.integration
 
@@ -179,4 +179,5 @@ def test_a_workers_socket_answers_info_and_refuses_swarm_calls(mgr: EngineManage
             time.sleep(0.3)
     finally:
         w.stop()
+        remove_task_netns([w])  # task namespaces a stopped swarmd left behind (a failed run left one)
         mgr.ok("node", "rm", "--force", "eaw1")
