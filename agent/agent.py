@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import os
 import platform
+import random
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -38,8 +39,14 @@ log = logging.getLogger("shoal.agent")
 LEADER_ADDR_KEY = "shoal-leader-addr"
 NODE_ID_KEY = "shoal-node-id"
 ENGINE_VERSION = "shoal-0.1.0"
-RECONNECT_DELAY = 0.1  # first retry after a broken session; doubles up to MAX_RECONNECT_DELAY
+# A broken session is opened again after a random delay of up to RECONNECT_DELAY heartbeat periods
+# (a whole fleet that lost its leader at once spreads out; the period grows with the cluster), the
+# bound doubling at each failure up to MAX_RECONNECT_DELAY periods.
+RECONNECT_DELAY = 0.1
 MAX_RECONNECT_DELAY = 0.5
+# A heartbeat unanswered within this many periods ends the session (a dead or cut-off manager); the
+# dispatcher's grace is longer (two periods and more), so a slow answer costs no DOWN.
+HEARTBEAT_TIMEOUT = 1.5
 UNREGISTERED_DELAY = 10.0
 CONNECT_TIMEOUT = 1.5
 RESTARTING_TIMEOUT = 1.0  # the last heartbeat of a graceful stop (see Agent._say_restarting)
@@ -204,6 +211,7 @@ class Agent:
         try:
             while True:
                 addr = self._pick()
+                pause = 0.0
                 try:
                     await self._session(addr)
                     delay = RECONNECT_DELAY
@@ -226,11 +234,11 @@ class Agent:
                         x.code() == grpc.StatusCode.NOT_FOUND and "not registered" in (x.details() or "")
                         for x in errs
                     ):
-                        delay = UNREGISTERED_DELAY  # removed from the cluster: retry, but slowly
+                        pause = UNREGISTERED_DELAY  # removed from the cluster: retry, but slowly
                 finally:
                     self.connected.clear()
                     self.session_id = ""
-                await asyncio.sleep(delay)
+                await asyncio.sleep(pause or random.uniform(0, delay * self._period))
                 delay = min(delay * 2, MAX_RECONNECT_DELAY)
         finally:
             for t in self._subs.values():
@@ -308,7 +316,7 @@ class Agent:
         req = dispatcher_pb2.HeartbeatRequest(session_id=self.session_id)
         while True:
             sent = time.monotonic()
-            resp = await stub.Heartbeat(req, metadata=self._md, timeout=max(0.5, self._period))
+            resp = await stub.Heartbeat(req, metadata=self._md, timeout=max(0.5, HEARTBEAT_TIMEOUT * self._period))
             if resp.HasField("period") and resp.period.ToNanoseconds() > 0:
                 self._period = resp.period.ToNanoseconds() / 1e9
             await asyncio.sleep(max(0.0, self._period - (time.monotonic() - sent)))

@@ -21,6 +21,7 @@ client certificate; None on the join/plain listeners and on the local unix contr
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -598,8 +599,15 @@ def peer_identity(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> P
     pems = auth.get("x509_pem_cert") or []
     if not pems:
         return None
+    return _peer_of_pem(pems[0])
+
+
+@functools.lru_cache(maxsize=16384)
+def _peer_of_pem(pem: bytes) -> PeerIdentity | None:
+    """The identity in a verified client certificate, parsed once per certificate (every RPC of a
+    node brings the same one: a heartbeat must not parse X.509)."""
     try:
-        info = cert_info(pems[0])
+        info = cert_info(pem)
     except ValueError:
         return None
     return PeerIdentity(info.node_id, info.role, info.cluster_id)

@@ -17,9 +17,17 @@ leader's address in the trailing metadata key `shoal-leader-addr`, so the agent 
 The caller's node id comes from the CN of its mTLS client certificate. Unit tests without TLS set
 `insecure_node_id_from_metadata=True`, and the node id is then read from metadata `shoal-node-id`.
 
-`run()` is a leader loop: it marks nodes whose heartbeats stopped DOWN (grace ≈ 3 heartbeat
-periods; with the default 1 s period a dead node is DOWN in under 3 s), and, when this manager
-has just become leader, gives every node two grace periods to open a session here.
+`run()` is a leader loop: it marks nodes whose heartbeats stopped DOWN (grace: two heartbeat
+periods plus 0.8 of the configured one; with the default 1 s period a dead node is DOWN in under
+3 s), and, when this manager has just become leader, gives every node two grace periods plus the
+time a whole fleet takes to reconnect to open a session here.
+
+Scale. The heartbeat period the agents are told grows with the cluster, so that the leader answers
+at most `MAX_HEARTBEAT_RATE` heartbeats a second (1 s up to 1,000 nodes by default, 5 s at 5,000),
+less a random 0-20 % per answer so that a fleet which (re)connected at once spreads out. The
+streams cost nothing while nothing changes: one store watch feeds them all, each task event goes
+to the one node it names, and a session stream rebuilds its message only when its node, the
+managers or the cluster changed.
 
 Restarts are not failures. An agent that stops gracefully (swarmd got SIGTERM: an upgrade, a
 reboot) says so in a last `Heartbeat(restarting=True)`: its node becomes DISCONNECTED with a
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -43,19 +52,27 @@ import grpc
 
 from shoal.manager import metrics
 from shoal.manager.keymanager import ipsec_keys, is_encrypted, strip_keys
-from shoal.manager.store import Store, StoreError, Tx, new_id
-from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_pb2, types_pb2
+from shoal.manager.store import Store, StoreError, Tx, WatchBatch, Watcher, new_id
+from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_pb2, types_pb2, watch_pb2
 
 log = logging.getLogger("shoal.dispatcher")
 
 DEFAULT_HEARTBEAT_PERIOD = 1.0
 DEFAULT_RESTART_WINDOW = 60.0  # seconds a gracefully stopped node has to come back (see the docstring)
-# A node is DOWN when no heartbeat came for GRACE_MULTIPLIER periods: an agent heartbeats every
-# period, so two missed heartbeats plus most of a third period (2.8 s at the 1 s default, < 3 s).
-GRACE_MULTIPLIER = 2.8
-# A new leader waits this many grace periods for nodes it has not seen: their agents must first
-# learn that the old leader is gone (its leader lease runs out) and then find this one.
+# The period grows past the configured one so that the leader answers at most this many heartbeats a
+# second: nodes / MAX_HEARTBEAT_RATE seconds.
+MAX_HEARTBEAT_RATE = 1000.0
+# Each answer tells the agent the period less a random fraction up to this one: heartbeats of agents
+# that connected together drift apart, and none comes later than the period.
+HEARTBEAT_JITTER = 0.2
+# A node is DOWN when no heartbeat came for two periods plus GRACE_MARGIN configured periods: two
+# missed heartbeats and most of a third at the 1 s default (2.8 s, < 3 s); 10.8 s at 5,000 nodes.
+GRACE_MARGIN = 0.8
+# A new leader waits this many grace periods for nodes it has not seen (their agents must first learn
+# that the old leader is gone and find this one), plus one second per RECONNECT_RATE nodes: the time
+# the whole fleet takes to open its sessions here.
 NEW_LEADER_GRACE = 2.0
+RECONNECT_RATE = 500.0
 LEADER_ADDR_KEY = "shoal-leader-addr"
 NODE_ID_KEY = "shoal-node-id"
 API_PORT = 2377
@@ -63,8 +80,8 @@ API_PORT = 2377
 ASSIGNMENT_BATCH_WINDOW = 0.02
 # Status updates arriving while a commit is in flight (or within this window) share a transaction.
 STATUS_BATCH_WINDOW = 0.005
-# How often long-lived streams check that the session is alive and this manager still leads.
-STREAM_CHECK_PERIOD = 0.25
+# At most this many node or task status changes go in one transaction (etcd's limits: see etcdstore).
+MAX_BATCH = 1000
 # A node or task status write refused as a stale version is built again this many times (8 attempts
 # in all), after CONFLICT_BACKOFF s times the attempt number (see `Store.update`).
 CONFLICT_RETRIES = 7
@@ -85,7 +102,19 @@ def restart_window(cluster: objects_pb2.Cluster | None) -> float:
 
 
 def heartbeat_period(cluster: objects_pb2.Cluster | None) -> float:
+    """The configured heartbeat period (the cluster's `dispatcher.heartbeat_period`)."""
     return _dispatcher_seconds(cluster, "heartbeat_period", DEFAULT_HEARTBEAT_PERIOD)
+
+
+def scaled_period(configured: float, nodes: int) -> float:
+    """The heartbeat period of a cluster of `nodes`: the configured one, or longer so that the leader
+    answers at most MAX_HEARTBEAT_RATE heartbeats a second."""
+    return max(configured, nodes / MAX_HEARTBEAT_RATE)
+
+
+def grace(configured: float, nodes: int) -> float:
+    """How long after its last heartbeat a node is marked DOWN."""
+    return 2 * scaled_period(configured, nodes) + GRACE_MARGIN * configured
 
 
 def node_id_from_auth_context(context: grpc.aio.ServicerContext) -> str | None:
@@ -142,11 +171,26 @@ class _Sent:
 
 @dataclass
 class _Session:
+    """One node's session. Its streams wait on `changed` (the Session stream) and `assignments` (the
+    Assignments stream's events, routed here by `Dispatcher._route`); `close()` wakes both."""
+
     id: str
     node_id: str
     expires: float
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     restarting: bool = False  # its agent stopped gracefully: `expires` is the restart deadline
+    # Set when the node, the managers or the cluster changed: the Session stream builds its message again.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # The open Assignments stream's events (task events naming this node, every secret, config and
+    # network event); None closes the stream. None when no Assignments stream is open.
+    assignments: asyncio.Queue[WatchBatch | None] | None = None
+
+    def close(self) -> None:
+        self.closed.set()
+        self.changed.set()
+        if self.assignments is not None:
+            self.assignments.put_nowait(None)
+            self.assignments = None
 
 
 @dataclass
@@ -186,17 +230,24 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         # The fenced store of the current leader term (set by the manager before `run`): writes of
         # the leader loop fail once this manager no longer holds the leader lease.
         self.leader_store: Store | None = None
+        # The one store watch that feeds every stream (see `_route`), made by the first stream.
+        self._router: Watcher | None = None
+        self._managers: list[dispatcher_pb2.WeightedPeer] | None = None  # cached; None = compute again
 
     # ---- helpers ---------------------------------------------------------------------------
     def session_count(self) -> int:
         """Agent sessions this dispatcher holds (`shoal_dispatcher_sessions`)."""
         return len(self._sessions)
 
+    def _node_count(self) -> int:
+        return len(self.store.sm.tables["node"])
+
     def period(self) -> float:
-        return heartbeat_period(self.store.cluster())
+        """The heartbeat period of this cluster now (configured, grown with the node count)."""
+        return scaled_period(heartbeat_period(self.store.cluster()), self._node_count())
 
     def grace(self) -> float:
-        return self.period() * GRACE_MULTIPLIER
+        return grace(heartbeat_period(self.store.cluster()), self._node_count())
 
     def restart_window(self) -> float:
         return restart_window(self.store.cluster())
@@ -210,6 +261,12 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         return ""
 
     def managers(self) -> list[dispatcher_pb2.WeightedPeer]:
+        """Every manager's API address, as sent in session messages (cached until a manager node changes)."""
+        if self._managers is None:
+            self._managers = self._find_managers()
+        return self._managers
+
+    def _find_managers(self) -> list[dispatcher_pb2.WeightedPeer]:
         fn = getattr(self.manager, "api_peers", None)
         if fn is not None:
             return [dispatcher_pb2.WeightedPeer(node_id=n, addr=a, weight=1) for n, a in fn()]
@@ -272,9 +329,10 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             node = await self._register(node_id, request.description, peer_host)
         except StoreError as e:
             await context.abort(_status_code(e), str(e))
+        self._ensure_router()
         old = self._sessions.get(node_id)
         if old is not None:
-            old.closed.set()
+            old.close()
         session = _Session(id=new_id(), node_id=node_id, expires=time.monotonic() + self.grace())
         self._sessions[node_id] = session
         self._unconfirmed.pop(node_id, None)
@@ -283,32 +341,80 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         log.info("session opened node=%s session=%s addr=%s", node_id, session.id, node.status.addr)
 
         last: dispatcher_pb2.SessionMessage | None = None
-        with self.store.watch(("node", "cluster")) as watcher:
-            try:
-                while True:
-                    msg = self._session_message(session)
-                    if msg != last:
-                        yield msg
-                        last = msg
-                    try:
-                        await asyncio.wait_for(watcher.queue.get(), STREAM_CHECK_PERIOD)
-                        while not watcher.queue.empty():
-                            watcher.queue.get_nowait()
-                    except TimeoutError:
-                        pass
-                    if session.closed.is_set():
-                        await context.abort(
-                            grpc.StatusCode.NOT_FOUND, f"session {session.id} was closed; open a new one"
-                        )
-                    await self._check_leader(context)
-                    if self.store.get("node", node_id) is None:
-                        session.closed.set()
-                        await context.abort(
-                            grpc.StatusCode.NOT_FOUND,
-                            f"node {node_id} was removed from the cluster; join it again with a join token",
-                        )
-            finally:
-                log.info("session stream ended node=%s session=%s", node_id, session.id)
+        try:
+            while True:
+                session.changed.clear()
+                msg = self._session_message(session)
+                if msg != last:
+                    yield msg
+                    last = msg
+                await session.changed.wait()
+                await self._check_leader(context)
+                if session.closed.is_set():
+                    await context.abort(
+                        grpc.StatusCode.NOT_FOUND, f"session {session.id} was closed; open a new one"
+                    )
+                if self.store.get("node", node_id) is None:
+                    session.close()
+                    await context.abort(
+                        grpc.StatusCode.NOT_FOUND,
+                        f"node {node_id} was removed from the cluster; join it again with a join token",
+                    )
+        finally:
+            log.info("session stream ended node=%s session=%s", node_id, session.id)
+
+    # ---- the one watch behind every stream -------------------------------------------------------
+    def _ensure_router(self) -> None:
+        """Watch the store for every stream of this dispatcher, once (again if the event loop changed)."""
+        loop = asyncio.get_running_loop()
+        if self._router is not None and self._router._loop is loop:
+            return
+        if self._router is not None:
+            self._router.close()
+        self._router = self.store.sm.watch(
+            ("task", "secret", "config", "network", "node", "cluster"), loop, on_message=self._route
+        )
+
+    def _route(self, msg: watch_pb2.WatchMessage | WatchBatch) -> None:
+        """Hand one commit's events to the streams they concern: a task event to the Assignments stream
+        of the node it names (before and after), secret, config and network events to every Assignments
+        stream (each keeps what its tasks use), a node event to that node's Session stream, and a
+        change of the managers or of the cluster to every Session stream."""
+        per_node: dict[str, list[watch_pb2.WatchEvent]] = {}
+        shared: list[watch_pb2.WatchEvent] = []
+        everyone = False
+        for ev in msg.events:
+            kind = ev.object.WhichOneof("object")
+            if kind == "task":
+                new, old = ev.object.task.node_id, ev.old_object.task.node_id
+                if new:
+                    per_node.setdefault(new, []).append(ev)
+                if old and old != new:
+                    per_node.setdefault(old, []).append(ev)
+            elif kind == "node":
+                s = self._sessions.get(ev.object.node.id)
+                if s is not None:
+                    s.changed.set()
+                if types_pb2.MANAGER in (ev.object.node.role, ev.old_object.node.role):
+                    managers = self._find_managers()
+                    if managers != self._managers:
+                        self._managers = managers
+                        everyone = True
+            elif kind == "cluster":
+                everyone = True
+            else:
+                shared.append(ev)
+        if everyone:
+            for s in self._sessions.values():
+                s.changed.set()
+        if shared:
+            for s in self._sessions.values():
+                if s.assignments is not None:
+                    per_node.setdefault(s.node_id, []).extend(shared)
+        for node_id, events in per_node.items():
+            s = self._sessions.get(node_id)
+            if s is not None and s.assignments is not None:
+                s.assignments.put_nowait(WatchBatch(events=events, version=msg.version))
 
     def _session_message(self, session: _Session) -> dispatcher_pb2.SessionMessage:
         cluster = self.store.cluster()
@@ -352,6 +458,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             if not desc.addr and keep_addr:
                 node.description.addr = keep_addr
             node.status.CopyFrom(types_pb2.NodeStatus(state=types_pb2.NodeStatus.READY, addr=addr))
+            if node == cur:  # a session again after a leader change: nothing to write
+                return cur
             return tx.update(node)
 
         return await self.store.update(fn, CONFLICT_RETRIES, backoff=CONFLICT_BACKOFF)
@@ -361,18 +469,19 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self, request: dispatcher_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> dispatcher_pb2.HeartbeatResponse:
         s = await self._session_for(context, request.session_id)
-        period = self.period()
+        configured, nodes = heartbeat_period(self.store.cluster()), self._node_count()
+        period = scaled_period(configured, nodes)
         if request.restarting:
             window = self.restart_window()
             s.expires, s.restarting = time.monotonic() + window, True
-            s.closed.set()  # its streams end; the entry stays until the deadline or its next session
+            s.close()  # its streams end; the entry stays until the deadline or its next session
             await self._mark_restarting(s.node_id, window)
             self._ensure_flag().set()
         else:
-            s.expires = time.monotonic() + period * GRACE_MULTIPLIER
+            s.expires = time.monotonic() + grace(configured, nodes)
         metrics.count_heartbeat()
         resp = dispatcher_pb2.HeartbeatResponse()
-        resp.period.FromNanoseconds(int(period * 1e9))
+        resp.period.FromNanoseconds(int(period * (1 - random.uniform(0, HEARTBEAT_JITTER)) * 1e9))
         return resp
 
     # ---- leader loop: heartbeat expiry ---------------------------------------------------------
@@ -380,15 +489,16 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         """Leader loop: mark nodes DOWN when their heartbeats stop. Cancel it on leadership loss."""
         wake = self._ensure_flag()
         now = time.monotonic()
-        grace = self.grace()
+        nodes = self.store.find("node")
+        wait = self.grace() * NEW_LEADER_GRACE + len(nodes) / RECONNECT_RATE
         wall = time.time()
-        for n in self.store.find("node"):
+        for n in nodes:
             if n.status.state != types_pb2.NodeStatus.DOWN and n.id not in self._sessions:
-                deadline = now + grace * NEW_LEADER_GRACE
+                deadline = now + wait
                 if n.status.HasField("restart_deadline"):  # restarting under the last leader
                     deadline = max(deadline, now + n.status.restart_deadline.ToNanoseconds() / 1e9 - wall)
                 self._unconfirmed[n.id] = deadline
-        log.info("dispatcher leader loop started nodes_awaited=%d grace=%.1fs", len(self._unconfirmed), grace)
+        log.info("dispatcher leader loop started nodes_awaited=%d wait=%.1fs", len(self._unconfirmed), wait)
         try:
             while True:
                 now = time.monotonic()
@@ -396,18 +506,18 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 for node_id, s in list(self._sessions.items()):
                     if s.expires <= now:
                         del self._sessions[node_id]
-                        s.closed.set()
+                        s.close()
                         expired.append((node_id, "not back within the restart window after a graceful stop"
                                         if s.restarting else "heartbeat failure"))
                 for node_id, deadline in list(self._unconfirmed.items()):
                     if deadline <= now:
                         del self._unconfirmed[node_id]
                         expired.append((node_id, "heartbeat failure for node not seen by this leader"))
-                for node_id, why in expired:
+                if expired:
                     try:
-                        await self._mark_down(node_id, why)
+                        await self._mark_down(expired)
                     except StoreError as e:
-                        log.warning("marking node down failed node=%s err=%s", node_id, e)
+                        log.warning("marking nodes down failed nodes=%d err=%s", len(expired), e)
                 deadlines = [s.expires for s in self._sessions.values()] + list(self._unconfirmed.values())
                 timeout = min(deadlines) - time.monotonic() if deadlines else self.period()
                 wake.clear()
@@ -418,33 +528,37 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         finally:
             # A new leader starts from scratch; streams here end with UNAVAILABLE on their next check.
             for s in self._sessions.values():
-                s.closed.set()
+                s.close()
             self._sessions.clear()
             self._unconfirmed.clear()
 
     async def _mark_restarting(self, node_id: str, window: float) -> None:
-        await self._set_state(node_id, types_pb2.NodeStatus.DISCONNECTED,
-                              f"swarmd stopped gracefully: marked down unless back within {window:g} s",
-                              time.time_ns() + int(window * 1e9))
+        await self._set_states([(node_id, f"swarmd stopped gracefully: marked down unless back within {window:g} s")],
+                               types_pb2.NodeStatus.DISCONNECTED, time.time_ns() + int(window * 1e9))
         log.info("node restarting node=%s window=%gs: not marked down until then", node_id, window)
 
-    async def _mark_down(self, node_id: str, why: str) -> None:
-        await self._set_state(node_id, types_pb2.NodeStatus.DOWN, why)
-        log.warning("node down node=%s reason=%r", node_id, why)
+    async def _mark_down(self, nodes: list[tuple[str, str]]) -> None:
+        """Mark (node id, why) DOWN, MAX_BATCH nodes a transaction."""
+        for i in range(0, len(nodes), MAX_BATCH):
+            await self._set_states(nodes[i : i + MAX_BATCH], types_pb2.NodeStatus.DOWN)
+        for node_id, why in nodes:
+            log.warning("node down node=%s reason=%r", node_id, why)
 
-    async def _set_state(self, node_id: str, state: int, message: str, restart_deadline_ns: int = 0) -> None:
-        """The node's status (unless it is gone or DOWN already), written by the leader's fenced store."""
+    async def _set_states(self, nodes: list[tuple[str, str]], state: int, restart_deadline_ns: int = 0) -> None:
+        """The status of each (node id, message) (unless it is gone or DOWN already), in one transaction
+        of the leader's fenced store."""
         def fn(tx: Tx) -> None:
-            cur = tx.get("node", node_id)
-            if cur is None or cur.status.state == types_pb2.NodeStatus.DOWN:
-                return
-            node = objects_pb2.Node()
-            node.CopyFrom(cur)
-            node.status.state = state
-            node.status.message = message
-            if restart_deadline_ns:
-                node.status.restart_deadline.FromNanoseconds(restart_deadline_ns)
-            tx.update(node)
+            for node_id, message in nodes:
+                cur = tx.get("node", node_id)
+                if cur is None or cur.status.state == types_pb2.NodeStatus.DOWN:
+                    continue
+                node = objects_pb2.Node()
+                node.CopyFrom(cur)
+                node.status.state = state
+                node.status.message = message
+                if restart_deadline_ns:
+                    node.status.restart_deadline.FromNanoseconds(restart_deadline_ns)
+                tx.update(node)
 
         await (self.leader_store or self.store).update(fn, CONFLICT_RETRIES, backoff=CONFLICT_BACKOFF)
 
@@ -455,12 +569,16 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         session = await self._session_for(context, request.session_id)
         node_id = session.node_id
         sm = self.store.sm
-        with sm.lock:
-            watcher = self.store.watch(("task", "secret", "config", "network"))
+        queue: asyncio.Queue[WatchBatch | None] = asyncio.Queue()
+        with sm.lock:  # the events routed from now on are those after this copy of the node's tasks
+            self._ensure_router()
+            if session.assignments is not None:  # a second stream of the session replaces the first
+                session.assignments.put_nowait(None)
+            session.assignments = queue
             base_version = sm.version
             tasks = {t.id: t for t in sm.tasks_by_node(node_id) if t.status.state >= types_pb2.ASSIGNED}
         sent = _Sent()
-        with watcher:
+        try:
             msg = dispatcher_pb2.AssignmentsMessage(
                 type=dispatcher_pb2.AssignmentsMessage.COMPLETE, results_in=str(base_version)
             )
@@ -481,28 +599,21 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             applies_to = str(base_version)
             while True:
                 events = []
-                try:
-                    first = await asyncio.wait_for(watcher.queue.get(), STREAM_CHECK_PERIOD)
-                except TimeoutError:
-                    first = None
-                if session.closed.is_set():
-                    await context.abort(
-                        grpc.StatusCode.NOT_FOUND, f"session {session.id} was closed; open a new one"
-                    )
-                await self._check_leader(context)
-                if first is None:
-                    continue
-                batch = [first]
-                deadline = time.monotonic() + ASSIGNMENT_BATCH_WINDOW
-                while (left := deadline - time.monotonic()) > 0:
-                    try:
-                        batch.append(await asyncio.wait_for(watcher.queue.get(), left))
-                    except TimeoutError:
-                        break
+                batch = [await queue.get()]
+                if batch[0] is not None:
+                    await asyncio.sleep(ASSIGNMENT_BATCH_WINDOW)
+                    while not queue.empty():
+                        batch.append(queue.get_nowait())
+                if any(b is None for b in batch):
+                    await self._check_leader(context)
+                    if session.closed.is_set():
+                        await context.abort(
+                            grpc.StatusCode.NOT_FOUND, f"session {session.id} was closed; open a new one"
+                        )
+                    return  # replaced by a newer stream of the session
                 version = base_version
                 for wm in batch:
-                    if wm is None:
-                        return
+                    assert wm is not None
                     if wm.version <= base_version:
                         continue
                     version = max(version, wm.version)
@@ -532,6 +643,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                     log.debug("assignments incremental node=%s changes=%d", node_id, len(msg.changes))
                     yield msg
                     applies_to = str(version)
+        finally:
+            if session.assignments is queue:
+                session.assignments = None
 
     @staticmethod
     def _task_event(
@@ -649,10 +763,13 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         while self._batch.updates or self._batch.waiters:
             batch, self._batch = self._batch, _StatusBatch()
             try:
-                applied = await self.store.update(
-                    lambda tx, b=batch: _apply_statuses(tx, b.updates), CONFLICT_RETRIES,
-                    backoff=CONFLICT_BACKOFF,
-                )
+                items = list(batch.updates.items())
+                applied = 0
+                for i in range(0, len(items), MAX_BATCH):
+                    chunk = dict(items[i : i + MAX_BATCH])
+                    applied += await self.store.update(
+                        lambda tx, c=chunk: _apply_statuses(tx, c), CONFLICT_RETRIES, backoff=CONFLICT_BACKOFF
+                    )
                 log.debug("task status batch committed updates=%d applied=%d", len(batch.updates), applied)
                 for f in batch.waiters:
                     if not f.done():

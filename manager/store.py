@@ -412,8 +412,13 @@ class StateMachine:
         raise InvalidArgument(f"{kind} id prefix {ref!r} is ambiguous ({len(hits)} match): give more characters")
 
     # ---- watch -------------------------------------------------------------------------------
-    def watch(self, kinds: Iterable[str] = (), loop: asyncio.AbstractEventLoop | None = None) -> Watcher:
-        w = Watcher(self, frozenset(kinds), loop or asyncio.get_running_loop())
+    def watch(
+        self,
+        kinds: Iterable[str] = (),
+        loop: asyncio.AbstractEventLoop | None = None,
+        on_message: Callable[[watch_pb2.WatchMessage], None] | None = None,
+    ) -> Watcher:
+        w = Watcher(self, frozenset(kinds), loop or asyncio.get_running_loop(), on_message)
         with self.lock:
             self._watchers.append(w)
         return w
@@ -463,13 +468,22 @@ class WatchBatch:
 
 
 class Watcher:
-    """Committed events for some kinds, delivered into an asyncio queue from whichever thread applied."""
+    """Committed events for some kinds, delivered into an asyncio queue from whichever thread applied;
+    or, with `on_message`, handed to that function on the loop's thread instead (in commit order), for
+    a consumer that routes one stream of events to many (the dispatcher's streams)."""
 
-    def __init__(self, sm: StateMachine, kinds: frozenset[str], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        sm: StateMachine,
+        kinds: frozenset[str],
+        loop: asyncio.AbstractEventLoop,
+        on_message: Callable[[watch_pb2.WatchMessage], None] | None = None,
+    ) -> None:
         self._sm = sm
         self.kinds = kinds
         self._loop = loop
         self.queue: asyncio.Queue[watch_pb2.WatchMessage | None] = asyncio.Queue()
+        self._target: Callable[[Any], None] = on_message or self.queue.put_nowait
 
     def deliver(self, msg: watch_pb2.WatchMessage) -> None:
         if self.kinds:
@@ -478,7 +492,7 @@ class Watcher:
                 return
             msg = WatchBatch(events=events, version=msg.version)  # type: ignore[assignment]
         try:
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, msg)
+            self._loop.call_soon_threadsafe(self._target, msg)
         except RuntimeError:  # loop closed
             self._sm._unwatch(self)
 
@@ -620,8 +634,10 @@ class Store:
     def resolve(self, kind: str, ref: str) -> Any:
         return self.sm.resolve(kind, ref)
 
-    def watch(self, kinds: Iterable[str] = ()) -> Watcher:
-        return self.sm.watch(kinds)
+    def watch(
+        self, kinds: Iterable[str] = (), on_message: Callable[[watch_pb2.WatchMessage], None] | None = None
+    ) -> Watcher:
+        return self.sm.watch(kinds, on_message=on_message)
 
     def cluster(self) -> objects_pb2.Cluster | None:
         clusters = self.sm.list("cluster")

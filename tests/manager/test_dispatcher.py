@@ -15,7 +15,7 @@ from helpers.aio import run
 from helpers.waiting import wait_for_async
 
 from shoal.manager.ca import RootCA
-from shoal.manager.dispatcher import LEADER_ADDR_KEY, NODE_ID_KEY, Dispatcher
+from shoal.manager.dispatcher import LEADER_ADDR_KEY, MAX_HEARTBEAT_RATE, NODE_ID_KEY, Dispatcher
 from shoal.manager.etcdstore import Election
 from shoal.manager.store import LocalStore, Store, Tx
 from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_pb2, types_pb2
@@ -154,7 +154,8 @@ def test_session_registers_node_and_sends_managers_and_keys() -> None:
                 assert node.status.state == types_pb2.NodeStatus.READY
                 assert node.status.addr == "127.0.0.1"
                 hb = await c.heartbeat()
-                assert hb.period.ToNanoseconds() == 1_000_000_000
+                # the period less up to 20 % jitter, so that agents that connected together drift apart
+                assert 800_000_000 <= hb.period.ToNanoseconds() <= 1_000_000_000
             finally:
                 await c.close()
 
@@ -248,7 +249,7 @@ def test_heartbeat_expiry_marks_node_down_and_session_reopens() -> None:
             c = Client(addr, "n1")
             try:
                 await c.open()
-                assert (await c.heartbeat()).period.ToNanoseconds() == 100_000_000
+                assert 80_000_000 <= (await c.heartbeat()).period.ToNanoseconds() <= 100_000_000
 
                 async def beat() -> None:
                     while True:
@@ -616,5 +617,51 @@ def test_session_message_node_carries_no_network_keys() -> None:
                 assert first.node.attachments and not first.node.attachments[0].network.encryption_keys
             finally:
                 await c.close()
+
+    run(main())
+
+
+def test_heartbeat_period_grows_with_the_fleet_and_a_new_session_writes_nothing() -> None:
+    """Past MAX_HEARTBEAT_RATE nodes a second the period grows (3,000 nodes: 3 s, told less up to 20 %
+    jitter), and the grace with it (two periods and 0.8 of the configured one). A node that opens a
+    session again unchanged (after a leader change) costs no store write, and no stream of another
+    node wakes for it."""
+
+    async def main() -> None:
+        st = LocalStore()
+        await add_cluster(st)
+        nodes = [objects_pb2.Node(id=f"n{i}", spec=specs_pb2.NodeSpec()) for i in range(3000)]
+        for i in range(0, len(nodes), 500):
+            await st.update(lambda tx, c=nodes[i : i + 500]: [tx.create(n) for n in c])
+        async with serve(st) as (disp, addr):
+            assert disp.period() == pytest.approx(3000 / MAX_HEARTBEAT_RATE)
+            assert disp.grace() == pytest.approx(2 * 3.0 + 0.8)
+            periods = set()
+            c, other = Client(addr, "n1"), Client(addr, "n2")
+            try:
+                await c.open()
+                await other.open()
+                for _ in range(20):
+                    periods.add((await c.heartbeat()).period.ToNanoseconds())
+                assert all(2_400_000_000 <= p <= 3_000_000_000 for p in periods) and len(periods) > 1
+                await c.close()
+                version = st.sm.version
+                c = Client(addr, "n1")
+                await c.open()
+                assert st.sm.version == version  # READY with the same description: no write
+                # n1's task reaches n1's stream only.
+                sa, sb = c.assignments(), other.assignments()
+                assert (await sa.read()).type == AM.COMPLETE and (await sb.read()).type == AM.COMPLETE
+                routed_to_n2: list = []
+                q = disp._sessions["n2"].assignments
+                put_nowait = q.put_nowait
+                q.put_nowait = lambda item: (routed_to_n2.append(item), put_nowait(item))  # type: ignore[method-assign]
+                t = task("n1", types_pb2.ASSIGNED)
+                await put(st, t)
+                assert kinds(await sa.read()) == [("task", t.id, AC.UPDATE)]
+                assert routed_to_n2 == []
+            finally:
+                await c.close()
+                await other.close()
 
     run(main())
