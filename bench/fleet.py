@@ -188,7 +188,8 @@ class Sim:
         self.err = open(base / f"sim{idx}.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "fleetsim.py"), "--managers", ",".join(managers), "--token", token,
-             "--count", str(count), "--prefix", f"fleet-s{idx}", "--first", str(first)],
+             "--count", str(count), "--prefix", f"fleet-s{idx}", "--first", str(first),
+             "--state-dir", str(base)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, start_new_session=True)
         self.status: dict[str, Any] = {}
         self.msgs: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -648,6 +649,7 @@ def one_step(nodes: int, idle: float, tpn: int) -> dict[str, Any]:
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
     base = Path(tempfile.mkdtemp(prefix="fl", dir="/var/tmp"))
+    print(f"fleet: state under {base}", file=sys.stderr, flush=True)
     try:
         return Step(nodes, idle, tpn, base).run()
     finally:

@@ -7,7 +7,7 @@ things are added to the agent, without changing it: an event that remembers when
 session (`connected` set on its first assignments message) and a client interceptor that times
 `/shoal.Dispatcher/Heartbeat`.
 
-    python bench/fleetsim.py --managers A,B,C --token T --count K --prefix s0 [--first F]
+    python bench/fleetsim.py --managers A,B,C --token T --count K --prefix s0 [--first F] [--state-dir D]
 
 Protocol (JSON lines): it prints {"type": "ready"} and waits for "go" on stdin; then joins F nodes at
 once (reported as {"type": "batch", t0, t1, n, ok}) and the rest with --conc joins at a time, each
@@ -181,8 +181,9 @@ def emit(msg: dict[str, Any]) -> None:
 
 
 class Fleet:
-    def __init__(self, managers: Sequence[str], token: str, prefix: str) -> None:
+    def __init__(self, managers: Sequence[str], token: str, prefix: str, state_dir: str) -> None:
         self.managers = list(managers)
+        self.state_dir = state_dir
         self.token = token
         self.prefix = prefix
         self.agents: list[SimAgent] = []
@@ -210,7 +211,7 @@ class Fleet:
             return False
         ident = res.identity
         agent = SimAgent(
-            ident.node_id, "/nonexistent", self.managers,
+            ident.node_id, self.state_dir, self.managers,
             grpc.ssl_channel_credentials(ident.ca_pem, ident.key_pem, ident.cert_pem), MemEngine(),
             hostname=name,
             channel_options=[("grpc.ssl_target_name_override", MANAGER_NAME), ("grpc.default_authority", MANAGER_NAME)],
@@ -252,7 +253,7 @@ async def main(a: argparse.Namespace) -> None:
         loop.call_soon_threadsafe(lines.put_nowait, "")
 
     threading.Thread(target=read_stdin, daemon=True).start()
-    fleet = Fleet(a.managers.split(","), a.token, a.prefix)
+    fleet = Fleet(a.managers.split(","), a.token, a.prefix, a.state_dir)
     emit({"type": "ready"})
     while (await lines.get()).strip() != "go":
         pass
@@ -300,6 +301,8 @@ def cli() -> None:
     ap.add_argument("--count", type=int, required=True)
     ap.add_argument("--prefix", required=True, help="hostname prefix of this process's nodes")
     ap.add_argument("--first", type=int, default=0, help="nodes joined all at once before the others")
+    ap.add_argument("--state-dir", default="/nonexistent",
+                    help="the agents' state dir (Agent keeps nothing there without a LocalState)")
     ap.add_argument("--conc", type=int, default=32, help="joins at a time after the first ones")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
