@@ -282,8 +282,9 @@ def until(pred: Callable[[], Any], timeout: float, every: float = 0.25) -> Any:
 class Step:
     """One step of the fleet benchmark: N nodes on a fresh cluster of 3 managers."""
 
-    def __init__(self, nodes: int, idle: float, tpn: int, base: Path) -> None:
+    def __init__(self, nodes: int, idle: float, tpn: int, base: Path, ingress_subnet: str = "") -> None:
         self.n, self.idle, self.tpn, self.base = nodes, idle, tpn, base
+        self.ingress_subnet = ingress_subnet
         self.timeout = 120 + nodes * 0.1
         self.res: dict[str, Any] = {k: None for k in KEYS}
         self.res.update(nodes=nodes, errors=[])
@@ -338,6 +339,25 @@ class Step:
             if not until(lambda m=m: m.sock.exists() and m.stub().Info(control_pb2.InfoRequest(), timeout=5), 60):
                 raise RuntimeError(f"{m.name}'s control API did not answer within 60 s")
         return str(cl.root_ca.join_tokens.worker)
+
+    def replace_ingress(self, subnet: str) -> None:
+        """As a Docker user with more than 254 nodes does: the ingress network (a /24 by default, one
+        address per node) removed and created again on a larger subnet, before any worker joins."""
+        c = self.ctl()
+        for _ in range(20):
+            try:
+                for net in c.ListNetworks(control_pb2.ListNetworksRequest(), timeout=10).networks:
+                    if net.spec.ingress:
+                        c.RemoveNetwork(control_pb2.RemoveNetworkRequest(network_id=net.id), timeout=10)
+                spec = specs_pb2.NetworkSpec(annotations=types_pb2.Annotations(name="ingress"), ingress=True,
+                                             driver_config=types_pb2.Driver(name="overlay"))
+                spec.ipam.configs.add(subnet=subnet)
+                c.CreateNetwork(control_pb2.CreateNetworkRequest(spec=spec), timeout=10)
+                return
+            except grpc.RpcError as e:
+                err = f"{e.code().name}: {e.details()}"
+                time.sleep(0.5)
+        raise RuntimeError(f"the ingress network could not be replaced by one on {subnet}: {err}")
 
     def start_sims(self, token: str) -> None:
         killed = max(1, self.n // 100)
@@ -611,12 +631,18 @@ class Step:
             token = self.start_managers()
             self.leader()
             self.log("managers up")
+            if self.ingress_subnet:
+                self.replace_ingress(self.ingress_subnet)
+                self.log(f"ingress network on {self.ingress_subnet}")
             self.start_sims(token)
             poller = threading.Thread(target=self.poll_down, daemon=True)
             poller.start()
-            if self.phase_join():
-                self.log(f"{self.n} nodes ready in {self.res['ready_s']} s, {self.res['joins_per_s']} joins/s")
-                self.phase_idle()
+            joined = self.phase_join()
+            self.log(f"{self.n} nodes ready in {self.res['ready_s']} s, {self.res['joins_per_s']} joins/s")
+            self.phase_idle()  # also when the fleet did not converge: what the managers spend then
+            if not joined:
+                self.error("skipped the service, failover and node-kill phases: the fleet never converged")
+            else:
                 self.phase_service()
                 self.log(f"service: running in {self.res['tasks_running_s']} s")
                 self.phase_failover()
@@ -643,7 +669,7 @@ class Step:
         return self.res
 
 
-def one_step(nodes: int, idle: float, tpn: int) -> dict[str, Any]:
+def one_step(nodes: int, idle: float, tpn: int, ingress_subnet: str = "", keep_logs: str = "") -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = max(65536, soft)
     with contextlib.suppress(ValueError, OSError):
@@ -651,8 +677,14 @@ def one_step(nodes: int, idle: float, tpn: int) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="fl", dir="/var/tmp"))
     print(f"fleet: state under {base}", file=sys.stderr, flush=True)
     try:
-        return Step(nodes, idle, tpn, base).run()
+        return Step(nodes, idle, tpn, base, ingress_subnet).run()
     finally:
+        if keep_logs:
+            dest = Path(keep_logs) / f"fleet-{nodes}-{time.strftime('%Y%m%d-%H%M%S')}"
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in base.glob("*.log"):
+                shutil.copy(f, dest / f.name)
+            print(f"fleet: logs kept in {dest}", file=sys.stderr, flush=True)
         unmount_under(base)
         shutil.rmtree(base, ignore_errors=True)
 
@@ -679,10 +711,10 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in pts) / den if den else None
 
 
-def steps_iter(steps: list[int], idle: float, tpn: int) -> Iterator[dict[str, Any]]:
+def steps_iter(steps: list[int], idle: float, tpn: int, extra: list[str]) -> Iterator[dict[str, Any]]:
     for n in steps:
         p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--nodes", str(n), "--idle", str(idle),
-                            "--tasks-per-node", str(tpn)], stdout=subprocess.PIPE, text=True, check=False)
+                            "--tasks-per-node", str(tpn), *extra], stdout=subprocess.PIPE, text=True, check=False)
         sys.stdout.write(p.stdout)
         got = None
         for line in p.stdout.splitlines():
@@ -692,9 +724,9 @@ def steps_iter(steps: list[int], idle: float, tpn: int) -> Iterator[dict[str, An
                                            "errors": [f"the step exited {p.returncode} without a result"]}
 
 
-def curve(steps: list[int], idle: float, tpn: int) -> None:
+def curve(steps: list[int], idle: float, tpn: int, extra: list[str]) -> None:
     rows: list[dict[str, Any]] = []
-    for r in steps_iter(steps, idle, tpn):
+    for r in steps_iter(steps, idle, tpn, extra):
         rows.append(r)
         if r.get("errors"):
             break
@@ -730,14 +762,21 @@ def main() -> int:
     ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="without --nodes: the steps")
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of the idle window")
     ap.add_argument("--tasks-per-node", type=int, default=10)
+    ap.add_argument("--ingress-subnet", default="",
+                    help="replace the default ingress network (a /24: 254 node addresses) by one on this "
+                         "subnet before the nodes join, e.g. 10.128.0.0/16")
+    ap.add_argument("--keep-logs", default="", metavar="DIR", help="copy the managers' and fleet logs to DIR")
     a = ap.parse_args()
     if a.nodes is None:
-        curve([int(x) for x in a.steps.split(",") if x], a.idle, a.tasks_per_node)
+        extra = [*(["--ingress-subnet", a.ingress_subnet] if a.ingress_subnet else []),
+                 *(["--keep-logs", a.keep_logs] if a.keep_logs else [])]
+        curve([int(x) for x in a.steps.split(",") if x], a.idle, a.tasks_per_node, extra)
         return 0
     if a.nodes < 2:
         ap.error("--nodes must be at least 2")
-    res = one_step(a.nodes, a.idle, a.tasks_per_node)
-    report("fleet", f"fleet of {a.nodes} simulated nodes on 3 managers, loopback", res)
+    res = one_step(a.nodes, a.idle, a.tasks_per_node, a.ingress_subnet, a.keep_logs)
+    ingress = f", ingress {a.ingress_subnet}" if a.ingress_subnet else ""
+    report("fleet", f"fleet of {a.nodes} simulated nodes on 3 managers, loopback{ingress}", res)
     return 0
 
 
