@@ -183,12 +183,13 @@ class Manager:
 class Sim:
     """One bench/fleetsim.py process: its JSON lines read by a thread, its commands on stdin."""
 
-    def __init__(self, base: Path, idx: int, managers: list[str], token: str, count: int, first: int) -> None:
+    def __init__(self, base: Path, idx: int, managers: list[str], token: str, count: int, first: int,
+                 conc: int) -> None:
         self.count, self.idx = count, idx
         self.err = open(base / f"sim{idx}.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "fleetsim.py"), "--managers", ",".join(managers), "--token", token,
-             "--count", str(count), "--prefix", f"fleet-s{idx}", "--first", str(first),
+             "--count", str(count), "--prefix", f"fleet-s{idx}", "--first", str(first), "--conc", str(conc),
              "--state-dir", str(base)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, start_new_session=True)
         self.status: dict[str, Any] = {}
@@ -282,9 +283,10 @@ def until(pred: Callable[[], Any], timeout: float, every: float = 0.25) -> Any:
 class Step:
     """One step of the fleet benchmark: N nodes on a fresh cluster of 3 managers."""
 
-    def __init__(self, nodes: int, idle: float, tpn: int, base: Path, ingress_subnet: str = "") -> None:
+    def __init__(self, nodes: int, idle: float, tpn: int, base: Path, ingress_subnet: str = "",
+                 first: int = 500, conc: int = 32) -> None:
         self.n, self.idle, self.tpn, self.base = nodes, idle, tpn, base
-        self.ingress_subnet = ingress_subnet
+        self.ingress_subnet, self.first, self.conc = ingress_subnet, first, conc
         self.timeout = 120 + nodes * 0.1
         self.res: dict[str, Any] = {k: None for k in KEYS}
         self.res.update(nodes=nodes, errors=[])
@@ -364,11 +366,11 @@ class Step:
         rest = self.n - killed
         procs = max(2, round(rest / 1000))
         counts = [rest // procs + (1 if i < rest % procs else 0) for i in range(procs)] + [killed]
-        first = min(500, self.n)
+        first = min(self.first, self.n)
         firsts = [c * first // self.n for c in counts]
         firsts[0] += first - sum(firsts)
         apis = [m.api for m in self.managers]
-        self.sims = [Sim(self.base, i, apis, token, c, f) for i, (c, f) in enumerate(zip(counts, firsts, strict=True))]
+        self.sims = [Sim(self.base, i, apis, token, c, f, self.conc) for i, (c, f) in enumerate(zip(counts, firsts, strict=True))]
         for s in self.sims:
             if not s.ready.wait(60):
                 raise RuntimeError(f"fleet process {s.idx} did not start within 60 s")
@@ -669,7 +671,8 @@ class Step:
         return self.res
 
 
-def one_step(nodes: int, idle: float, tpn: int, ingress_subnet: str = "", keep_logs: str = "") -> dict[str, Any]:
+def one_step(nodes: int, idle: float, tpn: int, ingress_subnet: str = "", keep_logs: str = "", first: int = 500,
+             conc: int = 32) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = max(65536, soft)
     with contextlib.suppress(ValueError, OSError):
@@ -677,7 +680,7 @@ def one_step(nodes: int, idle: float, tpn: int, ingress_subnet: str = "", keep_l
     base = Path(tempfile.mkdtemp(prefix="fl", dir="/var/tmp"))
     print(f"fleet: state under {base}", file=sys.stderr, flush=True)
     try:
-        return Step(nodes, idle, tpn, base, ingress_subnet).run()
+        return Step(nodes, idle, tpn, base, ingress_subnet, first, conc).run()
     finally:
         if keep_logs:
             dest = Path(keep_logs) / f"fleet-{nodes}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -765,16 +768,20 @@ def main() -> int:
     ap.add_argument("--ingress-subnet", default="",
                     help="replace the default ingress network (a /24: 254 node addresses) by one on this "
                          "subnet before the nodes join, e.g. 10.128.0.0/16")
+    ap.add_argument("--first", type=int, default=500, help="nodes that join all at once (joins_per_s)")
+    ap.add_argument("--join-conc", type=int, default=32, help="joins at a time per fleet process after those")
     ap.add_argument("--keep-logs", default="", metavar="DIR", help="copy the managers' and fleet logs to DIR")
     a = ap.parse_args()
     if a.nodes is None:
         extra = [*(["--ingress-subnet", a.ingress_subnet] if a.ingress_subnet else []),
+                 "--first", str(a.first), "--join-conc", str(a.join_conc),
                  *(["--keep-logs", a.keep_logs] if a.keep_logs else [])]
         curve([int(x) for x in a.steps.split(",") if x], a.idle, a.tasks_per_node, extra)
         return 0
     if a.nodes < 2:
         ap.error("--nodes must be at least 2")
-    res = one_step(a.nodes, a.idle, a.tasks_per_node, a.ingress_subnet, a.keep_logs)
+    res = one_step(a.nodes, a.idle, a.tasks_per_node, a.ingress_subnet, a.keep_logs, a.first, a.join_conc)
+    res["first_joins"], res["join_conc"] = min(a.first, a.nodes), a.join_conc
     ingress = f", ingress {a.ingress_subnet}" if a.ingress_subnet else ""
     report("fleet", f"fleet of {a.nodes} simulated nodes on 3 managers, loopback{ingress}", res)
     return 0
