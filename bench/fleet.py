@@ -11,8 +11,8 @@ them: each node really joins through the CA (its own certificate) and runs the p
 assignments and status reports are the real ones; only the containers are not.
 
 One step, on a fresh cluster, measures in turn:
-1. joins: 500 nodes (or N) join at once (`joins_per_s`), the rest 32 at a time per process; until all
-   N are READY in `node ls` and their agents in session (`ready_s`).
+1. joins: 500 nodes (or N; `--first`) join at once (`joins_per_s`), the rest 32 at a time per fleet
+   process (`--join-conc`); until all N are READY in `node ls` and their agents in session (`ready_s`).
 2. idle (`--idle` s): CPU of each manager (swarmd + its etcd, utime+stime from /proc, as a fraction of
    one core) -> `leader_cpu_idle`, `follower_cpu_idle` (the busier follower); resident memory (VmRSS,
    swarmd + etcd) -> `manager_rss_mb` (largest), `leader_rss_mb`; the simulator's own CPU
@@ -20,7 +20,8 @@ One step, on a fresh cluster, measures in turn:
 3. a replicated service of `--tasks-per-node` busybox tasks per node, constrained to workers:
    create -> all assigned (`tasks_assigned_s`) and all RUNNING (`tasks_running_s`), polled with
    ListTasks on the leader's control socket; meanwhile a thread calls ListNodes, ListTasks (the
-   service, desired RUNNING) and GetService in a loop -> `api_p99_s` and each call's p99.
+   service, desired RUNNING) and GetService in a loop (0.1 s between rounds) -> `api_p99_s` and each
+   call's p99.
 4. the leader's swarmd and its etcd member SIGKILLed (a machine dying; it stays dead): until a write
    (CreateSecret, every 50 ms on the survivors) is accepted (`failover_write_s`), until every live agent
    came into session again (`failover_sessions_s`, and the p50/p99 of the agents' own times), and the
@@ -29,9 +30,15 @@ One step, on a fresh cluster, measures in turn:
 5. the process with 1 % of the nodes SIGKILLed: until all of them are DOWN (`down_s`) and until the
    service is back to all its tasks RUNNING (`down_moved_s`).
 6. throughout: nodes seen DOWN by a ListNodes poll every second that the bench did not kill
-   (`false_down`).
-Each phase waits at most 120 s + N * 0.1 s; a figure not reached is null and `errors` names it. The
-polls are real API calls and cost the managers something: a full `task ls` of 50,000 tasks is not free.
+   (`false_down`; managers count too, but not the killed one).
+Each phase waits at most 120 s + N * 0.1 s; a figure not reached is null and `errors` names it. When
+the nodes never all come into session, the idle figures are still taken (what the managers spend
+then) and the later phases are skipped. The polls are real API calls and cost the managers something:
+a full `task ls` of 50,000 tasks is not free.
+
+The cluster's ingress network is a /24 as Docker's (one address per node: 254 nodes);
+`--ingress-subnet 10.128.0.0/16` replaces it before the nodes join, as a Docker user with more nodes
+does. `--keep-logs DIR` keeps the managers' and fleet processes' logs.
 
 Without --nodes, each step runs as its own `fleet.py --nodes N` process; the curve stops after a step
 with a timed-out phase, and ends with a least-squares fit of idle leader CPU and memory per node and
@@ -69,6 +76,7 @@ HERE = Path(__file__).resolve().parent
 TICK = os.sysconf("SC_CLK_TCK")
 GRPC_OPTS = [("grpc.max_receive_message_length", 1 << 30)]
 STEPS = (100, 500, 1000, 2000, 5000)
+API_PAUSE = 0.1  # seconds between two rounds of the API thread's calls (one client, not a saturating one)
 KEYS = ("nodes", "false_down", "joins_per_s", "ready_s", "leader_cpu_idle", "follower_cpu_idle",
         "manager_rss_mb", "leader_rss_mb", "sim_cpu_idle", "heartbeat_p50_s", "heartbeat_p99_s", "tasks",
         "tasks_assigned_s", "tasks_running_s", "api_p99_s", "api_node_ls_p99_s", "api_task_ls_p99_s",
@@ -309,6 +317,22 @@ class Step:
         return self.live()[0].stub()
 
     def leader(self) -> Manager | None:
+        """The manager running the control loops (dispatcher, orchestrators, scheduler), from the
+        managers' logs: the one whose last word was "leads the control loops". `node ls` shows the
+        store's (etcd's) leader, which after a failover need not be the same manager."""
+        self.store_leader()  # keeps the manager node ids
+        best: tuple[str, Manager] | None = None
+        for m in self.live():
+            text = m.log.read_text(errors="replace") if m.log.exists() else ""
+            lead, lost = text.rfind("leads the control loops"), text.rfind("stopping control loops")
+            if lead > lost:
+                when = text[text.rfind("\n", 0, lead) + 1:][:23]
+                if best is None or when > best[0]:
+                    best = (when, m)
+        return best[1] if best else self.store_leader()
+
+    def store_leader(self) -> Manager | None:
+        """The manager whose etcd member leads the store (`node ls`'s Leader)."""
         for m in self.live():
             try:
                 ns = m.stub().ListNodes(control_pb2.ListNodesRequest(
@@ -479,7 +503,7 @@ class Step:
                 ("service_inspect", lambda: stub.GetService(control_pb2.GetServiceRequest(
                     service_id=self.service_id), timeout=60)),
             ]
-            while not done.is_set():
+            while not done.wait(API_PAUSE):
                 for name, call in calls:
                     t = time.perf_counter()
                     try:
@@ -538,6 +562,7 @@ class Step:
         self.log(f"killing the leader {leader.name}")
         t_kill = time.time()
         t0 = time.monotonic()
+        self.killed_managers.add(leader.name)
         leader.kill()
         for s in self.sims:
             s.send(f"mark {t_kill}")
@@ -590,8 +615,9 @@ class Step:
                     or (t.id in before and t.desired_state != types_pb2.RUNNING))
             except grpc.RpcError as e:
                 self.error(f"task ls after the failover: {e.code().name}")
-        new = self.leader()
-        self.log(f"failover: new leader {new.name if new else None}")
+        new, store = self.leader(), self.store_leader()
+        self.log(f"failover: control loops on {new.name if new else None}, store leader "
+                 f"{store.name if store else None}")
 
     def phase_kill_nodes(self) -> None:
         victim = self.sims[-1]
@@ -627,6 +653,7 @@ class Step:
 
     def run(self) -> dict[str, Any]:
         self.killed: set[str] = set()
+        self.killed_managers: set[str] = set()
         poller: threading.Thread | None = None
         leader_log = ""
         try:
@@ -662,7 +689,7 @@ class Step:
                 s.stop()
             for m in self.managers:
                 m.kill()
-        ignore = self.killed | set(self.manager_ids.values())
+        ignore = self.killed | {self.manager_ids.get(name, "") for name in self.killed_managers}
         self.res["false_down"] = len(self.down_seen - ignore)
         if leader_log:
             print(f"--- the leader's log, last lines:\n{leader_log}", file=sys.stderr)

@@ -213,7 +213,7 @@ class Fleet:
         agent = SimAgent(
             ident.node_id, self.state_dir, self.managers,
             grpc.ssl_channel_credentials(ident.ca_pem, ident.key_pem, ident.cert_pem), MemEngine(),
-            hostname=name,
+            hostname=name, addr="127.0.0.1",  # as swarmd, which always advertises an address (loopback: no data path)
             channel_options=[("grpc.ssl_target_name_override", MANAGER_NAME), ("grpc.default_authority", MANAGER_NAME)],
             samples=self.samples,
         )
