@@ -16,7 +16,9 @@ One step, on a fresh cluster, measures in turn:
 2. idle (`--idle` s): CPU of each manager (swarmd + its etcd, utime+stime from /proc, as a fraction of
    one core) -> `leader_cpu_idle`, `follower_cpu_idle` (the busier follower); resident memory (VmRSS,
    swarmd + etcd) -> `manager_rss_mb` (largest), `leader_rss_mb`; the simulator's own CPU
-   `sim_cpu_idle`; heartbeat round trips timed in the agents -> `heartbeat_p50_s`, `heartbeat_p99_s`.
+   `sim_cpu_idle`; heartbeat round trips timed in the agents -> `heartbeat_p50_s`, `heartbeat_p99_s`
+   (of the answered ones: `heartbeats_idle`; failed ones, e.g. past their deadline:
+   `heartbeats_failed_idle`).
 3. a replicated service of `--tasks-per-node` busybox tasks per node, constrained to workers:
    create -> all assigned (`tasks_assigned_s`) and all RUNNING (`tasks_running_s`), polled with
    ListTasks on the leader's control socket; meanwhile a thread calls ListNodes, ListTasks (the
@@ -78,7 +80,8 @@ GRPC_OPTS = [("grpc.max_receive_message_length", 1 << 30)]
 STEPS = (100, 500, 1000, 2000, 5000)
 API_PAUSE = 0.1  # seconds between two rounds of the API thread's calls (one client, not a saturating one)
 KEYS = ("nodes", "false_down", "joins_per_s", "ready_s", "leader_cpu_idle", "follower_cpu_idle",
-        "manager_rss_mb", "leader_rss_mb", "sim_cpu_idle", "heartbeat_p50_s", "heartbeat_p99_s", "tasks",
+        "manager_rss_mb", "leader_rss_mb", "sim_cpu_idle", "heartbeat_p50_s", "heartbeat_p99_s", "heartbeats_idle",
+        "heartbeats_failed_idle", "tasks",
         "tasks_assigned_s", "tasks_running_s", "api_p99_s", "api_node_ls_p99_s", "api_task_ls_p99_s",
         "api_service_inspect_p99_s", "api_calls", "failover_write_s", "failover_sessions_s",
         "failover_sessions_p50_s", "failover_sessions_p99_s", "rescheduled_on_failover", "killed_nodes",
@@ -465,12 +468,16 @@ class Step:
         self.res["leader_rss_mb"] = round(rss[leader.name], 1)
         self.res["sim_cpu_idle"] = round((sum(cpu_ticks(p) for p in sim_pids) - s0) / TICK / dt, 3)
         samples: list[float] = []
+        failed = 0
         for s in self.sims:
             m = s.ask("rtt", "rtt")
             if m is None:
                 self.error(f"fleet process {s.idx} gave no heartbeat samples")
             else:
                 samples += m["samples"]
+                failed += m.get("failed", 0)
+        self.res["heartbeats_idle"] = len(samples)
+        self.res["heartbeats_failed_idle"] = failed
         self.res["heartbeat_p50_s"] = r3(pct(samples, 50))
         self.res["heartbeat_p99_s"] = r3(pct(samples, 99))
         self.log(f"idle: cpu {cpu} rss {rss} heartbeats {len(samples)}")
@@ -748,7 +755,7 @@ def steps_iter(steps: list[int], idle: float, tpn: int, extra: list[str]) -> Ite
         sys.stdout.write(p.stdout)
         got = None
         for line in p.stdout.splitlines():
-            if line.startswith('{"bench": "fleet"'):
+            if line.startswith('{"bench": "fleet", '):
                 got = json.loads(line)["results"]
         yield got if got is not None else {**{k: None for k in KEYS}, "nodes": n,
                                            "errors": [f"the step exited {p.returncode} without a result"]}

@@ -14,7 +14,7 @@ once (reported as {"type": "batch", t0, t1, n, ok}) and the rest with --conc joi
 node's agent starting as soon as it joined; {"type": "joined", ids, failed, errors} when all tried.
 Every 0.2 s {"type": "status", n, joined, in_session, back} (back: in session again since the last
 "mark T"). Commands on stdin: "mark T" (wall-clock time T), "rtt_reset", "rtt" (answers
-{"type": "rtt", samples}), "since T" (answers {"type": "since", first}: per agent, the first time it
+{"type": "rtt", samples, failed}: heartbeats answered, their round trips, and the failed ones), "since T" (answers {"type": "since", first}: per agent, the first time it
 came into session at or after T, or null).
 """
 
@@ -139,10 +139,12 @@ class TimedEvent(asyncio.Event):
 
 
 class HeartbeatTimer(grpc.aio.UnaryUnaryClientInterceptor):
-    """Appends the round trip of every answered Heartbeat call to `samples`."""
+    """Appends the round trip of every answered Heartbeat call to `samples`, and counts the failed ones
+    (`failed[0]`: deadline exceeded, unavailable...)."""
 
-    def __init__(self, samples: list[float]) -> None:
+    def __init__(self, samples: list[float], failed: list[int]) -> None:
         self.samples = samples
+        self.failed = failed
 
     async def intercept_unary_unary(self, continuation: Callable[..., Awaitable[Any]], client_call_details: Any,
                                     request: Any) -> Any:
@@ -153,8 +155,13 @@ class HeartbeatTimer(grpc.aio.UnaryUnaryClientInterceptor):
             return await continuation(client_call_details, request)
         t0 = time.perf_counter()
         call = await continuation(client_call_details, request)
-        with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
+        try:
             await call
+        except grpc.RpcError:
+            self.failed[0] += 1
+        except asyncio.CancelledError:
+            pass
+        else:
             self.samples.append(time.perf_counter() - t0)
         return call
 
@@ -162,10 +169,10 @@ class HeartbeatTimer(grpc.aio.UnaryUnaryClientInterceptor):
 class SimAgent(Agent):
     """The real agent; its channels carry the heartbeat timer and use a subchannel pool of their own."""
 
-    def __init__(self, *args: Any, samples: list[float], **kw: Any) -> None:
+    def __init__(self, *args: Any, samples: list[float], failed: list[int], **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.connected = TimedEvent()
-        self._interceptors = [HeartbeatTimer(samples)]
+        self._interceptors = [HeartbeatTimer(samples, failed)]
 
     def _channel(self, addr: str) -> grpc.aio.Channel:
         opts = [("grpc.max_receive_message_length", 256 << 20), ("grpc.use_local_subchannel_pool", 1),
@@ -189,6 +196,7 @@ class Fleet:
         self.agents: list[SimAgent] = []
         self.ids: list[str] = []
         self.samples: list[float] = []
+        self.hb_failed = [0]
         self.mark = 0.0
         self.failed = 0
         self.errors: list[str] = []
@@ -215,7 +223,7 @@ class Fleet:
             grpc.ssl_channel_credentials(ident.ca_pem, ident.key_pem, ident.cert_pem), MemEngine(),
             hostname=name, addr="127.0.0.1",  # as swarmd, which always advertises an address (loopback: no data path)
             channel_options=[("grpc.ssl_target_name_override", MANAGER_NAME), ("grpc.default_authority", MANAGER_NAME)],
-            samples=self.samples,
+            samples=self.samples, failed=self.hb_failed,
         )
         self.agents.append(agent)
         self.ids.append(ident.node_id)
@@ -235,8 +243,9 @@ class Fleet:
             self.mark = float(arg)
         elif cmd == "rtt_reset":
             self.samples.clear()
+            self.hb_failed[0] = 0
         elif cmd == "rtt":
-            emit({"type": "rtt", "samples": [round(s, 5) for s in self.samples]})
+            emit({"type": "rtt", "samples": [round(s, 5) for s in self.samples], "failed": self.hb_failed[0]})
         elif cmd == "since":
             t = float(arg)
             emit({"type": "since", "first": [next((x for x in a.connected.times if x >= t), None)

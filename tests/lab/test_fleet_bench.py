@@ -40,7 +40,7 @@ def test_fleet_bench_small_step() -> None:
     m = re.search(r"^fleet: state under (\S+)$", p.stderr, re.M)
     assert m, p.stderr[-4000:]
     base = m.group(1)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith('{"bench": "fleet"')]
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith('{"bench": "fleet", ')]
     assert p.returncode == 0 and lines, p.stdout[-2000:] + p.stderr[-4000:]
     res = json.loads(lines[-1])["results"]
     assert set(fleet.KEYS) <= set(res), set(fleet.KEYS) - set(res)
