@@ -24,7 +24,9 @@ One step, on a fresh cluster, measures in turn:
    ListTasks on the leader's control socket; meanwhile a thread calls ListNodes, ListTasks (the
    service, desired RUNNING) and GetService in a loop (0.1 s between rounds) -> `api_p99_s` and each
    call's p99.
-4. the leader's swarmd and its etcd member SIGKILLed (a machine dying; it stays dead): until a write
+4. the leader (the manager running the control loops, where the sessions are: found in the managers'
+   logs, as `node ls` names etcd's leader, which can be another manager after a failover): its swarmd
+   and its etcd member SIGKILLed (a machine dying; it stays dead): until a write
    (CreateSecret, every 50 ms on the survivors) is accepted (`failover_write_s`), until every live agent
    came into session again (`failover_sessions_s`, and the p50/p99 of the agents' own times), and the
    service's tasks replaced or no longer desired RUNNING 30 s after the kill (`rescheduled_on_failover`,
