@@ -1,0 +1,323 @@
+"""Simulated fleet nodes for bench/fleet.py: one process, one asyncio loop, many real agents.
+
+Each node joins through the cluster CA (`shoal.manager.ca.join_cluster`: its own key and certificate),
+then runs the project's own `shoal.agent.agent.Agent` over mutual TLS to the managers, with an
+in-memory engine (`MemEngine`: no image pull, containers "run" at once and until stopped). Only two
+things are added to the agent, without changing it: an event that remembers when the agent came into
+session (`connected` set on its first assignments message) and a client interceptor that times
+`/shoal.Dispatcher/Heartbeat`.
+
+    python bench/fleetsim.py --managers A,B,C --token T --count K --prefix s0 [--first F] [--state-dir D]
+
+Protocol (JSON lines): it prints {"type": "ready"} and waits for "go" on stdin; then joins F nodes at
+once (reported as {"type": "batch", t0, t1, n, ok}) and the rest with --conc joins at a time, each
+node's agent starting as soon as it joined; {"type": "joined", ids, failed, errors} when all tried.
+Every 0.2 s {"type": "status", n, joined, in_session, back} (back: in session again since the last
+"mark T"). Commands on stdin: "mark T" (wall-clock time T), "rtt_reset", "rtt" (answers
+{"type": "rtt", samples, failed}: heartbeats answered, their round trips, and the failed ones), "since T" (answers {"type": "since", first}: per agent, the first time it
+came into session at or after T, or null).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+
+from shoal.agent.agent import MANAGER_NAME, Agent
+from shoal.agent.engine import (
+    ContainerConfig,
+    ContainerNotFound,
+    ContainerState,
+    ExitStatus,
+    Image,
+    LogLine,
+    RegistryAuth,
+)
+from shoal.manager.ca import join_cluster
+
+HEARTBEAT = "/shoal.Dispatcher/Heartbeat"
+_pids = itertools.count(100_000)
+
+
+class MemEngine:
+    """The `ContainerEngine` protocol in memory: every image is there, a container runs from `start`
+    until `stop` or `remove`, and has no logs."""
+
+    def __init__(self) -> None:
+        self.containers: dict[str, ContainerState] = {}
+        self._exits: dict[str, asyncio.Future[ExitStatus]] = {}
+
+    @staticmethod
+    def _image(ref: str) -> Image:
+        return Image(id="sha256:" + hashlib.sha256(ref.encode()).hexdigest(), layers=[], config={}, refs=[ref])
+
+    async def pull(self, ref: str, auth: RegistryAuth | None = None) -> Image:
+        return self._image(ref)
+
+    async def image(self, name: str) -> Image | None:
+        return self._image(name)
+
+    async def create(self, cfg: ContainerConfig) -> None:
+        self.containers[cfg.id] = ContainerState(
+            id=cfg.id, name=cfg.name, status="created", pid=0, image=cfg.spec.image,
+            image_id=self._image(cfg.spec.image).id, labels=dict(cfg.labels),
+            created_at=datetime.now(UTC), started_at=None)
+        self._exits[cfg.id] = asyncio.get_running_loop().create_future()
+
+    def _get(self, cid: str) -> ContainerState:
+        try:
+            return self.containers[cid]
+        except KeyError:
+            raise ContainerNotFound(f"no such container: {cid}") from None
+
+    async def start(self, cid: str) -> None:
+        c = self._get(cid)
+        if c.status == "created":
+            c.status, c.pid, c.started_at = "running", next(_pids), datetime.now(UTC)
+
+    def _exit(self, cid: str, code: int) -> None:
+        c = self.containers.get(cid)
+        if c is not None and c.status != "exited":
+            c.status, c.pid = "exited", 0
+            c.exit = ExitStatus(exit_code=code, oom_killed=False, finished_at=datetime.now(UTC),
+                                reason="Completed" if code == 0 else "Error")
+        fut = self._exits.get(cid)
+        if fut is not None and not fut.done():
+            fut.set_result(c.exit if c is not None and c.exit else ExitStatus(code, False, datetime.now(UTC)))
+
+    async def wait(self, cid: str) -> ExitStatus:
+        self._get(cid)
+        return await asyncio.shield(self._exits[cid])
+
+    async def stop(self, cid: str, timeout: float | None = None) -> None:
+        self._get(cid)
+        self._exit(cid, 137)
+
+    async def remove(self, cid: str) -> None:
+        self._get(cid)
+        self._exit(cid, 137)
+        del self.containers[cid]
+        self._exits.pop(cid, None)
+
+    async def inspect(self, cid: str) -> ContainerState:
+        return replace(self._get(cid))
+
+    async def list(self) -> list[ContainerState]:
+        return [replace(c) for c in self.containers.values()]
+
+    async def logs(self, cid: str, *, follow: bool = False, tail: int = -1,
+                   since: datetime | None = None) -> AsyncIterator[LogLine]:
+        return
+        yield  # an async generator that yields nothing
+
+
+class TimedEvent(asyncio.Event):
+    """`Agent.connected`, remembering the wall-clock times it was set (the agent came into session)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def set(self) -> None:
+        if not self.is_set():
+            self.times.append(time.time())
+        super().set()
+
+
+class HeartbeatTimer(grpc.aio.UnaryUnaryClientInterceptor):
+    """Appends the round trip of every answered Heartbeat call to `samples`, and counts the failed ones
+    (`failed[0]`: deadline exceeded, unavailable...)."""
+
+    def __init__(self, samples: list[float], failed: list[int]) -> None:
+        self.samples = samples
+        self.failed = failed
+
+    async def intercept_unary_unary(self, continuation: Callable[..., Awaitable[Any]], client_call_details: Any,
+                                    request: Any) -> Any:
+        method = client_call_details.method
+        if isinstance(method, bytes):
+            method = method.decode()
+        if method != HEARTBEAT:
+            return await continuation(client_call_details, request)
+        t0 = time.perf_counter()
+        call = await continuation(client_call_details, request)
+        try:
+            await call
+        except grpc.RpcError:
+            self.failed[0] += 1
+        except asyncio.CancelledError:
+            pass
+        else:
+            self.samples.append(time.perf_counter() - t0)
+        return call
+
+
+class SimAgent(Agent):
+    """The real agent; its channels carry the heartbeat timer and use a subchannel pool of their own."""
+
+    def __init__(self, *args: Any, samples: list[float], failed: list[int], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.connected = TimedEvent()
+        self._interceptors = [HeartbeatTimer(samples, failed)]
+
+    def _channel(self, addr: str) -> grpc.aio.Channel:
+        opts = [("grpc.max_receive_message_length", 256 << 20), ("grpc.use_local_subchannel_pool", 1),
+                *self.channel_options]
+        creds = self.credentials() if callable(self.credentials) else self.credentials
+        assert creds is not None
+        return grpc.aio.secure_channel(addr, creds, options=opts, interceptors=self._interceptors)
+
+
+def emit(msg: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(msg, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+class Fleet:
+    def __init__(self, managers: Sequence[str], token: str, prefix: str, state_dir: str) -> None:
+        self.managers = list(managers)
+        self.state_dir = state_dir
+        self.token = token
+        self.prefix = prefix
+        self.agents: list[SimAgent] = []
+        self.ids: list[str] = []
+        self.samples: list[float] = []
+        self.hb_failed = [0]
+        self.mark = 0.0
+        self.failed = 0
+        self.errors: list[str] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def join_one(self, i: int) -> bool:
+        name = f"{self.prefix}-{i:05d}"
+        err = ""
+        for attempt in range(3):
+            addr = self.managers[(i + attempt) % len(self.managers)]
+            try:
+                res = await join_cluster(addr, self.token, hostname=name, timeout=30.0, issue_timeout=120.0)
+                break
+            except Exception as e:  # noqa: BLE001 - counted and reported, the fleet goes on
+                err = f"{name} via {addr}: {e}"
+        else:
+            self.failed += 1
+            if len(self.errors) < 5:
+                self.errors.append(err)
+            return False
+        ident = res.identity
+        agent = SimAgent(
+            ident.node_id, self.state_dir, self.managers,
+            grpc.ssl_channel_credentials(ident.ca_pem, ident.key_pem, ident.cert_pem), MemEngine(),
+            hostname=name, addr="127.0.0.1",  # as swarmd, which always advertises an address (loopback: no data path)
+            channel_options=[("grpc.ssl_target_name_override", MANAGER_NAME), ("grpc.default_authority", MANAGER_NAME)],
+            samples=self.samples, failed=self.hb_failed,
+        )
+        self.agents.append(agent)
+        self.ids.append(ident.node_id)
+        t = asyncio.create_task(agent.run(), name=f"agent-{name}")
+        self.tasks.add(t)
+        return True
+
+    def status(self) -> dict[str, Any]:
+        ins = [a for a in self.agents if a.connected.is_set()]
+        back = sum(1 for a in ins if a.connected.times and a.connected.times[-1] >= self.mark) if self.mark else 0
+        return {"type": "status", "n": len(self.agents), "in_session": len(ins), "back": back,
+                "failed": self.failed}
+
+    def command(self, line: str) -> None:
+        cmd, _, arg = line.strip().partition(" ")
+        if cmd == "mark":
+            self.mark = float(arg)
+        elif cmd == "rtt_reset":
+            self.samples.clear()
+            self.hb_failed[0] = 0
+        elif cmd == "rtt":
+            emit({"type": "rtt", "samples": [round(s, 5) for s in self.samples], "failed": self.hb_failed[0]})
+        elif cmd == "since":
+            t = float(arg)
+            emit({"type": "since", "first": [next((x for x in a.connected.times if x >= t), None)
+                                             for a in self.agents]})
+
+
+async def main(a: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str] = asyncio.Queue()
+
+    def read_stdin() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+        loop.call_soon_threadsafe(lines.put_nowait, "")
+
+    threading.Thread(target=read_stdin, daemon=True).start()
+    fleet = Fleet(a.managers.split(","), a.token, a.prefix, a.state_dir)
+    emit({"type": "ready"})
+    while (await lines.get()).strip() != "go":
+        pass
+
+    async def joins() -> None:
+        t0 = time.time()
+        first = min(a.first, a.count)
+        ok = await asyncio.gather(*(fleet.join_one(i) for i in range(first)))
+        emit({"type": "batch", "t0": t0, "t1": time.time(), "n": first, "ok": sum(ok)})
+        sem = asyncio.Semaphore(a.conc)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await fleet.join_one(i)
+
+        await asyncio.gather(*(one(i) for i in range(first, a.count)))
+        emit({"type": "joined", "ids": fleet.ids, "failed": fleet.failed, "errors": fleet.errors})
+
+    async def reporter() -> None:
+        while True:
+            emit(fleet.status())
+            await asyncio.sleep(0.2)
+
+    async def commands() -> None:
+        while True:
+            line = await lines.get()
+            if not line:  # the parent closed our stdin: stop
+                raise SystemExit(0)
+            fleet.command(line)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(joins())
+            tg.create_task(reporter())
+            tg.create_task(commands())
+    finally:
+        for t in fleet.tasks:
+            t.cancel()
+
+
+def cli() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--managers", required=True, help="manager API addresses, comma-separated")
+    ap.add_argument("--token", required=True, help="the worker join token")
+    ap.add_argument("--count", type=int, required=True)
+    ap.add_argument("--prefix", required=True, help="hostname prefix of this process's nodes")
+    ap.add_argument("--first", type=int, default=0, help="nodes joined all at once before the others")
+    ap.add_argument("--state-dir", default="/nonexistent",
+                    help="the agents' state dir (Agent keeps nothing there without a LocalState)")
+    ap.add_argument("--conc", type=int, default=32, help="joins at a time after the first ones")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):
+        asyncio.run(main(a))
+
+
+if __name__ == "__main__":
+    cli()
