@@ -40,9 +40,9 @@ the nodes never all come into session, the idle figures are still taken (what th
 then) and the later phases are skipped. The polls are real API calls and cost the managers something:
 a full `task ls` of 50,000 tasks is not free.
 
-The cluster's ingress network is a /24 as Docker's (one address per node: 254 nodes);
-`--ingress-subnet 10.128.0.0/16` replaces it before the nodes join, as a Docker user with more nodes
-does. `--keep-logs DIR` keeps the managers' and fleet processes' logs.
+The cluster's ingress network is a /24 as Docker's (one address per node: 254 nodes); past 250
+nodes the bench replaces it before the nodes join by one on `--ingress-subnet` (default
+198.19.0.0/17, the lab's overlay range: 32,766 nodes), as a Docker user with more nodes does. `--keep-logs DIR` keeps the managers' and fleet processes' logs.
 
 Without --nodes, each step runs as its own `fleet.py --nodes N` process; the curve stops after a step
 with a timed-out phase, and ends with a least-squares fit of idle leader CPU and memory per node and
@@ -715,6 +715,8 @@ def one_step(nodes: int, idle: float, tpn: int, ingress_subnet: str = "", keep_l
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
     base = Path(tempfile.mkdtemp(prefix="fl", dir="/var/tmp"))
     print(f"fleet: state under {base}", file=sys.stderr, flush=True)
+    if nodes <= 250:  # the default /24 holds them
+        ingress_subnet = ""
     try:
         return Step(nodes, idle, tpn, base, ingress_subnet, first, conc).run()
     finally:
@@ -801,9 +803,9 @@ def main() -> int:
     ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="without --nodes: the steps")
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of the idle window")
     ap.add_argument("--tasks-per-node", type=int, default=10)
-    ap.add_argument("--ingress-subnet", default="",
-                    help="replace the default ingress network (a /24: 254 node addresses) by one on this "
-                         "subnet before the nodes join, e.g. 10.128.0.0/16")
+    ap.add_argument("--ingress-subnet", default="198.19.0.0/17",
+                    help="past 250 nodes, replace the default ingress network (a /24: 254 node addresses) by "
+                         "one on this subnet before the nodes join ('' never)")
     ap.add_argument("--first", type=int, default=500, help="nodes that join all at once (joins_per_s)")
     ap.add_argument("--join-conc", type=int, default=32, help="joins at a time per fleet process after those")
     ap.add_argument("--keep-logs", default="", metavar="DIR", help="copy the managers' and fleet logs to DIR")

@@ -152,6 +152,8 @@ class Allocator:
         self.store = store
         self.debounce = debounce
         self._ingress_left_out = 0
+        # The last pass left something without addresses (a full subnet): a freed address calls for a pass.
+        self._waiting = False
 
     async def run(self) -> None:
         with self.store.watch(["task", "service", "network", "node", "cluster"]) as w:
@@ -165,10 +167,35 @@ class Allocator:
                     await self.allocate_once()
                 except Exception:  # keep the loop alive; the next event retries
                     log.exception("allocation pass failed")
-                await w.queue.get()
+                while not self._calls_for_a_pass(await w.queue.get()):
+                    pass
                 await asyncio.sleep(self.debounce)
                 while not w.queue.empty():
                     w.queue.get_nowait()
+
+    def _calls_for_a_pass(self, msg: Any) -> bool:
+        """Whether a commit may leave something to allocate. A pass reads the whole store, so the
+        status reports of a large fleet (tasks going RUNNING, nodes changing state) must not each
+        start one: only new tasks, new nodes without an ingress address, services, networks, the
+        cluster, and, while the last pass left something out, whatever frees an address."""
+        for ev in msg.events:
+            kind = ev.object.WhichOneof("object")
+            deleted = ev.action == ev.DELETE
+            if kind == "task":
+                t = ev.object.task
+                if not deleted and t.status.state == types_pb2.NEW and t.desired_state <= types_pb2.RUNNING:
+                    return True
+                if self._waiting and (deleted or is_terminal(t.status.state)):
+                    return True
+            elif kind == "node":
+                if deleted:
+                    if self._waiting:
+                        return True
+                elif not self._ingress_left_out and not ev.object.node.attachments:
+                    return True
+            else:
+                return True
+        return False
 
     async def _ensure_ingress(self) -> None:
         if self.store.sm.get_by_name("network", INGRESS_NAME) is not None:
@@ -193,6 +220,7 @@ class Allocator:
 
     async def allocate_once(self) -> int:
         """One pass over everything unallocated; returns how many objects were written."""
+        self._waiting = True  # until this pass ends with nothing left out
         sm = self.store.sm
         pools = self._pools(sm)
         written = 0
@@ -219,6 +247,7 @@ class Allocator:
             written += len(node_updates)
             await self._commit(node_updates)
         task_updates = []
+        failed = 0
         for task in sm.list("task"):
             if task.status.state != types_pb2.NEW or task.desired_state > types_pb2.RUNNING:
                 continue
@@ -227,6 +256,7 @@ class Allocator:
             try:
                 self._task_attachments(sm, t, pools)
             except InvalidArgument as e:
+                failed += 1
                 t.status.message = f"allocation failed: {e}"
                 if task.status.message != t.status.message:
                     task_updates.append(t)
@@ -238,6 +268,7 @@ class Allocator:
         if task_updates:
             written += len(task_updates)
             await self._commit(task_updates)
+        self._waiting = bool(self._ingress_left_out or failed)
         return written
 
     async def _commit(self, objs: list[Any]) -> None:
@@ -305,6 +336,9 @@ class Allocator:
         left_out = 0
         for node in sm.list("node"):
             if pool is None or any(a.network.id == ingress.id for a in node.attachments):
+                continue
+            if left_out:  # the subnet is full: no need to search it again for each node
+                left_out += 1
                 continue
             n = objects_pb2.Node()
             n.CopyFrom(node)

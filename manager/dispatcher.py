@@ -73,6 +73,14 @@ GRACE_MARGIN = 0.8
 # the whole fleet takes to open its sessions here.
 NEW_LEADER_GRACE = 2.0
 RECONNECT_RATE = 500.0
+# When at least MASS_FRACTION of the nodes (and MASS_MIN or more) miss their deadline at the same
+# moment, the likelier cause is this leader (overloaded, paused, cut off from them) rather than the
+# nodes: they get another grace period, up to MASS_MAX_GRACES more in all, before they are marked DOWN.
+# Marking them DOWN would replace their tasks and bring their sessions back at once, the work that
+# overloaded the leader again. A node that stopped gracefully is not held (its window is its grace).
+MASS_FRACTION = 0.25
+MASS_MIN = 10
+MASS_MAX_GRACES = 4
 LEADER_ADDR_KEY = "shoal-leader-addr"
 NODE_ID_KEY = "shoal-node-id"
 API_PORT = 2377
@@ -224,6 +232,10 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._sessions: dict[str, _Session] = {}
         # Nodes not yet seen by this leader: node id -> deadline to open a session here.
         self._unconfirmed: dict[str, float] = {}
+        # Nodes held back from DOWN by a mass expiry (see MASS_FRACTION): node id -> since when.
+        self._held: dict[str, float] = {}
+        # Nodes between the start of a Session call and its session's entry: never marked DOWN then.
+        self._registering: set[str] = set()
         self._batch = _StatusBatch()
         self._flusher: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
@@ -325,10 +337,13 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         await self._check_leader(context)
         node_id = await self._caller(context)
         peer_host = _peer_host(context.peer())
+        self._registering.add(node_id)
         try:
             node = await self._register(node_id, request.description, peer_host)
         except StoreError as e:
             await context.abort(_status_code(e), str(e))
+        finally:
+            self._registering.discard(node_id)
         self._ensure_router()
         old = self._sessions.get(node_id)
         if old is not None:
@@ -336,6 +351,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         session = _Session(id=new_id(), node_id=node_id, expires=time.monotonic() + self.grace())
         self._sessions[node_id] = session
         self._unconfirmed.pop(node_id, None)
+        self._held.pop(node_id, None)
         self._ensure_flag().set()
         metrics.count_session_opened()
         log.info("session opened node=%s session=%s addr=%s", node_id, session.id, node.status.addr)
@@ -479,6 +495,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             self._ensure_flag().set()
         else:
             s.expires = time.monotonic() + grace(configured, nodes)
+            if self._held:
+                self._held.pop(s.node_id, None)
         metrics.count_heartbeat()
         resp = dispatcher_pb2.HeartbeatResponse()
         resp.period.FromNanoseconds(int(period * (1 - random.uniform(0, HEARTBEAT_JITTER)) * 1e9))
@@ -502,6 +520,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         try:
             while True:
                 now = time.monotonic()
+                self._hold_mass_expiry(now)
                 expired: list[tuple[str, str]] = []
                 for node_id, s in list(self._sessions.items()):
                     if s.expires <= now:
@@ -531,6 +550,31 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 s.close()
             self._sessions.clear()
             self._unconfirmed.clear()
+            self._held.clear()
+
+    def _hold_mass_expiry(self, now: float) -> None:
+        """Give the nodes whose deadline passed another grace period when too many passed at once
+        (see MASS_FRACTION), each for MASS_MAX_GRACES grace periods at most."""
+        late = [nid for nid, s in self._sessions.items() if s.expires <= now and not s.restarting]
+        late += [nid for nid, deadline in self._unconfirmed.items() if deadline <= now]
+        if len(late) < max(MASS_MIN, MASS_FRACTION * self._node_count()):
+            return
+        g = self.grace()
+        held = 0
+        for nid in late:
+            if now - self._held.setdefault(nid, now) >= MASS_MAX_GRACES * g:
+                continue
+            held += 1
+            if nid in self._sessions:
+                self._sessions[nid].expires = now + g
+            else:
+                self._unconfirmed[nid] = now + g
+        if held:
+            log.warning(
+                "%d of %d nodes missed their heartbeat deadline at once: this leader is likelier overloaded or "
+                "cut off than they are down; %d of them get another %.1f s",
+                len(late), self._node_count(), held, g,
+            )
 
     async def _mark_restarting(self, node_id: str, window: float) -> None:
         await self._set_states([(node_id, f"swarmd stopped gracefully: marked down unless back within {window:g} s")],
@@ -538,19 +582,31 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         log.info("node restarting node=%s window=%gs: not marked down until then", node_id, window)
 
     async def _mark_down(self, nodes: list[tuple[str, str]]) -> None:
-        """Mark (node id, why) DOWN, MAX_BATCH nodes a transaction."""
+        """Mark (node id, why) DOWN, MAX_BATCH nodes a transaction; a node that opened a session again
+        meanwhile (or is opening one) is left as it is."""
+        why = dict(nodes)
         for i in range(0, len(nodes), MAX_BATCH):
-            await self._set_states(nodes[i : i + MAX_BATCH], types_pb2.NodeStatus.DOWN)
-        for node_id, why in nodes:
-            log.warning("node down node=%s reason=%r", node_id, why)
+            part = nodes[i : i + MAX_BATCH]
+            written = await self._set_states(part, types_pb2.NodeStatus.DOWN, unless_in_session=True)
+            for node_id, _ in part:
+                self._held.pop(node_id, None)
+            for node_id in written:
+                log.warning("node down node=%s reason=%r", node_id, why[node_id])
 
-    async def _set_states(self, nodes: list[tuple[str, str]], state: int, restart_deadline_ns: int = 0) -> None:
-        """The status of each (node id, message) (unless it is gone or DOWN already), in one transaction
-        of the leader's fenced store."""
-        def fn(tx: Tx) -> None:
+    async def _set_states(
+        self, nodes: list[tuple[str, str]], state: int, restart_deadline_ns: int = 0, *, unless_in_session: bool = False
+    ) -> list[str]:
+        """The status of each (node id, message) (unless it is gone or DOWN already, or, with
+        `unless_in_session`, has a session here or is opening one), in one transaction of the leader's
+        fenced store. Returns the ids of the nodes written."""
+
+        def fn(tx: Tx) -> list[str]:
+            written = []
             for node_id, message in nodes:
                 cur = tx.get("node", node_id)
                 if cur is None or cur.status.state == types_pb2.NodeStatus.DOWN:
+                    continue
+                if unless_in_session and (node_id in self._sessions or node_id in self._registering):
                     continue
                 node = objects_pb2.Node()
                 node.CopyFrom(cur)
@@ -559,8 +615,10 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 if restart_deadline_ns:
                     node.status.restart_deadline.FromNanoseconds(restart_deadline_ns)
                 tx.update(node)
+                written.append(node_id)
+            return written
 
-        await (self.leader_store or self.store).update(fn, CONFLICT_RETRIES, backoff=CONFLICT_BACKOFF)
+        return await (self.leader_store or self.store).update(fn, CONFLICT_RETRIES, backoff=CONFLICT_BACKOFF)
 
     # ---- Assignments ---------------------------------------------------------------------------
     async def Assignments(  # noqa: N802

@@ -15,7 +15,15 @@ from helpers.aio import run
 from helpers.waiting import wait_for_async
 
 from shoal.manager.ca import RootCA
-from shoal.manager.dispatcher import LEADER_ADDR_KEY, MAX_HEARTBEAT_RATE, NODE_ID_KEY, Dispatcher
+from shoal.manager.dispatcher import (
+    LEADER_ADDR_KEY,
+    MASS_MAX_GRACES,
+    MAX_HEARTBEAT_RATE,
+    NEW_LEADER_GRACE,
+    NODE_ID_KEY,
+    RECONNECT_RATE,
+    Dispatcher,
+)
 from shoal.manager.etcdstore import Election
 from shoal.manager.store import LocalStore, Store, Tx
 from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_pb2, types_pb2
@@ -663,5 +671,47 @@ def test_heartbeat_period_grows_with_the_fleet_and_a_new_session_writes_nothing(
             finally:
                 await c.close()
                 await other.close()
+
+    run(main())
+
+
+def test_a_mass_expiry_is_held_for_a_few_grace_periods_then_marked_down() -> None:
+    """A new leader that hears from none of 20 nodes (a quarter or more at once: likelier its own
+    fault) gives them MASS_MAX_GRACES more grace periods before marking them DOWN; a node that keeps
+    heartbeating stays READY throughout; a lone node's expiry is not held."""
+
+    async def main() -> None:
+        st = LocalStore()
+        await add_cluster(st, period_s=0.1)
+        for i in range(21):
+            await add_node(st, f"n{i}")
+        async with serve(st) as (disp, addr):
+            c = Client(addr, "n0")
+            await c.open()
+            loop_task = asyncio.create_task(disp.run())
+
+            async def beat() -> None:
+                while True:
+                    await c.heartbeat()
+                    await asyncio.sleep(0.05)
+
+            beater = asyncio.create_task(beat())
+            try:
+                first_deadline = disp.grace() * NEW_LEADER_GRACE + 21 / RECONNECT_RATE
+                await asyncio.sleep(first_deadline + disp.grace())  # past the deadline: held, not DOWN
+                states = {st.get("node", f"n{i}").status.state for i in range(1, 21)}
+                assert types_pb2.NodeStatus.DOWN not in states
+                await wait_for(
+                    lambda: all(st.get("node", f"n{i}").status.state == types_pb2.NodeStatus.DOWN for i in range(1, 21)),
+                    timeout=first_deadline + (MASS_MAX_GRACES + 4) * disp.grace() + 5,
+                )
+                assert st.get("node", "n0").status.state == types_pb2.NodeStatus.READY
+            finally:
+                beater.cancel()
+                loop_task.cancel()
+                for t in (beater, loop_task):
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
+                await c.close()
 
     run(main())
