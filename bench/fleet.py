@@ -42,7 +42,7 @@ a full `task ls` of 50,000 tasks is not free.
 
 The cluster's ingress network is a /24 as Docker's (one address per node: 254 nodes); past 250
 nodes the bench replaces it before the nodes join by one on `--ingress-subnet` (default
-198.19.0.0/17, the lab's overlay range: 32,766 nodes), as a Docker user with more nodes does. `--keep-logs DIR` keeps the managers' and fleet processes' logs.
+198.19.0.0/17: 32,766 nodes; the cluster's address pool is the lab's overlay range 198.19.0.0/16), as a Docker user with more nodes does. `--keep-logs DIR` keeps the managers' and fleet processes' logs.
 
 Without --nodes, each step runs as its own `fleet.py --nodes N` process; the curve stops after a step
 with a timed-out phase, and ends with a least-squares fit of idle leader CPU and memory per node and
@@ -79,6 +79,8 @@ from shoal.proto import control_pb2, control_pb2_grpc, objects_pb2, specs_pb2, t
 HERE = Path(__file__).resolve().parent
 TICK = os.sysconf("SC_CLK_TCK")
 GRPC_OPTS = [("grpc.max_receive_message_length", 1 << 30)]
+# Overlay subnets (the ingress network among them) come from the lab's overlay range.
+ADDR_POOL = "198.19.0.0/16"
 STEPS = (100, 500, 1000, 2000, 5000)
 API_PAUSE = 0.1  # seconds between two rounds of the API thread's calls (one client, not a saturating one)
 KEYS = ("nodes", "false_down", "joins_per_s", "ready_s", "leader_cpu_idle", "follower_cpu_idle",
@@ -148,7 +150,7 @@ class Manager:
         self.api = f"{self.ip}:{free_port(self.ip)}"
         self.argv = [sys.executable, "-m", "shoal.node.swarmd", "-d", str(self.dir), "--listen-remote-api", self.api,
                      "--listen-peer", f"{self.ip}:{free_port(self.ip)}", "--gossip-port", str(free_port(self.ip)),
-                     "--hostname", self.name, "--no-engine-api"]
+                     "--hostname", self.name, "--no-engine-api", "--default-addr-pool", ADDR_POOL]
         self._ch: grpc.Channel | None = None
 
     def start(self, extra: list[str]) -> None:

@@ -106,8 +106,23 @@ class Authorizer(grpc.aio.ServerInterceptor):
         """End the open calls the store's changes refuse (a node removed, a manager demoted)."""
         watcher = self.store.watch(["node", "cluster"])
         try:
-            while await watcher.queue.get() is not None:
+            while (msg := await watcher.queue.get()) is not None:
+                # The calls of the nodes that changed; all of them when the cluster did (a revocation).
+                # Every message queued is taken now: a fleet's node changes come in thousands.
+                msgs = [msg]
+                while not watcher.queue.empty() and (more := watcher.queue.get_nowait()) is not None:
+                    msgs.append(more)
+                nodes: set[str] = set()
+                everyone = False
+                for m in msgs:
+                    for ev in m.events:
+                        if ev.object.WhichOneof("object") == "node":
+                            nodes.add(ev.object.node.id)
+                        else:
+                            everyone = True
                 for call in list(self._open):
+                    if not everyone and call.peer.node_id not in nodes:
+                        continue
                     why = self.refusal(call.peer, call.method)
                     if why and not call.refused.is_set():
                         log.info("ending %s of node %s: %s", call.method, call.peer.node_id, why)

@@ -301,10 +301,11 @@ class EtcdMember:
             raise EtcdError(f"etcd member {self.name}: GET /metrics on {self.socket_path} failed: "
                             f"{e or type(e).__name__}") from None
 
-    async def metrics(self, timeout: float = 5) -> Metrics:
+    async def metrics(self, timeout: float = 5, names: tuple[str, ...] = ()) -> Metrics:
         """etcd's Prometheus metrics (GET /metrics over the client socket), parsed: metric name ->
-        [(labels, value)]. Raises EtcdError if the socket does not answer a 200 in `timeout` s."""
-        return parse_metrics((await self.metrics_text(timeout)).decode("utf-8", "replace"))
+        [(labels, value)]; with `names`, only the series of those names (parsing all of them costs the
+        manager's loop a few ms). Raises EtcdError if the socket does not answer a 200 in `timeout` s."""
+        return parse_metrics((await self.metrics_text(timeout)).decode("utf-8", "replace"), names)
 
     # ---- internals ---------------------------------------------------------------------------
     def _argv(self, binary: str) -> list[str]:
@@ -607,8 +608,9 @@ _LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?
 _UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
 
 
-def parse_metrics(text: str) -> Metrics:
-    """Parse the Prometheus text format: metric name -> [(labels, value)], in the order given.
+def parse_metrics(text: str, names: tuple[str, ...] = ()) -> Metrics:
+    """Parse the Prometheus text format: metric name -> [(labels, value)], in the order given; with
+    `names`, only the lines that start with one of them.
 
     Comments (# HELP / # TYPE) are skipped, label values unescaped, an optional timestamp dropped;
     histogram and summary series appear under their own names (`..._bucket`, `..._sum`, `..._count`).
@@ -616,7 +618,7 @@ def parse_metrics(text: str) -> Metrics:
     out: Metrics = {}
     for raw in text.splitlines():
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if not line or line.startswith("#") or (names and not line.startswith(names)):
             continue
         m = _SAMPLE.match(line)
         if m is None:

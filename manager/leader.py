@@ -32,7 +32,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -174,6 +174,16 @@ class ManagerStatusLoop:
                 )
 
 
+def _concerns_managers(msg: Any) -> bool:
+    """Whether a node watch message may change what RoleManager does: a manager, a node to be
+    promoted, or a node still holding a store member's address, before or after."""
+    for ev in msg.events:
+        for n in (ev.object.node, ev.old_object.node):
+            if n.role == types_pb2.MANAGER or n.spec.desired_role == types_pb2.MANAGER or n.manager_status.addr:
+                return True
+    return False
+
+
 class RoleManager:
     """Reconciles etcd membership with the nodes' desired roles (leader only), like swarmkit's."""
 
@@ -200,14 +210,26 @@ class RoleManager:
                 except grpc.aio.AioRpcError as e:
                     log.info("node=%s role manager: store membership call failed: %s", self.manager.node_id,
                              e.details() or e.code().name)
-                wait_store = asyncio.ensure_future(watcher.queue.get())
-                wait_members = asyncio.ensure_future(q.get())
-                try:
-                    await asyncio.wait({wait_store, wait_members}, timeout=self.period,
-                                       return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    wait_store.cancel()
-                    wait_members.cancel()
+                # Again after a period, a change of the store's members, or a node change that concerns
+                # managers; the status changes of a fleet of workers (each a node event) do not.
+                deadline = time.monotonic() + self.period
+                while (left := deadline - time.monotonic()) > 0:
+                    wait_store = asyncio.ensure_future(watcher.queue.get())
+                    wait_members = asyncio.ensure_future(q.get())
+                    try:
+                        done, _ = await asyncio.wait({wait_store, wait_members}, timeout=left,
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        wait_store.cancel()
+                        wait_members.cancel()
+                    if wait_members in done:
+                        break
+                    if wait_store in done:
+                        msgs = [wait_store.result()]
+                        while not watcher.queue.empty():
+                            msgs.append(watcher.queue.get_nowait())
+                        if any(m is None or _concerns_managers(m) for m in msgs):
+                            break
         finally:
             watcher.close()
             self.manager.unsubscribe(q)
