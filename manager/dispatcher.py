@@ -73,8 +73,8 @@ GRACE_MARGIN = 0.8
 # the whole fleet takes to open its sessions here.
 NEW_LEADER_GRACE = 2.0
 RECONNECT_RATE = 500.0
-# When at least MASS_FRACTION of the nodes (and MASS_MIN or more) miss their deadline at the same
-# moment, the likelier cause is this leader (overloaded, paused, cut off from them) rather than the
+# When at least MASS_FRACTION of the nodes (and MASS_MIN or more) miss their deadline within one grace
+# period (those marked DOWN in the last grace period count too), the likelier cause is this leader (overloaded, paused, cut off from them) rather than the
 # nodes: they get another grace period, up to MASS_MAX_GRACES more in all, before they are marked DOWN.
 # Marking them DOWN would replace their tasks and bring their sessions back at once, the work that
 # overloaded the leader again. A node that stopped gracefully is not held (its window is its grace).
@@ -234,6 +234,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._unconfirmed: dict[str, float] = {}
         # Nodes held back from DOWN by a mass expiry (see MASS_FRACTION): node id -> since when.
         self._held: dict[str, float] = {}
+        self._downs: list[tuple[float, int]] = []  # (when, how many) nodes were marked DOWN lately
         # Nodes between the start of a Session call and its session's entry: never marked DOWN then.
         self._registering: set[str] = set()
         self._batch = _StatusBatch()
@@ -551,15 +552,19 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             self._sessions.clear()
             self._unconfirmed.clear()
             self._held.clear()
+            self._downs.clear()
 
     def _hold_mass_expiry(self, now: float) -> None:
         """Give the nodes whose deadline passed another grace period when too many passed at once
         (see MASS_FRACTION), each for MASS_MAX_GRACES grace periods at most."""
         late = [nid for nid, s in self._sessions.items() if s.expires <= now and not s.restarting]
         late += [nid for nid, deadline in self._unconfirmed.items() if deadline <= now]
-        if len(late) < max(MASS_MIN, MASS_FRACTION * self._node_count()):
+        if not late:
             return
         g = self.grace()
+        self._downs = [(t, n) for t, n in self._downs if t > now - g]
+        if len(late) + sum(n for _, n in self._downs) < max(MASS_MIN, MASS_FRACTION * self._node_count()):
+            return
         held = 0
         for nid in late:
             if now - self._held.setdefault(nid, now) >= MASS_MAX_GRACES * g:
@@ -592,6 +597,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 self._held.pop(node_id, None)
             for node_id in written:
                 log.warning("node down node=%s reason=%r", node_id, why[node_id])
+            self._downs.append((time.monotonic(), len(written)))
 
     async def _set_states(
         self, nodes: list[tuple[str, str]], state: int, restart_deadline_ns: int = 0, *, unless_in_session: bool = False

@@ -701,19 +701,28 @@ class Election:
     answered for long enough that the lease may have expired on the server (`ttl` minus a margin).
     Writes made with the fence fail once the key is gone, whatever this manager believes, so a
     paused or partitioned old leader cannot commit after a new one has started. A leftover key of
-    this same node (an earlier run) is deleted at once rather than waited out."""
+    this same node (an earlier run) is deleted at once rather than waited out.
+
+    The lease of a larger cluster is longer: one more second per LEASE_NODES nodes, up to
+    MAX_LEASE_TTL s (a leader's event loop stalls for longer under the load of a large fleet, and a
+    lost lease moves every agent session at once; a leader that died is replaced later instead)."""
 
     MARGIN = 0.4
+    LEASE_NODES = 250
+    MAX_LEASE_TTL = 10
 
     def __init__(self, store: EtcdStore, node_id: str, ttl: int = 2) -> None:
         self.store = store
         self.node_id = node_id
+        self.base_ttl = ttl
         self.ttl = ttl
         self.lease_id = 0
         self._renewed = 0.0
         self._stand_back_until = 0.0  # after resign(): let another manager take the key first
 
     async def _grant(self) -> int:
+        nodes = len(self.store.sm.tables["node"])
+        self.ttl = max(self.base_ttl, min(self.MAX_LEASE_TTL, self.base_ttl + nodes // self.LEASE_NODES))
         resp = await self.store.lease.LeaseGrant(etcd_pb2.LeaseGrantRequest(TTL=self.ttl), timeout=2.0)
         self._renewed = time.monotonic()
         return resp.ID
