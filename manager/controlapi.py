@@ -267,7 +267,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             # The label filter matches the task's own labels or its service's (as Docker does).
             tasks = [t for t in tasks if _labels_match(t.annotations.labels, labels)
                      or _labels_match(t.service_annotations.labels, labels)]
-        tasks.sort(key=lambda t: (t.service_annotations.name, t.slot, t.node_id, -t.meta.created_at.ToNanoseconds()))
+        tasks.sort(key=lambda t: (t.service_annotations.name, t.slot, t.node_id, -t.meta.created_at.seconds,
+                                  -t.meta.created_at.nanos))
         return control_pb2.ListTasksResponse(tasks=[public(t) for t in tasks])
 
     # ---- services ------------------------------------------------------------------------------
