@@ -79,6 +79,9 @@ RECONNECT_RATE = 500.0
 # Marking them DOWN would replace their tasks and bring their sessions back at once, the work that
 # overloaded the leader again. A node that stopped gracefully is not held (its window is its grace).
 MASS_FRACTION = 0.25
+# The leader loop woke this much later than it asked: its event loop stalled, and the deadlines move on
+# by the stall (see `Dispatcher._forgive_stall`).
+STALL_TOLERANCE = 0.25
 MASS_MIN = 10
 MASS_MAX_GRACES = 4
 LEADER_ADDR_KEY = "shoal-leader-addr"
@@ -539,12 +542,14 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                     except StoreError as e:
                         log.warning("marking nodes down failed nodes=%d err=%s", len(expired), e)
                 deadlines = [s.expires for s in self._sessions.values()] + list(self._unconfirmed.values())
-                timeout = min(deadlines) - time.monotonic() if deadlines else self.period()
+                timeout = max(0.005, min(deadlines) - time.monotonic() if deadlines else self.period())
                 wake.clear()
+                due = time.monotonic() + timeout
                 try:
-                    await asyncio.wait_for(wake.wait(), max(0.005, timeout))
+                    await asyncio.wait_for(wake.wait(), timeout)
                 except TimeoutError:
                     pass
+                self._forgive_stall(time.monotonic() - due)
         finally:
             # A new leader starts from scratch; streams here end with UNAVAILABLE on their next check.
             for s in self._sessions.values():
@@ -553,6 +558,19 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             self._unconfirmed.clear()
             self._held.clear()
             self._downs.clear()
+
+    def _forgive_stall(self, late: float) -> None:
+        """This loop woke `late` s after it asked to: the leader's event loop was busy (a large commit,
+        a burst of sessions) and answered no heartbeat meanwhile either, so every deadline moves on by
+        as much. Heartbeats that waited in the sockets are then answered before anyone is marked DOWN."""
+        if late < STALL_TOLERANCE:
+            return
+        for s in self._sessions.values():
+            if not s.restarting:
+                s.expires += late
+        for nid in self._unconfirmed:
+            self._unconfirmed[nid] += late
+        log.info("dispatcher: this leader's loop stalled %.2f s; heartbeat deadlines moved on as much", late)
 
     def _hold_mass_expiry(self, now: float) -> None:
         """Give the nodes whose deadline passed another grace period when too many passed at once
