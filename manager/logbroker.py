@@ -37,6 +37,10 @@ LEADER_ADDR_KEY = "shoal-leader-addr"
 NODE_ID_KEY = "shoal-node-id"
 UNAVAILABLE_NODES_KEY = "shoal-logs-unavailable-nodes"
 CHECK_PERIOD = 0.5
+# An agent's listener stream checks leadership this seldom: its agent leaves a manager that stopped
+# leading with its whole session (the heartbeat is refused), channel and listener included; 0.5 s
+# wake-ups of every agent's listener cost a fleet's leader more than its heartbeats.
+LISTENER_CHECK_PERIOD = 10.0
 
 
 @dataclass
@@ -107,7 +111,7 @@ class LogBroker(logs_pb2_grpc.LogsServicer, logs_pb2_grpc.LogBrokerServicer):
         try:
             while True:
                 try:
-                    msg = await asyncio.wait_for(q.get(), CHECK_PERIOD)
+                    msg = await asyncio.wait_for(q.get(), LISTENER_CHECK_PERIOD)
                 except TimeoutError:
                     if not self.store.is_leader():
                         await self._not_leader(context)
