@@ -705,11 +705,14 @@ class Election:
 
     The lease of a larger cluster is longer: one more second per LEASE_NODES nodes, up to
     MAX_LEASE_TTL s (a leader's event loop stalls for longer under the load of a large fleet, and a
-    lost lease moves every agent session at once; a leader that died is replaced later instead)."""
+    lost lease moves every agent session at once; a leader that died is replaced later instead). A
+    leader whose cluster grew moves its key to a longer lease (same key, same create revision: the
+    fence holds) every GROW_CHECK s at most."""
 
     MARGIN = 0.4
     LEASE_NODES = 250
     MAX_LEASE_TTL = 10
+    GROW_CHECK = 5.0
 
     def __init__(self, store: EtcdStore, node_id: str, ttl: int = 2) -> None:
         self.store = store
@@ -720,9 +723,32 @@ class Election:
         self._renewed = 0.0
         self._stand_back_until = 0.0  # after resign(): let another manager take the key first
 
-    async def _grant(self) -> int:
+    def _wanted_ttl(self) -> int:
         nodes = len(self.store.sm.tables["node"])
-        self.ttl = max(self.base_ttl, min(self.MAX_LEASE_TTL, self.base_ttl + nodes // self.LEASE_NODES))
+        return max(self.base_ttl, min(self.MAX_LEASE_TTL, self.base_ttl + nodes // self.LEASE_NODES))
+
+    async def _grow_lease(self, fence: Fence) -> None:
+        """Move the leader key to a longer lease if the cluster grew (see the class docstring)."""
+        want = self._wanted_ttl()
+        if want <= self.ttl:
+            return
+        try:
+            new = (await self.store.lease.LeaseGrant(etcd_pb2.LeaseGrantRequest(TTL=want), timeout=2.0)).ID
+            req = etcd_pb2.TxnRequest(compare=[_compare(LEADER_KEY, create=fence.revision)],
+                                      success=[_put(LEADER_KEY, self.node_id.encode(), new)])
+            moved = (await self.store.kv.Txn(req, timeout=2.0)).succeeded
+        except grpc.aio.AioRpcError as e:
+            log.info("election: leader lease not lengthened (%s); retrying later", e.code().name)
+            return
+        old = self.lease_id
+        if moved:
+            self.lease_id, self.ttl, self._renewed = new, want, time.monotonic()
+            log.info("election: leader lease now %d s (%d nodes)", want, len(self.store.sm.tables["node"]))
+        with contextlib.suppress(grpc.aio.AioRpcError):  # the one not holding the key
+            await self.store.lease.LeaseRevoke(etcd_pb2.LeaseRevokeRequest(ID=old if moved else new), timeout=1.0)
+
+    async def _grant(self) -> int:
+        self.ttl = self._wanted_ttl()
         resp = await self.store.lease.LeaseGrant(etcd_pb2.LeaseGrantRequest(TTL=self.ttl), timeout=2.0)
         self._renewed = time.monotonic()
         return resp.ID
@@ -731,14 +757,16 @@ class Election:
         """Renew the lease every ttl/4 s; set `lost` when the server says it expired."""
 
         async def requests() -> AsyncIterator[etcd_pb2.LeaseKeepAliveRequest]:
-            while True:
-                yield etcd_pb2.LeaseKeepAliveRequest(ID=lease_id)
+            while True:  # the lease of the moment (`_grow_lease` may move the key to a longer one)
+                yield etcd_pb2.LeaseKeepAliveRequest(ID=self.lease_id or lease_id)
                 await asyncio.sleep(self.ttl / 4)
 
         while not lost.is_set():
             call = self.store.lease.LeaseKeepAlive(requests())
             try:
                 async for resp in call:
+                    if resp.ID != self.lease_id:  # the answer for a lease `_grow_lease` replaced
+                        continue
                     if resp.TTL <= 0:
                         lost.set()
                         return
@@ -816,7 +844,11 @@ class Election:
             log.info("election: node %s leads the control loops (revision %d)", self.node_id, fence.revision)
             yield fence
             # Lead until the key changes hands or the lease may have expired.
+            grow_at = time.monotonic() + self.GROW_CHECK
             while not lost.is_set():
+                if time.monotonic() >= grow_at:
+                    grow_at = time.monotonic() + self.GROW_CHECK
+                    await self._grow_lease(fence)
                 key = self.store.leader_key
                 if key is not None and key.create_revision > fence.revision:
                     break

@@ -952,3 +952,34 @@ def test_a_write_whose_answer_was_lost_is_sent_again_and_counted_once(etcd1: Etc
         assert 3.9 < time.monotonic() - t0 < 4.5 and s.find("secret") == [] and await etcd_keys(kv) == {}
 
     etcd1.run(body())
+
+
+def test_a_leader_whose_cluster_grew_moves_its_key_to_a_longer_lease(etcd1: EtcdCluster) -> None:
+    """The first leader of a cluster leads under the short lease of an empty cluster; once nodes
+    joined, it moves its key to a longer lease (one second more per LEASE_NODES nodes): the same key
+    and create revision, so it keeps leading and its fenced writes still commit, and the lease that
+    holds the key is the new, longer one."""
+
+    async def body() -> None:
+        s = await etcd1.store()
+        cands = Candidates({"node-a": s})
+        e = cands.elections["node-a"]
+        e.LEASE_NODES, e.GROW_CHECK = 2, 0.2  # type: ignore[misc]
+        try:
+            node, fence = await cands.next(timeout=5)
+            assert node == "node-a" and fence is not None and e.ttl == 2
+            first_lease = e.lease_id
+            await s.fenced(fence).update(lambda tx: [tx.create(objects_pb2.Node(id=f"n{i}")) for i in range(6)])
+            await wait_for_async(lambda: e.ttl == 5, "the lease lengthened to 2 + 6 // 2 s", timeout=5)
+            assert e.lease_id != first_lease
+            kv = await etcd1.kv()
+            key = (await kv.Range(etcd_pb2.RangeRequest(key=b"/shoal/e/leader"))).kvs[0]
+            assert key.lease == e.lease_id and key.create_revision == fence.revision
+            await asyncio.sleep(3)  # longer than the first lease: still leading, keep-alives on the new one
+            assert cands.terms.empty()
+            await s.fenced(fence).update(lambda tx: tx.create(secret("still-led")))
+            assert "still-led" in names(s)
+        finally:
+            await cands.stop()
+
+    etcd1.run(body())
