@@ -501,6 +501,12 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             s.expires = time.monotonic() + grace(configured, nodes)
             if self._held:
                 self._held.pop(s.node_id, None)
+            node = self.store.get("node", s.node_id)
+            if node is not None and node.status.state == types_pb2.NodeStatus.DOWN:
+                try:
+                    await self._revive(s.node_id)
+                except StoreError as e:  # the next heartbeat tries again
+                    log.warning("node not marked ready again node=%s err=%s", s.node_id, e)
         metrics.count_heartbeat()
         resp = dispatcher_pb2.HeartbeatResponse()
         resp.period.FromNanoseconds(int(period * (1 - random.uniform(0, HEARTBEAT_JITTER)) * 1e9))
@@ -598,6 +604,21 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 "cut off than they are down; %d of them get another %.1f s",
                 len(late), self._node_count(), held, g,
             )
+
+    async def _revive(self, node_id: str) -> None:
+        """READY again: a node marked DOWN while it opened its current session (the DOWN write was built
+        before the session began, and committed after its registration found nothing to write)."""
+        def fn(tx: Tx) -> None:
+            cur = tx.get("node", node_id)
+            if cur is None or cur.status.state != types_pb2.NodeStatus.DOWN or node_id not in self._sessions:
+                return
+            node = objects_pb2.Node()
+            node.CopyFrom(cur)
+            node.status.CopyFrom(types_pb2.NodeStatus(state=types_pb2.NodeStatus.READY, addr=cur.status.addr))
+            tx.update(node)
+
+        await self.store.update(fn, CONFLICT_RETRIES, backoff=CONFLICT_BACKOFF)
+        log.info("node ready again node=%s: marked down as its session opened", node_id)
 
     async def _mark_restarting(self, node_id: str, window: float) -> None:
         await self._set_states([(node_id, f"swarmd stopped gracefully: marked down unless back within {window:g} s")],
