@@ -49,6 +49,10 @@ MAX_RECONNECT_DELAY = 0.5
 HEARTBEAT_TIMEOUT = 1.5
 UNREGISTERED_DELAY = 10.0
 CONNECT_TIMEOUT = 1.5
+# The leader answers a new session once it has registered the node (a store write): a busy leader
+# (a fleet reconnecting at once) may take long, and an agent that gave up would only come back
+# with another connection and another registration for it to do. A dead leader fails at once.
+FIRST_MESSAGE_TIMEOUT = 30.0
 RESTARTING_TIMEOUT = 1.0  # the last heartbeat of a graceful stop (see Agent._say_restarting)
 STATUS_BATCH = 500
 LOG_BATCH = 100
@@ -255,7 +259,7 @@ class Agent:
             stub = dispatcher_pb2_grpc.DispatcherStub(channel)
             desc = describe_node(self.hostname, self.addr, self.labels, data_path_capabilities(self.addr))
             call = stub.Session(dispatcher_pb2.SessionRequest(description=desc), metadata=self._md)
-            first = await asyncio.wait_for(call.read(), 5.0)
+            first = await asyncio.wait_for(call.read(), FIRST_MESSAGE_TIMEOUT)
             if first is grpc.aio.EOF:
                 raise ConnectionError(f"manager {addr} closed the session at once")
             self.session_id = first.session_id
