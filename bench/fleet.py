@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from polling import until
 from report import report
 
 from shoal.lab.registry import free_port
@@ -278,21 +279,6 @@ def pct(xs: list[float], p: float) -> float | None:
 
 def r3(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
-
-
-def until(pred: Callable[[], Any], timeout: float, every: float = 0.25) -> Any:
-    """pred()'s first truthy value within `timeout` s (gRPC errors count as falsy), else None."""
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            got = pred()
-        except grpc.RpcError:
-            got = None
-        if got:
-            return got
-        if time.monotonic() >= end:
-            return None
-        time.sleep(every)
 
 
 class Step:

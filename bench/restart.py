@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 import grpc
+from polling import until
 from report import report
 
 from shoal.lab.images import busybox_image
@@ -63,16 +64,10 @@ class Daemon:
 
 
 def wait(pred, what: str, timeout: float = 60):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            got = pred()
-        except grpc.RpcError:
-            got = None
-        if got:
-            return got
-        time.sleep(0.05)
-    raise SystemExit(f"timed out waiting for {what}")
+    got = until(pred, timeout, 0.05)
+    if not got:
+        raise SystemExit(f"timed out waiting for {what}")
+    return got
 
 
 def main() -> int:
