@@ -80,7 +80,9 @@ RECONNECT_RATE = 500.0
 # overloaded the leader again. A node that stopped gracefully is not held (its window is its grace).
 MASS_FRACTION = 0.25
 # The leader loop woke this much later than it asked: its event loop stalled, and the deadlines move on
-# by the stall (see `Dispatcher._forgive_stall`).
+# by the stall (see `Dispatcher._forgive_stall`). Within a grace period after such a stall, any missed
+# deadline is held as a mass expiry is: a leader that is stalling does not trust its own clock of the
+# nodes (the heartbeats it did not read, the sessions its slowness broke).
 STALL_TOLERANCE = 0.25
 MASS_MIN = 10
 MASS_MAX_GRACES = 4
@@ -238,6 +240,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         # Nodes held back from DOWN by a mass expiry (see MASS_FRACTION): node id -> since when.
         self._held: dict[str, float] = {}
         self._downs: list[tuple[float, int]] = []  # (when, how many) nodes were marked DOWN lately
+        self._stalled_at = -1e9  # when this leader's loop last stalled (see STALL_TOLERANCE)
         # Nodes between the start of a Session call and its session's entry: never marked DOWN then.
         self._registering: set[str] = set()
         self._batch = _StatusBatch()
@@ -571,6 +574,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         as much. Heartbeats that waited in the sockets are then answered before anyone is marked DOWN."""
         if late < STALL_TOLERANCE:
             return
+        self._stalled_at = time.monotonic()
         for s in self._sessions.values():
             if not s.restarting:
                 s.expires += late
@@ -587,7 +591,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             return
         g = self.grace()
         self._downs = [(t, n) for t, n in self._downs if t > now - g]
-        if len(late) + sum(n for _, n in self._downs) < max(MASS_MIN, MASS_FRACTION * self._node_count()):
+        stalling = now - self._stalled_at < g
+        if not stalling and len(late) + sum(n for _, n in self._downs) < max(MASS_MIN, MASS_FRACTION * self._node_count()):
             return
         held = 0
         for nid in late:
@@ -600,9 +605,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 self._unconfirmed[nid] = now + g
         if held:
             log.warning(
-                "%d of %d nodes missed their heartbeat deadline at once: this leader is likelier overloaded or "
+                "%d of %d nodes missed their heartbeat deadline %s: this leader is likelier overloaded or "
                 "cut off than they are down; %d of them get another %.1f s",
-                len(late), self._node_count(), held, g,
+                len(late), self._node_count(), "while this leader's loop stalls" if stalling else "at once", held, g,
             )
 
     async def _revive(self, node_id: str) -> None:

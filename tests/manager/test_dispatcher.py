@@ -716,3 +716,35 @@ def test_a_mass_expiry_is_held_for_a_few_grace_periods_then_marked_down() -> Non
                 await c.close()
 
     run(main())
+
+
+def test_a_stalling_leader_holds_even_a_single_missed_deadline() -> None:
+    """Within a grace period after its loop stalled, the leader holds any node whose deadline passed
+    (one node of many: no mass), as it holds a mass expiry; a while later it does not."""
+
+    async def main() -> None:
+        st = LocalStore()
+        await add_cluster(st, period_s=1.0)
+        for i in range(40):
+            await add_node(st, f"n{i}")
+        async with serve(st) as (disp, addr):
+            c = Client(addr, "n0")
+            await c.open()
+            try:
+                now = time.monotonic()
+                disp._sessions["n0"].expires = now - 0.01
+                disp._hold_mass_expiry(now)  # 1 of 40 late, no stall: not held
+                assert disp._sessions["n0"].expires < now
+                disp._forgive_stall(0.5)  # the loop woke 0.5 s late: deadlines move on by as much
+                assert disp._sessions["n0"].expires == pytest.approx(now + 0.49, abs=0.01)
+                later = now + 0.6
+                disp._hold_mass_expiry(later)  # late again, within a grace of the stall: held
+                assert disp._sessions["n0"].expires == pytest.approx(later + disp.grace())
+                much_later = time.monotonic() + 10 * disp.grace()
+                disp._sessions["n0"].expires = much_later - 0.01
+                disp._hold_mass_expiry(much_later)  # long after the stall: not held
+                assert disp._sessions["n0"].expires < much_later
+            finally:
+                await c.close()
+
+    run(main())
