@@ -74,18 +74,19 @@ GRACE_MARGIN = 0.8
 NEW_LEADER_GRACE = 2.0
 RECONNECT_RATE = 500.0
 # When at least MASS_FRACTION of the nodes (and MASS_MIN or more) miss their deadline within one grace
-# period (those marked DOWN in the last grace period count too), the likelier cause is this leader (overloaded, paused, cut off from them) rather than the
-# nodes: they get another grace period, up to MASS_MAX_GRACES more in all, before they are marked DOWN.
-# Marking them DOWN would replace their tasks and bring their sessions back at once, the work that
-# overloaded the leader again. A node that stopped gracefully is not held (its window is its grace).
+# period (those marked DOWN in the last grace period count too), the likelier cause is this leader
+# (overloaded, paused, cut off from them) rather than the nodes: they get another grace period, up to
+# MASS_MAX_GRACES more in all, before they are marked DOWN. Marking them DOWN would replace their tasks
+# and bring their sessions back at once, the work that overloaded the leader again. A node that
+# stopped gracefully is not held (its window is its grace).
 MASS_FRACTION = 0.25
+MASS_MIN = 10
+MASS_MAX_GRACES = 4
 # The leader loop woke this much later than it asked: its event loop stalled, and the deadlines move on
 # by the stall (see `Dispatcher._forgive_stall`). Within a grace period after such a stall, any missed
 # deadline is held as a mass expiry is: a leader that is stalling does not trust its own clock of the
 # nodes (the heartbeats it did not read, the sessions its slowness broke).
 STALL_TOLERANCE = 0.25
-MASS_MIN = 10
-MASS_MAX_GRACES = 4
 LEADER_ADDR_KEY = "shoal-leader-addr"
 NODE_ID_KEY = "shoal-node-id"
 API_PORT = 2377
