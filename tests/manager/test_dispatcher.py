@@ -102,6 +102,16 @@ async def add_cluster(store: Store, period_s: float | None = None) -> None:
     await store.update(lambda tx: tx.create(c))
 
 
+async def fleet(nodes: int, period_s: float | None = None) -> LocalStore:
+    """A store with the cluster and nodes n0 … n{nodes - 1}, created 500 a transaction."""
+    st = LocalStore()
+    await add_cluster(st, period_s)
+    made = [objects_pb2.Node(id=f"n{i}", spec=specs_pb2.NodeSpec()) for i in range(nodes)]
+    for i in range(0, nodes, 500):
+        await st.update(lambda tx, part=made[i : i + 500]: [tx.create(n) for n in part])
+    return st
+
+
 def task(
     node_id: str, state: int, secrets=(), configs=(), desired: int = types_pb2.RUNNING
 ) -> objects_pb2.Task:
@@ -636,11 +646,7 @@ def test_heartbeat_period_grows_with_the_fleet_and_a_new_session_writes_nothing(
     node wakes for it."""
 
     async def main() -> None:
-        st = LocalStore()
-        await add_cluster(st)
-        nodes = [objects_pb2.Node(id=f"n{i}", spec=specs_pb2.NodeSpec()) for i in range(3000)]
-        for i in range(0, len(nodes), 500):
-            await st.update(lambda tx, c=nodes[i : i + 500]: [tx.create(n) for n in c])
+        st = await fleet(3000)
         async with serve(st) as (disp, addr):
             assert disp.period() == pytest.approx(3000 / MAX_HEARTBEAT_RATE)
             assert disp.grace() == pytest.approx(2 * 3000 / MAX_HEARTBEAT_RATE + 0.8)
@@ -679,13 +685,10 @@ def test_heartbeat_period_grows_with_the_fleet_and_a_new_session_writes_nothing(
 def test_a_mass_expiry_is_held_for_a_few_grace_periods_then_marked_down() -> None:
     """A new leader that hears from none of 20 nodes (a quarter or more at once: likelier its own
     fault) gives them MASS_MAX_GRACES more grace periods before marking them DOWN; a node that keeps
-    heartbeating stays READY throughout; a lone node's expiry is not held."""
+    heartbeating stays READY throughout. (That a lone node's expiry is not held: the next test.)"""
 
     async def main() -> None:
-        st = LocalStore()
-        await add_cluster(st, period_s=0.1)
-        for i in range(21):
-            await add_node(st, f"n{i}")
+        st = await fleet(21, period_s=0.1)
         async with serve(st) as (disp, addr):
             c = Client(addr, "n0")
             await c.open()
@@ -723,10 +726,7 @@ def test_a_stalling_leader_holds_even_a_single_missed_deadline() -> None:
     (one node of many: no mass), as it holds a mass expiry; a while later it does not."""
 
     async def main() -> None:
-        st = LocalStore()
-        await add_cluster(st, period_s=1.0)
-        for i in range(40):
-            await add_node(st, f"n{i}")
+        st = await fleet(40, period_s=1.0)
         async with serve(st) as (disp, addr):
             c = Client(addr, "n0")
             await c.open()
