@@ -131,6 +131,19 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def started_under(base: Path) -> list[int]:
+    """PIDs of every process whose command line names `base` (the step's own state dir): the managers,
+    their etcd members and the fleet processes this step started, whatever became of its objects."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if str(base).encode() in f.read():
+                        out.append(int(d))
+    return out
+
+
 def kill_pids(pids: list[int]) -> None:
     for p in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -709,9 +722,15 @@ def one_step(nodes: int, idle: float, tpn: int, ingress_subnet: str = "", keep_l
     print(f"fleet: state under {base}", file=sys.stderr, flush=True)
     if nodes <= 250:  # the default /24 holds them
         ingress_subnet = ""
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the finally below ends what the step started
     try:
         return Step(nodes, idle, tpn, base, ingress_subnet, first, conc).run()
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        kill_pids(started_under(base))
         if keep_logs:
             dest = Path(keep_logs) / f"fleet-{nodes}-{time.strftime('%Y%m%d-%H%M%S')}"
             dest.mkdir(parents=True, exist_ok=True)
@@ -746,11 +765,17 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
 
 def steps_iter(steps: list[int], idle: float, tpn: int, extra: list[str]) -> Iterator[dict[str, Any]]:
     for n in steps:
-        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--nodes", str(n), "--idle", str(idle),
-                            "--tasks-per-node", str(tpn), *extra], stdout=subprocess.PIPE, text=True, check=False)
-        sys.stdout.write(p.stdout)
+        with subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--nodes", str(n), "--idle", str(idle),
+                               "--tasks-per-node", str(tpn), *extra], stdout=subprocess.PIPE, text=True) as p:
+            try:
+                out, _ = p.communicate()
+            except BaseException:  # Ctrl-C: the step ends what it started (SIGTERM), not killed under it
+                p.terminate()
+                p.wait()
+                raise
+        sys.stdout.write(out)
         got = None
-        for line in p.stdout.splitlines():
+        for line in out.splitlines():
             if line.startswith('{"bench": "fleet", '):
                 got = json.loads(line)["results"]
         yield got if got is not None else {**{k: None for k in KEYS}, "nodes": n,
