@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -710,6 +711,7 @@ class Election:
     fence holds) every GROW_CHECK s at most."""
 
     MARGIN = 0.4
+    LOOP_TICK = 0.25  # s: how often the event loop shows the keep-alive thread it is alive
     LEASE_NODES = 250
     MAX_LEASE_TTL = 10
     GROW_CHECK = 5.0
@@ -754,28 +756,57 @@ class Election:
         return resp.ID
 
     async def _keepalive(self, lease_id: int, lost: asyncio.Event) -> None:
-        """Renew the lease every ttl/4 s; set `lost` when the server says it expired."""
+        """Renew the lease every ttl/4 s from a thread of its own; set `lost` when the server says it
+        expired.
 
-        async def requests() -> AsyncIterator[etcd_pb2.LeaseKeepAliveRequest]:
-            while True:  # the lease of the moment (`_grow_lease` may move the key to a longer one)
-                yield etcd_pb2.LeaseKeepAliveRequest(ID=self.lease_id or lease_id)
-                await asyncio.sleep(self.ttl / 4)
+        The renewals do not wait for this manager's event loop: a loop busy for a second or two under
+        a large fleet's load still leads (losing the key would move every agent session at once,
+        making the load worse). They do wait for its sign of life: this coroutine marks the loop
+        alive every LOOP_TICK s, and the thread renews only while the last mark is less than `ttl`
+        s old, so a loop wedged for good loses the key within two leases."""
+        loop = asyncio.get_running_loop()
+        alive = [time.monotonic()]
+        stop = threading.Event()
+        worker = threading.Thread(target=self._renew_from_thread, args=(lease_id, lost, loop, alive, stop),
+                                  name="lease-keepalive", daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                alive[0] = time.monotonic()
+                await asyncio.sleep(self.LOOP_TICK)
+        finally:
+            stop.set()
 
-        while not lost.is_set():
-            call = self.store.lease.LeaseKeepAlive(requests())
-            try:
-                async for resp in call:
-                    if resp.ID != self.lease_id:  # the answer for a lease `_grow_lease` replaced
-                        continue
-                    if resp.TTL <= 0:
-                        lost.set()
-                        return
-                    self._renewed = time.monotonic()
-            except grpc.aio.AioRpcError as e:
-                log.info("election: lease keep-alive broken (%s); retrying", e.code().name)
-            finally:
-                call.cancel()
-            await asyncio.sleep(0.1)
+    def _renew_from_thread(self, lease_id: int, lost: asyncio.Event, loop: asyncio.AbstractEventLoop,
+                           alive: list[float], stop: threading.Event) -> None:
+        """`_keepalive`'s thread: one keep-alive request a round on a channel of its own."""
+        broken = ""
+        with grpc.insecure_channel(self.store.target, options=CHANNEL_OPTIONS) as channel:
+            stub = etcd_pb2_grpc.LeaseStub(channel)
+            while not stop.wait(self.ttl / 4):
+                if time.monotonic() - alive[0] >= self.ttl:
+                    continue  # the loop is wedged: let the lease run out
+                lease = self.lease_id or lease_id  # the lease of the moment (`_grow_lease` may move the key)
+                sent = time.monotonic()
+                call = stub.LeaseKeepAlive(iter([etcd_pb2.LeaseKeepAliveRequest(ID=lease)]), timeout=self.ttl / 2)
+                try:
+                    resp = next(call)
+                except (grpc.RpcError, StopIteration) as e:
+                    code = e.code().name if isinstance(e, grpc.RpcError) else "no answer"
+                    if code != broken:
+                        log.info("election: lease keep-alive failed (%s); retrying", code)
+                    broken = code
+                    continue
+                finally:
+                    call.cancel()
+                broken = ""
+                if resp.ID != self.lease_id:  # the answer for a lease `_grow_lease` replaced meanwhile
+                    continue
+                if resp.TTL <= 0:
+                    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                        loop.call_soon_threadsafe(lost.set)
+                    return
+                self._renewed = max(self._renewed, sent)
 
     def _valid_for(self) -> float:
         return self._renewed + self.ttl - self.MARGIN - time.monotonic()

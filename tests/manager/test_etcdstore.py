@@ -954,6 +954,32 @@ def test_a_write_whose_answer_was_lost_is_sent_again_and_counted_once(etcd1: Etc
     etcd1.run(body())
 
 
+def test_a_leader_whose_loop_is_busy_keeps_the_key_and_a_wedged_one_loses_it(etcd1: EtcdCluster) -> None:
+    """The keep-alives do not wait for the event loop: a loop blocked for most of a lease (2 s) still
+    leads afterwards, with no new term; a loop blocked for good (here 6 s, three leases) lets the
+    lease run out, and its election says so once the loop runs again."""
+
+    async def body() -> None:
+        s = await etcd1.store()
+        cands = Candidates({"node-a": s})
+        try:
+            node, fence = await cands.next(timeout=5)
+            assert node == "node-a" and fence is not None
+            await asyncio.sleep(0.6)
+            time.sleep(1.8)  # noqa: ASYNC251 - the point: the loop is busy
+            await asyncio.sleep(1.0)
+            assert cands.terms.empty()
+            await s.fenced(fence).update(lambda tx: tx.create(secret("led-after-busy")))
+            time.sleep(6)  # noqa: ASYNC251 - wedged
+            assert await cands.next(timeout=5) == ("node-a", None)
+            with pytest.raises(FenceLost):
+                await s.fenced(fence).update(lambda tx: tx.create(secret("too-late")))
+        finally:
+            await cands.stop()
+
+    etcd1.run(body())
+
+
 def test_a_leader_whose_cluster_grew_moves_its_key_to_a_longer_lease(etcd1: EtcdCluster) -> None:
     """The first leader of a cluster leads under the short lease of an empty cluster; once nodes
     joined, it moves its key to a longer lease (one second more per LEASE_NODES nodes): the same key
