@@ -44,9 +44,11 @@ ENGINE_VERSION = "shoal-0.1.0"
 # bound doubling at each failure up to MAX_RECONNECT_DELAY periods.
 RECONNECT_DELAY = 0.1
 MAX_RECONNECT_DELAY = 0.5
-# A heartbeat unanswered within this many periods ends the session (a dead or cut-off manager); the
-# dispatcher's grace is longer (two periods and more), so a slow answer costs no DOWN.
-HEARTBEAT_TIMEOUT = 1.5
+# A heartbeat unanswered within this many periods ends the session: by then the dispatcher's grace
+# (two periods and 0.8 of the configured one, at most 2.8 periods) ran out too, so giving up sooner
+# on a slow answer of a busy leader would only bring it one more connection and registration. A dead
+# manager's connection fails at once; only a silent one (paused, cut off) is waited out this long.
+HEARTBEAT_TIMEOUT = 3.0
 UNREGISTERED_DELAY = 10.0
 CONNECT_TIMEOUT = 1.5
 # The leader answers a new session once it has registered the node (a store write): a busy leader
