@@ -367,6 +367,10 @@ class Agent:
                 for tid, st in batch.items():  # keep them for the next session unless newer arrived
                     self._pending.setdefault(tid, st)
                 raise
+            except BaseException:  # cancelled with the session (its heartbeat failed): the same
+                for tid, st in batch.items():
+                    self._pending.setdefault(tid, st)
+                raise
 
     # ---- logs ------------------------------------------------------------------------------------------
     async def _log_subscriptions(self, channel: grpc.aio.Channel) -> None:

@@ -223,6 +223,8 @@ class StateDir:
             except (OSError, ValueError):
                 code = -1
             return "exited", self.record_exit(meta, code, finished=exit_file.stat().st_mtime)
+        if not meta.pid and not meta.conmon_pid:  # being created: nothing was started yet
+            return "created", None
         if alive(meta.pid, meta.pid_start):
             return ("created" if (self.runc_root / meta.id / "exec.fifo").exists() else "running"), None
         if meta.conmon_pid and alive(meta.conmon_pid, meta.conmon_start):
