@@ -20,6 +20,7 @@ This module owns the routing and the byte copying only; certificates and credent
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 
@@ -52,10 +53,18 @@ def _client_hello_sni(data: bytes) -> str | None:
     return None
 
 
+HEAD_TIMEOUT = 10.0  # s for a new connection's first bytes (the route is chosen by them)
+
+
 class RemoteAPIFront:
     """The manager's remote API port (2377): routes each TCP connection, by its first bytes and
     without terminating TLS, to the mTLS, join (server TLS) or plaintext (root CA only) gRPC
-    listener on unix sockets, then copies bytes both ways. See the module docstring for why."""
+    listener on unix sockets, then copies bytes both ways. See the module docstring for why.
+
+    The copying is done by protocol callbacks (`_Client`, `_Upstream`): each chunk read is written
+    to the other side at once, with no coroutine, future or task per chunk, as every heartbeat of
+    every node passes through here on the manager's event loop. A side whose write buffer fills
+    pauses reading on the other; an end of stream is passed on as one (half-close)."""
 
     def __init__(self, listen: str, mtls_path: str, join_path: str, plain_path: str) -> None:
         host, _, port = listen.rpartition(":")
@@ -63,63 +72,165 @@ class RemoteAPIFront:
         self.port = int(port)
         self.paths = {"mtls": mtls_path, "join": join_path, "plain": plain_path}
         self._server: asyncio.base_events.Server | None = None
-        self._conns: set[asyncio.Task[None]] = set()
+        self._conns: set[_Client] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, self.host, self.port, reuse_address=True)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Client(self), self.host, self.port, reuse_address=True)
         log.info("remote API listening on %s:%d", self.host, self.port)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for t in list(self._conns):
-            t.cancel()
-        if self._conns:
-            await asyncio.gather(*self._conns, return_exceptions=True)
+        for c in list(self._conns):
+            c.abort()
         if self._server is not None:
             await self._server.wait_closed()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns.add(task)
-        try:
-            await self._route(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, OSError):
-            pass
-        except asyncio.CancelledError:  # close(): this handler task ends here (asyncio logs a
-            pass  # cancelled connection handler as an error otherwise)
-        finally:
-            self._conns.discard(task)
-            writer.close()
 
-    async def _route(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
+class _Client(asyncio.Protocol):
+    """A connection to 2377: its first bytes choose the route; then each chunk goes upstream."""
+
+    def __init__(self, front: RemoteAPIFront) -> None:
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.up: _Upstream | None = None
+        self.head = b""  # bytes read before the upstream connection is there
+        self.eof = False
+        self.routing = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.connecting: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.front._conns.add(self)
+        sock = transport.get_extra_info("socket")
         if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        head = await asyncio.wait_for(reader.readexactly(5), 10)
-        if head[0] == 0x16:  # TLS handshake record: read the whole ClientHello record
-            body = await asyncio.wait_for(reader.readexactly(int.from_bytes(head[3:5], "big")), 10)
-            head += body
-            route = "join" if _client_hello_sni(head) == JOIN_NAME else "mtls"
-        else:
-            route = "plain"
-        up_r, up_w = await asyncio.open_unix_connection(self.paths[route])
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.abort)
+
+    def data_received(self, data: bytes) -> None:
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.write(data)
+            return
+        self.head += data
+        if self.routing:
+            return
+        route = _route(self.head)
+        if route is None:  # the first bytes are not all here yet
+            return
+        self.routing = True
+        if self.timer is not None:
+            self.timer.cancel()
+        assert self.transport is not None
+        self.transport.pause_reading()  # until the upstream connection is there
+        self.connecting = asyncio.get_running_loop().create_task(self._connect(route))
+
+    async def _connect(self, route: str) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            up_w.write(head)
-            await asyncio.gather(_pump(reader, up_w), _pump(up_r, writer))
-        finally:
-            up_w.close()
+            _, up = await loop.create_unix_connection(lambda: _Upstream(self), self.front.paths[route])
+        except OSError as e:
+            log.debug("remote API: no %s listener: %s", route, e)
+            self.abort()
+            return
+        assert up.transport is not None
+        if self.transport is None or self.transport.is_closing():
+            up.transport.close()
+            return
+        self.up = up
+        up.transport.write(self.head)
+        self.head = b""
+        if self.eof and up.transport.can_write_eof():
+            up.transport.write_eof()
+        self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.up is not None and self.up.transport is not None and self.up.transport.can_write_eof():
+            self.up.transport.write_eof()
+        self.close_if_done()
+        return True  # half-closed: the answer may still come back
+
+    def close_if_done(self) -> None:
+        """Both ways ended: close both connections (once what is buffered is written)."""
+        if self.eof and self.up is not None and self.up.eof:
+            if self.transport is not None:
+                self.transport.close()
+            if self.up.transport is not None:
+                self.up.transport.close()
+
+    def pause_writing(self) -> None:  # the client is slow: stop reading upstream
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.front._conns.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.close()
+        self.transport = None
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.abort()
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    try:
-        while data := await src.read(65536):
-            dst.write(data)
-            await dst.drain()
-    finally:
-        if dst.can_write_eof():
-            try:
-                dst.write_eof()
-            except OSError:
-                pass
+class _Upstream(asyncio.Protocol):
+    """The unix socket connection to the chosen gRPC listener: each chunk goes back to the client."""
+
+    def __init__(self, client: _Client) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.client.transport is not None:
+            self.client.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        t = self.client.transport
+        if t is not None and t.can_write_eof():
+            t.write_eof()
+        self.client.close_if_done()
+        return True
+
+    def pause_writing(self) -> None:  # the listener is slow: stop reading the client
+        if self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client.transport is not None:
+            self.client.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.client.transport is not None:
+            self.client.transport.close()
+        self.transport = None
+
+
+def _route(head: bytes) -> str | None:
+    """The route of a connection by its first bytes: "join" (TLS with SNI `ca.JOIN_NAME`), "mtls"
+    (other TLS), "plain" (anything else: HTTP/2 in clear); None while the TLS record holding the
+    ClientHello is not complete yet."""
+    if len(head) < 5:
+        return None
+    if head[0] != 0x16:  # not a TLS handshake record
+        return "plain"
+    if len(head) < 5 + int.from_bytes(head[3:5], "big"):
+        return None
+    return "join" if _client_hello_sni(head) == JOIN_NAME else "mtls"
