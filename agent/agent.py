@@ -50,7 +50,9 @@ MAX_RECONNECT_DELAY = 0.5
 # manager's connection fails at once; only a silent one (paused, cut off) is waited out this long.
 HEARTBEAT_TIMEOUT = 3.0
 UNREGISTERED_DELAY = 10.0
-CONNECT_TIMEOUT = 1.5
+# A manager that refuses the connection (dead, not listening) is left at once; one that does not
+# answer (cut off) or is slow to (a busy leader's TLS handshakes queue up) is given this long.
+CONNECT_TIMEOUT = 5.0
 # The leader answers a new session once it has registered the node (a store write): a busy leader
 # (a fleet reconnecting at once) may take long, and an agent that gave up would only come back
 # with another connection and another registration for it to do. A dead leader fails at once.
@@ -64,6 +66,23 @@ class _Redirect(Exception):
     def __init__(self, addr: str) -> None:
         super().__init__(f"redirected to leader {addr}")
         self.addr = addr
+
+
+async def _connected(channel: grpc.aio.Channel, addr: str) -> None:
+    """Wait until `channel` is READY: ConnectionError at once when its connection attempt failed
+    (TRANSIENT_FAILURE: refused, reset), or after CONNECT_TIMEOUT s without an answer."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONNECT_TIMEOUT
+    state = channel.get_state(try_to_connect=True)
+    while state != grpc.ChannelConnectivity.READY:
+        if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
+            raise ConnectionError(f"manager {addr} refused the connection")
+        try:
+            async with asyncio.timeout_at(deadline):
+                await channel.wait_for_state_change(state)
+        except TimeoutError:
+            raise ConnectionError(f"manager {addr} unreachable within {CONNECT_TIMEOUT:g} s") from None
+        state = channel.get_state(try_to_connect=True)
 
 
 def describe_node(
@@ -254,10 +273,7 @@ class Agent:
     async def _session(self, addr: str) -> None:
         channel = self._channel(addr)
         try:
-            try:  # an unreachable (partitioned) manager: move on quickly
-                await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
-            except TimeoutError:
-                raise ConnectionError(f"manager {addr} unreachable within {CONNECT_TIMEOUT:g} s") from None
+            await _connected(channel, addr)
             stub = dispatcher_pb2_grpc.DispatcherStub(channel)
             desc = describe_node(self.hostname, self.addr, self.labels, data_path_capabilities(self.addr))
             call = stub.Session(dispatcher_pb2.SessionRequest(description=desc), metadata=self._md)
