@@ -21,7 +21,8 @@ One step, on a fresh cluster, measures in turn:
    `heartbeats_failed_idle`).
 3. a replicated service of `--tasks-per-node` busybox tasks per node, constrained to workers:
    create -> all assigned (`tasks_assigned_s`) and all RUNNING (`tasks_running_s`), polled with
-   ListTasks of the service on the leader's control socket (every 0.5 s, 1 s past 200 nodes);
+   ListTasks of the service on a follower's control socket (every 0.5 s, 1 s past 200 nodes; the
+   follower's replica of the store, so that the poll of 50,000 tasks does not load the leader);
    meanwhile a thread calls ListNodes, ListTasks (one node's tasks with desired state RUNNING, as
    `docker node ps`) and GetService in a loop (0.1 s between rounds) -> `api_p99_s` and each call's p99.
 4. the leader (the manager running the control loops, where the sessions are: found in the managers'
@@ -33,7 +34,7 @@ One step, on a fresh cluster, measures in turn:
    goal 0).
 5. the process with 1 % of the nodes SIGKILLed: until all of them are DOWN (`down_s`) and until the
    service is back to all its tasks RUNNING (`down_moved_s`).
-6. throughout: nodes seen DOWN by a ListNodes poll every second that the bench did not kill
+6. throughout: nodes seen DOWN by a ListNodes poll every second (on a follower) that the bench did not kill
    (`false_down`; managers count too, but not the killed one).
 Each phase waits at most 120 s + N * 0.1 s; a figure not reached is null and `errors` names it. When
 the nodes never all come into session, the idle figures are still taken (what the managers spend
@@ -335,7 +336,8 @@ class Step:
                 when = text[text.rfind("\n", 0, lead) + 1:][:23]
                 if best is None or when > best[0]:
                     best = (when, m)
-        return best[1] if best else self.store_leader()
+        self.leader_seen = best[1] if best else self.store_leader()
+        return self.leader_seen
 
     def store_leader(self) -> Manager | None:
         """The manager whose etcd member leads the store (`node ls`'s Leader)."""
@@ -406,10 +408,16 @@ class Step:
                 raise RuntimeError(f"fleet process {s.idx} did not start within 60 s")
 
     # ---- polls ------------------------------------------------------------------------------------
+    def followers_first(self) -> list[Manager]:
+        """The live managers, those not running the control loops first: the bench's own polls read
+        a follower's replica of the store, so that they do not load the leader they measure."""
+        lead = self.leader_seen
+        return sorted(self.live(), key=lambda m: m is lead)
+
     def poll_down(self) -> None:
         """Every second: the node ids ListNodes shows DOWN."""
         while not self.stop_polls.wait(1.0):
-            for m in self.live():
+            for m in self.followers_first():
                 try:
                     ns = m.stub().ListNodes(control_pb2.ListNodesRequest(), timeout=10).nodes
                 except grpc.RpcError:
@@ -543,7 +551,8 @@ class Step:
         try:
             def converged() -> bool:
                 nonlocal assigned_at
-                ts = [t for t in self.service_tasks(leader) if t.desired_state == types_pb2.RUNNING]
+                ts = [t for t in self.service_tasks(self.followers_first()[0])
+                      if t.desired_state == types_pb2.RUNNING]
                 if assigned_at is None and len(ts) >= total and all(
                         t.node_id and t.status.state >= types_pb2.ASSIGNED for t in ts):
                     assigned_at = time.monotonic()
@@ -668,6 +677,7 @@ class Step:
     def run(self) -> dict[str, Any]:
         self.killed: set[str] = set()
         self.killed_managers: set[str] = set()
+        self.leader_seen: Manager | None = None
         poller: threading.Thread | None = None
         leader_log = ""
         try:
