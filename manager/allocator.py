@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.manager.keymanager import give_initial_keys, ipsec_keys, is_encrypted
+from shoal.manager.pacing import Pacer
 from shoal.manager.store import InvalidArgument, StateMachine, Store, Tx, is_terminal, network_subnet, wrap
 from shoal.proto import objects_pb2, specs_pb2, types_pb2
 
@@ -151,6 +152,7 @@ class Allocator:
     def __init__(self, store: Store, manager: Any = None, debounce: float = 0.01) -> None:
         self.store = store
         self.debounce = debounce
+        self.pacer = Pacer(debounce)
         self._ingress_left_out = 0
         # The last pass left something without addresses (a full subnet): a freed address calls for a pass.
         self._waiting = False
@@ -164,12 +166,13 @@ class Allocator:
             await self._ensure_ingress()
             while True:
                 try:
-                    await self.allocate_once()
+                    with self.pacer.timing():
+                        await self.allocate_once()
                 except Exception:  # keep the loop alive; the next event retries
                     log.exception("allocation pass failed")
                 while not self._calls_for_a_pass(await w.queue.get()):
                     pass
-                await asyncio.sleep(self.debounce)
+                await asyncio.sleep(self.pacer.pause())
                 while not w.queue.empty():
                     w.queue.get_nowait()
 

@@ -22,6 +22,7 @@ from shoal.manager.orchestrator.common import (
 )
 from shoal.manager.orchestrator.restart import DEFAULT_OLD_TASK_TIMEOUT, DelayedStart, RestartSupervisor
 from shoal.manager.orchestrator.update import US, UpdateSupervisor, update_state
+from shoal.manager.pacing import Pacer
 from shoal.manager.store import Store, Tx
 from shoal.proto import objects_pb2, types_pb2, watch_pb2
 
@@ -39,6 +40,7 @@ class OrchestratorBase:
     def __init__(self, store: Store, debounce: float = 0.02, old_task_timeout: float = DEFAULT_OLD_TASK_TIMEOUT):
         self.store = store
         self.debounce = debounce
+        self.pacer = Pacer(debounce)
         self.old_task_timeout = old_task_timeout
         self.waiters = TaskWaiters()
         self._dirty: set[str] = set()
@@ -87,9 +89,10 @@ class OrchestratorBase:
                 try:
                     self._startup()
                     while True:
-                        await self._reconcile_dirty()
+                        with self.pacer.timing():
+                            await self._reconcile_dirty()
                         self.idle.set()
-                        ok = await drain_events(w.queue, self._on_message, self.debounce)
+                        ok = await drain_events(w.queue, self._on_message, self.pacer.pause())
                         self.idle.clear()
                         if not ok:
                             break

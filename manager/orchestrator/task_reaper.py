@@ -15,6 +15,7 @@ from shoal.manager.orchestrator.common import (
     drain_events,
     history_limit,
 )
+from shoal.manager.pacing import Pacer
 from shoal.manager.store import Store, Tx
 from shoal.proto import objects_pb2, types_pb2, watch_pb2
 
@@ -45,6 +46,7 @@ class TaskReaper:
     def __init__(self, store: Store, debounce: float = 0.05) -> None:
         self.store = store
         self.debounce = debounce
+        self.pacer = Pacer(debounce)
         self._keys: set[tuple[str, int, str]] = set()
         self._remove_candidates: set[str] = set()
         self._services: set[str] = set()
@@ -57,7 +59,8 @@ class TaskReaper:
         with self.store.watch() as w:
             while True:
                 try:
-                    await self.tick()
+                    with self.pacer.timing():
+                        await self.tick()
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -65,7 +68,7 @@ class TaskReaper:
                     self._full = True
                     asyncio.get_running_loop().call_later(1.0, w.queue.put_nowait, watch_pb2.WatchMessage())
                 self.idle.set()
-                ok = await drain_events(w.queue, self._on_message, self.debounce)
+                ok = await drain_events(w.queue, self._on_message, self.pacer.pause())
                 self.idle.clear()
                 if not ok:
                     return
