@@ -486,7 +486,13 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 return cur
             return tx.update(node)
 
-        return await self.store.update(fn, CONFLICT_RETRIES, backoff=CONFLICT_BACKOFF)
+        try:
+            return await self.store.update(fn, CONFLICT_RETRIES, backoff=CONFLICT_BACKOFF)
+        except _NotRegistered:
+            # A node that has just joined through another manager's CA: its node object may be
+            # committed but not yet in this manager's copy of the store. Catch up, then look again.
+            await self.store.read_barrier()
+            return await self.store.update(fn, CONFLICT_RETRIES, backoff=CONFLICT_BACKOFF)
 
     # ---- Heartbeat ---------------------------------------------------------------------------
     async def Heartbeat(  # noqa: N802

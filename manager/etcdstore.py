@@ -692,6 +692,9 @@ class FencedStore(Store):
     def is_leader(self) -> bool:
         return self.base.is_leader()
 
+    async def read_barrier(self, timeout: float = 1.0) -> str | None:
+        return await self.base.read_barrier(timeout)
+
 
 class Election:
     """Chooses the one manager that runs the control loops, through an etcd lease.

@@ -24,7 +24,7 @@ from shoal.manager.dispatcher import (
     RECONNECT_RATE,
     Dispatcher,
 )
-from shoal.manager.etcdstore import Election
+from shoal.manager.etcdstore import Election, EtcdStore
 from shoal.manager.store import LocalStore, Store, Tx
 from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_pb2, types_pb2
 
@@ -254,6 +254,38 @@ def test_follower_refuses_with_leader_address(etcd1: EtcdCluster) -> None:
         await terms.aclose()
 
     cluster.run(main())
+
+
+def test_a_node_that_joined_through_another_manager_is_found_while_this_copy_lags(etcd1: EtcdCluster,
+                                                                                  monkeypatch) -> None:
+    """The node object is committed (through another manager's store) but this leader's copy of the
+    store lags behind (its watch answers late): the session does not fail with "not registered";
+    the dispatcher catches up with etcd (a read barrier) and finds the node."""
+    watch = EtcdStore._watch_stream
+
+    async def lagging(self, start):  # noqa: ANN001, ANN202
+        async for resp in watch(self, start):
+            await asyncio.sleep(getattr(self, "test_lag", 0.0))
+            yield resp
+
+    monkeypatch.setattr(EtcdStore, "_watch_stream", lagging)
+
+    async def main() -> None:
+        st, other = await etcd1.store(), await etcd1.store()
+        st.leading = True  # this manager runs the dispatcher
+        st.test_lag = 0.5  # type: ignore[attr-defined]
+        await add_node(other, "n1")  # the join, committed through the other manager
+        assert st.get("node", "n1") is None  # not in this copy yet
+        async with serve(st) as (_, addr):
+            c = Client(addr, "n1")
+            try:
+                first = await c.open()
+                assert first.node.id == "n1" and first.session_id
+                assert st.get("node", "n1").status.state == types_pb2.NodeStatus.READY
+            finally:
+                await c.close()
+
+    etcd1.run(main())
 
 
 def test_heartbeat_expiry_marks_node_down_and_session_reopens() -> None:
