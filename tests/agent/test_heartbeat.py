@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from agent_helpers import add_node, make_task, manager_side, new_engine, run, task_state, wait_for
@@ -21,6 +23,22 @@ from shoal.proto import objects_pb2, specs_pb2, types_pb2
 pytestmark = pytest.mark.integration
 
 PERIOD = 1.0  # s, the cluster's heartbeat period: the dispatcher's grace is 2.8 s
+
+
+@contextlib.asynccontextmanager
+async def agent_in_session(addr: str, engine_root, registry, tmp_path) -> AsyncIterator[tuple[Agent, Any]]:  # noqa: ANN001
+    """Node n1's agent (real engine) against the dispatcher at `addr`, in session; stopped at the end."""
+    engine = new_engine(engine_root, registry)
+    agent = Agent("n1", tmp_path, [addr], None, engine, hostname="node-1")
+    runner = asyncio.create_task(agent.run())
+    try:
+        await wait_for(lambda: agent.session_id != "", what="a session")
+        yield agent, engine
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        await engine.close()
 
 
 def test_a_slow_heartbeat_answer_keeps_the_session_a_lost_one_ends_it(engine_root, registry, tmp_path,
@@ -44,11 +62,7 @@ def test_a_slow_heartbeat_answer_keeps_the_session_a_lost_one_ends_it(engine_roo
 
             await st.update(period)
             await add_node(st, "n1", hostname="node-1")
-            engine = new_engine(engine_root, registry)
-            agent = Agent("n1", tmp_path, [addr], None, engine, hostname="node-1")
-            runner = asyncio.create_task(agent.run())
-            try:
-                await wait_for(lambda: agent.session_id != "", what="a session")
+            async with agent_in_session(addr, engine_root, registry, tmp_path) as (agent, _engine):
                 first = agent.session_id
                 # 1.8 s: past the old deadline (1.5 periods, less the period's jitter), within the
                 # dispatcher's grace (2.8 s) and the agent's 3 periods
@@ -65,11 +79,6 @@ def test_a_slow_heartbeat_answer_keeps_the_session_a_lost_one_ends_it(engine_roo
                 await wait_for(lambda: agent.session_id not in ("", first), what="a new session", timeout=20)
                 ended = [r.getMessage() for r in caplog.records if "session ended" in r.getMessage()]
                 assert ended and ("DEADLINE_EXCEEDED" in ended[0] or "was closed" in ended[0]), ended
-            finally:
-                runner.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await runner
-                await engine.close()
 
     assert agent_mod.HEARTBEAT_TIMEOUT == 3.0
     with caplog.at_level(logging.INFO, logger="shoal.agent"):
@@ -102,11 +111,7 @@ def test_statuses_in_flight_when_the_session_ends_are_sent_on_the_next(engine_ro
     async def main() -> None:
         async with manager_side() as (st, _disp, _broker, addr):
             await add_node(st, "n1", hostname="node-1")
-            engine = new_engine(engine_root, registry)
-            agent = Agent("n1", tmp_path, [addr], None, engine, hostname="node-1")
-            runner = asyncio.create_task(agent.run())
-            try:
-                await wait_for(lambda: agent.session_id != "", what="a session")
+            async with agent_in_session(addr, engine_root, registry, tmp_path) as (agent, engine):
                 first = agent.session_id
                 stuck[0] = True
                 svc = objects_pb2.Service(
@@ -125,10 +130,5 @@ def test_statuses_in_flight_when_the_session_ends_are_sent_on_the_next(engine_ro
                 hb_delay[0], stuck[0] = 0.0, False
                 await wait_for(lambda: task_state(st, t.id) == types_pb2.RUNNING, what="RUNNING in the store",
                                timeout=30)
-            finally:
-                runner.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await runner
-                await engine.close()
 
     run(main())
