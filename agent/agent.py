@@ -49,6 +49,9 @@ MAX_RECONNECT_DELAY = 0.5
 # on a slow answer of a busy leader would only bring it one more connection and registration. A dead
 # manager's connection fails at once; only a silent one (paused, cut off) is waited out this long.
 HEARTBEAT_TIMEOUT = 3.0
+# ... and never less than this many seconds: a leader scheduling thousands of tasks at once may not
+# answer for a few seconds, and a new leader waits at least 5.6 s for the agents of the last one.
+MIN_HEARTBEAT_TIMEOUT = 5.0
 UNREGISTERED_DELAY = 10.0
 # A manager that refuses the connection (dead, not listening) is left at once; one that does not
 # answer (cut off) or is slow to (a busy leader's TLS handshakes queue up) is given this long.
@@ -338,7 +341,7 @@ class Agent:
         req = dispatcher_pb2.HeartbeatRequest(session_id=self.session_id)
         while True:
             sent = time.monotonic()
-            resp = await stub.Heartbeat(req, metadata=self._md, timeout=max(0.5, HEARTBEAT_TIMEOUT * self._period))
+            resp = await stub.Heartbeat(req, metadata=self._md, timeout=max(MIN_HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT * self._period))
             if resp.HasField("period") and resp.period.ToNanoseconds() > 0:
                 self._period = resp.period.ToNanoseconds() / 1e9
             await asyncio.sleep(max(0.0, self._period - (time.monotonic() - sent)))

@@ -732,11 +732,7 @@ def one_step(nodes: int, idle: float, tpn: int, ingress_subnet: str = "", keep_l
     print(f"fleet: state under {base}", file=sys.stderr, flush=True)
     if nodes <= 250:  # the default /24 holds them
         ingress_subnet = ""
-    def stop(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the finally below ends what the step started
-    try:
+    try:  # a SIGTERM is a Ctrl-C (see main): the finally below ends what the step started
         return Step(nodes, idle, tpn, base, ingress_subnet, first, conc).run()
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
@@ -837,6 +833,12 @@ def main() -> int:
     ap.add_argument("--join-conc", type=int, default=32, help="joins at a time per fleet process after those")
     ap.add_argument("--keep-logs", default="", metavar="DIR", help="copy the managers' and fleet logs to DIR")
     a = ap.parse_args()
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # as Ctrl-C: a step ends what it started, the curve stops its step (which does the same)
+    signal.signal(signal.SIGTERM, stop)
     if a.nodes is None:
         extra = [*(["--ingress-subnet", a.ingress_subnet] if a.ingress_subnet else []),
                  "--first", str(a.first), "--join-conc", str(a.join_conc),

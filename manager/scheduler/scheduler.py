@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.manager import metrics
+from shoal.manager.pacing import Pacer
 from shoal.manager.scheduler.constraint import normalize_arch, parse_constraints, parse_spread
 from shoal.manager.scheduler.filters import (
     Group,
@@ -72,6 +73,7 @@ class Scheduler:
     def __init__(self, store: Store, debounce: float = 0.05, max_delay: float = 1.0, chunk: int = 2000) -> None:
         self.store = store
         self.debounce = debounce
+        self.pacer = Pacer(0.0)
         self.max_delay = max_delay
         self.chunk = chunk
         self.nodes: dict[str, NodeInfo] = {}
@@ -219,7 +221,11 @@ class Scheduler:
                 if self._dirty and self._pending:
                     self._dirty = False
                     try:
-                        await self.schedule_pending()
+                        with self.pacer.timing():
+                            await self.schedule_pending()
+                        # a long pass (thousands of tasks) is followed by as long a pause: the
+                        # sessions and heartbeats of the fleet get their share of the event loop
+                        await asyncio.sleep(self.pacer.pause())
                     except asyncio.CancelledError:
                         raise
                     except Exception as e:

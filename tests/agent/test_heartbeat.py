@@ -1,7 +1,8 @@
 """The agent's session against the real dispatcher, whose answers are delayed as a busy leader's are.
-The heartbeat deadline (agent.HEARTBEAT_TIMEOUT periods): an answer slower than the old 1.5 periods
-but within the dispatcher's own grace keeps the session (and the node READY); an answer that never
-comes within 3 periods ends it, and the agent opens a new one. Status reports in flight when a
+The heartbeat deadline (agent.HEARTBEAT_TIMEOUT periods, at least MIN_HEARTBEAT_TIMEOUT s): an
+answer slower than the old 1.5 periods but within the dispatcher's own grace keeps the session (and
+the node READY); an answer that never comes ends it (the agent's deadline, or the dispatcher's grace
+first), and the agent opens a new one. Status reports in flight when a
 session ends are sent again on the next. Real engine (runc under conmon). Needs root."""
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ from shoal.proto import objects_pb2, specs_pb2, types_pb2
 pytestmark = pytest.mark.integration
 
 PERIOD = 1.0  # s, the cluster's heartbeat period: the dispatcher's grace is 2.8 s
+
+
+async def set_period(st, seconds: float) -> None:  # noqa: ANN001
+    def fn(tx):  # noqa: ANN001, ANN202
+        c = objects_pb2.Cluster()
+        c.CopyFrom(tx.get("cluster", st.cluster().id))
+        c.spec.dispatcher.heartbeat_period.FromNanoseconds(int(seconds * 1e9))
+        tx.update(c)
+
+    await st.update(fn)
 
 
 @contextlib.asynccontextmanager
@@ -54,18 +65,12 @@ def test_a_slow_heartbeat_answer_keeps_the_session_a_lost_one_ends_it(engine_roo
 
     async def main() -> None:
         async with manager_side() as (st, _disp, _broker, addr):
-            def period(tx):  # noqa: ANN001, ANN202
-                c = objects_pb2.Cluster()
-                c.CopyFrom(tx.get("cluster", st.cluster().id))
-                c.spec.dispatcher.heartbeat_period.FromNanoseconds(int(PERIOD * 1e9))
-                tx.update(c)
-
-            await st.update(period)
+            await set_period(st, PERIOD)
             await add_node(st, "n1", hostname="node-1")
             async with agent_in_session(addr, engine_root, registry, tmp_path) as (agent, _engine):
                 first = agent.session_id
                 # 1.8 s: past the old deadline (1.5 periods, less the period's jitter), within the
-                # dispatcher's grace (2.8 s) and the agent's 3 periods
+                # dispatcher's grace (2.8 s) and the agent's deadline (5 s)
                 delay[0] = 1.8 * PERIOD
                 await asyncio.sleep(7)
                 assert agent.session_id == first
@@ -73,7 +78,7 @@ def test_a_slow_heartbeat_answer_keeps_the_session_a_lost_one_ends_it(engine_roo
                 assert node.status.state == types_pb2.NodeStatus.READY
                 assert not [r for r in caplog.records if "session ended" in r.getMessage()]
 
-                # no answer: the session ends within 3 periods (the agent's deadline, or the
+                # no answer: the session ends (the agent's deadline, or the
                 # dispatcher's grace of 2.8 s closing it first) and the agent opens another
                 delay[0] = 30.0
                 await wait_for(lambda: agent.session_id not in ("", first), what="a new session", timeout=20)
@@ -132,3 +137,45 @@ def test_statuses_in_flight_when_the_session_ends_are_sent_on_the_next(engine_ro
                                timeout=30)
 
     run(main())
+
+
+def test_a_silent_leader_is_left_after_the_agents_own_deadline(engine_root, registry, tmp_path, caplog,
+                                                               monkeypatch) -> None:
+    """A leader that answers nothing at all (paused: its expiry loop stands still too) is left by the
+    agent itself, once a heartbeat went unanswered for MIN_HEARTBEAT_TIMEOUT s (here 2.5 s; 3 periods
+    of 0.5 s are less), and the agent opens a new session."""
+    answer = Dispatcher.Heartbeat
+    silent = [False]
+
+    async def paused_heartbeat(self, request, context):  # noqa: ANN001, ANN202
+        while silent[0]:
+            await asyncio.sleep(0.05)
+        return await answer(self, request, context)
+
+    async def no_expiry(self) -> None:  # noqa: ANN001
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Dispatcher, "Heartbeat", paused_heartbeat)
+    monkeypatch.setattr(Dispatcher, "run", no_expiry)
+    monkeypatch.setattr(agent_mod, "MIN_HEARTBEAT_TIMEOUT", 2.5)  # shorter than the default 5 s: a quick test
+
+    async def main() -> None:
+        async with manager_side() as (st, _disp, _broker, addr):
+            await set_period(st, 0.5)
+            await add_node(st, "n1", hostname="node-1")
+            async with agent_in_session(addr, engine_root, registry, tmp_path) as (agent, _engine):
+                first = agent.session_id
+                await asyncio.sleep(1.5)  # a few answered heartbeats: the period is known (0.5 s)
+                silent[0] = True
+                t0 = asyncio.get_running_loop().time()
+                await wait_for(lambda: agent.session_id not in ("", first), what="a new session", timeout=20)
+                waited = asyncio.get_running_loop().time() - t0
+                silent[0] = False
+        ended = [r.getMessage() for r in caplog.records if "session ended" in r.getMessage()]
+        assert ended and "DEADLINE_EXCEEDED" in ended[0], ended
+        # the first unanswered heartbeat left after `silent`: 3 periods would have ended the session
+        # 1.5 s later, the floor 2.5 s later (a lower bound: a loaded machine only makes it later)
+        assert waited >= 2.3, waited
+
+    with caplog.at_level(logging.INFO, logger="shoal.agent"):
+        run(main())
