@@ -1,5 +1,5 @@
-"""`Pacer`: how long a leader's control loop (orchestrators, task reaper, allocator) pauses between
-two passes over the store."""
+"""`Pacer`: how long a leader's control loop (orchestrators, task reaper, allocator, scheduler) pauses
+between two passes over the store."""
 
 from __future__ import annotations
 
