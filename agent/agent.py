@@ -54,8 +54,10 @@ HEARTBEAT_TIMEOUT = 3.0
 MIN_HEARTBEAT_TIMEOUT = 5.0
 UNREGISTERED_DELAY = 10.0
 # A manager that refuses the connection (dead, not listening) is left at once; one that does not
-# answer (cut off) or is slow to (a busy leader's TLS handshakes queue up) is given this long.
+# answer (cut off) is left after QUICK_CONNECT_TIMEOUT s, unless it is the leader another manager
+# named: a busy leader's TLS handshakes queue up, and it is given CONNECT_TIMEOUT s.
 CONNECT_TIMEOUT = 5.0
+QUICK_CONNECT_TIMEOUT = 1.5
 # The leader answers a new session once it has registered the node (a store write): a busy leader
 # (a fleet reconnecting at once) may take long, and an agent that gave up would only come back
 # with another connection and another registration for it to do. A dead leader fails at once.
@@ -71,11 +73,12 @@ class _Redirect(Exception):
         self.addr = addr
 
 
-async def _connected(channel: grpc.aio.Channel, addr: str) -> None:
+async def _connected(channel: grpc.aio.Channel, addr: str, timeout: float | None = None) -> None:
     """Wait until `channel` is READY: ConnectionError at once when its connection attempt failed
-    (TRANSIENT_FAILURE: refused, reset), or after CONNECT_TIMEOUT s without an answer."""
+    (TRANSIENT_FAILURE: refused, reset), or after `timeout` (CONNECT_TIMEOUT) s without an answer."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + CONNECT_TIMEOUT
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
+    deadline = loop.time() + timeout
     state = channel.get_state(try_to_connect=True)
     while state != grpc.ChannelConnectivity.READY:
         if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
@@ -84,7 +87,7 @@ async def _connected(channel: grpc.aio.Channel, addr: str) -> None:
             async with asyncio.timeout_at(deadline):
                 await channel.wait_for_state_change(state)
         except TimeoutError:
-            raise ConnectionError(f"manager {addr} unreachable within {CONNECT_TIMEOUT:g} s") from None
+            raise ConnectionError(f"manager {addr} unreachable within {timeout:g} s") from None
         state = channel.get_state(try_to_connect=True)
 
 
@@ -238,10 +241,11 @@ class Agent:
         delay = RECONNECT_DELAY
         try:
             while True:
+                named = self._next is not None  # the leader, as another manager said
                 addr = self._pick()
                 pause = 0.0
                 try:
-                    await self._session(addr)
+                    await self._session(addr, CONNECT_TIMEOUT if named else QUICK_CONNECT_TIMEOUT)
                     delay = RECONNECT_DELAY
                 except asyncio.CancelledError:
                     raise
@@ -273,10 +277,10 @@ class Agent:
                 t.cancel()
             await self.worker.close()
 
-    async def _session(self, addr: str) -> None:
+    async def _session(self, addr: str, connect_timeout: float) -> None:
         channel = self._channel(addr)
         try:
-            await _connected(channel, addr)
+            await _connected(channel, addr, connect_timeout)
             stub = dispatcher_pb2_grpc.DispatcherStub(channel)
             desc = describe_node(self.hostname, self.addr, self.labels, data_path_capabilities(self.addr))
             call = stub.Session(dispatcher_pb2.SessionRequest(description=desc), metadata=self._md)

@@ -34,6 +34,9 @@ def test_refused_is_left_at_once_silent_after_the_timeout_live_is_ready(monkeypa
             async with grpc.aio.insecure_channel(mute) as ch:
                 with pytest.raises(ConnectionError, match=f"manager {mute} unreachable within 0.5 s"):
                     await agent_mod._connected(ch, mute)
+            async with grpc.aio.insecure_channel(mute) as ch:  # a timeout of the caller's
+                with pytest.raises(ConnectionError, match=f"manager {mute} unreachable within 0.3 s"):
+                    await agent_mod._connected(ch, mute, 0.3)
         finally:
             srv.close()
 
