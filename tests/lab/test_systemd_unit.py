@@ -238,8 +238,9 @@ def _boot(m: Machine, rootfs: str) -> None:
 
     m.leader = wait_for(leader, "the machine's systemd to start", 30, interval=0.1)
     # systemctl answers once systemd listens on its private socket; then --wait waits out the boot
+    # ("offline": systemctl reached no manager yet, as a loaded machine's systemd is still starting)
     r = wait_for(lambda: (r := m.sh("systemctl", "is-system-running", "--wait", timeout=60, check=False))
-                 .stdout.strip() and r, "the machine's systemd to answer", 30, interval=0.1)
+                 .stdout.strip() not in ("", "offline") and r, "the machine's systemd to answer", 30, interval=0.1)
     assert r.stdout.strip() == "running", (
         f"the machine booted {r.stdout.strip()!r} ({r.stderr.strip()}): "
         f"{m.sh('systemctl', '--failed', check=False).stdout}\nsystemd-nspawn said: {m.log.read_text()}")

@@ -216,7 +216,9 @@ def test_worker_certificate_cannot_join(root, base):
             w = EtcdMember(cfg)
             ms.append(w)
             # the joining member fetches the membership from node1 over peer TLS: node1 refuses it
-            with pytest.raises(EtcdError, match=r"(?s)exited with code 1 while starting.*tls: bad certificate"):
+            # (the joiner sees "tls: bad certificate", or with TLS 1.3 and a loaded machine an EOF or
+            # reset: node1's own log below is what says why)
+            with pytest.raises(EtcdError, match=r"(?s)exited with code 1 while starting.*failed to get cluster"):
                 await w.start(timeout=15)
 
             async def rejected() -> bool:
