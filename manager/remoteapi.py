@@ -97,7 +97,6 @@ class _Client(asyncio.Protocol):
         self.up: _Upstream | None = None
         self.head = b""  # bytes read before the upstream connection is there
         self.eof = False
-        self.routing = False
         self.timer: asyncio.TimerHandle | None = None
         self.connecting: asyncio.Task[None] | None = None
 
@@ -116,12 +115,11 @@ class _Client(asyncio.Protocol):
             self.up.transport.write(data)
             return
         self.head += data
-        if self.routing:
+        if self.connecting is not None:  # routed: the upstream connection is on its way
             return
         route = _route(self.head)
         if route is None:  # the first bytes are not all here yet
             return
-        self.routing = True
         if self.timer is not None:
             self.timer.cancel()
         assert self.transport is not None
