@@ -45,7 +45,7 @@ import logging
 import os
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +133,9 @@ class NetworkAgent:
         self.dns: DNSServer | None = None
         self.upstream_dns = upstream_dns
         self._tasks: dict[str, _Local] = {}
+        # prepare() and release() of one task run one at a time: after an agent restart the restore
+        # in start() and the worker's re-adoption prepare the same running task at once
+        self._task_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._dirty: asyncio.Queue[str] = asyncio.Queue()
         self._vips: dict[str, set[str]] = defaultdict(set)  # network -> VIPs programmed here
         self._ingress_ports: dict[tuple[str, int], tuple[int, list[str]]] = {}
@@ -483,8 +486,27 @@ class NetworkAgent:
         yet (no VIP backend, no service/alias name, no ingress routing) until activate().
 
         Idempotent: after an agent restart, call it again for a re-adopted running task -- its
-        namespace and interfaces are kept, its endpoint records and DNS server come back."""
+        namespace and interfaces are kept, its endpoint records and DNS server come back. Calls for
+        the same task, and release(), wait for each other."""
         await self._ready.wait()
+        async with self._one_at_a_time(task.id):
+            return await self._prepare(task, active)
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, task_id: str) -> AsyncIterator[None]:
+        lock, users = self._task_locks.get(task_id, (asyncio.Lock(), 0))
+        self._task_locks[task_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._task_locks[task_id]
+            if users == 1:
+                del self._task_locks[task_id]
+            else:
+                self._task_locks[task_id] = (lock, users - 1)
+
+    async def _prepare(self, task: objects_pb2.Task, active: bool) -> NetworkSetup:
         if task.networks and (self.gossip is None or self.dns is None):
             raise RuntimeError(f"overlay networking is not available on this node: {self._error or 'not started'}")
         name = self._netns_name(task.id)
@@ -524,7 +546,7 @@ class NetworkAgent:
             await asyncio.to_thread(self._prepared.put, task.id, task)
         except BaseException as e:
             try:
-                await self.release(task.id)
+                await self._release(task.id)
             except Exception as e2:
                 log.warning("node=%s task=%s release after a failed prepare failed: %s", self.node_id, task.id, e2)
             if isinstance(e, Exception):
@@ -594,6 +616,10 @@ class NetworkAgent:
         """Undo prepare(): endpoint records, DNS, interfaces, published ports, the namespace, and the
         network sandboxes no other local task uses. Also for a task this process never prepared
         (found by restore() after an agent restart)."""
+        async with self._one_at_a_time(task_id):
+            await self._release(task_id)
+
+    async def _release(self, task_id: str) -> None:
         local = self._tasks.pop(task_id, None)
         self._prepared.delete(task_id)
         nets = list(local.networks) if local else []

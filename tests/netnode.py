@@ -311,8 +311,9 @@ class NetNode:
             if self.proc.poll() is not None:
                 raise NetNodeError(f"netnode {self.node_id} has exited ({self.proc.returncode})")
             assert self.proc.stdin is not None
-            self.proc.stdin.write(json.dumps({"id": rid, "op": op, **kw}) + "\n")
-            self.proc.stdin.flush()
+            with self._lock:  # whole lines, when threads call at once
+                self.proc.stdin.write(json.dumps({"id": rid, "op": op, **kw}) + "\n")
+                self.proc.stdin.flush()
             try:
                 msg = q.get(timeout=timeout)
             except queue.Empty:

@@ -11,6 +11,7 @@ namespace), as the engine would give it to the container.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
 import subprocess
 import time
@@ -521,4 +522,39 @@ def test_agent_killed_then_restarted(cluster):
         c.release(tid)
     for i in range(3):
         c.node(i).call("cleanup")
+    assert c.our_netns() == []
+
+
+def test_prepares_of_one_task_at_once_wait_for_each_other(cluster):
+    """The worker's prepare() of a task can meet another for the same task: after an agent restart,
+    start() prepares the running tasks again from its state dir while the worker re-adopts the same
+    containers. Such calls wait for each other: the task keeps one namespace, its interfaces and its
+    DNS server. (A second call used to find the namespace missing or 127.0.0.11 taken, fail, and
+    its clean-up removed what the first had made.)"""
+    c = cluster(1)
+    c.start_all()
+    net = make_network("racenet00000000000000001", "race", 4207, "198.19.17.0/24")
+    task = make_task("race1task00000000000", "race", "svcrace", "node1", [attachment(net, "198.19.17.11")],
+                     vips={net.id: "198.19.17.2/24"}, slot=1)
+
+    def at_once() -> dict:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda _: c.node(0).prepare(task), range(3)))
+        assert {g["netns_path"] for g in got} == {got[0]["netns_path"]}, got
+        return got[0]
+
+    got = at_once()
+    c.tasks[task.id] = (0, task, {**got, "resolv_file": str(c.tmp / "resolv")})
+    (c.tmp / "resolv").write_text(got["resolv_conf"])
+    links_before = c.sh(task.id, IFACES).stdout
+    assert c.lookup(task.id, task.id) == ["198.19.17.11"]
+    c.node(0).kill()
+    c.start(0)  # its start() restores the task while the worker re-adopts it
+    assert at_once()["netns_path"] == got["netns_path"] and os.path.exists(got["netns_path"])
+    st = c.node(0).state()
+    assert st["tasks"] == [task.id] and st["dns"] == [task.id], st
+    assert c.sh(task.id, IFACES).stdout == links_before
+    assert c.lookup(task.id, task.id) == ["198.19.17.11"]
+    c.release(task.id)
+    c.node(0).call("cleanup")
     assert c.our_netns() == []
