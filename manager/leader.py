@@ -8,9 +8,9 @@ the leader key is lost):
 
 1. `RoleManager` -- etcd membership follows each node's `spec.desired_role` (promote:
    role=MANAGER, the node then renews its certificate and joins as a learner, promoted to a voter
-   once caught up; demote: role=WORKER, then the member is removed -- never the last manager,
-   never below a quorum; a leader resigns before it is demoted), and members that no manager node
-   owns any more are removed;
+   once caught up; demote, as swarmkit does: the member is removed, then role=WORKER -- never the
+   last manager, never below a quorum; a leader resigns before it is demoted), and members that no
+   manager node owns any more are removed;
 2. `ManagerStatusLoop` -- each manager Node's `manager_status` (etcd leader, reachability), from
    the manager's `StoreStatus`;
 3. `Allocator` (shoal.manager.allocator) -- network VNIs and subnets, VIPs, published ports,
@@ -48,7 +48,7 @@ from shoal.manager.orchestrator import (
 from shoal.manager.rotation import RootRotation
 from shoal.manager.scheduler import Scheduler
 from shoal.manager.store import Conflict, Store, StoreError, Tx
-from shoal.manager.storestatus import StoreStatus
+from shoal.manager.storestatus import MemberStatus, StoreStatus
 from shoal.proto import etcd_pb2, objects_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -187,8 +187,6 @@ def _concerns_managers(msg: Any) -> bool:
 class RoleManager:
     """Reconciles etcd membership with the nodes' desired roles (leader only), like swarmkit's."""
 
-    # A demoted manager gets this long to see its new role before its member is removed.
-    DEMOTE_SETTLE = 1.0
     ORPHAN_GRACE = 10.0
 
     def __init__(self, store: Store, manager: LeaderHost, period: float = 1.0) -> None:
@@ -196,7 +194,6 @@ class RoleManager:
         self.manager = manager
         self.period = period
         self._orphans: dict[str, float] = {}
-        self._demoted_at: dict[str, float] = {}
 
     async def run(self) -> None:
         watcher = self.store.watch(["node"])
@@ -252,16 +249,12 @@ class RoleManager:
                     assert self.manager.election is not None
                     await self.manager.election.resign()
                     return
-                remaining = [m for a, m in members.items() if a != n.manager_status.addr and not m.learner]
-                reachable = sum(1 for m in remaining if m.reachable)
-                if remaining and reachable * 2 <= len(remaining):
-                    log.warning(
-                        "node=%s not demoting %s yet: only %d of the other %d managers are reachable",
-                        me, n.id, reachable, len(remaining),
-                    )
+                # Its member leaves first, while the others can commit that: a node that saw its new
+                # role first would stop its member, and two voters without it have no quorum to remove it.
+                m = members.get(n.manager_status.addr)
+                if m is not None and not await self._remove_member(m, members, f"node {n.id} is demoted"):
                     continue
                 await self._set_role(n, types_pb2.WORKER)
-                self._demoted_at[n.manager_status.addr] = time.monotonic()
         api = self.manager.raft.cluster_api
         if any(m.learner for m in st.members):
             await self._check_fence()
@@ -272,36 +265,39 @@ class RoleManager:
                     log.info("node=%s store member at %s promoted from learner to voter", me, m.addr)
                 except grpc.aio.AioRpcError as e:
                     log.debug("node=%s learner %s not promoted yet: %s", me, m.addr, e.details())
-        # Members that no manager node owns: demoted (after a settle time) or removed nodes.
+        # Members that no manager node owns (a removed node's, or one a past leader demoted before
+        # removing its member), after a grace period: a joining manager's member may come first.
         owned = {n.manager_status.addr for n in nodes if n.role == types_pb2.MANAGER}
-        worker_addrs = {n.manager_status.addr for n in nodes if n.role == types_pb2.WORKER and n.manager_status.addr}
         now = time.monotonic()
-        for addr, m in members.items():
+        for addr, m in list(members.items()):
             if m.is_self or addr in owned:
                 self._orphans.pop(addr, None)
                 continue
-            if addr in worker_addrs:
-                if now - self._demoted_at.get(addr, 0.0) < self.DEMOTE_SETTLE:
-                    continue
-            else:
-                first = self._orphans.setdefault(addr, now)
-                if now - first < self.ORPHAN_GRACE:
-                    continue
-            # Never below a quorum (etcd runs with --strict-reconfig-check=false, so this is the
-            # guard): the voters left must have a reachable majority.
-            left = [x for x in members.values() if x.id != m.id and not x.learner]
-            if not m.learner and sum(1 for x in left if x.reachable) * 2 <= len(left):
-                log.warning("node=%s not removing store member %s yet: only %d of the other %d are reachable",
-                            me, addr, sum(1 for x in left if x.reachable), len(left))
+            if now - self._orphans.setdefault(addr, now) < self.ORPHAN_GRACE:
                 continue
-            await self._check_fence()
-            await api.MemberRemove(etcd_pb2.MemberRemoveRequest(ID=m.id), timeout=self.manager.raft.write_timeout)
-            self._orphans.pop(addr, None)
-            log.info("node=%s removed store member %s (no manager node owns it any more)", me, addr)
-            await self.manager.refresh_status()
-            for n in nodes:
-                if n.role == types_pb2.WORKER and n.manager_status.addr == addr:
-                    await self._clear_manager_status(n.id)
+            if await self._remove_member(m, members, "no manager node owns it any more"):
+                self._orphans.pop(addr, None)
+                for n in nodes:
+                    if n.role == types_pb2.WORKER and n.manager_status.addr == addr:
+                        await self._clear_manager_status(n.id)
+
+    async def _remove_member(self, m: MemberStatus, members: dict[str, MemberStatus], why: str) -> bool:
+        """Remove a store member, unless the voters left would have no reachable majority (etcd runs
+        with --strict-reconfig-check=false, so this is the guard): whether it was removed."""
+        me = self.manager.node_id
+        left = [x for x in members.values() if x.id != m.id and not x.learner]
+        reachable = sum(1 for x in left if x.reachable)
+        if not m.learner and reachable * 2 <= len(left):
+            log.warning("node=%s not removing store member %s (%s) yet: only %d of the other %d are reachable",
+                        me, m.addr, why, reachable, len(left))
+            return False
+        await self._check_fence()
+        await self.manager.raft.cluster_api.MemberRemove(etcd_pb2.MemberRemoveRequest(ID=m.id),
+                                                        timeout=self.manager.raft.write_timeout)
+        log.info("node=%s removed store member %s (%s)", me, m.addr, why)
+        members.pop(m.addr, None)
+        await self.manager.refresh_status()
+        return True
 
     async def _check_fence(self) -> None:
         """Membership calls are not store writes, so the lease fence does not guard them: before one,
@@ -330,6 +326,8 @@ class RoleManager:
             new = objects_pb2.Node()
             new.CopyFrom(cur)
             new.role = role
+            if role == types_pb2.WORKER:  # its store member has left
+                new.ClearField("manager_status")
             tx.update(new)
 
         try:

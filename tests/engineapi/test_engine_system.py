@@ -166,9 +166,12 @@ def test_a_workers_socket_answers_info_and_refuses_swarm_calls(mgr: EngineManage
         assert mgr.dok("node", "promote", "eaw1").strip() == "Node eaw1 promoted to a manager in the swarm."
         assert mgr.djson("node", "inspect", "eaw1")[0]["Spec"]["Role"] == "manager"
         deadline = time.monotonic() + 90
+        # until its store member joined and the node says so (the manager status is written after the
+        # member answers: a demote read before that write is refused as out of sequence, as Docker's is)
         while mgr.docker("node", "ls", "--filter", "role=manager", "--format", "{{.Hostname}}").stdout.split() \
                 != ["eam1", "eaw1"] or not (w.dir / "swarmd.sock").exists() \
-                or sum(m.reachable for m in mgr.info().members) != 2:  # its store member joined
+                or sum(m.reachable for m in mgr.info().members) != 2 \
+                or mgr.djson("node", "inspect", "eaw1")[0].get("ManagerStatus", {}).get("Reachability") != "reachable":
             assert time.monotonic() < deadline, "eaw1 never became a manager"
             time.sleep(0.5)
         assert mgr.dok("node", "demote", "eaw1").strip() == "Manager eaw1 demoted in the swarm."
