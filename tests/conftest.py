@@ -19,8 +19,9 @@ Tests marked ``uml`` (they boot the User-Mode Linux kernel of tests/uml.py) run 
 collection order: scripts/test builds that kernel in the background meanwhile, and before the first
 of them the session waits for the build outside the tests' own timeouts (a failed build fails each of
 them with the end of the build's log). A whole-suite run of scripts/test runs them in a second
-pytest beside the others (``-m uml`` and ``-m "not uml"``), where ``SHOAL_LEFTOVER_SCOPE=processes``
-limits the leftover check to that session's own processes.
+pytest beside the others, and the tests marked ``beside`` (they mostly wait out real timers) in a
+third (``-m uml``, ``-m beside`` and ``-m "not uml and not beside"``); in those two
+``SHOAL_LEFTOVER_SCOPE=processes`` limits the leftover check to that session's own processes.
 """
 
 from __future__ import annotations

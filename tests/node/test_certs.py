@@ -33,7 +33,7 @@ from shoal.proto import (
     watch_pb2_grpc,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.beside]
 
 wait = functools.partial(wait_for, retry_on=(grpc.RpcError,))
 LIFE = 60.0  # seconds: --cert-expiry 1m
