@@ -58,7 +58,8 @@ def test_tcp_mutual_tls_takes_a_managers_certificate_only(tmp_path: Path) -> Non
         w = Swarmd(m.base, "w1", hostname="eatw1", extra=["--join-addr", m.api, "--join-token", token, "--no-engine-api"])
         w.start()
         deadline = time.monotonic() + 60
-        while not (w.dir / "certificates" / "node.crt").exists() and time.monotonic() < deadline:
+        files = [w.dir / "certificates" / f for f in ("node.crt", "node.key", "swarm-root-ca.crt")]
+        while not all(f.exists() for f in files) and time.monotonic() < deadline:  # the join writes them one by one
             time.sleep(0.2)
         theirs = cert_path(w.dir, tmp_path / "worker")
         r = tls_docker(addr, theirs, "node", "ls")
