@@ -201,6 +201,11 @@ class Agent:
         self._status_wake = asyncio.Event()
         self._subs: dict[str, asyncio.Task[None]] = {}
         self._period = 1.0
+        self._configured_period = 0.0  # the cluster's, as the last session message said
+        self._beat_now = asyncio.Event()  # the period shrank: beat again without waiting out the old one
+        # called with the round trip of every answered heartbeat (s), or None for one that failed or
+        # went unanswered (benchmarks)
+        self.on_heartbeat: Callable[[float | None], None] | None = None
 
     @property
     def _md(self) -> tuple[tuple[str, str], ...]:
@@ -308,6 +313,12 @@ class Agent:
             await channel.close(grace=None)
 
     def _on_session_message(self, msg: dispatcher_pb2.SessionMessage) -> None:
+        configured = msg.heartbeat_period.ToNanoseconds() / 1e9
+        if configured > 0 and configured != self._configured_period:
+            self._configured_period = configured
+            if configured < self._period:  # the next answer says the period to keep (longer in a large cluster)
+                self._period = configured
+                self._beat_now.set()
         addrs = [p.addr for p in msg.managers if p.addr]
         if addrs:
             self.managers = list(dict.fromkeys(addrs + [a for a in self.managers if a not in addrs]))
@@ -342,13 +353,51 @@ class Agent:
                      e.code().name)
 
     async def _heartbeats(self, stub: dispatcher_pb2_grpc.DispatcherStub) -> None:
+        """Beat on one stream (Heartbeats) until the session ends; one call a beat with a manager
+        that has no such stream (an older version)."""
+        try:
+            await self._beat(stub, True)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            log.info("manager has no heartbeat stream (an older version): a call a heartbeat node=%s", self.node_id)
+            await self._beat(stub, False)
+
+    async def _beat(self, stub: dispatcher_pb2_grpc.DispatcherStub, stream: bool) -> None:
         req = dispatcher_pb2.HeartbeatRequest(session_id=self.session_id)
-        while True:
-            sent = time.monotonic()
-            resp = await stub.Heartbeat(req, metadata=self._md, timeout=max(MIN_HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT * self._period))
-            if resp.HasField("period") and resp.period.ToNanoseconds() > 0:
-                self._period = resp.period.ToNanoseconds() / 1e9
-            await asyncio.sleep(max(0.0, self._period - (time.monotonic() - sent)))
+        call = stub.Heartbeats(metadata=self._md) if stream else None
+        try:
+            while True:
+                sent = time.monotonic()
+                deadline = max(MIN_HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT * self._period)
+                try:
+                    async with asyncio.timeout(deadline):
+                        if call is None:
+                            resp = await stub.Heartbeat(req, metadata=self._md)
+                        else:
+                            if not call.done():  # else read() raises how it ended
+                                await call.write(req)
+                            resp = await call.read()
+                    if resp is grpc.aio.EOF:
+                        raise ConnectionError("the dispatcher ended the heartbeat stream")
+                except TimeoutError:
+                    if self.on_heartbeat is not None:
+                        self.on_heartbeat(None)
+                    raise ConnectionError(f"no heartbeat answer within {deadline:g} s") from None
+                except grpc.aio.AioRpcError:
+                    if self.on_heartbeat is not None:
+                        self.on_heartbeat(None)
+                    raise
+                if self.on_heartbeat is not None:
+                    self.on_heartbeat(time.monotonic() - sent)
+                if resp.HasField("period") and resp.period.ToNanoseconds() > 0:
+                    self._period = resp.period.ToNanoseconds() / 1e9
+                self._beat_now.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._beat_now.wait(), max(0.0, self._period - (time.monotonic() - sent)))
+        finally:
+            if call is not None:
+                call.cancel()
 
     async def _assignments(self, stub: dispatcher_pb2_grpc.DispatcherStub) -> None:
         call = stub.Assignments(

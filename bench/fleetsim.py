@@ -4,8 +4,8 @@ Each node joins through the cluster CA (`shoal.manager.ca.join_cluster`: its own
 then runs the project's own `shoal.agent.agent.Agent` over mutual TLS to the managers, with an
 in-memory engine (`MemEngine`: no image pull, containers "run" at once and until stopped). Only two
 things are added to the agent, without changing it: an event that remembers when the agent came into
-session (`connected` set on its first assignments message) and a client interceptor that times
-`/shoal.Dispatcher/Heartbeat`.
+session (`connected` set on its first assignments message) and its `on_heartbeat` hook, which times
+the heartbeats.
 
     python bench/fleetsim.py --managers A,B,C --token T --count K --prefix s0 [--first F] [--state-dir D]
 
@@ -30,7 +30,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -49,7 +49,6 @@ from shoal.agent.engine import (
 )
 from shoal.manager.ca import join_cluster
 
-HEARTBEAT = "/shoal.Dispatcher/Heartbeat"
 _pids = itertools.count(100_000)
 
 
@@ -138,48 +137,29 @@ class TimedEvent(asyncio.Event):
         super().set()
 
 
-class HeartbeatTimer(grpc.aio.UnaryUnaryClientInterceptor):
-    """Appends the round trip of every answered Heartbeat call to `samples`, and counts the failed ones
-    (`failed[0]`: deadline exceeded, unavailable...)."""
-
-    def __init__(self, samples: list[float], failed: list[int]) -> None:
-        self.samples = samples
-        self.failed = failed
-
-    async def intercept_unary_unary(self, continuation: Callable[..., Awaitable[Any]], client_call_details: Any,
-                                    request: Any) -> Any:
-        method = client_call_details.method
-        if isinstance(method, bytes):
-            method = method.decode()
-        if method != HEARTBEAT:
-            return await continuation(client_call_details, request)
-        t0 = time.perf_counter()
-        call = await continuation(client_call_details, request)
-        try:
-            await call
-        except grpc.RpcError:
-            self.failed[0] += 1
-        except asyncio.CancelledError:
-            pass
-        else:
-            self.samples.append(time.perf_counter() - t0)
-        return call
-
-
 class SimAgent(Agent):
-    """The real agent; its channels carry the heartbeat timer and use a subchannel pool of their own."""
+    """The real agent; the round trips of its answered heartbeats go to `samples`, its failed ones
+    (unanswered in time, unavailable...) are counted in `failed[0]`; its channels use a subchannel pool
+    of their own."""
 
     def __init__(self, *args: Any, samples: list[float], failed: list[int], **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.connected = TimedEvent()
-        self._interceptors = [HeartbeatTimer(samples, failed)]
+
+        def timed(rtt: float | None) -> None:
+            if rtt is None:
+                failed[0] += 1
+            else:
+                samples.append(rtt)
+
+        self.on_heartbeat = timed
 
     def _channel(self, addr: str) -> grpc.aio.Channel:
         opts = [("grpc.max_receive_message_length", 256 << 20), ("grpc.use_local_subchannel_pool", 1),
                 *self.channel_options]
         creds = self.credentials() if callable(self.credentials) else self.credentials
         assert creds is not None
-        return grpc.aio.secure_channel(addr, creds, options=opts, interceptors=self._interceptors)
+        return grpc.aio.secure_channel(addr, creds, options=opts)
 
 
 def emit(msg: dict[str, Any]) -> None:

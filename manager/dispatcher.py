@@ -323,7 +323,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
 
     async def _session_for(self, context: grpc.aio.ServicerContext, session_id: str) -> _Session:
         await self._check_leader(context)
-        node_id = await self._caller(context)
+        return await self._open_session(context, await self._caller(context), session_id)
+
+    async def _open_session(self, context: grpc.aio.ServicerContext, node_id: str, session_id: str) -> _Session:
         s = self._sessions.get(node_id)
         if s is None or s.id != session_id or s.closed.is_set():
             await context.abort(
@@ -450,6 +452,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             strip_keys(msg.node)
         if cluster is not None:
             msg.network_bootstrap_keys.extend(cluster.network_bootstrap_keys)
+        msg.heartbeat_period.FromNanoseconds(int(heartbeat_period(cluster) * 1e9))
         return msg
 
     async def _register(
@@ -498,7 +501,20 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
     async def Heartbeat(  # noqa: N802
         self, request: dispatcher_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> dispatcher_pb2.HeartbeatResponse:
-        s = await self._session_for(context, request.session_id)
+        return await self._beat(await self._session_for(context, request.session_id), request)
+
+    async def Heartbeats(  # noqa: N802
+        self, requests: AsyncIterator[dispatcher_pb2.HeartbeatRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[dispatcher_pb2.HeartbeatResponse]:
+        """Heartbeat's answers, one per request and in order, on one stream: the caller's identity is
+        read once, leadership and the session are checked at every request."""
+        node_id = await self._caller(context)
+        async for request in requests:
+            await self._check_leader(context)
+            yield await self._beat(await self._open_session(context, node_id, request.session_id), request)
+
+    async def _beat(self, s: _Session, request: dispatcher_pb2.HeartbeatRequest) -> dispatcher_pb2.HeartbeatResponse:
+        """One heartbeat of session `s`: its deadline moves on (or, restarting, to the restart window)."""
         configured, nodes = heartbeat_period(self.store.cluster()), self._node_count()
         period = scaled_period(configured, nodes)
         if request.restarting:

@@ -27,7 +27,7 @@ from shoal.proto import types_pb2 as types__pb2
 from shoal.proto import objects_pb2 as objects__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x64ispatcher.proto\x12\x05shoal\x1a\x1egoogle/protobuf/duration.proto\x1a\x0btypes.proto\x1a\robjects.proto\"Q\n\x0eSessionRequest\x12+\n\x0b\x64\x65scription\x18\x01 \x01(\x0b\x32\x16.shoal.NodeDescription\x12\x12\n\nsession_id\x18\x02 \x01(\t\"=\n\x0cWeightedPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x03\"\x9c\x01\n\x0eSessionMessage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x04node\x18\x02 \x01(\x0b\x32\x0b.shoal.Node\x12%\n\x08managers\x18\x03 \x03(\x0b\x32\x13.shoal.WeightedPeer\x12\x34\n\x16network_bootstrap_keys\x18\x04 \x03(\x0b\x32\x14.shoal.EncryptionKey\":\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrestarting\x18\x02 \x01(\x08\">\n\x11HeartbeatResponse\x12)\n\x06period\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"F\n\x10TaskStatusUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x06status\x18\x02 \x01(\x0b\x32\x11.shoal.TaskStatus\"W\n\x17UpdateTaskStatusRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x07updates\x18\x02 \x03(\x0b\x32\x17.shoal.TaskStatusUpdate\"\x1a\n\x18UpdateTaskStatusResponse\"\x9f\x01\n\nAssignment\x12\x1b\n\x04task\x18\x01 \x01(\x0b\x32\x0b.shoal.TaskH\x00\x12\x1f\n\x06secret\x18\x02 \x01(\x0b\x32\r.shoal.SecretH\x00\x12\x1f\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\r.shoal.ConfigH\x00\x12*\n\x0cnetwork_keys\x18\x04 \x01(\x0b\x32\x12.shoal.NetworkKeysH\x00\x42\x06\n\x04item\"E\n\x0bNetworkKeys\x12\x12\n\nnetwork_id\x18\x01 \x01(\t\x12\"\n\x04keys\x18\x02 \x03(\x0b\x32\x14.shoal.EncryptionKey\"\x8b\x01\n\x10\x41ssignmentChange\x12%\n\nassignment\x18\x01 \x01(\x0b\x32\x11.shoal.Assignment\x12.\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1e.shoal.AssignmentChange.Action\" \n\x06\x41\x63tion\x12\n\n\x06UPDATE\x10\x00\x12\n\n\x06REMOVE\x10\x01\"(\n\x12\x41ssignmentsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xbb\x01\n\x12\x41ssignmentsMessage\x12,\n\x04type\x18\x01 \x01(\x0e\x32\x1e.shoal.AssignmentsMessage.Type\x12\x12\n\napplies_to\x18\x02 \x01(\t\x12\x12\n\nresults_in\x18\x03 \x01(\t\x12(\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x17.shoal.AssignmentChange\"%\n\x04Type\x12\x0c\n\x08\x43OMPLETE\x10\x00\x12\x0f\n\x0bINCREMENTAL\x10\x01\x32\xa3\x02\n\nDispatcher\x12\x39\n\x07Session\x12\x15.shoal.SessionRequest\x1a\x15.shoal.SessionMessage0\x01\x12>\n\tHeartbeat\x12\x17.shoal.HeartbeatRequest\x1a\x18.shoal.HeartbeatResponse\x12S\n\x10UpdateTaskStatus\x12\x1e.shoal.UpdateTaskStatusRequest\x1a\x1f.shoal.UpdateTaskStatusResponse\x12\x45\n\x0b\x41ssignments\x12\x19.shoal.AssignmentsRequest\x1a\x19.shoal.AssignmentsMessage0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x64ispatcher.proto\x12\x05shoal\x1a\x1egoogle/protobuf/duration.proto\x1a\x0btypes.proto\x1a\robjects.proto\"Q\n\x0eSessionRequest\x12+\n\x0b\x64\x65scription\x18\x01 \x01(\x0b\x32\x16.shoal.NodeDescription\x12\x12\n\nsession_id\x18\x02 \x01(\t\"=\n\x0cWeightedPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x03\"\xd1\x01\n\x0eSessionMessage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x04node\x18\x02 \x01(\x0b\x32\x0b.shoal.Node\x12%\n\x08managers\x18\x03 \x03(\x0b\x32\x13.shoal.WeightedPeer\x12\x34\n\x16network_bootstrap_keys\x18\x04 \x03(\x0b\x32\x14.shoal.EncryptionKey\x12\x33\n\x10heartbeat_period\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\":\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrestarting\x18\x02 \x01(\x08\">\n\x11HeartbeatResponse\x12)\n\x06period\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"F\n\x10TaskStatusUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x06status\x18\x02 \x01(\x0b\x32\x11.shoal.TaskStatus\"W\n\x17UpdateTaskStatusRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x07updates\x18\x02 \x03(\x0b\x32\x17.shoal.TaskStatusUpdate\"\x1a\n\x18UpdateTaskStatusResponse\"\x9f\x01\n\nAssignment\x12\x1b\n\x04task\x18\x01 \x01(\x0b\x32\x0b.shoal.TaskH\x00\x12\x1f\n\x06secret\x18\x02 \x01(\x0b\x32\r.shoal.SecretH\x00\x12\x1f\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\r.shoal.ConfigH\x00\x12*\n\x0cnetwork_keys\x18\x04 \x01(\x0b\x32\x12.shoal.NetworkKeysH\x00\x42\x06\n\x04item\"E\n\x0bNetworkKeys\x12\x12\n\nnetwork_id\x18\x01 \x01(\t\x12\"\n\x04keys\x18\x02 \x03(\x0b\x32\x14.shoal.EncryptionKey\"\x8b\x01\n\x10\x41ssignmentChange\x12%\n\nassignment\x18\x01 \x01(\x0b\x32\x11.shoal.Assignment\x12.\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1e.shoal.AssignmentChange.Action\" \n\x06\x41\x63tion\x12\n\n\x06UPDATE\x10\x00\x12\n\n\x06REMOVE\x10\x01\"(\n\x12\x41ssignmentsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xbb\x01\n\x12\x41ssignmentsMessage\x12,\n\x04type\x18\x01 \x01(\x0e\x32\x1e.shoal.AssignmentsMessage.Type\x12\x12\n\napplies_to\x18\x02 \x01(\t\x12\x12\n\nresults_in\x18\x03 \x01(\t\x12(\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x17.shoal.AssignmentChange\"%\n\x04Type\x12\x0c\n\x08\x43OMPLETE\x10\x00\x12\x0f\n\x0bINCREMENTAL\x10\x01\x32\xe8\x02\n\nDispatcher\x12\x39\n\x07Session\x12\x15.shoal.SessionRequest\x1a\x15.shoal.SessionMessage0\x01\x12>\n\tHeartbeat\x12\x17.shoal.HeartbeatRequest\x1a\x18.shoal.HeartbeatResponse\x12\x43\n\nHeartbeats\x12\x17.shoal.HeartbeatRequest\x1a\x18.shoal.HeartbeatResponse(\x01\x30\x01\x12S\n\x10UpdateTaskStatus\x12\x1e.shoal.UpdateTaskStatusRequest\x1a\x1f.shoal.UpdateTaskStatusResponse\x12\x45\n\x0b\x41ssignments\x12\x19.shoal.AssignmentsRequest\x1a\x19.shoal.AssignmentsMessage0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,31 +39,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WEIGHTEDPEER']._serialized_start=170
   _globals['_WEIGHTEDPEER']._serialized_end=231
   _globals['_SESSIONMESSAGE']._serialized_start=234
-  _globals['_SESSIONMESSAGE']._serialized_end=390
-  _globals['_HEARTBEATREQUEST']._serialized_start=392
-  _globals['_HEARTBEATREQUEST']._serialized_end=450
-  _globals['_HEARTBEATRESPONSE']._serialized_start=452
-  _globals['_HEARTBEATRESPONSE']._serialized_end=514
-  _globals['_TASKSTATUSUPDATE']._serialized_start=516
-  _globals['_TASKSTATUSUPDATE']._serialized_end=586
-  _globals['_UPDATETASKSTATUSREQUEST']._serialized_start=588
-  _globals['_UPDATETASKSTATUSREQUEST']._serialized_end=675
-  _globals['_UPDATETASKSTATUSRESPONSE']._serialized_start=677
-  _globals['_UPDATETASKSTATUSRESPONSE']._serialized_end=703
-  _globals['_ASSIGNMENT']._serialized_start=706
-  _globals['_ASSIGNMENT']._serialized_end=865
-  _globals['_NETWORKKEYS']._serialized_start=867
-  _globals['_NETWORKKEYS']._serialized_end=936
-  _globals['_ASSIGNMENTCHANGE']._serialized_start=939
-  _globals['_ASSIGNMENTCHANGE']._serialized_end=1078
-  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_start=1046
-  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_end=1078
-  _globals['_ASSIGNMENTSREQUEST']._serialized_start=1080
-  _globals['_ASSIGNMENTSREQUEST']._serialized_end=1120
-  _globals['_ASSIGNMENTSMESSAGE']._serialized_start=1123
-  _globals['_ASSIGNMENTSMESSAGE']._serialized_end=1310
-  _globals['_ASSIGNMENTSMESSAGE_TYPE']._serialized_start=1273
-  _globals['_ASSIGNMENTSMESSAGE_TYPE']._serialized_end=1310
-  _globals['_DISPATCHER']._serialized_start=1313
-  _globals['_DISPATCHER']._serialized_end=1604
+  _globals['_SESSIONMESSAGE']._serialized_end=443
+  _globals['_HEARTBEATREQUEST']._serialized_start=445
+  _globals['_HEARTBEATREQUEST']._serialized_end=503
+  _globals['_HEARTBEATRESPONSE']._serialized_start=505
+  _globals['_HEARTBEATRESPONSE']._serialized_end=567
+  _globals['_TASKSTATUSUPDATE']._serialized_start=569
+  _globals['_TASKSTATUSUPDATE']._serialized_end=639
+  _globals['_UPDATETASKSTATUSREQUEST']._serialized_start=641
+  _globals['_UPDATETASKSTATUSREQUEST']._serialized_end=728
+  _globals['_UPDATETASKSTATUSRESPONSE']._serialized_start=730
+  _globals['_UPDATETASKSTATUSRESPONSE']._serialized_end=756
+  _globals['_ASSIGNMENT']._serialized_start=759
+  _globals['_ASSIGNMENT']._serialized_end=918
+  _globals['_NETWORKKEYS']._serialized_start=920
+  _globals['_NETWORKKEYS']._serialized_end=989
+  _globals['_ASSIGNMENTCHANGE']._serialized_start=992
+  _globals['_ASSIGNMENTCHANGE']._serialized_end=1131
+  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_start=1099
+  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_end=1131
+  _globals['_ASSIGNMENTSREQUEST']._serialized_start=1133
+  _globals['_ASSIGNMENTSREQUEST']._serialized_end=1173
+  _globals['_ASSIGNMENTSMESSAGE']._serialized_start=1176
+  _globals['_ASSIGNMENTSMESSAGE']._serialized_end=1363
+  _globals['_ASSIGNMENTSMESSAGE_TYPE']._serialized_start=1326
+  _globals['_ASSIGNMENTSMESSAGE_TYPE']._serialized_end=1363
+  _globals['_DISPATCHER']._serialized_start=1366
+  _globals['_DISPATCHER']._serialized_end=1726
 # @@protoc_insertion_point(module_scope)

@@ -31,16 +31,18 @@ class WeightedPeer(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., addr: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class SessionMessage(_message.Message):
-    __slots__ = ("session_id", "node", "managers", "network_bootstrap_keys")
+    __slots__ = ("session_id", "node", "managers", "network_bootstrap_keys", "heartbeat_period")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     MANAGERS_FIELD_NUMBER: _ClassVar[int]
     NETWORK_BOOTSTRAP_KEYS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_PERIOD_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     node: _objects_pb2.Node
     managers: _containers.RepeatedCompositeFieldContainer[WeightedPeer]
     network_bootstrap_keys: _containers.RepeatedCompositeFieldContainer[_types_pb2.EncryptionKey]
-    def __init__(self, session_id: _Optional[str] = ..., node: _Optional[_Union[_objects_pb2.Node, _Mapping]] = ..., managers: _Optional[_Iterable[_Union[WeightedPeer, _Mapping]]] = ..., network_bootstrap_keys: _Optional[_Iterable[_Union[_types_pb2.EncryptionKey, _Mapping]]] = ...) -> None: ...
+    heartbeat_period: _duration_pb2.Duration
+    def __init__(self, session_id: _Optional[str] = ..., node: _Optional[_Union[_objects_pb2.Node, _Mapping]] = ..., managers: _Optional[_Iterable[_Union[WeightedPeer, _Mapping]]] = ..., network_bootstrap_keys: _Optional[_Iterable[_Union[_types_pb2.EncryptionKey, _Mapping]]] = ..., heartbeat_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("session_id", "restarting")

@@ -44,6 +44,11 @@ class DispatcherStub:
                 request_serializer=dispatcher__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=dispatcher__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Heartbeats = channel.stream_stream(
+                '/shoal.Dispatcher/Heartbeats',
+                request_serializer=dispatcher__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=dispatcher__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
         self.UpdateTaskStatus = channel.unary_unary(
                 '/shoal.Dispatcher/UpdateTaskStatus',
                 request_serializer=dispatcher__pb2.UpdateTaskStatusRequest.SerializeToString,
@@ -71,6 +76,15 @@ class DispatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeats(self, request_iterator, context):
+        """A session's heartbeats on one stream, each request answered in order as Heartbeat answers it:
+        an agent of this version beats here (a message costs the leader less than a call); Heartbeat
+        serves older agents and the last beat of a graceful stop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpdateTaskStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -93,6 +107,11 @@ def add_DispatcherServicer_to_server(servicer, server):
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
+                    request_deserializer=dispatcher__pb2.HeartbeatRequest.FromString,
+                    response_serializer=dispatcher__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Heartbeats': grpc.stream_stream_rpc_method_handler(
+                    servicer.Heartbeats,
                     request_deserializer=dispatcher__pb2.HeartbeatRequest.FromString,
                     response_serializer=dispatcher__pb2.HeartbeatResponse.SerializeToString,
             ),
@@ -159,6 +178,33 @@ class Dispatcher:
             request,
             target,
             '/shoal.Dispatcher/Heartbeat',
+            dispatcher__pb2.HeartbeatRequest.SerializeToString,
+            dispatcher__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeats(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shoal.Dispatcher/Heartbeats',
             dispatcher__pb2.HeartbeatRequest.SerializeToString,
             dispatcher__pb2.HeartbeatResponse.FromString,
             options,

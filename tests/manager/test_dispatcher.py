@@ -46,12 +46,15 @@ async def serve(store: Store, **kw) -> AsyncIterator[tuple[Dispatcher, str]]:
 
 
 class Client:
-    def __init__(self, addr: str, node_id: str) -> None:
+    """A node's calls; with `stream`, its heartbeats go on one Heartbeats stream (as an agent's do)."""
+
+    def __init__(self, addr: str, node_id: str, stream: bool = False) -> None:
         self.channel = grpc.aio.insecure_channel(addr)
         self.stub = dispatcher_pb2_grpc.DispatcherStub(self.channel)
         self.md = ((NODE_ID_KEY, node_id),)
         self.session_call = None
         self.session_id = ""
+        self.beats = self.stub.Heartbeats(metadata=self.md) if stream else None
 
     async def open(self, hostname: str = "h") -> dispatcher_pb2.SessionMessage:
         desc = types_pb2.NodeDescription(
@@ -65,9 +68,14 @@ class Client:
         return first
 
     async def heartbeat(self) -> dispatcher_pb2.HeartbeatResponse:
-        return await self.stub.Heartbeat(
-            dispatcher_pb2.HeartbeatRequest(session_id=self.session_id), metadata=self.md
-        )
+        req = dispatcher_pb2.HeartbeatRequest(session_id=self.session_id)
+        if self.beats is None:
+            return await self.stub.Heartbeat(req, metadata=self.md)
+        if not self.beats.done():
+            await self.beats.write(req)
+        resp = await self.beats.read()
+        assert resp is not grpc.aio.EOF
+        return resp
 
     def assignments(self):
         return self.stub.Assignments(
@@ -83,8 +91,9 @@ class Client:
         await self.stub.UpdateTaskStatus(req, metadata=self.md)
 
     async def close(self) -> None:
-        if self.session_call is not None:
-            self.session_call.cancel()
+        for call in (self.session_call, self.beats):
+            if call is not None:
+                call.cancel()
         await self.channel.close()
 
 
@@ -249,6 +258,13 @@ def test_follower_refuses_with_leader_address(etcd1: EtcdCluster) -> None:
                     await c.open()
                 assert e.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert dict(e.value.trailing_metadata())[LEADER_ADDR_KEY] == "127.0.0.9:2377"
+                # so is a heartbeat on a stream (a leader that lost its key answers the next one so)
+                beats = c.stub.Heartbeats(metadata=c.md)
+                await beats.write(dispatcher_pb2.HeartbeatRequest(session_id="s"))
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await beats.read()
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert dict(e.value.trailing_metadata())[LEADER_ADDR_KEY] == "127.0.0.9:2377"
             finally:
                 await c.close()
         await terms.aclose()
@@ -288,7 +304,11 @@ def test_a_node_that_joined_through_another_manager_is_found_while_this_copy_lag
     etcd1.run(main())
 
 
-def test_heartbeat_expiry_marks_node_down_and_session_reopens() -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["calls", "stream"])
+def test_heartbeat_expiry_marks_node_down_and_session_reopens(stream: bool) -> None:
+    """Heartbeats (one call each, or on one stream) keep a node READY; once they stop it is DOWN, its
+    session is gone (the next heartbeat: NOT_FOUND), and a new session makes it READY again."""
+
     async def main() -> None:
         st = LocalStore()
         await add_cluster(st, period_s=0.1)
@@ -296,7 +316,7 @@ def test_heartbeat_expiry_marks_node_down_and_session_reopens() -> None:
         await add_node(st, "n2")  # never connects: DOWN after one grace period of the new leader
         async with serve(st) as (disp, addr):
             loop_task = asyncio.create_task(disp.run())
-            c = Client(addr, "n1")
+            c = Client(addr, "n1", stream)
             try:
                 await c.open()
                 assert 80_000_000 <= (await c.heartbeat()).period.ToNanoseconds() <= 100_000_000
