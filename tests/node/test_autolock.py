@@ -30,7 +30,7 @@ from helpers.waiting import wait_for
 from shoal.manager.watchapi import redact
 from shoal.proto import control_pb2, objects_pb2, watch_pb2
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.beside]
 
 LOCKED = "this manager is locked: run `swarmctl cluster unlock` and give it the unlock key"
 

@@ -39,7 +39,7 @@ from shoal.manager.etcdmember import process_alive
 from shoal.manager.store import KINDS
 from shoal.proto import control_pb2, control_pb2_grpc, etcd_pb2, etcd_pb2_grpc, objects_pb2, types_pb2
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.beside]
 
 LEADER_KEY = b"/shoal/e/leader"
 OBJ_PREFIX = b"/shoal/o/"
