@@ -381,15 +381,12 @@ class Agent:
                     if resp is grpc.aio.EOF:
                         raise ConnectionError("the dispatcher ended the heartbeat stream")
                 except TimeoutError:
-                    if self.on_heartbeat is not None:
-                        self.on_heartbeat(None)
+                    self._timed(None)
                     raise ConnectionError(f"no heartbeat answer within {deadline:g} s") from None
                 except grpc.aio.AioRpcError:
-                    if self.on_heartbeat is not None:
-                        self.on_heartbeat(None)
+                    self._timed(None)
                     raise
-                if self.on_heartbeat is not None:
-                    self.on_heartbeat(time.monotonic() - sent)
+                self._timed(time.monotonic() - sent)
                 if resp.HasField("period") and resp.period.ToNanoseconds() > 0:
                     self._period = resp.period.ToNanoseconds() / 1e9
                 self._beat_now.clear()
@@ -398,6 +395,10 @@ class Agent:
         finally:
             if call is not None:
                 call.cancel()
+
+    def _timed(self, rtt: float | None) -> None:
+        if self.on_heartbeat is not None:
+            self.on_heartbeat(rtt)
 
     async def _assignments(self, stub: dispatcher_pb2_grpc.DispatcherStub) -> None:
         call = stub.Assignments(
