@@ -383,8 +383,9 @@ class Agent:
                 except TimeoutError:
                     self._timed(None)
                     raise ConnectionError(f"no heartbeat answer within {deadline:g} s") from None
-                except grpc.aio.AioRpcError:
-                    self._timed(None)
+                except grpc.aio.AioRpcError as e:
+                    if not (call is not None and e.code() == grpc.StatusCode.UNIMPLEMENTED):
+                        self._timed(None)  # (an older manager's UNIMPLEMENTED is not a heartbeat lost)
                     raise
                 self._timed(time.monotonic() - sent)
                 if resp.HasField("period") and resp.period.ToNanoseconds() > 0:
