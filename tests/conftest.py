@@ -78,11 +78,19 @@ def _is_slow(item: pytest.Item) -> bool:
     return any(fnmatch.fnmatchcase(name, pat) for pat in SLOW.get(rel, ()))
 
 
+UML_TIMEOUT = 1200  # seconds: longer than any test's own uml.run(timeout=…)
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by these marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark ``slow`` the tests listed in ``SLOW`` (unless ``integration``), and ``fast`` every other
-    test that is not ``integration``."""
+    test that is not ``integration``. A ``uml`` test without a timeout of its own gets
+    ``UML_TIMEOUT``: the guest's own deadline (``uml.run(timeout=…)``) ends a stuck guest first and
+    says where it was, and beside the other pytests (``nice``d, on 2 cores) a guest runs slower than
+    pytest's default 300 s allows."""
     for item in items:
+        if item.get_closest_marker("uml") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(UML_TIMEOUT))
         if item.get_closest_marker("integration") is not None:
             continue
         if item.get_closest_marker("slow") is None and _is_slow(item):

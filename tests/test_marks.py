@@ -52,3 +52,29 @@ def test_every_test_that_boots_uml_is_marked_uml() -> None:
                 if (rel := str(p.relative_to(TESTS))) not in never_boots
                 and any(b in p.read_text() for b in boots) and "pytest.mark.uml" not in p.read_text()]
     assert not unmarked, f"these test files boot the UML kernel but carry no pytest.mark.uml: {unmarked}"
+
+
+def _conftest_constant(name: str) -> object:
+    tree = ast.parse((TESTS / "conftest.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"tests/conftest.py has no {name}")
+
+
+def test_a_uml_guests_own_deadline_comes_before_pytests_timeout() -> None:
+    """A guest past its ``uml.run``/``uml.pytest`` deadline is killed with its last console lines in
+    the error; pytest-timeout (``UML_TIMEOUT`` for ``uml`` tests) ending the test first says only
+    that it waited. Every literal guest deadline in the tests must be the shorter one."""
+    limit = _conftest_constant("UML_TIMEOUT")
+    assert isinstance(limit, int)
+    too_long = []
+    for p in sorted(TESTS.rglob("test_*.py")):
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "uml"
+                    and node.func.attr in ("run", "pytest")):
+                for kw in node.keywords:
+                    if kw.arg == "timeout" and isinstance(kw.value, ast.Constant) and kw.value.value >= limit - 60:
+                        too_long.append(f"{p.relative_to(TESTS)}:{node.lineno}: timeout={kw.value.value}")
+    assert not too_long, f"guest deadlines within 60 s of UML_TIMEOUT ({limit} s): {too_long}"
