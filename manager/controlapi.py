@@ -16,6 +16,9 @@ Semantics follow SwarmKit's controlapi:
 - a network, secret or config still used cannot be removed (FAILED_PRECONDITION);
 - a write naming a stale object version (the request's, or one the store saw change while it
   committed, after `COMMIT_ATTEMPTS` tries) fails with ABORTED, "update out of sequence: ...";
+  a node update is stale only when the node's spec changed after the version it names (its status,
+  description, manager status and attachments change all the time, and the request replaces only
+  the spec: `Node.spec_changed_after`);
 - a READY node cannot be removed without force, and a manager must be demoted first;
 - secrets never carry their data out, and the cluster never carries its CA key, network
   bootstrap keys or unlock key out (the unlock key only through `GetUnlockKey`); networks, tasks
@@ -184,13 +187,17 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         validation.validate_node_spec(request.spec)
 
         def fn(tx: Tx) -> objects_pb2.Node:
-            node = self._resolve_for_write(tx, "node", request.node_id, request.node_version)
+            node = _copy(tx.sm.resolve("node", request.node_id))
+            seen = request.node_version
+            if seen and not node.spec_changed_after < seen <= node.meta.version:
+                raise stale_version("node", node, seen, client=True)
             old = _copy(node.spec)
             if old.desired_role == types_pb2.MANAGER and request.spec.desired_role == types_pb2.WORKER:
                 self._check_demote(tx, node)
             node.spec.CopyFrom(request.spec)
             if node.spec == old:
                 return node
+            node.spec_changed_after = node.meta.version
             tx.update(node)
             return node
 

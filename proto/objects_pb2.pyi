@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Node(_message.Message):
-    __slots__ = ("id", "meta", "spec", "description", "status", "manager_status", "role", "certificate", "tls_info", "attachments")
+    __slots__ = ("id", "meta", "spec", "description", "status", "manager_status", "role", "certificate", "tls_info", "attachments", "spec_changed_after")
     ID_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class Node(_message.Message):
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     TLS_INFO_FIELD_NUMBER: _ClassVar[int]
     ATTACHMENTS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_CHANGED_AFTER_FIELD_NUMBER: _ClassVar[int]
     id: str
     meta: _types_pb2.Meta
     spec: _specs_pb2.NodeSpec
@@ -33,7 +34,8 @@ class Node(_message.Message):
     certificate: bytes
     tls_info: _types_pb2.NodeTLSInfo
     attachments: _containers.RepeatedCompositeFieldContainer[NetworkAttachment]
-    def __init__(self, id: _Optional[str] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., spec: _Optional[_Union[_specs_pb2.NodeSpec, _Mapping]] = ..., description: _Optional[_Union[_types_pb2.NodeDescription, _Mapping]] = ..., status: _Optional[_Union[_types_pb2.NodeStatus, _Mapping]] = ..., manager_status: _Optional[_Union[_types_pb2.ManagerStatus, _Mapping]] = ..., role: _Optional[_Union[_types_pb2.NodeRole, str]] = ..., certificate: _Optional[bytes] = ..., tls_info: _Optional[_Union[_types_pb2.NodeTLSInfo, _Mapping]] = ..., attachments: _Optional[_Iterable[_Union[NetworkAttachment, _Mapping]]] = ...) -> None: ...
+    spec_changed_after: int
+    def __init__(self, id: _Optional[str] = ..., meta: _Optional[_Union[_types_pb2.Meta, _Mapping]] = ..., spec: _Optional[_Union[_specs_pb2.NodeSpec, _Mapping]] = ..., description: _Optional[_Union[_types_pb2.NodeDescription, _Mapping]] = ..., status: _Optional[_Union[_types_pb2.NodeStatus, _Mapping]] = ..., manager_status: _Optional[_Union[_types_pb2.ManagerStatus, _Mapping]] = ..., role: _Optional[_Union[_types_pb2.NodeRole, str]] = ..., certificate: _Optional[bytes] = ..., tls_info: _Optional[_Union[_types_pb2.NodeTLSInfo, _Mapping]] = ..., attachments: _Optional[_Iterable[_Union[NetworkAttachment, _Mapping]]] = ..., spec_changed_after: _Optional[int] = ...) -> None: ...
 
 class Service(_message.Message):
     __slots__ = ("id", "meta", "spec", "spec_version", "previous_spec", "previous_spec_version", "endpoint", "update_status", "pending_delete")

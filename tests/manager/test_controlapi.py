@@ -8,6 +8,7 @@ from helpers.aio import run
 from helpers.controlapi import served
 from helpers.pki import ca_cert_pem, identity
 
+from shoal.manager.store import Tx
 from shoal.proto import control_pb2, control_pb2_grpc, objects_pb2, specs_pb2, types_pb2
 
 C = grpc.StatusCode
@@ -265,8 +266,29 @@ def test_nodes_update_promote_demote_remove(tmp_path) -> None:
             node = (await s.stub.UpdateNode(control_pb2.UpdateNodeRequest(
                 node_id="w1", node_version=cur.meta.version, spec=spec))).node
             assert node.spec.availability == types_pb2.DRAIN
+            # a version from before that spec change is stale ...
             await expect(C.ABORTED, s.stub.UpdateNode(control_pb2.UpdateNodeRequest(
                 node_id="w1", node_version=cur.meta.version, spec=spec)), "out of sequence")
+            # ... one read after it is not, though the node's description was written since: the
+            # request replaces only the spec, and it saw the current one
+            read = s.store.get("node", w1.id)
+
+            def described(tx: Tx) -> None:
+                n = objects_pb2.Node()
+                n.CopyFrom(tx.get("node", w1.id))
+                n.description.engine.engine_version = "next"
+                tx.update(n)
+
+            await s.store.update(described)
+            assert s.store.get("node", w1.id).meta.version > read.meta.version
+            spec.annotations.labels["rack"] = "r1"
+            node = (await s.stub.UpdateNode(control_pb2.UpdateNodeRequest(
+                node_id="w1", node_version=read.meta.version, spec=spec))).node
+            assert node.spec.annotations.labels["rack"] == "r1" and node.description.engine.engine_version == "next"
+            # and a version from the future is no version of this node
+            await expect(C.ABORTED, s.stub.UpdateNode(control_pb2.UpdateNodeRequest(
+                node_id="w1", node_version=node.meta.version + 1000, spec=spec)), "out of sequence")
+            del spec.annotations.labels["rack"]
 
             # The last manager cannot be demoted.
             mspec = specs_pb2.NodeSpec()
