@@ -78,7 +78,8 @@ RECONNECT_RATE = 500.0
 # (overloaded, paused, cut off from them) rather than the nodes: they get another grace period, up to
 # MASS_MAX_GRACES more in all, before they are marked DOWN. Marking them DOWN would replace their tasks
 # and bring their sessions back at once, the work that overloaded the leader again. A node that
-# stopped gracefully is not held (its window is its grace).
+# stopped gracefully is not held (its window is its grace). A session whose first heartbeat has not
+# come is held the same way at any count: its agent was alive a grace period ago, when it opened it.
 MASS_FRACTION = 0.25
 MASS_MIN = 10
 MASS_MAX_GRACES = 4
@@ -193,6 +194,7 @@ class _Session:
     expires: float
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     restarting: bool = False  # its agent stopped gracefully: `expires` is the restart deadline
+    heard: bool = False  # a heartbeat of it came: until then its deadline is held as a mass expiry's
     # Set when the node, the managers or the cluster changed: the Session stream builds its message again.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     # The open Assignments stream's events (task events naming this node, every secret, config and
@@ -524,7 +526,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             await self._mark_restarting(s.node_id, window)
             self._ensure_flag().set()
         else:
-            s.expires = time.monotonic() + grace(configured, nodes)
+            s.expires, s.heard = time.monotonic() + grace(configured, nodes), True
             if self._held:
                 self._held.pop(s.node_id, None)
             node = self.store.get("node", s.node_id)
@@ -607,7 +609,10 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
 
     def _hold_mass_expiry(self, now: float) -> None:
         """Give the nodes whose deadline passed another grace period when too many passed at once
-        (see MASS_FRACTION), each for MASS_MAX_GRACES grace periods at most."""
+        (see MASS_FRACTION) or while this loop stalls, and a session whose first heartbeat has not
+        come at any time (its agent was alive when it opened the session; a leader opening many at
+        once, a failover's burst, is late to read their heartbeats): each for MASS_MAX_GRACES grace
+        periods at most."""
         late = [nid for nid, s in self._sessions.items() if s.expires <= now and not s.restarting]
         late += [nid for nid, deadline in self._unconfirmed.items() if deadline <= now]
         if not late:
@@ -615,8 +620,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         g = self.grace()
         self._downs = [(t, n) for t, n in self._downs if t > now - g]
         stalling = now - self._stalled_at < g
-        if not stalling and len(late) + sum(n for _, n in self._downs) < max(MASS_MIN, MASS_FRACTION * self._node_count()):
-            return
+        mass = len(late) + sum(n for _, n in self._downs) >= max(MASS_MIN, MASS_FRACTION * self._node_count())
+        if not (stalling or mass):
+            late = [nid for nid in late if nid in self._sessions and not self._sessions[nid].heard]
         held = 0
         for nid in late:
             if now - self._held.setdefault(nid, now) >= MASS_MAX_GRACES * g:
@@ -630,7 +636,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             log.warning(
                 "%d of %d nodes missed their heartbeat deadline %s: this leader is likelier overloaded or "
                 "cut off than they are down; %d of them get another %.1f s",
-                len(late), self._node_count(), "while this leader's loop stalls" if stalling else "at once", held, g,
+                len(late), self._node_count(), "while this leader's loop stalls" if stalling else
+                "at once" if mass else "before their session's first heartbeat", held, g,
             )
 
     async def _revive(self, node_id: str) -> None:

@@ -782,6 +782,7 @@ def test_a_stalling_leader_holds_even_a_single_missed_deadline() -> None:
         async with serve(st) as (disp, addr):
             c = Client(addr, "n0")
             await c.open()
+            await c.heartbeat()  # (a session not heard from yet is held anyway: the next test)
             try:
                 now = time.monotonic()
                 disp._sessions["n0"].expires = now - 0.01
@@ -798,5 +799,39 @@ def test_a_stalling_leader_holds_even_a_single_missed_deadline() -> None:
                 assert disp._sessions["n0"].expires < much_later
             finally:
                 await c.close()
+
+    run(main())
+
+
+def test_a_session_whose_first_heartbeat_does_not_come_is_held_then_marked_down() -> None:
+    """A node that opened its session was alive then: when its first heartbeat does not come within
+    the grace period (a new leader busy opening a whole fleet's sessions reads it late), it is held
+    as a mass expiry is, one node of many, and marked DOWN only after MASS_MAX_GRACES more grace
+    periods. A node heard from once and then silent is DOWN after one grace period, as before."""
+
+    async def main() -> None:
+        st = await fleet(2, period_s=0.1)
+        async with serve(st) as (disp, addr):
+            quiet, heard = Client(addr, "n0"), Client(addr, "n1")
+            await quiet.open()
+            await heard.open()
+            await heard.heartbeat()
+            t0 = time.monotonic()
+            loop_task = asyncio.create_task(disp.run())
+            try:
+                await wait_for(lambda: st.get("node", "n1").status.state == types_pb2.NodeStatus.DOWN, timeout=10)
+                took_heard = time.monotonic() - t0
+                assert st.get("node", "n0").status.state == types_pb2.NodeStatus.READY
+                await wait_for(lambda: st.get("node", "n0").status.state == types_pb2.NodeStatus.DOWN,
+                               timeout=(MASS_MAX_GRACES + 4) * disp.grace() + 5)
+                took_quiet = time.monotonic() - t0
+                assert took_quiet >= (1 + MASS_MAX_GRACES) * disp.grace() - 0.05 > took_heard, (took_quiet, took_heard)
+                assert st.get("node", "n0").status.message == "heartbeat failure"
+            finally:
+                loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop_task
+                await quiet.close()
+                await heard.close()
 
     run(main())
