@@ -45,13 +45,14 @@ import logging
 import os
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroute2 import netns as pr_netns
 
 from shoal.agent.engine import NetworkSetup
+from shoal.agent.engine.locks import KeyedLocks
 from shoal.agent.localstate import LocalState, RecordDir
 from shoal.netdriver.dns import DNSServer
 from shoal.netdriver.driverapi import Interface, NetworkDriver
@@ -135,7 +136,7 @@ class NetworkAgent:
         self._tasks: dict[str, _Local] = {}
         # prepare() and release() of one task run one at a time: after an agent restart the restore
         # in start() and the worker's re-adoption prepare the same running task at once
-        self._task_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._task_locks = KeyedLocks()
         self._dirty: asyncio.Queue[str] = asyncio.Queue()
         self._vips: dict[str, set[str]] = defaultdict(set)  # network -> VIPs programmed here
         self._ingress_ports: dict[tuple[str, int], tuple[int, list[str]]] = {}
@@ -489,22 +490,8 @@ class NetworkAgent:
         namespace and interfaces are kept, its endpoint records and DNS server come back. Calls for
         the same task, and release(), wait for each other."""
         await self._ready.wait()
-        async with self._one_at_a_time(task.id):
+        async with self._task_locks.hold(task.id):
             return await self._prepare(task, active)
-
-    @contextlib.asynccontextmanager
-    async def _one_at_a_time(self, task_id: str) -> AsyncIterator[None]:
-        lock, users = self._task_locks.get(task_id, (asyncio.Lock(), 0))
-        self._task_locks[task_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._task_locks[task_id]
-            if users == 1:
-                del self._task_locks[task_id]
-            else:
-                self._task_locks[task_id] = (lock, users - 1)
 
     async def _prepare(self, task: objects_pb2.Task, active: bool) -> NetworkSetup:
         if task.networks and (self.gossip is None or self.dns is None):
@@ -616,7 +603,7 @@ class NetworkAgent:
         """Undo prepare(): endpoint records, DNS, interfaces, published ports, the namespace, and the
         network sandboxes no other local task uses. Also for a task this process never prepared
         (found by restore() after an agent restart)."""
-        async with self._one_at_a_time(task_id):
+        async with self._task_locks.hold(task_id):
             await self._release(task_id)
 
     async def _release(self, task_id: str) -> None:

@@ -319,34 +319,39 @@ class RoleManager:
                             "the new leader")
 
     async def _set_role(self, n: objects_pb2.Node, role: int) -> None:
-        def fn(tx: Tx) -> None:
-            cur = tx.get("node", n.id)
-            if cur is None or cur.role == role:
-                return
-            new = objects_pb2.Node()
-            new.CopyFrom(cur)
-            new.role = role
-            if role == types_pb2.WORKER:  # its store member has left
-                new.ClearField("manager_status")
-            tx.update(new)
+        def change(node: objects_pb2.Node) -> None:
+            if node.role != role:
+                node.role = role
+                if role == types_pb2.WORKER:  # its store member has left
+                    node.ClearField("manager_status")
 
-        try:
-            await self.store.update(fn)
-        except Conflict:
-            return
-        log.info("node=%s node %s role is now %s", self.manager.node_id, n.id, types_pb2.NodeRole.Name(role).lower())
+        if await self._rewrite_node(n.id, change):
+            log.info("node=%s node %s role is now %s", self.manager.node_id, n.id,
+                     types_pb2.NodeRole.Name(role).lower())
 
     async def _clear_manager_status(self, node_id: str) -> None:
-        def fn(tx: Tx) -> None:
+        def change(node: objects_pb2.Node) -> None:
+            if node.role == types_pb2.WORKER:
+                node.ClearField("manager_status")
+
+        await self._rewrite_node(node_id, change)
+
+    async def _rewrite_node(self, node_id: str, change: Callable[[objects_pb2.Node], None]) -> bool:
+        """Write node `node_id` as `change` leaves a copy of it: whether it was written (not when the
+        node is gone, `change` left it as it was, or it changed meanwhile: the next pass looks again)."""
+        def fn(tx: Tx) -> bool:
             cur = tx.get("node", node_id)
-            if cur is None or cur.role != types_pb2.WORKER:
-                return
+            if cur is None:
+                return False
             new = objects_pb2.Node()
             new.CopyFrom(cur)
-            new.ClearField("manager_status")
+            change(new)
+            if new == cur:
+                return False
             tx.update(new)
+            return True
 
         try:
-            await self.store.update(fn)
+            return await self.store.update(fn)
         except Conflict:
-            pass
+            return False

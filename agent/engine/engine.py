@@ -35,6 +35,7 @@ from shoal.agent.engine.distribution import RegistryAuth
 from shoal.agent.engine.errors import ContainerExists, ContainerNotFound, InvalidSpec, InvalidState
 from shoal.agent.engine.health import HealthMonitor, HealthState
 from shoal.agent.engine.images import Image, ImageStore
+from shoal.agent.engine.locks import KeyedLocks
 from shoal.agent.engine.logs import LogLine, read_log
 from shoal.agent.engine.state import (
     Meta,
@@ -109,7 +110,7 @@ class Engine:
         )
         self.runtime = Runtime(self.runc_root, self.sock_dir, log_size_max=log_size_max)
         self._pulls: dict[str, asyncio.Future[Image]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()  # per container: create, start, remove and re-adoption one at a time
         self._health: dict[str, HealthMonitor] = {}
         self._adopted = False
         self._creating = 0
@@ -177,9 +178,6 @@ class Engine:
             self._sem, self._sem_loop = asyncio.Semaphore(self.spawn_parallel), loop
         return self._sem
 
-    def _lock(self, cid: str) -> asyncio.Lock:
-        return self._locks.setdefault(cid, asyncio.Lock())
-
     # -- create ------------------------------------------------------------------------------
     async def create(self, cfg: ContainerConfig) -> None:
         """Prepares the rootfs and bundle and has conmon run ``runc create``: the container is ``created``.
@@ -190,7 +188,7 @@ class Engine:
         if not _ID_RE.match(cfg.id):
             raise InvalidSpec(f"container id {cfg.id!r} must be letters, digits, '_', '.', '-' (≤128)")
         await self._ensure_adopted()
-        async with self._lock(cfg.id):
+        async with self._locks.hold(cfg.id):
             try:
                 self.state.dir(cfg.id).mkdir()
             except FileExistsError:
@@ -235,7 +233,7 @@ class Engine:
     # -- start / stop / wait ------------------------------------------------------------------------
     async def start(self, cid: str) -> None:
         await self._ensure_adopted()
-        async with self._lock(cid):
+        async with self._locks.hold(cid):
             meta = self.state.meta(cid)
             status, _ = self.state.status(meta)
             if status != "created":
@@ -276,7 +274,7 @@ class Engine:
 
     async def remove(self, cid: str) -> None:
         """Kills the container if it still runs and removes everything it had; ContainerNotFound if unknown."""
-        async with self._lock(cid):
+        async with self._locks.hold(cid):
             if not self.state.dir(cid).exists():
                 raise ContainerNotFound(f"no such container {cid}")
             try:
@@ -288,7 +286,6 @@ class Engine:
             except ContainerNotFound:
                 pass
             await self._cleanup(cid)
-        self._locks.pop(cid, None)
         log.info("container removed cid=%s", cid)
 
     async def _cleanup(self, cid: str) -> None:
@@ -436,7 +433,7 @@ class Engine:
                 meta_ok = False
             if not meta_ok and d.is_dir() and time.time() - d.stat().st_mtime > 60:
                 log.info("removing unfinished container cid=%s", d.name)
-                async with self._lock(d.name):
+                async with self._locks.hold(d.name):
                     await self._cleanup(d.name)
         for meta in self.state.metas():
             if not (self.state.rdir(meta.id) / "bundle" / "config.json").exists() or meta.pid == 0:
@@ -462,7 +459,7 @@ class Engine:
                 try:
                     await self.remove(d.name)
                 except ContainerNotFound:
-                    async with self._lock(d.name):
+                    async with self._locks.hold(d.name):
                         await self._cleanup(d.name)
         await self.close()
 
