@@ -23,7 +23,16 @@ from typing import Any
 
 from shoal.manager.keymanager import give_initial_keys, ipsec_keys, is_encrypted
 from shoal.manager.pacing import Pacer
-from shoal.manager.store import InvalidArgument, StateMachine, Store, Tx, is_terminal, network_subnet, wrap
+from shoal.manager.store import (
+    InvalidArgument,
+    StateMachine,
+    Store,
+    Tx,
+    drain,
+    is_terminal,
+    network_subnet,
+    wrap,
+)
 from shoal.proto import objects_pb2, specs_pb2, types_pb2
 
 log = logging.getLogger("shoal.allocator")
@@ -173,8 +182,7 @@ class Allocator:
                 while not self._calls_for_a_pass(await w.queue.get()):
                     pass
                 await asyncio.sleep(self.pacer.pause())
-                while not w.queue.empty():
-                    w.queue.get_nowait()
+                drain(w.queue)
 
     def _calls_for_a_pass(self, msg: Any) -> bool:
         """Whether a commit may leave something to allocate. A pass reads the whole store, so the

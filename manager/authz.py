@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 
 from shoal.manager.ca import NODE_VALIDITY, PeerIdentity, expiry, peer_identity
-from shoal.manager.store import Store, Tx
+from shoal.manager.store import Store, Tx, drain
 from shoal.proto import objects_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -106,12 +106,14 @@ class Authorizer(grpc.aio.ServerInterceptor):
         """End the open calls the store's changes refuse (a node removed, a manager demoted)."""
         watcher = self.store.watch(["node", "cluster"])
         try:
-            while (msg := await watcher.queue.get()) is not None:
+            closed = False
+            while not closed:
                 # The calls of the nodes that changed; all of them when the cluster did (a revocation).
                 # Every message queued is taken now: a fleet's node changes come in thousands.
-                msgs = [msg]
-                while not watcher.queue.empty() and (more := watcher.queue.get_nowait()) is not None:
-                    msgs.append(more)
+                msgs = [await watcher.queue.get(), *drain(watcher.queue)]
+                if None in msgs:  # the watch was closed: what came before still counts
+                    closed = True
+                    msgs = msgs[: msgs.index(None)]
                 nodes: set[str] = set()
                 everyone = False
                 for m in msgs:

@@ -52,7 +52,7 @@ import grpc
 
 from shoal.manager import metrics
 from shoal.manager.keymanager import ipsec_keys, is_encrypted, strip_keys
-from shoal.manager.store import Store, StoreError, Tx, WatchBatch, Watcher, new_id
+from shoal.manager.store import Store, StoreError, Tx, WatchBatch, Watcher, drain, new_id
 from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_pb2, types_pb2, watch_pb2
 
 log = logging.getLogger("shoal.dispatcher")
@@ -740,8 +740,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 batch = [await queue.get()]
                 if batch[0] is not None:
                     await asyncio.sleep(ASSIGNMENT_BATCH_WINDOW)
-                    while not queue.empty():
-                        batch.append(queue.get_nowait())
+                    batch += drain(queue)
                 if any(b is None for b in batch):
                     await self._check_leader(context)
                     if session.closed.is_set():

@@ -42,7 +42,7 @@ import os
 import time
 from typing import Any
 
-from shoal.manager.store import Conflict, Store, StoreError, Tx
+from shoal.manager.store import Conflict, Store, StoreError, Tx, drain
 from shoal.proto import objects_pb2, types_pb2
 
 log = logging.getLogger("shoal.keymanager")
@@ -203,8 +203,7 @@ class KeyManager:
                         await w.queue.get()
                 except TimeoutError:
                     pass
-                while not w.queue.empty():
-                    w.queue.get_nowait()
+                drain(w.queue)
 
     async def rotate_due(self, now_ns: int | None = None) -> float:
         """Rotate the gossip keys and every encrypted network whose interval is over; returns seconds

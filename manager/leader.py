@@ -47,7 +47,7 @@ from shoal.manager.orchestrator import (
 )
 from shoal.manager.rotation import RootRotation
 from shoal.manager.scheduler import Scheduler
-from shoal.manager.store import Conflict, Store, StoreError, Tx
+from shoal.manager.store import Conflict, Store, StoreError, Tx, drain
 from shoal.manager.storestatus import MemberStatus, StoreStatus
 from shoal.proto import etcd_pb2, objects_pb2, types_pb2
 
@@ -222,9 +222,7 @@ class RoleManager:
                     if wait_members in done:
                         break
                     if wait_store in done:
-                        msgs = [wait_store.result()]
-                        while not watcher.queue.empty():
-                            msgs.append(watcher.queue.get_nowait())
+                        msgs = [wait_store.result(), *drain(watcher.queue)]
                         if any(m is None or _concerns_managers(m) for m in msgs):
                             break
         finally:

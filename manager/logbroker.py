@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from shoal.manager.store import NotFound, Store, StoreError, new_id
+from shoal.manager.store import NotFound, Store, StoreError, drain, new_id
 from shoal.proto import logs_pb2, logs_pb2_grpc
 
 log = logging.getLogger("shoal.logbroker")
@@ -214,9 +214,7 @@ class LogBroker(logs_pb2_grpc.LogsServicer, logs_pb2_grpc.LogBrokerServicer):
                     next_check = time.monotonic() + CHECK_PERIOD
                     if not self.store.is_leader():
                         await self._not_leader(context)
-                    if watcher is not None and not watcher.queue.empty():
-                        while not watcher.queue.empty():  # tasks changed: nodes that got a matching task
-                            watcher.queue.get_nowait()
+                    if watcher is not None and drain(watcher.queue):  # tasks changed: nodes that got a matching task
                         self._subscribe_nodes(sub, self._nodes_for(sel) - sub.nodes, unavailable)
             if unavailable:
                 context.set_trailing_metadata(((UNAVAILABLE_NODES_KEY, ",".join(sorted(unavailable))),))

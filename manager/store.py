@@ -467,6 +467,15 @@ class WatchBatch:
     version: int
 
 
+def drain(queue: asyncio.Queue[T]) -> list[T]:
+    """Everything `queue` holds now, without waiting (a watch's messages that came while its consumer
+    was busy: a fleet's status changes come in thousands, to be taken as one batch)."""
+    out = []
+    while not queue.empty():
+        out.append(queue.get_nowait())
+    return out
+
+
 class Watcher:
     """Committed events for some kinds, delivered into an asyncio queue from whichever thread applied;
     or, with `on_message`, handed to that function on the loop's thread instead (in commit order), for

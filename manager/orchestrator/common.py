@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from google.protobuf.duration_pb2 import Duration
 
 from shoal.manager.scheduler.constraint import Constraint, matches, parse_constraints
-from shoal.manager.store import Conflict, NotFound, Store, Tx, new_id
+from shoal.manager.store import Conflict, NotFound, Store, Tx, drain, new_id
 from shoal.proto import objects_pb2, specs_pb2, types_pb2, watch_pb2
 
 log = logging.getLogger("shoal.orchestrator")
@@ -310,8 +310,7 @@ async def drain_events(
         await r
     if debounce > 0:
         await asyncio.sleep(debounce)
-    while not queue.empty():
-        msg = queue.get_nowait()
+    for msg in drain(queue):
         if msg is None:
             return False
         r = handle(msg)

@@ -41,7 +41,7 @@ from shoal.manager.scheduler.filters import (
     static_reason,
 )
 from shoal.manager.scheduler.spread import build_tree, pick
-from shoal.manager.store import Store, StoreError, Unavailable
+from shoal.manager.store import Store, StoreError, Unavailable, drain
 from shoal.proto import objects_pb2, store_pb2, types_pb2, watch_pb2
 
 log = logging.getLogger("shoal.scheduler")
@@ -243,8 +243,7 @@ class Scheduler:
                 self._on_message(msg)
                 first = loop.time()
                 while True:
-                    while not w.queue.empty():
-                        msg = w.queue.get_nowait()
+                    for msg in drain(w.queue):
                         if msg is None:
                             return
                         self._on_message(msg)
