@@ -88,6 +88,9 @@ MASS_MAX_GRACES = 4
 # deadline is held as a mass expiry is: a leader that is stalling does not trust its own clock of the
 # nodes (the heartbeats it did not read, the sessions its slowness broke).
 STALL_TOLERANCE = 0.25
+# The expiry pass runs at most this many times a grace period (a node is DOWN at most a grace period
+# and 1/EXPIRY_TICKS of one after its last heartbeat: 2.86 s at the 1 s default).
+EXPIRY_TICKS = 50
 LEADER_ADDR_KEY = "shoal-leader-addr"
 NODE_ID_KEY = "shoal-node-id"
 API_PORT = 2377
@@ -575,8 +578,11 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                         await self._mark_down(expired)
                     except StoreError as e:
                         log.warning("marking nodes down failed nodes=%d err=%s", len(expired), e)
+                # Woken at the next deadline, but not sooner than a tick: each pass reads every session
+                # (a fleet's deadlines are spread over a period, one every few ms at 5,000 nodes).
                 deadlines = [s.expires for s in self._sessions.values()] + list(self._unconfirmed.values())
-                timeout = max(0.005, min(deadlines) - time.monotonic() if deadlines else self.period())
+                tick = self.grace() / EXPIRY_TICKS
+                timeout = max(tick, min(deadlines) - time.monotonic() if deadlines else self.period())
                 wake.clear()
                 due = time.monotonic() + timeout
                 try:
