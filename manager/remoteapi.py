@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 
 from shoal.manager.ca import JOIN_NAME
 
@@ -63,8 +64,14 @@ class RemoteAPIFront:
 
     The copying is done by protocol callbacks (`_Client`, `_Upstream`): each chunk read is written
     to the other side at once, with no coroutine, future or task per chunk, as every heartbeat of
-    every node passes through here on the manager's event loop. A side whose write buffer fills
-    pauses reading on the other; an end of stream is passed on as one (half-close)."""
+    every node passes through here. A side whose write buffer fills pauses reading on the other; an
+    end of stream is passed on as one (half-close).
+
+    It runs on an event loop of its own, in its own thread (`start` and `close` are called from the
+    manager's loop): while the manager's loop is busy (a scheduling pass of thousands of tasks, a
+    burst of sessions), bytes still pass within a GIL switch interval, so the agents' HTTP/2 pings,
+    which gRPC's C core answers by itself, tell them that this manager is alive but slow, not gone
+    (agents then wait for the heartbeat answer, see `shoal.agent.agent`)."""
 
     def __init__(self, listen: str, mtls_path: str, join_path: str, plain_path: str) -> None:
         host, _, port = listen.rpartition(":")
@@ -72,14 +79,39 @@ class RemoteAPIFront:
         self.port = int(port)
         self.paths = {"mtls": mtls_path, "join": join_path, "plain": plain_path}
         self._server: asyncio.base_events.Server | None = None
-        self._conns: set[_Client] = set()
+        self._conns: set[_Client] = set()  # touched on the front's own loop only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Client(self), self.host, self.port, reuse_address=True)
+        """Listen (raises OSError as `create_server` does, the port taken, say)."""
+        loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=loop.run_forever, name="remote-api-front", daemon=True)
+        self._thread.start()
+        self._loop = loop
+        try:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._listen(), loop))
+        except BaseException:
+            await self.close()
+            raise
         log.info("remote API listening on %s:%d", self.host, self.port)
 
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Client(self), self.host, self.port, reuse_address=True)
+
     async def close(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        self._loop = self._thread = None
+        with contextlib.suppress(RuntimeError):  # (its loop already stopped)
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._close(), loop))
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join)
+        loop.close()
+
+    async def _close(self) -> None:
         if self._server is not None:
             self._server.close()
         for c in list(self._conns):

@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 from helpers.aio import run_bounded
@@ -76,5 +79,58 @@ def test_every_byte_both_ways_with_a_half_close(tmp_path: Path) -> None:
             for s in servers:
                 s.close()
                 await s.wait_closed()
+
+    run_bounded(body())
+
+
+def test_bytes_pass_while_the_managers_event_loop_is_busy(tmp_path: Path) -> None:
+    """The front copies on a loop of its own: while the loop that started it is blocked (a manager
+    busy with a large scheduling pass), a client's bytes still reach the listener and its answer
+    comes back (an agent's HTTP/2 ping, answered by gRPC's C core, keeps telling it the manager is
+    alive). The listener here is a thread of its own too."""
+
+    async def body() -> None:
+        paths = {k: tmp_path / k for k in ("mtls", "join", "plain")}
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(paths["plain"]))
+        listener.listen()
+
+        def echo() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+        threading.Thread(target=echo, daemon=True).start()
+        addr = f"127.0.0.1:{free_port('127.0.0.1')}"
+        front = remoteapi.RemoteAPIFront(addr, str(paths["mtls"]), str(paths["join"]), str(paths["plain"]))
+        await front.start()
+        answered: list[float] = []
+        host, port = addr.rsplit(":", 1)
+        client = socket.create_connection((host, int(port)))
+
+        def ping_pong() -> None:
+            for i in range(5):
+                msg = b"PRI * HTTP/2.0\r\n" if i == 0 else b"ping"
+                client.sendall(msg)
+                got = b""
+                while len(got) < len(msg):
+                    got += client.recv(65536)
+                assert got == msg
+                answered.append(time.monotonic())
+
+        try:
+            t0 = time.monotonic()
+            pinger = threading.Thread(target=ping_pong, daemon=True)
+            pinger.start()
+            time.sleep(2.0)  # this loop blocked: nothing of it runs meanwhile
+            blocked_until = time.monotonic()
+            pinger.join(5)
+            assert len(answered) == 5, answered
+            assert answered[-1] < blocked_until, (answered[-1] - t0, blocked_until - t0)
+        finally:
+            client.close()
+            await front.close()
+            listener.close()
 
     run_bounded(body())
