@@ -22,7 +22,7 @@ import platform
 import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -52,7 +52,18 @@ HEARTBEAT_TIMEOUT = 3.0
 # ... and never less than this many seconds: a leader scheduling thousands of tasks at once may not
 # answer for a few seconds, and a new leader waits at least 5.6 s for the agents of the last one.
 MIN_HEARTBEAT_TIMEOUT = 5.0
+# Past that deadline the agent waits on, up to this many seconds from the heartbeat, while the
+# connection stays alive: the manager's process answers the connection's HTTP/2 pings (gRPC's C core
+# does, and the manager's remote API front copies them on a thread of its own), so its loop is busy,
+# not gone, and a new session would only add a connection, a registration and a complete assignment
+# set to its work. A dead, paused or cut-off manager fails the keepalive instead: a ping unanswered
+# within KEEPALIVE_TIMEOUT s ends the connection and its calls (UNAVAILABLE), KEEPALIVE s after the
+# last sign of life at most.
+HEARTBEAT_PATIENCE = 30.0
+KEEPALIVE = 2.0
+KEEPALIVE_TIMEOUT = 3.0
 UNREGISTERED_DELAY = 10.0
+STATUS_TIMEOUT = 10.0  # s for a task status report's answer; then it is sent again
 # A manager that refuses the connection (dead, not listening) is left at once; one that does not
 # answer (cut off) is left after QUICK_CONNECT_TIMEOUT s, unless it is the leader another manager
 # named: a busy leader's TLS handshakes queue up, and it is given CONNECT_TIMEOUT s.
@@ -228,11 +239,16 @@ class Agent:
         return addr
 
     def _channel(self, addr: str) -> grpc.aio.Channel:
-        # No transport keepalive: a server refuses pings more often than every 5 min without data
-        # (GOAWAY too_many_pings); the heartbeat's deadline finds a dead manager instead.
         opts = [
             # a COMPLETE assignment set carries the node's secrets and configs (≤ 500 KB each)
             ("grpc.max_receive_message_length", 256 << 20),
+            # the keepalive (see HEARTBEAT_PATIENCE); managers accept a ping a second
+            # (dispatcher.SERVER_OPTIONS), an older one may send GOAWAY: the session reconnects
+            ("grpc.keepalive_time_ms", int(KEEPALIVE * 1000)),
+            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),  # (gRPC 1.85 times a ping by this)
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
             *self.channel_options,
         ]
         if self.credentials is None:
@@ -366,23 +382,25 @@ class Agent:
     async def _beat(self, stub: dispatcher_pb2_grpc.DispatcherStub, stream: bool) -> None:
         req = dispatcher_pb2.HeartbeatRequest(session_id=self.session_id)
         call = stub.Heartbeats(metadata=self._md) if stream else None
+
+        async def answer() -> dispatcher_pb2.HeartbeatResponse:
+            if call is None:
+                return await stub.Heartbeat(req, metadata=self._md)
+            if not call.done():  # else read() raises how it ended
+                await call.write(req)
+            resp = await call.read()
+            if resp is grpc.aio.EOF:
+                raise ConnectionError("the dispatcher ended the heartbeat stream")
+            return resp
+
         try:
             while True:
                 sent = time.monotonic()
-                deadline = max(MIN_HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT * self._period)
                 try:
-                    async with asyncio.timeout(deadline):
-                        if call is None:
-                            resp = await stub.Heartbeat(req, metadata=self._md)
-                        else:
-                            if not call.done():  # else read() raises how it ended
-                                await call.write(req)
-                            resp = await call.read()
-                    if resp is grpc.aio.EOF:
-                        raise ConnectionError("the dispatcher ended the heartbeat stream")
-                except TimeoutError:
+                    resp = await self._answered(answer())
+                except ConnectionError:
                     self._timed(None)
-                    raise ConnectionError(f"no heartbeat answer within {deadline:g} s") from None
+                    raise
                 except grpc.aio.AioRpcError as e:
                     if not (call is not None and e.code() == grpc.StatusCode.UNIMPLEMENTED):
                         self._timed(None)  # (an older manager's UNIMPLEMENTED is not a heartbeat lost)
@@ -396,6 +414,26 @@ class Agent:
         finally:
             if call is not None:
                 call.cancel()
+
+    async def _answered(self, answer: Awaitable[dispatcher_pb2.HeartbeatResponse]) -> dispatcher_pb2.HeartbeatResponse:
+        """The heartbeat's answer, waited for HEARTBEAT_TIMEOUT periods (MIN_HEARTBEAT_TIMEOUT s at
+        least), then on up to HEARTBEAT_PATIENCE s while the connection lives (its keepalive fails
+        the call otherwise). Raises ConnectionError when none came, and what the call raised."""
+        pending = asyncio.ensure_future(answer)
+        try:
+            deadline = max(MIN_HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT * self._period)
+            done, _ = await asyncio.wait({pending}, timeout=deadline)
+            patience = max(deadline, HEARTBEAT_PATIENCE)
+            if not done and patience > deadline:
+                log.warning("no heartbeat answer within %g s, but the manager's connection is alive (a busy "
+                            "manager): waiting up to %g s node=%s", deadline, patience, self.node_id)
+                done, _ = await asyncio.wait({pending}, timeout=patience - deadline)
+            if not done:
+                raise ConnectionError(f"no heartbeat answer within {patience:g} s")
+            return pending.result()
+        finally:
+            if not pending.done():
+                pending.cancel()
 
     def _timed(self, rtt: float | None) -> None:
         if self.on_heartbeat is not None:
@@ -433,13 +471,17 @@ class Agent:
             for tid, st in batch.items():
                 req.updates.add(task_id=tid, status=st)
             try:
-                await stub.UpdateTaskStatus(req, metadata=self._md, timeout=10.0)
+                await stub.UpdateTaskStatus(req, metadata=self._md, timeout=STATUS_TIMEOUT)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.PERMISSION_DENIED:
                     log.warning("task status refused node=%s err=%s", self.node_id, e.details())
                     continue
                 for tid, st in batch.items():  # keep them for the next session unless newer arrived
                     self._pending.setdefault(tid, st)
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # busy: a lost one fails the keepalive
+                    log.warning("task status report unanswered within %g s (a busy manager): sending it "
+                                "again node=%s", STATUS_TIMEOUT, self.node_id)
+                    continue
                 raise
             except BaseException:  # cancelled with the session (its heartbeat failed): the same
                 for tid, st in batch.items():

@@ -91,6 +91,13 @@ STALL_TOLERANCE = 0.25
 # The expiry pass runs at most this many times a grace period (a node is DOWN at most a grace period
 # and 1/EXPIRY_TICKS of one after its last heartbeat: 2.86 s at the 1 s default).
 EXPIRY_TICKS = 50
+# Options of a gRPC server that serves the Dispatcher: agents send an HTTP/2 keepalive ping every
+# agent.KEEPALIVE s (2) to tell a busy manager from a lost one, also while no answer comes; gRPC's
+# default answers pings without data more often than every 5 min with GOAWAY (too_many_pings).
+SERVER_OPTIONS = [
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
 LEADER_ADDR_KEY = "shoal-leader-addr"
 NODE_ID_KEY = "shoal-node-id"
 API_PORT = 2377

@@ -61,6 +61,7 @@ import grpc
 from shoal.manager import ca, metrics, remoteapi
 from shoal.manager.authz import Authorizer
 from shoal.manager.controlapi import ControlServicer
+from shoal.manager.dispatcher import SERVER_OPTIONS as DISPATCHER_SERVER_OPTIONS
 from shoal.manager.dispatcher import Dispatcher
 from shoal.manager.encryption import DataKeyCodec, KeyDir
 from shoal.manager.etcdmember import EtcdConfig, EtcdError, EtcdMember
@@ -407,7 +408,7 @@ class Manager:
 
         self.authz = Authorizer(self.store)
         self._tasks.append(asyncio.create_task(self.authz.run(), name="authz"))
-        mtls = grpc.aio.server(interceptors=[self.authz, *counted])
+        mtls = grpc.aio.server(interceptors=[self.authz, *counted], options=DISPATCHER_SERVER_OPTIONS)
         control_pb2_grpc.add_ControlServicer_to_server(self.control, mtls)
         dispatcher_pb2_grpc.add_DispatcherServicer_to_server(self.dispatcher, mtls)
         logs_pb2_grpc.add_LogsServicer_to_server(self.logbroker, mtls)

@@ -21,7 +21,7 @@ from helpers.waiting import wait_for_async
 
 from shoal.lab.images import busybox_image
 from shoal.lab.registry import Registry, push_image
-from shoal.manager.dispatcher import Dispatcher
+from shoal.manager.dispatcher import SERVER_OPTIONS, Dispatcher
 from shoal.manager.logbroker import LogBroker
 from shoal.manager.store import LocalStore, Store, Tx
 from shoal.proto import (
@@ -88,7 +88,7 @@ async def manager_side(store: Store | None = None) -> AsyncIterator[tuple[Store,
         await st.update(lambda tx: tx.create(c))
     disp = Dispatcher(st, insecure_node_id_from_metadata=True)
     broker = LogBroker(st, insecure_node_id_from_metadata=True)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=SERVER_OPTIONS)  # (the manager's: agents' keepalive pings accepted)
     dispatcher_pb2_grpc.add_DispatcherServicer_to_server(disp, server)
     logs_pb2_grpc.add_LogBrokerServicer_to_server(broker, server)
     logs_pb2_grpc.add_LogsServicer_to_server(broker, server)

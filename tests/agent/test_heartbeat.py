@@ -2,9 +2,10 @@
 The agent beats on one stream (Heartbeats), or one call a beat with a manager without it.
 The heartbeat deadline (agent.HEARTBEAT_TIMEOUT periods, at least MIN_HEARTBEAT_TIMEOUT s): an
 answer slower than the old 1.5 periods but within the dispatcher's own grace keeps the session (and
-the node READY); an answer that never comes ends it (the agent's deadline, or the dispatcher's grace
-first), and the agent opens a new one. Status reports in flight when a
-session ends are sent again on the next. Real engine (runc under conmon). Needs root."""
+the node READY); an answer that never comes ends it (the dispatcher's grace first, or the agent's
+patience while the connection answers its pings, or the connection's keepalive when it does not),
+and the agent opens a new one. Status reports in flight when a session ends are sent again on the
+next. Real engine (runc under conmon). Needs root."""
 
 from __future__ import annotations
 
@@ -142,11 +143,12 @@ def test_statuses_in_flight_when_the_session_ends_are_sent_on_the_next(engine_ro
     run(main())
 
 
-def test_a_silent_leader_is_left_after_the_agents_own_deadline(engine_root, registry, tmp_path, caplog,
-                                                               monkeypatch) -> None:
-    """A leader that answers nothing at all (paused: its expiry loop stands still too) is left by the
-    agent itself, once a heartbeat went unanswered for MIN_HEARTBEAT_TIMEOUT s (here 2.5 s; 3 periods
-    of 0.5 s are less), and the agent opens a new session."""
+def test_a_leader_that_answers_nothing_is_left_after_the_agents_patience(engine_root, registry, tmp_path, caplog,
+                                                                        monkeypatch) -> None:
+    """A leader whose process lives (its connection answers the keepalive pings) but whose answers
+    stop (its loop busy or wedged; its expiry loop stands still too) is waited for past the heartbeat
+    deadline (MIN_HEARTBEAT_TIMEOUT s, here 1.5; 3 periods of 0.5 s are less), saying so, and left by
+    the agent once HEARTBEAT_PATIENCE s (here 4) went by without an answer; it opens a new session."""
     silent = [False]
 
     async def paused() -> None:
@@ -158,7 +160,8 @@ def test_a_silent_leader_is_left_after_the_agents_own_deadline(engine_root, regi
 
     answer_after(monkeypatch, paused)
     monkeypatch.setattr(Dispatcher, "run", no_expiry)
-    monkeypatch.setattr(agent_mod, "MIN_HEARTBEAT_TIMEOUT", 2.5)  # shorter than the default 5 s: a quick test
+    monkeypatch.setattr(agent_mod, "MIN_HEARTBEAT_TIMEOUT", 1.5)  # shorter than the defaults: a quick test
+    monkeypatch.setattr(agent_mod, "HEARTBEAT_PATIENCE", 4.0)
 
     async def main() -> None:
         async with manager_side() as (st, _disp, _broker, addr):
@@ -172,11 +175,96 @@ def test_a_silent_leader_is_left_after_the_agents_own_deadline(engine_root, regi
                 await wait_for(lambda: agent.session_id not in ("", first), what="a new session", timeout=20)
                 waited = asyncio.get_running_loop().time() - t0
                 silent[0] = False
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("no heartbeat answer within 1.5 s, but the manager's connection is alive" in m for m in messages)
+        ended = [m for m in messages if "session ended" in m]
+        assert ended and "no heartbeat answer within 4 s" in ended[0], ended
+        # the first unanswered heartbeat left after `silent`: the patience ended the session 4 s later
+        # at the earliest (a lower bound: a loaded machine only makes it later)
+        assert waited >= 3.8, waited
+
+    with caplog.at_level(logging.INFO, logger="shoal.agent"):
+        run(main())
+
+
+class _Blackhole:
+    """A TCP proxy to `target` whose connections, once `cut()`, carry nothing more either way while
+    staying open (a manager cut off by the network, or its host frozen); connections made after
+    the cut carry bytes again (the manager is back)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target.rsplit(":", 1)
+        self.cut_conns: list[asyncio.StreamWriter] = []
+        self._live: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection(self.target[0], int(self.target[1]))
+        pair = (cw, uw)
+        self._live.add(pair)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await r.read(65536):
+                    if pair in self._live:
+                        w.write(data)
+                        await w.drain()
+
+        for t in (asyncio.create_task(pipe(cr, uw)), asyncio.create_task(pipe(ur, cw))):
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    def cut(self) -> None:
+        for pair in self._live:
+            self.cut_conns += pair
+        self._live.clear()
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for w in self.cut_conns + [w for pair in self._live for w in pair]:
+            w.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def test_a_cut_off_leader_is_left_when_its_connection_stops_answering_pings(engine_root, registry, tmp_path,
+                                                                            caplog, monkeypatch) -> None:
+    """A manager cut off (nothing passes its connection any more, which stays open) is left through
+    the connection's keepalive: a ping unanswered within KEEPALIVE_TIMEOUT s ends the connection and
+    the session with it, long before the heartbeat's own deadline and patience (here 30 and 60 s),
+    and the agent opens a new session (here through the same address, which carries bytes again)."""
+    monkeypatch.setattr(agent_mod, "MIN_HEARTBEAT_TIMEOUT", 30.0)
+    monkeypatch.setattr(agent_mod, "HEARTBEAT_PATIENCE", 60.0)
+    monkeypatch.setattr(agent_mod, "KEEPALIVE", 1.0)
+    monkeypatch.setattr(agent_mod, "KEEPALIVE_TIMEOUT", 1.0)
+
+    async def main() -> None:
+        async with manager_side() as (st, _disp, _broker, addr):
+            await add_node(st, "n1", hostname="node-1")
+            hole = _Blackhole(addr)
+            try:
+                via = await hole.start()
+                async with agent_in_session(via, engine_root, registry, tmp_path) as (agent, _engine):
+                    first = agent.session_id
+                    await asyncio.sleep(2.0)  # answered heartbeats and pings
+                    assert agent.session_id == first
+                    hole.cut()
+                    t0 = asyncio.get_running_loop().time()
+                    await wait_for(lambda: agent.session_id not in ("", first), what="a new session", timeout=20)
+                    waited = asyncio.get_running_loop().time() - t0
+            finally:
+                await hole.close()
         ended = [r.getMessage() for r in caplog.records if "session ended" in r.getMessage()]
-        assert ended and "no heartbeat answer within 2.5 s" in ended[0], ended
-        # the first unanswered heartbeat left after `silent`: 3 periods would have ended the session
-        # 1.5 s later, the floor 2.5 s later (a lower bound: a loaded machine only makes it later)
-        assert waited >= 2.3, waited
+        assert ended and "UNAVAILABLE" in ended[0], ended
+        # a ping a second, unanswered within a second: the connection ends within about 2 s of the cut
+        assert waited < 10.0, waited
 
     with caplog.at_level(logging.INFO, logger="shoal.agent"):
         run(main())
@@ -222,7 +310,8 @@ def test_heartbeats_go_on_one_stream_or_a_call_each_to_a_manager_without_it(engi
 def test_a_shorter_period_reaches_the_agent_at_once(engine_root, registry, tmp_path, caplog, monkeypatch) -> None:
     """The cluster's heartbeat period lowered from 20 s to 0.5 s: the agent, told 20 s by its last
     answer, hears of it from its session stream and beats at 0.5 s at once, so a leader that falls
-    silent after that is left after MIN_HEARTBEAT_TIMEOUT (5 s), not after 3 periods of 20 s."""
+    silent after that is left after MIN_HEARTBEAT_TIMEOUT (5 s), not after 3 periods of 20 s (with
+    no HEARTBEAT_PATIENCE here: the deadline the period gives is the test's point)."""
     silent = [False]
 
     async def paused() -> None:
@@ -234,6 +323,7 @@ def test_a_shorter_period_reaches_the_agent_at_once(engine_root, registry, tmp_p
 
     answer_after(monkeypatch, paused)
     monkeypatch.setattr(Dispatcher, "run", no_expiry)
+    monkeypatch.setattr(agent_mod, "HEARTBEAT_PATIENCE", 0.0)
 
     async def main() -> None:
         async with manager_side() as (st, _disp, _broker, addr):
