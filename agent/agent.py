@@ -63,7 +63,7 @@ HEARTBEAT_PATIENCE = 30.0
 KEEPALIVE = 2.0
 KEEPALIVE_TIMEOUT = 3.0
 UNREGISTERED_DELAY = 10.0
-STATUS_TIMEOUT = 10.0  # s for a task status report's answer; then it is sent again
+STATUS_TIMEOUT = HEARTBEAT_PATIENCE  # s for a task status report's answer (a busy manager); then sent again
 # A manager that refuses the connection (dead, not listening) is left at once; one that does not
 # answer (cut off) is left after QUICK_CONNECT_TIMEOUT s, unless it is the leader another manager
 # named: a busy leader's TLS handshakes queue up, and it is given CONNECT_TIMEOUT s.

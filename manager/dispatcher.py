@@ -41,6 +41,7 @@ followed by an immediate restart needs nothing of this: the agent is back within
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -88,6 +89,10 @@ MASS_MAX_GRACES = 4
 # deadline is held as a mass expiry is: a leader that is stalling does not trust its own clock of the
 # nodes (the heartbeats it did not read, the sessions its slowness broke).
 STALL_TOLERANCE = 0.25
+# Nor does it while it answered fewer than this fraction of the heartbeats owed to it in the last grace
+# period (its sessions' count / the period, times the grace): it is reading them late, not the nodes
+# sending them late (a lost quarter of the fleet is a mass expiry anyway).
+BEHIND_FRACTION = 1 - MASS_FRACTION
 # The expiry pass runs at most this many times a grace period (a node is DOWN at most a grace period
 # and 1/EXPIRY_TICKS of one after its last heartbeat: 2.86 s at the 1 s default).
 EXPIRY_TICKS = 50
@@ -254,6 +259,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._held: dict[str, float] = {}
         self._downs: list[tuple[float, int]] = []  # (when, how many) nodes were marked DOWN lately
         self._stalled_at = -1e9  # when this leader's loop last stalled (see STALL_TOLERANCE)
+        self._beats = 0  # heartbeats answered so far
+        self._beat_counts: collections.deque[tuple[float, int]] = collections.deque()  # (when, _beats then)
         # Nodes between the start of a Session call and its session's entry: never marked DOWN then.
         self._registering: set[str] = set()
         self._batch = _StatusBatch()
@@ -546,6 +553,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 except StoreError as e:  # the next heartbeat tries again
                     log.warning("node not marked ready again node=%s err=%s", s.node_id, e)
         metrics.count_heartbeat()
+        self._beats += 1
         resp = dispatcher_pb2.HeartbeatResponse()
         resp.period.FromNanoseconds(int(period * (1 - random.uniform(0, HEARTBEAT_JITTER)) * 1e9))
         return resp
@@ -605,6 +613,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             self._unconfirmed.clear()
             self._held.clear()
             self._downs.clear()
+            self._beat_counts.clear()
 
     def _forgive_stall(self, late: float) -> None:
         """This loop woke `late` s after it asked to: the leader's event loop was busy (a large commit,
@@ -620,19 +629,38 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             self._unconfirmed[nid] += late
         log.info("dispatcher: this leader's loop stalled %.2f s; heartbeat deadlines moved on as much", late)
 
+    def _count_beats(self, now: float, g: float) -> None:
+        """Note the heartbeats answered so far, keeping the newest note a grace period old."""
+        counts = self._beat_counts
+        counts.append((now, self._beats))
+        while len(counts) > 1 and counts[1][0] <= now - g:
+            counts.popleft()
+
+    def _behind(self, now: float, g: float) -> bool:
+        """Whether this leader answered fewer than BEHIND_FRACTION of the heartbeats owed in the last
+        grace period by its sessions that are not late (one a period each; the late ones may be
+        gone): it reads them late (its loop busy with a large scheduling pass, thousands of status
+        reports), however short each of its stalls."""
+        since, then = self._beat_counts[0] if self._beat_counts else (now, self._beats)
+        if since > now - g or not self._sessions:  # (not a whole grace period seen yet)
+            return False
+        owing = sum(1 for s in self._sessions.values() if s.heard and not s.restarting and s.expires > now)
+        return self._beats - then < BEHIND_FRACTION * owing * g / self.period()
+
     def _hold_mass_expiry(self, now: float) -> None:
         """Give the nodes whose deadline passed another grace period when too many passed at once
         (see MASS_FRACTION) or while this loop stalls, and a session whose first heartbeat has not
         come at any time (its agent was alive when it opened the session; a leader opening many at
         once, a failover's burst, is late to read their heartbeats): each for MASS_MAX_GRACES grace
         periods at most."""
+        g = self.grace()
+        self._count_beats(now, g)
         late = [nid for nid, s in self._sessions.items() if s.expires <= now and not s.restarting]
         late += [nid for nid, deadline in self._unconfirmed.items() if deadline <= now]
         if not late:
             return
-        g = self.grace()
         self._downs = [(t, n) for t, n in self._downs if t > now - g]
-        stalling = now - self._stalled_at < g
+        stalling = now - self._stalled_at < g or self._behind(now, g)
         mass = len(late) + sum(n for _, n in self._downs) >= max(MASS_MIN, MASS_FRACTION * self._node_count())
         if not (stalling or mass):
             late = [nid for nid in late if nid in self._sessions and not self._sessions[nid].heard]
@@ -649,7 +677,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             log.warning(
                 "%d of %d nodes missed their heartbeat deadline %s: this leader is likelier overloaded or "
                 "cut off than they are down; %d of them get another %.1f s",
-                len(late), self._node_count(), "while this leader's loop stalls" if stalling else
+                len(late), self._node_count(), "while this leader stalls or reads heartbeats late" if stalling else
                 "at once" if mass else "before their session's first heartbeat", held, g,
             )
 

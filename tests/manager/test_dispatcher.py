@@ -23,6 +23,7 @@ from shoal.manager.dispatcher import (
     NODE_ID_KEY,
     RECONNECT_RATE,
     Dispatcher,
+    _Session,
 )
 from shoal.manager.etcdstore import Election, EtcdStore
 from shoal.manager.store import LocalStore, Store, Tx
@@ -833,5 +834,40 @@ def test_a_session_whose_first_heartbeat_does_not_come_is_held_then_marked_down(
                     await loop_task
                 await quiet.close()
                 await heard.close()
+
+    run(main())
+
+
+def test_a_leader_that_reads_too_few_of_the_heartbeats_owed_holds_a_missed_deadline() -> None:
+    """A leader that answered fewer than BEHIND_FRACTION of the heartbeats its sessions owe over the
+    last grace period (a loop busy with thousands of status reports reads them late, however short
+    each stall) holds a node whose deadline passed, one of many; with the heartbeats owed answered,
+    it does not."""
+
+    async def main() -> None:
+        st = await fleet(40, period_s=1.0)
+        async with serve(st) as (disp, addr):
+            c = Client(addr, "n0")
+            await c.open()
+            await c.heartbeat()
+            try:
+                g = disp.grace()  # 2.8 s: a session owes 2.8 heartbeats a grace period
+                now = time.monotonic()
+                for i in range(1, 11):  # ten more sessions, heard from and not late: 28 heartbeats owed
+                    disp._sessions[f"n{i}"] = _Session(id=f"s{i}", node_id=f"n{i}", expires=now + 100, heard=True)
+                disp._count_beats(now - g - 0.1, g)  # a grace period ago; none answered since
+                disp._sessions["n0"].expires = now - 0.01
+                disp._hold_mass_expiry(now)
+                assert disp._sessions["n0"].expires == pytest.approx(now + g)  # held
+                disp._held.clear()
+                disp._beat_counts.clear()
+                later = now + 1
+                disp._count_beats(later - g - 0.1, g)
+                disp._beats += 28  # every heartbeat owed answered since
+                disp._sessions["n0"].expires = later - 0.01
+                disp._hold_mass_expiry(later)
+                assert disp._sessions["n0"].expires < later  # not held: 1 of 40, no stall
+            finally:
+                await c.close()
 
     run(main())
