@@ -260,6 +260,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._downs: list[tuple[float, int]] = []  # (when, how many) nodes were marked DOWN lately
         self._stalled_at = -1e9  # when this leader's loop last stalled (see STALL_TOLERANCE)
         self._beats = 0  # heartbeats answered so far
+        self._opened: collections.deque[float] = collections.deque()  # when sessions opened, the last grace period
         self._beat_counts: collections.deque[tuple[float, int]] = collections.deque()  # (when, _beats then)
         # Nodes between the start of a Session call and its session's entry: never marked DOWN then.
         self._registering: set[str] = set()
@@ -383,6 +384,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._held.pop(node_id, None)
         self._ensure_flag().set()
         metrics.count_session_opened()
+        self._opened.append(time.monotonic())
         log.info("session opened node=%s session=%s addr=%s", node_id, session.id, node.status.addr)
 
         last: dispatcher_pb2.SessionMessage | None = None
@@ -614,6 +616,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             self._held.clear()
             self._downs.clear()
             self._beat_counts.clear()
+            self._opened.clear()
 
     def _forgive_stall(self, late: float) -> None:
         """This loop woke `late` s after it asked to: the leader's event loop was busy (a large commit,
@@ -649,9 +652,11 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
 
     def _hold_mass_expiry(self, now: float) -> None:
         """Give the nodes whose deadline passed another grace period when too many passed at once
-        (see MASS_FRACTION) or while this loop stalls, and a session whose first heartbeat has not
-        come at any time (its agent was alive when it opened the session; a leader opening many at
-        once, a failover's burst, is late to read their heartbeats): each for MASS_MAX_GRACES grace
+        (see MASS_FRACTION) or while this loop stalls, a session whose first heartbeat has not come
+        at any time (its agent was alive when it opened the session; a leader opening many at once,
+        a failover's burst, is late to read their heartbeats), and a node not seen by this leader
+        yet while MASS_MIN sessions or more opened in the last grace period (the fleet is still
+        reconnecting: its agent may be queued behind the others): each for MASS_MAX_GRACES grace
         periods at most."""
         g = self.grace()
         self._count_beats(now, g)
@@ -662,8 +667,12 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._downs = [(t, n) for t, n in self._downs if t > now - g]
         stalling = now - self._stalled_at < g or self._behind(now, g)
         mass = len(late) + sum(n for _, n in self._downs) >= max(MASS_MIN, MASS_FRACTION * self._node_count())
+        while self._opened and self._opened[0] <= now - g:
+            self._opened.popleft()
+        arriving = len(self._opened) >= MASS_MIN  # the fleet still (re)connecting: the rest may be queued
         if not (stalling or mass):
-            late = [nid for nid in late if nid in self._sessions and not self._sessions[nid].heard]
+            late = [nid for nid in late if (nid not in self._sessions and arriving)
+                    or (nid in self._sessions and not self._sessions[nid].heard)]
         held = 0
         for nid in late:
             if now - self._held.setdefault(nid, now) >= MASS_MAX_GRACES * g:
@@ -678,7 +687,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 "%d of %d nodes missed their heartbeat deadline %s: this leader is likelier overloaded or "
                 "cut off than they are down; %d of them get another %.1f s",
                 len(late), self._node_count(), "while this leader stalls or reads heartbeats late" if stalling else
-                "at once" if mass else "before their session's first heartbeat", held, g,
+                "at once" if mass else "before their session's first heartbeat or while sessions still open", held, g,
             )
 
     async def _revive(self, node_id: str) -> None:

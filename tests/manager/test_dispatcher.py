@@ -18,6 +18,7 @@ from shoal.manager.ca import RootCA
 from shoal.manager.dispatcher import (
     LEADER_ADDR_KEY,
     MASS_MAX_GRACES,
+    MASS_MIN,
     MAX_HEARTBEAT_RATE,
     NEW_LEADER_GRACE,
     NODE_ID_KEY,
@@ -869,5 +870,28 @@ def test_a_leader_that_reads_too_few_of_the_heartbeats_owed_holds_a_missed_deadl
                 assert disp._sessions["n0"].expires < later  # not held: 1 of 40, no stall
             finally:
                 await c.close()
+
+    run(main())
+
+
+def test_a_node_not_seen_yet_is_held_while_the_fleet_still_reconnects() -> None:
+    """A new leader's deadline for a node it has not heard from passes while sessions keep opening
+    (MASS_MIN or more in the last grace period: the fleet reconnecting, its agent maybe queued behind
+    the others): held. Once the sessions stopped opening, such a node, one of many, is not."""
+
+    async def main() -> None:
+        st = await fleet(40, period_s=1.0)
+        async with serve(st) as (disp, _addr):
+            now = time.monotonic()
+            g = disp.grace()
+            disp._unconfirmed["n5"] = now - 0.01
+            disp._opened.extend([now - 0.5] * MASS_MIN)  # ten sessions opened half a second ago
+            disp._hold_mass_expiry(now)
+            assert disp._unconfirmed["n5"] == pytest.approx(now + g)
+            disp._held.clear()
+            later = now + 2 * g  # no session opened within a grace period of it
+            disp._unconfirmed["n5"] = later - 0.01
+            disp._hold_mass_expiry(later)
+            assert disp._unconfirmed["n5"] < later and not disp._opened
 
     run(main())
