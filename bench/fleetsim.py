@@ -138,9 +138,8 @@ class TimedEvent(asyncio.Event):
 
 
 class SimAgent(Agent):
-    """The real agent; the round trips of its answered heartbeats go to `samples`, its failed ones
-    (unanswered in time, unavailable...) are counted in `failed[0]`; its channels use a subchannel pool
-    of their own."""
+    """The real agent (its own channels: keepalive and all); the round trips of its answered heartbeats
+    go to `samples`, its failed ones (unanswered in time, unavailable...) are counted in `failed[0]`."""
 
     def __init__(self, *args: Any, samples: list[float], failed: list[int], **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -153,13 +152,6 @@ class SimAgent(Agent):
                 samples.append(rtt)
 
         self.on_heartbeat = timed
-
-    def _channel(self, addr: str) -> grpc.aio.Channel:
-        opts = [("grpc.max_receive_message_length", 256 << 20), ("grpc.use_local_subchannel_pool", 1),
-                *self.channel_options]
-        creds = self.credentials() if callable(self.credentials) else self.credentials
-        assert creds is not None
-        return grpc.aio.secure_channel(addr, creds, options=opts)
 
 
 def emit(msg: dict[str, Any]) -> None:
@@ -202,7 +194,9 @@ class Fleet:
             ident.node_id, self.state_dir, self.managers,
             grpc.ssl_channel_credentials(ident.ca_pem, ident.key_pem, ident.cert_pem), MemEngine(),
             hostname=name, addr="127.0.0.1",  # as swarmd, which always advertises an address (loopback: no data path)
-            channel_options=[("grpc.ssl_target_name_override", MANAGER_NAME), ("grpc.default_authority", MANAGER_NAME)],
+            # a subchannel pool of its own: each simulated node its own connections, as on its own host
+            channel_options=[("grpc.ssl_target_name_override", MANAGER_NAME), ("grpc.default_authority", MANAGER_NAME),
+                             ("grpc.use_local_subchannel_pool", 1)],
             samples=self.samples, failed=self.hb_failed,
         )
         self.agents.append(agent)
