@@ -660,6 +660,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         periods at most."""
         g = self.grace()
         self._count_beats(now, g)
+        while self._opened and self._opened[0] <= now - g:  # (every pass: not only when some are late)
+            self._opened.popleft()
         late = [nid for nid, s in self._sessions.items() if s.expires <= now and not s.restarting]
         late += [nid for nid, deadline in self._unconfirmed.items() if deadline <= now]
         if not late:
@@ -667,8 +669,6 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._downs = [(t, n) for t, n in self._downs if t > now - g]
         stalling = now - self._stalled_at < g or self._behind(now, g)
         mass = len(late) + sum(n for _, n in self._downs) >= max(MASS_MIN, MASS_FRACTION * self._node_count())
-        while self._opened and self._opened[0] <= now - g:
-            self._opened.popleft()
         arriving = len(self._opened) >= MASS_MIN  # the fleet still (re)connecting: the rest may be queued
         if not (stalling or mass):
             late = [nid for nid in late if (nid not in self._sessions and arriving)

@@ -893,5 +893,10 @@ def test_a_node_not_seen_yet_is_held_while_the_fleet_still_reconnects() -> None:
             disp._unconfirmed["n5"] = later - 0.01
             disp._hold_mass_expiry(later)
             assert disp._unconfirmed["n5"] < later and not disp._opened
+            # the opening times are let go of on every pass, also when no deadline passed
+            disp._unconfirmed.clear()
+            disp._opened.append(later - 2 * g)
+            disp._hold_mass_expiry(later)
+            assert not disp._opened
 
     run(main())
