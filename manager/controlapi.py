@@ -154,11 +154,14 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         return sorted(objs, key=lambda o: (o.spec.annotations.name, o.id))
 
     @staticmethod
-    def _resolve_for_write(tx: Tx, kind: str, ref: str, version: int = 0) -> Any:
+    def _resolve_for_write(tx: Tx, kind: str, ref: str, version: int = 0, *, spec_only: bool = False) -> Any:
         """The current object (a copy to change) named by `ref`; a stale `version` (the caller's)
-        raises `StaleVersion(client=True)`, which `_commit` never retries."""
+        raises `StaleVersion(client=True)`, which `_commit` never retries. With `spec_only` (a node
+        update, which replaces only the spec) a version is stale only when the spec changed after it
+        (`Node.spec_changed_after`): the other fields' writes since do not count."""
         cur = tx.sm.resolve(kind, ref)
-        if version and version != cur.meta.version:
+        oldest = cur.spec_changed_after + 1 if spec_only else cur.meta.version
+        if version and not oldest <= version <= cur.meta.version:
             raise stale_version(kind, cur, version, client=True)
         return _copy(cur)
 
@@ -187,10 +190,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         validation.validate_node_spec(request.spec)
 
         def fn(tx: Tx) -> objects_pb2.Node:
-            node = _copy(tx.sm.resolve("node", request.node_id))
-            seen = request.node_version
-            if seen and not node.spec_changed_after < seen <= node.meta.version:
-                raise stale_version("node", node, seen, client=True)
+            node = self._resolve_for_write(tx, "node", request.node_id, request.node_version, spec_only=True)
             old = _copy(node.spec)
             if old.desired_role == types_pb2.MANAGER and request.spec.desired_role == types_pb2.WORKER:
                 self._check_demote(tx, node)
