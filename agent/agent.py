@@ -57,10 +57,15 @@ MIN_HEARTBEAT_TIMEOUT = 5.0
 # does, and the manager's remote API front copies them on a thread of its own), so its loop is busy,
 # not gone, and a new session would only add a connection, a registration and a complete assignment
 # set to its work. A dead, paused or cut-off manager fails the keepalive instead: a ping unanswered
-# within KEEPALIVE_TIMEOUT s ends the connection and its calls (UNAVAILABLE), KEEPALIVE s after the
-# last sign of life at most.
+# within KEEPALIVE_TIMEOUT s ends the connection and its calls (UNAVAILABLE), a keepalive interval
+# (below) after the last sign of life at most.
 HEARTBEAT_PATIENCE = 30.0
+# The keepalive pings when nothing came for max(KEEPALIVE, KEEPALIVE_PERIODS heartbeat periods) s (the
+# period known when the connection opens): while heartbeats are answered no ping is sent (a fleet's
+# pings would double the bytes its managers pass), and a silent manager is still left about when the
+# heartbeat's deadline (HEARTBEAT_TIMEOUT periods) passes.
 KEEPALIVE = 2.0
+KEEPALIVE_PERIODS = 1.25
 KEEPALIVE_TIMEOUT = 3.0
 UNREGISTERED_DELAY = 10.0
 STATUS_TIMEOUT = HEARTBEAT_PATIENCE  # s for a task status report's answer (a busy manager); then sent again
@@ -244,11 +249,14 @@ class Agent:
             ("grpc.max_receive_message_length", 256 << 20),
             # the keepalive (see HEARTBEAT_PATIENCE); managers accept a ping a second
             # (dispatcher.SERVER_OPTIONS), an older one may send GOAWAY: the session reconnects
-            ("grpc.keepalive_time_ms", int(KEEPALIVE * 1000)),
+            ("grpc.keepalive_time_ms", int(max(KEEPALIVE, KEEPALIVE_PERIODS * self._period) * 1000)),
             ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),
             ("grpc.http2.ping_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),  # (gRPC 1.85 times a ping by this)
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            # no bandwidth-delay probes: gRPC would ping with every message received, tripling
+            # the frames of a heartbeat (the messages are small; the default windows do)
+            ("grpc.http2.bdp_probe", 0),
             *self.channel_options,
         ]
         if self.credentials is None:

@@ -89,7 +89,7 @@ class Authorizer(grpc.aio.ServerInterceptor):
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._open: set[_OpenCall] = set()
+        self._open: dict[str, set[_OpenCall]] = {}  # by the caller's node id
 
     def refusal(self, peer: PeerIdentity, method: str) -> str | None:
         """Why the store refuses `peer` calling `method` now, or None."""
@@ -122,9 +122,9 @@ class Authorizer(grpc.aio.ServerInterceptor):
                             nodes.add(ev.object.node.id)
                         else:
                             everyone = True
-                for call in list(self._open):
-                    if not everyone and call.peer.node_id not in nodes:
-                        continue
+                # (a fleet's thousands of open calls are not read for each node that changed)
+                ids = list(self._open) if everyone else [n for n in nodes if n in self._open]
+                for call in [c for n in ids for c in self._open.get(n, ())]:
                     why = self.refusal(call.peer, call.method)
                     if why and not call.refused.is_set():
                         log.info("ending %s of node %s: %s", call.method, call.peer.node_id, why)
@@ -180,7 +180,7 @@ class Authorizer(grpc.aio.ServerInterceptor):
                     yield msg
                 return
             call = _OpenCall(peer, method)
-            self._open.add(call)
+            self._open.setdefault(peer.node_id, set()).add(call)
             refused = asyncio.ensure_future(call.refused.wait())
             step: asyncio.Future[Any] | None = None
             try:
@@ -195,7 +195,11 @@ class Authorizer(grpc.aio.ServerInterceptor):
                         return
                     yield msg
             finally:
-                self._open.discard(call)
+                calls = self._open.get(peer.node_id)
+                if calls is not None:
+                    calls.discard(call)
+                    if not calls:
+                        del self._open[peer.node_id]
                 refused.cancel()
                 if step is not None and not step.done():
                     step.cancel()

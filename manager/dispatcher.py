@@ -99,9 +99,12 @@ EXPIRY_TICKS = 50
 # Options of a gRPC server that serves the Dispatcher: agents send an HTTP/2 keepalive ping every
 # agent.KEEPALIVE s (2) to tell a busy manager from a lost one, also while no answer comes; gRPC's
 # default answers pings without data more often than every 5 min with GOAWAY (too_many_pings).
+# No bandwidth-delay probes: gRPC would send a ping with every message it receives (every heartbeat,
+# status report, call), each answered, and the remote API front would copy three times the chunks.
 SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 1000),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.bdp_probe", 0),
 ]
 LEADER_ADDR_KEY = "shoal-leader-addr"
 NODE_ID_KEY = "shoal-node-id"

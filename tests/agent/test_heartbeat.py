@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -187,13 +188,19 @@ def test_a_leader_that_answers_nothing_is_left_after_the_agents_patience(engine_
         run(main())
 
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_DATA, H2_PING = 0, 6
+
+
 class _Blackhole:
     """A TCP proxy to `target` whose connections, once `cut()`, carry nothing more either way while
     staying open (a manager cut off by the network, or its host frozen); connections made after
-    the cut carry bytes again (the manager is back)."""
+    the cut carry bytes again (the manager is back). It counts the HTTP/2 frames it carries by type
+    (`frames`; plaintext connections only)."""
 
     def __init__(self, target: str) -> None:
         self.target = target.rsplit(":", 1)
+        self.frames: Counter[int] = Counter()
         self.cut_conns: list[asyncio.StreamWriter] = []
         self._live: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -208,14 +215,22 @@ class _Blackhole:
         pair = (cw, uw)
         self._live.add(pair)
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, upstream: bool) -> None:
+            buf = b""
+            preface = upstream  # the client's first bytes are the connection preface, not a frame
             with contextlib.suppress(ConnectionError):
                 while data := await r.read(65536):
                     if pair in self._live:
                         w.write(data)
                         await w.drain()
+                    buf += data
+                    if preface and len(buf) >= len(H2_PREFACE):
+                        buf, preface = buf[len(H2_PREFACE):], False
+                    while not preface and len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                        self.frames[buf[3]] += 1  # frame header: length (3 bytes), type, flags, stream
+                        buf = buf[9 + int.from_bytes(buf[:3], "big"):]
 
-        for t in (asyncio.create_task(pipe(cr, uw)), asyncio.create_task(pipe(ur, cw))):
+        for t in (asyncio.create_task(pipe(cr, uw, True)), asyncio.create_task(pipe(ur, cw, False))):
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
@@ -268,6 +283,32 @@ def test_a_cut_off_leader_is_left_when_its_connection_stops_answering_pings(engi
 
     with caplog.at_level(logging.INFO, logger="shoal.agent"):
         run(main())
+
+
+def test_answered_heartbeats_cost_no_pings(engine_root, registry, tmp_path) -> None:
+    """Between an agent and a manager whose heartbeats are answered, no HTTP/2 ping passes: no
+    keepalive ping (answers come more often than its interval) and no bandwidth-delay probe (gRPC's
+    default pings with every message received; through a manager's remote API front that tripled
+    the chunks a fleet's heartbeats cost)."""
+
+    async def main() -> None:
+        async with manager_side() as (st, _disp, _broker, addr):
+            await set_period(st, 0.5)
+            await add_node(st, "n1", hostname="node-1")
+            hole = _Blackhole(addr)
+            try:
+                via = await hole.start()
+                async with agent_in_session(via, engine_root, registry, tmp_path) as (agent, _engine):
+                    beats: list[float | None] = []
+                    agent.on_heartbeat = beats.append
+                    await asyncio.sleep(4.0)
+                    assert len(beats) >= 5 and None not in beats, beats
+            finally:
+                await hole.close()
+            assert hole.frames[H2_DATA] >= 2 * len(beats), hole.frames
+            assert hole.frames[H2_PING] == 0, hole.frames
+
+    run(main())
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "older-manager"])
