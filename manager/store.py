@@ -192,6 +192,19 @@ class StateMachine:
     def check(self, txn: store_pb2.StoreTransaction) -> None:
         """Raise the StoreError `apply(txn)` would raise now, changing nothing (a dry run)."""
         with self.lock:
+            # Objects without unique names (a fleet's tasks, nodes), each once: every action's
+            # preconditions read only the store as it is, so none is applied and undone.
+            seen: set[tuple[str, str]] = set()
+            for action in txn.actions:
+                kind, src = unwrap(action.object)
+                if kind in UNIQUE_NAMES or (kind, src.id) in seen:
+                    break
+                seen.add((kind, src.id))
+            else:
+                for action in txn.actions:
+                    kind, src = unwrap(action.object)
+                    self._precheck(action.kind, kind, src, self.tables[kind].get(src.id))
+                return
             undo: list[tuple[str, str, Any]] = []
             try:
                 for action in txn.actions:
@@ -231,16 +244,10 @@ class StateMachine:
         self, action: store_pb2.StoreAction, version: int, ts: int, undo: list[tuple[str, str, Any]]
     ) -> watch_pb2.WatchEvent:
         kind, src = unwrap(action.object)
-        if not src.id:
-            raise InvalidArgument(f"{kind} has no id")
-        table = self.tables[kind]
-        old = table.get(src.id)
+        old = self.tables[kind].get(src.id)
+        self._precheck(action.kind, kind, src, old)
         ev = watch_pb2.WatchEvent()
         if action.kind == store_pb2.StoreAction.CREATE:
-            if old is not None:
-                raise AlreadyExists(f"{describe(kind, old)} already exists with id {src.id}")
-            self._check_name(kind, src, None)
-            self._check_network(kind, src)
             obj = type(src)()
             obj.CopyFrom(src)
             obj.meta.version = version
@@ -248,12 +255,6 @@ class StateMachine:
             obj.meta.updated_at.FromNanoseconds(ts)
             ev.action = watch_pb2.WatchEvent.CREATE
         elif action.kind == store_pb2.StoreAction.UPDATE:
-            if old is None:
-                raise NotFound(f"{describe(kind, src)} does not exist (it may have been removed)")
-            if src.meta.version != old.meta.version:
-                raise stale_version(kind, old, src.meta.version)
-            self._check_name(kind, src, old)
-            self._check_network(kind, src)
             obj = type(src)()
             obj.CopyFrom(src)
             obj.meta.version = version
@@ -261,7 +262,31 @@ class StateMachine:
             obj.meta.updated_at.FromNanoseconds(ts)
             ev.action = watch_pb2.WatchEvent.UPDATE
             getattr(ev.old_object, kind).CopyFrom(old)
-        elif action.kind == store_pb2.StoreAction.DELETE:
+        else:
+            obj = None
+            ev.action = watch_pb2.WatchEvent.DELETE
+        undo.append((kind, src.id, old))
+        self._put(kind, src.id, obj)
+        getattr(ev.object, kind).CopyFrom(obj if obj is not None else old)
+        return ev
+
+    def _precheck(self, action: int, kind: str, src: Any, old: Any) -> None:
+        """Raise the StoreError that refuses `action` on `src` when the store holds `old` for its id."""
+        if not src.id:
+            raise InvalidArgument(f"{kind} has no id")
+        if action == store_pb2.StoreAction.CREATE:
+            if old is not None:
+                raise AlreadyExists(f"{describe(kind, old)} already exists with id {src.id}")
+            self._check_name(kind, src, None)
+            self._check_network(kind, src)
+        elif action == store_pb2.StoreAction.UPDATE:
+            if old is None:
+                raise NotFound(f"{describe(kind, src)} does not exist (it may have been removed)")
+            if src.meta.version != old.meta.version:
+                raise stale_version(kind, old, src.meta.version)
+            self._check_name(kind, src, old)
+            self._check_network(kind, src)
+        elif action == store_pb2.StoreAction.DELETE:
             if old is None:
                 raise NotFound(f"{describe(kind, src)} does not exist")
             if src.meta.version and src.meta.version != old.meta.version:
@@ -269,14 +294,8 @@ class StateMachine:
                     f"remove out of sequence: {describe(kind, old)} was changed since it was read; "
                     "read it again and retry"
                 )
-            obj = None
-            ev.action = watch_pb2.WatchEvent.DELETE
         else:  # pragma: no cover - enum is closed
-            raise InvalidArgument(f"unknown store action {action.kind}")
-        undo.append((kind, src.id, old))
-        self._put(kind, src.id, obj)
-        getattr(ev.object, kind).CopyFrom(obj if obj is not None else old)
-        return ev
+            raise InvalidArgument(f"unknown store action {action}")
 
     def _check_name(self, kind: str, new: Any, old: Any) -> None:
         if kind not in UNIQUE_NAMES:
@@ -429,8 +448,12 @@ class StateMachine:
                 self._watchers.remove(w)
 
     def _notify(self, msg: watch_pb2.WatchMessage) -> None:
+        if not self._watchers:
+            return
+        kinds = [e.object.WhichOneof("object") for e in msg.events]  # read once for every watcher
+        present = frozenset(kinds)
         for w in self._watchers:
-            w.deliver(msg)
+            w.deliver(msg, kinds, present)
 
 
 def _matches(kind: str, obj: Any, f: control_pb2.ListFilters) -> bool:
@@ -494,12 +517,15 @@ class Watcher:
         self.queue: asyncio.Queue[watch_pb2.WatchMessage | None] = asyncio.Queue()
         self._target: Callable[[Any], None] = on_message or self.queue.put_nowait
 
-    def deliver(self, msg: watch_pb2.WatchMessage) -> None:
+    def deliver(self, msg: watch_pb2.WatchMessage, kinds: list[str | None], present: frozenset[str | None]) -> None:
+        """Hand `msg` on, filtered to this watcher's kinds; `kinds` names the kind of each of its
+        events, `present` is their set (read once for all watchers)."""
         if self.kinds:
-            events = [e for e in msg.events if e.object.WhichOneof("object") in self.kinds]
-            if not events:
+            if self.kinds.isdisjoint(present):
                 return
-            msg = WatchBatch(events=events, version=msg.version)  # type: ignore[assignment]
+            if not present <= self.kinds:
+                events = [e for e, k in zip(msg.events, kinds, strict=True) if k in self.kinds]
+                msg = WatchBatch(events=events, version=msg.version)  # type: ignore[assignment]
         try:
             self._loop.call_soon_threadsafe(self._target, msg)
         except RuntimeError:  # loop closed

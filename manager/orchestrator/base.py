@@ -17,6 +17,7 @@ from shoal.manager.orchestrator.common import (
     created_key,
     drain_events,
     is_live_service,
+    node_lost,
     restart_delay,
     shut_down,
 )
@@ -191,8 +192,11 @@ class OrchestratorBase:
                     self._dirty.add(obj.service_id)
                 elif (
                     old.desired_state != obj.desired_state
-                    or old.node_id != obj.node_id
                     or (obj.status.state > RUNNING and old.status.state != obj.status.state)
+                    # an assignment (a fleet's thousands) changes nothing to reconcile, unless its
+                    # node was lost meanwhile
+                    or (old.node_id != obj.node_id
+                        and (old.node_id or node_lost(self.store.sm.get("node", obj.node_id))))
                 ):
                     self._dirty.add(obj.service_id)
             elif kind == "node":

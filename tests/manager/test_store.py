@@ -250,3 +250,78 @@ def test_replicas_applying_the_same_log_agree() -> None:
         assert a == b and replica.version == st.sm.version
 
     run(main())
+
+
+def test_check_refuses_what_apply_would_and_changes_nothing() -> None:
+    """`check` is `apply`'s dry run: the same refusal for each precondition (transactions of tasks
+    only, each once, are checked without applying; others are applied and undone), and the store,
+    its indexes and its version stay as they were either way."""
+    from shoal.proto import store_pb2
+
+    sm = StateMachine()
+    A = store_pb2.StoreAction
+
+    def txn(*actions: tuple[int, objects_pb2.Task | objects_pb2.Service]) -> store_pb2.StoreTransaction:
+        t = store_pb2.StoreTransaction(timestamp_unix_nano=1)
+        for kind, obj in actions:
+            a = t.actions.add(kind=kind)
+            getattr(a.object, "task" if isinstance(obj, objects_pb2.Task) else "service").CopyFrom(obj)
+        return t
+
+    def task(tid: str, version: int = 0, node: str = "") -> objects_pb2.Task:
+        t = objects_pb2.Task(id=tid, service_id="s1", node_id=node)
+        t.meta.version = version
+        return t
+
+    web = service("web")
+    web.id = "s1"
+    sm.apply(txn((A.CREATE, web), (A.CREATE, task("t1")), (A.CREATE, task("t2"))))
+    before = sm.snapshot().SerializeToString(deterministic=True), sm.version
+    v = sm.get("task", "t1").meta.version
+    dup = service("web")
+    dup.id = "s2"
+
+    cases = [
+        (txn((A.UPDATE, task("t1", v, "n1")), (A.UPDATE, task("t2", v - 1, "n1"))), StaleVersion),
+        (txn((A.UPDATE, task("t1", v, "n1")), (A.UPDATE, task("t3", v, "n1"))), NotFound),
+        (txn((A.CREATE, task("t1"))), AlreadyExists),
+        (txn((A.DELETE, task("t9"))), NotFound),
+        (txn((A.UPDATE, task("t1", v, "n1")), (A.UPDATE, task("t1", v, "n2"))), StaleVersion),  # same id twice
+        (txn((A.UPDATE, task("")),), InvalidArgument),
+        (txn((A.CREATE, dup)), AlreadyExists),  # a unique name
+    ]
+    for t, refusal in cases:
+        with pytest.raises(refusal):
+            sm.check(t)
+        with pytest.raises(refusal):
+            sm.apply(t)
+        assert (sm.snapshot().SerializeToString(deterministic=True), sm.version) == before
+    ok = txn((A.UPDATE, task("t1", v, "n1")), (A.UPDATE, task("t2", v, "n2")))
+    sm.check(ok)
+    assert (sm.snapshot().SerializeToString(deterministic=True), sm.version) == before
+    assert [t.id for t in sm.tasks_by_node("n1")] == []
+    sm.apply(ok)
+    assert [t.id for t in sm.tasks_by_node("n1")] == ["t1"]
+
+
+def test_a_watch_of_some_kinds_gets_their_events_of_a_mixed_transaction_in_order() -> None:
+    async def main() -> None:
+        st = LocalStore()
+        with st.watch(["service"]) as services, st.watch(["service", "task"]) as both, st.watch(["node"]) as nodes:
+            def fn(tx):
+                tx.create(service("web"))
+                tx.create(objects_pb2.Task(id="t1", service_id="x"))
+                tx.create(service("api"))
+
+            await st.update(fn)
+            await st.update(lambda tx: tx.create(objects_pb2.Node(id="n1")))
+            m = await asyncio.wait_for(services.queue.get(), 1)
+            assert [e.object.service.spec.annotations.name for e in m.events] == ["web", "api"]
+            m = await asyncio.wait_for(both.queue.get(), 1)
+            assert [e.object.WhichOneof("object") for e in m.events] == ["service", "task", "service"]
+            m = await asyncio.wait_for(nodes.queue.get(), 1)
+            assert [e.object.node.id for e in m.events] == ["n1"]
+            await asyncio.sleep(0.05)
+            assert services.queue.empty() and both.queue.empty() and nodes.queue.empty()
+
+    run(main())
