@@ -106,6 +106,12 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.bdp_probe", 0),
 ]
+# A Session call to a manager that is not the leader and knows of none (an election under way, the
+# last leader's lease still running) waits up to this many seconds for one, then is served (this
+# manager won) or sent to it, instead of being refused at once: a fleet's agents would try manager
+# after manager meanwhile, a TLS connection each, thousands a second on the managers left.
+ELECTION_WAIT = 15.0
+LEADER_POLL = 0.1  # s between two looks for a leader while Session calls wait for one
 LEADER_ADDR_KEY = "shoal-leader-addr"
 NODE_ID_KEY = "shoal-node-id"
 API_PORT = 2377
@@ -276,6 +282,10 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         # The one store watch that feeds every stream (see `_route`), made by the first stream.
         self._router: Watcher | None = None
         self._managers: list[dispatcher_pb2.WeightedPeer] | None = None  # cached; None = compute again
+        # Session calls waiting for a leader (`_await_leader`) wait on this event, set by one poller.
+        self._leader_known: asyncio.Event | None = None
+        self._leader_poll: asyncio.Task[None] | None = None
+        self._leader_waiters = 0
 
     # ---- helpers ---------------------------------------------------------------------------
     def session_count(self) -> int:
@@ -333,6 +343,32 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 trailing_metadata=((LEADER_ADDR_KEY, leader),),
             )
 
+    async def _await_leader(self) -> None:
+        """Return when this manager leads or knows the leader, or after ELECTION_WAIT s."""
+        if self.store.is_leader() or self.leader_addr():
+            return
+        ev = self._leader_known
+        if ev is None or ev.is_set():
+            ev = self._leader_known = asyncio.Event()
+        if self._leader_poll is None or self._leader_poll.done():
+            self._leader_poll = asyncio.get_running_loop().create_task(self._poll_leader(ev))
+        self._leader_waiters += 1
+        try:
+            async with asyncio.timeout(ELECTION_WAIT):
+                await ev.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._leader_waiters -= 1
+
+    async def _poll_leader(self, ev: asyncio.Event) -> None:
+        """Set `ev` once there is a leader: one poller for every waiter, while there is one."""
+        while True:
+            await asyncio.sleep(LEADER_POLL)
+            if self.store.is_leader() or self.leader_addr() or not self._leader_waiters:
+                ev.set()
+                return
+
     async def _caller(self, context: grpc.aio.ServicerContext) -> str:
         node_id = node_id_from_auth_context(context)
         if node_id is None and self.insecure:
@@ -367,6 +403,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
     async def Session(  # noqa: N802
         self, request: dispatcher_pb2.SessionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[dispatcher_pb2.SessionMessage]:
+        await self._await_leader()
         await self._check_leader(context)
         node_id = await self._caller(context)
         peer_host = _peer_host(context.peer())
@@ -427,7 +464,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
 
     def _route(self, msg: watch_pb2.WatchMessage | WatchBatch) -> None:
         """Hand one commit's events to the streams they concern: a task event to the Assignments stream
-        of the node it names (before and after), secret, config and network events to every Assignments
+        of the node it names (before and after; none for a change of status alone from ASSIGNED up to
+        RUNNING, its agent's own report, which the stream would not send on and which changes nothing
+        its tasks need), secret, config and network events to every Assignments
         stream (each keeps what its tasks use), a node event to that node's Session stream, and a
         change of the managers or of the cluster to every Session stream."""
         per_node: dict[str, list[watch_pb2.WatchEvent]] = {}
@@ -436,7 +475,12 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         for ev in msg.events:
             kind = ev.object.WhichOneof("object")
             if kind == "task":
-                new, old = ev.object.task.node_id, ev.old_object.task.node_id
+                t, o = ev.object.task, ev.old_object.task
+                new, old = t.node_id, o.node_id
+                if (new == old and types_pb2.ASSIGNED <= o.status.state <= types_pb2.RUNNING
+                        and types_pb2.ASSIGNED < t.status.state <= types_pb2.RUNNING
+                        and ev.action == ev.UPDATE and tasks_equal_stable(o, t)):
+                    continue  # its agent's report of a start: the stream would send nothing (`_task_event`)
                 if new:
                     per_node.setdefault(new, []).append(ev)
                 if old and old != new:

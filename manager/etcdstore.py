@@ -715,7 +715,7 @@ class Election:
 
     MARGIN = 0.4
     LOOP_TICK = 0.25  # s: how often the event loop shows the keep-alive thread it is alive
-    LEASE_NODES = 250
+    LEASE_NODES = 500
     MAX_LEASE_TTL = 10
     GROW_CHECK = 5.0
 

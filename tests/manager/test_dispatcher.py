@@ -14,6 +14,7 @@ from etcd_cluster import CLUSTER, EtcdCluster, etcd_cluster
 from helpers.aio import run
 from helpers.waiting import wait_for_async
 
+from shoal.manager import dispatcher as dispatcher_mod
 from shoal.manager.ca import RootCA
 from shoal.manager.dispatcher import (
     LEADER_ADDR_KEY,
@@ -272,6 +273,58 @@ def test_follower_refuses_with_leader_address(etcd1: EtcdCluster) -> None:
         await terms.aclose()
 
     cluster.run(main())
+
+
+def test_a_follower_that_knows_no_leader_holds_a_session_call_until_one_is_known(etcd1: EtcdCluster,
+                                                                                    monkeypatch) -> None:
+    """While no leader is known (an election under way), a Session call is not refused at once (a
+    fleet's agents would try manager after manager, a TLS connection each): it waits, then is sent
+    to the leader once one is known, or served when this manager wins; with none after ELECTION_WAIT
+    s it is refused saying the election is under way."""
+    monkeypatch.setattr(dispatcher_mod, "ELECTION_WAIT", 1.5)
+    leader: list[str | None] = [None]
+
+    class Mgr:
+        @staticmethod
+        def leader_api_addr() -> str | None:
+            return leader[0]
+
+    async def main() -> None:
+        st = await etcd1.store()
+        await add_cluster(st)
+        await add_node(st, "n1")
+        assert not st.is_leader()
+        async with serve(st, manager=Mgr()) as (_, addr):
+            loop = asyncio.get_running_loop()
+
+            async def opened(after: float, then) -> tuple[float, object]:  # noqa: ANN001
+                c = Client(addr, "n1")
+                t0 = loop.time()
+                loop.call_later(after, then)
+                try:
+                    first = await c.open()
+                    return loop.time() - t0, first
+                except grpc.aio.AioRpcError as e:
+                    return loop.time() - t0, e
+                finally:
+                    await c.close()
+
+            # a leader becomes known 0.5 s in: the call is sent there then
+            waited, e = await opened(0.5, lambda: leader.__setitem__(0, "127.0.0.9:2377"))
+            assert isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAVAILABLE, e
+            assert dict(e.trailing_metadata())[LEADER_ADDR_KEY] == "127.0.0.9:2377"
+            assert 0.4 < waited < 1.4, waited
+            # none: refused after ELECTION_WAIT
+            leader[0] = None
+            waited, e = await opened(60, lambda: None)
+            assert isinstance(e, grpc.aio.AioRpcError) and "election under way" in e.details(), e
+            assert 1.4 < waited < 5, waited
+            # this manager wins 0.5 s in: the call is served here
+            waited, first = await opened(0.5, lambda: setattr(st, "leading", True))
+            assert isinstance(first, dispatcher_pb2.SessionMessage) and first.session_id, first
+            assert 0.4 < waited < 1.4, waited
+
+    etcd1.run(main())
 
 
 def test_a_node_that_joined_through_another_manager_is_found_while_this_copy_lags(etcd1: EtcdCluster,
@@ -900,3 +953,42 @@ def test_a_node_not_seen_yet_is_held_while_the_fleet_still_reconnects() -> None:
             assert not disp._opened
 
     run(main())
+
+
+def test_a_start_its_agent_reported_wakes_no_assignments_stream() -> None:
+    """The router hands a node's stream the task events it may send on: not a status change alone
+    from ASSIGNED up to RUNNING (its agent's own report, most of a fleet's events), but a change of
+    anything else, a stop (what the node's tasks need changes: keys, secrets) and a move."""
+    from shoal.proto import watch_pb2
+
+    WE = watch_pb2.WatchEvent
+    disp = Dispatcher(LocalStore(), insecure_node_id_from_metadata=True)
+    queues = {n: asyncio.Queue() for n in ("a", "b")}
+    for n, q in queues.items():
+        disp._sessions[n] = _Session(id=f"s-{n}", node_id=n, expires=0.0, assignments=q)
+
+    def ev(before: tuple[str, int], after: tuple[str, int], **spec) -> watch_pb2.WatchEvent:
+        e = WE(action=WE.UPDATE)
+        for t, (node, state) in ((e.old_object.task, before), (e.object.task, after)):
+            t.id, t.node_id, t.status.state, t.desired_state = "t1", node, state, types_pb2.RUNNING
+        for k, v in spec.items():
+            setattr(e.object.task, k, v)
+        return e
+
+    def routed(e: watch_pb2.WatchEvent) -> dict[str, int]:
+        disp._route(watch_pb2.WatchMessage(events=[e], version=7))
+        return {n: len(queue_items(q)) for n, q in queues.items()}
+
+    def queue_items(q: asyncio.Queue) -> list:
+        out = []
+        while not q.empty():
+            out.append(q.get_nowait())
+        return out
+
+    S = types_pb2
+    assert routed(ev(("a", S.ASSIGNED), ("a", S.ACCEPTED))) == {"a": 0, "b": 0}
+    assert routed(ev(("a", S.STARTING), ("a", S.RUNNING))) == {"a": 0, "b": 0}
+    assert routed(ev(("a", S.RUNNING), ("a", S.COMPLETE))) == {"a": 1, "b": 0}  # stopped: needs change
+    assert routed(ev(("a", S.RUNNING), ("a", S.RUNNING), desired_state=S.SHUTDOWN)) == {"a": 1, "b": 0}
+    assert routed(ev(("", S.PENDING), ("a", S.ASSIGNED))) == {"a": 1, "b": 0}
+    assert routed(ev(("a", S.RUNNING), ("b", S.RUNNING))) == {"a": 1, "b": 1}
