@@ -84,6 +84,10 @@ RECONNECT_RATE = 500.0
 MASS_FRACTION = 0.25
 MASS_MIN = 10
 MASS_MAX_GRACES = 4
+# A leader that stalls or reads heartbeats late (below) holds for longer: its lateness lasts as long
+# as the work that causes it (a service of tens of thousands of tasks converging on a 2,000-node
+# fleet takes it minutes), and each node it marked DOWN meanwhile would add its tasks to that work.
+BEHIND_MAX_GRACES = 12
 # The leader loop woke this much later than it asked: its event loop stalled, and the deadlines move on
 # by the stall (see `Dispatcher._forgive_stall`). Within a grace period after such a stall, any missed
 # deadline is held as a mass expiry is: a leader that is stalling does not trust its own clock of the
@@ -219,6 +223,7 @@ class _Session:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     restarting: bool = False  # its agent stopped gracefully: `expires` is the restart deadline
     heard: bool = False  # a heartbeat of it came: until then its deadline is held as a mass expiry's
+    opened: float = field(default_factory=time.monotonic)
     # Set when the node, the managers or the cluster changed: the Session stream builds its message again.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     # The open Assignments stream's events (task events naming this node, every secret, config and
@@ -688,14 +693,15 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
 
     def _behind(self, now: float, g: float) -> bool:
         """Whether this leader answered fewer than BEHIND_FRACTION of the heartbeats owed in the last
-        grace period by its sessions that are not late (one a period each; the late ones may be
-        gone): it reads them late (its loop busy with a large scheduling pass, thousands of status
-        reports), however short each of its stalls."""
+        grace period by its sessions that are not late (one a period each since the session opened,
+        if that was later; the late ones may be gone): it reads them late (its loop busy with a large
+        scheduling pass, thousands of status reports), however short each of its stalls."""
         since, then = self._beat_counts[0] if self._beat_counts else (now, self._beats)
         if since > now - g or not self._sessions:  # (not a whole grace period seen yet)
             return False
-        owing = sum(1 for s in self._sessions.values() if s.heard and not s.restarting and s.expires > now)
-        return self._beats - then < BEHIND_FRACTION * owing * g / self.period()
+        owed = sum(min(g, now - s.opened) for s in self._sessions.values()
+                   if s.heard and not s.restarting and s.expires > now) / self.period()
+        return self._beats - then < BEHIND_FRACTION * owed
 
     def _hold_mass_expiry(self, now: float) -> None:
         """Give the nodes whose deadline passed another grace period when too many passed at once
@@ -704,7 +710,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         a failover's burst, is late to read their heartbeats), and a node not seen by this leader
         yet while MASS_MIN sessions or more opened in the last grace period (the fleet is still
         reconnecting: its agent may be queued behind the others): each for MASS_MAX_GRACES grace
-        periods at most."""
+        periods at most, or BEHIND_MAX_GRACES while this leader stalls or reads heartbeats late."""
         g = self.grace()
         self._count_beats(now, g)
         while self._opened and self._opened[0] <= now - g:  # (every pass: not only when some are late)
@@ -721,8 +727,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             late = [nid for nid in late if (nid not in self._sessions and arriving)
                     or (nid in self._sessions and not self._sessions[nid].heard)]
         held = 0
+        most = (BEHIND_MAX_GRACES if stalling else MASS_MAX_GRACES) * g
         for nid in late:
-            if now - self._held.setdefault(nid, now) >= MASS_MAX_GRACES * g:
+            if now - self._held.setdefault(nid, now) >= most:
                 continue
             held += 1
             if nid in self._sessions:

@@ -17,6 +17,7 @@ from helpers.waiting import wait_for_async
 from shoal.manager import dispatcher as dispatcher_mod
 from shoal.manager.ca import RootCA
 from shoal.manager.dispatcher import (
+    BEHIND_MAX_GRACES,
     LEADER_ADDR_KEY,
     MASS_MAX_GRACES,
     MASS_MIN,
@@ -895,8 +896,10 @@ def test_a_session_whose_first_heartbeat_does_not_come_is_held_then_marked_down(
 def test_a_leader_that_reads_too_few_of_the_heartbeats_owed_holds_a_missed_deadline() -> None:
     """A leader that answered fewer than BEHIND_FRACTION of the heartbeats its sessions owe over the
     last grace period (a loop busy with thousands of status reports reads them late, however short
-    each stall) holds a node whose deadline passed, one of many; with the heartbeats owed answered,
-    it does not."""
+    each stall) holds a node whose deadline passed, one of many, for up to BEHIND_MAX_GRACES grace
+    periods; with the heartbeats owed answered,
+    it does not, nor when the sessions owing them opened only now (a failover's: they owe
+    heartbeats from when they opened on)."""
 
     async def main() -> None:
         st = await fleet(40, period_s=1.0)
@@ -908,11 +911,21 @@ def test_a_leader_that_reads_too_few_of_the_heartbeats_owed_holds_a_missed_deadl
                 g = disp.grace()  # 2.8 s: a session owes 2.8 heartbeats a grace period
                 now = time.monotonic()
                 for i in range(1, 11):  # ten more sessions, heard from and not late: 28 heartbeats owed
-                    disp._sessions[f"n{i}"] = _Session(id=f"s{i}", node_id=f"n{i}", expires=now + 100, heard=True)
+                    disp._sessions[f"n{i}"] = _Session(id=f"s{i}", node_id=f"n{i}", expires=now + 100, heard=True,
+                                                       opened=now - 10)
                 disp._count_beats(now - g - 0.1, g)  # a grace period ago; none answered since
                 disp._sessions["n0"].expires = now - 0.01
                 disp._hold_mass_expiry(now)
                 assert disp._sessions["n0"].expires == pytest.approx(now + g)  # held
+                # longer than a mass expiry's MASS_MAX_GRACES grace periods, up to BEHIND_MAX_GRACES
+                disp._held["n0"] = now - (MASS_MAX_GRACES + 1) * g
+                disp._sessions["n0"].expires = now - 0.01
+                disp._hold_mass_expiry(now)
+                assert disp._sessions["n0"].expires == pytest.approx(now + g)  # held
+                disp._held["n0"] = now - BEHIND_MAX_GRACES * g - 0.01
+                disp._sessions["n0"].expires = now - 0.01
+                disp._hold_mass_expiry(now)
+                assert disp._sessions["n0"].expires < now  # not held any more
                 disp._held.clear()
                 disp._beat_counts.clear()
                 later = now + 1
@@ -921,6 +934,16 @@ def test_a_leader_that_reads_too_few_of_the_heartbeats_owed_holds_a_missed_deadl
                 disp._sessions["n0"].expires = later - 0.01
                 disp._hold_mass_expiry(later)
                 assert disp._sessions["n0"].expires < later  # not held: 1 of 40, no stall
+                # one answered: the ten sessions opened a tenth of a second ago owe one (not 28)
+                disp._beat_counts.clear()
+                latest = later + 1
+                disp._count_beats(latest - g - 0.1, g)
+                disp._beats += 1
+                for i in range(1, 11):
+                    disp._sessions[f"n{i}"].opened = latest - 0.1
+                disp._sessions["n0"].expires = latest - 0.01
+                disp._hold_mass_expiry(latest)
+                assert disp._sessions["n0"].expires < latest  # not held
             finally:
                 await c.close()
 
