@@ -74,6 +74,11 @@ STATUS_TIMEOUT = HEARTBEAT_PATIENCE  # s for a task status report's answer (a bu
 # named: a busy leader's TLS handshakes queue up, and it is given CONNECT_TIMEOUT s.
 CONNECT_TIMEOUT = 5.0
 QUICK_CONNECT_TIMEOUT = 1.5
+# Each connection in a row that was not answered in time doubles the time given to the next one, up
+# to this many seconds; a session opened sets it back. Managers answering none in time are busy
+# with a fleet's handshakes (a failover: thousands at once), and giving up on each after 1.5 s only
+# to try the next manager kept them from finishing any.
+MAX_CONNECT_TIMEOUT = 12.0
 # The leader answers a new session once it has registered the node (a store write): a busy leader
 # (a fleet reconnecting at once) may take long, and an agent that gave up would only come back
 # with another connection and another registration for it to do. A dead leader fails at once.
@@ -87,6 +92,10 @@ class _Redirect(Exception):
     def __init__(self, addr: str) -> None:
         super().__init__(f"redirected to leader {addr}")
         self.addr = addr
+
+
+class _Unanswered(ConnectionError):
+    """A connection attempt not answered in time (not refused)."""
 
 
 async def _connected(channel: grpc.aio.Channel, addr: str, timeout: float | None = None) -> None:
@@ -103,7 +112,7 @@ async def _connected(channel: grpc.aio.Channel, addr: str, timeout: float | None
             async with asyncio.timeout_at(deadline):
                 await channel.wait_for_state_change(state)
         except TimeoutError:
-            raise ConnectionError(f"manager {addr} unreachable within {timeout:g} s") from None
+            raise _Unanswered(f"manager {addr} unreachable within {timeout:g} s") from None
         state = channel.get_state(try_to_connect=True)
 
 
@@ -217,6 +226,7 @@ class Agent:
         self._status_wake = asyncio.Event()
         self._subs: dict[str, asyncio.Task[None]] = {}
         self._period = 1.0
+        self._connect_patience = QUICK_CONNECT_TIMEOUT  # s for the next connection (MAX_CONNECT_TIMEOUT)
         self._configured_period = 0.0  # the cluster's, as the last session message said
         self._beat_now = asyncio.Event()  # the period shrank: beat again without waiting out the old one
         # called with the round trip of every answered heartbeat (s), or None for one that failed or
@@ -274,13 +284,16 @@ class Agent:
                 addr = self._pick()
                 pause = 0.0
                 try:
-                    await self._session(addr, CONNECT_TIMEOUT if named else QUICK_CONNECT_TIMEOUT)
+                    patience = self._connect_patience
+                    await self._session(addr, max(CONNECT_TIMEOUT, patience) if named else patience)
                     delay = RECONNECT_DELAY
                 except asyncio.CancelledError:
                     raise
                 except BaseException as e:  # noqa: BLE001 - any failure ends the session; start again
                     if isinstance(e, KeyboardInterrupt | SystemExit):
                         raise
+                    if isinstance(e, _Unanswered):
+                        self._connect_patience = min(2 * self._connect_patience, MAX_CONNECT_TIMEOUT)
                     leader = _redirect_of(e)
                     errs = _rpc_errors(e)
                     why = f"{errs[0].code().name}: {errs[0].details()}" if errs else repr(e)
@@ -318,6 +331,7 @@ class Agent:
                 raise ConnectionError(f"manager {addr} closed the session at once")
             self.session_id = first.session_id
             self.manager_addr = addr
+            self._connect_patience = QUICK_CONNECT_TIMEOUT
             self._on_session_message(first)
             log.info("session opened node=%s manager=%s session=%s", self.node_id, addr, self.session_id)
             try:

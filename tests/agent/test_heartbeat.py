@@ -386,3 +386,43 @@ def test_a_shorter_period_reaches_the_agent_at_once(engine_root, registry, tmp_p
 
     with caplog.at_level(logging.INFO, logger="shoal.agent"):
         run(main())
+
+
+def test_each_unanswered_connection_gives_the_next_more_time_until_a_session_opens(engine_root, registry, tmp_path,
+                                                                                 caplog, monkeypatch) -> None:
+    """Managers that accept connections but answer none in time (busy with a fleet's handshakes) get
+    twice the time at each attempt in a row, up to MAX_CONNECT_TIMEOUT; a session opened sets it back."""
+    monkeypatch.setattr(agent_mod, "QUICK_CONNECT_TIMEOUT", 0.2)
+    monkeypatch.setattr(agent_mod, "MAX_CONNECT_TIMEOUT", 0.8)
+    monkeypatch.setattr(agent_mod, "RECONNECT_DELAY", 0.01)
+
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read()  # accepts, reads, never answers
+        w.close()
+
+    async def main() -> None:
+        servers = [await asyncio.start_server(silent, "127.0.0.1", 0) for _ in range(4)]
+        mute = [f"127.0.0.1:{srv.sockets[0].getsockname()[1]}" for srv in servers]
+        try:
+            async with manager_side() as (st, _disp, _broker, addr):
+                await add_node(st, "n1", hostname="node-1")
+                engine = new_engine(engine_root, registry)
+                agent = Agent("n1", tmp_path, [*mute, addr], None, engine, hostname="node-1")
+                runner = asyncio.create_task(agent.run())
+                try:
+                    await wait_for(lambda: agent.session_id != "", what="a session", timeout=20)
+                    assert agent._connect_patience == 0.2
+                finally:
+                    runner.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await runner
+                    await engine.close()
+        finally:
+            for srv in servers:
+                srv.close()
+
+    with caplog.at_level(logging.INFO, logger="shoal.agent"):
+        run(main())
+    waits = [r.getMessage().split("unreachable within ")[1].split(" ")[0] for r in caplog.records
+             if "unreachable within" in r.getMessage()]
+    assert waits == ["0.2", "0.4", "0.8", "0.8"], waits
