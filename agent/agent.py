@@ -167,6 +167,24 @@ def _rpc_errors(exc: BaseException) -> list[grpc.aio.AioRpcError]:
     return []
 
 
+def _failures(exc: BaseException) -> str:
+    """What ended a session, each failure of the group named by the stream it ended (`_named`)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(dict.fromkeys(_failures(sub) for sub in exc.exceptions))
+    what = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+    notes = getattr(exc, "__notes__", None)
+    return f"{notes[0]}: {what}" if notes else what
+
+
+async def _named(name: str, work: Awaitable[None]) -> None:
+    """Run one of a session's streams; a failure of it carries its name (the session-end log says it)."""
+    try:
+        await work
+    except Exception as e:
+        e.add_note(name)
+        raise
+
+
 def _redirect_of(exc: BaseException) -> str | None:
     if isinstance(exc, _Redirect):
         return exc.addr
@@ -296,7 +314,7 @@ class Agent:
                         self._connect_patience = min(2 * self._connect_patience, MAX_CONNECT_TIMEOUT)
                     leader = _redirect_of(e)
                     errs = _rpc_errors(e)
-                    why = f"{errs[0].code().name}: {errs[0].details()}" if errs else repr(e)
+                    why = _failures(e)
                     if leader and leader != addr:
                         log.info("session moved node=%s from=%s to leader=%s", self.node_id, addr, leader)
                         self._next = leader
@@ -336,11 +354,11 @@ class Agent:
             log.info("session opened node=%s manager=%s session=%s", self.node_id, addr, self.session_id)
             try:
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._session_messages(call))
-                    tg.create_task(self._heartbeats(stub))
-                    tg.create_task(self._assignments(stub))
-                    tg.create_task(self._send_statuses(stub))
-                    tg.create_task(self._log_subscriptions(channel))
+                    tg.create_task(_named("session", self._session_messages(call)))
+                    tg.create_task(_named("heartbeats", self._heartbeats(stub)))
+                    tg.create_task(_named("assignments", self._assignments(stub)))
+                    tg.create_task(_named("statuses", self._send_statuses(stub)))
+                    tg.create_task(_named("log subscriptions", self._log_subscriptions(channel)))
             except asyncio.CancelledError:
                 await self._say_restarting(stub)
                 raise
