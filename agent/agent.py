@@ -518,9 +518,11 @@ class Agent:
                     continue
                 for tid, st in batch.items():  # keep them for the next session unless newer arrived
                     self._pending.setdefault(tid, st)
-                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # busy: a lost one fails the keepalive
-                    log.warning("task status report unanswered within %g s (a busy manager): sending it "
-                                "again node=%s", STATUS_TIMEOUT, self.node_id)
+                # Busy (a lost manager fails the keepalive instead): the call's deadline passed, on this
+                # side (DEADLINE_EXCEEDED) or first on the manager's, which then ends it CANCELLED.
+                if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                    log.warning("task status report unanswered within %g s (a busy manager, %s): sending it "
+                                "again node=%s", STATUS_TIMEOUT, e.code().name, self.node_id)
                     continue
                 raise
             except BaseException:  # cancelled with the session (its heartbeat failed): the same

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import grpc
 import pytest
 from agent_helpers import add_node, make_task, manager_side, new_engine, run, task_state, wait_for
 
@@ -427,3 +428,41 @@ def test_each_unanswered_connection_gives_the_next_more_time_until_a_session_ope
     waits = [r.getMessage().split("unreachable within ")[1].split(" ")[0] for r in caplog.records
              if "unreachable within" in r.getMessage()]
     assert waits == ["0.2", "0.4", "0.8", "0.8"], waits
+
+
+@pytest.mark.parametrize("ending", ["deadline", "cancelled"])
+def test_a_status_report_out_of_time_is_sent_again_in_the_same_session(engine_root, registry, tmp_path,
+                                                                      monkeypatch, ending) -> None:
+    """A status report the manager does not answer within STATUS_TIMEOUT (a busy leader) is sent
+    again in the same session, whether the deadline ends the call on the agent's side
+    (DEADLINE_EXCEEDED) or first on the manager's, which ends it CANCELLED (seen by the thousand
+    at 2,000 nodes: each ended a session before)."""
+    monkeypatch.setattr(agent_mod, "STATUS_TIMEOUT", 1.0)
+    refused = [0]
+    update = Dispatcher.UpdateTaskStatus
+
+    async def out_of_time(self, request, context):  # noqa: ANN001, ANN202
+        if refused[0] < 2 and any(u.status.state == types_pb2.RUNNING for u in request.updates):
+            refused[0] += 1
+            if ending == "cancelled":
+                await context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+            await asyncio.sleep(5)
+        return await update(self, request, context)
+
+    monkeypatch.setattr(Dispatcher, "UpdateTaskStatus", out_of_time)
+
+    async def main() -> None:
+        async with manager_side() as (st, _disp, _broker, addr):
+            await add_node(st, "n1", hostname="node-1")
+            async with agent_in_session(addr, engine_root, registry, tmp_path) as (agent, _engine):
+                first = agent.session_id
+                svc = objects_pb2.Service(
+                    id="svc-id", spec=specs_pb2.ServiceSpec(annotations=types_pb2.Annotations(name="svc"))
+                )
+                t = make_task("n1", "sleep", "600")
+                await st.update(lambda tx: [tx.create(svc), tx.create(t)])
+                await wait_for(lambda: task_state(st, t.id) == types_pb2.RUNNING, what="RUNNING in the store",
+                               timeout=60)
+                assert refused[0] == 2 and agent.session_id == first
+
+    run(main())
