@@ -100,9 +100,10 @@ BEHIND_FRACTION = 1 - MASS_FRACTION
 # The expiry pass runs at most this many times a grace period (a node is DOWN at most a grace period
 # and 1/EXPIRY_TICKS of one after its last heartbeat: 2.86 s at the 1 s default).
 EXPIRY_TICKS = 50
-# Options of a gRPC server that serves the Dispatcher: agents send an HTTP/2 keepalive ping every
-# agent.KEEPALIVE s (2) to tell a busy manager from a lost one, also while no answer comes; gRPC's
-# default answers pings without data more often than every 5 min with GOAWAY (too_many_pings).
+# Options of a gRPC server that serves the Dispatcher: agents send an HTTP/2 keepalive ping when
+# nothing came for agent.KEEPALIVE s (2, or more with a longer heartbeat period) to tell a busy
+# manager from a lost one, also while no answer comes; gRPC's default answers pings without data
+# more often than every 5 min with GOAWAY (too_many_pings).
 # No bandwidth-delay probes: gRPC would send a ping with every message it receives (every heartbeat,
 # status report, call), each answered, and the remote API front would copy three times the chunks.
 SERVER_OPTIONS = [
@@ -223,7 +224,7 @@ class _Session:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     restarting: bool = False  # its agent stopped gracefully: `expires` is the restart deadline
     heard: bool = False  # a heartbeat of it came: until then its deadline is held as a mass expiry's
-    opened: float = field(default_factory=time.monotonic)
+    opened: float = field(default_factory=time.monotonic)  # (monotonic) it owes heartbeats from then
     # Set when the node, the managers or the cluster changed: the Session stream builds its message again.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     # The open Assignments stream's events (task events naming this node, every secret, config and
