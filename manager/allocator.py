@@ -291,15 +291,24 @@ class Allocator:
             a.object.MergeFrom(wrap(o))
             actions.append(a)
         # One object whose version moved on (e.g. a concurrent update) must not block the others:
-        # commit in one go, and fall back to one by one when the batch is refused.
+        # commit in one go, and fall back to one by one when the batch is refused. The batch goes in
+        # transactions of a few thousand: those before the refused one are committed, so each
+        # object whose version moved on since this pass read it is left out of the fallback (the
+        # batch wrote it, or another writer did, whose event calls for another pass).
         try:
             await self.store.batch(actions)
         except Exception:
+            sm = self.store.sm
             for a in actions:
+                kind = a.object.WhichOneof("object")
+                obj = getattr(a.object, kind)
+                cur = sm.get(kind, obj.id)
+                if cur is None or cur.meta.version != obj.meta.version:
+                    continue
                 try:
                     await self.store.batch([a])
                 except Exception as e:
-                    log.info("allocation of %s skipped, retried on next event: %s", a.object.WhichOneof("object"), e)
+                    log.info("allocation of %s skipped, retried on next event: %s", kind, e)
 
     @staticmethod
     def _network_keys(sm: StateMachine) -> list[objects_pb2.Network]:
