@@ -69,6 +69,10 @@ KEEPALIVE_PERIODS = 1.25
 KEEPALIVE_TIMEOUT = 3.0
 UNREGISTERED_DELAY = 10.0
 STATUS_TIMEOUT = HEARTBEAT_PATIENCE  # s for a task status report's answer (a busy manager); then sent again
+# A report refused UNAVAILABLE (the manager's store did not confirm the write, or its copy lagged behind
+# the commit) is sent again after a random pause of up to this many heartbeat periods. A manager that is
+# really gone ends the session through the heartbeat and the keepalive, not through this stream.
+STATUS_RETRY_PERIODS = 1.0
 # A manager that refuses the connection (dead, not listening) is left at once; one that does not
 # answer (cut off) is left after QUICK_CONNECT_TIMEOUT s, unless it is the leader another manager
 # named: a busy leader's TLS handshakes queue up, and it is given CONNECT_TIMEOUT s.
@@ -523,6 +527,12 @@ class Agent:
                 if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
                     log.warning("task status report unanswered within %g s (a busy manager, %s): sending it "
                                 "again node=%s", STATUS_TIMEOUT, e.code().name, self.node_id)
+                    continue
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    pause = random.uniform(0.5, 1.0) * STATUS_RETRY_PERIODS * self._period
+                    log.warning("task status report not saved (%s): sending it again in %.1f s node=%s",
+                                e.details(), pause, self.node_id)
+                    await asyncio.sleep(pause)
                     continue
                 raise
             except BaseException:  # cancelled with the session (its heartbeat failed): the same

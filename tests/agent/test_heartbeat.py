@@ -436,13 +436,14 @@ def test_each_unanswered_connection_gives_the_next_more_time_until_a_session_ope
     assert waits == ["0.2", "0.4", "0.8", "0.8"], waits
 
 
-@pytest.mark.parametrize("ending", ["deadline", "cancelled"])
+@pytest.mark.parametrize("ending", ["deadline", "cancelled", "unavailable"])
 def test_a_status_report_out_of_time_is_sent_again_in_the_same_session(engine_root, registry, tmp_path,
                                                                       monkeypatch, ending) -> None:
     """A status report the manager does not answer within STATUS_TIMEOUT (a busy leader) is sent
     again in the same session, whether the deadline ends the call on the agent's side
     (DEADLINE_EXCEEDED) or first on the manager's, which ends it CANCELLED (seen by the thousand
-    at 2,000 nodes: each ended a session before)."""
+    at 2,000 nodes: each ended a session before). One refused UNAVAILABLE (the store did not confirm
+    the write, or the manager's copy of it lagged behind the commit) is sent again too, after a pause."""
     monkeypatch.setattr(agent_mod, "STATUS_TIMEOUT", 1.0)
     refused = [0]
     update = Dispatcher.UpdateTaskStatus
@@ -452,6 +453,9 @@ def test_a_status_report_out_of_time_is_sent_again_in_the_same_session(engine_ro
             refused[0] += 1
             if ending == "cancelled":
                 await context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+            if ending == "unavailable":
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "task status not saved: this manager's copy "
+                                    "of the store did not reach revision 7 in time (it holds 6); retry")
             await asyncio.sleep(5)
         return await update(self, request, context)
 
