@@ -297,7 +297,9 @@ class Allocator:
         # batch wrote it, or another writer did, whose event calls for another pass).
         try:
             await self.store.batch(actions)
-        except Exception:
+        except Exception as e:  # noqa: BLE001 - any refusal falls back to one by one
+            log.warning("allocation batch of %d objects refused (%s: %s): writing them one by one",
+                        len(actions), type(e).__name__, e)
             sm = self.store.sm
             for a in actions:
                 kind = a.object.WhichOneof("object")

@@ -166,11 +166,11 @@ def test_allocator_gives_vips_task_addresses_and_moves_tasks_to_pending() -> Non
     run(main())
 
 
-def test_a_batch_refused_part_way_is_finished_one_by_one_without_what_it_wrote() -> None:
+def test_a_batch_refused_part_way_is_finished_one_by_one_without_what_it_wrote(caplog) -> None:  # noqa: ANN001
     """The store commits a pass's batch in transactions; when a later one is refused, those before
     it stay committed: the one-by-one fallback writes only the objects still as the pass read them
     (at 2,000 nodes it sent thousands of writes refused as out of sequence, and the tasks left NEW
-    waited for later events)."""
+    waited for later events). The log says why the batch was refused."""
 
     async def main() -> None:
         st = await new_store()
@@ -191,7 +191,10 @@ def test_a_batch_refused_part_way_is_finished_one_by_one_without_what_it_wrote()
         assert sizes[sizes.index(4):] == [4, 1, 1], sizes  # (before it: the service's endpoint)
         assert all(t.status.state == types_pb2.PENDING for t in st.sm.tasks_by_service(svc.id))
 
-    run(main())
+    with caplog.at_level("WARNING", logger="shoal.allocator"):
+        run(main())
+    assert any("allocation batch of 4 objects refused (StaleVersion: update out of sequence" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 def test_new_leader_never_reuses_live_addresses_but_reuses_dead_ones() -> None:
