@@ -68,7 +68,7 @@ from shoal.manager.etcdmember import EtcdConfig, EtcdError, EtcdMember
 from shoal.manager.etcdstore import Election, EtcdStore, Fence, rpc_unavailable
 from shoal.manager.leader import LEADER_LOOPS
 from shoal.manager.logbroker import LogBroker
-from shoal.manager.store import StoreError, Tx, Unavailable, new_id
+from shoal.manager.store import AlreadyExists, Store, StoreError, Tx, Unavailable, new_id
 from shoal.manager.storestatus import STATUS_PERIOD, MemberStatus, StoreStatus
 from shoal.manager.watchapi import WatchServicer
 from shoal.proto import (
@@ -469,36 +469,10 @@ class Manager:
         log.info("node=%s manager stopped", self.node_id)
 
     async def bootstrap(self, objects: store_pb2.StoreSnapshot) -> None:
-        """First start of a new cluster: write its first objects -- the Cluster and this manager's
-        Node, or everything a restored backup holds. The Cluster goes last, so a start interrupted
-        half-way writes the rest again (what is there already is skipped)."""
-        if self.raft.cluster() is not None:
-            return
-        actions, cluster = [], None
-        for so in objects.objects:
-            kind = so.WhichOneof("object")
-            obj = getattr(so, kind)
-            if kind == "cluster":
-                cluster = obj
-            elif self.raft.get(kind, obj.id) is None:
-                action = store_pb2.StoreAction(kind=store_pb2.StoreAction.CREATE)
-                getattr(action.object, kind).CopyFrom(obj)
-                getattr(action.object, kind).meta.version = 0
-                actions.append(action)
-        assert cluster is not None, "a bootstrap holds the Cluster object"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if actions:
-                    await self.raft.batch(actions)
-                    actions = []
-                await self.raft.update(lambda tx: tx.create(cluster))
-                break
-            except Unavailable:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-        log.info("node=%s cluster %s created with %d objects", self.node_id, cluster.id, len(objects.objects))
+        """First start of a new cluster: write its first objects (see `write_bootstrap`)."""
+        cluster = await write_bootstrap(self.raft, objects)
+        if cluster is not None:
+            log.info("node=%s cluster %s created with %d objects", self.node_id, cluster.id, len(objects.objects))
 
     # ---- encryption at rest ----------------------------------------------------------------------
     async def _follow_cluster_keys(self) -> None:
@@ -843,3 +817,41 @@ class Manager:
                 await asyncio.sleep(1)
 
 
+async def write_bootstrap(
+    store: Store, objects: store_pb2.StoreSnapshot, patience: float = 30.0
+) -> objects_pb2.Cluster | None:
+    """Write a new cluster's first objects -- the Cluster and the first manager's Node, or everything
+    a restored backup holds -- into `store`, and return the Cluster; None (nothing written) when the
+    store holds a Cluster already.
+
+    The Cluster goes last, so a start interrupted half-way writes the rest again. Each attempt
+    writes only the objects the store does not hold yet: a batch goes in several transactions, and
+    when one is refused (Unavailable: no quorum yet, or the outcome unknown) or an object turns out
+    to exist (a write whose answer was lost landed after all), those before it stay committed; they
+    are not sent again. Unavailable is raised when the store takes no write for `patience` s."""
+    if store.cluster() is not None:
+        return None
+    cluster = next((so.cluster for so in objects.objects if so.WhichOneof("object") == "cluster"), None)
+    assert cluster is not None, "a bootstrap holds the Cluster object"
+    deadline = time.monotonic() + patience
+    while True:
+        actions = []
+        for so in objects.objects:
+            kind = so.WhichOneof("object")
+            obj = getattr(so, kind)
+            if kind != "cluster" and store.get(kind, obj.id) is None:
+                action = store_pb2.StoreAction(kind=store_pb2.StoreAction.CREATE)
+                getattr(action.object, kind).CopyFrom(obj)
+                getattr(action.object, kind).meta.version = 0
+                actions.append(action)
+        try:
+            if actions:
+                await store.batch(actions)
+            if store.cluster() is None:
+                await store.update(lambda tx: tx.create(cluster))
+            return cluster
+        except (Unavailable, AlreadyExists) as e:
+            if time.monotonic() > deadline:
+                raise
+            log.info("cluster bootstrap write refused (%s): writing what is missing again", e)
+            await asyncio.sleep(0.2)

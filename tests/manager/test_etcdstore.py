@@ -21,6 +21,7 @@ from helpers.waiting import wait_for_async
 
 from shoal.manager import ca
 from shoal.manager.etcdstore import Election, EtcdStore, Fence, FenceLost
+from shoal.manager.manager import write_bootstrap
 from shoal.manager.store import (
     AlreadyExists,
     Conflict,
@@ -815,6 +816,62 @@ def test_quorum_loss_write_fails_within_bound_and_reads_answer(etcd3: EtcdCluste
         # may or may not have landed, which is what their message says)
         await etcd3.members[1].start()
         await eventually(lambda: writes_again(s), timeout=20)
+
+    etcd3.run(body())
+
+
+def test_bootstrap_through_a_quorum_loss_mid_batch_writes_each_object_once(etcd3: EtcdCluster) -> None:
+    """A restored backup's objects go in several transactions; the quorum is lost after the first
+    commits (two of three members stopped). The bootstrap retries while the store refuses
+    (Unavailable) and, each time, sends only the objects the store does not hold: the first
+    transaction's tasks are never sent again (they were, and then failed AlreadyExists), and the
+    Cluster goes last, once everything else is in."""
+
+    async def body() -> None:
+        s = await etcd3.store(0, write_timeout=1.5)
+        snap = store_pb2.StoreSnapshot()
+        for i in range(2500):  # three transactions of at most MAX_TXN_ACTIONS (1,000)
+            t = task(i)
+            t.id = f"t{i:05d}"
+            snap.objects.add().task.CopyFrom(t)
+        snap.objects.add().cluster.CopyFrom(objects_pb2.Cluster(
+            id="c1", spec=specs_pb2.ClusterSpec(annotations=types_pb2.Annotations(name="default"))))
+        real = s.kv.Txn
+        sent: list[tuple[set[bytes], bool | None]] = []
+        stopped = asyncio.Event()
+
+        async def txn(req: etcd_pb2.TxnRequest, **kw: Any) -> etcd_pb2.TxnResponse:
+            keys = {op.request_put.key for op in req.success if op.request_put.key.startswith(b"/shoal/o/")}
+            sent.append((keys, None))
+            i = len(sent) - 1
+            resp = await real(req, **kw)
+            sent[i] = (keys, resp.succeeded)
+            if resp.succeeded and len(keys) == 1000 and not stopped.is_set():
+                stopped.set()  # the first transaction is in: take the quorum away
+                await asyncio.gather(etcd3.members[1].stop(), etcd3.members[2].stop())
+            return resp
+
+        s.kv.Txn = txn  # type: ignore[method-assign]
+
+        async def quorum_back() -> None:
+            await stopped.wait()
+            await asyncio.sleep(4)  # the bootstrap is refused twice meanwhile
+            await etcd3.members[1].start()
+
+        back = asyncio.create_task(quorum_back())
+        t0 = time.monotonic()
+        assert (await write_bootstrap(s, snap)).id == "c1"  # type: ignore[union-attr]
+        took = time.monotonic() - t0
+        await back
+        first = next(k for k, ok in sent if ok and len(k) == 1000)
+        after = [k for k, _ in sent[sent.index((first, True)) + 1 :]]
+        committed = [k for k, ok in sent if ok]
+        print(f"bootstrap of 2,501 objects through a 4 s quorum loss: {took:.1f} s, {len(sent)} Txns")
+        assert stopped.is_set() and len(after) > 2  # refused at least once before the quorum came back
+        assert not any(k & first for k in after), "the first transaction's objects were sent again"
+        assert sum(len(k) for k in committed) == 2501  # every object committed exactly once
+        assert len(s.find("task")) == 2500 and s.cluster().id == "c1"
+        assert await write_bootstrap(s, snap) is None  # a cluster is there: nothing written
 
     etcd3.run(body())
 
