@@ -89,10 +89,14 @@ MASS_MAX_GRACES = 4
 # fleet takes it minutes), and each node it marked DOWN meanwhile would add its tasks to that work.
 BEHIND_MAX_GRACES = 12
 # The leader loop woke this much later than it asked: its event loop stalled, and the deadlines move on
-# by the stall (see `Dispatcher._forgive_stall`). Within a grace period after such a stall, any missed
-# deadline is held as a mass expiry is: a leader that is stalling does not trust its own clock of the
-# nodes (the heartbeats it did not read, the sessions its slowness broke).
+# by the stall (see `Dispatcher._forgive_stall`). Within a grace period after such a stall, a missed
+# deadline is held as a mass expiry is when the stall may have kept the node's heartbeat unread: the
+# node's last heartbeat came less than STALL_EXCUSE_PERIODS periods before the loop stopped (its next
+# one was due at most a period later, and may wait in the sockets or behind the stall's backlog). A
+# node silent for longer before the stall began is late on its own account: it is marked DOWN (a dead
+# node after a failover was held while the loop kept stalling, for up to BEHIND_MAX_GRACES).
 STALL_TOLERANCE = 0.25
+STALL_EXCUSE_PERIODS = 1.5
 # Nor does it while it answered fewer than this fraction of the heartbeats owed to it in the last grace
 # period (its sessions' count / the period, times the grace): it is reading them late, not the nodes
 # sending them late (a lost quarter of the fleet is a mass expiry anyway).
@@ -225,6 +229,7 @@ class _Session:
     restarting: bool = False  # its agent stopped gracefully: `expires` is the restart deadline
     heard: bool = False  # a heartbeat of it came: until then its deadline is held as a mass expiry's
     opened: float = field(default_factory=time.monotonic)  # (monotonic) it owes heartbeats from then
+    beat: float = field(default_factory=time.monotonic)  # (monotonic) its last heartbeat, or its opening
     # Set when the node, the managers or the cluster changed: the Session stream builds its message again.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     # The open Assignments stream's events (task events naming this node, every secret, config and
@@ -274,6 +279,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._held: dict[str, float] = {}
         self._downs: list[tuple[float, int]] = []  # (when, how many) nodes were marked DOWN lately
         self._stalled_at = -1e9  # when this leader's loop last stalled (see STALL_TOLERANCE)
+        self._stall_began = -1e9  # when the loop went to sleep before that stall
         self._beats = 0  # heartbeats answered so far
         self._opened: collections.deque[float] = collections.deque()  # when sessions opened, the last grace period
         self._beat_counts: collections.deque[tuple[float, int]] = collections.deque()  # (when, _beats then)
@@ -598,7 +604,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             await self._mark_restarting(s.node_id, window)
             self._ensure_flag().set()
         else:
-            s.expires, s.heard = time.monotonic() + grace(configured, nodes), True
+            s.beat = time.monotonic()
+            s.expires, s.heard = s.beat + grace(configured, nodes), True
             if self._held:
                 self._held.pop(s.node_id, None)
             node = self.store.get("node", s.node_id)
@@ -654,12 +661,13 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 tick = self.grace() / EXPIRY_TICKS
                 timeout = max(tick, min(deadlines) - time.monotonic() if deadlines else self.period())
                 wake.clear()
-                due = time.monotonic() + timeout
+                slept = time.monotonic()
+                due = slept + timeout
                 try:
                     await asyncio.wait_for(wake.wait(), timeout)
                 except TimeoutError:
                     pass
-                self._forgive_stall(time.monotonic() - due)
+                self._forgive_stall(time.monotonic() - due, slept)
         finally:
             # A new leader starts from scratch; streams here end with UNAVAILABLE on their next check.
             for s in self._sessions.values():
@@ -671,13 +679,15 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             self._beat_counts.clear()
             self._opened.clear()
 
-    def _forgive_stall(self, late: float) -> None:
-        """This loop woke `late` s after it asked to: the leader's event loop was busy (a large commit,
-        a burst of sessions) and answered no heartbeat meanwhile either, so every deadline moves on by
-        as much. Heartbeats that waited in the sockets are then answered before anyone is marked DOWN."""
+    def _forgive_stall(self, late: float, slept: float | None = None) -> None:
+        """This loop woke `late` s after it asked to (it went to sleep at `slept`; by default `late`
+        s ago): the leader's event loop was busy (a large commit, a burst of sessions) and answered
+        no heartbeat meanwhile either, so every deadline moves on by as much. Heartbeats that waited
+        in the sockets are then answered before anyone is marked DOWN."""
         if late < STALL_TOLERANCE:
             return
         self._stalled_at = time.monotonic()
+        self._stall_began = self._stalled_at - late if slept is None else slept
         for s in self._sessions.values():
             if not s.restarting:
                 s.expires += late
@@ -706,10 +716,12 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
 
     def _hold_mass_expiry(self, now: float) -> None:
         """Give the nodes whose deadline passed another grace period when too many passed at once
-        (see MASS_FRACTION) or while this loop stalls, a session whose first heartbeat has not come
-        at any time (its agent was alive when it opened the session; a leader opening many at once,
-        a failover's burst, is late to read their heartbeats), and a node not seen by this leader
-        yet while MASS_MIN sessions or more opened in the last grace period (the fleet is still
+        (see MASS_FRACTION) or while this leader reads heartbeats late (`_behind`); and else the
+        nodes whose heartbeat a recent stall of its loop may have kept unread (see
+        STALL_EXCUSE_PERIODS), a session whose first heartbeat has not come at any time (its agent
+        was alive when it opened the session; a leader opening many at once, a failover's burst, is
+        late to read their heartbeats), and a node not seen by this leader yet while this loop
+        stalls or MASS_MIN sessions or more opened in the last grace period (the fleet is still
         reconnecting: its agent may be queued behind the others): each for MASS_MAX_GRACES grace
         periods at most, or BEHIND_MAX_GRACES while this leader stalls or reads heartbeats late."""
         g = self.grace()
@@ -721,12 +733,16 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         if not late:
             return
         self._downs = [(t, n) for t, n in self._downs if t > now - g]
-        stalling = now - self._stalled_at < g or self._behind(now, g)
+        stalled = now - self._stalled_at < g
+        behind = self._behind(now, g)
+        stalling = stalled or behind
         mass = len(late) + sum(n for _, n in self._downs) >= max(MASS_MIN, MASS_FRACTION * self._node_count())
         arriving = len(self._opened) >= MASS_MIN  # the fleet still (re)connecting: the rest may be queued
-        if not (stalling or mass):
-            late = [nid for nid in late if (nid not in self._sessions and arriving)
-                    or (nid in self._sessions and not self._sessions[nid].heard)]
+        if not (behind or mass):
+            recent = self._stall_began - STALL_EXCUSE_PERIODS * self.period()  # heard since then: excused
+            sessions = self._sessions
+            late = [nid for nid in late if (nid not in sessions and (arriving or stalled))
+                    or (nid in sessions and (not sessions[nid].heard or (stalled and sessions[nid].beat >= recent)))]
         held = 0
         most = (BEHIND_MAX_GRACES if stalling else MASS_MAX_GRACES) * g
         for nid in late:

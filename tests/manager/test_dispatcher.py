@@ -25,6 +25,7 @@ from shoal.manager.dispatcher import (
     NEW_LEADER_GRACE,
     NODE_ID_KEY,
     RECONNECT_RATE,
+    STALL_EXCUSE_PERIODS,
     Dispatcher,
     _Session,
 )
@@ -855,6 +856,53 @@ def test_a_stalling_leader_holds_even_a_single_missed_deadline() -> None:
                 assert disp._sessions["n0"].expires < much_later
             finally:
                 await c.close()
+
+    run(main())
+
+
+def test_a_stall_does_not_excuse_a_node_silent_since_well_before_it() -> None:
+    """A node whose last heartbeat came more than STALL_EXCUSE_PERIODS periods before the loop
+    stopped was late on its own account (its next heartbeat was due while the loop ran): a stall
+    does not hold it, and it is marked DOWN at its deadline (after a failover, a dead node was held
+    for as long as the busy new leader kept stalling: 24-28 s at 2,000 nodes). One heard from
+    within that time before the stall is held; a node not seen by this leader yet is held too."""
+
+    async def main() -> None:
+        st = await fleet(40, period_s=1.0)
+        async with serve(st) as (disp, addr):
+            quiet, recent = Client(addr, "n0"), Client(addr, "n1")
+            await quiet.open()
+            await recent.open()
+            await quiet.heartbeat()
+            await recent.heartbeat()
+            try:
+                p = disp.period()
+                now = time.monotonic()
+                slept = now - 0.5  # the loop went to sleep then, and woke 0.5 s late
+                disp._sessions["n0"].beat = slept - (STALL_EXCUSE_PERIODS + 0.1) * p  # silent before the stall
+                disp._sessions["n1"].beat = slept - (STALL_EXCUSE_PERIODS - 0.1) * p  # its next beat due in it
+                disp._unconfirmed["n2"] = now - 0.01
+                disp._forgive_stall(0.5, slept=slept)
+                later = now + 0.1
+                for nid in ("n0", "n1"):
+                    disp._sessions[nid].expires = later - 0.01
+                disp._unconfirmed["n2"] = later - 0.01
+                disp._hold_mass_expiry(later)
+                assert disp._sessions["n0"].expires < later  # not held: DOWN at this pass
+                assert disp._sessions["n1"].expires == pytest.approx(later + disp.grace())  # held
+                assert disp._unconfirmed["n2"] == pytest.approx(later + disp.grace())  # held
+                # the loop marks the silent one DOWN at its deadline, the other not
+                loop_task = asyncio.create_task(disp.run())
+                try:
+                    await wait_for(lambda: st.get("node", "n0").status.state == types_pb2.NodeStatus.DOWN,
+                                   timeout=10)
+                finally:
+                    loop_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await loop_task
+            finally:
+                await quiet.close()
+                await recent.close()
 
     run(main())
 
