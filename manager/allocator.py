@@ -300,17 +300,13 @@ class Allocator:
         except Exception as e:  # noqa: BLE001 - any refusal falls back to one by one
             log.warning("allocation batch of %d objects refused (%s: %s): writing them one by one",
                         len(actions), type(e).__name__, e)
-            sm = self.store.sm
             for a in actions:
-                kind = a.object.WhichOneof("object")
-                obj = getattr(a.object, kind)
-                cur = sm.get(kind, obj.id)
-                if cur is None or cur.meta.version != obj.meta.version:
+                if not self.store.sm.unchanged(a):
                     continue
                 try:
                     await self.store.batch([a])
                 except Exception as e:
-                    log.info("allocation of %s skipped, retried on next event: %s", kind, e)
+                    log.info("allocation of %s skipped, retried on next event: %s", a.object.WhichOneof("object"), e)
 
     @staticmethod
     def _network_keys(sm: StateMachine) -> list[objects_pb2.Network]:

@@ -378,6 +378,16 @@ class StateMachine:
         with self.lock:
             return self.tables[kind].get(oid)
 
+    def unchanged(self, action: store_pb2.StoreAction) -> bool:
+        """Whether the object an UPDATE `action` writes is still here at the version the action was
+        built from (`meta.version`): a batch refused part way (its earlier transactions committed) or
+        a concurrent writer moved on those it is not, and writing them again one by one would only be
+        refused as out of sequence, a round trip each."""
+        kind = action.object.WhichOneof("object")
+        obj = getattr(action.object, kind)
+        cur = self.get(kind, obj.id)
+        return cur is not None and cur.meta.version == obj.meta.version
+
     def get_by_name(self, kind: str, name: str) -> Any:
         with self.lock:
             if kind in UNIQUE_NAMES:

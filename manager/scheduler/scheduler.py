@@ -428,8 +428,13 @@ class Scheduler:
             except Unavailable:
                 raise  # no quorum: the whole pass is retried later
             except StoreError:
-                # Some task changed under us (a concurrent writer): commit the rest one by one.
+                # Some task changed under us (a concurrent writer, or this pass's own earlier
+                # transaction whose answer was lost): commit the rest one by one; a task whose
+                # version moved on since it was decided is taken from the store instead.
                 for a in txn.actions:
+                    if not self.store.sm.unchanged(a):
+                        self._resync(a.object.task.id)
+                        continue
                     try:
                         v = await self.store.propose(
                             store_pb2.StoreTransaction(actions=[a], timestamp_unix_nano=time.time_ns())
