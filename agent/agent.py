@@ -89,6 +89,10 @@ MAX_CONNECT_TIMEOUT = 12.0
 FIRST_MESSAGE_TIMEOUT = 30.0
 RESTARTING_TIMEOUT = 1.0  # the last heartbeat of a graceful stop (see Agent._say_restarting)
 STATUS_BATCH = 500
+# The heartbeat period kept for the next start (`LocalState.heartbeat_period`) is written again when an
+# answer's falls outside these multiples of it (answers are up to a fifth shorter than the period).
+PERIOD_KEPT_BELOW = 0.6
+PERIOD_KEPT_ABOVE = 1.25
 LOG_BATCH = 100
 
 
@@ -223,9 +227,12 @@ class Agent:
         channel_options: Sequence[tuple[str, Any]] = (),
         on_session: Callable[[dispatcher_pb2.SessionMessage], None] | None = None,
         state: LocalState | None = None,
+        period: float | None = None,
     ) -> None:
-        """`state`: where the assignments and the last session message are kept for the next run
-        (see `shoal.agent.localstate`); None keeps nothing."""
+        """`state`: where the assignments, the last session message and the heartbeat period are
+        kept for the next run (see `shoal.agent.localstate`); None keeps nothing. `period`: the
+        heartbeat period to start with (a join answer's); by default the one `state` kept, or 1 s.
+        The first connection's keepalive follows it (see KEEPALIVE_PERIODS)."""
         if not managers:
             raise ValueError("managers is empty: give at least one manager address host:port")
         self.node_id = node_id
@@ -247,7 +254,9 @@ class Agent:
         self._pending: dict[str, types_pb2.TaskStatus] = {}
         self._status_wake = asyncio.Event()
         self._subs: dict[str, asyncio.Task[None]] = {}
-        self._period = 1.0
+        kept = state.heartbeat_period() if state is not None else None
+        self._period = period or kept or 1.0
+        self._kept_period = kept  # what `state` holds (see `_keep_period`)
         self._connect_patience = QUICK_CONNECT_TIMEOUT  # s for the next connection (MAX_CONNECT_TIMEOUT)
         self._configured_period = 0.0  # the cluster's, as the last session message said
         self._beat_now = asyncio.Event()  # the period shrank: beat again without waiting out the old one
@@ -452,12 +461,25 @@ class Agent:
                 self._timed(time.monotonic() - sent)
                 if resp.HasField("period") and resp.period.ToNanoseconds() > 0:
                     self._period = resp.period.ToNanoseconds() / 1e9
+                    self._keep_period()
                 self._beat_now.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._beat_now.wait(), max(0.0, self._period - (time.monotonic() - sent)))
         finally:
             if call is not None:
                 call.cancel()
+
+    def _keep_period(self) -> None:
+        """Keep the period in `state` for the next start when it moved past the answers' jitter
+        (up to a fifth shorter) from the one kept: rarely written (a cluster that grew or shrank)."""
+        kept = self._kept_period
+        if self.state is None or (kept is not None and PERIOD_KEPT_BELOW * kept <= self._period <= PERIOD_KEPT_ABOVE * kept):
+            return
+        try:
+            self.state.save_heartbeat_period(self._period)
+            self._kept_period = self._period
+        except OSError as e:
+            log.warning("heartbeat period not kept on disk node=%s: %s", self.node_id, e)
 
     async def _answered(self, answer: Awaitable[dispatcher_pb2.HeartbeatResponse]) -> dispatcher_pb2.HeartbeatResponse:
         """The heartbeat's answer, waited for HEARTBEAT_TIMEOUT periods (MIN_HEARTBEAT_TIMEOUT s at

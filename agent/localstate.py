@@ -10,6 +10,8 @@ any manager.
                            the managers, this node with its ingress attachment, the gossip keys)
     network-keys.sealed    the IPsec keys of the encrypted networks this node has tasks on
     gossip-peers           the gossip addresses (host:port) of the nodes this one last heard, a line each
+    heartbeat-period       the heartbeat period (s) the join answer or the last heartbeat answers said:
+                           the next start's first connection sets its keepalive from it
     seal.key               32 random bytes: the key of the `.sealed` files (0600)
 
 Sealed files are AES-256-GCM (`b"\\x01"` + 12-byte nonce + ciphertext, their file name as associated
@@ -213,3 +215,15 @@ class LocalState:
             return [line.strip() for line in (self.path / "gossip-peers").read_text().splitlines() if line.strip()]
         except FileNotFoundError:
             return []
+
+    # ---- heartbeat period --------------------------------------------------------------------------
+    def save_heartbeat_period(self, seconds: float) -> None:
+        write_record(self.path / "heartbeat-period", f"{seconds:.3f}\n".encode())
+
+    def heartbeat_period(self) -> float | None:
+        """The kept period, or None (none kept, or not a positive number)."""
+        try:
+            value = float((self.path / "heartbeat-period").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return value if value > 0 else None

@@ -198,6 +198,7 @@ class Fleet:
             channel_options=[("grpc.ssl_target_name_override", MANAGER_NAME), ("grpc.default_authority", MANAGER_NAME),
                              ("grpc.use_local_subchannel_pool", 1)],
             samples=self.samples, failed=self.hb_failed,
+            period=res.response.heartbeat_period.ToNanoseconds() / 1e9 or None,  # as swarmd keeps it
         )
         self.agents.append(agent)
         self.ids.append(ident.node_id)

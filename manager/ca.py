@@ -642,10 +642,20 @@ class CAServicer(ca_pb2_grpc.CAServicer):
     """The CA gRPC service. Root CA from `get_root_ca()`; issuing (store writes, Raft membership)
     is the manager's `issue` hook; JoinError becomes INVALID_ARGUMENT/PERMISSION_DENIED."""
 
-    def __init__(self, get_root_ca: Callable[[], bytes], issue: IssueHook, *, plain: bool = False) -> None:
+    def __init__(
+        self,
+        get_root_ca: Callable[[], bytes],
+        issue: IssueHook,
+        *,
+        plain: bool = False,
+        heartbeat_period: Callable[[], float] | None = None,
+    ) -> None:
+        """`heartbeat_period`: the cluster's heartbeat period now (s), told to each node issued a
+        certificate (its agent's first connection sets its keepalive from it)."""
         self._get_root_ca = get_root_ca
         self._issue = issue
         self._plain = plain  # the plaintext listener: root CA only
+        self._heartbeat_period = heartbeat_period
 
     async def GetRootCACertificate(self, request, context):  # noqa: N802
         return ca_pb2.GetRootCACertificateResponse(certificate=self._get_root_ca())
@@ -662,7 +672,7 @@ class CAServicer(ca_pb2_grpc.CAServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except StoreError as e:  # e.g. no quorum: the join cannot be recorded now
             await context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), str(e))
-        return ca_pb2.IssueNodeCertificateResponse(
+        resp = ca_pb2.IssueNodeCertificateResponse(
             node_id=issued.node_id,
             certificate=issued.certificate,
             root_ca=self._get_root_ca(),
@@ -671,6 +681,9 @@ class CAServicer(ca_pb2_grpc.CAServicer):
             cluster_id=issued.cluster_id,
             data_key=issued.data_key if issued.role == types_pb2.MANAGER else b"",
         )
+        if self._heartbeat_period is not None:
+            resp.heartbeat_period.FromNanoseconds(int(self._heartbeat_period() * 1e9))
+        return resp
 
 
 # ---- the joining side --------------------------------------------------------------------------

@@ -390,7 +390,7 @@ class Manager:
         self.dispatcher = Dispatcher(self.store, manager=self)
         self.logbroker = LogBroker(self.store, manager=self)
         self.watch = WatchServicer(self.store, self)
-        ca_svc = ca.CAServicer(self._root_ca_pem, self.issue_node_certificate)
+        ca_svc = ca.CAServicer(self._root_ca_pem, self.issue_node_certificate, heartbeat_period=self.dispatcher.period)
         ca_plain = ca.CAServicer(self._root_ca_pem, self.issue_node_certificate, plain=True)
         tag = f"shoal-{self.node_id}-{os.getpid()}"
         paths = {k: f"\0{tag}-{k}" for k in ("mtls", "join", "plain")}

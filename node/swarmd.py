@@ -487,6 +487,10 @@ class Swarmd:
             [a.join_addr] + ([advertise] if role == "manager" else []),
         )
         self.state.save(self.dir)
+        if resp.heartbeat_period.ToNanoseconds() > 0:  # the agent's first connection sets its keepalive from it
+            from shoal.agent.localstate import LocalState
+
+            LocalState(self.dir / "worker").save_heartbeat_period(resp.heartbeat_period.ToNanoseconds() / 1e9)
         log.info("joined cluster %s through %s as %s %s", resp.cluster_id, a.join_addr, role, resp.node_id)
 
     # ---- roles ---------------------------------------------------------------------------------

@@ -22,24 +22,25 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from shoal.proto import types_pb2 as types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x08\x63\x61.proto\x12\x05shoal\x1a\x0btypes.proto\"\x1d\n\x1bGetRootCACertificateRequest\"3\n\x1cGetRootCACertificateResponse\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0c\"\x96\x01\n\x1bIssueNodeCertificateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\r\n\x05token\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x16\n\x0e\x61\x64vertise_addr\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x11\n\traft_addr\x18\x06 \x01(\t\x12\r\n\x05renew\x18\x07 \x01(\x08\"\xbe\x01\n\x1cIssueNodeCertificateResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0c\x12\x0f\n\x07root_ca\x18\x03 \x01(\x0c\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.shoal.NodeRole\x12\x12\n\nraft_peers\x18\x06 \x03(\t\x12\x12\n\ncluster_id\x18\x07 \x01(\t\x12\x10\n\x08\x64\x61ta_key\x18\x08 \x01(\x0cJ\x04\x08\x05\x10\x06R\x08raft_key2\xc6\x01\n\x02\x43\x41\x12_\n\x14GetRootCACertificate\x12\".shoal.GetRootCACertificateRequest\x1a#.shoal.GetRootCACertificateResponse\x12_\n\x14IssueNodeCertificate\x12\".shoal.IssueNodeCertificateRequest\x1a#.shoal.IssueNodeCertificateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x08\x63\x61.proto\x12\x05shoal\x1a\x1egoogle/protobuf/duration.proto\x1a\x0btypes.proto\"\x1d\n\x1bGetRootCACertificateRequest\"3\n\x1cGetRootCACertificateResponse\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0c\"\x96\x01\n\x1bIssueNodeCertificateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\r\n\x05token\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x16\n\x0e\x61\x64vertise_addr\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x11\n\traft_addr\x18\x06 \x01(\t\x12\r\n\x05renew\x18\x07 \x01(\x08\"\xf3\x01\n\x1cIssueNodeCertificateResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0c\x12\x0f\n\x07root_ca\x18\x03 \x01(\x0c\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.shoal.NodeRole\x12\x12\n\nraft_peers\x18\x06 \x03(\t\x12\x12\n\ncluster_id\x18\x07 \x01(\t\x12\x10\n\x08\x64\x61ta_key\x18\x08 \x01(\x0c\x12\x33\n\x10heartbeat_period\x18\t \x01(\x0b\x32\x19.google.protobuf.DurationJ\x04\x08\x05\x10\x06R\x08raft_key2\xc6\x01\n\x02\x43\x41\x12_\n\x14GetRootCACertificate\x12\".shoal.GetRootCACertificateRequest\x1a#.shoal.GetRootCACertificateResponse\x12_\n\x14IssueNodeCertificate\x12\".shoal.IssueNodeCertificateRequest\x1a#.shoal.IssueNodeCertificateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ca_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETROOTCACERTIFICATEREQUEST']._serialized_start=32
-  _globals['_GETROOTCACERTIFICATEREQUEST']._serialized_end=61
-  _globals['_GETROOTCACERTIFICATERESPONSE']._serialized_start=63
-  _globals['_GETROOTCACERTIFICATERESPONSE']._serialized_end=114
-  _globals['_ISSUENODECERTIFICATEREQUEST']._serialized_start=117
-  _globals['_ISSUENODECERTIFICATEREQUEST']._serialized_end=267
-  _globals['_ISSUENODECERTIFICATERESPONSE']._serialized_start=270
-  _globals['_ISSUENODECERTIFICATERESPONSE']._serialized_end=460
-  _globals['_CA']._serialized_start=463
-  _globals['_CA']._serialized_end=661
+  _globals['_GETROOTCACERTIFICATEREQUEST']._serialized_start=64
+  _globals['_GETROOTCACERTIFICATEREQUEST']._serialized_end=93
+  _globals['_GETROOTCACERTIFICATERESPONSE']._serialized_start=95
+  _globals['_GETROOTCACERTIFICATERESPONSE']._serialized_end=146
+  _globals['_ISSUENODECERTIFICATEREQUEST']._serialized_start=149
+  _globals['_ISSUENODECERTIFICATEREQUEST']._serialized_end=299
+  _globals['_ISSUENODECERTIFICATERESPONSE']._serialized_start=302
+  _globals['_ISSUENODECERTIFICATERESPONSE']._serialized_end=545
+  _globals['_CA']._serialized_start=548
+  _globals['_CA']._serialized_end=746
 # @@protoc_insertion_point(module_scope)

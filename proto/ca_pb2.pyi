@@ -1,8 +1,11 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
 from shoal.proto import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -36,7 +39,7 @@ class IssueNodeCertificateRequest(_message.Message):
     def __init__(self, csr: _Optional[bytes] = ..., token: _Optional[str] = ..., hostname: _Optional[str] = ..., advertise_addr: _Optional[str] = ..., node_id: _Optional[str] = ..., raft_addr: _Optional[str] = ..., renew: _Optional[bool] = ...) -> None: ...
 
 class IssueNodeCertificateResponse(_message.Message):
-    __slots__ = ("node_id", "certificate", "root_ca", "role", "raft_peers", "cluster_id", "data_key")
+    __slots__ = ("node_id", "certificate", "root_ca", "role", "raft_peers", "cluster_id", "data_key", "heartbeat_period")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     ROOT_CA_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +47,7 @@ class IssueNodeCertificateResponse(_message.Message):
     RAFT_PEERS_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_KEY_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_PERIOD_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     certificate: bytes
     root_ca: bytes
@@ -51,4 +55,5 @@ class IssueNodeCertificateResponse(_message.Message):
     raft_peers: _containers.RepeatedScalarFieldContainer[str]
     cluster_id: str
     data_key: bytes
-    def __init__(self, node_id: _Optional[str] = ..., certificate: _Optional[bytes] = ..., root_ca: _Optional[bytes] = ..., role: _Optional[_Union[_types_pb2.NodeRole, str]] = ..., raft_peers: _Optional[_Iterable[str]] = ..., cluster_id: _Optional[str] = ..., data_key: _Optional[bytes] = ...) -> None: ...
+    heartbeat_period: _duration_pb2.Duration
+    def __init__(self, node_id: _Optional[str] = ..., certificate: _Optional[bytes] = ..., root_ca: _Optional[bytes] = ..., role: _Optional[_Union[_types_pb2.NodeRole, str]] = ..., raft_peers: _Optional[_Iterable[str]] = ..., cluster_id: _Optional[str] = ..., data_key: _Optional[bytes] = ..., heartbeat_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...

@@ -22,6 +22,7 @@ from agent_helpers import add_node, make_task, manager_side, new_engine, run, ta
 
 from shoal.agent import agent as agent_mod
 from shoal.agent.agent import Agent
+from shoal.agent.localstate import LocalState
 from shoal.manager.dispatcher import Dispatcher
 from shoal.proto import dispatcher_pb2_grpc, objects_pb2, specs_pb2, types_pb2
 
@@ -53,10 +54,12 @@ def answer_after(monkeypatch, first: Callable[[], Awaitable[None]]) -> None:  # 
 
 
 @contextlib.asynccontextmanager
-async def agent_in_session(addr: str, engine_root, registry, tmp_path) -> AsyncIterator[tuple[Agent, Any]]:  # noqa: ANN001
-    """Node n1's agent (real engine) against the dispatcher at `addr`, in session; stopped at the end."""
+async def agent_in_session(addr: str, engine_root, registry, tmp_path,  # noqa: ANN001
+                           **kw: Any) -> AsyncIterator[tuple[Agent, Any]]:
+    """Node n1's agent (real engine) against the dispatcher at `addr`, in session; stopped at the end.
+    `kw` goes to the Agent."""
     engine = new_engine(engine_root, registry)
-    agent = Agent("n1", tmp_path, [addr], None, engine, hostname="node-1")
+    agent = Agent("n1", tmp_path, [addr], None, engine, hostname="node-1", **kw)
     runner = asyncio.create_task(agent.run())
     try:
         await wait_for(lambda: agent.session_id != "", what="a session")
@@ -315,6 +318,44 @@ def test_answered_heartbeats_cost_no_pings(engine_root, registry, tmp_path, monk
                 await hole.close()
             assert hole.frames[H2_DATA] >= 2 * len(beats), hole.frames
             assert hole.frames[H2_PING] == 0, hole.frames
+
+    run(main())
+
+
+@pytest.mark.parametrize("start", ["told", "kept", "unknown"])
+def test_the_first_connection_keeps_alive_by_the_period_it_was_told_or_kept(engine_root, registry, tmp_path,
+                                                                           monkeypatch, start) -> None:
+    """An agent's first connection sets its keepalive from the heartbeat period it starts with: the
+    join answer's (`period`), or the one its local state kept from the last run. Knowing it, no ping
+    passes under a 2 s period (KEEPALIVE set to 0.5 s); not knowing it (1 s assumed: a keepalive of
+    1.25 s), a ping goes with about every heartbeat until the agent connects again (one more
+    round trip per heartbeat for the leader of a large cluster, whose period is long). Whatever it
+    started with, the period the answers say is kept for the next start."""
+    monkeypatch.setattr(agent_mod, "KEEPALIVE", 0.5)
+    state = LocalState(tmp_path / "worker")
+    if start == "kept":
+        state.save_heartbeat_period(2.0)
+
+    async def main() -> None:
+        async with manager_side() as (st, _disp, _broker, addr):
+            await set_period(st, 2.0)
+            await add_node(st, "n1", hostname="node-1")
+            hole = _Blackhole(addr)
+            try:
+                via = await hole.start()
+                async with agent_in_session(via, engine_root, registry, tmp_path, state=state,
+                                            period=2.0 if start == "told" else None) as (agent, _engine):
+                    beats: list[float | None] = []
+                    agent.on_heartbeat = beats.append
+                    await asyncio.sleep(5.0)
+                    assert len(beats) >= 2 and None not in beats, beats
+            finally:
+                await hole.close()
+            if start == "unknown":
+                assert hole.frames[H2_PING] >= 2, hole.frames
+            else:
+                assert hole.frames[H2_PING] == 0, hole.frames
+            assert 1.6 <= (state.heartbeat_period() or 0) <= 2.0, state.heartbeat_period()
 
     run(main())
 

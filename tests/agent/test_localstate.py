@@ -80,3 +80,13 @@ def test_gossip_peers_are_kept_sorted_once_each(tmp_path: Path) -> None:
     assert st.gossip_peers() == []
     st.save_gossip_peers(["198.18.0.5:7946", "198.18.0.4:7946", "198.18.0.5:7946", ""])
     assert LocalState(tmp_path / "w").gossip_peers() == ["198.18.0.4:7946", "198.18.0.5:7946"]
+
+
+def test_the_heartbeat_period_is_kept_and_a_damaged_one_reads_as_absent(tmp_path: Path) -> None:
+    st = LocalState(tmp_path / "w")
+    assert st.heartbeat_period() is None
+    st.save_heartbeat_period(4.0)
+    assert LocalState(tmp_path / "w").heartbeat_period() == 4.0
+    for bad in ("", "four\n", "-1\n", "0\n"):
+        (tmp_path / "w" / "heartbeat-period").write_text(bad)
+        assert st.heartbeat_period() is None, bad

@@ -107,7 +107,8 @@ def test_front_join_and_mutual_tls(root, tmp_path: Path):
         paths = {k: str(tmp_path / f"{k}.sock") for k in ("mtls", "join", "plain")}
         specs = (
             ("mtls", ca.NodeCredentials(mgr).server_credentials(), _Who()),
-            ("join", ca.NodeCredentials(mgr).server_credentials(client_auth=False), ca.CAServicer(lambda: root.cert_pem, issue)),
+            ("join", ca.NodeCredentials(mgr).server_credentials(client_auth=False),
+             ca.CAServicer(lambda: root.cert_pem, issue, heartbeat_period=lambda: 4.0)),
             ("plain", None, ca.CAServicer(lambda: root.cert_pem, issue, plain=True)),
         )
         servers = []
@@ -127,6 +128,7 @@ def test_front_join_and_mutual_tls(root, tmp_path: Path):
 
             res = await ca.join_cluster(addr, tokens.worker, hostname="w1")
             assert res.identity.role == types_pb2.WORKER and res.response.cluster_id == "clusterid0"
+            assert res.response.heartbeat_period.ToNanoseconds() == 4 * 10**9  # the cluster's period now
             res_m = await ca.join_cluster(addr, tokens.manager, hostname="m2")
             assert res_m.identity.role == types_pb2.MANAGER
             with pytest.raises(ca.JoinError, match="invalid or was rotated"):

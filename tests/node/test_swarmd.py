@@ -81,6 +81,8 @@ def test_cluster_init_join_restart_failover_and_roles(daemons):
         "m1": types_pb2.MANAGER, "m2": types_pb2.MANAGER, "m3": types_pb2.MANAGER, "w1": types_pb2.WORKER
     }
     assert not w1.sock.exists()  # workers serve no control API
+    # The join answer told the heartbeat period (1 s: 4 nodes), kept for the agent's first connection.
+    assert (w1.dir / "worker" / "heartbeat-period").read_text() == "1.000\n"
 
     # A wrong token and a rotated one are refused with the clear message; nothing is left joined.
     bad = daemons("bad", "127.0.0.5")
