@@ -384,6 +384,8 @@ class EtcdStore(Store):
             async with asyncio.timeout(self.write_timeout if timeout is None else timeout):
                 await fut
         except TimeoutError:
+            if self.sm.version >= revision:  # reached as the time ran out (a busy loop ran the timeout first)
+                return
             raise Unavailable(
                 f"this manager's copy of the store did not reach revision {revision} in time "
                 f"(it holds {self.sm.version}); retry"
