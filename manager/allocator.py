@@ -15,6 +15,7 @@ of a Network in task and node attachments never carry them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 from collections.abc import Iterable
@@ -28,6 +29,7 @@ from shoal.manager.store import (
     StateMachine,
     Store,
     Tx,
+    Unavailable,
     drain,
     is_terminal,
     network_subnet,
@@ -36,6 +38,10 @@ from shoal.manager.store import (
 from shoal.proto import objects_pb2, specs_pb2, types_pb2
 
 log = logging.getLogger("shoal.allocator")
+
+# A pass whose writes the store did not confirm (Unavailable: no quorum, or this manager's copy of the
+# store still behind the commit) runs again this many seconds later if no event calls for one sooner.
+UNCONFIRMED_RETRY = 1.0
 
 VNI_FIRST = 4097
 VNI_LAST = (1 << 24) - 1
@@ -165,6 +171,7 @@ class Allocator:
         self._ingress_left_out = 0
         # The last pass left something without addresses (a full subnet): a freed address calls for a pass.
         self._waiting = False
+        self._unconfirmed = False  # the last pass's writes were not confirmed: run it again soon
 
     async def run(self) -> None:
         with self.store.watch(["task", "service", "network", "node", "cluster"]) as w:
@@ -179,10 +186,21 @@ class Allocator:
                         await self.allocate_once()
                 except Exception:  # keep the loop alive; the next event retries
                     log.exception("allocation pass failed")
-                while not self._calls_for_a_pass(await w.queue.get()):
-                    pass
+                await self._next_pass(w.queue)
                 await asyncio.sleep(self.pacer.pause())
                 drain(w.queue)
+
+    async def _next_pass(self, queue: asyncio.Queue[Any]) -> None:
+        """Wait for a commit that calls for a pass, or at most UNCONFIRMED_RETRY s after a pass whose
+        writes were not confirmed (landed or not, the next pass reads the store again)."""
+        if not self._unconfirmed:
+            while not self._calls_for_a_pass(await queue.get()):
+                pass
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(UNCONFIRMED_RETRY):
+                while not self._calls_for_a_pass(await queue.get()):
+                    pass
 
     def _calls_for_a_pass(self, msg: Any) -> bool:
         """Whether a commit may leave something to allocate. A pass reads the whole store, so the
@@ -232,6 +250,7 @@ class Allocator:
     async def allocate_once(self) -> int:
         """One pass over everything unallocated; returns how many objects were written."""
         self._waiting = True  # until this pass ends with nothing left out
+        self._unconfirmed = False
         sm = self.store.sm
         pools = self._pools(sm)
         written = 0
@@ -297,6 +316,14 @@ class Allocator:
         # batch wrote it, or another writer did, whose event calls for another pass).
         try:
             await self.store.batch(actions)
+        except Unavailable as e:
+            # Not refused: unconfirmed. This copy of the store may not show what landed yet, so one
+            # by one would send again what the batch wrote (at 2,000 nodes 4,000 writes, a round trip
+            # each, while the scheduler got the tasks a few at a time): the next pass reads it again.
+            log.warning("allocation batch of %d objects not confirmed (%s): the next pass looks again",
+                        len(actions), e)
+            self._unconfirmed = True
+            return
         except Exception as e:  # noqa: BLE001 - any refusal falls back to one by one
             log.warning("allocation batch of %d objects refused (%s: %s): writing them one by one",
                         len(actions), type(e).__name__, e)
