@@ -34,8 +34,10 @@ One step, on a fresh cluster, measures in turn:
    goal 0).
 5. the process with 1 % of the nodes SIGKILLed: until all of them are DOWN (`down_s`) and until the
    service is back to all its tasks RUNNING (`down_moved_s`).
-6. throughout: nodes seen DOWN by a ListNodes poll every second (on a follower) that the bench did not kill
-   (`false_down`; managers count too, but not the killed one).
+6. throughout: nodes of the fleet seen DOWN by a ListNodes poll every second (on a follower) that the
+   bench did not kill (`false_down`; managers count too, but not the killed one), and nodes seen DOWN
+   that no agent of the fleet owns (`orphan_nodes`: a join whose answer was lost after the store took
+   it, joined again under a new id; the leader marks such a node DOWN for never opening a session).
 Each phase waits at most 120 s + N * 0.1 s; a figure not reached is null and `errors` names it. When
 the nodes never all come into session, the idle figures are still taken (what the managers spend
 then) and the later phases are skipped. The polls are real API calls and cost the managers something:
@@ -85,7 +87,7 @@ GRPC_OPTS = [("grpc.max_receive_message_length", 1 << 30)]
 ADDR_POOL = "198.19.0.0/16"
 STEPS = (100, 500, 1000, 2000, 5000)
 API_PAUSE = 0.1  # seconds between two rounds of the API thread's calls (one client, not a saturating one)
-KEYS = ("nodes", "false_down", "joins_per_s", "ready_s", "leader_cpu_idle", "follower_cpu_idle",
+KEYS = ("nodes", "false_down", "orphan_nodes", "joins_per_s", "ready_s", "leader_cpu_idle", "follower_cpu_idle",
         "manager_rss_mb", "leader_rss_mb", "sim_cpu_idle", "heartbeat_p50_s", "heartbeat_p99_s", "heartbeats_idle",
         "heartbeats_failed_idle", "tasks",
         "tasks_assigned_s", "tasks_running_s", "api_p99_s", "api_node_ls_p99_s", "api_task_ls_p99_s",
@@ -714,7 +716,13 @@ class Step:
             for m in self.managers:
                 m.kill()
         ignore = self.killed | {self.manager_ids.get(name, "") for name in self.killed_managers}
-        self.res["false_down"] = len(self.down_seen - ignore)
+        # Nodes no agent of the fleet owns: joins whose answer was lost after the store took them (the
+        # sim joined again under a new id); the leader marks them DOWN for never opening a session.
+        owned = set(self.manager_ids.values())
+        for sim in self.sims:
+            owned.update(sim.joined["ids"] if sim.joined else ())
+        self.res["orphan_nodes"] = len(self.down_seen - ignore - owned)
+        self.res["false_down"] = len((self.down_seen - ignore) & owned)
         if leader_log:
             print(f"--- the leader's log, last lines:\n{leader_log}", file=sys.stderr)
         if not self.res["errors"]:

@@ -273,8 +273,12 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         # CA creates it when it issues the node certificate, and an unknown node is refused.
         self.auto_register = auto_register
         self._sessions: dict[str, _Session] = {}
-        # Nodes not yet seen by this leader: node id -> deadline to open a session here.
+        # Nodes not yet seen by this leader: node id -> deadline to open a session here. While the
+        # leader loop runs (`_leading`), a node created meanwhile (a join) gets one too: a node whose
+        # agent never connects (its join's answer lost, the joiner gone) is DOWN, not READY for ever.
         self._unconfirmed: dict[str, float] = {}
+        self._joined: set[str] = set()  # those of them created while this leader leads
+        self._leading = False
         # Nodes held back from DOWN by a mass expiry (see MASS_FRACTION): node id -> since when.
         self._held: dict[str, float] = {}
         self._downs: list[tuple[float, int]] = []  # (when, how many) nodes were marked DOWN lately
@@ -433,6 +437,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         session = _Session(id=new_id(), node_id=node_id, expires=time.monotonic() + self.grace())
         self._sessions[node_id] = session
         self._unconfirmed.pop(node_id, None)
+        self._joined.discard(node_id)
         self._held.pop(node_id, None)
         self._ensure_flag().set()
         metrics.count_session_opened()
@@ -501,6 +506,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 s = self._sessions.get(ev.object.node.id)
                 if s is not None:
                     s.changed.set()
+                elif self._leading and ev.action == ev.CREATE and ev.object.node.id not in self._registering:
+                    self._unconfirmed[ev.object.node.id] = time.monotonic() + self.grace() * NEW_LEADER_GRACE
+                    self._joined.add(ev.object.node.id)
                 if types_pb2.MANAGER in (ev.object.node.role, ev.old_object.node.role):
                     managers = self._find_managers()
                     if managers != self._managers:
@@ -635,6 +643,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                     deadline = max(deadline, now + n.status.restart_deadline.ToNanoseconds() / 1e9 - wall)
                 self._unconfirmed[n.id] = deadline
         log.info("dispatcher leader loop started nodes_awaited=%d wait=%.1fs", len(self._unconfirmed), wait)
+        self._ensure_router()
+        self._leading = True
         try:
             while True:
                 now = time.monotonic()
@@ -649,7 +659,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 for node_id, deadline in list(self._unconfirmed.items()):
                     if deadline <= now:
                         del self._unconfirmed[node_id]
-                        expired.append((node_id, "heartbeat failure for node not seen by this leader"))
+                        expired.append((node_id, "no session since it joined" if node_id in self._joined
+                                        else "heartbeat failure for node not seen by this leader"))
+                        self._joined.discard(node_id)
                 if expired:
                     try:
                         await self._mark_down(expired)
@@ -670,10 +682,12 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 self._forgive_stall(time.monotonic() - due, slept)
         finally:
             # A new leader starts from scratch; streams here end with UNAVAILABLE on their next check.
+            self._leading = False
             for s in self._sessions.values():
                 s.close()
             self._sessions.clear()
             self._unconfirmed.clear()
+            self._joined.clear()
             self._held.clear()
             self._downs.clear()
             self._beat_counts.clear()

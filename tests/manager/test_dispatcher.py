@@ -907,6 +907,54 @@ def test_a_stall_does_not_excuse_a_node_silent_since_well_before_it() -> None:
     run(main())
 
 
+def test_a_node_that_joins_and_never_opens_a_session_is_marked_down() -> None:
+    """A node the CA creates (READY, "joined") while this leader leads, whose agent never opens a
+    session (the join's answer was lost and the joiner joined again under a new id, or it is gone),
+    is DOWN two grace periods later, as a node a new leader never hears from is, not READY for
+    ever; one that opens its session in time stays READY."""
+
+    async def main() -> None:
+        st = await fleet(1, period_s=0.1)
+        async with serve(st) as (disp, addr):
+            c = Client(addr, "n0")
+            await c.open()
+            loop_task = asyncio.create_task(disp.run())
+            beating = Client(addr, "late")
+
+            async def beat() -> None:
+                while True:
+                    await c.heartbeat()
+                    if beating.session_id:
+                        await beating.heartbeat()
+                    await asyncio.sleep(0.05)
+
+            beater = asyncio.create_task(beat())
+            try:
+                await asyncio.sleep(0.2)
+                t0 = time.monotonic()
+                joined = [objects_pb2.Node(id=i, spec=specs_pb2.NodeSpec(), status=types_pb2.NodeStatus(
+                    state=types_pb2.NodeStatus.READY, message="joined")) for i in ("orphan", "late")]
+                await st.update(lambda tx: [tx.create(n) for n in joined])
+                await beating.open()  # the other one's agent connects
+                await wait_for(lambda: st.get("node", "orphan").status.state == types_pb2.NodeStatus.DOWN,
+                               timeout=NEW_LEADER_GRACE * disp.grace() + 5)
+                took = time.monotonic() - t0
+                assert took >= NEW_LEADER_GRACE * disp.grace() - 0.05, took
+                assert st.get("node", "orphan").status.message == "no session since it joined"
+                assert st.get("node", "late").status.state == types_pb2.NodeStatus.READY
+                assert st.get("node", "n0").status.state == types_pb2.NodeStatus.READY
+            finally:
+                beater.cancel()
+                loop_task.cancel()
+                for t in (beater, loop_task):
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
+                await c.close()
+                await beating.close()
+
+    run(main())
+
+
 def test_a_session_whose_first_heartbeat_does_not_come_is_held_then_marked_down() -> None:
     """A node that opened its session was alive then: when its first heartbeat does not come within
     the grace period (a new leader busy opening a whole fleet's sessions reads it late), it is held
