@@ -30,7 +30,8 @@ cache lists everything at the current revision and applies the difference as eve
 
 Failures. Every etcd call has a deadline (`write_timeout`, 4 s): a write without a quorum fails
 with `Unavailable` naming how many managers are reachable; a write whose outcome is unknown (the
-deadline passed after it was sent) says so. Within the deadline, a Txn left unanswered for a second
+deadline passed after it was sent) says so. A write etcd committed is answered once the cache holds
+it, waited for up to `APPLY_PATIENCE` (30 s) however much of the deadline is left. Within the deadline, a Txn left unanswered for a second
 (a proposal lost with a killed leader) or refused as unavailable is sent again, exactly once in
 effect: every copy carries the same write marker and compares that it is absent, so a copy after
 one that landed fails, finds the marker and returns the revision the first one landed at. Before
@@ -195,6 +196,11 @@ class EtcdStore(Store):
 
     # One Txn attempt: unanswered after this long, it is sent again (see `propose`).
     ATTEMPT_TIMEOUT = 0.5
+    # A write etcd committed is answered once this manager's cache holds it, waited for this long
+    # (beyond `write_timeout`: a leader busy applying a large convergence's commits lags seconds
+    # behind its own writes, and failing a write that is done made its writers do it again: the
+    # allocator 4,000 writes one by one, a join a second node, a reconcile more tasks).
+    APPLY_PATIENCE = 30.0
 
     def __init__(
         self,
@@ -571,13 +577,13 @@ class EtcdStore(Store):
                 raise
             if resp.succeeded:
                 answered = time.monotonic()
-                await self.wait_for(resp.header.revision, max(0.5, deadline - time.monotonic()))
+                await self.wait_for(resp.header.revision, self.APPLY_PATIENCE)
                 metrics.observe_store_watch(time.monotonic() - answered)
                 return resp.header.revision
             landed = resp.responses[0].response_range.kvs if resp.responses else []
             if landed:  # an earlier attempt of this very write committed
                 rev = landed[0].mod_revision
-                await self.wait_for(rev, max(0.5, deadline - time.monotonic()))
+                await self.wait_for(rev, self.APPLY_PATIENCE)
                 return rev
             if fence is not None:
                 held = resp.responses[1].response_range.kvs if len(resp.responses) > 1 else []

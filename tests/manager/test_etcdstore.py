@@ -532,6 +532,23 @@ def test_a_revision_reached_as_the_wait_runs_out_is_not_a_timeout(etcd1: EtcdClu
     etcd1.run(body())
 
 
+def test_a_committed_write_waits_for_a_lagging_cache_past_the_write_deadline(etcd1: EtcdCluster) -> None:
+    """etcd commits the write, but this manager's cache takes longer than `write_timeout` (4 s) to
+    hold it (its loop busy applying a convergence's large commits): the write is answered once the
+    cache holds it, not failed as unavailable (its writer would do again what is done)."""
+
+    async def body() -> None:
+        s = await etcd1.store()
+        await stop_watch(s)  # the cache falls behind...
+        asyncio.get_running_loop().call_later(s.write_timeout + 1.5, restart_watch, s)  # ...for 5.5 s
+        t0 = time.monotonic()
+        sec = await s.update(lambda tx: tx.create(secret("late")))
+        took = time.monotonic() - t0
+        assert took > s.write_timeout + 1 and s.get("secret", sec.id).spec.annotations.name == "late", took
+
+    etcd1.run(body())
+
+
 def test_read_your_writes_and_the_version_never_goes_back(etcd3: EtcdCluster) -> None:
     async def body() -> None:
         a, b = await etcd3.store(0), await etcd3.store(2)
