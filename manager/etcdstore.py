@@ -869,8 +869,18 @@ class Election:
     async def _campaign(
         self, lease_id: int, lost: asyncio.Event, q: asyncio.Queue[etcd_pb2.KeyValue | None]
     ) -> AsyncIterator[Fence | None]:
-        """Campaign under one lease until it is lost."""
+        """Campaign under one lease until it is lost, or until the cluster grew past it: a follower
+        campaigns from its start, under the short lease of the cluster it joined; winning with it, its
+        key would expire while its loop takes the control loops over (seconds at 2,000 nodes, no
+        renewal while the loop shows no sign of life for a lease), and the other follower would win
+        in its turn, and lose the same way (`terms` grants a lease of the wanted length)."""
         while not lost.is_set() and self._valid_for() > 0:
+            if self._wanted_ttl() > self.ttl:
+                log.info("election: campaigning under a %d s lease from now on (%d nodes)", self._wanted_ttl(),
+                         len(self.store.sm.tables["node"]))
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await self.store.lease.LeaseRevoke(etcd_pb2.LeaseRevokeRequest(ID=lease_id), timeout=1.0)
+                return
             wait = self._stand_back_until - time.monotonic()
             if wait > 0:
                 await next_or_timeout(q, min(wait, 0.5))

@@ -1102,3 +1102,48 @@ def test_a_leader_whose_cluster_grew_moves_its_key_to_a_longer_lease(etcd1: Etcd
             await cands.stop()
 
     etcd1.run(body())
+
+
+def test_a_follower_campaigns_under_a_lease_as_long_as_the_grown_cluster_wants(etcd1: EtcdCluster) -> None:
+    """A follower campaigns from its start under the short lease of a small cluster; once nodes joined,
+    it campaigns under the longer lease the cluster's size wants, so that when it wins (the leader
+    gone) its key does not expire while its loop takes the control loops over (at 2,000 nodes two
+    followers won and lost the key in turn for 9 s: each one's 2 s lease ran out during its takeover)."""
+
+    async def body() -> None:
+        sa, sb = await etcd1.store(), await etcd1.store()
+        cands = Candidates({"node-a": sa})
+        ea = cands.elections["node-a"]
+        ea.GROW_CHECK = 3600  # type: ignore[misc]  (the leader keeps its short lease: it steps down below)
+        try:
+            node, fence = await cands.next(timeout=5)
+            assert node == "node-a" and fence is not None
+            b = Candidates({"node-b": sb})
+            eb = b.elections["node-b"]
+            eb.LEASE_NODES = 2  # type: ignore[misc]
+            await wait_for_async(lambda: eb.lease_id != 0 and eb.ttl == 2, "node-b campaigning", timeout=5)
+            short = eb.lease_id
+            await sa.fenced(fence).update(lambda tx: [tx.create(objects_pb2.Node(id=f"n{i}")) for i in range(6)])
+            await wait_for_async(lambda: eb.ttl == 5 and eb.lease_id != short, "node-b's longer lease", timeout=5)
+            lease = etcd_pb2_grpc.LeaseStub(grpc.aio.insecure_channel(etcd1.members[0].client_target))
+
+            async def renewed_ttl(lease_id: int) -> int:  # what a keep-alive answers: <= 0 for a lease gone
+                call = lease.LeaseKeepAlive(iter([etcd_pb2.LeaseKeepAliveRequest(ID=lease_id)]), timeout=5)
+                try:
+                    return (await call.read()).TTL
+                finally:
+                    call.cancel()
+
+            assert await renewed_ttl(short) <= 0  # the short one was revoked
+            await ea.resign()
+            node, fence_b = await b.next(timeout=10)
+            assert node == "node-b" and fence_b is not None and eb.ttl == 5
+            kv = await etcd1.kv()
+            key = (await kv.Range(etcd_pb2.RangeRequest(key=b"/shoal/e/leader"))).kvs[0]
+            assert key.lease == eb.lease_id and await renewed_ttl(eb.lease_id) == 5
+            await b.stop()
+        finally:
+            await cands.stop()
+
+    etcd1.run(body())
+
