@@ -39,3 +39,15 @@ def aiotest(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
         return asyncio.run(fn(*args, **kwargs))
 
     return wrapper
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel `tasks` and wait until each has ended (a CancelledError of theirs is expected)."""
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        try:
+            await t
+        except asyncio.CancelledError:
+            pass
+

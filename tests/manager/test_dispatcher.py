@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 from etcd_cluster import CLUSTER, EtcdCluster, etcd_cluster
-from helpers.aio import run
+from helpers.aio import cancel_and_wait, run
 from helpers.waiting import wait_for_async
 
 from shoal.manager import dispatcher as dispatcher_mod
@@ -388,9 +388,7 @@ def test_heartbeat_expiry_marks_node_down_and_session_reopens(stream: bool) -> N
                 # Heartbeats keep n1 READY across many grace periods.
                 await asyncio.sleep(1.0)
                 assert st.get("node", "n1").status.state == types_pb2.NodeStatus.READY
-                beater.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await beater
+                await cancel_and_wait(beater)
                 # Heartbeats stop: DOWN, and the old session is gone.
                 await wait_for(lambda: st.get("node", "n1").status.state == types_pb2.NodeStatus.DOWN)
                 assert st.get("node", "n1").status.message == "heartbeat failure"
@@ -403,9 +401,7 @@ def test_heartbeat_expiry_marks_node_down_and_session_reopens(stream: bool) -> N
                 assert st.get("node", "n1").status.state == types_pb2.NodeStatus.READY
             finally:
                 await c.close()
-                loop_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await loop_task
+                await cancel_and_wait(loop_task)
 
     run(main())
 
@@ -448,9 +444,7 @@ def test_graceful_stop_keeps_the_node_for_the_restart_window_also_under_a_new_le
                 assert state().message == "not back within the restart window after a graceful stop"
             finally:
                 await c.close()
-                loop_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await loop_task
+                await cancel_and_wait(loop_task)
 
             # A node that stopped gracefully under the old leader: the new leader waits for its deadline
             # (without it, 2 grace periods: 0.56 s).
@@ -467,9 +461,7 @@ def test_graceful_stop_keeps_the_node_for_the_restart_window_also_under_a_new_le
                 await wait_for(lambda: state().state == types_pb2.NodeStatus.DOWN, timeout=5)
                 assert time.monotonic() - t0 >= 1.4
             finally:
-                new_leader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await new_leader
+                await cancel_and_wait(new_leader)
 
     run(main())
 
@@ -820,11 +812,7 @@ def test_a_mass_expiry_is_held_for_a_few_grace_periods_then_marked_down() -> Non
                 )
                 assert st.get("node", "n0").status.state == types_pb2.NodeStatus.READY
             finally:
-                beater.cancel()
-                loop_task.cancel()
-                for t in (beater, loop_task):
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await t
+                await cancel_and_wait(beater, loop_task)
                 await c.close()
 
     run(main())
@@ -897,9 +885,7 @@ def test_a_stall_does_not_excuse_a_node_silent_since_well_before_it() -> None:
                     await wait_for(lambda: st.get("node", "n0").status.state == types_pb2.NodeStatus.DOWN,
                                    timeout=10)
                 finally:
-                    loop_task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await loop_task
+                    await cancel_and_wait(loop_task)
             finally:
                 await quiet.close()
                 await recent.close()
@@ -944,11 +930,7 @@ def test_a_node_that_joins_and_never_opens_a_session_is_marked_down() -> None:
                 assert st.get("node", "late").status.state == types_pb2.NodeStatus.READY
                 assert st.get("node", "n0").status.state == types_pb2.NodeStatus.READY
             finally:
-                beater.cancel()
-                loop_task.cancel()
-                for t in (beater, loop_task):
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await t
+                await cancel_and_wait(beater, loop_task)
                 await c.close()
                 await beating.close()
 
@@ -980,9 +962,7 @@ def test_a_session_whose_first_heartbeat_does_not_come_is_held_then_marked_down(
                 assert took_quiet >= (1 + MASS_MAX_GRACES) * disp.grace() - 0.05 > took_heard, (took_quiet, took_heard)
                 assert st.get("node", "n0").status.message == "heartbeat failure"
             finally:
-                loop_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await loop_task
+                await cancel_and_wait(loop_task)
                 await quiet.close()
                 await heard.close()
 
