@@ -30,8 +30,9 @@ cache lists everything at the current revision and applies the difference as eve
 
 Failures. Every etcd call has a deadline (`write_timeout`, 4 s): a write without a quorum fails
 with `Unavailable` naming how many managers are reachable; a write whose outcome is unknown (the
-deadline passed after it was sent) says so. A write etcd committed is answered once the cache holds
-it, waited for up to `APPLY_PATIENCE` (30 s) however much of the deadline is left. Within the deadline, a Txn left unanswered for a second
+deadline passed after it was sent) says so. A write etcd committed is answered once the cache
+holds it, waited for up to `APPLY_PATIENCE` (30 s) however much of the deadline is left. Within
+the deadline, a Txn left unanswered for a second
 (a proposal lost with a killed leader) or refused as unavailable is sent again, exactly once in
 effect: every copy carries the same write marker and compares that it is absent, so a copy after
 one that landed fails, finds the marker and returns the revision the first one landed at. Before
