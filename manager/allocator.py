@@ -193,12 +193,8 @@ class Allocator:
     async def _next_pass(self, queue: asyncio.Queue[Any]) -> None:
         """Wait for a commit that calls for a pass, or at most UNCONFIRMED_RETRY s after a pass whose
         writes were not confirmed (landed or not, the next pass reads the store again)."""
-        if not self._unconfirmed:
-            while not self._calls_for_a_pass(await queue.get()):
-                pass
-            return
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(UNCONFIRMED_RETRY):
+            async with asyncio.timeout(UNCONFIRMED_RETRY if self._unconfirmed else None):
                 while not self._calls_for_a_pass(await queue.get()):
                     pass
 
