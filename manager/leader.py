@@ -1,10 +1,11 @@
 """The leader-only control loops: what one manager at a time runs while it holds the leader key.
 
 `LEADER_LOOPS` lists their factories; `Manager._lead` (shoal.manager.manager) builds them anew at
-each term on the store fenced by that term's claim, in this order, then adds the dispatcher's own
+each term on the store fenced by that term's claim, in this order, after the dispatcher's own
 `run()` (heartbeat expiry; the Dispatcher is built once, as it serves gRPC), and runs them all
 side by side in one task group (a loop that raises is restarted after 1 s; all are cancelled when
-the leader key is lost):
+the leader key is lost). They start one after another, each after a pause as long as the first
+step of the one before took (the first passes read the whole store):
 
 1. `RoleManager` -- etcd membership follows each node's `spec.desired_role` (promote:
    role=MANAGER, the node then renews its certificate and joins as a learner, promoted to a voter

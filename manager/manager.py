@@ -68,6 +68,7 @@ from shoal.manager.etcdmember import EtcdConfig, EtcdError, EtcdMember
 from shoal.manager.etcdstore import Election, EtcdStore, Fence, rpc_unavailable
 from shoal.manager.leader import LEADER_LOOPS
 from shoal.manager.logbroker import LogBroker
+from shoal.manager.pacing import start_paced
 from shoal.manager.store import AlreadyExists, Store, StoreError, Tx, Unavailable, new_id
 from shoal.manager.storestatus import STATUS_PERIOD, MemberStatus, StoreStatus
 from shoal.manager.watchapi import WatchServicer
@@ -787,7 +788,10 @@ class Manager:
             except Unavailable as e:
                 log.info("node=%s leader catching up: %s", self.node_id, e)
         store = self.raft.fenced(fence)
-        loops: list[tuple[str, Any]] = []
+        # The dispatcher first: its deadlines start now, and the sessions of every node (a fleet
+        # reconnecting) open while the other loops make their first passes.
+        self.dispatcher.leader_store = store
+        loops: list[tuple[str, Any]] = [("Dispatcher", self.dispatcher)]
         for factory in LEADER_LOOPS:
             name = getattr(factory, "__name__", repr(factory)).lstrip("_")
             try:
@@ -798,11 +802,8 @@ class Manager:
             for loop in built if isinstance(built, list | tuple) else [built]:
                 if loop is not None:
                     loops.append((type(loop).__name__, loop))
-        self.dispatcher.leader_store = store
-        loops.append(("Dispatcher", self.dispatcher))
         async with asyncio.TaskGroup() as tg:
-            for name, loop in loops:
-                tg.create_task(self._supervise(name, loop), name=name)
+            await start_paced(tg, ((name, self._supervise(name, loop)) for name, loop in loops))
 
     async def _supervise(self, name: str, loop: Any) -> None:
         while True:

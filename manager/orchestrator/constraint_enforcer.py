@@ -14,6 +14,8 @@ log = logging.getLogger("shoal.orchestrator.constraints")
 
 WE = watch_pb2.WatchEvent
 
+FIRST_PASS_CHUNK = 100  # nodes checked in the first pass between two yields of the event loop
+
 
 class ConstraintEnforcer:
     """Leader loop. `ConstraintEnforcer(store)`; `await run()` until cancelled.
@@ -32,8 +34,12 @@ class ConstraintEnforcer:
     async def run(self) -> None:
         log.info("constraint enforcer started")
         with self.store.watch(["node"]) as w:
-            for node in self.store.sm.list("node"):
-                await self._enforce(node)
+            for i, node_id in enumerate([n.id for n in self.store.sm.list("node")], 1):
+                if i % FIRST_PASS_CHUNK == 0:
+                    await asyncio.sleep(0)  # a fleet's sessions and heartbeats in between
+                node = self.store.sm.get("node", node_id)  # as it is now
+                if node is not None:
+                    await self._enforce(node)
             while True:
                 self.idle.set()
                 msg = await w.queue.get()
@@ -72,8 +78,8 @@ class ConstraintEnforcer:
         if res.nano_cpus or res.memory_bytes:
             cpu = sum(t.spec.resources.reservations.nano_cpus for t in keep)
             mem = sum(t.spec.resources.reservations.memory_bytes for t in keep)
-            keep.sort(key=created_key, reverse=True)  # newest go first
-            for t in list(keep):
+            over = (res.nano_cpus and cpu > res.nano_cpus) or (res.memory_bytes and mem > res.memory_bytes)
+            for t in sorted(keep, key=created_key, reverse=True) if over else ():  # newest go first
                 over_cpu = res.nano_cpus and cpu > res.nano_cpus
                 over_mem = res.memory_bytes and mem > res.memory_bytes
                 if not (over_cpu or over_mem):
