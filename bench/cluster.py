@@ -7,8 +7,8 @@ script, which waits for convergence by default: its progress follows the Watch s
 process's start to its exit; the gap to create_* is the CLI's own cost (start-up, watch, output).
 
 swarmd RSS is read twice: idle (rss_*_idle_mb, a few seconds after `lab up`, before any service) and
-after the create_* workload (rss_*_after_load_mb). A manager's figure is swarmd plus its etcd member
-(target 110 MB idle, against dockerd + containerd's 157 MB); the agent's target is 50 MB.
+after the create_* workload (rss_*_after_load_mb). A manager's figure is swarmd plus its remote API
+front's process and its etcd member (target 110 MB idle, against dockerd + containerd's 157 MB); the agent's target is 50 MB.
 
 Brings up its own lab (named `bench`), measures, and takes it down again. Prints a table and one
 JSON line. Never fails on a figure: targets are shown, not asserted.
@@ -127,17 +127,34 @@ def etcd_rss_mb(h) -> float:
     return rss_mb(pid) if pid else 0.0
 
 
+def front_rss_mb(h) -> float:
+    """VmRSS (MB) of a lab manager's remote API front (the swarmd child running
+    `shoal.manager.remoteapi`), 0 if none runs."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(") ", 1)[1].split()[1])
+            if ppid == h.swarmd_pid and b"shoal.manager.remoteapi" in (proc / "cmdline").read_bytes():
+                return rss_mb(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return 0.0
+
+
 def rss_by_role(st: LabState, suffix: str) -> dict[str, float | None]:
-    """Largest VmRSS (MB) of the live swarmd of each role: rss_manager_<suffix> (swarmd plus its etcd
-    member: the manager's whole footprint, as dockerd + containerd is Docker's), rss_manager_swarmd_
-    and rss_manager_etcd_<suffix> (its parts), rss_agent_<suffix>."""
+    """Largest VmRSS (MB) of the live swarmd of each role: rss_manager_<suffix> (swarmd plus its
+    remote API front and its etcd member: the manager's whole footprint, as dockerd + containerd is
+    Docker's), rss_manager_swarmd_, rss_manager_front_ and rss_manager_etcd_<suffix> (its parts),
+    rss_agent_<suffix>."""
     out: dict[str, float | None] = {}
     managers = [h for h in st.hosts if h.role == "manager" and _alive(h.swarmd_pid)]
-    parts = [(rss_mb(h.swarmd_pid), etcd_rss_mb(h)) for h in managers]
+    parts = [(rss_mb(h.swarmd_pid), front_rss_mb(h), etcd_rss_mb(h)) for h in managers]
     whole = max(parts, key=sum) if parts else None
     out[f"rss_manager_{suffix}"] = round(sum(whole), 1) if whole else None
     out[f"rss_manager_swarmd_{suffix}"] = round(whole[0], 1) if whole else None
-    out[f"rss_manager_etcd_{suffix}"] = round(whole[1], 1) if whole else None
+    out[f"rss_manager_front_{suffix}"] = round(whole[1], 1) if whole else None
+    out[f"rss_manager_etcd_{suffix}"] = round(whole[2], 1) if whole else None
     vals = [rss_mb(h.swarmd_pid) for h in st.hosts if h.role == "worker" and _alive(h.swarmd_pid)]
     out[f"rss_agent_{suffix}"] = max(vals) if vals else None
     return out

@@ -13,10 +13,10 @@ client on a root-only unix socket), opens the `EtcdStore` on it and serves:
 - the log broker (`shoal.manager.logbroker.LogBroker(store, manager=self)`): `Logs` on both, and
   `LogBroker` (agents) on the remote port.
 
-The remote port (2377) is `remoteapi.RemoteAPIFront`: it splices each connection to one of three gRPC
-listeners on abstract unix sockets (per network namespace): mutual TLS (Control, Dispatcher, Logs,
-LogBroker, CA), join (server TLS, CA only) and plaintext (root CA certificate only). Why: see
-`shoal.manager.remoteapi`.
+The remote port (2377) is `remoteapi.RemoteAPIFront`, a process of the manager's own: it splices
+each connection to one of three gRPC listeners on abstract unix sockets (per network namespace):
+mutual TLS (Control, Dispatcher, Logs, LogBroker, CA), join (server TLS, CA only) and plaintext
+(root CA certificate only). Why: see `shoal.manager.remoteapi`.
 
 Leader loops. One manager at a time runs the loops built by the factories in
 `shoal.manager.leader.LEADER_LOOPS` (each `factory(store, manager)` returns an object with

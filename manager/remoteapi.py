@@ -13,21 +13,27 @@ three internal gRPC listeners on unix sockets (the manager starts them, see
 - plaintext HTTP/2: `GetRootCACertificate` only -- public data, checked by the joiner against the
   digest in its token before it opens the TLS channel that carries the token.
 
-This module owns the routing and the byte copying only; certificates and credentials are
-`shoal.manager.ca`'s.
+The front runs in a process of its own (see `RemoteAPIFront`). This module owns the routing and
+the byte copying only; certificates and credentials are `shoal.manager.ca`'s.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import socket
-import threading
-
-from shoal.manager.ca import JOIN_NAME
+import sys
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+SETPRIV = "/usr/bin/setpriv"
+START_TIMEOUT = 15.0  # s for the front's process to listen (an interpreter start on a loaded machine)
+STOP_TIMEOUT = 5.0  # s for it to end after SIGTERM; then SIGKILL
 
 
 def _client_hello_sni(data: bytes) -> str | None:
@@ -57,73 +63,117 @@ def _client_hello_sni(data: bytes) -> str | None:
 HEAD_TIMEOUT = 10.0  # s for a new connection's first bytes (the route is chosen by them)
 
 
+def _arg_path(path: str) -> str:
+    """A listener's path as a command-line argument: an abstract socket's leading NUL as "@"."""
+    return "@" + path[1:] if path.startswith("\0") else path
+
+
+def _path_arg(arg: str) -> str:
+    return "\0" + arg[1:] if arg.startswith("@") else arg
+
+
 class RemoteAPIFront:
     """The manager's remote API port (2377): routes each TCP connection, by its first bytes and
     without terminating TLS, to the mTLS, join (server TLS) or plaintext (root CA only) gRPC
     listener on unix sockets, then copies bytes both ways. See the module docstring for why.
 
-    The copying is done by protocol callbacks (`_Client`, `_Upstream`): each chunk read is written
-    to the other side at once, with no coroutine, future or task per chunk, as every heartbeat of
-    every node passes through here. A side whose write buffer fills pauses reading on the other; an
-    end of stream is passed on as one (half-close).
+    The copying runs in a process of its own (`python -m shoal.manager.remoteapi`, `_Front`),
+    started by `start` and ended by `close`, and by the kernel when the manager dies, even by
+    SIGKILL (`setpriv --pdeathsig KILL`, as the etcd member): every heartbeat, status report and
+    assignment of every node passes through it, and as a thread of the manager's process it needed
+    the manager's interpreter lock for every read and write. While the manager's event loop
+    computes (a scheduling pass of thousands of tasks, a burst of sessions) that lock is its but for
+    a switch interval at a time: the relay's slowest round trips took six times as long as in a
+    process of its own (bench/frontrelay.py), and at 2,000 nodes the agents' HTTP/2 pings went
+    unanswered for 3 s during a convergence, ending fifty sessions at once. In a process of its own
+    the pings, which gRPC's C core answers by itself, tell the agents that the manager is alive but
+    slow, not gone (agents then wait for the heartbeat answer, see `shoal.agent.agent`)."""
 
-    It runs on an event loop of its own, in its own thread (`start` and `close` are called from the
-    manager's loop): while the manager's loop is busy (a scheduling pass of thousands of tasks, a
-    burst of sessions), bytes still pass within a GIL switch interval, so the agents' HTTP/2 pings,
-    which gRPC's C core answers by itself, tell them that this manager is alive but slow, not gone
-    (agents then wait for the heartbeat answer, see `shoal.agent.agent`)."""
+    def __init__(self, listen: str, mtls_path: str, join_path: str, plain_path: str,
+                 head_timeout: float = HEAD_TIMEOUT) -> None:
+        from shoal.manager.ca import JOIN_NAME  # not imported by the front's own process
 
-    def __init__(self, listen: str, mtls_path: str, join_path: str, plain_path: str) -> None:
+        self.listen = listen
+        self.paths = {"mtls": mtls_path, "join": join_path, "plain": plain_path}
+        self.join_name = JOIN_NAME
+        self.head_timeout = head_timeout
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The front process's pid while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    async def start(self) -> None:
+        """Start the front's process and return once it listens; OSError (naming the address and
+        the cause, the port taken, say) when it does not. Call it from the thread that runs the
+        event loop for the manager's life: the kernel ends the front when that thread ends."""
+        argv = [SETPRIV, "--pdeathsig", "KILL", "--", sys.executable, "-m", "shoal.manager.remoteapi",
+                "--parent", str(os.getpid()), "--join-name", self.join_name,
+                "--head-timeout", str(self.head_timeout), self.listen,
+                *(_arg_path(self.paths[k]) for k in ("mtls", "join", "plain"))]
+        self._proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                          stdout=asyncio.subprocess.PIPE)
+        assert self._proc.stdout is not None
+        try:
+            said = (await asyncio.wait_for(self._proc.stdout.readline(), START_TIMEOUT)).decode().strip()
+        except TimeoutError:
+            said = f"no answer within {START_TIMEOUT:.0f} s"
+        if said != "listening":
+            await self.close()
+            raise OSError(f"the remote API on {self.listen} did not start: {said or 'its process ended'}")
+        log.info("remote API listening on %s (front process %d)", self.listen, self._proc.pid)
+
+    async def close(self) -> None:
+        """End the front's process (its connections with it) and wait for it."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
+class _Front:
+    """The front's process: listens, routes and copies on its own event loop (the protocol
+    callbacks `_Client` and `_Upstream`: each chunk read is written to the other side at once, with
+    no coroutine, future or task per chunk). A side whose write buffer fills pauses reading on the
+    other; an end of stream is passed on as one (half-close)."""
+
+    def __init__(self, listen: str, paths: dict[str, str], join_name: str, head_timeout: float) -> None:
         host, _, port = listen.rpartition(":")
         self.host = host.strip("[]") or "0.0.0.0"
         self.port = int(port)
-        self.paths = {"mtls": mtls_path, "join": join_path, "plain": plain_path}
-        self._server: asyncio.base_events.Server | None = None
-        self._conns: set[_Client] = set()  # touched on the front's own loop only
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self.paths = paths
+        self.join_name = join_name
+        self.head_timeout = head_timeout
+        self._conns: set[_Client] = set()
 
-    async def start(self) -> None:
-        """Listen (raises OSError as `create_server` does, the port taken, say)."""
-        loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=loop.run_forever, name="remote-api-front", daemon=True)
-        self._thread.start()
-        self._loop = loop
-        try:
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._listen(), loop))
-        except BaseException:
-            await self.close()
-            raise
-        log.info("remote API listening on %s:%d", self.host, self.port)
-
-    async def _listen(self) -> None:
+    async def serve(self, ready: Callable[[], None]) -> None:
+        """Listen (OSError as `create_server` raises it), call `ready`, serve until SIGTERM or SIGINT."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Client(self), self.host, self.port, reuse_address=True)
-
-    async def close(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        self._loop = self._thread = None
-        with contextlib.suppress(RuntimeError):  # (its loop already stopped)
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._close(), loop))
-        loop.call_soon_threadsafe(loop.stop)
-        await asyncio.to_thread(thread.join)
-        loop.close()
-
-    async def _close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        server = await loop.create_server(lambda: _Client(self), self.host, self.port, reuse_address=True)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        ready()
+        await stop.wait()
+        server.close()
         for c in list(self._conns):
             c.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
+        await server.wait_closed()
 
 
 class _Client(asyncio.Protocol):
     """A connection to 2377: its first bytes choose the route; then each chunk goes upstream."""
 
-    def __init__(self, front: RemoteAPIFront) -> None:
+    def __init__(self, front: _Front) -> None:
         self.front = front
         self.transport: asyncio.Transport | None = None
         self.up: _Upstream | None = None
@@ -140,7 +190,7 @@ class _Client(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.abort)
+        self.timer = asyncio.get_running_loop().call_later(self.front.head_timeout, self.abort)
 
     def data_received(self, data: bytes) -> None:
         if self.up is not None and self.up.transport is not None:
@@ -149,7 +199,7 @@ class _Client(asyncio.Protocol):
         self.head += data
         if self.connecting is not None:  # routed: the upstream connection is on its way
             return
-        route = _route(self.head)
+        route = _route(self.head, self.front.join_name)
         if route is None:  # the first bytes are not all here yet
             return
         if self.timer is not None:
@@ -253,8 +303,8 @@ class _Upstream(asyncio.Protocol):
         self.transport = None
 
 
-def _route(head: bytes) -> str | None:
-    """The route of a connection by its first bytes: "join" (TLS with SNI `ca.JOIN_NAME`), "mtls"
+def _route(head: bytes, join_name: str) -> str | None:
+    """The route of a connection by its first bytes: "join" (TLS with SNI `join_name`), "mtls"
     (other TLS), "plain" (anything else: HTTP/2 in clear); None while the TLS record holding the
     ClientHello is not complete yet."""
     if len(head) < 5:
@@ -263,4 +313,31 @@ def _route(head: bytes) -> str | None:
         return "plain"
     if len(head) < 5 + int.from_bytes(head[3:5], "big"):
         return None
-    return "join" if _client_hello_sni(head) == JOIN_NAME else "mtls"
+    return "join" if _client_hello_sni(head) == join_name else "mtls"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The front's process (`RemoteAPIFront.start` runs it): prints "listening" once it listens,
+    or "error: ..." and exits 1."""
+    ap = argparse.ArgumentParser(prog="python -m shoal.manager.remoteapi")
+    ap.add_argument("--parent", type=int, required=True, help="the manager's pid")
+    ap.add_argument("--join-name", required=True)
+    ap.add_argument("--head-timeout", type=float, default=HEAD_TIMEOUT)
+    ap.add_argument("listen")
+    ap.add_argument("paths", nargs=3, metavar="PATH", help="the mtls, join and plain listeners (@name: abstract)")
+    a = ap.parse_args(argv)
+    if os.getppid() != a.parent:  # the manager died before the kernel was told to end this process with it
+        return 1
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s remote-api-front: %(message)s")
+    paths = dict(zip(("mtls", "join", "plain"), (_path_arg(p) for p in a.paths), strict=True))
+    front = _Front(a.listen, paths, a.join_name, a.head_timeout)
+    try:
+        asyncio.run(front.serve(lambda: print("listening", flush=True)))
+    except OSError as e:
+        print(f"error: {e}", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,18 +1,23 @@
-"""The remote API front's byte copying (`remoteapi.RemoteAPIFront`), with a unix-socket listener of
-the test's own behind each route: every byte both ways, in order, also when one side reads slowly
-(flow control), and the end of stream passed on as a half-close. The routing by first bytes and the
-real gRPC listeners behind it are tests/manager/test_ca.py's."""
+"""The remote API front's byte copying (`remoteapi.RemoteAPIFront`, a process of its own), with a
+unix-socket listener of the test's own behind each route: every byte both ways, in order, also when
+one side reads slowly (flow control), and the end of stream passed on as a half-close; bytes pass
+while the interpreter that started it is busy; the front ends with the manager, also one killed by
+SIGKILL. The routing by first bytes and the real gRPC listeners behind it are
+tests/manager/test_ca.py's."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import os
+import signal
 import socket
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
 from helpers.aio import run_bounded
 
 from shoal.lab.registry import free_port
@@ -47,8 +52,12 @@ def test_every_byte_both_ways_with_a_half_close(tmp_path: Path) -> None:
         seen: dict[str, bytes] = {}
         servers = [await _listener(p, seen) for p in paths.values()]
         addr = f"127.0.0.1:{free_port('127.0.0.1')}"
-        front = remoteapi.RemoteAPIFront(addr, str(paths["mtls"]), str(paths["join"]), str(paths["plain"]))
+        # a connection that never says enough to be routed is dropped after head_timeout s
+        front = remoteapi.RemoteAPIFront(addr, str(paths["mtls"]), str(paths["join"]), str(paths["plain"]),
+                                         head_timeout=0.5)
         await front.start()
+        assert front.pid is not None
+        fds = len(os.listdir(f"/proc/{front.pid}/fd"))  # the listener, the event loop's own
         try:
             host, port = addr.rsplit(":", 1)
             payload = b"PRI * HTTP/2.0\r\n" + os.urandom(16 << 20)  # not TLS: the plain route
@@ -60,20 +69,15 @@ def test_every_byte_both_ways_with_a_half_close(tmp_path: Path) -> None:
             w.close()
             assert seen == {"plain": hashlib.sha256(payload).digest()}
             assert len(got) == len(ANSWER) and got == ANSWER
-            # a connection that never says enough to be routed is dropped after HEAD_TIMEOUT
-            front_timeout, remoteapi.HEAD_TIMEOUT = remoteapi.HEAD_TIMEOUT, 0.2
-            try:
-                r2, w2 = await asyncio.open_connection(host, int(port))
-                w2.write(b"\x16\x03")
-                assert await asyncio.wait_for(r2.read(), 5) == b""
-                w2.close()
-            finally:
-                remoteapi.HEAD_TIMEOUT = front_timeout
+            r2, w2 = await asyncio.open_connection(host, int(port))
+            w2.write(b"\x16\x03")
+            assert await asyncio.wait_for(r2.read(), 5) == b""
+            w2.close()
             for _ in range(100):  # and both connections are let go of (closed on their own, not by close())
-                if not front._conns:
+                if len(os.listdir(f"/proc/{front.pid}/fd")) == fds:
                     break
                 await asyncio.sleep(0.05)
-            assert not front._conns
+            assert len(os.listdir(f"/proc/{front.pid}/fd")) == fds
         finally:
             await front.close()
             for s in servers:
@@ -83,54 +87,109 @@ def test_every_byte_both_ways_with_a_half_close(tmp_path: Path) -> None:
     run_bounded(body())
 
 
+ROUND_TRIPS = '''
+import socket, sys, threading, time
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(sys.argv[1])
+listener.listen()
+def echo():
+    conn, _ = listener.accept()
+    while data := conn.recv(65536):
+        conn.sendall(data)
+threading.Thread(target=echo, daemon=True).start()
+print("ready", flush=True)
+sys.stdin.readline()  # go
+client = socket.create_connection((sys.argv[2], int(sys.argv[3])))
+client.sendall(b"PRI * HTTP/2.0\\r\\n")
+client.recv(65536)
+for _ in range(int(sys.argv[4])):
+    client.sendall(b"ping")
+    got = b""
+    while len(got) < 4:
+        got += client.recv(65536)
+print(time.monotonic(), flush=True)
+'''
+
+
 def test_bytes_pass_while_the_managers_event_loop_is_busy(tmp_path: Path) -> None:
-    """The front copies on a loop of its own: while the loop that started it is blocked (a manager
-    busy with a large scheduling pass), a client's bytes still reach the listener and its answer
-    comes back (an agent's HTTP/2 ping, answered by gRPC's C core, keeps telling it the manager is
-    alive). The listener here is a thread of its own too."""
+    """The front copies in a process of its own: while the interpreter that started it is busy (a
+    manager's loop computing a large scheduling pass, holding the interpreter lock), a client's
+    bytes still reach the listener and its answers come back (an agent's HTTP/2 ping, answered by
+    gRPC's C core, keeps telling it the manager is alive). The client and the listener are a
+    process of their own: 200 round trips through the front, each one a read and a write on
+    both of its sides, all answered while this interpreter computes for 3 s. (A relay thread of
+    this process waited out a switch interval, 5 ms, for each of those calls: 4 s at least.)"""
 
     async def body() -> None:
-        paths = {k: tmp_path / k for k in ("mtls", "join", "plain")}
-        listener = socket.socket(socket.AF_UNIX)
-        listener.bind(str(paths["plain"]))
-        listener.listen()
-
-        def echo() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-
-        threading.Thread(target=echo, daemon=True).start()
+        plain = tmp_path / "plain"
         addr = f"127.0.0.1:{free_port('127.0.0.1')}"
-        front = remoteapi.RemoteAPIFront(addr, str(paths["mtls"]), str(paths["join"]), str(paths["plain"]))
+        front = remoteapi.RemoteAPIFront(addr, str(tmp_path / "mtls"), str(tmp_path / "join"), str(plain))
         await front.start()
-        answered: list[float] = []
         host, port = addr.rsplit(":", 1)
-        client = socket.create_connection((host, int(port)))
-
-        def ping_pong() -> None:
-            for i in range(5):
-                msg = b"PRI * HTTP/2.0\r\n" if i == 0 else b"ping"
-                client.sendall(msg)
-                got = b""
-                while len(got) < len(msg):
-                    got += client.recv(65536)
-                assert got == msg
-                answered.append(time.monotonic())
-
+        peer = subprocess.Popen([sys.executable, "-c", ROUND_TRIPS, str(plain), host, port, "200"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
-            t0 = time.monotonic()
-            pinger = threading.Thread(target=ping_pong, daemon=True)
-            pinger.start()
-            time.sleep(2.0)  # this loop blocked: nothing of it runs meanwhile
+            assert peer.stdout is not None and peer.stdin is not None
+            assert peer.stdout.readline().strip() == "ready"
+            peer.stdin.write("go\n")
+            peer.stdin.flush()
+            busy_until = time.monotonic() + 3.0
+            while time.monotonic() < busy_until:  # this interpreter busy, computing
+                sum(i * i for i in range(1000))
             blocked_until = time.monotonic()
-            pinger.join(5)
-            assert len(answered) == 5, answered
-            assert answered[-1] < blocked_until, (answered[-1] - t0, blocked_until - t0)
+            done = float(peer.stdout.readline())
+            assert done < blocked_until, f"the last answer came {done - blocked_until:.2f} s after the busy spell"
         finally:
-            client.close()
+            peer.kill()
+            peer.wait()
             await front.close()
-            listener.close()
 
     run_bounded(body())
+
+
+MANAGER = '''
+import asyncio, sys
+from shoal.manager import remoteapi
+async def main():
+    front = remoteapi.RemoteAPIFront(sys.argv[1], "@x-mtls", "@x-join", "@x-plain")
+    await front.start()
+    print(front.pid, flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+'''
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (not gone, not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_front_ends_with_a_manager_killed_by_sigkill() -> None:
+    """A manager process killed by SIGKILL runs no cleanup: the kernel ends its front (PDEATHSIG),
+    and nothing listens on the port any more."""
+    addr = f"127.0.0.1:{free_port('127.0.0.1')}"
+    host, port = addr.rsplit(":", 1)
+    mgr = subprocess.Popen([sys.executable, "-c", MANAGER, addr], stdout=subprocess.PIPE, text=True)
+    front_pid = 0
+    try:
+        assert mgr.stdout is not None
+        front_pid = int(mgr.stdout.readline())
+        socket.create_connection((host, int(port)), timeout=5).close()  # it listens
+        os.kill(mgr.pid, signal.SIGKILL)
+        mgr.wait()
+        deadline = time.monotonic() + 10
+        while _running(front_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(front_pid), f"the front (pid {front_pid}) outlived its manager"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, int(port)), timeout=5).close()
+    finally:
+        if mgr.poll() is None:
+            mgr.kill()
+            mgr.wait()
+        if front_pid and _running(front_pid):
+            os.kill(front_pid, signal.SIGKILL)
