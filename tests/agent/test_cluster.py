@@ -53,11 +53,12 @@ def test_one_manager_two_workers_run_six_replicas_spread_two_each(registry) -> N
                 for n in json.loads(ctl(sock, "node", "ls", "--format", "json"))
             }
 
-        def all_ready() -> bool:
+        def all_ready() -> bool:  # and each described by its agent's session (the join wrote the hostname only)
             ns = by_name()
-            return len(ns) == 3 and all(n.get("status", {}).get("state") == "READY" for n in ns.values())
+            return len(ns) == 3 and all(n.get("status", {}).get("state") == "READY"
+                                        and n["description"].get("platform") for n in ns.values())
 
-        wait_until(all_ready, what="3 nodes READY")
+        wait_until(all_ready, what="3 nodes READY, each described by its agent")
         ids = {name: n["id"] for name, n in by_name().items()}
         desc = by_name()["w1"]["description"]
         assert desc["platform"]["os"] == "linux" and int(desc["resources"]["nano_cpus"]) > 0
