@@ -737,7 +737,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         late to read their heartbeats), and a node not seen by this leader yet while this loop
         stalls or MASS_MIN sessions or more opened in the last grace period (the fleet is still
         reconnecting: its agent may be queued behind the others): each for MASS_MAX_GRACES grace
-        periods at most, or BEHIND_MAX_GRACES while this leader stalls or reads heartbeats late."""
+        periods at most, or BEHIND_MAX_GRACES while this leader stalls or reads heartbeats late, and
+        a node not seen yet also while the fleet still reconnects."""
         g = self.grace()
         self._count_beats(now, g)
         while self._opened and self._opened[0] <= now - g:  # (every pass: not only when some are late)
@@ -759,8 +760,11 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                     or (nid in sessions and (not sessions[nid].heard or (stalled and sessions[nid].beat >= recent)))]
         held = 0
         most = (BEHIND_MAX_GRACES if stalling else MASS_MAX_GRACES) * g
+        # A node not seen yet while sessions keep opening: the reconnecting fleet takes this leader
+        # as long as it takes (at 2,000 nodes, longer than a mass expiry's hold), its agent queued.
+        unseen_most = BEHIND_MAX_GRACES * g if arriving else most
         for nid in late:
-            if now - self._held.setdefault(nid, now) >= most:
+            if now - self._held.setdefault(nid, now) >= (most if nid in self._sessions else unseen_most):
                 continue
             held += 1
             if nid in self._sessions:

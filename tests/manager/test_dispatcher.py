@@ -1029,7 +1029,8 @@ def test_a_leader_that_reads_too_few_of_the_heartbeats_owed_holds_a_missed_deadl
 def test_a_node_not_seen_yet_is_held_while_the_fleet_still_reconnects() -> None:
     """A new leader's deadline for a node it has not heard from passes while sessions keep opening
     (MASS_MIN or more in the last grace period: the fleet reconnecting, its agent maybe queued behind
-    the others): held. Once the sessions stopped opening, such a node, one of many, is not."""
+    the others): held, also past a mass expiry's MASS_MAX_GRACES, up to BEHIND_MAX_GRACES grace
+    periods. Once the sessions stopped opening, such a node, one of many, is not."""
 
     async def main() -> None:
         st = await fleet(40, period_s=1.0)
@@ -1045,6 +1046,17 @@ def test_a_node_not_seen_yet_is_held_while_the_fleet_still_reconnects() -> None:
             disp._unconfirmed["n5"] = later - 0.01
             disp._hold_mass_expiry(later)
             assert disp._unconfirmed["n5"] < later and not disp._opened
+            # held past a mass expiry's MASS_MAX_GRACES grace periods while sessions keep opening (a
+            # failover at 2,000 nodes took this machine's leader a minute), up to BEHIND_MAX_GRACES
+            disp._held["n5"] = later - (MASS_MAX_GRACES + 1) * g
+            disp._opened.extend([later - 0.5] * MASS_MIN)
+            disp._hold_mass_expiry(later)
+            assert disp._unconfirmed["n5"] == pytest.approx(later + g)
+            disp._held["n5"] = later - BEHIND_MAX_GRACES * g - 0.01
+            disp._unconfirmed["n5"] = later - 0.01
+            disp._hold_mass_expiry(later)
+            assert disp._unconfirmed["n5"] < later
+            disp._opened.clear()
             # the opening times are let go of on every pass, also when no deadline passed
             disp._unconfirmed.clear()
             disp._opened.append(later - 2 * g)
