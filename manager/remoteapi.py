@@ -83,10 +83,10 @@ class RemoteAPIFront:
     assignment of every node passes through it, and as a thread of the manager's process it needed
     the manager's interpreter lock for every read and write. While the manager's event loop
     computes (a scheduling pass of thousands of tasks, a burst of sessions) that lock is its but for
-    a switch interval at a time: the relay's slowest round trips took six times as long as in a
-    process of its own (bench/frontrelay.py), and at 2,000 nodes the agents' HTTP/2 pings went
-    unanswered for 3 s during a convergence, ending fifty sessions at once. In a process of its own
-    the pings, which gRPC's C core answers by itself, tell the agents that the manager is alive but
+    a switch interval at a time, and each of the relay's system calls waited one out: its round
+    trips took 0.06-1 s at the median and up to 11 s, against 2-5 ms in a process of its own
+    (bench/frontrelay.py, docs/benchmarks.md). So the agents' HTTP/2 pings, which gRPC's C core
+    answers by itself, pass while the manager is busy and tell the agents that it is alive but
     slow, not gone (agents then wait for the heartbeat answer, see `shoal.agent.agent`)."""
 
     def __init__(self, listen: str, mtls_path: str, join_path: str, plain_path: str,

@@ -116,9 +116,8 @@ def test_bytes_pass_while_the_managers_event_loop_is_busy(tmp_path: Path) -> Non
     manager's loop computing a large scheduling pass, holding the interpreter lock), a client's
     bytes still reach the listener and its answers come back (an agent's HTTP/2 ping, answered by
     gRPC's C core, keeps telling it the manager is alive). The client and the listener are a
-    process of their own: 200 round trips through the front, each one a read and a write on
-    both of its sides, all answered while this interpreter computes for 3 s. (A relay thread of
-    this process waited out a switch interval, 5 ms, for each of those calls: 4 s at least.)"""
+    process of their own: 200 round trips through the front, all answered while this interpreter
+    computes for 3 s. (How much slower a relay thread of the busy process was: bench/frontrelay.py.)"""
 
     async def body() -> None:
         plain = tmp_path / "plain"
