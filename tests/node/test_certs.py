@@ -49,6 +49,15 @@ def healthy(d: Daemon, n: int) -> bool:
     return len(info.members) == n and all(m.reachable for m in info.members) and bool(info.leader_node_id)
 
 
+def listening(d: Daemon) -> bool:
+    host, port = d.api.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
 def served_certificate(d: Daemon) -> x509.Certificate:
     """The certificate a manager's remote API serves now (a new TLS handshake, as a joining node makes)."""
     host, port = d.api.rsplit(":", 1)
@@ -147,7 +156,8 @@ def test_one_minute_certificates_renew_without_dropping_a_session(daemons) -> No
     other.kill()
     other.wait_etcd_gone()
     other.start([])
-    wait(lambda: other.sock.exists() and healthy(other, 3) and healthy(m1, 3), "the restarted manager to rejoin", 60)
+    wait(lambda: other.sock.exists() and healthy(other, 3) and healthy(m1, 3) and listening(other),
+         "the restarted manager to rejoin", 60)
     m1.control().CreateSecret(control_pb2.CreateSecretRequest(spec={"annotations": {"name": "after-renewals"},
                                                                    "data": b"x"}), timeout=10)
     # swarmctl over mutual TLS with the renewed files of a state dir
@@ -167,6 +177,7 @@ def test_one_minute_certificates_renew_without_dropping_a_session(daemons) -> No
     for d in (m1, m2, m3):
         d.start([])
     wait(lambda: all(d.sock.exists() and healthy(d, 3) for d in (m1, m2, m3)), "the managers' quorum back", 60)
+    wait(lambda: all(listening(d) for d in (m1, m2, m3)), "the managers' remote API", 30)
     for d in (m1, m2, m3):
         assert served_certificate(d).not_valid_after_utc > datetime.datetime.now(datetime.UTC)
         assert "renewed it from the root CA kept in keys/root-ca" in d.log_text()
