@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from helpers.orphans import end_both, ends_with_its_parent
 from helpers.waiting import wait_for_async
 
 from shoal.lab.registry import free_port
@@ -302,18 +303,9 @@ def test_killed_parent_takes_etcd_down(root, base):
         assert etcd_pid and process_alive(etcd_pid) and int((cfg.dir / "etcd.pid").read_text()) == etcd_pid
         m = EtcdMember(cfg)
         asyncio.run(put(m, b"/shoal/survives", b"yes"))
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(5)
-        deadline = time.monotonic() + 5
-        while process_alive(etcd_pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not process_alive(etcd_pid), "etcd outlived its SIGKILLed parent"
+        assert ends_with_its_parent(child, etcd_pid, 5), "etcd outlived its SIGKILLed parent"
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        if etcd_pid and process_alive(etcd_pid):
-            os.kill(etcd_pid, signal.SIGKILL)
+        end_both(child, etcd_pid)
 
     async def again() -> None:
         async with members() as ms:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,9 +18,13 @@ from pathlib import Path
 
 import pytest
 from helpers.aio import run_bounded
+from helpers.orphans import end_both, ends_with_its_parent
 
 from shoal.lab.registry import free_port
 from shoal.manager import remoteapi
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import frontrelay  # noqa: E402
 
 
 async def _listener(path: Path, seen: dict[str, bytes]) -> asyncio.base_events.Server:
@@ -87,36 +90,12 @@ def test_every_byte_both_ways_with_a_half_close(tmp_path: Path) -> None:
     run_bounded(body())
 
 
-ROUND_TRIPS = '''
-import socket, sys, threading, time
-listener = socket.socket(socket.AF_UNIX)
-listener.bind(sys.argv[1])
-listener.listen()
-def echo():
-    conn, _ = listener.accept()
-    while data := conn.recv(65536):
-        conn.sendall(data)
-threading.Thread(target=echo, daemon=True).start()
-print("ready", flush=True)
-sys.stdin.readline()  # go
-client = socket.create_connection((sys.argv[2], int(sys.argv[3])))
-client.sendall(b"PRI * HTTP/2.0\\r\\n")
-client.recv(65536)
-for _ in range(int(sys.argv[4])):
-    client.sendall(b"ping")
-    got = b""
-    while len(got) < 4:
-        got += client.recv(65536)
-print(time.monotonic(), flush=True)
-'''
-
-
 def test_bytes_pass_while_the_managers_event_loop_is_busy(tmp_path: Path) -> None:
     """The front copies in a process of its own: while the interpreter that started it is busy (a
     manager's loop computing a large scheduling pass, holding the interpreter lock), a client's
     bytes still reach the listener and its answers come back (an agent's HTTP/2 ping, answered by
     gRPC's C core, keeps telling it the manager is alive). The client and the listener are a
-    process of their own: 200 round trips through the front, all answered while this interpreter
+    process of their own: 100 round trips through the front, all answered while this interpreter
     computes for 3 s. (How much slower a relay thread of the busy process was: bench/frontrelay.py.)"""
 
     async def body() -> None:
@@ -125,19 +104,21 @@ def test_bytes_pass_while_the_managers_event_loop_is_busy(tmp_path: Path) -> Non
         front = remoteapi.RemoteAPIFront(addr, str(tmp_path / "mtls"), str(tmp_path / "join"), str(plain))
         await front.start()
         host, port = addr.rsplit(":", 1)
-        peer = subprocess.Popen([sys.executable, "-c", ROUND_TRIPS, str(plain), host, port, "200"],
+        # bench/frontrelay.py's client and listener: one connection, 100 round trips 5 ms apart
+        peer = subprocess.Popen([sys.executable, "-c", frontrelay.PEER, str(plain), host, port, "100", "1"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert peer.stdout is not None and peer.stdin is not None
             assert peer.stdout.readline().strip() == "ready"
+            go = time.monotonic()
             peer.stdin.write("go\n")
             peer.stdin.flush()
-            busy_until = time.monotonic() + 3.0
+            busy_until = go + 3.0
             while time.monotonic() < busy_until:  # this interpreter busy, computing
                 sum(i * i for i in range(1000))
             blocked_until = time.monotonic()
-            done = float(peer.stdout.readline())
-            assert done < blocked_until, f"the last answer came {done - blocked_until:.2f} s after the busy spell"
+            took = float(peer.stdout.readline().split()[0])
+            assert go + took < blocked_until, f"the last answer came {go + took - blocked_until:.2f} s after the busy spell"
         finally:
             peer.kill()
             peer.wait()
@@ -158,15 +139,6 @@ asyncio.run(main())
 '''
 
 
-def _running(pid: int) -> bool:
-    """Whether process `pid` runs (not gone, not a zombie waiting to be reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_the_front_ends_with_a_manager_killed_by_sigkill() -> None:
     """A manager process killed by SIGKILL runs no cleanup: the kernel ends its front (PDEATHSIG),
     and nothing listens on the port any more."""
@@ -178,17 +150,8 @@ def test_the_front_ends_with_a_manager_killed_by_sigkill() -> None:
         assert mgr.stdout is not None
         front_pid = int(mgr.stdout.readline())
         socket.create_connection((host, int(port)), timeout=5).close()  # it listens
-        os.kill(mgr.pid, signal.SIGKILL)
-        mgr.wait()
-        deadline = time.monotonic() + 10
-        while _running(front_pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _running(front_pid), f"the front (pid {front_pid}) outlived its manager"
+        assert ends_with_its_parent(mgr, front_pid, 10), f"the front (pid {front_pid}) outlived its manager"
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection((host, int(port)), timeout=5).close()
     finally:
-        if mgr.poll() is None:
-            mgr.kill()
-            mgr.wait()
-        if front_pid and _running(front_pid):
-            os.kill(front_pid, signal.SIGKILL)
+        end_both(mgr, front_pid)
