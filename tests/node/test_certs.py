@@ -229,9 +229,13 @@ def test_removed_node_and_demoted_manager_lose_their_rights_at_once(daemons) -> 
     for d in (m1, m2):
         if d is m2 and not m2.sock.exists():
             continue  # m2 has switched to its worker role already: nothing of a manager listens
-        with mtls(d, m2_ident) as ch:
-            refused(lambda ch=ch: control_pb2_grpc.ControlStub(ch).ListNodes(control_pb2.ListNodesRequest(), timeout=10),
-                    "was demoted: its manager rights have ended")
+        with mtls(d, m2_ident) as ch, pytest.raises(grpc.RpcError) as e:
+            control_pb2_grpc.ControlStub(ch).ListNodes(control_pb2.ListNodesRequest(), timeout=10)
+        # m2's manager may be stopping as we call: its remote port closes before its control socket
+        if d is m2 and e.value.code() == grpc.StatusCode.UNAVAILABLE and "manager stopping" in m2.log_text():
+            continue  # nothing of a manager answers there any more
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value
+        assert "was demoted: its manager rights have ended" in (e.value.details() or ""), e.value.details()
 
     # Remove the worker (forced: it still runs): its live session ends at once, and its certificate
     # is refused on every service of the remote API, with the sentence saying why.
