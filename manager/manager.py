@@ -396,12 +396,6 @@ class Manager:
         tag = f"shoal-{self.node_id}-{os.getpid()}"
         paths = {k: f"\0{tag}-{k}" for k in ("mtls", "join", "plain")}
 
-        # The remote API's front first: its process takes a moment to start (an interpreter), and
-        # what waits for this manager's control socket may go on to its remote port (a connection
-        # routed before the listener behind it is up is dropped, and its client connects again).
-        self._front = remoteapi.RemoteAPIFront(cfg.remote_listen, paths["mtls"], paths["join"], paths["plain"])
-        await self._front.start()
-
         # Local control socket (0600).
         sock = Path(self.control_socket)
         m = metrics.current()
@@ -432,6 +426,9 @@ class Manager:
         for s in (mtls, join, plain):
             await s.start()
             self._servers.append(s)
+        # (its process takes a moment to start: the control socket above may answer before this port)
+        self._front = remoteapi.RemoteAPIFront(cfg.remote_listen, paths["mtls"], paths["join"], paths["plain"])
+        await self._front.start()
         self._tasks.append(asyncio.create_task(self._leadership(), name="leadership"))
         log.info(
             "node=%s manager started: store peer %s, remote API %s (advertised %s), control socket %s",
