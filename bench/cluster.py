@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import grpc
+from fleet import children  # (bench/ is on the path of a bench run)
 
 from shoal.lab.lab import Lab, LabState, _alive
 from shoal.proto import control_pb2, control_pb2_grpc, specs_pb2, types_pb2
@@ -130,14 +131,11 @@ def etcd_rss_mb(h) -> float:
 def front_rss_mb(h) -> float:
     """VmRSS (MB) of a lab manager's remote API front (the swarmd child running
     `shoal.manager.remoteapi`), 0 if none runs."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in children(h.swarmd_pid):
         try:
-            ppid = int((proc / "stat").read_text().rsplit(") ", 1)[1].split()[1])
-            if ppid == h.swarmd_pid and b"shoal.manager.remoteapi" in (proc / "cmdline").read_bytes():
-                return rss_mb(int(proc.name))
-        except (OSError, ValueError, IndexError):
+            if b"shoal.manager.remoteapi" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return rss_mb(pid)
+        except OSError:
             continue
     return 0.0
 

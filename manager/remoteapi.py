@@ -31,7 +31,6 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-SETPRIV = "/usr/bin/setpriv"
 START_TIMEOUT = 15.0  # s for the front's process to listen (an interpreter start on a loaded machine)
 STOP_TIMEOUT = 5.0  # s for it to end after SIGTERM; then SIGKILL
 
@@ -108,6 +107,8 @@ class RemoteAPIFront:
         """Start the front's process and return once it listens; OSError (naming the address and
         the cause, the port taken, say) when it does not. Call it from the thread that runs the
         event loop for the manager's life: the kernel ends the front when that thread ends."""
+        from shoal.manager.etcdmember import SETPRIV  # (the etcd member is started the same way)
+
         argv = [SETPRIV, "--pdeathsig", "KILL", "--", sys.executable, "-m", "shoal.manager.remoteapi",
                 "--parent", str(os.getpid()), "--join-name", self.join_name,
                 "--head-timeout", str(self.head_timeout), self.listen,
