@@ -57,8 +57,8 @@ MIN_HEARTBEAT_TIMEOUT = 5.0
 # does, and the manager's remote API front copies them on a thread of its own), so its loop is busy,
 # not gone, and a new session would only add a connection, a registration and a complete assignment
 # set to its work. A dead, paused or cut-off manager fails the keepalive instead: a ping unanswered
-# within KEEPALIVE_TIMEOUT s ends the connection and its calls (UNAVAILABLE), a keepalive interval
-# (below) after the last sign of life at most.
+# within max(KEEPALIVE_TIMEOUT, KEEPALIVE_TIMEOUT_PERIODS heartbeat periods) s ends the connection and
+# its calls (UNAVAILABLE), a keepalive interval (below) after the last sign of life at most.
 HEARTBEAT_PATIENCE = 30.0
 # The keepalive pings when nothing came for max(KEEPALIVE, KEEPALIVE_PERIODS heartbeat periods) s (the
 # period known when the connection opens): while heartbeats are answered no ping is sent (a fleet's
@@ -67,6 +67,11 @@ HEARTBEAT_PATIENCE = 30.0
 KEEPALIVE = 2.0
 KEEPALIVE_PERIODS = 1.25
 KEEPALIVE_TIMEOUT = 3.0
+# ... or longer in a large cluster: there a busy machine's stall of a few seconds (the manager's, or
+# an agent host's) must not end thousands of sessions at once, their nodes then reconnecting past
+# the grace of two periods and more. A silent manager is left after 1.25 + 1.5 periods, still before
+# the heartbeat's deadline; a small cluster (a 1 s period) keeps the 3 s of a fast detection.
+KEEPALIVE_TIMEOUT_PERIODS = 1.5
 UNREGISTERED_DELAY = 10.0
 STATUS_TIMEOUT = HEARTBEAT_PATIENCE  # s for a task status report's answer (a busy manager); then sent again
 # A report refused UNAVAILABLE (the manager's store did not confirm the write, or its copy lagged behind
@@ -284,6 +289,10 @@ class Agent:
         self._rr += 1
         return addr
 
+    def _ping_timeout(self) -> float:
+        """Seconds a keepalive ping of a new connection may go unanswered (see KEEPALIVE_TIMEOUT_PERIODS)."""
+        return max(KEEPALIVE_TIMEOUT, KEEPALIVE_TIMEOUT_PERIODS * self._period)
+
     def _channel(self, addr: str) -> grpc.aio.Channel:
         opts = [
             # a COMPLETE assignment set carries the node's secrets and configs (≤ 500 KB each)
@@ -291,8 +300,8 @@ class Agent:
             # the keepalive (see HEARTBEAT_PATIENCE); managers accept a ping a second
             # (dispatcher.SERVER_OPTIONS), an older one may send GOAWAY: the session reconnects
             ("grpc.keepalive_time_ms", int(max(KEEPALIVE, KEEPALIVE_PERIODS * self._period) * 1000)),
-            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),
-            ("grpc.http2.ping_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),  # (gRPC 1.85 times a ping by this)
+            ("grpc.keepalive_timeout_ms", int(self._ping_timeout() * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(self._ping_timeout() * 1000)),  # (gRPC 1.85 times a ping by this)
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             # no bandwidth-delay probes: gRPC would ping with every message received, tripling

@@ -200,8 +200,9 @@ H2_DATA, H2_PING = 0, 6
 class _Blackhole:
     """A TCP proxy to `target` whose connections, once `cut()`, carry nothing more either way while
     staying open (a manager cut off by the network, or its host frozen); connections made after
-    the cut carry bytes again (the manager is back). It counts the HTTP/2 frames it carries by type
-    (`frames`; plaintext connections only)."""
+    the cut carry bytes again (the manager is back). Between `hold()` and `release()` its
+    connections carry nothing and lose nothing (a stalled machine). It counts the HTTP/2 frames it
+    carries by type (`frames`; plaintext connections only)."""
 
     def __init__(self, target: str) -> None:
         self.target = target.rsplit(":", 1)
@@ -210,6 +211,14 @@ class _Blackhole:
         self._live: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.base_events.Server | None = None
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    def hold(self) -> None:
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -225,6 +234,7 @@ class _Blackhole:
             preface = upstream  # the client's first bytes are the connection preface, not a frame
             with contextlib.suppress(ConnectionError):
                 while data := await r.read(65536):
+                    await self._flowing.wait()
                     if pair in self._live:
                         w.write(data)
                         await w.drain()
@@ -285,6 +295,48 @@ def test_a_cut_off_leader_is_left_when_its_connection_stops_answering_pings(engi
         assert ended and "UNAVAILABLE" in ended[0], ended
         # a ping a second, unanswered within a second: the connection ends within about 2 s of the cut
         assert waited < 10.0, waited
+
+    with caplog.at_level(logging.INFO, logger="shoal.agent"):
+        run(main())
+
+
+@pytest.mark.parametrize("scaled", [True, False], ids=["scaled", "floor-only"])
+def test_a_stall_shorter_than_the_periods_ping_timeout_keeps_the_session(engine_root, registry, tmp_path,
+                                                                       caplog, monkeypatch, scaled) -> None:
+    """Under a long heartbeat period (a large cluster) a ping may go unanswered for
+    KEEPALIVE_TIMEOUT_PERIODS periods: the connection outlives a stall of both machines (nothing
+    passes for 6.5 s, then everything held arrives) that a floor-only timeout (here 1 s, with the
+    scaling turned off) does not. Period 3 s: the first ping 3.75 s after the last answer, given
+    4.5 s (scaled: ends at 8.25 s) or 1 s (4.75 s)."""
+    monkeypatch.setattr(agent_mod, "KEEPALIVE_TIMEOUT", 1.0)
+    if not scaled:
+        monkeypatch.setattr(agent_mod, "KEEPALIVE_TIMEOUT_PERIODS", 0.0)
+
+    async def main() -> None:
+        async with manager_side() as (st, _disp, _broker, addr):
+            await set_period(st, 3.0)
+            await add_node(st, "n1", hostname="node-1")
+            hole = _Blackhole(addr)
+            try:
+                via = await hole.start()
+                async with agent_in_session(via, engine_root, registry, tmp_path, period=3.0) as (agent, _engine):
+                    first = agent.session_id
+                    answered = asyncio.Event()
+                    agent.on_heartbeat = lambda rtt: rtt is not None and (hole.hold(), answered.set())
+                    await asyncio.wait_for(answered.wait(), 10)  # held from right after an answer
+                    await asyncio.sleep(6.5)
+                    hole.release()
+                    agent.on_heartbeat = None
+                    await asyncio.sleep(4.0)  # a few answers after the stall
+                    same = agent.session_id == first
+            finally:
+                hole.release()
+                await hole.close()
+        ended = [r.getMessage() for r in caplog.records if "session ended" in r.getMessage()]
+        if scaled:
+            assert same and not ended, ended
+        else:
+            assert not same and ended and "UNAVAILABLE" in ended[0], ended
 
     with caplog.at_level(logging.INFO, logger="shoal.agent"):
         run(main())
