@@ -25,6 +25,9 @@ One step, on a fresh cluster, measures in turn:
    follower's replica of the store, so that the poll of 50,000 tasks does not load the leader);
    meanwhile a thread calls ListNodes, ListTasks (one node's tasks with desired state RUNNING, as
    `docker node ps`) and GetService in a loop (0.1 s between rounds) -> `api_p99_s` and each call's p99.
+   With `--steady S`, then: S seconds with every task running, the nodes seen DOWN
+   meanwhile (`false_down_steady`; the issue asks for none in 10 minutes) and what the managers spend
+   then (`leader_cpu_steady`, `manager_rss_steady_mb`, heartbeat round trips).
 4. the leader (the manager running the control loops, where the sessions are: found in the managers'
    logs, as `node ls` names etcd's leader, which can be another manager after a failover): its swarmd
    and its etcd member SIGKILLed (a machine dying; it stays dead): until a write
@@ -93,7 +96,9 @@ KEYS = ("nodes", "false_down", "orphan_nodes", "joins_per_s", "ready_s", "leader
         "tasks_assigned_s", "tasks_running_s", "api_p99_s", "api_node_ls_p99_s", "api_task_ls_p99_s",
         "api_service_inspect_p99_s", "api_calls", "failover_write_s", "failover_sessions_s",
         "failover_sessions_p50_s", "failover_sessions_p99_s", "rescheduled_on_failover", "killed_nodes",
-        "down_s", "down_moved_s", "errors")
+        "down_s", "down_moved_s", "steady_s", "false_down_steady", "leader_cpu_steady", "follower_cpu_steady",
+        "manager_rss_steady_mb", "heartbeat_p50_steady_s", "heartbeat_p99_steady_s", "heartbeats_failed_steady",
+        "errors")
 
 
 # ---- processes ------------------------------------------------------------------------------------
@@ -301,8 +306,8 @@ class Step:
     """One step of the fleet benchmark: N nodes on a fresh cluster of 3 managers."""
 
     def __init__(self, nodes: int, idle: float, tpn: int, base: Path, ingress_subnet: str = "",
-                 first: int = 500, conc: int = 32) -> None:
-        self.n, self.idle, self.tpn, self.base = nodes, idle, tpn, base
+                 first: int = 500, conc: int = 32, steady: float = 0.0) -> None:
+        self.n, self.idle, self.tpn, self.base, self.steady = nodes, idle, tpn, base, steady
         self.ingress_subnet, self.first, self.conc = ingress_subnet, first, conc
         self.timeout = 120 + nodes * 0.1
         self.res: dict[str, Any] = {k: None for k in KEYS}
@@ -427,6 +432,13 @@ class Step:
                 self.down_seen.update(n.id for n in ns if n.status.state == types_pb2.NodeStatus.DOWN)
                 break
 
+    def owned(self) -> set[str]:
+        """The ids of the managers' nodes and of the nodes the fleet's agents joined as."""
+        ids = set(self.manager_ids.values())
+        for sim in self.sims:
+            ids.update(sim.joined["ids"] if sim.joined else ())
+        return ids
+
     def in_session(self, sims: list[Sim] | None = None) -> int:
         return sum(s.status.get("in_session", 0) for s in (sims or self.sims))
 
@@ -460,40 +472,65 @@ class Step:
         self.res["ready_s"] = r3(time.monotonic() - t0)
         return True
 
-    def phase_idle(self) -> None:
+    def window(self, seconds: float, what: str) -> dict[str, Any] | None:
+        """What the managers and the fleet spend over `seconds` (the idle window, the steady state):
+        each manager's CPU (a fraction of one core) and RSS, the fleet processes' CPU, and the
+        heartbeat round trips the agents timed (answered ones, and the count of failed ones)."""
         leader = self.leader()
         if leader is None:
-            self.error("no leader found before the idle window")
-            return
+            self.error(f"no leader found before the {what} window")
+            return None
         for s in self.sims:
             s.send("rtt_reset")
-        trees = {m.name: m.pids() for m in self.managers}
-        sim_pids = [s.proc.pid for s in self.sims]
+        trees = {m.name: m.pids() for m in self.managers if m.alive()}
+        sim_pids = [s.proc.pid for s in self.sims if s.alive()]
         c0 = {name: sum(cpu_ticks(p) for p in pids) for name, pids in trees.items()}
         s0, t0 = sum(cpu_ticks(p) for p in sim_pids), time.monotonic()
-        time.sleep(self.idle)
+        time.sleep(seconds)
         dt = time.monotonic() - t0
         cpu = {name: (sum(cpu_ticks(p) for p in pids) - c0[name]) / TICK / dt for name, pids in trees.items()}
-        rss = {m.name: sum(rss_mb(p) for p in m.pids()) for m in self.managers}
-        self.res["leader_cpu_idle"] = round(cpu[leader.name], 3)
-        self.res["follower_cpu_idle"] = round(max(v for k, v in cpu.items() if k != leader.name), 3)
-        self.res["manager_rss_mb"] = round(max(rss.values()), 1)
-        self.res["leader_rss_mb"] = round(rss[leader.name], 1)
-        self.res["sim_cpu_idle"] = round((sum(cpu_ticks(p) for p in sim_pids) - s0) / TICK / dt, 3)
+        rss = {m.name: sum(rss_mb(p) for p in m.pids()) for m in self.managers if m.alive()}
         samples: list[float] = []
         failed = 0
         for s in self.sims:
+            if not s.alive():
+                continue
             m = s.ask("rtt", "rtt")
             if m is None:
                 self.error(f"fleet process {s.idx} gave no heartbeat samples")
             else:
                 samples += m["samples"]
                 failed += m.get("failed", 0)
-        self.res["heartbeats_idle"] = len(samples)
-        self.res["heartbeats_failed_idle"] = failed
-        self.res["heartbeat_p50_s"] = r3(pct(samples, 50))
-        self.res["heartbeat_p99_s"] = r3(pct(samples, 99))
-        self.log(f"idle: cpu {cpu} rss {rss} heartbeats {len(samples)}")
+        self.log(f"{what}: cpu {cpu} rss {rss} heartbeats {len(samples)}")
+        return {"leader_cpu": round(cpu[leader.name], 3),
+                "follower_cpu": round(max(v for k, v in cpu.items() if k != leader.name), 3),
+                "manager_rss_mb": round(max(rss.values()), 1), "leader_rss_mb": round(rss[leader.name], 1),
+                "sim_cpu": round((sum(cpu_ticks(p) for p in sim_pids) - s0) / TICK / dt, 3),
+                "heartbeats": len(samples), "heartbeats_failed": failed,
+                "heartbeat_p50_s": r3(pct(samples, 50)), "heartbeat_p99_s": r3(pct(samples, 99))}
+
+    def phase_idle(self) -> None:
+        w = self.window(self.idle, "idle")
+        if w is None:
+            return
+        self.res.update(leader_cpu_idle=w["leader_cpu"], follower_cpu_idle=w["follower_cpu"],
+                        manager_rss_mb=w["manager_rss_mb"], leader_rss_mb=w["leader_rss_mb"],
+                        sim_cpu_idle=w["sim_cpu"], heartbeats_idle=w["heartbeats"],
+                        heartbeats_failed_idle=w["heartbeats_failed"], heartbeat_p50_s=w["heartbeat_p50_s"],
+                        heartbeat_p99_s=w["heartbeat_p99_s"])
+
+    def phase_steady(self) -> None:
+        """`--steady` s with every task running, before the failover: the nodes of the fleet seen
+        DOWN meanwhile (`false_down_steady`; the issue's 10-minute steady state), and what the
+        managers spend holding N nodes and their tasks."""
+        before = set(self.down_seen)
+        w = self.window(self.steady, "steady")
+        self.res["steady_s"] = self.steady
+        self.res["false_down_steady"] = len((self.down_seen - before) & self.owned())
+        if w is not None:
+            self.res.update(leader_cpu_steady=w["leader_cpu"], follower_cpu_steady=w["follower_cpu"],
+                            manager_rss_steady_mb=w["manager_rss_mb"], heartbeat_p50_steady_s=w["heartbeat_p50_s"],
+                            heartbeat_p99_steady_s=w["heartbeat_p99_s"], heartbeats_failed_steady=w["heartbeats_failed"])
 
     def service_tasks(self, m: Manager | None = None, running_only: bool = False) -> list[objects_pb2.Task]:
         f = control_pb2.ListFilters(service_ids=[self.service_id])
@@ -700,6 +737,8 @@ class Step:
             else:
                 self.phase_service()
                 self.log(f"service: running in {self.res['tasks_running_s']} s")
+                if self.steady > 0 and self.res["tasks_running_s"] is not None:
+                    self.phase_steady()
                 self.phase_failover()
                 self.phase_kill_nodes()
         except Exception as e:  # noqa: BLE001 - recorded; the step reports what it got
@@ -718,9 +757,7 @@ class Step:
         ignore = self.killed | {self.manager_ids.get(name, "") for name in self.killed_managers}
         # Nodes no agent of the fleet owns: joins whose answer was lost after the store took them (the
         # sim joined again under a new id); the leader marks them DOWN for never opening a session.
-        owned = set(self.manager_ids.values())
-        for sim in self.sims:
-            owned.update(sim.joined["ids"] if sim.joined else ())
+        owned = self.owned()
         self.res["orphan_nodes"] = len(self.down_seen - ignore - owned)
         self.res["false_down"] = len((self.down_seen - ignore) & owned)
         if leader_log:
@@ -731,7 +768,7 @@ class Step:
 
 
 def one_step(nodes: int, idle: float, tpn: int, ingress_subnet: str = "", keep_logs: str = "", first: int = 500,
-             conc: int = 32) -> dict[str, Any]:
+             conc: int = 32, steady: float = 0.0) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = max(65536, soft)
     with contextlib.suppress(ValueError, OSError):
@@ -741,7 +778,7 @@ def one_step(nodes: int, idle: float, tpn: int, ingress_subnet: str = "", keep_l
     if nodes <= 250:  # the default /24 holds them
         ingress_subnet = ""
     try:  # a SIGTERM is a Ctrl-C (see main): the finally below ends what the step started
-        return Step(nodes, idle, tpn, base, ingress_subnet, first, conc).run()
+        return Step(nodes, idle, tpn, base, ingress_subnet, first, conc, steady).run()
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
         kill_pids(started_under(base))
@@ -834,6 +871,8 @@ def main() -> int:
     ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="without --nodes: the steps")
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of the idle window")
     ap.add_argument("--tasks-per-node", type=int, default=10)
+    ap.add_argument("--steady", type=float, default=0.0,
+                    help="seconds of steady state with every task running, after the convergence (0: none)")
     ap.add_argument("--ingress-subnet", default="198.19.0.0/17",
                     help="past 250 nodes, replace the default ingress network (a /24: 254 node addresses) by "
                          "one on this subnet before the nodes join ('' never)")
@@ -849,13 +888,13 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     if a.nodes is None:
         extra = [*(["--ingress-subnet", a.ingress_subnet] if a.ingress_subnet else []),
-                 "--first", str(a.first), "--join-conc", str(a.join_conc),
+                 "--first", str(a.first), "--join-conc", str(a.join_conc), "--steady", str(a.steady),
                  *(["--keep-logs", a.keep_logs] if a.keep_logs else [])]
         curve([int(x) for x in a.steps.split(",") if x], a.idle, a.tasks_per_node, extra)
         return 0
     if a.nodes < 2:
         ap.error("--nodes must be at least 2")
-    res = one_step(a.nodes, a.idle, a.tasks_per_node, a.ingress_subnet, a.keep_logs, a.first, a.join_conc)
+    res = one_step(a.nodes, a.idle, a.tasks_per_node, a.ingress_subnet, a.keep_logs, a.first, a.join_conc, a.steady)
     res["first_joins"], res["join_conc"] = min(a.first, a.nodes), a.join_conc
     ingress = f", ingress {a.ingress_subnet}" if a.ingress_subnet else ""
     report("fleet", f"fleet of {a.nodes} simulated nodes on 3 managers, loopback{ingress}", res)

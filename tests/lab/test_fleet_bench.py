@@ -42,7 +42,7 @@ def _step(tmp_path: Path, stop_when: str = "") -> tuple[int, str, str, str]:
     err = tmp_path / "stderr"
     with open(err, "w") as ef:
         p = subprocess.Popen([sys.executable, str(BENCH / "fleet.py"), "--nodes", "20", "--idle", "3",
-                              "--tasks-per-node", "2"], stdout=subprocess.PIPE, stderr=ef, text=True)
+                              "--tasks-per-node", "2", "--steady", "3"], stdout=subprocess.PIPE, stderr=ef, text=True)
     end = time.monotonic() + 85
     while p.poll() is None and time.monotonic() < end and not (stop_when and stop_when in err.read_text()):
         time.sleep(0.2)
@@ -72,10 +72,11 @@ def test_fleet_bench_small_step(tmp_path: Path) -> None:
     assert res["nodes"] == 20
     assert res["tasks"] == 40
     assert res["false_down"] == 0
+    assert res["steady_s"] == 3 and res["false_down_steady"] == 0
     assert res["rescheduled_on_failover"] == 0
     assert res["killed_nodes"] == 1
     for k in ("joins_per_s", "leader_cpu_idle", "manager_rss_mb", "heartbeat_p99_s", "tasks_running_s",
-              "api_p99_s", "failover_write_s", "failover_sessions_s", "down_s", "down_moved_s"):
+              "api_p99_s", "leader_cpu_steady", "heartbeat_p99_steady_s", "failover_write_s", "failover_sessions_s", "down_s", "down_moved_s"):
         assert res[k] is not None, k
     _nothing_left(base)
 
