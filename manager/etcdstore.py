@@ -724,6 +724,8 @@ class Election:
 
     MARGIN = 0.4
     LOOP_TICK = 0.25  # s: how often the event loop shows the keep-alive thread it is alive
+    RENEW_ROUNDS = 8  # keep-alive requests a lease (see `_renew_from_thread`)
+    MIN_RENEW_WAIT = 0.5  # s a keep-alive is waited for at least (the first, or once the lease may be gone)
     LEASE_NODES = 500
     MAX_LEASE_TTL = 10
     GROW_CHECK = 5.0
@@ -768,7 +770,7 @@ class Election:
         return resp.ID
 
     async def _keepalive(self, lease_id: int, lost: asyncio.Event) -> None:
-        """Renew the lease every ttl/4 s from a thread of its own; set `lost` when the server says it
+        """Renew the lease every ttl/RENEW_ROUNDS s from a thread of its own; set `lost` when the server says it
         expired.
 
         The renewals do not wait for this manager's event loop: a loop busy for a second or two under
@@ -791,16 +793,20 @@ class Election:
 
     def _renew_from_thread(self, lease_id: int, lost: asyncio.Event, loop: asyncio.AbstractEventLoop,
                            alive: list[float], stop: threading.Event) -> None:
-        """`_keepalive`'s thread: one keep-alive request a round on a channel of its own."""
+        """`_keepalive`'s thread: one keep-alive request every ttl/RENEW_ROUNDS s on a channel of its
+        own, each waited for as long as the lease is still surely valid: a store slow to answer (a
+        machine out of CPU) costs the key only when no renewal came back for `ttl` less the margin
+        (a request given half the lease cost it after one slow answer of 2.5 s under a 5 s lease)."""
         broken = ""
         with grpc.insecure_channel(self.store.target, options=CHANNEL_OPTIONS) as channel:
             stub = etcd_pb2_grpc.LeaseStub(channel)
-            while not stop.wait(self.ttl / 4):
+            while not stop.wait(self.ttl / self.RENEW_ROUNDS):
                 if time.monotonic() - alive[0] >= self.ttl:
                     continue  # the loop is wedged: let the lease run out
                 lease = self.lease_id or lease_id  # the lease of the moment (`_grow_lease` may move the key)
                 sent = time.monotonic()
-                call = stub.LeaseKeepAlive(iter([etcd_pb2.LeaseKeepAliveRequest(ID=lease)]), timeout=self.ttl / 2)
+                wait = max(self.MIN_RENEW_WAIT, self._valid_for())
+                call = stub.LeaseKeepAlive(iter([etcd_pb2.LeaseKeepAliveRequest(ID=lease)]), timeout=wait)
                 try:
                     resp = next(call)
                 except (grpc.RpcError, StopIteration) as e:
