@@ -971,9 +971,31 @@ def _dump_stacks() -> None:
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
+GC_LOG_AFTER = 0.25  # s: a garbage collection at least this long is logged (it holds the event loop)
+
+
+def _log_long_collections() -> None:
+    """Log each garbage collection that held the process for GC_LOG_AFTER s or more: a large
+    manager's heap (hundreds of MB at thousands of nodes) makes a full collection a loop stall of
+    its own, told from the others by this line."""
+    import gc
+
+    started = [0.0]
+
+    def note(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.monotonic()
+        elif (took := time.monotonic() - started[0]) >= GC_LOG_AFTER:
+            log.info("gc: a generation-%d collection took %.2f s (%d objects collected)", info["generation"],
+                     took, info["collected"])
+
+    gc.callbacks.append(note)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     _limit_malloc_arenas()
+    _log_long_collections()
     _lazy_pyroute2()
     idfilter = NodeIdFilter()
     handler = logging.StreamHandler(sys.stderr)

@@ -4,6 +4,7 @@ interpreter so that this test process's own imports do not count."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -45,3 +46,29 @@ def test_worker_loads_no_manager_role_and_no_whole_pyroute2() -> None:
 
 def test_manager_role_is_imported_on_demand() -> None:
     assert run(MANAGER_ON_DEMAND) == "ok"
+
+
+LONG_COLLECTIONS = """
+import gc, logging, sys
+from shoal.node import swarmd
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+gc.disable()  # only the collections below
+swarmd._log_long_collections()
+cycles = [[i] for i in range(1000)]
+for x in cycles:
+    x.append(x)
+del cycles, x
+swarmd.GC_LOG_AFTER = 0.0
+gc.collect(2)
+swarmd.GC_LOG_AFTER = 3600
+gc.collect(2)  # shorter than the threshold: not logged
+"""
+
+
+def test_a_long_garbage_collection_is_logged_with_its_generation_and_time() -> None:
+    """swarmd logs each garbage collection that held the process for GC_LOG_AFTER s or more (a
+    large manager's full collections stall its event loop), with its generation, its time and what
+    it collected; a shorter one is not logged."""
+    lines = run(LONG_COLLECTIONS).splitlines()
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"gc: a generation-2 collection took \d+\.\d\d s \(1000 objects collected\)", lines[0]), lines
