@@ -48,27 +48,41 @@ def test_manager_role_is_imported_on_demand() -> None:
     assert run(MANAGER_ON_DEMAND) == "ok"
 
 
-LONG_COLLECTIONS = """
+COLLECTIONS = """
 import gc, logging, sys
 from shoal.node import swarmd
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 gc.disable()  # only the collections below
-swarmd._log_long_collections()
-cycles = [[i] for i in range(1000)]
-for x in cycles:
-    x.append(x)
-del cycles, x
+swarmd._watch_collections()
+def cycles(n):
+    c = [[i] for i in range(n)]
+    for x in c:
+        x.append(x)
+    return c
+old = cycles(500)  # alive at the first full collection: frozen by it
+junk = cycles(1000)
+del junk
 swarmd.GC_LOG_AFTER = 0.0
 gc.collect(2)
+print("frozen", gc.get_freeze_count() >= 500)
+del old  # garbage among frozen objects
+new = cycles(200)
+del new
+gc.collect(2)  # walks only what came after the freeze
+swarmd.GC_REFREEZE = 0.0
+gc.collect(2)  # walks everything again first
 swarmd.GC_LOG_AFTER = 3600
 gc.collect(2)  # shorter than the threshold: not logged
+print("end")
 """
 
 
-def test_a_long_garbage_collection_is_logged_with_its_generation_and_time() -> None:
-    """swarmd logs each garbage collection that held the process for GC_LOG_AFTER s or more (a
-    large manager's full collections stall its event loop), with its generation, its time and what
-    it collected; a shorter one is not logged."""
-    lines = run(LONG_COLLECTIONS).splitlines()
-    assert len(lines) == 1, lines
-    assert re.fullmatch(r"gc: a generation-2 collection took \d+\.\d\d s \(1000 objects collected\)", lines[0]), lines
+def test_full_collections_walk_what_came_since_the_last_and_long_ones_are_logged() -> None:
+    """swarmd logs each garbage collection that held the process for GC_LOG_AFTER s or more, with
+    its generation, its time and what it collected. Objects alive after a full collection are
+    frozen: the next full collection walks (and frees) only newer ones, and once GC_REFREEZE s
+    passed one walks everything again, freeing garbage among the old objects too."""
+    lines = run(COLLECTIONS).splitlines()
+    pattern = r"gc: a generation-2 collection took \d+\.\d\d s \((\d+) objects collected\)"
+    got = [m.group(1) if (m := re.fullmatch(pattern, ln)) else ln for ln in lines]
+    assert got == ["1000", "frozen True", "200", "500", "end"], lines
