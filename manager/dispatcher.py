@@ -285,7 +285,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._stalled_at = -1e9  # when this leader's loop last stalled (see STALL_TOLERANCE)
         self._stall_began = -1e9  # when the loop went to sleep before that stall
         self._beats = 0  # heartbeats answered so far
-        self._opened: collections.deque[float] = collections.deque()  # when sessions opened, the last grace period
+        # when sessions opened or nodes joined, the last grace period
+        self._opened: collections.deque[float] = collections.deque()
         self._beat_counts: collections.deque[tuple[float, int]] = collections.deque()  # (when, _beats then)
         # Nodes between the start of a Session call and its session's entry: never marked DOWN then.
         self._registering: set[str] = set()
@@ -509,6 +510,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 elif self._leading and ev.action == ev.CREATE and ev.object.node.id not in self._registering:
                     self._unconfirmed[ev.object.node.id] = time.monotonic() + self.grace() * NEW_LEADER_GRACE
                     self._joined.add(ev.object.node.id)
+                    self._opened.append(time.monotonic())  # a join is an arrival too (see `_hold_mass_expiry`)
                 if types_pb2.MANAGER in (ev.object.node.role, ev.old_object.node.role):
                     managers = self._find_managers()
                     if managers != self._managers:
@@ -735,8 +737,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         STALL_EXCUSE_PERIODS), a session whose first heartbeat has not come at any time (its agent
         was alive when it opened the session; a leader opening many at once, a failover's burst, is
         late to read their heartbeats), and a node not seen by this leader yet while this loop
-        stalls or MASS_MIN sessions or more opened in the last grace period (the fleet is still
-        reconnecting: its agent may be queued behind the others): each for MASS_MAX_GRACES grace
+        stalls or MASS_MIN sessions or more opened, or nodes joined, in the last grace period (the
+        fleet is still reconnecting or joining: its agent may be queued behind the others; 500 nodes
+        joining at once had 94 of them marked DOWN for no session two grace periods after their join): each for MASS_MAX_GRACES grace
         periods at most, or BEHIND_MAX_GRACES while this leader stalls or reads heartbeats late, and
         a node not seen yet also while the fleet still reconnects."""
         g = self.grace()
@@ -752,7 +755,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         behind = self._behind(now, g)
         stalling = stalled or behind
         mass = len(late) + sum(n for _, n in self._downs) >= max(MASS_MIN, MASS_FRACTION * self._node_count())
-        arriving = len(self._opened) >= MASS_MIN  # the fleet still (re)connecting: the rest may be queued
+        arriving = len(self._opened) >= MASS_MIN  # the fleet still joining or (re)connecting: the rest may be queued
         if not (behind or mass):
             recent = self._stall_began - STALL_EXCUSE_PERIODS * self.period()  # heard since then: excused
             sessions = self._sessions

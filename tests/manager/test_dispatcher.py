@@ -1026,6 +1026,36 @@ def test_a_leader_that_reads_too_few_of_the_heartbeats_owed_holds_a_missed_deadl
     run(main())
 
 
+def test_a_joined_node_without_a_session_is_held_while_nodes_keep_joining() -> None:
+    """Nodes joining count as arrivals as sessions opening do: while MASS_MIN or more joined in the
+    last grace period, a joined node whose agent has not opened its session by its deadline (two
+    grace periods after its join; 500 nodes joining at once take a busy leader longer) is held, one
+    of many; once the joins stopped, it is not."""
+
+    async def main() -> None:
+        st = await fleet(40, period_s=1.0)
+        async with serve(st) as (disp, _addr):
+            disp._ensure_router()  # as the leader loop starts (without running its expiry passes)
+            disp._leading = True
+            joined = [objects_pb2.Node(id=f"j{i}", spec=specs_pb2.NodeSpec(), status=types_pb2.NodeStatus(
+                state=types_pb2.NodeStatus.READY, message="joined")) for i in range(MASS_MIN)]
+            await st.update(lambda tx: [tx.create(n) for n in joined])
+            await wait_for(lambda: len(disp._joined) == MASS_MIN, timeout=5)
+            assert len(disp._opened) == MASS_MIN  # no session opened: the joins themselves
+            now = time.monotonic()
+            g = disp.grace()
+            disp._unconfirmed["j0"] = now - 0.01
+            disp._hold_mass_expiry(now)
+            assert disp._unconfirmed["j0"] == pytest.approx(now + g)
+            disp._held.clear()
+            later = now + 2 * g  # nothing joined within a grace period of it
+            disp._unconfirmed["j0"] = later - 0.01
+            disp._hold_mass_expiry(later)
+            assert disp._unconfirmed["j0"] < later and not disp._opened
+
+    run(main())
+
+
 def test_a_node_not_seen_yet_is_held_while_the_fleet_still_reconnects() -> None:
     """A new leader's deadline for a node it has not heard from passes while sessions keep opening
     (MASS_MIN or more in the last grace period: the fleet reconnecting, its agent maybe queued behind
