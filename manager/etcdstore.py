@@ -737,6 +737,9 @@ class Election:
         self.ttl = ttl
         self.lease_id = 0
         self._renewed = 0.0
+        self._pending = 0  # a longer lease granted that the key may be moving to (see `_grow_lease`)
+        self._pending_renewed = 0.0
+        self._pending_ttl = 0
         self._stand_back_until = 0.0  # after resign(): let another manager take the key first
 
     def _wanted_ttl(self) -> int:
@@ -744,22 +747,56 @@ class Election:
         return max(self.base_ttl, min(self.MAX_LEASE_TTL, self.base_ttl + nodes // self.LEASE_NODES))
 
     async def _grow_lease(self, fence: Fence) -> None:
-        """Move the leader key to a longer lease if the cluster grew (see the class docstring)."""
+        """Move the leader key to a longer lease if the cluster grew (see the class docstring).
+
+        The new lease runs from its grant, and the keep-alive thread renews it from then on as
+        `_pending`, beside the key's: the move's answer may come seconds after its commit (a loop
+        stalled under a large fleet), and the key, on the new lease by then, expired with it (at
+        2,000 nodes another manager took it 0.5 s after the move was logged). A move whose outcome
+        is unknown (no answer) is settled by reading the key before anything else is moved."""
+        if self._pending:
+            moved = await self._holds(fence, self._pending)
+            if moved is None:
+                return  # still unknown: both leases stay renewed
+            await self._settle(moved, self._pending_ttl)
+            return
         want = self._wanted_ttl()
         if want <= self.ttl:
             return
+        sent = time.monotonic()
         try:
             new = (await self.store.lease.LeaseGrant(etcd_pb2.LeaseGrantRequest(TTL=want), timeout=2.0)).ID
-            req = etcd_pb2.TxnRequest(compare=[_compare(LEADER_KEY, create=fence.revision)],
-                                      success=[_put(LEADER_KEY, self.node_id.encode(), new)])
-            moved = (await self.store.kv.Txn(req, timeout=2.0)).succeeded
         except grpc.aio.AioRpcError as e:
             log.info("election: leader lease not lengthened (%s); retrying later", e.code().name)
             return
-        old = self.lease_id
+        self._pending, self._pending_renewed, self._pending_ttl = new, sent, want
+        req = etcd_pb2.TxnRequest(compare=[_compare(LEADER_KEY, create=fence.revision)],
+                                  success=[_put(LEADER_KEY, self.node_id.encode(), new)])
+        try:
+            moved: bool | None = (await self.store.kv.Txn(req, timeout=2.0)).succeeded
+        except grpc.aio.AioRpcError as e:
+            log.info("election: leader lease move unanswered (%s); reading where the key is", e.code().name)
+            moved = await self._holds(fence, new)
+            if moved is None:
+                return  # settled at the next check
+        await self._settle(moved, want)
+
+    async def _holds(self, fence: Fence, lease: int) -> bool | None:
+        """Whether the leader key of this term is attached to `lease`; None when etcd did not say."""
+        try:
+            resp = await self.store.kv.Range(etcd_pb2.RangeRequest(key=LEADER_KEY), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            return None
+        kv = resp.kvs[0] if resp.kvs else None
+        return kv is not None and kv.create_revision == fence.revision and kv.lease == lease
+
+    async def _settle(self, moved: bool, ttl: int) -> None:
+        """The key moved to `_pending` (it is the lease now) or not (`_pending` is revoked)."""
+        old, new = self.lease_id, self._pending
         if moved:
-            self.lease_id, self.ttl, self._renewed = new, want, time.monotonic()
-            log.info("election: leader lease now %d s (%d nodes)", want, len(self.store.sm.tables["node"]))
+            self.lease_id, self.ttl, self._renewed = new, ttl, self._pending_renewed
+            log.info("election: leader lease now %d s (%d nodes)", ttl, len(self.store.sm.tables["node"]))
+        self._pending = 0
         with contextlib.suppress(grpc.aio.AioRpcError):  # the one not holding the key
             await self.store.lease.LeaseRevoke(etcd_pb2.LeaseRevokeRequest(ID=old if moved else new), timeout=1.0)
 
@@ -803,28 +840,38 @@ class Election:
             while not stop.wait(self.ttl / self.RENEW_ROUNDS):
                 if time.monotonic() - alive[0] >= self.ttl:
                     continue  # the loop is wedged: let the lease run out
+                if pending := self._pending:  # the longer lease `_grow_lease` is moving the key to
+                    sent = time.monotonic()
+                    if self._renew_once(stub, pending, self.MIN_RENEW_WAIT) == "" and pending == self._pending:
+                        self._pending_renewed = max(self._pending_renewed, sent)
                 lease = self.lease_id or lease_id  # the lease of the moment (`_grow_lease` may move the key)
                 sent = time.monotonic()
-                wait = max(self.MIN_RENEW_WAIT, self._valid_for())
-                call = stub.LeaseKeepAlive(iter([etcd_pb2.LeaseKeepAliveRequest(ID=lease)]), timeout=wait)
-                try:
-                    resp = next(call)
-                except (grpc.RpcError, StopIteration) as e:
-                    code = e.code().name if isinstance(e, grpc.RpcError) else "no answer"
-                    if code != broken:
-                        log.info("election: lease keep-alive failed (%s); retrying", code)
-                    broken = code
+                outcome = self._renew_once(stub, lease, max(self.MIN_RENEW_WAIT, self._valid_for()))
+                if outcome not in ("", "gone"):
+                    if outcome != broken:
+                        log.info("election: lease keep-alive failed (%s); retrying", outcome)
+                    broken = outcome
                     continue
-                finally:
-                    call.cancel()
                 broken = ""
-                if resp.ID != self.lease_id:  # the answer for a lease `_grow_lease` replaced meanwhile
+                if lease != self.lease_id:  # the answer for a lease `_grow_lease` replaced meanwhile
                     continue
-                if resp.TTL <= 0:
+                if outcome == "gone":
                     with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                         loop.call_soon_threadsafe(lost.set)
                     return
                 self._renewed = max(self._renewed, sent)
+
+    @staticmethod
+    def _renew_once(stub: etcd_pb2_grpc.LeaseStub, lease: int, wait: float) -> str:
+        """One keep-alive of `lease`: "" renewed, "gone" (expired or revoked), or why it failed."""
+        call = stub.LeaseKeepAlive(iter([etcd_pb2.LeaseKeepAliveRequest(ID=lease)]), timeout=wait)
+        try:
+            resp = next(call)
+        except (grpc.RpcError, StopIteration) as e:
+            return e.code().name if isinstance(e, grpc.RpcError) else "no answer"
+        finally:
+            call.cancel()
+        return "gone" if resp.TTL <= 0 else ""
 
     def _valid_for(self) -> float:
         return self._renewed + self.ttl - self.MARGIN - time.monotonic()
@@ -861,7 +908,7 @@ class Election:
                     log.info("election: no lease (%s); retrying", e.code().name)
                     await asyncio.sleep(0.5)
                     continue
-                self.lease_id = lease_id
+                self.lease_id, self._pending = lease_id, 0
                 lost = asyncio.Event()
                 keeper = asyncio.create_task(self._keepalive(lease_id, lost), name="lease-keepalive")
                 try:

@@ -20,7 +20,7 @@ from etcd_cluster import CLUSTER, EtcdCluster, etcd_cluster
 from helpers.waiting import wait_for_async
 
 from shoal.manager import ca
-from shoal.manager.etcdstore import Election, EtcdStore, Fence, FenceLost
+from shoal.manager.etcdstore import LEADER_KEY, Election, EtcdStore, Fence, FenceLost
 from shoal.manager.manager import write_bootstrap
 from shoal.manager.store import (
     AlreadyExists,
@@ -1105,6 +1105,52 @@ def test_a_leader_keeps_the_key_through_a_store_that_answers_late(etcd1: EtcdClu
             await asyncio.sleep(2.0)
             assert cands.terms.empty(), cands.terms.get_nowait()
             await s.fenced(fence).update(lambda tx: tx.create(secret("led-after-a-slow-store")))
+        finally:
+            await cands.stop()
+
+    etcd1.run(body())
+
+
+@pytest.mark.parametrize("answer", ["late", "lost"])
+def test_a_lease_move_answered_late_keeps_the_key(etcd1: EtcdCluster, answer: str) -> None:
+    """The longer lease the key moves to is renewed from its grant: when the move's answer reaches
+    the leader 3.5 s after its commit (a loop stalled under a large fleet), past the new 3 s lease's
+    own time, the key is still there, still this leader's, on the new lease. (Renewed only once the
+    answer came, the key expired with it: another manager took it in a 2,000-node run.) A move
+    whose answer is lost (it committed, the call failed) is found by reading the key: the same."""
+
+    class LateMoveAnswer:
+        def __init__(self, kv: Any, election: Election) -> None:
+            self.kv, self.election = kv, election
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.kv, name)
+
+        async def Txn(self, req: etcd_pb2.TxnRequest, **kw: Any) -> Any:  # noqa: N802 - the stub's name
+            resp = await self.kv.Txn(req, **kw)
+            if self.election._pending and req.success and req.success[0].request_put.key == LEADER_KEY:
+                await asyncio.sleep(3.5)
+                if answer == "lost":
+                    raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(),
+                                               grpc.aio.Metadata(), "the answer was lost")
+            return resp
+
+    async def body() -> None:
+        s = await etcd1.store()
+        cands = Candidates({"node-a": s})
+        e = cands.elections["node-a"]
+        e.LEASE_NODES, e.GROW_CHECK = 2, 0.2  # type: ignore[misc]
+        try:
+            node, fence = await cands.next(timeout=5)
+            assert node == "node-a" and fence is not None and e.ttl == 2
+            s.kv = LateMoveAnswer(s.kv, e)  # type: ignore[assignment]
+            await s.fenced(fence).update(lambda tx: [tx.create(objects_pb2.Node(id=f"n{i}")) for i in range(2)])
+            await wait_for_async(lambda: e.ttl == 3, "the lease lengthened to 2 + 2 // 2 s", timeout=10)
+            await asyncio.sleep(2.0)
+            assert cands.terms.empty(), cands.terms.get_nowait()
+            kvs = (await (await etcd1.kv()).Range(etcd_pb2.RangeRequest(key=LEADER_KEY), timeout=5)).kvs
+            assert kvs and kvs[0].lease == e.lease_id and kvs[0].create_revision == fence.revision
+            await s.fenced(fence).update(lambda tx: tx.create(secret("led-after-a-late-move")))
         finally:
             await cands.stop()
 
