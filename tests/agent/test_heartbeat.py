@@ -264,6 +264,22 @@ class _Blackhole:
             await self.server.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def proxied_manager(period: float | None = None) -> AsyncIterator[tuple[_Blackhole, str]]:
+    """A manager side with node n1 (and the heartbeat `period`, if given) behind a `_Blackhole`
+    proxy: yields the proxy and the address agents dial through it."""
+    async with manager_side() as (st, _disp, _broker, addr):
+        if period is not None:
+            await set_period(st, period)
+        await add_node(st, "n1", hostname="node-1")
+        hole = _Blackhole(addr)
+        try:
+            yield hole, await hole.start()
+        finally:
+            hole.release()
+            await hole.close()
+
+
 def test_a_cut_off_leader_is_left_when_its_connection_stops_answering_pings(engine_root, registry, tmp_path,
                                                                             caplog, monkeypatch) -> None:
     """A manager cut off (nothing passes its connection any more, which stays open) is left through
@@ -276,21 +292,15 @@ def test_a_cut_off_leader_is_left_when_its_connection_stops_answering_pings(engi
     monkeypatch.setattr(agent_mod, "KEEPALIVE_TIMEOUT", 1.0)
 
     async def main() -> None:
-        async with manager_side() as (st, _disp, _broker, addr):
-            await add_node(st, "n1", hostname="node-1")
-            hole = _Blackhole(addr)
-            try:
-                via = await hole.start()
-                async with agent_in_session(via, engine_root, registry, tmp_path) as (agent, _engine):
-                    first = agent.session_id
-                    await asyncio.sleep(2.0)  # answered heartbeats and pings
-                    assert agent.session_id == first
-                    hole.cut()
-                    t0 = asyncio.get_running_loop().time()
-                    await wait_for(lambda: agent.session_id not in ("", first), what="a new session", timeout=20)
-                    waited = asyncio.get_running_loop().time() - t0
-            finally:
-                await hole.close()
+        async with proxied_manager() as (hole, via):
+            async with agent_in_session(via, engine_root, registry, tmp_path) as (agent, _engine):
+                first = agent.session_id
+                await asyncio.sleep(2.0)  # answered heartbeats and pings
+                assert agent.session_id == first
+                hole.cut()
+                t0 = asyncio.get_running_loop().time()
+                await wait_for(lambda: agent.session_id not in ("", first), what="a new session", timeout=20)
+                waited = asyncio.get_running_loop().time() - t0
         ended = [r.getMessage() for r in caplog.records if "session ended" in r.getMessage()]
         assert ended and "UNAVAILABLE" in ended[0], ended
         # a ping a second, unanswered within a second: the connection ends within about 2 s of the cut
@@ -313,25 +323,17 @@ def test_a_stall_shorter_than_the_periods_ping_timeout_keeps_the_session(engine_
         monkeypatch.setattr(agent_mod, "KEEPALIVE_TIMEOUT_PERIODS", 0.0)
 
     async def main() -> None:
-        async with manager_side() as (st, _disp, _broker, addr):
-            await set_period(st, 3.0)
-            await add_node(st, "n1", hostname="node-1")
-            hole = _Blackhole(addr)
-            try:
-                via = await hole.start()
-                async with agent_in_session(via, engine_root, registry, tmp_path, period=3.0) as (agent, _engine):
-                    first = agent.session_id
-                    answered = asyncio.Event()
-                    agent.on_heartbeat = lambda rtt: rtt is not None and (hole.hold(), answered.set())
-                    await asyncio.wait_for(answered.wait(), 10)  # held from right after an answer
-                    await asyncio.sleep(6.5)
-                    hole.release()
-                    agent.on_heartbeat = None
-                    await asyncio.sleep(4.0)  # a few answers after the stall
-                    same = agent.session_id == first
-            finally:
+        async with proxied_manager(3.0) as (hole, via):
+            async with agent_in_session(via, engine_root, registry, tmp_path, period=3.0) as (agent, _engine):
+                first = agent.session_id
+                answered = asyncio.Event()
+                agent.on_heartbeat = lambda rtt: rtt is not None and (hole.hold(), answered.set())
+                await asyncio.wait_for(answered.wait(), 10)  # held from right after an answer
+                await asyncio.sleep(6.5)
                 hole.release()
-                await hole.close()
+                agent.on_heartbeat = None
+                await asyncio.sleep(4.0)  # a few answers after the stall
+                same = agent.session_id == first
         ended = [r.getMessage() for r in caplog.records if "session ended" in r.getMessage()]
         if scaled:
             assert same and not ended, ended
@@ -355,21 +357,14 @@ def test_answered_heartbeats_cost_no_pings(engine_root, registry, tmp_path, monk
         monkeypatch.setattr(agent_mod, "KEEPALIVE", keepalive)
 
     async def main() -> None:
-        async with manager_side() as (st, _disp, _broker, addr):
-            await set_period(st, period)
-            await add_node(st, "n1", hostname="node-1")
-            hole = _Blackhole(addr)
-            try:
-                via = await hole.start()
-                async with agent_in_session(via, engine_root, registry, tmp_path) as (agent, _engine):
-                    beats: list[float | None] = []
-                    agent.on_heartbeat = beats.append
-                    await asyncio.sleep(4.0)
-                    assert len(beats) >= beats_min and None not in beats, beats
-            finally:
-                await hole.close()
-            assert hole.frames[H2_DATA] >= 2 * len(beats), hole.frames
-            assert hole.frames[H2_PING] == 0, hole.frames
+        async with proxied_manager(period) as (hole, via):
+            async with agent_in_session(via, engine_root, registry, tmp_path) as (agent, _engine):
+                beats: list[float | None] = []
+                agent.on_heartbeat = beats.append
+                await asyncio.sleep(4.0)
+                assert len(beats) >= beats_min and None not in beats, beats
+        assert hole.frames[H2_DATA] >= 2 * len(beats), hole.frames
+        assert hole.frames[H2_PING] == 0, hole.frames
 
     run(main())
 
@@ -389,25 +384,18 @@ def test_the_first_connection_keeps_alive_by_the_period_it_was_told_or_kept(engi
         state.save_heartbeat_period(2.0)
 
     async def main() -> None:
-        async with manager_side() as (st, _disp, _broker, addr):
-            await set_period(st, 2.0)
-            await add_node(st, "n1", hostname="node-1")
-            hole = _Blackhole(addr)
-            try:
-                via = await hole.start()
-                async with agent_in_session(via, engine_root, registry, tmp_path, state=state,
-                                            period=2.0 if start == "told" else None) as (agent, _engine):
-                    beats: list[float | None] = []
-                    agent.on_heartbeat = beats.append
-                    await asyncio.sleep(5.0)
-                    assert len(beats) >= 2 and None not in beats, beats
-            finally:
-                await hole.close()
-            if start == "unknown":
-                assert hole.frames[H2_PING] >= 2, hole.frames
-            else:
-                assert hole.frames[H2_PING] == 0, hole.frames
-            assert 1.6 <= (state.heartbeat_period() or 0) <= 2.0, state.heartbeat_period()
+        async with proxied_manager(2.0) as (hole, via):
+            async with agent_in_session(via, engine_root, registry, tmp_path, state=state,
+                                        period=2.0 if start == "told" else None) as (agent, _engine):
+                beats: list[float | None] = []
+                agent.on_heartbeat = beats.append
+                await asyncio.sleep(5.0)
+                assert len(beats) >= 2 and None not in beats, beats
+        if start == "unknown":
+            assert hole.frames[H2_PING] >= 2, hole.frames
+        else:
+            assert hole.frames[H2_PING] == 0, hole.frames
+        assert 1.6 <= (state.heartbeat_period() or 0) <= 2.0, state.heartbeat_period()
 
     run(main())
 

@@ -1111,6 +1111,21 @@ def test_a_leader_keeps_the_key_through_a_store_that_answers_late(etcd1: EtcdClu
     etcd1.run(body())
 
 
+async def growing_leader(s: EtcdStore) -> tuple[Candidates, Election, Fence]:
+    """One candidate, leading under the 2 s lease of an empty cluster, whose lease grows a second
+    per two nodes (checked every 0.2 s)."""
+    cands = Candidates({"node-a": s})
+    e = cands.elections["node-a"]
+    e.LEASE_NODES, e.GROW_CHECK = 2, 0.2  # type: ignore[misc]
+    try:
+        node, fence = await cands.next(timeout=5)
+        assert node == "node-a" and fence is not None and e.ttl == 2
+    except BaseException:
+        await cands.stop()
+        raise
+    return cands, e, fence
+
+
 @pytest.mark.parametrize("answer", ["late", "lost"])
 def test_a_lease_move_answered_late_keeps_the_key(etcd1: EtcdCluster, answer: str) -> None:
     """The longer lease the key moves to is renewed from its grant: when the move's answer reaches
@@ -1137,12 +1152,8 @@ def test_a_lease_move_answered_late_keeps_the_key(etcd1: EtcdCluster, answer: st
 
     async def body() -> None:
         s = await etcd1.store()
-        cands = Candidates({"node-a": s})
-        e = cands.elections["node-a"]
-        e.LEASE_NODES, e.GROW_CHECK = 2, 0.2  # type: ignore[misc]
+        cands, e, fence = await growing_leader(s)
         try:
-            node, fence = await cands.next(timeout=5)
-            assert node == "node-a" and fence is not None and e.ttl == 2
             s.kv = LateMoveAnswer(s.kv, e)  # type: ignore[assignment]
             await s.fenced(fence).update(lambda tx: [tx.create(objects_pb2.Node(id=f"n{i}")) for i in range(2)])
             await wait_for_async(lambda: e.ttl == 3, "the lease lengthened to 2 + 2 // 2 s", timeout=10)
@@ -1165,12 +1176,8 @@ def test_a_leader_whose_cluster_grew_moves_its_key_to_a_longer_lease(etcd1: Etcd
 
     async def body() -> None:
         s = await etcd1.store()
-        cands = Candidates({"node-a": s})
-        e = cands.elections["node-a"]
-        e.LEASE_NODES, e.GROW_CHECK = 2, 0.2  # type: ignore[misc]
+        cands, e, fence = await growing_leader(s)
         try:
-            node, fence = await cands.next(timeout=5)
-            assert node == "node-a" and fence is not None and e.ttl == 2
             first_lease = e.lease_id
             await s.fenced(fence).update(lambda tx: [tx.create(objects_pb2.Node(id=f"n{i}")) for i in range(6)])
             await wait_for_async(lambda: e.ttl == 5, "the lease lengthened to 2 + 6 // 2 s", timeout=5)
