@@ -54,7 +54,7 @@ HEARTBEAT_TIMEOUT = 3.0
 MIN_HEARTBEAT_TIMEOUT = 5.0
 # Past that deadline the agent waits on, up to this many seconds from the heartbeat, while the
 # connection stays alive: the manager's process answers the connection's HTTP/2 pings (gRPC's C core
-# does, and the manager's remote API front copies them on a thread of its own), so its loop is busy,
+# does, and the manager's remote API front copies them in a process of its own), so its loop is busy,
 # not gone, and a new session would only add a connection, a registration and a complete assignment
 # set to its work. A dead, paused or cut-off manager fails the keepalive instead: a ping unanswered
 # within max(KEEPALIVE_TIMEOUT, KEEPALIVE_TIMEOUT_PERIODS heartbeat periods) s ends the connection and

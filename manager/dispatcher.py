@@ -739,9 +739,10 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         late to read their heartbeats), and a node not seen by this leader yet while this loop
         stalls or MASS_MIN sessions or more opened, or nodes joined, in the last grace period (the
         fleet is still reconnecting or joining: its agent may be queued behind the others; 500 nodes
-        joining at once had 94 of them marked DOWN for no session two grace periods after their join): each for MASS_MAX_GRACES grace
-        periods at most, or BEHIND_MAX_GRACES while this leader stalls or reads heartbeats late, and
-        a node not seen yet also while the fleet still reconnects."""
+        joining at once had 94 of them marked DOWN for no session two grace periods after their
+        join): each for MASS_MAX_GRACES grace periods at most, or BEHIND_MAX_GRACES while this
+        leader stalls or reads heartbeats late, and a node not seen yet also while the fleet still
+        reconnects or joins."""
         g = self.grace()
         self._count_beats(now, g)
         while self._opened and self._opened[0] <= now - g:  # (every pass: not only when some are late)
