@@ -554,8 +554,13 @@ class EtcdStore(Store):
             if remaining <= 0:
                 break
             try:
-                self.sm.check(txn)
                 lease = await self._marker_lease(min(remaining, self.ATTEMPT_TIMEOUT))
+                # The check and the compares that pin what it relied on (the network guard's revision
+                # among them) come from the same state of the cache: no await between them. (With the
+                # lease's grant between them, a network committed meanwhile reached the cache after
+                # the check and its guard revision before the request: two overlapping subnets were
+                # both accepted.)
+                self.sm.check(txn)
                 req = self._txn_request(txn, fence, marker, lease)
                 resp = await self.kv.Txn(req, timeout=min(remaining, self.ATTEMPT_TIMEOUT))
             except grpc.aio.AioRpcError as e:

@@ -378,8 +378,10 @@ def test_heartbeat_expiry_marks_node_down_and_session_reopens(stream: bool) -> N
                 await c.open()
                 assert 80_000_000 <= (await c.heartbeat()).period.ToNanoseconds() <= 100_000_000
 
+                stop = asyncio.Event()
+
                 async def beat() -> None:
-                    while True:
+                    while not stop.is_set():
                         await c.heartbeat()
                         await asyncio.sleep(0.05)
 
@@ -388,7 +390,10 @@ def test_heartbeat_expiry_marks_node_down_and_session_reopens(stream: bool) -> N
                 # Heartbeats keep n1 READY across many grace periods.
                 await asyncio.sleep(1.0)
                 assert st.get("node", "n1").status.state == types_pb2.NodeStatus.READY
-                await cancel_and_wait(beater)
+                # stopped between two heartbeats: cancelled in the middle of one, the task would
+                # cancel the whole Heartbeats stream with it (gRPC cancels a call whose read is)
+                stop.set()
+                await asyncio.wait_for(beater, 5)
                 # Heartbeats stop: DOWN, and the old session is gone.
                 await wait_for(lambda: st.get("node", "n1").status.state == types_pb2.NodeStatus.DOWN)
                 assert st.get("node", "n1").status.message == "heartbeat failure"

@@ -381,6 +381,30 @@ def test_overlapping_subnets_from_two_managers_one_is_refused(etcd3: EtcdCluster
     etcd3.run(body())
 
 
+def test_a_network_committed_while_a_write_waits_for_its_marker_lease_is_checked_against(etcd3: EtcdCluster) -> None:
+    """A write's check and the compares that pin what it relied on come from the same state of the
+    cache: when another manager's overlapping network commits while this write waits for its write
+    marker's lease (its first write: a grant), the write is refused as overlapping, not committed
+    beside it (the check ran before the wait and the guard's revision was read after it)."""
+
+    async def body() -> None:
+        a, b = await etcd3.store(0), await etcd3.store(1)
+        grant = b._marker_lease
+
+        async def slow_grant(timeout: float) -> int:
+            await a.update(lambda tx: tx.create(network("na", "10.0.0.0/16")))
+            await b.wait_for(a.sm.version)  # b's cache holds na and the guard's new revision
+            return await grant(timeout)
+
+        b._marker_lease = slow_grant  # type: ignore[method-assign]
+        with pytest.raises(InvalidArgument, match="overlaps 10.0.0.0/16 of network 'na'"):
+            await b.update(lambda tx: tx.create(network("nb", "10.0.5.0/24")))
+        await b.wait_for(a.sm.version)
+        assert sorted(n.spec.annotations.name for n in b.find("network")) == ["na"]
+
+    etcd3.run(body())
+
+
 # ---- transactions ----------------------------------------------------------------------------------
 def test_multi_action_transaction_with_one_stale_action_changes_nothing(etcd1: EtcdCluster) -> None:
     async def body() -> None:
