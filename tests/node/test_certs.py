@@ -196,11 +196,20 @@ def mtls(d: Daemon, ident: ca.TLSIdentity) -> grpc.Channel:
     return grpc.secure_channel(d.api, creds, options=ca.channel_options())
 
 
-def refused(call: Callable[[], object], match: str) -> None:
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    """The error `call` fails with (the test fails if it does not)."""
     with pytest.raises(grpc.RpcError) as e:
         call()
-    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value
-    assert match in (e.value.details() or ""), e.value.details()
+    return e.value
+
+
+def assert_refused(err: grpc.RpcError, match: str) -> None:
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+    assert match in (err.details() or ""), err.details()
+
+
+def refused(call: Callable[[], object], match: str) -> None:
+    assert_refused(rpc_error(call), match)
 
 
 def test_removed_node_and_demoted_manager_lose_their_rights_at_once(daemons) -> None:
@@ -222,20 +231,17 @@ def test_removed_node_and_demoted_manager_lose_their_rights_at_once(daemons) -> 
         # Demote m2: its open stream ends and its (still valid) manager certificate opens no manager
         # service any more, on either manager; the CA still answers it (the role check that demotes it).
         m1.ok("node", "demote", "m2")
-        with pytest.raises(grpc.RpcError) as e:
-            next(iter(watch))
-        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert f"node {m2_id} was demoted: its manager rights have ended" in e.value.details()
+        refused(lambda: next(iter(watch)), f"node {m2_id} was demoted: its manager rights have ended")
     for d in (m1, m2):
         if d is m2 and not m2.sock.exists():
             continue  # m2 has switched to its worker role already: nothing of a manager listens
-        with mtls(d, m2_ident) as ch, pytest.raises(grpc.RpcError) as e:
-            control_pb2_grpc.ControlStub(ch).ListNodes(control_pb2.ListNodesRequest(), timeout=10)
+        with mtls(d, m2_ident) as ch:
+            err = rpc_error(lambda ch=ch: control_pb2_grpc.ControlStub(ch).ListNodes(control_pb2.ListNodesRequest(),
+                                                                                    timeout=10))
         # m2's manager may be stopping as we call: its remote port closes before its control socket
-        if d is m2 and e.value.code() == grpc.StatusCode.UNAVAILABLE and "manager stopping" in m2.log_text():
+        if d is m2 and err.code() == grpc.StatusCode.UNAVAILABLE and "manager stopping" in m2.log_text():
             continue  # nothing of a manager answers there any more
-        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value
-        assert "was demoted: its manager rights have ended" in (e.value.details() or ""), e.value.details()
+        assert_refused(err, "was demoted: its manager rights have ended")
 
     # Remove the worker (forced: it still runs): its live session ends at once, and its certificate
     # is refused on every service of the remote API, with the sentence saying why.
