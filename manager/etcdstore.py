@@ -763,7 +763,7 @@ class Election:
             moved = await self._holds(fence, self._pending)
             if moved is None:
                 return  # still unknown: both leases stay renewed
-            await self._settle(moved, self._pending_ttl)
+            await self._settle(moved)
             return
         want = self._wanted_ttl()
         if want <= self.ttl:
@@ -778,13 +778,12 @@ class Election:
         req = etcd_pb2.TxnRequest(compare=[_compare(LEADER_KEY, create=fence.revision)],
                                   success=[_put(LEADER_KEY, self.node_id.encode(), new)])
         try:
-            moved: bool | None = (await self.store.kv.Txn(req, timeout=2.0)).succeeded
+            moved = (await self.store.kv.Txn(req, timeout=2.0)).succeeded
         except grpc.aio.AioRpcError as e:
-            log.info("election: leader lease move unanswered (%s); reading where the key is", e.code().name)
-            moved = await self._holds(fence, new)
-            if moved is None:
-                return  # settled at the next check
-        await self._settle(moved, want)
+            log.info("election: leader lease move unanswered (%s); the next check reads where the key is",
+                     e.code().name)
+            return  # both leases stay renewed meanwhile
+        await self._settle(moved)
 
     async def _holds(self, fence: Fence, lease: int) -> bool | None:
         """Whether the leader key of this term is attached to `lease`; None when etcd did not say."""
@@ -795,12 +794,12 @@ class Election:
         kv = resp.kvs[0] if resp.kvs else None
         return kv is not None and kv.create_revision == fence.revision and kv.lease == lease
 
-    async def _settle(self, moved: bool, ttl: int) -> None:
+    async def _settle(self, moved: bool) -> None:
         """The key moved to `_pending` (it is the lease now) or not (`_pending` is revoked)."""
         old, new = self.lease_id, self._pending
         if moved:
-            self.lease_id, self.ttl, self._renewed = new, ttl, self._pending_renewed
-            log.info("election: leader lease now %d s (%d nodes)", ttl, len(self.store.sm.tables["node"]))
+            self.lease_id, self.ttl, self._renewed = new, self._pending_ttl, self._pending_renewed
+            log.info("election: leader lease now %d s (%d nodes)", self.ttl, len(self.store.sm.tables["node"]))
         self._pending = 0
         with contextlib.suppress(grpc.aio.AioRpcError):  # the one not holding the key
             await self.store.lease.LeaseRevoke(etcd_pb2.LeaseRevokeRequest(ID=old if moved else new), timeout=1.0)
