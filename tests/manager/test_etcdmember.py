@@ -184,8 +184,13 @@ def test_second_member_joins_as_learner_then_voter(root, base):
                         await etcd_pb2_grpc.ClusterStub(ch).MemberPromote(
                             etcd_pb2.MemberPromoteRequest(ID=new_id), timeout=5)
                         return True
-                    except grpc.aio.AioRpcError as e:  # "learner not ready" until it is in sync
-                        assert "not" in (e.details() or "") and "ready" in (e.details() or ""), e
+                    except grpc.aio.AioRpcError as e:
+                        # etcd's "learner not ready" (ErrGRPCLearnerNotReady) until the leader's own
+                        # record of the learner's progress has caught up, which can lag the learner's
+                        # applied index read above on a loaded machine
+                        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
+                        assert "can only promote a learner member which is in sync with leader" in (
+                            e.details() or ""), e
                         return False
 
             await eventually(promote)
