@@ -227,7 +227,7 @@ class Sim:
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "fleetsim.py"), "--managers", ",".join(managers), "--token", token,
              "--count", str(count), "--prefix", f"fleet-s{idx}", "--first", str(first), "--conc", str(conc),
-             "--state-dir", str(base)],
+             "--step-dir", str(base)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, start_new_session=True)
         self.status: dict[str, Any] = {}
         self.msgs: queue.Queue[dict[str, Any]] = queue.Queue()

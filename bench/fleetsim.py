@@ -2,12 +2,13 @@
 
 Each node joins through the cluster CA (`shoal.manager.ca.join_cluster`: its own key and certificate),
 then runs the project's own `shoal.agent.agent.Agent` over mutual TLS to the managers, with an
-in-memory engine (`MemEngine`: no image pull, containers "run" at once and until stopped). Only two
+in-memory engine (`MemEngine`: no image pull, containers "run" at once and until stopped), as
+`swarmctl lab up --simulated` runs them (`shoal.node.simnodes`). Only two
 things are added to the agent, without changing it: an event that remembers when the agent came into
 session (`connected` set on its first assignments message) and its `on_heartbeat` hook, which times
 the heartbeats.
 
-    python bench/fleetsim.py --managers A,B,C --token T --count K --prefix s0 [--first F] [--state-dir D]
+    python bench/fleetsim.py --managers A,B,C --token T --count K --prefix s0 [--first F] [--step-dir D]
 
 Protocol (JSON lines): it prints {"type": "ready"} and waits for "go" on stdin; then joins F nodes at
 once (reported as {"type": "batch", t0, t1, n, ok}) and the rest with --conc joins at a time, each
@@ -23,105 +24,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
-import itertools
 import json
 import logging
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from typing import Any
 
-import grpc
-
-from shoal.agent.agent import MANAGER_NAME, Agent
-from shoal.agent.engine import (
-    ContainerConfig,
-    ContainerNotFound,
-    ContainerState,
-    ExitStatus,
-    Image,
-    LogLine,
-    RegistryAuth,
-)
-from shoal.manager.ca import join_cluster
-
-_pids = itertools.count(100_000)
-
-
-class MemEngine:
-    """The `ContainerEngine` protocol in memory: every image is there, a container runs from `start`
-    until `stop` or `remove`, and has no logs."""
-
-    def __init__(self) -> None:
-        self.containers: dict[str, ContainerState] = {}
-        self._exits: dict[str, asyncio.Future[ExitStatus]] = {}
-
-    @staticmethod
-    def _image(ref: str) -> Image:
-        return Image(id="sha256:" + hashlib.sha256(ref.encode()).hexdigest(), layers=[], config={}, refs=[ref])
-
-    async def pull(self, ref: str, auth: RegistryAuth | None = None) -> Image:
-        return self._image(ref)
-
-    async def image(self, name: str) -> Image | None:
-        return self._image(name)
-
-    async def create(self, cfg: ContainerConfig) -> None:
-        self.containers[cfg.id] = ContainerState(
-            id=cfg.id, name=cfg.name, status="created", pid=0, image=cfg.spec.image,
-            image_id=self._image(cfg.spec.image).id, labels=dict(cfg.labels),
-            created_at=datetime.now(UTC), started_at=None)
-        self._exits[cfg.id] = asyncio.get_running_loop().create_future()
-
-    def _get(self, cid: str) -> ContainerState:
-        try:
-            return self.containers[cid]
-        except KeyError:
-            raise ContainerNotFound(f"no such container: {cid}") from None
-
-    async def start(self, cid: str) -> None:
-        c = self._get(cid)
-        if c.status == "created":
-            c.status, c.pid, c.started_at = "running", next(_pids), datetime.now(UTC)
-
-    def _exit(self, cid: str, code: int) -> None:
-        c = self.containers.get(cid)
-        if c is not None and c.status != "exited":
-            c.status, c.pid = "exited", 0
-            c.exit = ExitStatus(exit_code=code, oom_killed=False, finished_at=datetime.now(UTC),
-                                reason="Completed" if code == 0 else "Error")
-        fut = self._exits.get(cid)
-        if fut is not None and not fut.done():
-            fut.set_result(c.exit if c is not None and c.exit else ExitStatus(code, False, datetime.now(UTC)))
-
-    async def wait(self, cid: str) -> ExitStatus:
-        self._get(cid)
-        return await asyncio.shield(self._exits[cid])
-
-    async def stop(self, cid: str, timeout: float | None = None) -> None:
-        self._get(cid)
-        self._exit(cid, 137)
-
-    async def remove(self, cid: str) -> None:
-        self._get(cid)
-        self._exit(cid, 137)
-        del self.containers[cid]
-        self._exits.pop(cid, None)
-
-    async def inspect(self, cid: str) -> ContainerState:
-        return replace(self._get(cid))
-
-    async def list(self) -> list[ContainerState]:
-        return [replace(c) for c in self.containers.values()]
-
-    async def logs(self, cid: str, *, follow: bool = False, tail: int = -1,
-                   since: datetime | None = None) -> AsyncIterator[LogLine]:
-        return
-        yield  # an async generator that yields nothing
+from shoal.agent.agent import Agent
+from shoal.node.simnodes import join_simulated
 
 
 class TimedEvent(asyncio.Event):
@@ -160,9 +72,8 @@ def emit(msg: dict[str, Any]) -> None:
 
 
 class Fleet:
-    def __init__(self, managers: Sequence[str], token: str, prefix: str, state_dir: str) -> None:
+    def __init__(self, managers: Sequence[str], token: str, prefix: str) -> None:
         self.managers = list(managers)
-        self.state_dir = state_dir
         self.token = token
         self.prefix = prefix
         self.agents: list[SimAgent] = []
@@ -176,32 +87,18 @@ class Fleet:
 
     async def join_one(self, i: int) -> bool:
         name = f"{self.prefix}-{i:05d}"
-        err = ""
-        for attempt in range(3):
-            addr = self.managers[(i + attempt) % len(self.managers)]
-            try:
-                res = await join_cluster(addr, self.token, hostname=name, timeout=30.0, issue_timeout=120.0)
-                break
-            except Exception as e:  # noqa: BLE001 - counted and reported, the fleet goes on
-                err = f"{name} via {addr}: {e}"
-        else:
+        try:
+            agent = await join_simulated(
+                self.managers, self.token, name, first=i,
+                addr="127.0.0.1",  # as swarmd, which always advertises an address (loopback: no data path)
+                agent_cls=SimAgent, samples=self.samples, failed=self.hb_failed)
+        except Exception as e:  # noqa: BLE001 - counted and reported, the fleet goes on
             self.failed += 1
             if len(self.errors) < 5:
-                self.errors.append(err)
+                self.errors.append(f"{name}: {e}")
             return False
-        ident = res.identity
-        agent = SimAgent(
-            ident.node_id, self.state_dir, self.managers,
-            grpc.ssl_channel_credentials(ident.ca_pem, ident.key_pem, ident.cert_pem), MemEngine(),
-            hostname=name, addr="127.0.0.1",  # as swarmd, which always advertises an address (loopback: no data path)
-            # a subchannel pool of its own: each simulated node its own connections, as on its own host
-            channel_options=[("grpc.ssl_target_name_override", MANAGER_NAME), ("grpc.default_authority", MANAGER_NAME),
-                             ("grpc.use_local_subchannel_pool", 1)],
-            samples=self.samples, failed=self.hb_failed,
-            period=res.response.heartbeat_period.ToNanoseconds() / 1e9 or None,  # as swarmd keeps it
-        )
         self.agents.append(agent)
-        self.ids.append(ident.node_id)
+        self.ids.append(agent.node_id)
         t = asyncio.create_task(agent.run(), name=f"agent-{name}")
         self.tasks.add(t)
         return True
@@ -237,7 +134,7 @@ async def main(a: argparse.Namespace) -> None:
         loop.call_soon_threadsafe(lines.put_nowait, "")
 
     threading.Thread(target=read_stdin, daemon=True).start()
-    fleet = Fleet(a.managers.split(","), a.token, a.prefix, a.state_dir)
+    fleet = Fleet(a.managers.split(","), a.token, a.prefix)
     emit({"type": "ready"})
     while (await lines.get()).strip() != "go":
         pass
@@ -285,9 +182,9 @@ def cli() -> None:
     ap.add_argument("--count", type=int, required=True)
     ap.add_argument("--prefix", required=True, help="hostname prefix of this process's nodes")
     ap.add_argument("--first", type=int, default=0, help="nodes joined all at once before the others")
-    ap.add_argument("--state-dir", default="/nonexistent",
-                    help="the agents' state dir (Agent keeps nothing there without a LocalState)")
     ap.add_argument("--conc", type=int, default=32, help="joins at a time after the first ones")
+    ap.add_argument("--step-dir", default="", help="unused here: names the bench step this process belongs "
+                                                   "to in its command line (fleet.py's cleanup finds it so)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with contextlib.suppress(KeyboardInterrupt, SystemExit):

@@ -13,7 +13,9 @@ Layout for lab NAME (default "lab"), all on this machine, nothing on the host's 
   later command, and `down` (or an `up` after a crash) removes everything the lab made.
 
 Hosts 1..managers are managers (host 1 creates the cluster with the overlay pool 198.19.0.0/16);
-the rest are workers, joined with tokens.
+the rest are workers, joined with tokens. `--simulated N` adds N simulated worker nodes (see
+shoal.node.simnodes: real agents and sessions, containers in memory) named `sim-00001`…, all in one
+process in the underlay namespace, advertising 198.18.0.254 and labelled `engine.labels.simulated=true`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ OVERLAY_POOL = "198.19.0.0/16"
 # 256th network.
 EGRESS_SUBNET = "198.19.255.0/24"
 REGISTRY_PORT = 5000
+SIMULATED_LABEL = ("simulated", "true")  # the engine label of the lab's simulated nodes
+MAX_SIMULATED = 5000  # all in one process (the fleet bench's 1,000-2,000 nodes took 0.5-0.85 of a core)
 
 Progress = Callable[[str], None]
 _save_lock = threading.Lock()
@@ -80,6 +84,8 @@ class LabState:
     hosts: list[Host] = field(default_factory=list)
     registry_pid: int = 0
     registry_dir: str = ""
+    simulated: int = 0  # simulated nodes (`up --simulated`), run by the process sim_pid
+    sim_pid: int = 0
 
     @property
     def dir(self) -> Path:
@@ -106,6 +112,12 @@ class LabState:
         raw = json.loads(path.read_text())
         hosts = [Host(**h) for h in raw.pop("hosts")]
         return cls(hosts=hosts, **raw)
+
+
+def _simulated(node: Any) -> bool:
+    """A Node (proto) is one of the lab's simulated nodes."""
+    key, value = SIMULATED_LABEL
+    return node.description.engine.labels.get(key) == value
 
 
 def _prefix(name: str) -> str:
@@ -212,11 +224,16 @@ class Lab:
         self._procs: dict[str, subprocess.Popen] = {}  # swarmd processes this object started
 
     # ---- up ----------------------------------------------------------------------------------
-    def up(self, managers: int = 3, workers: int = 2, timeout: float = 90) -> LabState:
+    def up(self, managers: int = 3, workers: int = 2, timeout: float = 90, simulated: int = 0) -> LabState:
+        """Build the lab and return its state once every host's node (and every simulated one) is
+        READY; `timeout` is for the hosts, the simulated nodes get 0.1 s more each."""
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces, runc): run it with sudo")
         if managers < 1 or workers < 0 or managers + workers > 200:
             raise LabError("--managers must be at least 1 and --workers at least 0 (200 hosts at most)")
+        if not 0 <= simulated <= MAX_SIMULATED:
+            raise LabError(f"--simulated must be between 0 and {MAX_SIMULATED} (simulated nodes run in one "
+                           "process on this machine)")
         if self._running():
             down = "swarmctl lab down" + (f" --name {self.name}" if self.name != "lab" else "")
             raise LabError(f"lab {self.name!r} is already up: use it (`eval $(swarmctl lab env)`) "
@@ -262,6 +279,10 @@ class Lab:
             for h in rest:
                 self._start_swarmd(state, h, token=tokens[h.role], join=first.addr)
             self._wait_ready(state, timeout=timeout)
+            if simulated:
+                self.progress(f"joining {simulated} simulated nodes (containers in memory) from {UNDERLAY_GW}")
+                self._start_simulated(state, tokens["worker"], simulated)
+                self._wait_ready(state, timeout=timeout + 0.1 * simulated)
             reg_done.result(timeout=timeout)
         except BaseException:
             state.save()
@@ -274,7 +295,8 @@ class Lab:
         def n_of(k: int, what: str) -> str:
             return f"{k} {what}" + ("" if k == 1 else "s")
 
-        self.progress(f"lab {self.name!r} is up: {n_of(managers, 'manager')}, {n_of(workers, 'worker')}, "
+        sims = f", {n_of(simulated, 'simulated node')}" if simulated else ""
+        self.progress(f"lab {self.name!r} is up: {n_of(managers, 'manager')}, {n_of(workers, 'worker')}{sims}, "
                       f"registry {UNDERLAY_GW}:{REGISTRY_PORT}, in {time.monotonic() - t0:.1f} s")
         return state
 
@@ -287,7 +309,7 @@ class Lab:
         return bool(st.hosts) and all(
             _alive(h.holder_pid) and _alive(h.swarmd_pid) and "swarmd" in self._cmdline(h.swarmd_pid)
             for h in st.hosts
-        )
+        ) and (not st.simulated or _alive(st.sim_pid))
 
     def _leftover_namespaces(self) -> list[str]:
         prefix = _prefix(self.name) + "-"
@@ -347,6 +369,23 @@ class Lab:
                 if time.monotonic() > deadline:
                     raise LabError(f"host {h.name}'s namespaces did not come up within 10 s")
                 time.sleep(0.01)
+
+    def _start_simulated(self, state: LabState, token: str, count: int) -> None:
+        """Start the process of the simulated nodes in the underlay namespace (which reaches every
+        host; `down` ends it with the rest of that namespace's processes), its log sim.log."""
+        managers = ",".join(f"{h.addr}:2377" for h in state.hosts if h.role == "manager")
+        with open(state.dir / "sim.log", "ab") as logf:
+            p = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{state.prefix}-ul", sys.executable, "-m", "shoal.node.simnodes",
+                 "--managers", managers, "--count", str(count), "--addr", UNDERLAY_GW,
+                 "--label", "=".join(SIMULATED_LABEL)],
+                start_new_session=True, stdin=subprocess.PIPE, stdout=logf, stderr=logf)
+        assert p.stdin is not None
+        p.stdin.write(token.encode() + b"\n")  # the token on stdin, not in the command line
+        p.stdin.close()
+        self._procs["sim"] = p
+        state.simulated, state.sim_pid = count, p.pid
+        state.save()
 
     @staticmethod
     def _cmdline(pid: int) -> str:
@@ -445,14 +484,16 @@ class Lab:
         return join_tokens(h.socket, timeout=30, poll=0.05)
 
     def _wait_ready(self, state: LabState, timeout: float) -> None:
+        """Until every host's node and every simulated one is READY (progress at most once a second)."""
         from shoal.proto import control_pb2, types_pb2
 
         deadline = time.monotonic() + timeout
-        want = len(state.hosts)
-        shown = ""
+        want = len(state.hosts) + state.simulated
+        shown, shown_at = "", 0.0
         while True:
             for h in state.hosts:
                 self._check_alive(h)
+            self._check_simulated()
             try:
                 with self.control(state.hosts[0]) as c:
                     nodes = c.ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes
@@ -461,18 +502,35 @@ class Lab:
             # A manager counts once its own control socket is there: its Node is READY as soon as
             # the CA admits it, before its etcd member has joined the store.
             up = {h.name for h in state.hosts if h.role != "manager" or Path(h.socket).exists()}
-            ready = sorted(n.description.hostname for n in nodes
-                           if n.status.state == types_pb2.NodeStatus.READY and n.description.hostname in up)
-            msg = f"{len(ready)}/{want} nodes ready" + (f": {' '.join(ready)}" if ready else "")
-            if msg != shown:
+            ready_nodes = [n for n in nodes if n.status.state == types_pb2.NodeStatus.READY]
+            ready = sorted(n.description.hostname for n in ready_nodes if n.description.hostname in up)
+            sims = sum(1 for n in ready_nodes if _simulated(n))
+            msg = (f"{len(ready) + sims}/{want} nodes ready" + (f": {' '.join(ready)}" if ready else "")
+                   + (f" and {sims} simulated" if sims else ""))
+            done = len(ready) + sims >= want
+            if msg != shown and (done or time.monotonic() - shown_at >= 1.0):
                 self.progress(msg)
-                shown = msg
-            if len(ready) >= want:
+                shown, shown_at = msg, time.monotonic()
+            if done:
                 return
             if time.monotonic() > deadline:
-                raise LabError(f"only {len(ready)} of {want} nodes became ready within {timeout:.0f} s; "
-                               f"see the swarmd.log files in {state.dir}")
+                where = f"see the swarmd.log files in {state.dir}" + (
+                    f" and {state.dir}/sim.log" if state.simulated else "")
+                raise LabError(f"only {len(ready) + sims} of {want} nodes became ready within {timeout:.0f} s; "
+                               + where)
             time.sleep(0.1)
+
+    def _check_simulated(self) -> None:
+        """LabError with its log's last lines when the simulated nodes' process (started by this
+        process) has exited."""
+        p = self._procs.get("sim")
+        if p is not None and p.poll() is not None:
+            st = self.state()
+            try:
+                tail = (st.dir / "sim.log").read_text(errors="replace").strip().splitlines()[-2:]
+            except OSError:
+                tail = ["(no log)"]
+            raise LabError(f"the simulated nodes' process exited with {p.returncode}: {' | '.join(tail)}")
 
     # ---- operations --------------------------------------------------------------------------
     def state(self) -> LabState:
@@ -558,6 +616,10 @@ class Lab:
                 state += " (partitioned)"
             rows.append({"host": h.name, "role": h.role, "addr": h.addr, "state": state,
                          "leader": "leader" if h.name == leader_host else ""})
+        if st.simulated:  # one row for them all
+            ready = sum(1 for n in nodes.values() if _simulated(n) and n.status.state == types_pb2.NodeStatus.READY)
+            state = f"{ready}/{st.simulated} ready" + ("" if _alive(st.sim_pid) else " (process stopped)")
+            rows.append({"host": "sim", "role": "worker", "addr": UNDERLAY_GW, "state": state, "leader": ""})
         return rows
 
     def env(self) -> str:

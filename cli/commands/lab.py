@@ -26,8 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     up = cmd("up", "build the hosts, start swarmd on each, create the cluster and join them")
     up.add_argument("--managers", type=int, default=3, help="number of manager hosts (default 3)")
     up.add_argument("--workers", type=int, default=2, help="number of worker hosts (default 2)")
+    up.add_argument("--simulated", type=int, default=0, metavar="N",
+                    help="also N simulated worker nodes (real agents and sessions, containers in memory; "
+                         "engine label simulated=true), for a large cluster on one machine (default 0)")
     cmd("down", "remove everything the lab made (processes, containers, mounts, namespaces, state)")
-    st = cmd("status", "one line per host: name, role, address, state, leader")
+    st = cmd("status", "one line per host: name, role, address, state, leader (and one for the simulated nodes)")
     st.add_argument("--format", choices=["table", "json"], default="table")
     cmd("env", "print `export SWARM_SOCKET=…` for eval")
     ex = cmd("exec", "run a command inside a host's namespaces: lab exec h1 -- CMD…")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cmd = args.lab_cmd
         if cmd == "up":
-            st = lab.up(args.managers, args.workers)
+            st = lab.up(args.managers, args.workers, simulated=args.simulated)
             print(f"export SWARM_SOCKET={st.hosts[0].socket}")
         elif cmd == "down":
             lab.down()

@@ -90,16 +90,18 @@ class Lab:
         )
 
 
-def snapshot() -> dict[str, set[str]]:
-    """What of this lab exists on the machine: namespaces, links in this namespace, mounts (overlay
-    rootfs, nsfs, tmpfs) and processes mentioning the lab, its engines' cgroups, nft tables here."""
+def snapshot(name: str = NAME) -> dict[str, set[str]]:
+    """What of lab `name` (this module's by default) exists on the machine: namespaces, links in this
+    namespace, mounts (overlay rootfs, nsfs, tmpfs) and processes mentioning the lab, its engines'
+    cgroups, nft tables here."""
     from shoal.lab.lab import BASE, _engine_cgroups
 
-    base = str(BASE / NAME)
-    netns = {n for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else []) if n.startswith(PREFIX)}
+    base = str(BASE / name)
+    prefix = f"shoal-{name}-"
+    netns = {n for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else []) if n.startswith(prefix)}
     links = set(subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout.split("\n"))
     links = {ln.split(": ")[1].split("@")[0] for ln in links if ": " in ln}
-    mounts = {ln for ln in Path("/proc/self/mountinfo").read_text().splitlines() if base in ln or PREFIX in ln}
+    mounts = {ln for ln in Path("/proc/self/mountinfo").read_text().splitlines() if base in ln or prefix in ln}
     procs = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
@@ -107,7 +109,7 @@ def snapshot() -> dict[str, set[str]]:
                 cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if base in cmd or PREFIX in cmd:
+            if base in cmd or prefix in cmd:
                 procs.add(f"{d.name} {cmd}")
     cgroups = {c for i in range(1, 10) for c in _engine_cgroups(f"{base}/h{i}/engine")}
     nft = set(subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout.splitlines())
