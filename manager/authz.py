@@ -201,9 +201,14 @@ class Authorizer(grpc.aio.ServerInterceptor):
                     if not calls:
                         del self._open[peer.node_id]
                 refused.cancel()
-                if step is not None and not step.done():
-                    step.cancel()
-                    await asyncio.gather(step, return_exceptions=True)
+                if step is not None:
+                    if not step.done():
+                        step.cancel()
+                        await asyncio.gather(step, return_exceptions=True)
+                    elif not step.cancelled():
+                        # read here, as no one else will: the step that saw the responses end (or
+                        # fail) just as this call was cancelled (a leader's sessions ending at once)
+                        step.exception()
                 await responses.aclose()
 
         return behavior

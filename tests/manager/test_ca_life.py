@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ssl
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -247,3 +248,43 @@ def test_revoke_keeps_an_entry_until_the_last_certificate_expires() -> None:
         assert a.refusal(ca.PeerIdentity("w2", types_pb2.WORKER, "c1"), "/shoal.Dispatcher/Session") is None
 
     asyncio.run(main())
+
+
+def test_a_stream_cancelled_as_its_responses_end_leaves_no_error_unread(monkeypatch) -> None:
+    """A registered response stream whose caller goes away just as its responses end (a leader's
+    thousands of sessions ending at once): the step that read the end is read in the cleanup, so
+    asyncio logs no "Task exception was never retrieved" (StopAsyncIteration) for it."""
+    import gc
+
+    monkeypatch.setattr(authz, "peer_identity", lambda context: ca.PeerIdentity("w1", types_pb2.WORKER, "c1"))
+    a = authz.Authorizer(LocalStore())
+    unread: list[dict] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: unread.append(ctx))
+        outer: list[asyncio.Task] = []
+
+        async def responses(request, context):  # noqa: ANN001, ANN202
+            yield "first"
+            outer[0].cancel()  # the caller goes away in the same turn as the stream ends
+
+        stream = a._stream(responses, "/shoal.Dispatcher/Session")(None, None)
+        got: list[str] = []
+
+        async def consume(stream: AsyncIterator[str]) -> None:
+            async for msg in stream:
+                got.append(msg)
+
+        outer.append(asyncio.create_task(consume(stream)))
+        with pytest.raises(asyncio.CancelledError):
+            await outer[0]
+        assert got == ["first"]
+        assert a._open == {}  # deregistered
+        outer.clear()
+        del stream
+        gc.collect()
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    gc.collect()
+    assert unread == [], unread
