@@ -57,6 +57,7 @@ SLOW: dict[str, tuple[str, ...]] = {
     "manager/test_scheduler_property.py": ("test_scheduler_respects_every_filter",),
     "netdriver/test_gossip_tables.py": ("test_any_delivery_order_converges",),
     "node/test_swarmd_memory.py": ("*",),  # fresh interpreters importing the node
+    "node/test_simnodes.py": ("test_bad_input_exits_2_naming_the_argument",),  # the command, run
     "node/test_metrics_endpoint.py": ("*",),  # the same
 }
 TESTS = os.path.dirname(os.path.abspath(__file__))
