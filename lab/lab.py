@@ -114,10 +114,13 @@ class LabState:
         return cls(hosts=hosts, **raw)
 
 
-def _simulated(node: Any) -> bool:
-    """A Node (proto) is one of the lab's simulated nodes."""
+def _simulated_ready(nodes: Iterable[Any]) -> int:
+    """How many of these Nodes (proto) are the lab's simulated nodes, READY."""
+    from shoal.proto import types_pb2
+
     key, value = SIMULATED_LABEL
-    return node.description.engine.labels.get(key) == value
+    return sum(1 for n in nodes if n.description.engine.labels.get(key) == value
+               and n.status.state == types_pb2.NodeStatus.READY)
 
 
 def _prefix(name: str) -> str:
@@ -427,11 +430,13 @@ class Lab:
         p = self._procs.get(h.name)
         code = p.poll() if p is not None else (None if _alive(h.swarmd_pid) else -1)
         if code is not None:
-            raise LabError(f"swarmd on {h.name} exited with {code}: {self._log_tail(h)}")
+            raise LabError(f"swarmd on {h.name} exited with {code}: {self._log_tail(Path(h.state_dir) / 'swarmd.log')}")
 
-    def _log_tail(self, h: Host, n: int = 3) -> str:
+    @staticmethod
+    def _log_tail(path: Path, n: int = 3) -> str:
+        """The last n lines of a log, its error lines if it has any."""
         try:
-            lines = (Path(h.state_dir) / "swarmd.log").read_text(errors="replace").splitlines()
+            lines = path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no log)"
         lines = [ln for ln in lines if " ERROR " in ln or "Error" in ln or "SystemExit" in ln] or lines
@@ -493,7 +498,7 @@ class Lab:
         while True:
             for h in state.hosts:
                 self._check_alive(h)
-            self._check_simulated()
+            self._check_simulated(state)
             try:
                 with self.control(state.hosts[0]) as c:
                     nodes = c.ListNodes(control_pb2.ListNodesRequest(), timeout=5).nodes
@@ -502,9 +507,9 @@ class Lab:
             # A manager counts once its own control socket is there: its Node is READY as soon as
             # the CA admits it, before its etcd member has joined the store.
             up = {h.name for h in state.hosts if h.role != "manager" or Path(h.socket).exists()}
-            ready_nodes = [n for n in nodes if n.status.state == types_pb2.NodeStatus.READY]
-            ready = sorted(n.description.hostname for n in ready_nodes if n.description.hostname in up)
-            sims = sum(1 for n in ready_nodes if _simulated(n))
+            ready = sorted(n.description.hostname for n in nodes
+                           if n.status.state == types_pb2.NodeStatus.READY and n.description.hostname in up)
+            sims = _simulated_ready(nodes)
             msg = (f"{len(ready) + sims}/{want} nodes ready" + (f": {' '.join(ready)}" if ready else "")
                    + (f" and {sims} simulated" if sims else ""))
             done = len(ready) + sims >= want
@@ -520,17 +525,13 @@ class Lab:
                                + where)
             time.sleep(0.1)
 
-    def _check_simulated(self) -> None:
+    def _check_simulated(self, state: LabState) -> None:
         """LabError with its log's last lines when the simulated nodes' process (started by this
         process) has exited."""
         p = self._procs.get("sim")
         if p is not None and p.poll() is not None:
-            st = self.state()
-            try:
-                tail = (st.dir / "sim.log").read_text(errors="replace").strip().splitlines()[-2:]
-            except OSError:
-                tail = ["(no log)"]
-            raise LabError(f"the simulated nodes' process exited with {p.returncode}: {' | '.join(tail)}")
+            raise LabError(f"the simulated nodes' process exited with {p.returncode}: "
+                           f"{self._log_tail(state.dir / 'sim.log')}")
 
     # ---- operations --------------------------------------------------------------------------
     def state(self) -> LabState:
@@ -617,8 +618,7 @@ class Lab:
             rows.append({"host": h.name, "role": h.role, "addr": h.addr, "state": state,
                          "leader": "leader" if h.name == leader_host else ""})
         if st.simulated:  # one row for them all
-            ready = sum(1 for n in nodes.values() if _simulated(n) and n.status.state == types_pb2.NodeStatus.READY)
-            state = f"{ready}/{st.simulated} ready" + ("" if _alive(st.sim_pid) else " (process stopped)")
+            state = f"{_simulated_ready(nodes.values())}/{st.simulated} ready" + ("" if _alive(st.sim_pid) else " (process stopped)")
             rows.append({"host": "sim", "role": "worker", "addr": UNDERLAY_GW, "state": state, "leader": ""})
         return rows
 
