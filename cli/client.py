@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from shoal.cli.errors import CliError
-from shoal.proto import control_pb2_grpc
+from shoal.proto import CONTROL_CHANNEL_OPTIONS, control_pb2_grpc
 
 # Trailing metadata of a read answered without a quorum (shoal.manager.controlapi.STALE_KEY).
 STALE_KEY = "x-shoal-stale"
@@ -55,7 +55,8 @@ class Client:
                 raise CliError("--host needs the node's TLS identity: give --tls-dir STATE_DIR (or SWARM_TLS_DIR)")
             ca, key, cert = tls_files(tls_dir)
             creds = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
-            options = [("grpc.ssl_target_name_override", MANAGER_NAME), ("grpc.default_authority", MANAGER_NAME)]
+            options = [("grpc.ssl_target_name_override", MANAGER_NAME), ("grpc.default_authority", MANAGER_NAME),
+                       *CONTROL_CHANNEL_OPTIONS]
             self.target = host
             self.channel = grpc.secure_channel(host, creds, options=options)
         else:
@@ -69,7 +70,7 @@ class Client:
                     "Point swarmctl at it with --socket PATH (STATE_DIR/swarmd.sock), SWARM_SOCKET or "
                     "--host ADDR:2377 --tls-dir STATE_DIR"
                 )
-            self.channel = grpc.insecure_channel(self.target)
+            self.channel = grpc.insecure_channel(self.target, options=CONTROL_CHANNEL_OPTIONS)
         self.stub = control_pb2_grpc.ControlStub(self.channel)
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:

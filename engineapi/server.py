@@ -42,6 +42,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import grpc
 
+from shoal.proto import CONTROL_CHANNEL_OPTIONS
+
 log = logging.getLogger("shoal.engineapi")
 
 API_VERSION = "1.41"
@@ -207,7 +209,7 @@ class EngineContext:
         if not self.node.is_manager():
             raise APIError(503, NOT_MANAGER)
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(f"unix://{self.control_socket}")
+            self._channel = grpc.aio.insecure_channel(f"unix://{self.control_socket}", options=CONTROL_CHANNEL_OPTIONS)
         if name not in self._stubs:
             import importlib
 

@@ -477,9 +477,9 @@ class Lab:
         """A Control API stub on host h's local socket (managers only); the channel closes after."""
         import grpc
 
-        from shoal.proto import control_pb2_grpc
+        from shoal.proto import CONTROL_CHANNEL_OPTIONS, control_pb2_grpc
 
-        with grpc.insecure_channel(f"unix://{h.socket}") as ch:
+        with grpc.insecure_channel(f"unix://{h.socket}", options=CONTROL_CHANNEL_OPTIONS) as ch:
             yield control_pb2_grpc.ControlStub(ch)
 
     def _join_tokens(self, h: Host) -> dict[str, str]:

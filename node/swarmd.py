@@ -847,6 +847,7 @@ class Swarmd:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         loop.add_signal_handler(signal.SIGUSR1, _dump_stacks)
+        loop.add_signal_handler(signal.SIGUSR2, _memory_census)
         _memdebug_install()
         if self.args.force_new_cluster:
             self._check_force_new_cluster()
@@ -969,6 +970,47 @@ def _dump_stacks() -> None:
         where = [f"  {f.f_code.co_filename}:{f.f_lineno} in {f.f_code.co_name}" for f in task.get_stack(limit=12)]
         log.warning("SIGUSR1 task %s:\n%s", task.get_name(), "\n".join(where) or "  (not started)")
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+
+def _memory_census(top: int = 15) -> None:
+    """SIGUSR2: where this process's memory is, to the log: resident size, the Python objects the
+    collector tracks by type (count and shallow size), and with tracemalloc on (PYTHONTRACEMALLOC=1
+    in swarmd's environment) the lines that allocated the most. Walks every object: seconds in a
+    manager of thousands of nodes, so it is for a person investigating, not for a timer."""
+    import collections
+    import ctypes
+    import gc
+    import tracemalloc
+
+    def rss() -> str:
+        return next((line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                     if line.startswith("VmRSS:")), "?")
+
+    count: collections.Counter[str] = collections.Counter()
+    size: collections.Counter[str] = collections.Counter()
+    gc.unfreeze()  # the permanent generation (see `_watch_collections`) is not in get_objects()
+    try:
+        for obj in gc.get_objects():
+            name = type(obj).__qualname__
+            count[name] += 1
+            size[name] += sys.getsizeof(obj, 0)
+    finally:
+        gc.freeze()
+    before = rss()
+    ctypes.CDLL(None).malloc_trim(0)  # what malloc held free, given back
+    lines = [f"SIGUSR2 memory: VmRSS {before} kB ({rss()} kB after malloc_trim), "
+             f"{sum(count.values())} tracked objects"]
+    lines += [f"  {n:>9} {size[name] / 1e6:8.1f} MB  {name}" for name, n in count.most_common(top)]
+    tasks = collections.Counter(getattr(t.get_coro(), "__qualname__", type(t.get_coro()).__name__)
+                                for t in asyncio.all_tasks())
+    lines.append(f"  {sum(tasks.values())} asyncio tasks, by coroutine:")
+    lines += [f"  {n:>9}  {name}" for name, n in tasks.most_common(top)]
+    if tracemalloc.is_tracing():
+        traced, _ = tracemalloc.get_traced_memory()
+        lines.append(f"  tracemalloc: {traced / 1e6:.1f} MB traced; by line:")
+        for stat in tracemalloc.take_snapshot().statistics("lineno")[:top]:
+            lines.append(f"    {stat.size / 1e6:8.1f} MB {stat.count:>9}  {stat.traceback[0]}")
+    log.warning("%s", "\n".join(lines))
 
 
 GC_LOG_AFTER = 0.25  # s: a garbage collection at least this long is logged (it holds the event loop)
