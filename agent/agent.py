@@ -365,8 +365,7 @@ class Agent:
             await _connected(channel, addr, connect_timeout)
             stub = dispatcher_pb2_grpc.DispatcherStub(channel)
             desc = describe_node(self.hostname, self.addr, self.labels, data_path_capabilities(self.addr))
-            call = stub.Session(dispatcher_pb2.SessionRequest(description=desc), metadata=self._md)
-            first = await asyncio.wait_for(call.read(), FIRST_MESSAGE_TIMEOUT)
+            call, first, one_stream = await self._open(stub, dispatcher_pb2.SessionRequest(description=desc))
             if first is grpc.aio.EOF:
                 raise ConnectionError(f"manager {addr} closed the session at once")
             self.session_id = first.session_id
@@ -376,11 +375,16 @@ class Agent:
             log.info("session opened node=%s manager=%s session=%s", self.node_id, addr, self.session_id)
             try:
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(_named("session", self._session_messages(call)))
-                    tg.create_task(_named("heartbeats", self._heartbeats(stub)))
-                    tg.create_task(_named("assignments", self._assignments(stub)))
+                    if one_stream:
+                        answers: asyncio.Queue[dispatcher_pb2.HeartbeatResponse] = asyncio.Queue()
+                        tg.create_task(_named("session", self._manager_messages(call, channel, answers)))
+                        tg.create_task(_named("heartbeats", self._beat(stub, call, answers)))
+                    else:  # an older manager: a stream for each
+                        tg.create_task(_named("session", self._session_messages(call)))
+                        tg.create_task(_named("heartbeats", self._heartbeats(stub)))
+                        tg.create_task(_named("assignments", self._assignments(stub)))
+                        tg.create_task(_named("log subscriptions", self._log_subscriptions(channel)))
                     tg.create_task(_named("statuses", self._send_statuses(stub)))
-                    tg.create_task(_named("log subscriptions", self._log_subscriptions(channel)))
             except asyncio.CancelledError:
                 await self._say_restarting(stub)
                 raise
@@ -389,6 +393,46 @@ class Agent:
                 t.cancel()
             self._subs.clear()
             await channel.close(grace=None)
+
+    async def _open(
+        self, stub: dispatcher_pb2_grpc.DispatcherStub, request: dispatcher_pb2.SessionRequest
+    ) -> tuple[Any, Any, bool]:
+        """Open the session: the call, its first session message (or EOF), and whether the call is
+        a Connect stream (the whole session on one stream) or, with a manager of an older version
+        (Connect UNIMPLEMENTED), a Session stream that the other streams go beside."""
+        call = stub.Connect(metadata=self._md)
+        try:
+            with contextlib.suppress(asyncio.InvalidStateError):  # it ended already: read() says how
+                await call.write(dispatcher_pb2.AgentMessage(session=request))
+            first = await asyncio.wait_for(call.read(), FIRST_MESSAGE_TIMEOUT)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            log.info("manager has no Connect stream (an older version): a stream each node=%s", self.node_id)
+        else:
+            if first is grpc.aio.EOF or first.WhichOneof("item") != "session":
+                return call, grpc.aio.EOF, True
+            return call, first.session, True
+        call = stub.Session(request, metadata=self._md)
+        return call, await asyncio.wait_for(call.read(), FIRST_MESSAGE_TIMEOUT), False
+
+    async def _manager_messages(self, call: Any, channel: grpc.aio.Channel,
+                                answers: asyncio.Queue[dispatcher_pb2.HeartbeatResponse]) -> None:
+        """A Connect stream's messages to the parts of the session (heartbeat answers to `answers`)."""
+        logs = logs_pb2_grpc.LogBrokerStub(channel)
+        while True:
+            msg = await call.read()
+            if msg is grpc.aio.EOF:
+                raise ConnectionError("the dispatcher ended the session")
+            item = msg.WhichOneof("item")
+            if item == "heartbeat":
+                answers.put_nowait(msg.heartbeat)
+            elif item == "assignments":
+                self._on_assignments(msg.assignments)
+            elif item == "session":
+                self._on_session_message(msg.session)
+            elif item == "subscription":
+                self._on_subscription(logs, msg.subscription)
 
     def _on_session_message(self, msg: dispatcher_pb2.SessionMessage) -> None:
         configured = msg.heartbeat_period.ToNanoseconds() / 1e9
@@ -432,22 +476,28 @@ class Agent:
 
     async def _heartbeats(self, stub: dispatcher_pb2_grpc.DispatcherStub) -> None:
         """Beat on one stream (Heartbeats) until the session ends; one call a beat with a manager
-        that has no such stream (an older version)."""
+        that has no such stream (an older version still)."""
         try:
-            await self._beat(stub, True)
+            await self._beat(stub, stub.Heartbeats(metadata=self._md))
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise
             log.info("manager has no heartbeat stream (an older version): a call a heartbeat node=%s", self.node_id)
-            await self._beat(stub, False)
+            await self._beat(stub, None)
 
-    async def _beat(self, stub: dispatcher_pb2_grpc.DispatcherStub, stream: bool) -> None:
+    async def _beat(self, stub: dispatcher_pb2_grpc.DispatcherStub, call: Any,
+                    answers: asyncio.Queue[dispatcher_pb2.HeartbeatResponse] | None = None) -> None:
+        """Beat until the session ends: on `call`, a Connect stream whose answers the session's
+        reader puts in `answers`, or a Heartbeats stream; with neither, a Heartbeat call each."""
         req = dispatcher_pb2.HeartbeatRequest(session_id=self.session_id)
-        call = stub.Heartbeats(metadata=self._md) if stream else None
+        beat = dispatcher_pb2.AgentMessage(heartbeat=req)
 
         async def answer() -> dispatcher_pb2.HeartbeatResponse:
             if call is None:
                 return await stub.Heartbeat(req, metadata=self._md)
+            if answers is not None:
+                await call.write(beat)
+                return await answers.get()
             if not call.done():  # else read() raises how it ended
                 await call.write(req)
             resp = await call.read()
@@ -464,7 +514,7 @@ class Agent:
                     self._timed(None)
                     raise
                 except grpc.aio.AioRpcError as e:
-                    if not (call is not None and e.code() == grpc.StatusCode.UNIMPLEMENTED):
+                    if not (call is not None and answers is None and e.code() == grpc.StatusCode.UNIMPLEMENTED):
                         self._timed(None)  # (an older manager's UNIMPLEMENTED is not a heartbeat lost)
                     raise
                 self._timed(time.monotonic() - sent)
@@ -475,7 +525,7 @@ class Agent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._beat_now.wait(), max(0.0, self._period - (time.monotonic() - sent)))
         finally:
-            if call is not None:
+            if call is not None and answers is None:
                 call.cancel()
 
     def _keep_period(self) -> None:
@@ -521,21 +571,17 @@ class Agent:
         call = stub.Assignments(
             dispatcher_pb2.AssignmentsRequest(session_id=self.session_id), metadata=self._md
         )
-        first = True
         while True:
             msg = await call.read()
             if msg is grpc.aio.EOF:
                 raise ConnectionError("the dispatcher ended the assignments stream")
-            if first:
-                self.connected.set()
-                first = False
-            log.debug(
-                "assignments node=%s type=%s changes=%d",
-                self.node_id,
-                dispatcher_pb2.AssignmentsMessage.Type.Name(msg.type),
-                len(msg.changes),
-            )
-            self.worker.apply(msg)
+            self._on_assignments(msg)
+
+    def _on_assignments(self, msg: dispatcher_pb2.AssignmentsMessage) -> None:
+        self.connected.set()  # (the session's first assignments came)
+        log.debug("assignments node=%s type=%s changes=%d", self.node_id,
+                  dispatcher_pb2.AssignmentsMessage.Type.Name(msg.type), len(msg.changes))
+        self.worker.apply(msg)
 
     async def _send_statuses(self, stub: dispatcher_pb2_grpc.DispatcherStub) -> None:
         while True:
@@ -583,21 +629,25 @@ class Agent:
                 sub = await call.read()
                 if sub is grpc.aio.EOF:
                     return  # the broker is optional: the session goes on without it
-                if sub.close:
-                    t = self._subs.pop(sub.id, None)
-                    if t is not None:
-                        t.cancel()
-                    continue
-                if sub.id in self._subs:
-                    continue
-                t = asyncio.create_task(self._publish(stub, sub), name=f"logs-{sub.id}")
-                self._subs[sub.id] = t
-                t.add_done_callback(lambda _t, sid=sub.id: self._subs.pop(sid, None))
+                self._on_subscription(stub, sub)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNIMPLEMENTED:
                 log.info("manager has no log broker node=%s", self.node_id)
                 await asyncio.Event().wait()
             raise
+
+    def _on_subscription(self, stub: logs_pb2_grpc.LogBrokerStub, sub: logs_pb2.SubscriptionMessage) -> None:
+        """Start publishing what `sub` asks for, or stop (`close`)."""
+        if sub.close:
+            t = self._subs.pop(sub.id, None)
+            if t is not None:
+                t.cancel()
+            return
+        if sub.id in self._subs:
+            return
+        t = asyncio.create_task(self._publish(stub, sub), name=f"logs-{sub.id}")
+        self._subs[sub.id] = t
+        t.add_done_callback(lambda _t, sid=sub.id: self._subs.pop(sid, None))
 
     def _matching_tasks(self, sel: logs_pb2.LogSelector) -> list[Any]:
         out = []

@@ -54,7 +54,15 @@ import grpc
 from shoal.manager import metrics
 from shoal.manager.keymanager import ipsec_keys, is_encrypted, strip_keys
 from shoal.manager.store import Store, StoreError, Tx, WatchBatch, Watcher, drain, new_id
-from shoal.proto import dispatcher_pb2, dispatcher_pb2_grpc, objects_pb2, specs_pb2, types_pb2, watch_pb2
+from shoal.proto import (
+    dispatcher_pb2,
+    dispatcher_pb2_grpc,
+    logs_pb2,
+    objects_pb2,
+    specs_pb2,
+    types_pb2,
+    watch_pb2,
+)
 
 log = logging.getLogger("shoal.dispatcher")
 
@@ -265,9 +273,13 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         *,
         insecure_node_id_from_metadata: bool = False,
         auto_register: bool = False,
+        logbroker: Any = None,
     ) -> None:
+        """`logbroker`: whose ListenSubscriptions a Connect stream carries (`shoal.manager.logbroker`);
+        None carries none (the agent then publishes no logs)."""
         self.store = store
         self.manager = manager
+        self.logbroker = logbroker
         self.insecure = insecure_node_id_from_metadata
         # Create the Node object for an unknown caller (single-node setups and tests); normally the
         # CA creates it when it issues the node certificate, and an unknown node is refused.
@@ -629,6 +641,74 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         resp = dispatcher_pb2.HeartbeatResponse()
         resp.period.FromNanoseconds(int(period * (1 - random.uniform(0, HEARTBEAT_JITTER)) * 1e9))
         return resp
+
+    # ---- Connect: the session, its heartbeats, assignments and log subscriptions on one stream ----
+    async def Connect(  # noqa: N802
+        self, requests: AsyncIterator[dispatcher_pb2.AgentMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[dispatcher_pb2.ManagerMessage]:
+        """What Session, Heartbeats, Assignments and the log broker's ListenSubscriptions serve, on one
+        stream (an agent of this version opens no other): each stream costs the leader ~24 KB of gRPC
+        memory, and a fleet's agents held four each.
+
+        The first request must be `session`; the answers start with the session's first message.
+        Then each of the four runs as it does on its own stream, in a task of its own, its messages
+        going out as they come; the first of them to end (or fail: an abort, as a closed session's)
+        ends this call the same way, and the others with it. The caller ending its requests ends it
+        too (Heartbeats ends)."""
+        it = aiter(requests)
+        first = await anext(it, None)
+        if first is None or first.WhichOneof("item") != "session":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the first message of a Connect stream must be `session` (the node's SessionRequest), "
+                "sent before any heartbeat",
+            )
+        assert first is not None
+        sessions = self.Session(first.session, context)
+        opened = await anext(sessions)
+        yield dispatcher_pb2.ManagerMessage(session=opened)
+
+        async def beats() -> AsyncIterator[dispatcher_pb2.HeartbeatRequest]:
+            async for m in it:
+                if m.WhichOneof("item") != "heartbeat":
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "a Connect stream carries one session: after the first message, send only heartbeats",
+                    )
+                yield m.heartbeat
+
+        sources: list[tuple[str, AsyncIterator[Any]]] = [
+            ("session", sessions),
+            ("heartbeat", self.Heartbeats(beats(), context)),
+            ("assignments", self.Assignments(dispatcher_pb2.AssignmentsRequest(session_id=opened.session_id),
+                                             context)),
+        ]
+        if self.logbroker is not None:
+            listen = logs_pb2.ListenSubscriptionsRequest()
+            sources.append(("subscription", self.logbroker.ListenSubscriptions(listen, context)))
+        out: asyncio.Queue[dispatcher_pb2.ManagerMessage | BaseException | None] = asyncio.Queue()
+
+        async def relay(item: str, source: AsyncIterator[Any]) -> None:
+            try:
+                async for m in source:
+                    out.put_nowait(dispatcher_pb2.ManagerMessage(**{item: m}))
+                out.put_nowait(None)
+            except Exception as e:  # an abort (its status already sent), a failure: this call's end
+                out.put_nowait(e)
+
+        relays = [asyncio.create_task(relay(item, source), name=f"connect-{item}") for item, source in sources]
+        try:
+            while True:
+                m = await out.get()
+                if m is None:
+                    return
+                if isinstance(m, BaseException):
+                    raise m
+                yield m
+        finally:
+            for t in relays:
+                t.cancel()
+            await asyncio.gather(*relays, return_exceptions=True)
 
     # ---- leader loop: heartbeat expiry ---------------------------------------------------------
     async def run(self) -> None:

@@ -388,8 +388,8 @@ class Manager:
         if renewed:
             self._tasks.append(asyncio.create_task(self._record_own_certificate(), name="own-certificate"))
         self.control = ControlServicer(self.store, manager=self)
-        self.dispatcher = Dispatcher(self.store, manager=self)
         self.logbroker = LogBroker(self.store, manager=self)
+        self.dispatcher = Dispatcher(self.store, manager=self, logbroker=self.logbroker)
         self.watch = WatchServicer(self.store, self)
         ca_svc = ca.CAServicer(self._root_ca_pem, self.issue_node_certificate, heartbeat_period=self.dispatcher.period)
         ca_plain = ca.CAServicer(self._root_ca_pem, self.issue_node_certificate, plain=True)

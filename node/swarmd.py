@@ -1015,6 +1015,7 @@ def _memory_census(top: int = 15) -> None:
 
 GC_LOG_AFTER = 0.25  # s: a garbage collection at least this long is logged (it holds the event loop)
 GC_REFREEZE = 600.0  # s between two full collections that walk every object (see `_watch_collections`)
+TRIM_EVERY = 60.0  # s at least between two `malloc_trim`s (see `_watch_collections`)
 
 
 def _watch_collections() -> None:
@@ -1027,11 +1028,21 @@ def _watch_collections() -> None:
     CPU one held a 2,000-node leader's loop past its lease. After each full collection every object
     still alive moves to the permanent generation (`gc.freeze`), so the next ones walk only what came
     since; once every GC_REFREEZE s a full collection walks everything again first (`gc.unfreeze`),
-    so a reference cycle among old objects is freed within that time."""
+    so a reference cycle among old objects is freed within that time.
+
+    After a full collection, at most once every TRIM_EVERY s, malloc gives the memory it holds free
+    back to the system (`malloc_trim`): a convergence's churn leaves it holding much (100 MB of a
+    3,000-node leader's 997 MB after 30,000 tasks started), which no later allocation may reuse."""
+    import ctypes
     import gc
 
     started = [0.0]
     walked_all = [time.monotonic()]
+    trimmed = [time.monotonic()]
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        trim = None
 
     def note(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -1045,6 +1056,11 @@ def _watch_collections() -> None:
                      took, info["collected"])
         if info["generation"] == 2:
             gc.freeze()
+            if trim is not None and (now := time.monotonic()) - trimmed[0] >= TRIM_EVERY:
+                trimmed[0] = now
+                trim(0)
+                if (took := time.monotonic() - now) >= GC_LOG_AFTER:
+                    log.info("gc: giving free memory back to the system took %.2f s", took)
 
     gc.callbacks.append(note)
 

@@ -25,45 +25,50 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from shoal.proto import types_pb2 as types__pb2
 from shoal.proto import objects_pb2 as objects__pb2
+from shoal.proto import logs_pb2 as logs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x64ispatcher.proto\x12\x05shoal\x1a\x1egoogle/protobuf/duration.proto\x1a\x0btypes.proto\x1a\robjects.proto\"Q\n\x0eSessionRequest\x12+\n\x0b\x64\x65scription\x18\x01 \x01(\x0b\x32\x16.shoal.NodeDescription\x12\x12\n\nsession_id\x18\x02 \x01(\t\"=\n\x0cWeightedPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x03\"\xd1\x01\n\x0eSessionMessage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x04node\x18\x02 \x01(\x0b\x32\x0b.shoal.Node\x12%\n\x08managers\x18\x03 \x03(\x0b\x32\x13.shoal.WeightedPeer\x12\x34\n\x16network_bootstrap_keys\x18\x04 \x03(\x0b\x32\x14.shoal.EncryptionKey\x12\x33\n\x10heartbeat_period\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\":\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrestarting\x18\x02 \x01(\x08\">\n\x11HeartbeatResponse\x12)\n\x06period\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"F\n\x10TaskStatusUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x06status\x18\x02 \x01(\x0b\x32\x11.shoal.TaskStatus\"W\n\x17UpdateTaskStatusRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x07updates\x18\x02 \x03(\x0b\x32\x17.shoal.TaskStatusUpdate\"\x1a\n\x18UpdateTaskStatusResponse\"\x9f\x01\n\nAssignment\x12\x1b\n\x04task\x18\x01 \x01(\x0b\x32\x0b.shoal.TaskH\x00\x12\x1f\n\x06secret\x18\x02 \x01(\x0b\x32\r.shoal.SecretH\x00\x12\x1f\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\r.shoal.ConfigH\x00\x12*\n\x0cnetwork_keys\x18\x04 \x01(\x0b\x32\x12.shoal.NetworkKeysH\x00\x42\x06\n\x04item\"E\n\x0bNetworkKeys\x12\x12\n\nnetwork_id\x18\x01 \x01(\t\x12\"\n\x04keys\x18\x02 \x03(\x0b\x32\x14.shoal.EncryptionKey\"\x8b\x01\n\x10\x41ssignmentChange\x12%\n\nassignment\x18\x01 \x01(\x0b\x32\x11.shoal.Assignment\x12.\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1e.shoal.AssignmentChange.Action\" \n\x06\x41\x63tion\x12\n\n\x06UPDATE\x10\x00\x12\n\n\x06REMOVE\x10\x01\"(\n\x12\x41ssignmentsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xbb\x01\n\x12\x41ssignmentsMessage\x12,\n\x04type\x18\x01 \x01(\x0e\x32\x1e.shoal.AssignmentsMessage.Type\x12\x12\n\napplies_to\x18\x02 \x01(\t\x12\x12\n\nresults_in\x18\x03 \x01(\t\x12(\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x17.shoal.AssignmentChange\"%\n\x04Type\x12\x0c\n\x08\x43OMPLETE\x10\x00\x12\x0f\n\x0bINCREMENTAL\x10\x01\x32\xe8\x02\n\nDispatcher\x12\x39\n\x07Session\x12\x15.shoal.SessionRequest\x1a\x15.shoal.SessionMessage0\x01\x12>\n\tHeartbeat\x12\x17.shoal.HeartbeatRequest\x1a\x18.shoal.HeartbeatResponse\x12\x43\n\nHeartbeats\x12\x17.shoal.HeartbeatRequest\x1a\x18.shoal.HeartbeatResponse(\x01\x30\x01\x12S\n\x10UpdateTaskStatus\x12\x1e.shoal.UpdateTaskStatusRequest\x1a\x1f.shoal.UpdateTaskStatusResponse\x12\x45\n\x0b\x41ssignments\x12\x19.shoal.AssignmentsRequest\x1a\x19.shoal.AssignmentsMessage0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x64ispatcher.proto\x12\x05shoal\x1a\x1egoogle/protobuf/duration.proto\x1a\x0btypes.proto\x1a\robjects.proto\x1a\nlogs.proto\"Q\n\x0eSessionRequest\x12+\n\x0b\x64\x65scription\x18\x01 \x01(\x0b\x32\x16.shoal.NodeDescription\x12\x12\n\nsession_id\x18\x02 \x01(\t\"=\n\x0cWeightedPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x03\"\xd1\x01\n\x0eSessionMessage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x04node\x18\x02 \x01(\x0b\x32\x0b.shoal.Node\x12%\n\x08managers\x18\x03 \x03(\x0b\x32\x13.shoal.WeightedPeer\x12\x34\n\x16network_bootstrap_keys\x18\x04 \x03(\x0b\x32\x14.shoal.EncryptionKey\x12\x33\n\x10heartbeat_period\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\":\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrestarting\x18\x02 \x01(\x08\">\n\x11HeartbeatResponse\x12)\n\x06period\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"F\n\x10TaskStatusUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x06status\x18\x02 \x01(\x0b\x32\x11.shoal.TaskStatus\"W\n\x17UpdateTaskStatusRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x07updates\x18\x02 \x03(\x0b\x32\x17.shoal.TaskStatusUpdate\"\x1a\n\x18UpdateTaskStatusResponse\"\x9f\x01\n\nAssignment\x12\x1b\n\x04task\x18\x01 \x01(\x0b\x32\x0b.shoal.TaskH\x00\x12\x1f\n\x06secret\x18\x02 \x01(\x0b\x32\r.shoal.SecretH\x00\x12\x1f\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\r.shoal.ConfigH\x00\x12*\n\x0cnetwork_keys\x18\x04 \x01(\x0b\x32\x12.shoal.NetworkKeysH\x00\x42\x06\n\x04item\"E\n\x0bNetworkKeys\x12\x12\n\nnetwork_id\x18\x01 \x01(\t\x12\"\n\x04keys\x18\x02 \x03(\x0b\x32\x14.shoal.EncryptionKey\"\x8b\x01\n\x10\x41ssignmentChange\x12%\n\nassignment\x18\x01 \x01(\x0b\x32\x11.shoal.Assignment\x12.\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1e.shoal.AssignmentChange.Action\" \n\x06\x41\x63tion\x12\n\n\x06UPDATE\x10\x00\x12\n\n\x06REMOVE\x10\x01\"(\n\x12\x41ssignmentsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xbb\x01\n\x12\x41ssignmentsMessage\x12,\n\x04type\x18\x01 \x01(\x0e\x32\x1e.shoal.AssignmentsMessage.Type\x12\x12\n\napplies_to\x18\x02 \x01(\t\x12\x12\n\nresults_in\x18\x03 \x01(\t\x12(\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x17.shoal.AssignmentChange\"%\n\x04Type\x12\x0c\n\x08\x43OMPLETE\x10\x00\x12\x0f\n\x0bINCREMENTAL\x10\x01\"n\n\x0c\x41gentMessage\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x15.shoal.SessionRequestH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.shoal.HeartbeatRequestH\x00\x42\x06\n\x04item\"\xd7\x01\n\x0eManagerMessage\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x15.shoal.SessionMessageH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.shoal.HeartbeatResponseH\x00\x12\x30\n\x0b\x61ssignments\x18\x03 \x01(\x0b\x32\x19.shoal.AssignmentsMessageH\x00\x12\x32\n\x0csubscription\x18\x04 \x01(\x0b\x32\x1a.shoal.SubscriptionMessageH\x00\x42\x06\n\x04item2\xa3\x03\n\nDispatcher\x12\x39\n\x07Session\x12\x15.shoal.SessionRequest\x1a\x15.shoal.SessionMessage0\x01\x12>\n\tHeartbeat\x12\x17.shoal.HeartbeatRequest\x1a\x18.shoal.HeartbeatResponse\x12\x43\n\nHeartbeats\x12\x17.shoal.HeartbeatRequest\x1a\x18.shoal.HeartbeatResponse(\x01\x30\x01\x12S\n\x10UpdateTaskStatus\x12\x1e.shoal.UpdateTaskStatusRequest\x1a\x1f.shoal.UpdateTaskStatusResponse\x12\x45\n\x0b\x41ssignments\x12\x19.shoal.AssignmentsRequest\x1a\x19.shoal.AssignmentsMessage0\x01\x12\x39\n\x07\x43onnect\x12\x13.shoal.AgentMessage\x1a\x15.shoal.ManagerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispatcher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONREQUEST']._serialized_start=87
-  _globals['_SESSIONREQUEST']._serialized_end=168
-  _globals['_WEIGHTEDPEER']._serialized_start=170
-  _globals['_WEIGHTEDPEER']._serialized_end=231
-  _globals['_SESSIONMESSAGE']._serialized_start=234
-  _globals['_SESSIONMESSAGE']._serialized_end=443
-  _globals['_HEARTBEATREQUEST']._serialized_start=445
-  _globals['_HEARTBEATREQUEST']._serialized_end=503
-  _globals['_HEARTBEATRESPONSE']._serialized_start=505
-  _globals['_HEARTBEATRESPONSE']._serialized_end=567
-  _globals['_TASKSTATUSUPDATE']._serialized_start=569
-  _globals['_TASKSTATUSUPDATE']._serialized_end=639
-  _globals['_UPDATETASKSTATUSREQUEST']._serialized_start=641
-  _globals['_UPDATETASKSTATUSREQUEST']._serialized_end=728
-  _globals['_UPDATETASKSTATUSRESPONSE']._serialized_start=730
-  _globals['_UPDATETASKSTATUSRESPONSE']._serialized_end=756
-  _globals['_ASSIGNMENT']._serialized_start=759
-  _globals['_ASSIGNMENT']._serialized_end=918
-  _globals['_NETWORKKEYS']._serialized_start=920
-  _globals['_NETWORKKEYS']._serialized_end=989
-  _globals['_ASSIGNMENTCHANGE']._serialized_start=992
-  _globals['_ASSIGNMENTCHANGE']._serialized_end=1131
-  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_start=1099
-  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_end=1131
-  _globals['_ASSIGNMENTSREQUEST']._serialized_start=1133
-  _globals['_ASSIGNMENTSREQUEST']._serialized_end=1173
-  _globals['_ASSIGNMENTSMESSAGE']._serialized_start=1176
-  _globals['_ASSIGNMENTSMESSAGE']._serialized_end=1363
-  _globals['_ASSIGNMENTSMESSAGE_TYPE']._serialized_start=1326
-  _globals['_ASSIGNMENTSMESSAGE_TYPE']._serialized_end=1363
-  _globals['_DISPATCHER']._serialized_start=1366
-  _globals['_DISPATCHER']._serialized_end=1726
+  _globals['_SESSIONREQUEST']._serialized_start=99
+  _globals['_SESSIONREQUEST']._serialized_end=180
+  _globals['_WEIGHTEDPEER']._serialized_start=182
+  _globals['_WEIGHTEDPEER']._serialized_end=243
+  _globals['_SESSIONMESSAGE']._serialized_start=246
+  _globals['_SESSIONMESSAGE']._serialized_end=455
+  _globals['_HEARTBEATREQUEST']._serialized_start=457
+  _globals['_HEARTBEATREQUEST']._serialized_end=515
+  _globals['_HEARTBEATRESPONSE']._serialized_start=517
+  _globals['_HEARTBEATRESPONSE']._serialized_end=579
+  _globals['_TASKSTATUSUPDATE']._serialized_start=581
+  _globals['_TASKSTATUSUPDATE']._serialized_end=651
+  _globals['_UPDATETASKSTATUSREQUEST']._serialized_start=653
+  _globals['_UPDATETASKSTATUSREQUEST']._serialized_end=740
+  _globals['_UPDATETASKSTATUSRESPONSE']._serialized_start=742
+  _globals['_UPDATETASKSTATUSRESPONSE']._serialized_end=768
+  _globals['_ASSIGNMENT']._serialized_start=771
+  _globals['_ASSIGNMENT']._serialized_end=930
+  _globals['_NETWORKKEYS']._serialized_start=932
+  _globals['_NETWORKKEYS']._serialized_end=1001
+  _globals['_ASSIGNMENTCHANGE']._serialized_start=1004
+  _globals['_ASSIGNMENTCHANGE']._serialized_end=1143
+  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_start=1111
+  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_end=1143
+  _globals['_ASSIGNMENTSREQUEST']._serialized_start=1145
+  _globals['_ASSIGNMENTSREQUEST']._serialized_end=1185
+  _globals['_ASSIGNMENTSMESSAGE']._serialized_start=1188
+  _globals['_ASSIGNMENTSMESSAGE']._serialized_end=1375
+  _globals['_ASSIGNMENTSMESSAGE_TYPE']._serialized_start=1338
+  _globals['_ASSIGNMENTSMESSAGE_TYPE']._serialized_end=1375
+  _globals['_AGENTMESSAGE']._serialized_start=1377
+  _globals['_AGENTMESSAGE']._serialized_end=1487
+  _globals['_MANAGERMESSAGE']._serialized_start=1490
+  _globals['_MANAGERMESSAGE']._serialized_end=1705
+  _globals['_DISPATCHER']._serialized_start=1708
+  _globals['_DISPATCHER']._serialized_end=2127
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@ import datetime
 from google.protobuf import duration_pb2 as _duration_pb2
 from shoal.proto import types_pb2 as _types_pb2
 from shoal.proto import objects_pb2 as _objects_pb2
+from shoal.proto import logs_pb2 as _logs_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -135,3 +136,23 @@ class AssignmentsMessage(_message.Message):
     results_in: str
     changes: _containers.RepeatedCompositeFieldContainer[AssignmentChange]
     def __init__(self, type: _Optional[_Union[AssignmentsMessage.Type, str]] = ..., applies_to: _Optional[str] = ..., results_in: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[AssignmentChange, _Mapping]]] = ...) -> None: ...
+
+class AgentMessage(_message.Message):
+    __slots__ = ("session", "heartbeat")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    session: SessionRequest
+    heartbeat: HeartbeatRequest
+    def __init__(self, session: _Optional[_Union[SessionRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[HeartbeatRequest, _Mapping]] = ...) -> None: ...
+
+class ManagerMessage(_message.Message):
+    __slots__ = ("session", "heartbeat", "assignments", "subscription")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    session: SessionMessage
+    heartbeat: HeartbeatResponse
+    assignments: AssignmentsMessage
+    subscription: _logs_pb2.SubscriptionMessage
+    def __init__(self, session: _Optional[_Union[SessionMessage, _Mapping]] = ..., heartbeat: _Optional[_Union[HeartbeatResponse, _Mapping]] = ..., assignments: _Optional[_Union[AssignmentsMessage, _Mapping]] = ..., subscription: _Optional[_Union[_logs_pb2.SubscriptionMessage, _Mapping]] = ...) -> None: ...

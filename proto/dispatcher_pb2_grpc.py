@@ -59,6 +59,11 @@ class DispatcherStub:
                 request_serializer=dispatcher__pb2.AssignmentsRequest.SerializeToString,
                 response_deserializer=dispatcher__pb2.AssignmentsMessage.FromString,
                 _registered_method=True)
+        self.Connect = channel.stream_stream(
+                '/shoal.Dispatcher/Connect',
+                request_serializer=dispatcher__pb2.AgentMessage.SerializeToString,
+                response_deserializer=dispatcher__pb2.ManagerMessage.FromString,
+                _registered_method=True)
 
 
 class DispatcherServicer:
@@ -97,6 +102,14 @@ class DispatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Connect(self, request_iterator, context):
+        """An agent of this version opens only this stream (and UpdateTaskStatus calls); Session, Heartbeats,
+        Assignments and ListenSubscriptions serve older agents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatcherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +137,11 @@ def add_DispatcherServicer_to_server(servicer, server):
                     servicer.Assignments,
                     request_deserializer=dispatcher__pb2.AssignmentsRequest.FromString,
                     response_serializer=dispatcher__pb2.AssignmentsMessage.SerializeToString,
+            ),
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=dispatcher__pb2.AgentMessage.FromString,
+                    response_serializer=dispatcher__pb2.ManagerMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +279,33 @@ class Dispatcher:
             '/shoal.Dispatcher/Assignments',
             dispatcher__pb2.AssignmentsRequest.SerializeToString,
             dispatcher__pb2.AssignmentsMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Connect(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shoal.Dispatcher/Connect',
+            dispatcher__pb2.AgentMessage.SerializeToString,
+            dispatcher__pb2.ManagerMessage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -411,12 +411,14 @@ def test_the_first_connection_keeps_alive_by_the_period_it_was_told_or_kept(engi
     run(main())
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["stream", "older-manager"])
-def test_heartbeats_go_on_one_stream_or_a_call_each_to_a_manager_without_it(engine_root, registry, tmp_path,
-                                                                           caplog, monkeypatch, stream) -> None:
-    """The agent beats on the Heartbeats stream, not with Heartbeat calls; a manager of an older
-    version answers that stream UNIMPLEMENTED, and the agent then beats with one call each, in the
-    same session. Either way the node stays READY and each answered heartbeat is timed."""
+@pytest.mark.parametrize("manager", ["connect", "streams", "calls"])
+def test_heartbeats_go_on_the_session_stream_or_a_stream_or_a_call_each(engine_root, registry, tmp_path,
+                                                                      caplog, monkeypatch, manager) -> None:
+    """The agent beats on its Connect stream (the whole session on one), not with Heartbeat calls; a
+    manager of an older version answers Connect UNIMPLEMENTED, and the agent opens a stream for each
+    part of the session, beating on the Heartbeats stream; an older one still answers that stream
+    UNIMPLEMENTED too, and the agent then beats with one call each, in the same session. Either way
+    the node stays READY and each answered heartbeat is timed."""
     calls = [0]
     one_call = Dispatcher.Heartbeat
 
@@ -425,7 +427,9 @@ def test_heartbeats_go_on_one_stream_or_a_call_each_to_a_manager_without_it(engi
         return await one_call(self, request, context)
 
     monkeypatch.setattr(Dispatcher, "Heartbeat", counted)
-    if not stream:  # the generated servicer's default: UNIMPLEMENTED
+    if manager != "connect":  # the generated servicer's default: UNIMPLEMENTED
+        monkeypatch.setattr(Dispatcher, "Connect", dispatcher_pb2_grpc.DispatcherServicer.Connect)
+    if manager == "calls":
         monkeypatch.setattr(Dispatcher, "Heartbeats", dispatcher_pb2_grpc.DispatcherServicer.Heartbeats)
 
     async def main() -> None:
@@ -440,12 +444,13 @@ def test_heartbeats_go_on_one_stream_or_a_call_each_to_a_manager_without_it(engi
                 assert agent.session_id == first
                 assert st.get("node", "n1").status.state == types_pb2.NodeStatus.READY
                 assert len(rtts) >= 3 and None not in rtts, rtts
-                assert (calls[0] == 0) if stream else (calls[0] >= len(rtts)), (calls, rtts)
+                assert (calls[0] >= len(rtts)) if manager == "calls" else (calls[0] == 0), (calls, rtts)
 
     with caplog.at_level(logging.INFO, logger="shoal.agent"):
         run(main())
-    fallback = [r for r in caplog.records if "no heartbeat stream" in r.getMessage()]
-    assert bool(fallback) != stream, fallback
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert ("no Connect stream" in said) == (manager != "connect"), said
+    assert ("no heartbeat stream" in said) == (manager == "calls"), said
 
 
 def test_a_shorter_period_reaches_the_agent_at_once(engine_root, registry, tmp_path, caplog, monkeypatch) -> None:

@@ -1138,3 +1138,147 @@ def test_a_start_its_agent_reported_wakes_no_assignments_stream() -> None:
     assert routed(ev(("a", S.RUNNING), ("a", S.RUNNING), desired_state=S.SHUTDOWN)) == {"a": 1, "b": 0}
     assert routed(ev(("", S.PENDING), ("a", S.ASSIGNED))) == {"a": 1, "b": 0}
     assert routed(ev(("a", S.RUNNING), ("b", S.RUNNING))) == {"a": 1, "b": 1}
+
+
+class Connected:
+    """A node's session on one Connect stream, as an agent of this version holds it: `read` sorts
+    the manager's messages by item."""
+
+    def __init__(self, addr: str, node_id: str) -> None:
+        self.channel = grpc.aio.insecure_channel(addr)
+        stub = dispatcher_pb2_grpc.DispatcherStub(self.channel)
+        self.call = stub.Connect(metadata=((NODE_ID_KEY, node_id),))
+        self.session_id = ""
+
+    async def open(self) -> dispatcher_pb2.SessionMessage:
+        desc = types_pb2.NodeDescription(hostname="h", platform=types_pb2.Platform(os="linux", architecture="x86_64"))
+        await self.call.write(dispatcher_pb2.AgentMessage(session=dispatcher_pb2.SessionRequest(description=desc)))
+        first = await self.call.read()
+        assert first.WhichOneof("item") == "session", first
+        self.session_id = first.session.session_id
+        return first.session
+
+    async def beat(self) -> None:
+        await self.call.write(dispatcher_pb2.AgentMessage(
+            heartbeat=dispatcher_pb2.HeartbeatRequest(session_id=self.session_id)))
+
+    async def read(self, *items: str) -> dict[str, list]:
+        """The messages up to one of each of `items` (and whatever came between), by item."""
+        got: dict[str, list] = {}
+        while not all(i in got for i in items):
+            m = await asyncio.wait_for(self.call.read(), 5.0)
+            assert m is not grpc.aio.EOF
+            got.setdefault(m.WhichOneof("item"), []).append(getattr(m, m.WhichOneof("item")))
+        return got
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
+
+
+def connect_relays() -> list[str]:
+    return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("connect-")]
+
+
+def test_connect_carries_the_session_its_heartbeats_and_assignments_on_one_stream() -> None:
+    """An agent of this version opens one stream: the session's message first, then a heartbeat
+    answer for each heartbeat (the period in it), the COMPLETE assignments, their increments, and a
+    session message again when the node changes. The client going away ends it all: the session's
+    assignments and log listener are let go and no relay of the call is left."""
+    from shoal.manager.logbroker import LogBroker
+
+    async def main() -> None:
+        st = LocalStore()
+        await add_cluster(st, period_s=0.5)
+        await add_node(st, "n1")
+        mine = task("n1", types_pb2.ASSIGNED)
+        await put(st, mine)
+        broker = LogBroker(st, insecure_node_id_from_metadata=True)
+        async with serve(st, logbroker=broker) as (disp, addr):
+            c = Connected(addr, "n1")
+            try:
+                first = await c.open()
+                assert first.node.id == "n1" and first.heartbeat_period.ToNanoseconds() == 500_000_000
+                await c.beat()
+                got = await c.read("heartbeat", "assignments")
+                assert len(got["heartbeat"]) == 1 and 0.4 <= got["heartbeat"][0].period.ToNanoseconds() / 1e9 <= 0.5
+                assert got["assignments"][0].type == AM.COMPLETE
+                assert kinds(got["assignments"][0]) == [("task", mine.id, AC.UPDATE)]
+                for _ in range(3):
+                    await c.beat()
+                    assert len((await c.read("heartbeat"))["heartbeat"]) == 1
+                assert disp._sessions["n1"].heard
+
+                later = task("n1", types_pb2.ASSIGNED)
+                await put(st, later)
+                m = (await c.read("assignments"))["assignments"][0]
+                assert m.type == AM.INCREMENTAL and kinds(m) == [("task", later.id, AC.UPDATE)]
+
+                def label(tx: Tx) -> None:
+                    n = objects_pb2.Node()
+                    n.CopyFrom(tx.get("node", "n1"))
+                    n.spec.annotations.labels["zone"] = "a"
+                    tx.update(n)
+
+                await st.update(label)
+                m = (await c.read("session"))["session"][-1]
+                assert m.node.spec.annotations.labels["zone"] == "a"
+                assert "n1" in broker._listeners and disp._sessions["n1"].assignments is not None
+                assert len(connect_relays()) == 4
+            finally:
+                await c.close()
+            await wait_for(lambda: not connect_relays())
+            assert "n1" not in broker._listeners and disp._sessions["n1"].assignments is None
+
+    run(main())
+
+
+def test_connect_refuses_a_stream_that_does_not_start_with_the_session_or_carries_two() -> None:
+    async def main() -> None:
+        st = LocalStore()
+        await add_cluster(st)
+        await add_node(st, "n1")
+        async with serve(st) as (disp, addr):
+            c = Connected(addr, "n1")
+            try:
+                await c.beat()
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await c.call.read()
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "first message of a Connect stream must be `session`" in e.value.details()
+                assert "n1" not in disp._sessions  # nothing opened
+            finally:
+                await c.close()
+            c = Connected(addr, "n1")
+            try:
+                await c.open()
+                await c.call.write(dispatcher_pb2.AgentMessage(session=dispatcher_pb2.SessionRequest()))
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await c.read("never")
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "carries one session: after the first message, send only heartbeats" in e.value.details()
+            finally:
+                await c.close()
+            await wait_for(lambda: not connect_relays())
+
+    run(main())
+
+
+def test_a_removed_node_loses_its_connect_stream() -> None:
+    async def main() -> None:
+        st = LocalStore()
+        await add_cluster(st)
+        await add_node(st, "n1")
+        async with serve(st) as (_, addr):
+            c = Connected(addr, "n1")
+            try:
+                await c.open()
+                await st.update(lambda tx: tx.delete(st.get("node", "n1")))
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await c.read("never")
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND and "removed" in e.value.details()
+            finally:
+                await c.close()
+            await wait_for(lambda: not connect_relays())
+
+    run(main())
