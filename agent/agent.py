@@ -496,7 +496,12 @@ class Agent:
             if call is None:
                 return await stub.Heartbeat(req, metadata=self._md)
             if answers is not None:
-                await call.write(beat)
+                try:
+                    if not call.done():  # else the session's reader raises how it ended
+                        await call.write(beat)
+                except grpc.aio.AioRpcError:  # ended meanwhile: gRPC says INTERNAL, the reader the status
+                    if not call.done():
+                        raise
                 return await answers.get()
             if not call.done():  # else read() raises how it ended
                 await call.write(req)

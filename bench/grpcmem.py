@@ -5,7 +5,8 @@
 For each stream count K: a fresh grpc.aio server process (mutual TLS on loopback, the dispatcher's
 server options) and a client process opening `--connections` connections (each its own, as agents on
 their own hosts) with K bidirectional streams each, every stream answered once and left open (an agent
-holds four with its leader: Session, Heartbeats, Assignments, ListenSubscriptions). The server's
+holds one with its leader, Connect; it held four before: Session, Heartbeats, Assignments,
+ListenSubscriptions, which older agents still open). The server's
 resident memory before and after, per connection, is the figure; the fleet bench's leader-minus-
 follower memory (docs/benchmarks.md, Fleet) is the whole session's cost to compare with. Prints a
 table and one JSON line. Uses only loopback.
