@@ -3,7 +3,9 @@
 Each agent keeps one session with the leader's dispatcher (`Session` stream), heartbeats on it,
 receives its assignments (`Assignments` stream: tasks plus exactly the secrets and configs they
 use, and the IPsec keys of the encrypted networks they are attached to) and reports task status
-(`UpdateTaskStatus`, batched into store transactions).
+(`UpdateTaskStatus`, batched into store transactions). An agent of this version holds all of that
+but the status reports on one stream, `Connect` (with its log subscriptions); the separate streams
+serve older agents.
 
 Network keys (`NetworkKeys`): in the COMPLETE set, every encrypted network of the node's tasks that
 have not stopped; an UPDATE when a network's keys change (rotation), to the nodes that hold them; a

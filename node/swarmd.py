@@ -213,26 +213,13 @@ def trim_heap() -> None:
 
 
 def _memdebug_install() -> None:
-    """SWARMD_MEMDEBUG=N (frames, e.g. 1): trace Python allocations from start; on SIGUSR2 log the
-    resident size, the module count and the 25 biggest allocation sites."""
+    """SWARMD_MEMDEBUG=N (frames, e.g. 1): trace Python allocations from the start, so that the
+    memory census (SIGUSR2, `_memory_census`) also lists the lines that allocated the most."""
     frames = int(os.environ.get("SWARMD_MEMDEBUG", "0") or 0)
-    if frames <= 0:
-        return
-    import tracemalloc
+    if frames > 0:
+        import tracemalloc
 
-    tracemalloc.start(frames)
-
-    def dump() -> None:
-        status = Path("/proc/self/status").read_text()
-        rss = next((ln.split(":", 1)[1].strip() for ln in status.splitlines() if ln.startswith("VmRSS")), "?")
-        snap = tracemalloc.take_snapshot()
-        stats = snap.statistics("filename")
-        total = sum(st.size for st in stats)
-        log.info("memdebug: rss %s, %d modules, traced python %.1f MB", rss, len(sys.modules), total / 2**20)
-        for st in stats[:25]:
-            log.info("memdebug: %8.1f KB %6d blocks %s", st.size / 1024, st.count, st.traceback[0].filename)
-
-    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, dump)
+        tracemalloc.start(frames)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -973,10 +960,11 @@ def _dump_stacks() -> None:
 
 
 def _memory_census(top: int = 15) -> None:
-    """SIGUSR2: where this process's memory is, to the log: resident size, the Python objects the
-    collector tracks by type (count and shallow size), and with tracemalloc on (PYTHONTRACEMALLOC=1
-    in swarmd's environment) the lines that allocated the most. Walks every object: seconds in a
-    manager of thousands of nodes, so it is for a person investigating, not for a timer."""
+    """SIGUSR2: where this process's memory is, to the log: resident size (and what malloc gave back
+    when asked), the Python objects the collector tracks by type (count and shallow size), the
+    asyncio tasks by coroutine, and with tracemalloc on (SWARMD_MEMDEBUG, see `_memdebug_install`)
+    the lines that allocated the most. Walks every object: seconds in a manager of thousands of
+    nodes, so it is for a person investigating, not for a timer."""
     import collections
     import ctypes
     import gc
@@ -997,7 +985,9 @@ def _memory_census(top: int = 15) -> None:
     finally:
         gc.freeze()
     before = rss()
-    ctypes.CDLL(None).malloc_trim(0)  # what malloc held free, given back
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # (glibc's)
+    if trim is not None:
+        trim(0)  # what malloc held free, given back
     lines = [f"SIGUSR2 memory: VmRSS {before} kB ({rss()} kB after malloc_trim), "
              f"{sum(count.values())} tracked objects"]
     lines += [f"  {n:>9} {size[name] / 1e6:8.1f} MB  {name}" for name, n in count.most_common(top)]
@@ -1031,18 +1021,15 @@ def _watch_collections() -> None:
     so a reference cycle among old objects is freed within that time.
 
     After a full collection, at most once every TRIM_EVERY s, malloc gives the memory it holds free
-    back to the system (`malloc_trim`): a convergence's churn leaves it holding much (100 MB of a
-    3,000-node leader's 997 MB after 30,000 tasks started), which no later allocation may reuse."""
+    back to the system (`malloc_trim`): a burst of writes leaves it holding much (26-100 MB of a
+    3,000-node leader's 1 GB after 30,000 tasks were created), which no later allocation may reuse."""
     import ctypes
     import gc
 
     started = [0.0]
     walked_all = [time.monotonic()]
     trimmed = [time.monotonic()]
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        trim = None
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # (glibc's)
 
     def note(phase: str, info: dict[str, int]) -> None:
         if phase == "start":

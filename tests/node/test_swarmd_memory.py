@@ -86,3 +86,42 @@ def test_full_collections_walk_what_came_since_the_last_and_long_ones_are_logged
     pattern = r"gc: a generation-2 collection took \d+\.\d\d s \((\d+) objects collected\)"
     got = [m.group(1) if (m := re.fullmatch(pattern, ln)) else ln for ln in lines]
     assert got == ["1000", "frozen True", "200", "500", "end"], lines
+
+
+CENSUS = """
+import asyncio, logging, os, signal, sys
+from shoal.node import swarmd
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+os.environ["SWARMD_MEMDEBUG"] = "1"
+
+class Kept:
+    pass
+
+async def waiting_for_the_census(done):
+    await done.wait()
+
+async def main():
+    swarmd._memdebug_install()
+    kept = [Kept() for _ in range(50_000)]
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR2, lambda: (swarmd._memory_census(), done.set()))
+    waiters = [asyncio.create_task(waiting_for_the_census(done)) for _ in range(3)]
+    os.kill(os.getpid(), signal.SIGUSR2)
+    await asyncio.gather(*waiters)
+    print("kept", len(kept))
+
+asyncio.run(main())
+"""
+
+
+def test_the_memory_census_names_the_objects_the_tasks_and_the_lines_that_allocated() -> None:
+    """SIGUSR2 logs where swarmd's memory is: resident size before and after malloc gave its free
+    memory back, the tracked Python objects by type, the asyncio tasks by coroutine and, with
+    SWARMD_MEMDEBUG, the lines that allocated the most."""
+    out = run(CENSUS)
+    assert re.search(r"SIGUSR2 memory: VmRSS \d+ kB \(\d+ kB after malloc_trim\), \d+ tracked objects", out), out
+    assert re.search(r"\n +50000 +\d+\.\d MB  Kept\n", out), out
+    assert re.search(r"\d+ asyncio tasks, by coroutine:\n(.*\n)*? +3  waiting_for_the_census\n", out), out
+    assert re.search(r"tracemalloc: \d+\.\d MB traced; by line:\n +\d+\.\d MB +\d+  <string>:\d+", out), out
+    assert out.endswith("kept 50000"), out
