@@ -206,7 +206,8 @@ def _limit_malloc_arenas() -> None:
 
 def trim_heap() -> None:
     """Give freed heap pages back to the kernel (glibc keeps them otherwise): after start-up and
-    after a role switch, when the imports' and handshakes' garbage has been freed."""
+    after a role switch, when the imports' and handshakes' garbage has been freed, after a full
+    collection once a minute at most (`_watch_collections`), and in the memory census."""
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
@@ -966,7 +967,6 @@ def _memory_census(top: int = 15) -> None:
     the lines that allocated the most. Walks every object: seconds in a manager of thousands of
     nodes, so it is for a person investigating, not for a timer."""
     import collections
-    import ctypes
     import gc
     import tracemalloc
 
@@ -985,9 +985,7 @@ def _memory_census(top: int = 15) -> None:
     finally:
         gc.freeze()
     before = rss()
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # (glibc's)
-    if trim is not None:
-        trim(0)  # what malloc held free, given back
+    trim_heap()  # what malloc held free, given back
     lines = [f"SIGUSR2 memory: VmRSS {before} kB ({rss()} kB after malloc_trim), "
              f"{sum(count.values())} tracked objects"]
     lines += [f"  {n:>9} {size[name] / 1e6:8.1f} MB  {name}" for name, n in count.most_common(top)]
@@ -1023,13 +1021,11 @@ def _watch_collections() -> None:
     After a full collection, at most once every TRIM_EVERY s, malloc gives the memory it holds free
     back to the system (`malloc_trim`): a burst of writes leaves it holding much (26-100 MB of a
     3,000-node leader's 1 GB after 30,000 tasks were created), which no later allocation may reuse."""
-    import ctypes
     import gc
 
     started = [0.0]
     walked_all = [time.monotonic()]
     trimmed = [time.monotonic()]
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # (glibc's)
 
     def note(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -1043,9 +1039,9 @@ def _watch_collections() -> None:
                      took, info["collected"])
         if info["generation"] == 2:
             gc.freeze()
-            if trim is not None and (now := time.monotonic()) - trimmed[0] >= TRIM_EVERY:
+            if (now := time.monotonic()) - trimmed[0] >= TRIM_EVERY:
                 trimmed[0] = now
-                trim(0)
+                trim_heap()
                 if (took := time.monotonic() - now) >= GC_LOG_AFTER:
                     log.info("gc: giving free memory back to the system took %.2f s", took)
 
